@@ -1,0 +1,146 @@
+//! The 8250/16550 UART at COM1, on `vm-superio`'s register model.
+//!
+//! Output goes to a sink chosen by the user; input bytes from the host are
+//! queued here and fed to the guest as its receive FIFO drains, so nothing
+//! typed is dropped when the guest reads slowly.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::PioDevice;
+
+/// Raises the UART's interrupt line by writing an eventfd that the VMM has
+/// registered as an irqfd (IRQ 4 for COM1).
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where the guest's serial output goes.
+pub type SerialOutput = Box<dyn Write + Send>;
+
+/// COM1 as a port I/O device.
+pub struct SerialDevice {
+    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, SerialOutput>,
+    pending_input: VecDeque<u8>,
+}
+
+impl SerialDevice {
+    pub fn new(irq: EventFd, output: SerialOutput) -> Self {
+        Self {
+            uart: Serial::new(IrqTrigger(irq), output),
+            pending_input: VecDeque::new(),
+        }
+    }
+
+    /// Queues host input for the guest. It reaches the guest's FIFO as
+    /// space frees up.
+    pub fn queue_input(&mut self, bytes: &[u8]) {
+        self.pending_input.extend(bytes);
+        self.feed_input();
+    }
+
+    /// Bytes of host input not yet in the guest's FIFO.
+    pub fn pending_input(&self) -> usize {
+        self.pending_input.len()
+    }
+
+    fn feed_input(&mut self) {
+        while !self.pending_input.is_empty() && self.uart.fifo_capacity() > 0 {
+            let (front, _) = self.pending_input.as_slices();
+            match self.uart.enqueue_raw_bytes(front) {
+                Ok(n) => {
+                    self.pending_input.drain(..n);
+                }
+                // Full FIFO or a failed interrupt: keep the bytes for later.
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+impl PioDevice for SerialDevice {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        let Ok(offset) = u8::try_from(offset) else {
+            data.fill(0xff);
+            return;
+        };
+        for byte in data.iter_mut() {
+            *byte = self.uart.read(offset);
+        }
+        // A read of the receive buffer may have made room.
+        self.feed_input();
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        let Ok(offset) = u8::try_from(offset) else {
+            return;
+        };
+        for &byte in data {
+            // A failed write to the sink or irqfd cannot be reported to the
+            // guest (a UART has no error path); the byte is lost to the sink
+            // only.
+            let _ = self.uart.write(offset, byte);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_reaches_the_sink() {
+        let out = Shared::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq, Box::new(out.clone()));
+        for b in b"hi\n" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
+    }
+
+    #[test]
+    fn input_beyond_the_fifo_is_kept_not_dropped() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(io::sink()));
+        dev.write(1, &[0x01]); // IER: received-data interrupt on
+        let input: Vec<u8> = (0..200u32).map(|i| i as u8).collect();
+        dev.queue_input(&input);
+        assert!(dev.pending_input() > 0, "more than a FIFO's worth queued");
+        let mut received = Vec::new();
+        for _ in 0..400 {
+            let mut lsr = [0];
+            dev.read(5, &mut lsr);
+            if lsr[0] & 1 == 0 {
+                break;
+            }
+            let mut b = [0];
+            dev.read(0, &mut b);
+            received.push(b[0]);
+        }
+        assert_eq!(received, input);
+        assert_eq!(irq.read().map(|n| n > 0).ok(), Some(true));
+    }
+}

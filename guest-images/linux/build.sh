@@ -1,0 +1,676 @@
+#!/usr/bin/env bash
+# Build a Linux + perf guest for `vmm` from Debian packages:
+#   out/bzImage            the kernel as Debian ships it (vmlinuz)
+#   out/vmlinux            the ELF kernel inside the bzImage payload
+#   out/initramfs.cpio.gz  busybox, /init, /bin/busy, perf and its libraries
+# plus out/config (the kernel's), out/rootfs/ (the initramfs tree)
+# and out/manifest.txt (packages, versions, checksums).
+#
+# Needs a Debian 12 (bookworm) host with apt; installs the tools it needs
+# (lz4, cpio, binutils ...) with apt-get when they are missing. Downloads go
+# to cache/ (about 40 MB the first time), so later runs are offline and
+# fast; when the outputs are up to date (same packages, same scripts) it
+# does nothing. See README.md beside it.
+#
+# Exit codes: 0 built (or up to date), 1 failed, 2 bad arguments.
+set -eEuo pipefail
+trap '[[ $BASHPID != "$$" ]] || printf "build.sh: error: command failed (line %s): %s\n" "$LINENO" "$BASH_COMMAND" >&2' ERR
+
+HERE=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+OUT="$HERE/out"
+CACHE="${LINUX_GUEST_CACHE:-$HERE/cache}"
+FORCE=0
+# Bound on any single network operation (apt-get update/download/install).
+NET_TIMEOUT="${NET_TIMEOUT:-900}"
+KERNEL_META="${KERNEL_META:-linux-image-cloud-amd64}"
+MULTIARCH=x86_64-linux-gnu
+
+usage() {
+    cat <<EOF
+usage: $0 [--out DIR] [--cache DIR] [--force]
+
+Builds a Linux + perf guest (kernel + initramfs) from Debian packages.
+  --out DIR    where the outputs go (default: $HERE/out)
+  --cache DIR  where downloads are kept (default: $HERE/cache,
+               or \$LINUX_GUEST_CACHE)
+  --force      rebuild even if the outputs are up to date
+Environment: NET_TIMEOUT (seconds per network step, default 900),
+             KERNEL_META (kernel metapackage, default linux-image-cloud-amd64).
+EOF
+}
+
+log() { printf 'build.sh: %s\n' "$*" >&2; }
+die() {
+    printf 'build.sh: error: %s\n' "$*" >&2
+    exit 1
+}
+
+while (($#)); do
+    case "$1" in
+        --out) [[ $# -ge 2 ]] || { usage >&2; exit 2; }; OUT=$2; shift 2 ;;
+        --out=*) OUT=${1#--out=}; shift ;;
+        --cache) [[ $# -ge 2 ]] || { usage >&2; exit 2; }; CACHE=$2; shift 2 ;;
+        --cache=*) CACHE=${1#--cache=}; shift ;;
+        --force) FORCE=1; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) printf 'build.sh: unknown argument: %s\n' "$1" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
+START=$SECONDS
+mkdir -p "$OUT" "$CACHE/debs" "$CACHE/extract"
+OUT=$(cd -- "$OUT" && pwd)
+CACHE=$(cd -- "$CACHE" && pwd)
+LOGDIR="$CACHE/logs"
+mkdir -p "$LOGDIR"
+
+[[ "$(uname -m)" == x86_64 ]] || die "this builds an x86-64 guest; run it on an x86-64 host"
+for tool in apt-get apt-cache dpkg-deb; do
+    command -v "$tool" >/dev/null || die "$tool is required (this script needs a Debian 12 host)"
+done
+
+# One build at a time per cache (tests may start several).
+exec 9>"$CACHE/.lock"
+if command -v flock >/dev/null; then
+    flock -w "$NET_TIMEOUT" 9 || die "another build.sh holds $CACHE/.lock for more than ${NET_TIMEOUT}s"
+fi
+
+# ---------------------------------------------------------------- apt ------
+APT_OPTS=(-q -o Acquire::Retries=3 -o Acquire::http::Timeout=60 -o Acquire::https::Timeout=60)
+if [[ $EUID -eq 0 ]]; then
+    # apt-get download as root into a directory _apt cannot read otherwise warns.
+    APT_OPTS+=(-o APT::Sandbox::User=root)
+fi
+export DEBIAN_FRONTEND=noninteractive
+APT_UPDATED=0
+
+apt_update() {
+    ((APT_UPDATED)) && return 1
+    APT_UPDATED=1
+    [[ $EUID -eq 0 ]] || die "the package lists need 'apt-get update', which needs root"
+    log "running apt-get update (package lists missing or stale)"
+    timeout "$NET_TIMEOUT" apt-get "${APT_OPTS[@]}" update >"$LOGDIR/apt-update.log" 2>&1 ||
+        die "apt-get update failed (log: $LOGDIR/apt-update.log): $(tail -n 3 "$LOGDIR/apt-update.log")"
+}
+
+# apt_install PKG...: install host tools.
+apt_install() {
+    [[ $EUID -eq 0 ]] || die "missing tools ($*): install them or run as root"
+    log "installing host tools: $*"
+    local try
+    for try in 1 2; do
+        if timeout "$NET_TIMEOUT" apt-get "${APT_OPTS[@]}" install -y --no-install-recommends "$@" \
+            >"$LOGDIR/apt-install.log" 2>&1; then
+            return 0
+        fi
+        [[ $try -eq 1 ]] && apt_update && continue
+        break
+    done
+    die "apt-get install $* failed (log: $LOGDIR/apt-install.log): $(tail -n 3 "$LOGDIR/apt-install.log")"
+}
+
+# need CMD:PKG...: make sure each command exists, installing its package.
+need() {
+    local spec missing=()
+    for spec in "$@"; do
+        command -v "${spec%%:*}" >/dev/null || missing+=("${spec#*:}")
+    done
+    ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
+    for spec in "$@"; do
+        command -v "${spec%%:*}" >/dev/null || die "'${spec%%:*}' still missing after installing ${spec#*:}"
+    done
+}
+
+need lz4:lz4 cpio:cpio gzip:gzip readelf:binutils sha256sum:coreutils timeout:coreutils \
+    find:findutils awk:mawk od:coreutils base64:coreutils
+
+# resolve PKG...: print "PKG VERSION" for every package that has a
+# downloadable version: apt's candidate if a repository has it, else the
+# highest version a repository has (an installed newer version, as on some
+# hosts, cannot be downloaded). Packages without one are left out.
+resolve() {
+    local pol mad
+    pol=$(apt-cache policy "$@" 2>/dev/null || true)
+    mad=$(apt-cache madison "$@" 2>/dev/null || true)
+    awk -v pol="$pol" -v mad="$mad" -v want="$*" '
+        function trim(s) { gsub(/^[ \t]+|[ \t]+$/, "", s); return s }
+        BEGIN {
+            n = split(mad, ml, "\n")
+            for (i = 1; i <= n; i++) {
+                if (split(ml[i], f, "|") < 3) continue
+                src = trim(f[3]); if (src !~ /Packages$/) continue
+                p = trim(f[1]); v = trim(f[2])
+                ok[p, v] = 1
+                if (!(p in first)) first[p] = v
+            }
+            n = split(pol, pl, "\n")
+            for (i = 1; i <= n; i++) {
+                if (pl[i] ~ /^[^ ].*:$/) { cur = pl[i]; sub(/:$/, "", cur) }
+                else if (pl[i] ~ /^  Candidate:/) { c = pl[i]; sub(/^  Candidate:[ ]*/, "", c); cand[cur] = c }
+            }
+            n = split(want, w, " ")
+            for (i = 1; i <= n; i++) {
+                p = w[i]
+                if ((p in cand) && ((p, cand[p]) in ok)) print p, cand[p]
+                else if (p in first) print p, first[p]
+            }
+        }'
+}
+
+# resolve_one PKG: the version resolve() picks, updating the lists once if
+# apt knows no downloadable version.
+resolve_one() {
+    local v
+    v=$(resolve "$1" | awk '{print $2}')
+    if [[ -z $v ]] && apt_update; then
+        v=$(resolve "$1" | awk '{print $2}')
+    fi
+    [[ -n $v ]] || die "apt knows no downloadable version of '$1' (is this Debian 12 with its main archive in sources.list?)"
+    printf '%s\n' "$v"
+}
+
+# is_downloadable PKG VERSION
+is_downloadable() {
+    apt-cache madison "$1" 2>/dev/null | awk -F'|' -v v="$2" '
+        { gsub(/ /, "", $2) } $2 == v && $3 ~ /Packages[ ]*$/ { f = 1 } END { exit !f }'
+}
+
+# depends PKG=VER...: print the packages each one Depends/Pre-Depends on (the
+# first alternative of each), one per line, without versions or arch tags.
+depends() {
+    apt-cache show "$@" 2>/dev/null | awk '
+        /^(Depends|Pre-Depends):/ {
+            sub(/^[A-Za-z-]+:[ ]*/, "")
+            n = split($0, d, ",")
+            for (i = 1; i <= n; i++) {
+                a = d[i]; sub(/\|.*/, "", a); sub(/\(.*/, "", a)
+                gsub(/[ \t]/, "", a); sub(/:.*/, "", a)
+                if (a != "") print a
+            }
+        }' | sort -u
+}
+
+# fetch PKG=VER...: make sure the .deb files are in the cache, verified
+# against the archive's SHA256; print their paths ("PKG PATH" lines).
+fetch() {
+    local uris try
+    for try in 1 2; do
+        if uris=$(apt-get "${APT_OPTS[@]}" download --print-uris "$@" 2>"$LOGDIR/print-uris.log"); then
+            break
+        fi
+        [[ $try -eq 1 ]] && apt_update && continue
+        die "apt cannot locate $* (log: $LOGDIR/print-uris.log): $(tail -n 2 "$LOGDIR/print-uris.log")"
+    done
+    local missing=() line file size sum pkgname
+    local -A want_sum=()
+    while read -r line; do
+        [[ -n $line ]] || continue
+        # 'URI' FILE SIZE SHA256:HEX
+        read -r _ file size sum <<<"$line"
+        want_sum[$file]=${sum#*:}
+        if [[ -f "$CACHE/debs/$file" ]] &&
+            [[ "$(stat -c %s "$CACHE/debs/$file")" == "$size" ]]; then
+            continue
+        fi
+        missing+=("$file")
+    done <<<"$uris"
+    if ((${#missing[@]})); then
+        local specs=() f
+        for f in "${missing[@]}"; do
+            # file name: NAME_VERSION_ARCH.deb with the epoch ':' as %3a
+            pkgname=${f%%_*}
+            local ver=${f#*_}
+            ver=${ver%_*}
+            ver=${ver//%3a/:}
+            specs+=("$pkgname=$ver")
+        done
+        log "downloading ${#specs[@]} package(s): ${specs[*]}"
+        (cd "$CACHE/debs" && timeout "$NET_TIMEOUT" apt-get "${APT_OPTS[@]}" download "${specs[@]}") \
+            >"$LOGDIR/download.log" 2>&1 ||
+            die "apt-get download failed (log: $LOGDIR/download.log): $(tail -n 3 "$LOGDIR/download.log")"
+        DOWNLOADED+=("${missing[@]}")
+    fi
+    for file in "${!want_sum[@]}"; do
+        [[ -f "$CACHE/debs/$file" ]] || die "download of $file produced no file"
+        if [[ "${want_sum[$file]}" =~ ^[0-9a-f]{64}$ ]]; then
+            sum=$(sha256sum "$CACHE/debs/$file" | awk '{print $1}')
+            if [[ "$sum" != "${want_sum[$file]}" ]]; then
+                rm -f "$CACHE/debs/$file"
+                die "$file: SHA256 mismatch (removed from the cache; run again)"
+            fi
+        fi
+        printf '%s %s\n' "${file%%_*}" "$CACHE/debs/$file"
+    done
+}
+
+# extract DEB [MEMBER...]: unpack (cached) and print the tree's path.
+extract() {
+    local deb=$1
+    shift
+    local name dir
+    name=$(basename "$deb" .deb)
+    if (($#)); then name="$name.partial"; fi
+    dir="$CACHE/extract/$name"
+    if [[ ! -f "$dir/.done" ]]; then
+        rm -rf "$dir"
+        mkdir -p "$dir"
+        if (($#)); then
+            dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$dir" "$@" ||
+                die "cannot unpack $* from $deb"
+        else
+            dpkg-deb -x "$deb" "$dir" || die "cannot unpack $deb"
+        fi
+        touch "$dir/.done"
+    fi
+    printf '%s\n' "$dir"
+}
+
+# ---------------------------------------------- which packages ----------
+log "resolving packages"
+KMETA_VER=$(resolve_one "$KERNEL_META")
+KPKG_SPEC=$(apt-cache show "$KERNEL_META=$KMETA_VER" 2>/dev/null | awk '
+    /^Depends:/ {
+        sub(/^Depends:[ ]*/, ""); n = split($0, d, ",")
+        for (i = 1; i <= n; i++) {
+            a = d[i]; gsub(/^[ ]+|[ ]+$/, "", a)
+            if (a ~ /^linux-image-[0-9]/) { print a; exit }
+        }
+    }')
+[[ -n $KPKG_SPEC ]] || die "$KERNEL_META $KMETA_VER depends on no linux-image-<version> package"
+KPKG=${KPKG_SPEC%% *}
+KVER=""
+if [[ $KPKG_SPEC =~ \(=\ *([^\)]+)\) ]]; then KVER=${BASH_REMATCH[1]// /}; fi
+if [[ -z $KVER ]] || ! is_downloadable "$KPKG" "$KVER"; then KVER=$(resolve_one "$KPKG"); fi
+BB_VER=$(resolve_one busybox-static)
+# perf from the same kernel source version as the kernel, when available.
+if is_downloadable linux-perf "$KVER"; then PERF_VER=$KVER; else PERF_VER=$(resolve_one linux-perf); fi
+log "kernel $KPKG $KVER (via $KERNEL_META $KMETA_VER), busybox-static $BB_VER, linux-perf $PERF_VER"
+
+SCRIPT_SUM=$(cat "$HERE/build.sh" "$HERE/init" "$HERE/busy" | sha256sum | awk '{print $1}')
+STAMP="$OUT/.inputs"
+OUTPUTS=("$OUT/bzImage" "$OUT/vmlinux" "$OUT/initramfs.cpio.gz")
+
+up_to_date() {
+    [[ -f $STAMP ]] || return 1
+    local f
+    for f in "${OUTPUTS[@]}"; do [[ -s $f ]] || return 1; done
+    grep -qx "script $SCRIPT_SUM" "$STAMP" || return 1
+    grep -qx "top $KPKG=$KVER busybox-static=$BB_VER linux-perf=$PERF_VER" "$STAMP" || return 1
+    # The library packages perf's libraries came from: same versions still?
+    local libs now
+    libs=$(awk '$1 == "lib" {print $2}' "$STAMP" | cut -d= -f1)
+    [[ -n $libs ]] || return 1
+    # shellcheck disable=SC2086 # word splitting of package names intended
+    now=$(resolve $libs | awk '{printf "lib %s=%s\n", $1, $2}' | sort)
+    [[ "$now" == "$(grep '^lib ' "$STAMP" | sort)" ]] || return 1
+}
+
+print_outputs() {
+    local f
+    log "outputs in $OUT:"
+    for f in "${OUTPUTS[@]}"; do
+        printf '  %-48s %s\n' "$f" "$(du -h "$f" | cut -f1)"
+    done
+    printf '  %-48s (the initramfs tree)\n' "$OUT/rootfs/"
+    printf 'boot it with:\n  vmm run --kernel %s --initrd %s --cmdline "console=ttyS0 reboot=k panic=-1"\n' \
+        "$OUT/vmlinux" "$OUT/initramfs.cpio.gz"
+}
+
+if ((!FORCE)) && up_to_date; then
+    log "up to date (packages and scripts unchanged; --force rebuilds)"
+    print_outputs
+    exit 0
+fi
+
+DOWNLOADED=()
+WORK="$OUT/.work"
+rm -rf "$WORK"
+mkdir -p "$WORK"
+trap 'rm -rf "$WORK"' EXIT
+
+declare -A DEB=()
+fetch "$KPKG=$KVER" "busybox-static=$BB_VER" "linux-perf=$PERF_VER" >"$WORK/fetched"
+while read -r p path; do DEB[$p]=$path; done <"$WORK/fetched"
+
+# ------------------------------------------------------------ kernel -------
+KTREE=$(extract "${DEB[$KPKG]}" ./boot)
+VMLINUZ=$(find "$KTREE/boot" -maxdepth 1 -name 'vmlinuz-*' | head -n 1)
+[[ -n $VMLINUZ ]] || die "no /boot/vmlinuz-* in ${DEB[$KPKG]}"
+KREL=${VMLINUZ##*/vmlinuz-}
+KCONFIG="$KTREE/boot/config-$KREL"
+[[ -f $KCONFIG ]] || die "no /boot/config-$KREL in ${DEB[$KPKG]}"
+log "kernel release $KREL"
+
+# What this guest relies on must be built in (the initramfs has no modules).
+for opt in BLK_DEV_INITRD RD_GZIP BINFMT_ELF BINFMT_SCRIPT DEVTMPFS PROC_FS SYSFS TMPFS \
+    SERIAL_8250 SERIAL_8250_CONSOLE PERF_EVENTS DEBUG_FS TRACING; do
+    grep -qx "CONFIG_$opt=y" "$KCONFIG" || die "kernel $KREL lacks CONFIG_$opt=y; this guest needs it built in"
+done
+
+# u8/u32 little-endian readers for the bzImage header.
+rd_u8() { od -An -t u1 -j "$2" -N 1 "$1" | tr -d ' '; }
+rd_u16() { od -An -t u2 -j "$2" -N 2 "$1" | tr -d ' '; }
+rd_u32() { od -An -t u4 -j "$2" -N 4 "$1" | tr -d ' '; }
+rd_u64() { od -An -t u8 -j "$2" -N 8 "$1" | tr -d ' '; }
+
+# The bzImage: boot sector + setup (setup_sects + 1 sectors), then the
+# protected-mode code, which holds the compressed payload (the ELF vmlinux,
+# plus its relocation table) at payload_offset, payload_length bytes long.
+[[ "$(od -An -c -j 0x202 -N 4 "$VMLINUZ" | tr -d ' ')" == HdrS ]] || die "$VMLINUZ is not a bzImage (no HdrS)"
+SETUP_SECTS=$(rd_u8 "$VMLINUZ" $((0x1f1)))
+if ((SETUP_SECTS == 0)); then SETUP_SECTS=4; fi
+PROTO=$(rd_u16 "$VMLINUZ" $((0x206)))
+((PROTO >= 0x208)) || die "$VMLINUZ: boot protocol $(printf %x "$PROTO") has no payload fields (needs 2.08+)"
+PM_OFF=$(((SETUP_SECTS + 1) * 512))
+PAYLOAD_OFF=$(rd_u32 "$VMLINUZ" $((0x248)))
+PAYLOAD_LEN=$(rd_u32 "$VMLINUZ" $((0x24c)))
+KSIZE=$(stat -c %s "$VMLINUZ")
+((PAYLOAD_LEN > 0 && PM_OFF + PAYLOAD_OFF + PAYLOAD_LEN <= KSIZE)) ||
+    die "$VMLINUZ: payload (offset $PAYLOAD_OFF, length $PAYLOAD_LEN) lies outside the file"
+dd if="$VMLINUZ" of="$WORK/payload" bs=1M skip=$((PM_OFF + PAYLOAD_OFF)) count="$PAYLOAD_LEN" \
+    iflag=skip_bytes,count_bytes status=none
+MAGIC=$(od -An -t x1 -N 6 "$WORK/payload" | tr -d ' \n')
+case "$MAGIC" in
+    02214c18*) FMT=lz4 ;;
+    1f8b*) FMT=gzip ;;
+    fd377a585a00) FMT=xz ;;
+    28b52ffd*) FMT=zstd ;;
+    425a68*) FMT=bzip2 ;;
+    5d0000*) FMT=lzma ;;
+    *) die "$VMLINUZ: unknown payload compression (magic $MAGIC)" ;;
+esac
+log "payload: $PAYLOAD_LEN bytes of $FMT at $((PM_OFF + PAYLOAD_OFF))"
+# The payload ends with the decompressed size (le32), which some tools take
+# for trailing garbage: accept their complaint when the output is an ELF.
+case "$FMT" in
+    lz4) lz4 -d -c "$WORK/payload" >"$WORK/vmlinux.raw" 2>"$WORK/decomp.err" || true ;;
+    gzip) gzip -d -c "$WORK/payload" >"$WORK/vmlinux.raw" 2>"$WORK/decomp.err" || true ;;
+    xz | lzma)
+        need xz:xz-utils
+        xz -d -c --format="$FMT" --single-stream "$WORK/payload" >"$WORK/vmlinux.raw" 2>"$WORK/decomp.err" || true
+        ;;
+    zstd) need zstd:zstd; zstd -d -c "$WORK/payload" >"$WORK/vmlinux.raw" 2>"$WORK/decomp.err" || true ;;
+    bzip2) need bzip2:bzip2; bzip2 -d -c "$WORK/payload" >"$WORK/vmlinux.raw" 2>"$WORK/decomp.err" || true ;;
+esac
+[[ "$(od -An -t x1 -N 4 "$WORK/vmlinux.raw" 2>/dev/null | tr -d ' ')" == 7f454c46 ]] ||
+    die "decompressing the $FMT payload gave no ELF: $(head -c 300 "$WORK/decomp.err")"
+# Cut the ELF at its end (the relocation table for KASLR follows it).
+E_PHOFF=$(rd_u64 "$WORK/vmlinux.raw" 32)
+E_SHOFF=$(rd_u64 "$WORK/vmlinux.raw" 40)
+E_PHENTSIZE=$(rd_u16 "$WORK/vmlinux.raw" 54)
+E_PHNUM=$(rd_u16 "$WORK/vmlinux.raw" 56)
+E_SHENTSIZE=$(rd_u16 "$WORK/vmlinux.raw" 58)
+E_SHNUM=$(rd_u16 "$WORK/vmlinux.raw" 60)
+ELF_END=$((E_SHOFF + E_SHNUM * E_SHENTSIZE))
+for ((i = 0; i < E_PHNUM; i++)); do
+    ph=$((E_PHOFF + i * E_PHENTSIZE))
+    end=$(($(rd_u64 "$WORK/vmlinux.raw" $((ph + 8))) + $(rd_u64 "$WORK/vmlinux.raw" $((ph + 32)))))
+    if ((end > ELF_END)); then ELF_END=$end; fi
+done
+RAW_SIZE=$(stat -c %s "$WORK/vmlinux.raw")
+((ELF_END > 0 && ELF_END <= RAW_SIZE)) || die "vmlinux: ELF headers claim $ELF_END bytes, only $RAW_SIZE there"
+dd if="$WORK/vmlinux.raw" of="$WORK/vmlinux" bs=1M count="$ELF_END" iflag=count_bytes status=none
+rm -f "$WORK/vmlinux.raw" "$WORK/payload"
+readelf -h "$WORK/vmlinux" | grep -q 'Advanced Micro Devices X86-64' || die "vmlinux is not an x86-64 ELF"
+log "vmlinux: ELF, $ELF_END bytes ($((RAW_SIZE - ELF_END)) bytes of relocations cut)"
+
+# ----------------------------------------------------------- rootfs -------
+ROOT="$WORK/rootfs"
+mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,lib/$MULTIARCH,lib64,etc,proc,sys,dev,tmp,run,root,mnt,sys}
+chmod 1777 "$ROOT/tmp"
+
+BBTREE=$(extract "${DEB[busybox-static]}")
+BUSYBOX="$BBTREE/bin/busybox"
+[[ -x $BUSYBOX ]] || die "no /bin/busybox in ${DEB[busybox-static]}"
+if readelf -l "$BUSYBOX" | grep -q 'Requesting program interpreter'; then
+    die "busybox from busybox-static is not static"
+fi
+install -m 0755 "$BUSYBOX" "$ROOT/bin/busybox"
+# An applet symlink for each applet, where busybox itself says it lives.
+APPLETS=0
+while read -r path; do
+    # (linuxrc is for booting from a block device: not wanted here)
+    [[ $path == */* && $path != bin/busybox ]] || continue
+    if [[ -e "$ROOT/$path" || -L "$ROOT/$path" ]]; then continue; fi
+    mkdir -p "$ROOT/${path%/*}"
+    IFS=/ read -ra parts <<<"${path%/*}"
+    rel=..
+    for ((k = 1; k < ${#parts[@]}; k++)); do rel+=/..; done
+    ln -s "$rel/bin/busybox" "$ROOT/$path"
+    APPLETS=$((APPLETS + 1))
+done < <("$BUSYBOX" --list-full)
+((APPLETS > 100)) || die "busybox --list-full gave only $APPLETS applets"
+for a in sh mount reboot poweroff base64 setsid cttyhack; do
+    [[ -e "$ROOT/bin/$a" || -e "$ROOT/sbin/$a" || -e "$ROOT/usr/bin/$a" || -e "$ROOT/usr/sbin/$a" ]] ||
+        die "busybox has no '$a' applet, which /init uses"
+done
+
+install -m 0755 "$HERE/init" "$ROOT/init"
+install -m 0755 "$HERE/busy" "$ROOT/bin/busy"
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$ROOT/etc/passwd"
+printf 'root:x:0:\n' >"$ROOT/etc/group"
+printf 'vmm-guest\n' >"$ROOT/etc/hostname"
+
+PERFTREE=$(extract "${DEB[linux-perf]}")
+[[ -f "$PERFTREE/usr/bin/perf" ]] || die "no /usr/bin/perf in ${DEB[linux-perf]}"
+readelf -h "$PERFTREE/usr/bin/perf" >/dev/null 2>&1 || die "/usr/bin/perf in ${DEB[linux-perf]} is not an ELF (a wrapper?)"
+install -m 0755 "$PERFTREE/usr/bin/perf" "$ROOT/usr/bin/perf"
+# perf dlopens its libtraceevent plugins to format tracepoints.
+if [[ -d "$PERFTREE/usr/lib/traceevent/plugins" ]]; then
+    mkdir -p "$ROOT/usr/lib/traceevent"
+    cp -a "$PERFTREE/usr/lib/traceevent/plugins" "$ROOT/usr/lib/traceevent/"
+fi
+
+# ------------------------------------------- perf's shared libraries ------
+# Every DT_NEEDED of every ELF in the tree (perf, the plugins, and each
+# library added) is resolved against the Debian packages perf depends on
+# (followed level by level through Depends, only as far as needed, and only
+# through library packages, which Debian names lib*/zlib*). The libraries go
+# to /lib/x86_64-linux-gnu under their sonames; the loader, from perf's
+# PT_INTERP, goes to /lib64 too.
+
+declare -A LIBPATH=() # soname -> file in an extracted package
+declare -A LIBPKG=()  # soname -> package spec it came from
+declare -A SEEN=()    # package -> 1 once queued
+declare -A USED_PKG=()
+
+# tree_resolve TREE PATH: follow symlinks inside TREE; print the file.
+tree_resolve() {
+    local tree=$1 p=$2 t n=0
+    while [[ -L $p ]]; do
+        t=$(readlink "$p")
+        if [[ $t == /* ]]; then p="$tree$t"; else p="$(dirname "$p")/$t"; fi
+        ((++n < 40)) || return 1
+    done
+    [[ -f $p ]] && printf '%s\n' "$p"
+}
+
+# index_tree TREE SPEC: record the shared objects a package provides.
+index_tree() {
+    local tree=$1 spec=$2 d f so real
+    for d in lib/$MULTIARCH usr/lib/$MULTIARCH lib64 usr/lib64 lib usr/lib; do
+        [[ -d "$tree/$d" ]] || continue
+        while IFS= read -r f; do
+            so=${f##*/}
+            [[ -n ${LIBPATH[$so]:-} ]] && continue
+            real=$(tree_resolve "$tree" "$f") || continue
+            LIBPATH[$so]=$real
+            LIBPKG[$so]=$spec
+        done < <(find "$tree/$d" -maxdepth 1 \( -type f -o -type l \) -name '*.so*')
+    done
+}
+
+# needed FILE: its DT_NEEDED sonames.
+needed() {
+    readelf -d --wide "$1" 2>/dev/null | sed -n 's/.*(NEEDED).*\[\(.*\)\].*/\1/p'
+}
+
+INTERP=$(readelf -l --wide "$ROOT/usr/bin/perf" | sed -n 's/.*Requesting program interpreter: \(.*\)\]/\1/p')
+[[ -n $INTERP ]] || die "perf has no PT_INTERP; expected a dynamically linked perf"
+
+# Level 0: the packages linux-perf depends on.
+mapfile -t FRONTIER < <(depends "linux-perf=$PERF_VER" | grep -E '^(lib|zlib)' || true)
+for p in "${FRONTIER[@]}"; do SEEN[$p]=1; done
+SEEN[linux-perf]=1
+index_tree "$PERFTREE" "linux-perf=$PERF_VER"
+
+declare -A DONE_ELF=()
+MISSING=()
+unresolved() {
+    # Walk the closure from the ELFs in the tree; copy what resolves; set
+    # MISSING to what does not.
+    local changed=1 f so
+    local -A miss=()
+    while ((changed)); do
+        changed=0
+        while IFS= read -r f; do
+            [[ -n ${DONE_ELF[$f]:-} ]] && continue
+            local all=1
+            while IFS= read -r so; do
+                [[ -n $so ]] || continue
+                if [[ -e "$ROOT/lib/$MULTIARCH/$so" ]]; then continue; fi
+                if [[ -n ${LIBPATH[$so]:-} ]]; then
+                    install -m 0755 "${LIBPATH[$so]}" "$ROOT/lib/$MULTIARCH/$so"
+                    USED_PKG[${LIBPKG[$so]}]=1
+                    changed=1
+                else
+                    miss[$so]=1
+                    all=0
+                fi
+            done < <(needed "$f")
+            if ((all)); then DONE_ELF[$f]=1; fi
+        done < <(find "$ROOT/usr/bin/perf" "$ROOT/usr/lib" "$ROOT/lib/$MULTIARCH" -type f \( -name perf -o -name '*.so*' \))
+    done
+    local m
+    MISSING=()
+    for m in "${!miss[@]}"; do
+        if [[ ! -e "$ROOT/lib/$MULTIARCH/$m" ]]; then MISSING+=("$m"); fi
+    done
+}
+
+LEVEL=0
+while true; do
+    unresolved
+    interp_so=${INTERP##*/}
+    if [[ ! -e "$ROOT/lib/$MULTIARCH/$interp_so" ]]; then
+        if [[ -n ${LIBPATH[$interp_so]:-} ]]; then
+            install -m 0755 "${LIBPATH[$interp_so]}" "$ROOT/lib/$MULTIARCH/$interp_so"
+            USED_PKG[${LIBPKG[$interp_so]}]=1
+        else
+            MISSING+=("$interp_so")
+        fi
+    fi
+    if ((${#MISSING[@]} == 0)); then break; fi
+    ((${#FRONTIER[@]} > 0)) || die "unresolved libraries of perf: ${MISSING[*]} (no Debian library package among perf's dependencies provides them)"
+    LEVEL=$((LEVEL + 1))
+    ((LEVEL <= 8)) || die "library resolution did not converge (missing: ${MISSING[*]})"
+    log "level $LEVEL: ${#MISSING[@]} libraries unresolved (${MISSING[*]}); fetching ${#FRONTIER[@]} dependency package(s)"
+    mapfile -t SPECS < <(resolve "${FRONTIER[@]}" | awk '{print $1 "=" $2}')
+    ((${#SPECS[@]})) || die "no downloadable versions of ${FRONTIER[*]}"
+    declare -A LDEB=()
+    fetch "${SPECS[@]}" >"$WORK/fetched"
+    while read -r p path; do LDEB[$p]=$path; done <"$WORK/fetched"
+    for spec in "${SPECS[@]}"; do
+        p=${spec%%=*}
+        [[ -n ${LDEB[$p]:-} ]] || die "no .deb for $spec"
+        tree=$(extract "${LDEB[$p]}")
+        index_tree "$tree" "$spec"
+    done
+    mapfile -t FRONTIER < <(depends "${SPECS[@]}" | grep -E '^(lib|zlib)' | while read -r p; do
+        [[ -n ${SEEN[$p]:-} ]] || printf '%s\n' "$p"
+    done)
+    for p in "${FRONTIER[@]}"; do SEEN[$p]=1; done
+done
+# The loader where perf asks for it (/lib64/ld-linux-x86-64.so.2).
+if [[ "$INTERP" != "/lib/$MULTIARCH/${INTERP##*/}" ]]; then
+    mkdir -p "$ROOT$(dirname "$INTERP")"
+    rel=$(dirname "${INTERP#/}" | sed -e 's|[^/][^/]*|..|g')
+    ln -sf "$rel/lib/$MULTIARCH/${INTERP##*/}" "$ROOT$INTERP"
+fi
+NLIBS=$(find "$ROOT/lib/$MULTIARCH" -type f | wc -l)
+log "perf: $NLIBS shared libraries from ${#USED_PKG[@]} packages"
+
+# Check: perf runs from the tree alone (chroot when we may, else through the
+# tree's own loader, refusing any library from outside the tree).
+if [[ $EUID -eq 0 ]] && command -v chroot >/dev/null; then
+    PERF_V=$(chroot "$ROOT" /usr/bin/perf --version 2>&1) || die "perf does not run in the guest tree: $PERF_V"
+else
+    LIST=$("$ROOT/lib/$MULTIARCH/${INTERP##*/}" --inhibit-cache --library-path "$ROOT/lib/$MULTIARCH" \
+        --list "$ROOT/usr/bin/perf" 2>&1) || die "perf's libraries do not resolve in the tree: $LIST"
+    if grep '=>' <<<"$LIST" | grep -v "=> $ROOT/" | grep -q .; then
+        die "perf would load libraries from outside the tree: $(grep '=>' <<<"$LIST" | grep -v "=> $ROOT/")"
+    fi
+    PERF_V=$("$ROOT/lib/$MULTIARCH/${INTERP##*/}" --inhibit-cache --library-path "$ROOT/lib/$MULTIARCH" \
+        "$ROOT/usr/bin/perf" --version 2>&1) || die "perf does not run from the tree: $PERF_V"
+fi
+log "$PERF_V runs from the guest tree"
+
+# -------------------------------------------------------- initramfs -------
+# newc entry with no data (for dev/console, so that no mknod is needed).
+newc() { # NAME MODE RDEVMAJOR RDEVMINOR INO
+    local name=$1 mode=$2 rmaj=$3 rmin=$4 ino=$5 namesize hdr pad
+    namesize=$((${#name} + 1))
+    hdr=$(printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X' \
+        "$ino" "$mode" 0 0 1 0 0 0 0 "$rmaj" "$rmin" "$namesize" 0)
+    printf '%s%s\0' "$hdr" "$name"
+    pad=$(((4 - (110 + namesize) % 4) % 4))
+    head -c "$pad" /dev/zero
+}
+{
+    newc dev $((0040755)) 0 0 1
+    newc dev/console $((0020600)) 5 1 2
+    newc TRAILER!!! 0 0 0 0
+} >"$WORK/console.cpio"
+# cpio's own archive, with sorted names for a reproducible image. The kernel
+# unpacks both archives, one after the other.
+(cd "$ROOT" && find . -mindepth 1 | LC_ALL=C sort |
+    cpio --quiet -o -H newc -R 0:0 --reproducible) >"$WORK/main.cpio"
+cat "$WORK/console.cpio" "$WORK/main.cpio" | gzip -9 -n >"$WORK/initramfs.cpio.gz"
+
+# Check: it decompresses to exactly those archives, which list what the
+# guest needs.
+gzip -dc "$WORK/initramfs.cpio.gz" | cmp -s - <(cat "$WORK/console.cpio" "$WORK/main.cpio") ||
+    die "initramfs.cpio.gz does not decompress to its archives"
+LISTING=$(cat <(cpio -t --quiet <"$WORK/console.cpio") <(cpio -t --quiet <"$WORK/main.cpio") | sed 's|^\./||')
+for f in dev/console init bin/busybox bin/sh bin/busy usr/bin/perf "lib/$MULTIARCH/${INTERP##*/}" "${INTERP#/}"; do
+    grep -qx -- "$f" <<<"$LISTING" || die "initramfs lacks $f"
+done
+rm -f "$WORK/console.cpio" "$WORK/main.cpio"
+
+# ---------------------------------------------------------- outputs -------
+cp "$VMLINUZ" "$WORK/bzImage"
+cp "$KCONFIG" "$WORK/config"
+{
+    echo "# Linux + perf guest built by guest-images/linux/build.sh"
+    echo "kernel-release $KREL"
+    echo "package $KERNEL_META $KMETA_VER"
+    echo "package $KPKG $KVER"
+    echo "package busybox-static $BB_VER"
+    echo "package linux-perf $PERF_VER"
+    for spec in "${!USED_PKG[@]}"; do echo "package ${spec%%=*} ${spec#*=}"; done | sort -u
+    echo "perf-version $PERF_V"
+    echo "payload $FMT $PAYLOAD_LEN"
+    (cd "$WORK" && sha256sum bzImage vmlinux initramfs.cpio.gz | sed 's/^/sha256 /')
+    echo "# initramfs contents"
+    printf '%s\n' "$LISTING"
+} >"$WORK/manifest.txt"
+{
+    echo "script $SCRIPT_SUM"
+    echo "top $KPKG=$KVER busybox-static=$BB_VER linux-perf=$PERF_VER"
+    for spec in "${!USED_PKG[@]}"; do
+        [[ ${spec%%=*} == linux-perf ]] || echo "lib $spec"
+    done | sort -u
+} >"$WORK/inputs"
+
+rm -f "$STAMP"
+rm -rf "$OUT/rootfs"
+mv "$ROOT" "$OUT/rootfs"
+for f in bzImage vmlinux initramfs.cpio.gz config manifest.txt; do
+    [[ -f "$WORK/$f" ]] && mv -f "$WORK/$f" "$OUT/$f"
+done
+mv "$WORK/inputs" "$STAMP"
+
+DL_BYTES=0
+for f in "${DOWNLOADED[@]}"; do DL_BYTES=$((DL_BYTES + $(stat -c %s "$CACHE/debs/$f"))); done
+log "built in $((SECONDS - START)) s; downloaded ${#DOWNLOADED[@]} package(s), $((DL_BYTES / 1024 / 1024)) MiB (cache: $CACHE)"
+print_outputs

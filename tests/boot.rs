@@ -1,0 +1,98 @@
+//! Booting guests through the 64-bit entry and every way a guest can stop.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{build_guest, run, stderr, stdout};
+
+#[test]
+fn reset_ends_the_vmm_with_exit_0() {
+    require_kvm!();
+    let guest = build_guest("hello");
+    let o = run(&["--kernel", guest.to_str().unwrap(), "--timeout", "20"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert!(stdout(&o).contains("hello: long mode entry works"));
+    assert!(stderr(&o).contains("guest reset the machine"));
+}
+
+#[test]
+fn serial_goes_to_a_file_or_nowhere() {
+    require_kvm!();
+    let guest = build_guest("hello");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
+    let sink = format!("file:{}", log.display());
+    let o = run(&["--kernel", guest.to_str().unwrap(), "--serial", &sink]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).is_empty());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("hello: long mode entry works"), "{text}");
+
+    let o = run(&["--kernel", guest.to_str().unwrap(), "--serial", "none"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).is_empty());
+}
+
+#[test]
+fn triple_fault_is_a_shutdown_with_exit_1() {
+    require_kvm!();
+    let guest = build_guest("triple_fault");
+    let o = run(&["--kernel", guest.to_str().unwrap(), "--timeout", "20"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("shut down (triple fault)"), "{err}");
+    assert!(err.contains("RIP 0x200000"), "{err}");
+}
+
+#[test]
+fn internal_error_reports_reason_and_rip() {
+    require_kvm!();
+    let guest = build_guest("mmio_exec");
+    let o = run(&["--kernel", guest.to_str().unwrap(), "--timeout", "20"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("KVM internal error"), "{err}");
+    assert!(err.contains("RIP 0xd0000000"), "{err}");
+}
+
+#[test]
+fn timeout_bounds_a_silent_guest() {
+    require_kvm!();
+    let guest = build_guest("hang");
+    let start = Instant::now();
+    let o = run(&[
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--timeout",
+        "1.5",
+        "--vcpus",
+        "2",
+    ]);
+    let took = start.elapsed();
+    assert_eq!(o.status.code(), Some(3), "stderr: {}", stderr(&o));
+    assert!(stderr(&o).contains("timed out after 1.5 s"));
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
+    assert!(took < Duration::from_secs(10), "stop took {took:?}");
+}
+
+#[test]
+fn sigterm_stops_the_vmm_cleanly() {
+    require_kvm!();
+    let guest = build_guest("hang");
+    let child = common::vmm()
+        .args(["--kernel", guest.to_str().unwrap(), "--timeout", "30"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY-free: plain kill(1) of our own child.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(128 + 15), "stderr: {}", stderr(&o));
+    assert!(stderr(&o).contains("stopped by signal 15"));
+}

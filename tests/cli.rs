@@ -1,0 +1,125 @@
+//! Every bad input gets one line on stderr and exit code 2, and nothing runs.
+
+mod common;
+
+use common::{assert_bad_input, run};
+
+#[test]
+fn unknown_flags_and_bad_values_are_one_line_errors() {
+    assert_bad_input(&run(&["--bogus"]), "unexpected argument '--bogus'");
+    assert_bad_input(&run(&["run", "--bogus"]), "unexpected argument '--bogus'");
+    assert_bad_input(
+        &run(&["--serial", "tty"]),
+        "expected stdio, none or file:PATH",
+    );
+    assert_bad_input(
+        &run(&["--serial", "file:"]),
+        "expected stdio, none or file:PATH",
+    );
+    assert_bad_input(&run(&["--timeout", "-1"]), "positive number of seconds");
+    assert_bad_input(&run(&["--timeout", "soon"]), "expected a number of seconds");
+    assert_bad_input(&run(&["--memory", "lots"]), "invalid value 'lots'");
+    assert_bad_input(&run(&["--vcpus", "-3"]), "--vcpus");
+    assert_bad_input(&run(&["--initrd", "/etc/hostname"]), "--kernel");
+}
+
+#[test]
+fn help_tells_the_flags_and_exit_codes() {
+    let o = run(&["run", "--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    let help = common::stdout(&o);
+    for flag in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--memory",
+        "--vcpus",
+        "--serial",
+        "--timeout",
+        "Exit codes",
+    ] {
+        assert!(help.contains(flag), "help lacks {flag}: {help}");
+    }
+}
+
+#[test]
+fn unusable_images_are_refused() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, vec![0x5a; 8192]).unwrap();
+    let junk = junk.to_str().unwrap();
+
+    assert_bad_input(
+        &run(&["--kernel", "/nonexistent/vmlinux"]),
+        "cannot read kernel /nonexistent/vmlinux",
+    );
+    assert_bad_input(
+        &run(&["--kernel", dir.path().to_str().unwrap()]),
+        "Is a directory",
+    );
+    assert_bad_input(
+        &run(&["--kernel", junk]),
+        "neither an x86-64 ELF kernel nor a bzImage",
+    );
+
+    let hello = common::build_guest("hello");
+    let hello = hello.to_str().unwrap();
+    assert_bad_input(
+        &run(&["--kernel", hello, "--initrd", "/nonexistent/initrd"]),
+        "cannot read initrd /nonexistent/initrd",
+    );
+    let long = "a".repeat(5000);
+    assert_bad_input(
+        &run(&["--kernel", hello, "--cmdline", &long]),
+        "--cmdline is 5000 bytes",
+    );
+}
+
+#[test]
+fn impossible_machine_sizes_are_refused() {
+    require_kvm!();
+    assert_bad_input(&run(&["--memory", "1"]), "--memory 1 MiB is too small");
+    assert_bad_input(&run(&["--memory", "100000000"]), "more than this host's");
+    assert_bad_input(&run(&["--vcpus", "0"]), "--vcpus 0 is out of range");
+    assert_bad_input(&run(&["--vcpus", "1000"]), "--vcpus 1000 is out of range");
+    // The probe is linked at 2 MiB: 2 MiB of RAM cannot hold it.
+    assert_bad_input(&run(&["--memory", "2"]), "needs");
+    let hello = common::build_guest("hello");
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("initrd");
+    std::fs::write(&big, vec![0u8; 5 << 20]).unwrap();
+    assert_bad_input(
+        &run(&[
+            "--kernel",
+            hello.to_str().unwrap(),
+            "--initrd",
+            big.to_str().unwrap(),
+            "--memory",
+            "4",
+        ]),
+        "does not fit",
+    );
+}
+
+#[test]
+fn missing_dev_kvm_is_reported() {
+    // Hide /dev/kvm in a private mount namespace (needs root and unshare).
+    let probe = std::process::Command::new("unshare")
+        .args(["-m", "true"])
+        .status();
+    if !matches!(probe, Ok(s) if s.success()) {
+        eprintln!("skipped: cannot create a mount namespace to hide /dev/kvm");
+        return;
+    }
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} --timeout 5",
+        env!("CARGO_BIN_EXE_vmm")
+    );
+    let o = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_bad_input(&o, "cannot open /dev/kvm");
+}

@@ -1,0 +1,125 @@
+//! Per-vCPU CPUID: what KVM supports, with this vCPU's APIC ID and the
+//! topology (one package, `n` cores) a guest needs to see all its CPUs.
+//! PMU leaves are left to the caller (the vPMU decides what they say).
+
+use kvm_bindings::kvm_cpuid_entry2;
+
+/// CPU vendor, from leaf 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vendor {
+    Amd,
+    Intel,
+    Other,
+}
+
+/// The vendor KVM reports in leaf 0 (it is the host's).
+pub fn vendor(entries: &[kvm_cpuid_entry2]) -> Vendor {
+    let Some(e) = entries.iter().find(|e| e.function == 0) else {
+        return Vendor::Other;
+    };
+    let mut id = [0u8; 12];
+    id[..4].copy_from_slice(&e.ebx.to_le_bytes());
+    id[4..8].copy_from_slice(&e.edx.to_le_bytes());
+    id[8..].copy_from_slice(&e.ecx.to_le_bytes());
+    match &id {
+        b"AuthenticAMD" => Vendor::Amd,
+        b"GenuineIntel" => Vendor::Intel,
+        _ => Vendor::Other,
+    }
+}
+
+/// Bits needed to number `n` items.
+fn bits_for(n: u32) -> u32 {
+    32 - n.saturating_sub(1).leading_zeros()
+}
+
+/// Sets APIC IDs and topology for vCPU `apic_id` of `num_cpus`.
+pub fn apply_topology(entries: &mut [kvm_cpuid_entry2], apic_id: u8, num_cpus: u8) {
+    let id = u32::from(apic_id);
+    let n = u32::from(num_cpus);
+    let core_bits = bits_for(n);
+    for e in entries.iter_mut() {
+        match e.function {
+            1 => {
+                // EBX[31:24] initial APIC ID, [23:16] logical processors.
+                e.ebx = (e.ebx & 0xffff) | (id << 24) | (n.min(255) << 16);
+                const EDX_HTT: u32 = 1 << 28;
+                if n > 1 {
+                    e.edx |= EDX_HTT;
+                } else {
+                    e.edx &= !EDX_HTT;
+                }
+            }
+            4 => {
+                // EAX[31:26]: cores per package - 1 (Intel).
+                e.eax = (e.eax & 0x03ff_ffff) | ((n - 1) << 26);
+            }
+            0xb | 0x1f => {
+                // x2APIC topology: level 0 threads (1 per core), level 1 cores.
+                e.edx = id;
+                match e.index {
+                    0 => {
+                        e.eax = 0;
+                        e.ebx = 1;
+                        e.ecx = (1 << 8) | e.index;
+                    }
+                    1 => {
+                        e.eax = core_bits;
+                        e.ebx = n;
+                        e.ecx = (2 << 8) | e.index;
+                    }
+                    _ => {
+                        e.eax = 0;
+                        e.ebx = 0;
+                        e.ecx = e.index;
+                    }
+                }
+            }
+            0x8000_0008 => {
+                // ECX[7:0]: cores - 1; [15:12]: APIC ID bits for cores (AMD).
+                e.ecx = (e.ecx & !0xf0ff) | (n - 1) | (core_bits << 12);
+            }
+            0x8000_001e => {
+                // Extended APIC ID, compute unit = core, one thread each.
+                e.eax = id;
+                e.ebx = id & 0xff;
+                e.ecx = 0;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ebx: 0x0001_0800,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn apic_ids_and_core_counts() {
+        let mut e = vec![
+            entry(1, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0x8000_0008, 0),
+        ];
+        apply_topology(&mut e, 2, 3);
+        assert_eq!(e[0].ebx >> 24, 2);
+        assert_eq!((e[0].ebx >> 16) & 0xff, 3);
+        assert_eq!(e[0].ebx & 0xffff, 0x0800, "CLFLUSH size kept");
+        assert_eq!(e[1].edx, 2);
+        assert_eq!((e[2].eax, e[2].ebx), (2, 3));
+        assert_eq!(e[3].ecx & 0xff, 2);
+        assert_eq!(bits_for(1), 0);
+        assert_eq!(bits_for(4), 2);
+        assert_eq!(bits_for(5), 3);
+    }
+}

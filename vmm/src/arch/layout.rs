@@ -1,0 +1,63 @@
+//! The guest-physical memory map. Below 1 MiB it follows what a PC BIOS
+//! leaves behind for a 64-bit boot loader; kernels load at 1 MiB or above.
+
+/// Flat GDT the vCPUs start with.
+pub const GDT_START: u64 = 0x500;
+/// An empty IDT: the guest installs its own before enabling interrupts.
+pub const IDT_START: u64 = 0x520;
+/// Linux `struct boot_params` ("zero page"); RSI points here at entry.
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack of the boot vCPU (grows down, below the page tables).
+pub const BOOT_STACK_TOP: u64 = 0x8ff0;
+/// Identity-mapping page tables: PML4, one PDPT, four page directories.
+pub const PML4_START: u64 = 0x9000;
+pub const PDPT_START: u64 = 0xa000;
+pub const PD_START: u64 = 0xb000;
+/// Page directories mapping the first 4 GiB with 2 MiB pages.
+pub const PD_COUNT: u64 = 4;
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x20000;
+/// Largest command line we pass (Linux's own limit on x86 is 2048 unless the
+/// setup header says more).
+pub const CMDLINE_MAX_SIZE: usize = 4096;
+/// Start of the extended BIOS data area: RAM below it is usable.
+pub const EBDA_START: u64 = 0x9fc00;
+/// MP floating pointer and configuration table (in the BIOS ROM area, where
+/// Linux's `smp_scan_config()` looks).
+pub const MPTABLE_START: u64 = 0xf0000;
+/// Start of "high" memory, where kernels are loaded.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// Hole for MMIO below 4 GiB (LAPIC, IOAPIC).
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// Local APIC and I/O APIC default addresses.
+pub const APIC_DEFAULT_BASE: u32 = 0xfee0_0000;
+pub const IOAPIC_DEFAULT_BASE: u32 = 0xfec0_0000;
+/// The KVM TSS and identity-map pages live just below the LAPIC (Intel
+/// needs them; harmless elsewhere).
+pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// Guest RAM ranges for `size` bytes of memory: everything from 0, split
+/// around the MMIO gap.
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    if size <= MMIO_GAP_START {
+        vec![(0, size)]
+    } else {
+        vec![(0, MMIO_GAP_START), (MMIO_GAP_END, size - MMIO_GAP_START)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_above_the_gap_moves_past_4g() {
+        assert_eq!(ram_ranges(256 << 20), vec![(0, 256 << 20)]);
+        assert_eq!(
+            ram_ranges(4 << 30),
+            vec![(0, MMIO_GAP_START), (MMIO_GAP_END, 1 << 30)]
+        );
+    }
+}

@@ -1,0 +1,222 @@
+//! Register state for a 64-bit entry: the boot protocol's long-mode start
+//! (paging on with the first 4 GiB identity-mapped, flat 64-bit segments,
+//! interrupts off, RSI = zero page). These hosts cannot run real mode, so
+//! every vCPU starts here.
+
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout::*;
+
+const X86_CR0_PE: u64 = 1 << 0;
+const X86_CR0_MP: u64 = 1 << 1;
+const X86_CR0_ET: u64 = 1 << 4;
+const X86_CR0_NE: u64 = 1 << 5;
+const X86_CR0_WP: u64 = 1 << 16;
+const X86_CR0_PG: u64 = 1 << 31;
+const X86_CR4_PAE: u64 = 1 << 5;
+const X86_CR4_OSFXSR: u64 = 1 << 9;
+const X86_CR4_OSXMMEXCPT: u64 = 1 << 10;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+const SELECTOR_CODE: u16 = 0x08;
+const SELECTOR_DATA: u16 = 0x10;
+const SELECTOR_TSS: u16 = 0x18;
+
+/// Errors setting up a vCPU's registers.
+#[derive(Debug, thiserror::Error)]
+pub enum RegsError {
+    #[error("writing boot page tables or GDT to guest memory failed")]
+    GuestMemory,
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> RegsError {
+    move |source| RegsError::Kvm { what, source }
+}
+
+/// A GDT entry from its flags, base and limit (the SDM's layout).
+fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    ((u64::from(base) & 0xff00_0000) << 32)
+        | ((u64::from(flags) & 0xf0ff) << 40)
+        | ((u64::from(limit) & 0x000f_0000) << 32)
+        | ((u64::from(base) & 0x00ff_ffff) << 16)
+        | (u64::from(limit) & 0x0000_ffff)
+}
+
+/// The `kvm_segment` KVM wants for a GDT entry.
+fn segment(entry: u64, selector: u16) -> kvm_segment {
+    let bit = |n: u32| ((entry >> n) & 1) as u8;
+    kvm_segment {
+        base: ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000),
+        limit: {
+            let raw = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
+            // With granularity set the limit counts 4 KiB pages.
+            if bit(55) == 1 {
+                (raw << 12) | 0xfff
+            } else {
+                raw
+            }
+        },
+        selector,
+        type_: ((entry >> 40) & 0xf) as u8,
+        present: bit(47),
+        dpl: ((entry >> 45) & 3) as u8,
+        db: bit(54),
+        s: bit(44),
+        l: bit(53),
+        g: bit(55),
+        avl: bit(52),
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Writes the boot GDT and identity-mapping page tables. Shared by all
+/// vCPUs; call once.
+pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
+    let gdt = boot_gdt();
+    for (i, entry) in gdt.iter().enumerate() {
+        mem.write_obj(*entry, GuestAddress(GDT_START + 8 * i as u64))
+            .map_err(|_| RegsError::GuestMemory)?;
+    }
+    mem.write_obj(0u64, GuestAddress(IDT_START))
+        .map_err(|_| RegsError::GuestMemory)?;
+
+    // PML4[0] -> PDPT; PDPT[i] -> PD i; each PD maps 1 GiB with 2 MiB pages.
+    const PRESENT_RW: u64 = 0x3;
+    const PAGE_SIZE_2M: u64 = 0x80;
+    mem.write_obj(PDPT_START | PRESENT_RW, GuestAddress(PML4_START))
+        .map_err(|_| RegsError::GuestMemory)?;
+    for pd in 0..PD_COUNT {
+        let pd_addr = PD_START + pd * 0x1000;
+        mem.write_obj(pd_addr | PRESENT_RW, GuestAddress(PDPT_START + pd * 8))
+            .map_err(|_| RegsError::GuestMemory)?;
+        for i in 0..512u64 {
+            let phys = (pd << 30) | (i << 21);
+            mem.write_obj(
+                phys | PRESENT_RW | PAGE_SIZE_2M,
+                GuestAddress(pd_addr + i * 8),
+            )
+            .map_err(|_| RegsError::GuestMemory)?;
+        }
+    }
+    Ok(())
+}
+
+fn boot_gdt() -> [u64; 4] {
+    [
+        gdt_entry(0, 0, 0),            // null
+        gdt_entry(0xa09b, 0, 0xfffff), // 64-bit code
+        gdt_entry(0xc093, 0, 0xfffff), // data
+        gdt_entry(0x808b, 0, 0xfffff), // TSS
+    ]
+}
+
+/// Puts a vCPU at a 64-bit entry point.
+pub fn setup_long_mode(
+    vcpu: &VcpuFd,
+    entry: u64,
+    stack_top: u64,
+    zero_page: u64,
+) -> Result<(), RegsError> {
+    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+    let gdt = boot_gdt();
+    let code = segment(gdt[1], SELECTOR_CODE);
+    let data = segment(gdt[2], SELECTOR_DATA);
+    sregs.gdt.base = GDT_START;
+    sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
+    sregs.idt.base = IDT_START;
+    sregs.idt.limit = 7;
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment(gdt[3], SELECTOR_TSS);
+    sregs.cr3 = PML4_START;
+    sregs.cr4 |= X86_CR4_PAE | X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT;
+    sregs.cr0 |= X86_CR0_PE | X86_CR0_MP | X86_CR0_ET | X86_CR0_NE | X86_CR0_WP | X86_CR0_PG;
+    sregs.efer |= EFER_LME | EFER_LMA;
+    vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
+
+    let regs = kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        rsp: stack_top,
+        rbp: stack_top,
+        rsi: zero_page,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))
+}
+
+/// Wires the local APIC's LINT0 to the PIC (ExtINT) and LINT1 to NMI, as a
+/// PC BIOS leaves them.
+pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), RegsError> {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const DELIVERY_EXTINT: u32 = 7 << 8;
+    const DELIVERY_NMI: u32 = 4 << 8;
+    let mut lapic = vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
+    for (offset, mode) in [(APIC_LVT0, DELIVERY_EXTINT), (APIC_LVT1, DELIVERY_NMI)] {
+        let reg = lapic_reg(&lapic.regs, offset);
+        set_lapic_reg(&mut lapic.regs, offset, (reg & !0x700) | mode);
+    }
+    vcpu.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))
+}
+
+/// Reads a 32-bit register of a `kvm_lapic_state` page.
+pub fn lapic_reg(regs: &[std::os::raw::c_char], offset: usize) -> u32 {
+    let bytes: [u8; 4] = std::array::from_fn(|i| regs[offset + i] as u8);
+    u32::from_le_bytes(bytes)
+}
+
+/// Writes a 32-bit register of a `kvm_lapic_state` page.
+pub fn set_lapic_reg(regs: &mut [std::os::raw::c_char], offset: usize, value: u32) {
+    for (i, b) in value.to_le_bytes().iter().enumerate() {
+        regs[offset + i] = *b as std::os::raw::c_char;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_decode_as_flat_long_mode() {
+        let gdt = boot_gdt();
+        let cs = segment(gdt[1], SELECTOR_CODE);
+        assert_eq!(
+            (cs.base, cs.limit, cs.l, cs.db, cs.type_),
+            (0, 0xffff_ffff, 1, 0, 0xb)
+        );
+        assert_eq!((cs.present, cs.s, cs.g, cs.dpl), (1, 1, 1, 0));
+        let ds = segment(gdt[2], SELECTOR_DATA);
+        assert_eq!((ds.l, ds.db, ds.type_), (0, 1, 3));
+        let tr = segment(gdt[3], SELECTOR_TSS);
+        assert_eq!((tr.s, tr.type_), (0, 0xb));
+    }
+
+    #[test]
+    fn lapic_registers_round_trip() {
+        let mut regs = [0 as std::os::raw::c_char; 1024];
+        set_lapic_reg(&mut regs, 0x350, 0xdead_beef);
+        assert_eq!(lapic_reg(&regs, 0x350), 0xdead_beef);
+    }
+}

@@ -1,0 +1,164 @@
+//! The command line: `vmm [run] [FLAGS]`.
+//!
+//! A bad flag gets one line on stderr and exit code 2, never clap's
+//! multi-line usage dump or a panic.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{SerialSink, VmConfig, DEFAULT_MEMORY_MIB};
+use crate::error::StartError;
+use crate::loader::ImageKind;
+use crate::vm::Vm;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  the guest reset the machine (i8042 reset, Linux `reboot` with reboot=k)
+  1  the guest stopped abnormally: shutdown/triple fault, KVM internal error,
+     failed entry or a vCPU error (the reason and guest RIP are printed)
+  2  bad input, or a host that cannot run the VM (nothing was started)
+  3  --timeout expired
+  128+N  stopped by signal N (SIGINT, SIGTERM)";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmm",
+    version,
+    about = "A small KVM VMM whose guests get a userspace virtual PMU.",
+    long_about = "A small KVM VMM whose guests get a userspace virtual PMU.\n\n\
+                  With no arguments it boots the built-in probe guest.",
+    args_conflicts_with_subcommands = true,
+    allow_negative_numbers = true,
+    after_help = EXIT_CODES
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a guest (the default command).
+    #[command(after_help = EXIT_CODES)]
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Kernel to boot: an ELF vmlinux or a bzImage. Without it, the built-in
+    /// probe guest boots.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk for the kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line. Default for a kernel:
+    /// "console=ttyS0 reboot=k panic=1 pci=off"; for the probe guest, its
+    /// test selection (see guest-images/probe/README.md).
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEMORY_MIB)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u32,
+    /// Where the guest's serial console (COM1) goes: stdio, file:PATH or none.
+    #[arg(long, value_name = "SINK", default_value = "stdio")]
+    serial: SerialSink,
+    /// Stop the guest after this many seconds (exit code 3).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, allow_negative_numbers = true)]
+    timeout: Option<Duration>,
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("expected a number of seconds, got {s:?}"))?;
+    if !(secs > 0.0 && secs < 1e9) {
+        return Err(format!("must be a positive number of seconds, got {s}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl RunArgs {
+    fn config(&self) -> VmConfig {
+        VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            memory_mib: self.memory,
+            vcpus: self.vcpus,
+            serial: self.serial.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// Prints one line for a flag error; clap's own help and version output are
+/// printed as they are.
+fn report_parse_error(err: clap::Error) -> i32 {
+    use clap::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = err.print();
+            0
+        }
+        _ => {
+            let rendered = err.render().to_string();
+            let mut lines = rendered.lines().map(str::trim).filter(|l| !l.is_empty());
+            let first = lines.next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            // Some messages put their subject on the next line.
+            let detail = match first.ends_with(':') {
+                true => format!(" {}", lines.next().unwrap_or_default()),
+                false => String::new(),
+            };
+            eprintln!("vmm: {first}{detail} (see vmm --help)");
+            2
+        }
+    }
+}
+
+/// Runs `vmm` with `args`; returns the process exit code.
+pub fn main_with_args<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => return report_parse_error(e),
+    };
+    let run = match &cli.command {
+        Some(Command::Run(run)) => run,
+        None => &cli.run,
+    };
+    match run_vm(run) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            2
+        }
+    }
+}
+
+fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
+    let config = args.config();
+    let vm = Vm::build(&config)?;
+    if vm.kernel_kind == ImageKind::BzImage {
+        eprintln!(
+            "vmm: bzImage payload is in a format this VMM does not unpack; entering its own \
+             decompressor (slow on nested hosts)"
+        );
+    }
+    let outcome = vm.run()?;
+    eprintln!("vmm: {outcome}");
+    Ok(outcome.exit_code())
+}

@@ -1,0 +1,79 @@
+//! What a VM is built from: the validated form of `vmm run`'s flags.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialSink {
+    Stdio,
+    File(PathBuf),
+    None,
+}
+
+impl std::str::FromStr for SerialSink {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdio" => Ok(SerialSink::Stdio),
+            "none" => Ok(SerialSink::None),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(SerialSink::File(PathBuf::from(path))),
+                _ => Err(format!("expected stdio, none or file:PATH, got {s:?}")),
+            },
+        }
+    }
+}
+
+/// Default guest memory.
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+/// Smallest guest memory the boot layout fits in (the low 1 MiB holds the
+/// boot structures; kernels load above it).
+pub const MIN_MEMORY_MIB: u64 = 2;
+/// Command line an external kernel gets when none is given.
+pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+
+/// A VM to build.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// `None` boots the built-in probe guest.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub serial: SerialSink,
+    pub timeout: Option<Duration>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            vcpus: 1,
+            serial: SerialSink::Stdio,
+            timeout: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_sinks_parse() {
+        assert_eq!("stdio".parse(), Ok(SerialSink::Stdio));
+        assert_eq!("none".parse(), Ok(SerialSink::None));
+        assert_eq!(
+            "file:/tmp/x".parse(),
+            Ok(SerialSink::File(PathBuf::from("/tmp/x")))
+        );
+        assert!("file:".parse::<SerialSink>().is_err());
+        assert!("tty".parse::<SerialSink>().is_err());
+    }
+}

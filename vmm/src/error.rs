@@ -1,0 +1,131 @@
+//! What can stop the VMM, and the exit code each gets.
+//!
+//! Exit codes (also in `vmm run --help`): 0 the guest reset the machine;
+//! 1 the guest stopped abnormally (shutdown/triple fault, KVM internal error,
+//! failed entry, vCPU error); 2 bad input or a host that cannot run the VM;
+//! 3 `--timeout` expired.
+
+use std::fmt;
+
+use crate::arch::mptable::MptableError;
+use crate::arch::regs::RegsError;
+use crate::loader::LoadError;
+
+/// Errors before the guest runs. All exit with code 2: nothing was started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available and accessible to this user?)")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    #[error("KVM lacks a capability this VMM needs: {0}")]
+    KvmCapability(&'static str),
+    #[error("KVM {what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("setting up a vCPU: {0}")]
+    Regs(#[from] RegsError),
+    #[error(transparent)]
+    Mptable(#[from] MptableError),
+    #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
+    Memory { mib: u64, reason: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    pub fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StartError {
+        move |source| StartError::Kvm { what, source }
+    }
+}
+
+/// How a guest run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The guest reset the machine (i8042 0xFE, or a KVM reset event).
+    Reset,
+    /// Triple fault or shutdown.
+    Shutdown { vcpu: u8, rip: Option<u64> },
+    /// KVM could not run the guest (commonly: an instruction it cannot
+    /// emulate).
+    InternalError {
+        vcpu: u8,
+        suberror: u32,
+        rip: Option<u64>,
+    },
+    /// The hardware refused to enter the guest.
+    FailEntry {
+        vcpu: u8,
+        reason: u64,
+        rip: Option<u64>,
+    },
+    /// A vCPU stopped on an exit or error the VMM cannot handle.
+    VcpuError { vcpu: u8, message: String },
+    /// `--timeout` expired.
+    Timeout { seconds: f64 },
+    /// The VMM was asked to stop (SIGINT/SIGTERM).
+    Terminated { signal: i32 },
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Reset => 0,
+            Outcome::Timeout { .. } => 3,
+            Outcome::Terminated { signal } => 128 + signal,
+            _ => 1,
+        }
+    }
+}
+
+fn rip_text(rip: &Option<u64>) -> String {
+    rip.map_or_else(|| "unknown".into(), |r| format!("{r:#x}"))
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Reset => write!(f, "guest reset the machine"),
+            Outcome::Shutdown { vcpu, rip } => write!(
+                f,
+                "guest shut down (triple fault) on vCPU {vcpu} at RIP {}",
+                rip_text(rip)
+            ),
+            Outcome::InternalError {
+                vcpu,
+                suberror,
+                rip,
+            } => {
+                let what = match suberror {
+                    1 => "instruction emulation failed",
+                    2 => "exception while delivering an exception",
+                    3 => "event delivery failed",
+                    4 => "unexpected exit reason",
+                    _ => "unknown",
+                };
+                write!(
+                    f,
+                    "KVM internal error on vCPU {vcpu} at RIP {}: suberror {suberror} ({what})",
+                    rip_text(rip)
+                )
+            }
+            Outcome::FailEntry { vcpu, reason, rip } => write!(
+                f,
+                "KVM failed to enter vCPU {vcpu} at RIP {}: hardware reason {reason:#x}",
+                rip_text(rip)
+            ),
+            Outcome::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu} stopped: {message}"),
+            Outcome::Timeout { seconds } => write!(f, "timed out after {seconds} s (--timeout)"),
+            Outcome::Terminated { signal } => write!(f, "stopped by signal {signal}"),
+        }
+    }
+}

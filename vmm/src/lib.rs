@@ -1,0 +1,19 @@
+//! `vmm`: a small KVM virtual machine monitor whose guests get a userspace
+//! virtual PMU.
+//!
+//! The tree, top to bottom: [`cli`] parses flags into a [`config::VmConfig`];
+//! [`vm::Vm::build`] creates the VM (memory, kernel, devices, vCPUs);
+//! [`vm::Vm::run`] starts one thread per vCPU ([`vcpu`]) and runs the host
+//! event loop ([`event_loop`]) until the guest stops. [`arch`] holds the
+//! x86-64 boot set-up, [`loader`] the kernel formats.
+
+pub mod arch;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod event_loop;
+pub mod kick;
+pub mod loader;
+pub mod probe_image;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,1 @@
+pub static PROBE_ELF: &[u8] = &[];

@@ -1,0 +1,365 @@
+//! Building a VM from a [`VmConfig`] and running it until the guest stops.
+//!
+//! Build order, top to bottom: KVM and its capabilities, the VM with its
+//! in-kernel irqchip and PIT, guest memory, the kernel and its boot data,
+//! devices, vCPUs. Nothing runs until [`Vm::run`].
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::{PioBus, SerialDevice, I8042};
+use kvm_bindings::{
+    kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::arch::{boot_params, cpuid, layout, mptable, regs};
+use crate::config::{SerialSink, VmConfig, DEFAULT_LINUX_CMDLINE, MIN_MEMORY_MIB};
+use crate::error::{Outcome, StartError};
+use crate::event_loop::{self, MainLoop};
+use crate::loader::{self, ImageKind, KernelSource, LoadedKernel};
+use crate::vcpu::{Vcpu, VmControl};
+
+const COM1_BASE: u16 = 0x3f8;
+const COM1_IRQ: u32 = 4;
+const I8042_BASE: u16 = 0x60;
+
+/// A built VM, ready to run.
+pub struct Vm {
+    control: Arc<VmControl>,
+    vcpus: Vec<Vcpu>,
+    serial: Arc<Mutex<SerialDevice>>,
+    reset_evt: EventFd,
+    timeout: Option<Duration>,
+    /// How the kernel was loaded, for the start-up report.
+    pub kernel_kind: ImageKind,
+    // Kept alive for as long as the vCPUs run.
+    _memory: GuestMemoryMmap,
+    _vm_fd: VmFd,
+    _kvm: Kvm,
+}
+
+/// Checks that the flags describe a VM this host can build, before anything
+/// is allocated.
+fn validate(config: &VmConfig, kvm: &Kvm) -> Result<(), StartError> {
+    if config.memory_mib < MIN_MEMORY_MIB {
+        return Err(StartError::Config(format!(
+            "--memory {} MiB is too small: at least {MIN_MEMORY_MIB} MiB",
+            config.memory_mib
+        )));
+    }
+    let host_mib = host_memory_mib();
+    if let Some(host) = host_mib.filter(|host| config.memory_mib > *host) {
+        return Err(StartError::Config(format!(
+            "--memory {} MiB is more than this host's {host} MiB",
+            config.memory_mib
+        )));
+    }
+    let max_vcpus = kvm.get_max_vcpus().min(usize::from(mptable::MAX_CPUS));
+    if config.vcpus == 0 || config.vcpus as usize > max_vcpus {
+        return Err(StartError::Config(format!(
+            "--vcpus {} is out of range: 1 to {max_vcpus} on this host",
+            config.vcpus
+        )));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(StartError::KvmCapability(name));
+        }
+    }
+    Ok(())
+}
+
+/// Total host memory in MiB, from /proc/meminfo.
+fn host_memory_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+fn create_memory(vm_fd: &VmFd, mib: u64) -> Result<GuestMemoryMmap, StartError> {
+    let size = mib << 20;
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(size)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| StartError::Memory {
+        mib,
+        reason: e.to_string(),
+    })?;
+    for (slot, region) in memory.iter().enumerate() {
+        let mem_region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `memory`, which the
+        // Vm keeps for as long as the VM fd exists.
+        unsafe { vm_fd.set_user_memory_region(mem_region) }
+            .map_err(StartError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(memory)
+}
+
+fn serial_output(sink: &SerialSink) -> Result<devices::SerialOutput, StartError> {
+    Ok(match sink {
+        SerialSink::Stdio => Box::new(std::io::stdout()),
+        SerialSink::None => Box::new(std::io::sink()),
+        SerialSink::File(path) => {
+            Box::new(File::create(path).map_err(|source| StartError::Io {
+                what: format!("cannot create serial output file {}", path.display()),
+                source,
+            })?)
+        }
+    })
+}
+
+/// The command line the guest gets.
+fn guest_cmdline(config: &VmConfig, tsc_khz: Option<u32>) -> String {
+    match (&config.kernel, &config.cmdline) {
+        (Some(_), Some(cmdline)) => cmdline.clone(),
+        (Some(_), None) => DEFAULT_LINUX_CMDLINE.to_string(),
+        // The probe cannot calibrate its TSC reliably on a nested host: tell it.
+        (None, cmdline) => {
+            let mut line = cmdline.clone().unwrap_or_default();
+            if let Some(khz) = tsc_khz {
+                if !line.is_empty() {
+                    line.push(' ');
+                }
+                line.push_str(&format!("tsc_khz={khz}"));
+            }
+            line
+        }
+    }
+}
+
+impl Vm {
+    /// Builds the VM described by `config`.
+    pub fn build(config: &VmConfig) -> Result<Vm, StartError> {
+        let kvm = Kvm::new().map_err(StartError::KvmOpen)?;
+        validate(config, &kvm)?;
+        let vm_fd = kvm.create_vm().map_err(StartError::kvm("KVM_CREATE_VM"))?;
+        vm_fd
+            .set_tss_address(layout::KVM_TSS_ADDRESS)
+            .map_err(StartError::kvm("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(StartError::kvm("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd
+            .create_pit2(pit)
+            .map_err(StartError::kvm("KVM_CREATE_PIT2"))?;
+
+        let mem_size = config.memory_mib << 20;
+        let memory = create_memory(&vm_fd, config.memory_mib)?;
+
+        let source = match &config.kernel {
+            Some(path) => KernelSource::File(path),
+            None => KernelSource::Embedded {
+                name: "built-in probe guest",
+                bytes: crate::probe_image::PROBE_ELF,
+            },
+        };
+        let kernel: LoadedKernel = loader::load_kernel(&memory, mem_size, source)?;
+        let initrd = match &config.initrd {
+            Some(path) => {
+                let max = kernel.header.map_or(0, |h| h.initrd_addr_max);
+                Some(loader::load_initrd(&memory, mem_size, path, max)?)
+            }
+            None => None,
+        };
+
+        // `validate` bounded the count by the MP table's limit.
+        let num_vcpus = config.vcpus as u8;
+        let vcpu_fds = (0..num_vcpus)
+            .map(|id| vm_fd.create_vcpu(u64::from(id)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StartError::kvm("KVM_CREATE_VCPU"))?;
+        let tsc_khz = vcpu_fds[0].get_tsc_khz().ok();
+
+        let cmdline = guest_cmdline(config, tsc_khz);
+        let cmdline_max = kernel
+            .header
+            .map_or(layout::CMDLINE_MAX_SIZE, |h| h.cmdline_size as usize)
+            .clamp(1, layout::CMDLINE_MAX_SIZE);
+        if cmdline.len() >= cmdline_max || cmdline.contains('\0') {
+            return Err(StartError::Config(format!(
+                "--cmdline is {} bytes; this kernel takes at most {} (and no NUL bytes)",
+                cmdline.len(),
+                cmdline_max - 1
+            )));
+        }
+        let mut cmdline_bytes = cmdline.clone().into_bytes();
+        cmdline_bytes.push(0);
+        vm_memory::Bytes::write_slice(&memory, &cmdline_bytes, GuestAddress(layout::CMDLINE_START))
+            .map_err(|_| StartError::Config("command line does not fit in guest memory".into()))?;
+        let params = boot_params::build(kernel.header, cmdline.len() + 1, initrd, mem_size);
+        boot_params::write(&params, &memory)
+            .map_err(|e| StartError::Config(format!("writing the zero page: {e}")))?;
+        mptable::write(&memory, num_vcpus)?;
+        regs::write_boot_tables(&memory)?;
+
+        let control = Arc::new(VmControl::new().map_err(|source| StartError::Io {
+            what: "creating an eventfd".into(),
+            source,
+        })?);
+        let io_err = |what: &str| {
+            let what = what.to_string();
+            move |source| StartError::Io { what, source }
+        };
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+        vm_fd
+            .register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(StartError::kvm("KVM_IRQFD"))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            serial_irq,
+            serial_output(&config.serial)?,
+        )));
+        let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            reset_evt
+                .try_clone()
+                .map_err(io_err("cloning an eventfd"))?,
+        )));
+        let mut bus = PioBus::new();
+        bus.insert(serial.clone(), COM1_BASE, 8)
+            .and_then(|_| bus.insert(i8042, I8042_BASE, 5))
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        let bus = Arc::new(bus);
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(StartError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        // The built-in probe cannot take the real-mode INIT/SIPI path these
+        // hosts lack: all its vCPUs start at the entry point. A Linux kernel
+        // starts its other CPUs itself.
+        let direct_ap_start = config.kernel.is_none();
+        let mut vcpus = Vec::with_capacity(vcpu_fds.len());
+        for (index, fd) in vcpu_fds.into_iter().enumerate() {
+            let index = index as u8;
+            let mut cpuid = supported.clone();
+            cpuid::apply_topology(cpuid.as_mut_slice(), index, num_vcpus);
+            hide_pmu(cpuid.as_mut_slice());
+            fd.set_cpuid2(&cpuid)
+                .map_err(StartError::kvm("KVM_SET_CPUID2"))?;
+            regs::setup_lint(&fd)?;
+            if index == 0 {
+                regs::setup_long_mode(
+                    &fd,
+                    kernel.entry,
+                    layout::BOOT_STACK_TOP,
+                    layout::ZERO_PAGE_START,
+                )?;
+            } else if direct_ap_start {
+                regs::setup_long_mode(&fd, kernel.entry, 0, layout::ZERO_PAGE_START)?;
+                fd.set_mp_state(kvm_mp_state {
+                    mp_state: KVM_MP_STATE_RUNNABLE,
+                })
+                .map_err(StartError::kvm("KVM_SET_MP_STATE"))?;
+            }
+            vcpus.push(Vcpu::new(index, fd, bus.clone(), control.clone()));
+        }
+
+        Ok(Vm {
+            control,
+            vcpus,
+            serial,
+            reset_evt,
+            timeout: config.timeout,
+            kernel_kind: kernel.kind,
+            _memory: memory,
+            _vm_fd: vm_fd,
+            _kvm: kvm,
+        })
+    }
+
+    /// Runs the guest until it stops, the timeout expires or the VMM is
+    /// signalled; returns why it stopped. Every vCPU thread has ended when
+    /// this returns.
+    pub fn run(self) -> Result<Outcome, StartError> {
+        crate::kick::install().map_err(|e| StartError::Io {
+            what: "installing the vCPU kick signal handler".into(),
+            source: e.into(),
+        })?;
+        let mut main_loop =
+            MainLoop::new(self.control.clone(), self.serial.clone(), self.reset_evt).map_err(
+                |source| StartError::Io {
+                    what: "setting up the event loop".into(),
+                    source,
+                },
+            )?;
+
+        let started = Instant::now();
+        let deadline = self.timeout.map(|t| started + t);
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for vcpu in self.vcpus {
+            match vcpu.spawn() {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    self.control.finish(Outcome::VcpuError {
+                        vcpu: threads.len() as u8,
+                        message: format!("cannot start its thread: {e}"),
+                    });
+                    break;
+                }
+            }
+        }
+
+        while self.control.outcome().is_none() {
+            let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if wait == Some(Duration::ZERO) {
+                let seconds = self.timeout.unwrap_or_default().as_secs_f64();
+                self.control.finish(Outcome::Timeout { seconds });
+                break;
+            }
+            main_loop.run_once(wait.map_or(event_loop::MAX_WAIT, |w| w.min(event_loop::MAX_WAIT)));
+        }
+
+        // Every vCPU sees the stop flag at its next exit; the kick makes that
+        // exit happen now.
+        for handle in &threads {
+            let _ = handle.kill(crate::kick::kick_signal());
+        }
+        for handle in threads {
+            let _ = handle.join();
+        }
+        let _ = std::io::stdout().flush();
+        Ok(self.control.outcome().unwrap_or(Outcome::Reset))
+    }
+}
+
+/// Leaves the guest no PMU: architectural PMU leaf 0xA empty, AMD's core
+/// counter extensions and PerfMonV2 off, no PDCM.
+fn hide_pmu(entries: &mut [kvm_bindings::kvm_cpuid_entry2]) {
+    for e in entries.iter_mut() {
+        match e.function {
+            1 => e.ecx &= !(1 << 15),
+            0xa | 0x8000_0022 => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            0x8000_0001 => e.ecx &= !((1 << 23) | (1 << 24) | (1 << 28)),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! From the entry stub to the tests: per-vCPU set-up, the BSP's report of
+//! what the VMM gave it (command line, vCPUs, memory, TSC), the release of
+//! the APs, and the final reset.
+
+use crate::cmdline::{self, Config, Quoted, Token, WarningKind};
+use crate::cpu::{self, outb};
+use crate::mptable::{self, IdList};
+use crate::{apic, out, percpu, serial, smp, tests, time, trap, MAX_CPUS, PROBE_VERSION};
+
+/// Offsets in Linux's `struct boot_params` (the "zero page").
+const BP_EXT_CMD_LINE_PTR: u64 = 0x0c8;
+const BP_E820_ENTRIES: u64 = 0x1e8;
+const BP_CMD_LINE_PTR: u64 = 0x228;
+const BP_CMDLINE_SIZE: u64 = 0x238;
+const BP_E820_TABLE: u64 = 0x2d0;
+const E820_MAX: u64 = 128;
+/// Upper bound on the command line we read if the header gives no size.
+const CMDLINE_MAX: usize = 4096;
+
+fn rd<T: Copy>(addr: u64) -> T {
+    // SAFETY: boot_params and what it points to are in identity-mapped
+    // guest RAM prepared by the VMM; unaligned reads are fine on x86.
+    unsafe { core::ptr::read_unaligned(addr as *const T) }
+}
+
+/// The NUL-terminated command line the boot_params point to.
+fn cmdline_bytes(bp: u64) -> &'static [u8] {
+    if bp == 0 {
+        return &[];
+    }
+    let ptr = rd::<u32>(bp + BP_CMD_LINE_PTR) as u64 | (rd::<u32>(bp + BP_EXT_CMD_LINE_PTR) as u64) << 32;
+    if ptr == 0 {
+        return &[];
+    }
+    let size = rd::<u32>(bp + BP_CMDLINE_SIZE) as usize;
+    let max = if size == 0 || size > CMDLINE_MAX { CMDLINE_MAX } else { size };
+    let mut len = 0;
+    while len < max && rd::<u8>(ptr + len as u64) != 0 {
+        len += 1;
+    }
+    // SAFETY: `len` bytes from `ptr` were just read; guest RAM stays mapped
+    // and unmodified for the life of the probe.
+    unsafe { core::slice::from_raw_parts(ptr as *const u8, len) }
+}
+
+/// (entries, usable RAM in KiB) from the e820 map.
+fn e820(bp: u64) -> (u64, u64) {
+    if bp == 0 {
+        return (0, 0);
+    }
+    let n = (rd::<u8>(bp + BP_E820_ENTRIES) as u64).min(E820_MAX);
+    let mut ram = 0;
+    for i in 0..n {
+        let e = bp + BP_E820_TABLE + 20 * i;
+        let size: u64 = rd(e + 8);
+        let ty: u32 = rd(e + 16);
+        if ty == 1 {
+            ram += size;
+        }
+    }
+    (n, ram / 1024)
+}
+
+/// Remaps the two 8259 PICs to vectors 0x20-0x2f and masks every line, so
+/// that no legacy interrupt can arrive on an exception vector.
+fn mask_pic() {
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
+    outb(0x20, 0x11);
+    outb(0xa0, 0x11);
+    outb(0x21, 0x20);
+    outb(0xa1, 0x28);
+    outb(0x21, 0x04);
+    outb(0xa1, 0x02);
+    outb(0x21, 0x01);
+    outb(0xa1, 0x01);
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
+}
+
+/// Called by `_start` on every vCPU with its LAPIC ID and boot_params.
+pub extern "C" fn probe_main(cpu: u32, boot_params: u64) -> ! {
+    percpu::init(cpu);
+    if cpu == 0 {
+        bsp_main(boot_params)
+    } else {
+        ap_main(cpu)
+    }
+}
+
+fn bsp_main(bp: u64) -> ! {
+    serial::init();
+    trap::build_idt();
+    trap::init_cpu(0);
+    mask_pic();
+    apic::init();
+
+    out!(
+        "banner version={} name=probe cpu=0 apic={} apic_id={} max_cpus={}",
+        PROBE_VERSION,
+        if apic::is_x2apic() { "x2apic" } else { "xapic" },
+        apic::id(),
+        MAX_CPUS
+    );
+    let raw = cmdline_bytes(bp);
+    out!("cmdline=\"{}\"", Quoted(raw));
+    let cfg = cmdline::parse(raw);
+    for w in cfg.warnings.iter().flatten() {
+        let kind = match w.kind {
+            WarningKind::UnknownKey => "unknown_param",
+            WarningKind::BadValue => "bad_value",
+            WarningKind::UnknownTest => "unknown_test",
+            WarningKind::TooManyTests => "too_many_tests",
+        };
+        out!("warning {}={}", kind, Token(w.token));
+    }
+
+    let vcpus = match mptable::find() {
+        Some(mp) => {
+            out!(
+                "vcpus={} source=mptable apic_ids={} bsp={} disabled={} fps={:#x}",
+                mp.cpus,
+                IdList(mp.apic_ids),
+                mp.bsp.map_or(-1, |b| b as i64),
+                mp.disabled,
+                mp.fps
+            );
+            mp.cpus.max(1)
+        }
+        None => {
+            out!("vcpus=1 source=none");
+            1
+        }
+    };
+    let (e820_n, ram_kib) = e820(bp);
+    out!("memory e820_entries={} ram_mib={}", e820_n, ram_kib / 1024);
+
+    let (khz, src) = time::init(cfg.tsc_khz);
+    let timer_khz = apic::calibrate_timer();
+    out!(
+        "tsc_khz={} source={} apic_timer_khz={}",
+        khz,
+        src.name(),
+        timer_khz
+    );
+
+    let expected_aps = vcpus.min(MAX_CPUS as u32) - 1;
+    let online = smp::bsp_wait_online(expected_aps, 2000);
+    if online < expected_aps {
+        out!(
+            "warning aps_online={} aps_expected={} online={}",
+            online,
+            expected_aps,
+            IdList(smp::online_mask())
+        );
+    }
+    out!(
+        "cpus_online={} ids={} tests={} test_cpus={}",
+        online + 1,
+        IdList(smp::online_mask() | 1),
+        TestList(&cfg),
+        CpuSel(&cfg)
+    );
+    smp::bsp_go(&cfg);
+
+    let ran = run_tests(&cfg, 0);
+    out!("done cpu=0 tests={}", ran);
+
+    let online = smp::bsp_wait_online(expected_aps, 0);
+    let done = smp::bsp_wait_done(online, cfg.timeout_ms);
+    if done < online {
+        out!(
+            "warning timeout waiting_for_aps={} done={}",
+            IdList(smp::online_mask() & !smp::done_mask()),
+            IdList(smp::done_mask())
+        );
+    }
+    out!("reset");
+    cpu::reset()
+}
+
+fn ap_main(cpu: u32) -> ! {
+    trap::init_cpu(cpu);
+    apic::init();
+    smp::ap_online(cpu);
+    let cfg = smp::ap_wait_go();
+    let ran = run_tests(&cfg, cpu);
+    out!("done cpu={} tests={}", cpu, ran);
+    smp::ap_done(cpu);
+    cpu::park()
+}
+
+fn run_tests(cfg: &Config, cpu: u32) -> usize {
+    if !cfg.runs_on(cpu) {
+        return 0;
+    }
+    tests::run_all(cfg, cpu)
+}
+
+struct TestList<'a>(&'a Config);
+
+impl core::fmt::Display for TestList<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let t = self.0.tests();
+        if t.is_empty() {
+            return f.write_str("none");
+        }
+        for (i, t) in t.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(t.name())?;
+        }
+        Ok(())
+    }
+}
+
+struct CpuSel<'a>(&'a Config);
+
+impl core::fmt::Display for CpuSel<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.0.cpus_all {
+            f.write_str("all")
+        } else {
+            write!(f, "{}", IdList(self.0.cpus))
+        }
+    }
+}

@@ -1,0 +1,397 @@
+//! The guest-visible PMU: detection from CPUID, the MSR layout of the
+//! detected model, and counter programming helpers shared by the tests and
+//! the NMI handler. Vendor specifics live in `amd.rs` and `intel.rs`.
+//!
+//! Every MSR access goes through the `_safe` accessors: a PMU MSR the VMM
+//! does not model must give a #GP, and the probe must survive it and say so.
+
+pub mod amd;
+pub mod intel;
+pub mod nmi;
+
+use core::cell::UnsafeCell;
+use core::fmt;
+
+use crate::cpu::{cpuid, rdmsr_safe, wrmsr_safe};
+use crate::MAX_CPUS;
+
+/// Event-select bits common to AMD PERF_CTL and Intel PERFEVTSEL.
+pub const SEL_USR: u64 = 1 << 16;
+pub const SEL_OS: u64 = 1 << 17;
+pub const SEL_INT: u64 = 1 << 20;
+pub const SEL_EN: u64 = 1 << 22;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    None,
+    Amd,
+    Intel,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::None => "none",
+            Kind::Amd => "amd",
+            Kind::Intel => "intel",
+        }
+    }
+}
+
+/// A faulting MSR access.
+#[derive(Clone, Copy)]
+pub struct Fault {
+    pub msr: u32,
+    pub write: bool,
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "error=gp op={} msr={:#x}",
+            if self.write { "wrmsr" } else { "rdmsr" },
+            self.msr
+        )
+    }
+}
+
+pub fn rd(msr: u32) -> Result<u64, Fault> {
+    rdmsr_safe(msr).map_err(|_| Fault { msr, write: false })
+}
+
+pub fn wr(msr: u32, v: u64) -> Result<(), Fault> {
+    wrmsr_safe(msr, v).map_err(|_| Fault { msr, write: true })
+}
+
+/// The PMU model this vCPU sees, from CPUID.
+#[derive(Clone, Copy)]
+pub struct Pmu {
+    pub kind: Kind,
+    pub vendor: [u8; 12],
+    pub hypervisor: [u8; 12],
+    pub family: u32,
+    /// Intel: CPUID.0xA version. AMD: 2 with PerfMonV2, else 1.
+    pub version: u32,
+    pub num_gp: u32,
+    pub gp_width: u32,
+    pub num_fixed: u32,
+    pub fixed_width: u32,
+    /// AMD PerfCtrExtCore (CPUID 0x80000001 ECX[23]).
+    pub amd_ext_core: bool,
+    /// AMD PerfMonV2 (CPUID 0x80000022 EAX[0]).
+    pub amd_v2: bool,
+    /// Intel full-width counter writes (IA32_A_PMCx).
+    pub intel_full_width: bool,
+    /// Intel CPUID.0xA EBX: architectural events NOT available.
+    pub intel_unavail: u32,
+    /// Intel CPUID.0xA EAX[31:24]: length of the EBX bit vector.
+    pub intel_events_len: u32,
+}
+
+fn vendor_bytes(b: u32, c: u32, d: u32) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&b.to_le_bytes());
+    v[4..8].copy_from_slice(&c.to_le_bytes());
+    v[8..].copy_from_slice(&d.to_le_bytes());
+    v
+}
+
+impl Pmu {
+    /// Reads the PMU description from CPUID (no MSR access except Intel's
+    /// IA32_PERF_CAPABILITIES when PDCM says it exists).
+    pub fn detect() -> Pmu {
+        let (_, b, c, d) = cpuid(0, 0);
+        let vendor = vendor_bytes(b, d, c);
+        let (eax1, _, ecx1, _) = cpuid(1, 0);
+        let mut family = (eax1 >> 8) & 0xf;
+        if family == 0xf {
+            family += (eax1 >> 20) & 0xff;
+        }
+        let hypervisor = if ecx1 & (1 << 31) != 0 {
+            let (_, b, c, d) = cpuid(0x4000_0000, 0);
+            vendor_bytes(b, c, d)
+        } else {
+            [0; 12]
+        };
+        let mut p = Pmu {
+            kind: Kind::None,
+            vendor,
+            hypervisor,
+            family,
+            version: 0,
+            num_gp: 0,
+            gp_width: 0,
+            num_fixed: 0,
+            fixed_width: 0,
+            amd_ext_core: false,
+            amd_v2: false,
+            intel_full_width: false,
+            intel_unavail: 0,
+            intel_events_len: 0,
+        };
+        match &vendor {
+            b"AuthenticAMD" | b"HygonGenuine" => amd::detect(&mut p),
+            b"GenuineIntel" => intel::detect(&mut p, ecx1),
+            _ => {}
+        }
+        p
+    }
+
+    pub fn has_counters(&self) -> bool {
+        self.kind != Kind::None && self.num_gp > 0
+    }
+
+    /// Event-select MSR of general-purpose counter `i`.
+    pub fn ctl_msr(&self, i: u32) -> u32 {
+        match self.kind {
+            Kind::Intel => intel::PERFEVTSEL0 + i,
+            _ => amd::ctl_msr(self, i),
+        }
+    }
+
+    /// Counter MSR of general-purpose counter `i` (the full-width alias on
+    /// Intel when available).
+    pub fn ctr_msr(&self, i: u32) -> u32 {
+        match self.kind {
+            Kind::Intel if self.intel_full_width => intel::A_PMC0 + i,
+            Kind::Intel => intel::PMC0 + i,
+            _ => amd::ctr_msr(self, i),
+        }
+    }
+
+    /// Mask of the valid bits of a general-purpose counter.
+    pub fn gp_mask(&self) -> u64 {
+        if self.gp_width >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.gp_width) - 1
+        }
+    }
+
+    /// Largest sampling period a counter write can express.
+    pub fn max_period(&self) -> u64 {
+        if self.kind == Kind::Intel && !self.intel_full_width {
+            // Writes to IA32_PMCx sign-extend bit 31.
+            (1u64 << 31) - 1
+        } else {
+            self.gp_mask() >> 1
+        }
+    }
+
+    /// Global control MSR, if the model has one.
+    pub fn global_ctl_msr(&self) -> Option<u32> {
+        match self.kind {
+            Kind::Amd if self.amd_v2 => Some(amd::GLOBAL_CTL),
+            Kind::Intel if self.version >= 2 => Some(intel::GLOBAL_CTRL),
+            _ => None,
+        }
+    }
+
+    /// Global overflow status MSR, if the model has one.
+    pub fn global_status_msr(&self) -> Option<u32> {
+        match self.kind {
+            Kind::Amd if self.amd_v2 => Some(amd::GLOBAL_STATUS),
+            Kind::Intel if self.version >= 2 => Some(intel::GLOBAL_STATUS),
+            _ => None,
+        }
+    }
+
+    /// MSR whose written bits clear overflow status bits, if any.
+    pub fn global_ack_msr(&self) -> Option<u32> {
+        match self.kind {
+            Kind::Amd if self.amd_v2 => Some(amd::GLOBAL_STATUS_CLR),
+            Kind::Intel if self.version >= 2 => Some(intel::GLOBAL_OVF_CTRL),
+            _ => None,
+        }
+    }
+
+    /// Event select (without EN) counting core cycles in user and kernel
+    /// mode: AMD event 0x76, Intel architectural event 0x3C umask 0.
+    pub fn cycles_sel(&self) -> u64 {
+        let ev = match self.kind {
+            Kind::Intel => 0x3c,
+            _ => 0x76,
+        };
+        ev | SEL_USR | SEL_OS
+    }
+
+    /// ECX value for RDPMC of general-purpose counter `i`.
+    pub fn rdpmc_index(&self, i: u32) -> u32 {
+        i
+    }
+
+    /// Puts counter `i` into a known stopped state: event select `sel`
+    /// without EN, counter value `value`.
+    pub fn setup(&self, i: u32, sel: u64, value: u64) -> Result<(), Fault> {
+        wr(self.ctl_msr(i), sel & !SEL_EN)?;
+        wr(self.ctr_msr(i), value & self.gp_mask())
+    }
+
+    /// Starts counter `i`: its global enable bit (if any), then EN.
+    pub fn start(&self, i: u32, sel: u64) -> Result<(), Fault> {
+        if let Some(g) = self.global_ctl_msr() {
+            wr(g, 1 << i)?;
+        }
+        wr(self.ctl_msr(i), sel | SEL_EN)
+    }
+
+    /// Stops counter `i`: clear EN, then its global enable.
+    pub fn stop(&self, i: u32, sel: u64) -> Result<(), Fault> {
+        wr(self.ctl_msr(i), sel & !SEL_EN)?;
+        if let Some(g) = self.global_ctl_msr() {
+            wr(g, 0)?;
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, i: u32) -> Result<u64, Fault> {
+        rd(self.ctr_msr(i))
+    }
+
+    /// Disables and zeroes every counter and clears the overflow status, as
+    /// Linux does when it takes the PMU over.
+    pub fn reset(&self) -> Result<(), Fault> {
+        if let Some(g) = self.global_ctl_msr() {
+            wr(g, 0)?;
+        }
+        for i in 0..self.num_gp {
+            wr(self.ctl_msr(i), 0)?;
+            wr(self.ctr_msr(i), 0)?;
+        }
+        if self.kind == Kind::Intel && self.num_fixed > 0 && self.version >= 2 {
+            wr(intel::FIXED_CTR_CTRL, 0)?;
+        }
+        if let Some(a) = self.global_ack_msr() {
+            wr(a, self.status_bits())?;
+        }
+        Ok(())
+    }
+
+    /// All counter bits of the global status/control registers.
+    pub fn status_bits(&self) -> u64 {
+        let gp = if self.num_gp >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.num_gp) - 1
+        };
+        let fixed = if self.kind == Kind::Intel {
+            ((1u64 << self.num_fixed) - 1) << 32
+        } else {
+            0
+        };
+        gp | fixed
+    }
+
+    /// Linux's `check_hw_exists()`: read every event select (an enabled one
+    /// means firmware uses it), then flip the low 16 bits of a free counter
+    /// and read it back. Emulators that accept but ignore PMU MSRs fail here.
+    pub fn msr_probe(&self) -> Result<ProbeResult, ProbeFail> {
+        let mut r = ProbeResult {
+            bios_enabled: 0,
+            counter: 0,
+        };
+        let mut safe = None;
+        for i in 0..self.num_gp {
+            let msr = self.ctl_msr(i);
+            let v = rdmsr_safe(msr).map_err(|_| ProbeFail::Gp(msr))?;
+            if v & SEL_EN != 0 {
+                r.bios_enabled |= 1 << i;
+            } else {
+                safe = Some(i);
+            }
+        }
+        if self.kind == Kind::Intel && self.num_fixed > 0 && self.version >= 2 {
+            let v = rdmsr_safe(intel::FIXED_CTR_CTRL)
+                .map_err(|_| ProbeFail::Gp(intel::FIXED_CTR_CTRL))?;
+            for i in 0..self.num_fixed {
+                if v & (0x3 << (4 * i)) != 0 {
+                    r.bios_enabled |= 1 << (32 + i);
+                }
+            }
+        }
+        let i = safe.ok_or(ProbeFail::AllBusy)?;
+        r.counter = i;
+        let msr = self.ctr_msr(i);
+        let old = rdmsr_safe(msr).map_err(|_| ProbeFail::Gp(msr))?;
+        let val = old ^ 0xffff;
+        wrmsr_safe(msr, val).map_err(|_| ProbeFail::Gp(msr))?;
+        let new = rdmsr_safe(msr).map_err(|_| ProbeFail::Gp(msr))?;
+        let _ = wrmsr_safe(msr, old);
+        if new != val {
+            return Err(ProbeFail::Readback {
+                msr,
+                wrote: val,
+                read: new,
+            });
+        }
+        Ok(r)
+    }
+}
+
+pub struct ProbeResult {
+    /// Bit i (gp) / 32+i (fixed): enabled before we touched the PMU.
+    pub bios_enabled: u64,
+    /// Counter used for the write/read-back test.
+    pub counter: u32,
+}
+
+pub enum ProbeFail {
+    Gp(u32),
+    AllBusy,
+    Readback { msr: u32, wrote: u64, read: u64 },
+}
+
+impl fmt::Display for ProbeFail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeFail::Gp(m) => write!(f, "msr_probe=fail reason=gp msr={:#x}", m),
+            ProbeFail::AllBusy => write!(f, "msr_probe=fail reason=all_counters_enabled"),
+            ProbeFail::Readback { msr, wrote, read } => write!(
+                f,
+                "msr_probe=fail reason=readback msr={:#x} wrote={:#x} read={:#x}",
+                msr, wrote, read
+            ),
+        }
+    }
+}
+
+/// Per-vCPU copy of the model, for the NMI handler (which must not run
+/// CPUID: every CPUID is a VM exit).
+struct PmuSlots(UnsafeCell<[Option<Pmu>; MAX_CPUS]>);
+// SAFETY: slot i is written only by vCPU i, outside NMI-armed sections
+// (see `set_current`), and read only by vCPU i.
+unsafe impl Sync for PmuSlots {}
+static CURRENT: PmuSlots = PmuSlots(UnsafeCell::new([None; MAX_CPUS]));
+
+/// Records this vCPU's model for the NMI handler. Must not be called while
+/// a PMI test is armed on this vCPU.
+pub fn set_current(p: &Pmu) {
+    let cpu = crate::percpu::this_cpu_id() as usize;
+    // SAFETY: only this vCPU accesses slot `cpu`, and its NMI handler only
+    // reads it while a PMI test is armed, which is not the case here.
+    unsafe { (*CURRENT.0.get())[cpu] = Some(*p) };
+}
+
+/// This vCPU's model, as recorded by `set_current`.
+pub fn current() -> Option<Pmu> {
+    let cpu = crate::percpu::this_cpu_id() as usize;
+    // SAFETY: see `set_current`.
+    unsafe { (*CURRENT.0.get())[cpu] }
+}
+
+/// Printable 12-byte vendor string (NULs and non-printables as `_`).
+pub struct VendorStr<'a>(pub &'a [u8; 12]);
+
+impl fmt::Display for VendorStr<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.iter().all(|&b| b == 0) {
+            return f.write_str("none");
+        }
+        for &b in self.0.iter() {
+            let c = if b.is_ascii_graphic() { b as char } else { '_' };
+            write!(f, "{}", c)?;
+        }
+        Ok(())
+    }
+}

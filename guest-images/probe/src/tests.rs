@@ -1,0 +1,545 @@
+//! The PMU tests. Each prints one result line
+//! `probe: cpu=N test=NAME key=value ...`, or `... skipped=REASON`, or
+//! `... error=gp op=rdmsr|wrmsr msr=0x...` when a PMU MSR access the test
+//! relies on faulted.
+
+use core::sync::atomic::Ordering;
+
+use crate::cmdline::{Config, Test};
+use crate::cpu::{rdpmc_safe, rdtsc, sti_hlt_cli};
+use crate::percpu::{self, PMI_DISABLED, PMI_IDLE, PMI_RUNNING};
+use crate::pmu::{self, amd, intel, Fault, Kind, Pmu, ProbeFail, ProbeResult, VendorStr, SEL_EN, SEL_INT};
+use crate::{apic, out, time};
+
+/// Runs the configured tests on this vCPU; returns how many ran.
+pub fn run_all(cfg: &Config, cpu: u32) -> usize {
+    let pmu = Pmu::detect();
+    pmu::set_current(&pmu);
+    let probe = pmu.has_counters().then(|| pmu.msr_probe());
+    let usable = pmu.has_counters() && (matches!(probe, Some(Ok(_))) || cfg.force);
+    if usable {
+        let _ = pmu.reset();
+    }
+    let mut n = 0;
+    for &t in cfg.tests() {
+        n += 1;
+        if t == Test::Detect {
+            detect(cpu, &pmu, probe.as_ref());
+            continue;
+        }
+        let name = t.name();
+        if !usable {
+            let why = if pmu.has_counters() { "msr_probe_failed" } else { "no_pmu" };
+            out!("cpu={} test={} skipped={}", cpu, name, why);
+            continue;
+        }
+        let i = cfg.counter;
+        if i >= pmu.num_gp {
+            out!("cpu={} test={} skipped=no_counter counter={} gp={}", cpu, name, i, pmu.num_gp);
+            continue;
+        }
+        let r = match t {
+            Test::Detect => Ok(()),
+            Test::Cycles => cycles(cfg, cpu, &pmu, i),
+            Test::Halt => halt(cfg, cpu, &pmu, i),
+            Test::Pmi => pmi(cfg, cpu, &pmu, i),
+            Test::Gp => gp(cpu, &pmu),
+            Test::Toggle => toggle(cfg, cpu, &pmu, i),
+            Test::Rdpmc => rdpmc(cfg, cpu, &pmu, i),
+        };
+        if let Err(f) = r {
+            out!("cpu={} test={} {}", cpu, name, f);
+        }
+        // Leave the PMU clean for the next test whatever happened.
+        percpu::this_cpu().pmi_phase.store(PMI_IDLE, Ordering::Release);
+        apic::write(apic::REG_LVT_PC, apic::LVT_MASKED | apic::LVT_DM_NMI);
+        apic::disarm_timer();
+        let _ = pmu.reset();
+    }
+    n
+}
+
+fn detect(cpu: u32, p: &Pmu, probe: Option<&Result<ProbeResult, ProbeFail>>) {
+    let (probe_txt, bios, final_kind): (&dyn core::fmt::Display, u64, Kind) = match probe {
+        None => (&"msr_probe=skipped", 0, Kind::None),
+        Some(Ok(r)) => (&"msr_probe=ok", r.bios_enabled, p.kind),
+        Some(Err(e)) => (e, 0, Kind::None),
+    };
+    out!(
+        "cpu={} test=detect vendor={} family={:#x} hypervisor={} cpuid_pmu={} version={} gp={} gp_width={} fixed={} fixed_width={} ext_core={} perfmon_v2={} full_width={} events_unavailable={:#x} {} bios_enabled={:#x} pmu={}",
+        cpu,
+        VendorStr(&p.vendor),
+        p.family,
+        VendorStr(&p.hypervisor),
+        p.kind.name(),
+        p.version,
+        p.num_gp,
+        p.gp_width,
+        p.num_fixed,
+        p.fixed_width,
+        p.amd_ext_core as u8,
+        p.amd_v2 as u8,
+        p.intel_full_width as u8,
+        p.intel_unavail,
+        probe_txt,
+        bios,
+        final_kind.name()
+    );
+}
+
+fn permille(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        0
+    } else {
+        ((a as u128) * 1000 / b as u128) as u64
+    }
+}
+
+/// Core cycles over a busy loop of a known TSC length.
+fn cycles(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
+    let n = cfg.cycles_tsc.unwrap_or_else(|| time::ms_to_tsc(cfg.cycles_ms));
+    let sel = p.cycles_sel();
+    p.setup(i, sel, 0)?;
+    let t0 = rdtsc();
+    p.start(i, sel)?;
+    time::spin_tsc(n);
+    p.stop(i, sel)?;
+    let tsc = rdtsc() - t0;
+    let v = p.read(i)?;
+    out!(
+        "cpu={} test=cycles counter={} cycles={} tsc={} loop_tsc={} ratio_permille={}",
+        cpu,
+        i,
+        v,
+        tsc,
+        n,
+        permille(v, tsc)
+    );
+    Ok(())
+}
+
+/// Core cycles across a HLT that a one-shot LAPIC timer ends.
+fn halt(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
+    if apic::timer_khz() == 0 {
+        out!("cpu={} test=halt skipped=no_apic_timer", cpu);
+        return Ok(());
+    }
+    let pc = percpu::this_cpu();
+    let sel = p.cycles_sel();
+    p.setup(i, sel, 0)?;
+    pc.timer_fired.store(false, Ordering::Release);
+    let irqs0 = pc.timer_irqs.load(Ordering::Relaxed);
+    let t0 = rdtsc();
+    p.start(i, sel)?;
+    apic::arm_oneshot_ms(cfg.halt_ms);
+    let mut wakeups = 0u64;
+    while !pc.timer_fired.load(Ordering::Acquire) {
+        sti_hlt_cli();
+        wakeups += 1;
+    }
+    p.stop(i, sel)?;
+    let tsc = rdtsc() - t0;
+    apic::disarm_timer();
+    let v = p.read(i)?;
+    out!(
+        "cpu={} test=halt counter={} cycles={} tsc={} halt_ms={} elapsed_us={} wakeups={} timer_irqs={} ratio_permille={}",
+        cpu,
+        i,
+        v,
+        tsc,
+        cfg.halt_ms,
+        time::tsc_to_us(tsc),
+        wakeups,
+        pc.timer_irqs.load(Ordering::Relaxed) - irqs0,
+        permille(v, tsc)
+    );
+    Ok(())
+}
+
+/// Sampling: counter armed at -period with INT, LVTPC in NMI mode; the NMI
+/// handler (`pmu::nmi`) counts, checks the status bit, acks and re-arms.
+fn pmi(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
+    let pc = percpu::this_cpu();
+    let period = cfg
+        .pmi_period
+        .unwrap_or_else(|| time::tsc_khz())
+        .clamp(1, p.max_period());
+    let sel = p.cycles_sel() | SEL_INT;
+    let window = time::ms_to_tsc(cfg.pmi_ms);
+
+    pc.pmi_count.store(0, Ordering::Relaxed);
+    pc.pmi_status_ok.store(0, Ordering::Relaxed);
+    pc.pmi_after_disable.store(0, Ordering::Relaxed);
+    pc.pmi_handler_gp.store(0, Ordering::Relaxed);
+    pc.pmi_first_bad_status.store(0, Ordering::Relaxed);
+    pc.pmi_counter.store(i, Ordering::Relaxed);
+    pc.pmi_period.store(period, Ordering::Relaxed);
+    let nmis0 = pc.nmis.load(Ordering::Relaxed);
+    let unexpected0 = pc.nmis_unexpected.load(Ordering::Relaxed);
+
+    if let Some(a) = p.global_ack_msr() {
+        pmu::wr(a, p.status_bits())?;
+    }
+    p.setup(i, sel, period.wrapping_neg())?;
+    apic::write(apic::REG_LVT_PC, apic::LVT_DM_NMI);
+    pc.pmi_phase.store(PMI_RUNNING, Ordering::Release);
+    let t0 = rdtsc();
+    p.start(i, sel)?;
+    time::spin_tsc(window);
+    // Stop: EN off first (the counter stops), read it, then global off.
+    pmu::wr(p.ctl_msr(i), sel & !SEL_EN)?;
+    let tsc = rdtsc() - t0;
+    let last = p.read(i)?;
+    if let Some(g) = p.global_ctl_msr() {
+        pmu::wr(g, 0)?;
+    }
+    pc.pmi_phase.store(PMI_DISABLED, Ordering::Release);
+    let pmis = pc.pmi_count.load(Ordering::Relaxed);
+    let status_ok = pc.pmi_status_ok.load(Ordering::Relaxed);
+
+    // Any PMI from now on is one too many.
+    time::spin_tsc(window);
+    pc.pmi_phase.store(PMI_IDLE, Ordering::Release);
+    apic::write(apic::REG_LVT_PC, apic::LVT_MASKED | apic::LVT_DM_NMI);
+    let after = pc.pmi_after_disable.load(Ordering::Relaxed);
+
+    let start = period.wrapping_neg() & p.gp_mask();
+    let partial = last.wrapping_sub(start) & p.gp_mask();
+    let counted = pmis.saturating_mul(period).saturating_add(partial);
+    let bad = pc.pmi_first_bad_status.load(Ordering::Relaxed);
+    out!(
+        "cpu={} test=pmi counter={} period={} ms={} pmis={} status_ok={} after_disable={} expected={} tsc={} counted={} nmis={} unexpected_nmis={} handler_gp={} first_bad_status={}",
+        cpu,
+        i,
+        period,
+        cfg.pmi_ms,
+        pmis,
+        status_ok,
+        after,
+        tsc / period,
+        tsc,
+        counted,
+        pc.nmis.load(Ordering::Relaxed) - nmis0,
+        pc.nmis_unexpected.load(Ordering::Relaxed) - unexpected0,
+        pc.pmi_handler_gp.load(Ordering::Relaxed),
+        Hex(if bad == 0 { u64::MAX } else { bad & !(1 << 63) })
+    );
+    Ok(())
+}
+
+/// `{:#x}`, or `none` for u64::MAX.
+struct Hex(u64);
+
+impl core::fmt::Display for Hex {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.0 == u64::MAX {
+            f.write_str("none")
+        } else {
+            write!(f, "{:#x}", self.0)
+        }
+    }
+}
+
+/// Enable/disable the counter many times (each a WRMSR exit), then read it.
+fn toggle(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
+    let sel = p.cycles_sel();
+    let ctl = p.ctl_msr(i);
+    p.setup(i, sel, 0)?;
+    if let Some(g) = p.global_ctl_msr() {
+        pmu::wr(g, 1 << i)?;
+    }
+    let t0 = rdtsc();
+    for _ in 0..cfg.toggles {
+        pmu::wr(ctl, sel | SEL_EN)?;
+        pmu::wr(ctl, sel)?;
+    }
+    let tsc = rdtsc() - t0;
+    if let Some(g) = p.global_ctl_msr() {
+        pmu::wr(g, 0)?;
+    }
+    let v = p.read(i)?;
+    out!(
+        "cpu={} test=toggle counter={} toggles={} value={} tsc={} us_per_toggle={}",
+        cpu,
+        i,
+        cfg.toggles,
+        v,
+        tsc,
+        time::tsc_to_us(tsc) / cfg.toggles.max(1)
+    );
+    Ok(())
+}
+
+/// RDPMC against RDMSR of a stopped counter (only with `probe.rdpmc=1`).
+fn rdpmc(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
+    if !cfg.rdpmc {
+        out!("cpu={} test=rdpmc skipped=not_enabled", cpu);
+        return Ok(());
+    }
+    let sel = p.cycles_sel();
+    p.setup(i, sel, 0)?;
+    p.start(i, sel)?;
+    time::spin_tsc(time::ms_to_tsc(1));
+    p.stop(i, sel)?;
+    let v = p.read(i)?;
+    let gp0 = percpu::this_cpu().gp_fixups.load(Ordering::Relaxed);
+    let r = rdpmc_safe(p.rdpmc_index(i));
+    let gps = percpu::this_cpu().gp_fixups.load(Ordering::Relaxed) - gp0;
+    match r {
+        Err(()) => out!("cpu={} test=rdpmc counter={} rdpmc=gp rdmsr={} gps={}", cpu, i, v, gps),
+        Ok(x) if x & p.gp_mask() == v => {
+            out!("cpu={} test=rdpmc counter={} rdpmc=ok value={} rdmsr={}", cpu, i, x, v)
+        }
+        Ok(x) => out!(
+            "cpu={} test=rdpmc counter={} rdpmc=mismatch value={} rdmsr={}",
+            cpu,
+            i,
+            x,
+            v
+        ),
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// gp: reserved bits and out-of-model MSRs must #GP; defined ones must not.
+
+const MAX_MISMATCH: usize = 6;
+
+#[derive(Clone, Copy)]
+struct Mismatch {
+    write: bool,
+    msr: u32,
+    val: u64,
+    got_gp: bool,
+}
+
+struct Tally {
+    checks: u64,
+    gp_expected: u64,
+    gp_got: u64,
+    mismatches: u64,
+    first: [Option<Mismatch>; MAX_MISMATCH],
+}
+
+impl Tally {
+    fn record(&mut self, write: bool, msr: u32, val: u64, expect_gp: bool, got_gp: bool) {
+        self.checks += 1;
+        self.gp_expected += expect_gp as u64;
+        self.gp_got += got_gp as u64;
+        if expect_gp != got_gp {
+            if let Some(slot) = self.first.iter_mut().find(|m| m.is_none()) {
+                *slot = Some(Mismatch {
+                    write,
+                    msr,
+                    val,
+                    got_gp,
+                });
+            }
+            self.mismatches += 1;
+        }
+    }
+
+    /// RDMSR; returns the value if it did not fault.
+    fn read(&mut self, msr: u32, expect_gp: bool) -> Option<u64> {
+        let r = pmu::rd(msr).ok();
+        self.record(false, msr, 0, expect_gp, r.is_none());
+        r
+    }
+
+    /// WRMSR; if it unexpectedly succeeded, writes `restore` back.
+    fn write(&mut self, msr: u32, val: u64, expect_gp: bool, restore: u64) {
+        let ok = pmu::wr(msr, val).is_ok();
+        self.record(true, msr, val, expect_gp, !ok);
+        if ok && val != restore {
+            let _ = pmu::wr(msr, restore);
+        }
+    }
+
+    /// Writes each bit outside `valid` (and outside `skip`) on its own; every
+    /// one must #GP. Also checks that 0 and the old value are accepted.
+    fn reserved_bits(&mut self, msr: u32, valid: u64, skip: u64) {
+        let old = self.read(msr, false).unwrap_or(0) & valid;
+        self.write(msr, 0, false, old);
+        for b in 0..64 {
+            let bit = 1u64 << b;
+            if (valid | skip) & bit == 0 {
+                self.write(msr, bit, true, old);
+            }
+        }
+        let _ = pmu::wr(msr, old);
+    }
+
+    /// An MSR outside the model: read and write must both #GP.
+    fn outside(&mut self, msr: u32) {
+        self.read(msr, true);
+        self.write(msr, 0, true, 0);
+    }
+
+    /// A defined counter MSR: read and write of 0 must work.
+    fn counter(&mut self, msr: u32) {
+        let old = self.read(msr, false).unwrap_or(0);
+        self.write(msr, 0, false, old);
+        let _ = pmu::wr(msr, old);
+    }
+}
+
+struct MismatchList<'a>(&'a [Option<Mismatch>]);
+
+impl core::fmt::Display for MismatchList<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let mut any = false;
+        for m in self.0.iter().flatten() {
+            if any {
+                f.write_str(",")?;
+            }
+            any = true;
+            let what = if m.got_gp { "gp" } else { "nogp" };
+            if m.write {
+                write!(f, "w:{:#x}:{:#x}:{}", m.msr, m.val, what)?;
+            } else {
+                write!(f, "r:{:#x}:{}", m.msr, what)?;
+            }
+        }
+        if !any {
+            f.write_str("none")?;
+        }
+        Ok(())
+    }
+}
+
+fn gp(cpu: u32, p: &Pmu) -> Result<(), Fault> {
+    let pc = percpu::this_cpu();
+    let gp0 = pc.gp_fixups.load(Ordering::Relaxed);
+    let mut t = Tally {
+        checks: 0,
+        gp_expected: 0,
+        gp_got: 0,
+        mismatches: 0,
+        first: [None; MAX_MISMATCH],
+    };
+    match p.kind {
+        Kind::Amd => gp_amd(&mut t, p),
+        Kind::Intel => gp_intel(&mut t, p),
+        Kind::None => {}
+    }
+    let _ = p.reset();
+    out!(
+        "cpu={} test=gp model={} checks={} gp_expected={} gp_got={} gp_handled={} mismatches={} first={}",
+        cpu,
+        p.kind.name(),
+        t.checks,
+        t.gp_expected,
+        t.gp_got,
+        pc.gp_fixups.load(Ordering::Relaxed) - gp0,
+        t.mismatches,
+        MismatchList(&t.first)
+    );
+    Ok(())
+}
+
+fn low_bits(n: u32) -> u64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
+fn gp_amd(t: &mut Tally, p: &Pmu) {
+    for i in 0..p.num_gp {
+        t.reserved_bits(p.ctl_msr(i), amd::CTL_VALID, 0);
+        t.counter(p.ctr_msr(i));
+    }
+    let legacy_in_model = if p.amd_ext_core {
+        p.num_gp.min(amd::LEGACY_COUNTERS)
+    } else {
+        p.num_gp
+    };
+    if p.amd_ext_core {
+        // Legacy MSRs alias counters 0-3: same rules.
+        for i in 0..legacy_in_model {
+            t.reserved_bits(amd::LEGACY_CTL0 + i, amd::CTL_VALID, 0);
+            t.counter(amd::LEGACY_CTR0 + i);
+        }
+        // Extended counters beyond the model, and the first one past 6.
+        for i in p.num_gp..=amd::EXT_COUNTERS {
+            t.outside(amd::EXT_CTL0 + 2 * i);
+            t.outside(amd::EXT_CTR0 + 2 * i);
+        }
+    } else {
+        t.outside(amd::EXT_CTL0);
+        t.outside(amd::EXT_CTR0);
+    }
+    for i in legacy_in_model..amd::LEGACY_COUNTERS {
+        t.outside(amd::LEGACY_CTL0 + i);
+        t.outside(amd::LEGACY_CTR0 + i);
+    }
+    t.outside(amd::LEGACY_CTR0 + amd::LEGACY_COUNTERS); // 0xc0010008
+    if p.amd_v2 {
+        let counters = low_bits(p.num_gp);
+        t.reserved_bits(amd::GLOBAL_CTL, counters, 0);
+        t.reserved_bits(amd::GLOBAL_STATUS_CLR, counters, 0);
+        // SET: only reserved bits and 0 (valid bits would raise status).
+        t.write(amd::GLOBAL_STATUS_SET, 0, false, 0);
+        for b in p.num_gp..64 {
+            t.write(amd::GLOBAL_STATUS_SET, 1 << b, true, 0);
+        }
+        // GLOBAL_STATUS is read-only.
+        t.read(amd::GLOBAL_STATUS, false);
+        t.write(amd::GLOBAL_STATUS, 0, true, 0);
+        t.outside(amd::GLOBAL_STATUS - 1);
+        t.outside(amd::GLOBAL_STATUS_SET + 1);
+    } else {
+        for m in amd::GLOBAL_STATUS..=amd::GLOBAL_STATUS_SET {
+            t.outside(m);
+        }
+    }
+}
+
+fn gp_intel(t: &mut Tally, p: &Pmu) {
+    for i in 0..p.num_gp {
+        t.reserved_bits(intel::PERFEVTSEL0 + i, intel::EVTSEL_VALID, intel::EVTSEL_ANY);
+        t.counter(intel::PMC0 + i);
+        if p.intel_full_width {
+            t.counter(intel::A_PMC0 + i);
+        }
+    }
+    t.outside(intel::PERFEVTSEL0 + p.num_gp);
+    if p.num_gp < 8 {
+        t.outside(intel::PMC0 + p.num_gp);
+    }
+    if p.intel_full_width {
+        t.outside(intel::A_PMC0 + p.num_gp);
+    } else {
+        t.outside(intel::A_PMC0);
+    }
+    if p.version >= 2 {
+        if p.num_fixed > 0 {
+            t.reserved_bits(
+                intel::FIXED_CTR_CTRL,
+                intel::fixed_ctrl_valid(p.num_fixed),
+                intel::fixed_ctrl_any(p.num_fixed),
+            );
+            for i in 0..p.num_fixed {
+                t.counter(intel::FIXED_CTR0 + i);
+            }
+            t.outside(intel::FIXED_CTR0 + p.num_fixed);
+        }
+        let counters = low_bits(p.num_gp) | (low_bits(p.num_fixed) << 32);
+        t.reserved_bits(intel::GLOBAL_CTRL, counters, 0);
+        // OVF_CTRL bits 61-63 (uncore, DS buffer, CondChgd) depend on the
+        // version and are not tested.
+        t.reserved_bits(intel::GLOBAL_OVF_CTRL, counters, 0b111 << 61);
+        t.read(intel::GLOBAL_STATUS, false);
+        t.write(intel::GLOBAL_STATUS, 0, true, 0);
+        if p.version < 4 {
+            t.outside(intel::GLOBAL_STATUS_SET);
+            t.outside(intel::GLOBAL_INUSE);
+        }
+    } else {
+        for m in intel::FIXED_CTR_CTRL..=intel::GLOBAL_OVF_CTRL {
+            t.outside(m);
+        }
+    }
+}

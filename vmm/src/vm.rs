@@ -19,7 +19,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use crate::arch::{boot_params, cpuid, layout, mptable, regs};
+use crate::arch::{acpi, boot_params, cpuid, layout, mptable, regs};
 use crate::config::{SerialSink, VmConfig, DEFAULT_LINUX_CMDLINE, MIN_MEMORY_MIB};
 use crate::error::{Outcome, StartError};
 use crate::event_loop::{self, MainLoop};
@@ -211,10 +211,12 @@ impl Vm {
         cmdline_bytes.push(0);
         vm_memory::Bytes::write_slice(&memory, &cmdline_bytes, GuestAddress(layout::CMDLINE_START))
             .map_err(|_| StartError::Config("command line does not fit in guest memory".into()))?;
-        let params = boot_params::build(kernel.header, cmdline.len() + 1, initrd, mem_size);
+        mptable::write(&memory, num_vcpus)?;
+        let rsdp = acpi::write(&memory, num_vcpus)
+            .map_err(|e| StartError::Config(format!("writing ACPI tables: {e}")))?;
+        let params = boot_params::build(kernel.header, cmdline.len() + 1, initrd, rsdp, mem_size);
         boot_params::write(&params, &memory)
             .map_err(|e| StartError::Config(format!("writing the zero page: {e}")))?;
-        mptable::write(&memory, num_vcpus)?;
         regs::write_boot_tables(&memory)?;
 
         let control = Arc::new(VmControl::new().map_err(|source| StartError::Io {

@@ -28,9 +28,11 @@ pub fn build(
     header: Option<setup_header>,
     cmdline_len: usize,
     initrd: Option<InitrdPlacement>,
+    acpi_rsdp: u64,
     mem_size: u64,
 ) -> boot_params {
     let mut params = boot_params::default();
+    params.acpi_rsdp_addr = acpi_rsdp;
     if let Some(hdr) = header {
         params.hdr = hdr;
     } else {
@@ -100,7 +102,7 @@ mod tests {
 
     #[test]
     fn e820_covers_ram_and_reserves_the_bios_area() {
-        let p = build(None, 10, None, 256 << 20);
+        let p = build(None, 10, None, 0xe0000, 256 << 20);
         let n = p.e820_entries as usize;
         let table: Vec<_> = p.e820_table[..n]
             .iter()

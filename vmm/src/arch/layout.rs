@@ -22,6 +22,8 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 4096;
 /// Start of the extended BIOS data area: RAM below it is usable.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables (RSDP first), in the BIOS area Linux scans.
+pub const ACPI_START: u64 = 0xe0000;
 /// MP floating pointer and configuration table (in the BIOS ROM area, where
 /// Linux's `smp_scan_config()` looks).
 pub const MPTABLE_START: u64 = 0xf0000;

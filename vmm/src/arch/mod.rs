@@ -2,6 +2,7 @@
 //! protocol's zero page, page tables and segments for a 64-bit entry, the MP
 //! table that tells the guest its CPUs, and per-vCPU CPUID.
 
+pub mod acpi;
 pub mod boot_params;
 pub mod cpuid;
 pub mod layout;

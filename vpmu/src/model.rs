@@ -1,0 +1,345 @@
+//! The guest-visible PMU model: explicit, serializable and versioned, so a
+//! saved VM restores to the same PMU on another host.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::cpuid::CpuidRegs;
+use crate::vendor;
+
+/// Version of the serialized [`PmuModel`] format.
+pub const MODEL_FORMAT: u32 = 1;
+
+/// CPU vendor of the guest (KVM requires it to equal the host's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Vendor {
+    /// AuthenticAMD.
+    Amd,
+    /// GenuineIntel.
+    Intel,
+}
+
+/// One guest-visible PMU.
+///
+/// `version` is the Intel architectural perfmon version (1 to 4) or, on AMD,
+/// 1 (legacy or PerfCtrExtCore) or 2 (PerfMonV2).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PmuModel {
+    /// Serialized format version, [`MODEL_FORMAT`].
+    pub format: u32,
+    /// Vendor whose registers the guest sees.
+    pub vendor: Vendor,
+    /// Perfmon version (see the type's docs).
+    pub version: u8,
+    /// General-purpose counters.
+    pub gp_counters: u8,
+    /// Bit width of the general-purpose counters.
+    pub gp_width: u8,
+    /// Intel fixed counters (0 on AMD).
+    pub fixed_counters: u8,
+    /// Bit width of the fixed counters (0 when there are none).
+    pub fixed_width: u8,
+    /// AMD PerfCtrExtCore: 6 counters at `0xC001_0200`, legacy MSRs alias 0-3.
+    pub amd_perfctr_core: bool,
+    /// Intel PDCM: `IA32_PERF_CAPABILITIES` exists.
+    pub intel_pdcm: bool,
+    /// Intel full-width counter writes through `IA32_A_PMCx` (needs PDCM).
+    pub intel_full_width_writes: bool,
+    /// Intel CPUID.0AH:EBX: architectural events reported as *not* available.
+    pub intel_unavailable_events: u8,
+}
+
+/// Why a [`PmuModel`] cannot exist.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum ModelError {
+    /// The serialized format is not one this crate reads.
+    #[error("PMU model format {0} is not supported (expected {MODEL_FORMAT})")]
+    Format(u32),
+    /// A version this vendor does not have.
+    #[error("{vendor:?} PMU version {version} is not supported ({supported})")]
+    Version {
+        /// Vendor.
+        vendor: Vendor,
+        /// Requested version.
+        version: u8,
+        /// What is supported.
+        supported: &'static str,
+    },
+    /// A counter count the model cannot have.
+    #[error("{vendor:?} PMU cannot have {count} general-purpose counters: {why}")]
+    GpCounters {
+        /// Vendor.
+        vendor: Vendor,
+        /// Requested count.
+        count: u8,
+        /// The rule that was broken.
+        why: &'static str,
+    },
+    /// A fixed counter count the model cannot have.
+    #[error("{vendor:?} PMU version {version} cannot have {count} fixed counters: {why}")]
+    FixedCounters {
+        /// Vendor.
+        vendor: Vendor,
+        /// Version.
+        version: u8,
+        /// Requested count.
+        count: u8,
+        /// The rule that was broken.
+        why: &'static str,
+    },
+    /// A counter width the model cannot have.
+    #[error("{what} width {width} is not supported ({supported})")]
+    Width {
+        /// Which counters.
+        what: &'static str,
+        /// Requested width.
+        width: u8,
+        /// What is supported.
+        supported: &'static str,
+    },
+    /// A feature that needs another one, or belongs to the other vendor.
+    #[error("{feature} {why}")]
+    Feature {
+        /// The feature.
+        feature: &'static str,
+        /// The rule that was broken.
+        why: &'static str,
+    },
+}
+
+/// What the host offers, for [`PmuModel::best_for_host`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostFacts {
+    /// perf can open hardware (`PERF_TYPE_RAW`) events on this host; see
+    /// [`crate::backend::perf::PerfBackend::probe_hardware`].
+    pub hardware_events: bool,
+    /// The host's PMU CPUID leaves, when known.
+    pub cpuid: Option<HostCpuid>,
+    /// The host PMU supports full-width counter writes (`IA32_PERF_CAPABILITIES[13]`).
+    pub intel_full_width_writes: bool,
+}
+
+/// The host CPUID values that describe its PMU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostCpuid {
+    /// Leaf 0xA (Intel architectural perfmon).
+    pub leaf_0xa: CpuidRegs,
+    /// Leaf 0x8000_0001 ECX (AMD PerfCtrExtCore is bit 23).
+    pub ext_features_ecx: u32,
+    /// Leaf 0x8000_0022 (AMD PerfMonV2), zero when absent.
+    pub leaf_0x8000_0022: CpuidRegs,
+}
+
+impl HostCpuid {
+    /// Reads the PMU leaves of the CPU this runs on.
+    #[cfg(target_arch = "x86_64")]
+    pub fn detect() -> Self {
+        use core::arch::x86_64::__cpuid_count;
+        let regs = |leaf: u32| {
+            let r = __cpuid_count(leaf, 0);
+            CpuidRegs {
+                eax: r.eax,
+                ebx: r.ebx,
+                ecx: r.ecx,
+                edx: r.edx,
+            }
+        };
+        let max_basic = regs(0).eax;
+        let max_ext = regs(0x8000_0000).eax;
+        Self {
+            leaf_0xa: if max_basic >= 0xA {
+                regs(0xA)
+            } else {
+                CpuidRegs::default()
+            },
+            ext_features_ecx: if max_ext >= 0x8000_0001 {
+                regs(0x8000_0001).ecx
+            } else {
+                0
+            },
+            leaf_0x8000_0022: if max_ext >= 0x8000_0022 {
+                regs(0x8000_0022)
+            } else {
+                CpuidRegs::default()
+            },
+        }
+    }
+}
+
+impl PmuModel {
+    /// The best model this host can back for a guest of `vendor`.
+    ///
+    /// With hardware events and host CPUID, the host's PMU is mirrored
+    /// (clamped to what this crate models). Without hardware events every
+    /// counter is emulated anyway (only clock events are backed, by
+    /// task-clock), so the richest model the Linux drivers handle best is
+    /// chosen: AMD PerfMonV2 with 6 counters (one exit disables them all),
+    /// Intel v4 with 4 + 3 counters and full-width writes.
+    pub fn best_for_host(vendor: Vendor, host: &HostFacts) -> Self {
+        vendor::ops(vendor).best_for_host(host)
+    }
+
+    /// A model with every field given; check it with [`PmuModel::validate`].
+    pub fn new(vendor: Vendor, version: u8, gp_counters: u8, gp_width: u8) -> Self {
+        Self {
+            format: MODEL_FORMAT,
+            vendor,
+            version,
+            gp_counters,
+            gp_width,
+            fixed_counters: 0,
+            fixed_width: 0,
+            amd_perfctr_core: false,
+            intel_pdcm: false,
+            intel_full_width_writes: false,
+            intel_unavailable_events: 0,
+        }
+    }
+
+    /// Overrides the number of general-purpose counters.
+    pub fn with_gp_counters(mut self, count: u8) -> Self {
+        self.gp_counters = count;
+        self
+    }
+
+    /// Overrides the number of fixed counters (width 48, or 0 with none).
+    pub fn with_fixed_counters(mut self, count: u8) -> Self {
+        self.fixed_counters = count;
+        self.fixed_width = if count == 0 {
+            0
+        } else if self.fixed_width == 0 {
+            48
+        } else {
+            self.fixed_width
+        };
+        self
+    }
+
+    /// Overrides the perfmon version.
+    pub fn with_version(mut self, version: u8) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// Overrides AMD PerfCtrExtCore.
+    pub fn with_amd_perfctr_core(mut self, on: bool) -> Self {
+        self.amd_perfctr_core = on;
+        self
+    }
+
+    /// Overrides Intel PDCM and full-width writes (full width needs PDCM).
+    pub fn with_intel_full_width_writes(mut self, pdcm: bool, full_width: bool) -> Self {
+        self.intel_pdcm = pdcm;
+        self.intel_full_width_writes = full_width;
+        self
+    }
+
+    /// Overrides the Intel CPUID.0AH:EBX "event not available" mask.
+    pub fn with_intel_unavailable_events(mut self, mask: u8) -> Self {
+        self.intel_unavailable_events = mask;
+        self
+    }
+
+    /// Checks that real hardware of this vendor could look like this.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.format != MODEL_FORMAT {
+            return Err(ModelError::Format(self.format));
+        }
+        vendor::ops(self.vendor).validate(self)
+    }
+
+    /// AMD PerfMonV2 (global control and status registers).
+    pub fn has_amd_perfmon_v2(&self) -> bool {
+        self.vendor == Vendor::Amd && self.version >= 2
+    }
+
+    /// Whether the model has global control/status registers (Intel v2+,
+    /// AMD PerfMonV2).
+    pub fn has_global_registers(&self) -> bool {
+        self.version >= 2
+    }
+
+    /// The MSR ranges this model owns: trap them all (KVM MSR filter) and
+    /// route their exits to [`crate::Vpmu::rdmsr`]/[`crate::Vpmu::wrmsr`].
+    pub fn msr_ranges(&self) -> Vec<MsrRange> {
+        merge_ranges(vendor::ops(self.vendor).msr_ranges(self))
+    }
+
+    /// Total number of counters (general-purpose, then fixed).
+    pub fn counters(&self) -> usize {
+        self.gp_counters as usize + self.fixed_counters as usize
+    }
+}
+
+/// A contiguous range of MSR indices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsrRange {
+    /// First MSR index.
+    pub base: u32,
+    /// Number of MSRs.
+    pub count: u32,
+}
+
+impl MsrRange {
+    /// Whether `index` is in the range.
+    pub fn contains(&self, index: u32) -> bool {
+        index.wrapping_sub(self.base) < self.count
+    }
+}
+
+/// Sorts ranges and joins the ones that touch.
+fn merge_ranges(mut ranges: Vec<MsrRange>) -> Vec<MsrRange> {
+    ranges.retain(|r| r.count > 0);
+    ranges.sort_by_key(|r| r.base);
+    let mut merged: Vec<MsrRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match merged.last_mut() {
+            Some(last) if last.base + last.count >= r.base => {
+                last.count = last.count.max(r.base + r.count - last.base);
+            }
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adjacent_ranges_merge() {
+        let merged = merge_ranges(vec![
+            MsrRange {
+                base: 0x390,
+                count: 1,
+            },
+            MsrRange {
+                base: 0x38D,
+                count: 3,
+            },
+            MsrRange {
+                base: 0xC1,
+                count: 4,
+            },
+            MsrRange {
+                base: 0x500,
+                count: 0,
+            },
+        ]);
+        assert_eq!(
+            merged,
+            vec![
+                MsrRange {
+                    base: 0xC1,
+                    count: 4
+                },
+                MsrRange {
+                    base: 0x38D,
+                    count: 4
+                }
+            ]
+        );
+    }
+}

@@ -1,0 +1,95 @@
+//! A plain, serializable picture of one vCPU's vPMU for the host-side
+//! export: every counter decoded, valued and explained.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+
+use crate::evtsel::DecodedSelect;
+use crate::model::PmuModel;
+use crate::stats::VpmuStats;
+
+/// General-purpose or fixed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CounterKind {
+    /// General-purpose counter.
+    Gp,
+    /// Intel fixed counter.
+    Fixed,
+}
+
+/// How a counter's counts are produced on the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Backing {
+    /// Not backed yet: the counter has not run with this programming.
+    Idle,
+    /// A host hardware event (`PERF_TYPE_RAW`, guest-only).
+    HardwareRaw,
+    /// Host task-clock of the vCPU thread, guest time only, converted to
+    /// guest TSC cycles. It cannot tell guest user from kernel time.
+    SoftwareClock,
+    /// Nothing counts; `reason` says why.
+    Unbacked {
+        /// Why.
+        reason: Cow<'static, str>,
+    },
+    /// The event policy denies this event; it was never opened.
+    Denied,
+}
+
+/// One counter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterSnapshot {
+    /// General-purpose or fixed.
+    pub kind: CounterKind,
+    /// Index within its kind.
+    pub index: usize,
+    /// The counter's MSR.
+    pub msr: u32,
+    /// Raw programming: the event select, or the 4-bit field of
+    /// `IA32_FIXED_CTR_CTRL` for a fixed counter.
+    pub control: u64,
+    /// The (effective) event select decoded.
+    pub decoded: DecodedSelect,
+    /// Well-known name of the event, if it has one.
+    pub event_name: Option<Cow<'static, str>>,
+    /// Current value.
+    pub value: u64,
+    /// Architecturally running (enabled, at least one of USR/OS, global enable).
+    pub running: bool,
+    /// How it is backed.
+    pub backing: Backing,
+    /// Programming generation (changes only with the programming).
+    pub generation: u64,
+    /// Host event's enabled time, ns.
+    pub host_time_enabled_ns: u64,
+    /// Host event's running time, ns (less than enabled: multiplexed).
+    pub host_time_running_ns: u64,
+    /// Overflows so far.
+    pub overflows: u64,
+    /// PMIs this counter requested.
+    pub pmis: u64,
+}
+
+/// The whole vPMU of one vCPU.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VpmuSnapshot {
+    /// The model.
+    pub model: PmuModel,
+    /// Counters, general-purpose first.
+    pub counters: Vec<CounterSnapshot>,
+    /// Global control (0 without global registers).
+    pub global_ctrl: u64,
+    /// Global status (0 without global registers).
+    pub global_status: u64,
+    /// A PMI waits for delivery.
+    pub pending_pmi: bool,
+    /// Guest time measured by the entry/exit hooks, ns.
+    pub guest_time_ns: u64,
+    /// Why hardware events are unavailable, once learned.
+    pub no_hardware_reason: Option<String>,
+    /// Statistics.
+    pub stats: VpmuStats,
+}

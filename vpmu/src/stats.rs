@@ -1,0 +1,141 @@
+//! Counters about the vPMU itself: what the guest accessed and what it
+//! cost on the host. They prove that stop/start never reopens.
+
+use serde::{Deserialize, Serialize};
+
+/// Kinds of PMU registers, for access statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegisterKind {
+    /// General-purpose counter (any alias).
+    GpCounter,
+    /// Event select.
+    EventSelect,
+    /// Fixed counter.
+    FixedCounter,
+    /// `IA32_FIXED_CTR_CTRL`.
+    FixedCtrl,
+    /// Global status.
+    GlobalStatus,
+    /// Global control.
+    GlobalCtrl,
+    /// Intel `GLOBAL_OVF_CTRL`/`STATUS_RESET`, AMD `GLOBAL_STATUS_CLR`.
+    GlobalStatusReset,
+    /// `GLOBAL_STATUS_SET`.
+    GlobalStatusSet,
+    /// Intel `GLOBAL_INUSE`.
+    GlobalInUse,
+    /// Intel `PERF_CAPABILITIES`.
+    PerfCapabilities,
+    /// An MSR outside the model (the access faulted).
+    Unknown,
+}
+
+/// Accesses per register kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsrAccessCounts {
+    /// General-purpose counters.
+    pub gp_counter: u64,
+    /// Event selects.
+    pub event_select: u64,
+    /// Fixed counters.
+    pub fixed_counter: u64,
+    /// Fixed counter control.
+    pub fixed_ctrl: u64,
+    /// Global status.
+    pub global_status: u64,
+    /// Global control.
+    pub global_ctrl: u64,
+    /// Global status reset/clear.
+    pub global_status_reset: u64,
+    /// Global status set.
+    pub global_status_set: u64,
+    /// Global in-use.
+    pub global_inuse: u64,
+    /// Perf capabilities.
+    pub perf_capabilities: u64,
+    /// MSRs outside the model.
+    pub unknown: u64,
+}
+
+impl MsrAccessCounts {
+    /// Counts one access to `kind`.
+    pub fn bump(&mut self, kind: RegisterKind) {
+        let slot = match kind {
+            RegisterKind::GpCounter => &mut self.gp_counter,
+            RegisterKind::EventSelect => &mut self.event_select,
+            RegisterKind::FixedCounter => &mut self.fixed_counter,
+            RegisterKind::FixedCtrl => &mut self.fixed_ctrl,
+            RegisterKind::GlobalStatus => &mut self.global_status,
+            RegisterKind::GlobalCtrl => &mut self.global_ctrl,
+            RegisterKind::GlobalStatusReset => &mut self.global_status_reset,
+            RegisterKind::GlobalStatusSet => &mut self.global_status_set,
+            RegisterKind::GlobalInUse => &mut self.global_inuse,
+            RegisterKind::PerfCapabilities => &mut self.perf_capabilities,
+            RegisterKind::Unknown => &mut self.unknown,
+        };
+        *slot += 1;
+    }
+
+    /// All accesses.
+    pub fn total(&self) -> u64 {
+        self.gp_counter
+            + self.event_select
+            + self.fixed_counter
+            + self.fixed_ctrl
+            + self.global_status
+            + self.global_ctrl
+            + self.global_status_reset
+            + self.global_status_set
+            + self.global_inuse
+            + self.perf_capabilities
+            + self.unknown
+    }
+}
+
+/// Statistics of one vCPU's vPMU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VpmuStats {
+    /// Guest RDMSRs by register.
+    pub rdmsr: MsrAccessCounts,
+    /// Guest WRMSRs by register.
+    pub wrmsr: MsrAccessCounts,
+    /// Accesses answered with #GP.
+    pub faults: u64,
+    /// Host events opened (`perf_event_open` calls that succeeded).
+    pub opens: u64,
+    /// Host event opens that failed.
+    pub open_failures: u64,
+    /// Host events closed.
+    pub closes: u64,
+    /// Programming changes (a counter's generation moved on).
+    pub reprograms: u64,
+    /// Host event starts (enable ioctls).
+    pub starts: u64,
+    /// Host event stops (disable ioctls).
+    pub stops: u64,
+    /// Host reads of counter events.
+    pub reads: u64,
+    /// Host reads of the guest-time reference at entries and exits.
+    pub clock_reads: u64,
+    /// Sample period updates.
+    pub period_updates: u64,
+    /// Virtual counter overflows.
+    pub overflows: u64,
+    /// Calls of [`crate::Vpmu::handle_host_overflow`].
+    pub overflow_signals: u64,
+    /// PMIs handed to the VMM by [`crate::Vpmu::take_pending_pmi`].
+    pub pmis: u64,
+    /// Sample periods raised to the host minimum.
+    pub throttles: u64,
+    /// Host operations that failed after open (the counter became unbacked).
+    pub backend_errors: u64,
+    /// Context saves.
+    pub saves: u64,
+    /// Context restores.
+    pub restores: u64,
+    /// Restores that reprogrammed nothing (every counter equivalent).
+    pub restores_equivalent: u64,
+    /// Resets to the power-on state.
+    pub resets: u64,
+}

@@ -1,0 +1,292 @@
+//! Intel architectural performance monitoring, versions 1 to 4 (SDM vol. 3
+//! ch. 20).
+
+use super::{
+    index_in, low_bits, CounterWrite, Layout, NamedEvent, Register, ReservedWrites, VendorOps,
+};
+use crate::cpuid::{self, CpuidRegs, Leaf, LEAF1_ECX_PDCM, LEAF_ARCH_PERFMON};
+use crate::evtsel::*;
+use crate::model::{HostFacts, ModelError, MsrRange, PmuModel, Vendor};
+use crate::msr::*;
+
+pub(crate) struct Intel;
+
+const MAX_GP: u8 = 8;
+const MAX_FIXED: u8 = 3;
+const MAX_VERSION: u8 = 4;
+const WIDTHS: std::ops::RangeInclusive<u8> = 32..=48;
+/// Architectural events enumerated by CPUID.0AH:EBX (length in EAX[31:24]).
+const ARCH_EVENTS: u32 = 7;
+
+/// The architectural events (CPUID.0AH:EBX bit order), plus the
+/// pseudo-encoding 0x0300 that Linux and the SDM use for fixed counter 2.
+static NAMED: [NamedEvent; 8] = [
+    NamedEvent::new(0x3C, 0x00, "cycles", true, true),
+    NamedEvent::new(0xC0, 0x00, "instructions", true, false),
+    NamedEvent::new(0x3C, 0x01, "ref-cycles", false, true),
+    NamedEvent::new(0x2E, 0x4F, "llc-references", false, false),
+    NamedEvent::new(0x2E, 0x41, "llc-misses", false, false),
+    NamedEvent::new(0xC4, 0x00, "branches", false, false),
+    NamedEvent::new(0xC5, 0x00, "branch-misses", false, false),
+    NamedEvent::new(0x00, 0x03, "ref-cycles", false, true),
+];
+
+/// Fixed counters: instructions retired, core cycles, reference cycles.
+const FIXED_EVENTS: [EventCode; 3] = [
+    EventCode::new(0xC0, 0x00),
+    EventCode::new(0x3C, 0x00),
+    EventCode::new(0x00, 0x03),
+];
+
+/// Non-counter GLOBAL_STATUS flags each version defines (SDM 20.2.2-20.2.4):
+/// v2 OvfBuf(62) and CondChgd(63); v3 adds Ovf_Uncore(61); v4 adds
+/// Trace_ToPA_PMI(55), LBR_Frz(58), CTR_Frz(59) and ASCI(60).
+fn status_flags(version: u8) -> u64 {
+    const V2: u64 = (1 << 62) | (1 << 63);
+    const V3: u64 = V2 | (1 << 61);
+    const V4: u64 = V3 | (1 << 55) | (1 << 58) | (1 << 59) | (1 << 60);
+    match version {
+        0 | 1 => 0,
+        2 => V2,
+        3 => V3,
+        _ => V4,
+    }
+}
+
+impl VendorOps for Intel {
+    fn validate(&self, m: &PmuModel) -> Result<(), ModelError> {
+        if !(1..=MAX_VERSION).contains(&m.version) {
+            return Err(ModelError::Version {
+                vendor: Vendor::Intel,
+                version: m.version,
+                supported: "1 to 4; for no PMU give no model",
+            });
+        }
+        if !(1..=MAX_GP).contains(&m.gp_counters) {
+            return Err(ModelError::GpCounters {
+                vendor: Vendor::Intel,
+                count: m.gp_counters,
+                why: "1 to 8 are modelled",
+            });
+        }
+        if !WIDTHS.contains(&m.gp_width) {
+            return Err(ModelError::Width {
+                what: "Intel general-purpose counter",
+                width: m.gp_width,
+                supported: "32 to 48",
+            });
+        }
+        let fixed_error = |why| ModelError::FixedCounters {
+            vendor: Vendor::Intel,
+            version: m.version,
+            count: m.fixed_counters,
+            why,
+        };
+        if m.version == 1 && m.fixed_counters > 0 {
+            return Err(fixed_error("fixed counters need version 2"));
+        }
+        if m.fixed_counters > MAX_FIXED {
+            return Err(fixed_error("at most 3 are modelled"));
+        }
+        let width_ok = match m.fixed_counters {
+            0 => m.fixed_width == 0,
+            _ => WIDTHS.contains(&m.fixed_width),
+        };
+        if !width_ok {
+            return Err(ModelError::Width {
+                what: "Intel fixed counter",
+                width: m.fixed_width,
+                supported: "32 to 48, or 0 without fixed counters",
+            });
+        }
+        if m.intel_full_width_writes && !m.intel_pdcm {
+            return Err(ModelError::Feature {
+                feature: "Intel full-width writes",
+                why: "need PDCM (IA32_PERF_CAPABILITIES advertises them)",
+            });
+        }
+        if m.amd_perfctr_core {
+            return Err(ModelError::Feature {
+                feature: "PerfCtrExtCore",
+                why: "is an AMD feature",
+            });
+        }
+        if u32::from(m.intel_unavailable_events) >> ARCH_EVENTS != 0 {
+            return Err(ModelError::Feature {
+                feature: "the event availability mask",
+                why: "has bits beyond the 7 architectural events",
+            });
+        }
+        Ok(())
+    }
+
+    fn best_for_host(&self, host: &HostFacts) -> PmuModel {
+        let emulated = PmuModel::new(Vendor::Intel, MAX_VERSION, 4, 48)
+            .with_fixed_counters(MAX_FIXED)
+            .with_intel_full_width_writes(true, true);
+        let Some(leaf) = host
+            .cpuid
+            .map(|c| c.leaf_0xa)
+            .filter(|l| host.hardware_events && l.eax & 0xFF != 0)
+        else {
+            return emulated;
+        };
+        let version = ((leaf.eax & 0xFF) as u8).min(MAX_VERSION);
+        let mut model = PmuModel::new(
+            Vendor::Intel,
+            version,
+            ((leaf.eax >> 8) as u8).clamp(1, MAX_GP),
+            ((leaf.eax >> 16) as u8).clamp(*WIDTHS.start(), *WIDTHS.end()),
+        )
+        .with_intel_full_width_writes(host.intel_full_width_writes, host.intel_full_width_writes)
+        .with_intel_unavailable_events((leaf.ebx & low_bits(ARCH_EVENTS) as u32) as u8);
+        if version >= 2 && leaf.edx & 0x1F != 0 {
+            model = model.with_fixed_counters(((leaf.edx & 0x1F) as u8).min(MAX_FIXED));
+            model.fixed_width = ((leaf.edx >> 5) as u8).clamp(*WIDTHS.start(), *WIDTHS.end());
+        }
+        model
+    }
+
+    fn msr_ranges(&self, m: &PmuModel) -> Vec<MsrRange> {
+        let gp = m.gp_counters as u32;
+        let mut ranges = vec![
+            MsrRange {
+                base: INTEL_PMC0,
+                count: gp,
+            },
+            MsrRange {
+                base: INTEL_PERFEVTSEL0,
+                count: gp,
+            },
+        ];
+        if m.version >= 2 {
+            ranges.push(MsrRange {
+                base: INTEL_FIXED_CTR0,
+                count: m.fixed_counters as u32,
+            });
+            ranges.push(MsrRange {
+                base: INTEL_FIXED_CTR_CTRL,
+                count: INTEL_GLOBAL_OVF_CTRL - INTEL_FIXED_CTR_CTRL + 1,
+            });
+        }
+        if m.version >= 4 {
+            ranges.push(MsrRange {
+                base: INTEL_GLOBAL_STATUS_SET,
+                count: 2,
+            });
+        }
+        if m.intel_pdcm {
+            ranges.push(MsrRange {
+                base: INTEL_PERF_CAPABILITIES,
+                count: 1,
+            });
+        }
+        if m.intel_full_width_writes {
+            ranges.push(MsrRange {
+                base: INTEL_A_PMC0,
+                count: gp,
+            });
+        }
+        ranges
+    }
+
+    fn decode(&self, m: &PmuModel, msr: u32) -> Option<Register> {
+        let gp = m.gp_counters as usize;
+        if let Some(i) = index_in(msr, INTEL_PMC0, gp) {
+            return Some(Register::GpCounter(i, CounterWrite::SignExtend32));
+        }
+        if let Some(i) = index_in(msr, INTEL_PERFEVTSEL0, gp) {
+            return Some(Register::EventSelect(i));
+        }
+        if m.intel_full_width_writes {
+            if let Some(i) = index_in(msr, INTEL_A_PMC0, gp) {
+                return Some(Register::GpCounter(i, CounterWrite::FullWidth));
+            }
+        }
+        if m.intel_pdcm && msr == INTEL_PERF_CAPABILITIES {
+            return Some(Register::PerfCapabilities);
+        }
+        if m.version < 2 {
+            return None;
+        }
+        if let Some(i) = index_in(msr, INTEL_FIXED_CTR0, m.fixed_counters as usize) {
+            return Some(Register::FixedCounter(i));
+        }
+        match msr {
+            INTEL_FIXED_CTR_CTRL => Some(Register::FixedCtrl),
+            INTEL_GLOBAL_STATUS => Some(Register::GlobalStatus),
+            INTEL_GLOBAL_CTRL => Some(Register::GlobalCtrl),
+            INTEL_GLOBAL_OVF_CTRL => Some(Register::GlobalStatusReset),
+            INTEL_GLOBAL_STATUS_SET if m.version >= 4 => Some(Register::GlobalStatusSet),
+            INTEL_GLOBAL_INUSE if m.version >= 4 => Some(Register::GlobalInUse),
+            _ => None,
+        }
+    }
+
+    fn layout(&self, m: &PmuModel) -> Layout {
+        let any = if m.version >= 3 { ANY } else { 0 };
+        // Per fixed counter: OS(0), USR(1), AnyThread(2, v3+), PMI(3).
+        let field = 0b1011 | if m.version >= 3 { 0b0100 } else { 0 };
+        let fixed_ctrl_valid =
+            (0..m.fixed_counters as u32).fold(0, |acc, i| acc | (field << (4 * i)));
+        let gp = low_bits(m.gp_counters as u32);
+        let counters = gp | (low_bits(m.fixed_counters as u32) << 32);
+        let global = m.version >= 2;
+        Layout {
+            evtsel_valid: EVENT_LOW | UMASK | USR | OS | EDGE | PC | INT | any | EN | INV | CMASK,
+            fixed_ctrl_valid,
+            global_ctrl_valid: if global { counters } else { 0 },
+            // SDM: GLOBAL_CTRL resets with every general-purpose enable set.
+            global_ctrl_reset: if global { gp } else { 0 },
+            status_valid: if global {
+                counters | status_flags(m.version)
+            } else {
+                0
+            },
+            reserved_writes: ReservedWrites::Fault,
+            perf_capabilities: if m.intel_full_width_writes {
+                PERF_CAP_FULL_WIDTH_WRITE
+            } else {
+                0
+            },
+        }
+    }
+
+    fn counter_msr(&self, _m: &PmuModel, fixed: bool, index: usize) -> u32 {
+        let base = if fixed { INTEL_FIXED_CTR0 } else { INTEL_PMC0 };
+        base + index as u32
+    }
+
+    fn fixed_event(&self, index: usize) -> EventCode {
+        FIXED_EVENTS
+            .get(index)
+            .copied()
+            .unwrap_or(EventCode::new(0, 0))
+    }
+
+    fn named_events(&self) -> &'static [NamedEvent] {
+        &NAMED
+    }
+
+    fn advertise(&self, m: &PmuModel, leaf: u32, _subleaf: u32, regs: &mut CpuidRegs) {
+        match leaf {
+            0 => cpuid::raise_max_leaf(regs, LEAF_ARCH_PERFMON),
+            1 if m.intel_pdcm => regs.ecx |= LEAF1_ECX_PDCM,
+            LEAF_ARCH_PERFMON => {
+                regs.eax = m.version as u32
+                    | (m.gp_counters as u32) << 8
+                    | (m.gp_width as u32) << 16
+                    | ARCH_EVENTS << 24;
+                regs.ebx = m.intel_unavailable_events as u32;
+                if m.version >= 2 {
+                    regs.edx = m.fixed_counters as u32 | (m.fixed_width as u32) << 5;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn required_leaves(&self, _m: &PmuModel) -> &'static [Leaf] {
+        &[(0, 0), (1, 0), (LEAF_ARCH_PERFMON, 0)]
+    }
+}

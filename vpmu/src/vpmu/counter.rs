@@ -1,0 +1,106 @@
+//! One virtual counter's state.
+
+use std::borrow::Cow;
+
+use crate::snapshot::{Backing, CounterKind};
+
+/// How a counter is backed right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum BackingState<H> {
+    /// Nothing opened for the current programming yet.
+    Idle,
+    /// A hardware event.
+    Hardware(H),
+    /// A task-clock event (only for overflow notification; counts come
+    /// from the guest-time reference).
+    Clock(H),
+    /// Nothing counts.
+    Unbacked(Cow<'static, str>),
+    /// Denied by the event policy.
+    Denied,
+}
+
+impl<H: Copy> BackingState<H> {
+    pub(super) fn handle(&self) -> Option<H> {
+        match self {
+            Self::Hardware(h) | Self::Clock(h) => Some(*h),
+            _ => None,
+        }
+    }
+
+    pub(super) fn export(&self) -> Backing {
+        match self {
+            Self::Idle => Backing::Idle,
+            Self::Hardware(_) => Backing::HardwareRaw,
+            Self::Clock(_) => Backing::SoftwareClock,
+            Self::Unbacked(reason) => Backing::Unbacked {
+                reason: reason.clone(),
+            },
+            Self::Denied => Backing::Denied,
+        }
+    }
+}
+
+/// A host sample period and the host count it was set at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Armed {
+    pub at: u64,
+    pub period: u64,
+}
+
+/// One virtual counter.
+#[derive(Clone, Debug)]
+pub(super) struct Counter<H> {
+    pub kind: CounterKind,
+    pub index: usize,
+    pub mask: u64,
+    /// Its bit in GLOBAL_CTRL/GLOBAL_STATUS.
+    pub status_bit: u64,
+    /// Effective event select (synthesized for fixed counters).
+    pub select: u64,
+    pub generation: u64,
+    pub value: u64,
+    pub running: bool,
+    pub backing: BackingState<H>,
+    /// Hardware: host count at the last sync.
+    pub host_count: u64,
+    /// Clock: guest nanoseconds at the last sync, and the sub-cycle carry.
+    pub clock_ns: u64,
+    pub carry: u64,
+    pub armed: Option<Armed>,
+    /// The value changed while the host event was stopped: re-arm at start.
+    pub rearm: bool,
+    pub time_enabled: u64,
+    pub time_running: u64,
+    pub overflows: u64,
+    pub pmis: u64,
+}
+
+impl<H> Counter<H> {
+    pub(super) fn new(kind: CounterKind, index: usize, width: u8) -> Self {
+        let bit = match kind {
+            CounterKind::Gp => index,
+            CounterKind::Fixed => 32 + index,
+        };
+        Self {
+            kind,
+            index,
+            mask: crate::value::width_mask(width),
+            status_bit: 1 << bit,
+            select: 0,
+            generation: 0,
+            value: 0,
+            running: false,
+            backing: BackingState::Idle,
+            host_count: 0,
+            clock_ns: 0,
+            carry: 0,
+            armed: None,
+            rearm: false,
+            time_enabled: 0,
+            time_running: 0,
+            overflows: 0,
+            pmis: 0,
+        }
+    }
+}

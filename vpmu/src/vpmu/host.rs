@@ -1,0 +1,347 @@
+//! Host backing of virtual counters: open once per programming, then only
+//! start, stop, read and re-arm; guest time for clock-backed counters.
+
+use std::borrow::Cow;
+
+use super::counter::{Armed, BackingState};
+use super::Vpmu;
+use crate::backend::{Backend, BackendError, EventSpec};
+use crate::evtsel::{self, INT, OS, RAW_CONFIG_BITS, USR};
+use crate::value;
+use crate::vendor;
+
+impl<B: Backend> Vpmu<B> {
+    /// Call right before `KVM_RUN` (cheap: nothing unless a clock-backed
+    /// counter runs, then one host read).
+    pub fn on_guest_entry(&mut self) {
+        if !self.clock_running || self.guest_time.in_guest {
+            return;
+        }
+        let Some(reference) = self.guest_time.reference else {
+            return;
+        };
+        match self.backend.read(reference) {
+            Ok(reading) => {
+                self.stats.clock_reads += 1;
+                self.guest_time.entry_ns = reading.value;
+                self.guest_time.in_guest = true;
+            }
+            Err(_) => self.stats.backend_errors += 1,
+        }
+    }
+
+    /// Call right after `KVM_RUN` returns, whatever the reason (cheap:
+    /// nothing unless the matching entry did work, then one host read).
+    pub fn on_guest_exit(&mut self) {
+        if !self.guest_time.in_guest {
+            return;
+        }
+        self.guest_time.accumulated_ns = self.guest_ns();
+        self.guest_time.in_guest = false;
+    }
+
+    /// Call when an overflow signal interrupted `KVM_RUN` (or to poll):
+    /// brings every running counter up to date, sets the status bits of
+    /// those that overflowed, and re-arms host events whose period elapsed
+    /// (a clock signal can come early: the host clock also counts VMM time).
+    /// Then check [`Vpmu::take_pending_pmi`].
+    pub fn handle_host_overflow(&mut self) {
+        self.stats.overflow_signals += 1;
+        for i in 0..self.counters.len() {
+            if !self.counters[i].running {
+                continue;
+            }
+            self.sync(i);
+            let counter = &self.counters[i];
+            let elapsed = match (&counter.backing, counter.armed) {
+                (BackingState::Hardware(_), Some(armed)) => {
+                    counter.host_count.wrapping_sub(armed.at) >= armed.period
+                }
+                (BackingState::Clock(_), _) => true,
+                _ => false,
+            };
+            if elapsed {
+                self.arm(i);
+            }
+        }
+        self.refresh_hooks();
+    }
+
+    /// Guest nanoseconds so far (up to now when inside the guest).
+    pub(super) fn guest_ns(&mut self) -> u64 {
+        let time = self.guest_time;
+        let (true, Some(reference)) = (time.in_guest, time.reference) else {
+            return time.accumulated_ns;
+        };
+        match self.backend.read(reference) {
+            Ok(reading) => {
+                self.stats.clock_reads += 1;
+                time.accumulated_ns + reading.value.saturating_sub(time.entry_ns)
+            }
+            Err(_) => {
+                self.stats.backend_errors += 1;
+                time.accumulated_ns
+            }
+        }
+    }
+
+    /// Starts counter `i`, opening its backing if this programming has none.
+    pub(super) fn start(&mut self, i: usize) {
+        if self.counters[i].backing == BackingState::Idle {
+            self.open_backing(i);
+        }
+        let backing = self.counters[i].backing.clone();
+        if let BackingState::Clock(_) = backing {
+            if let Err(error) = self.ensure_reference() {
+                return self.fail(i, error);
+            }
+            self.counters[i].clock_ns = self.guest_ns();
+        }
+        self.counters[i].running = true;
+        if let Some(handle) = backing.handle() {
+            match self.backend.start(handle) {
+                Ok(()) => self.stats.starts += 1,
+                Err(error) => return self.fail(i, error),
+            }
+            if self.counters[i].rearm {
+                self.arm(i);
+            }
+        }
+    }
+
+    /// Stops counter `i`, keeping its backing open.
+    pub(super) fn stop(&mut self, i: usize) {
+        if !self.counters[i].running {
+            return;
+        }
+        self.sync(i);
+        self.counters[i].running = false;
+        if let Some(handle) = self.counters[i].backing.handle() {
+            match self.backend.stop(handle) {
+                Ok(()) => self.stats.stops += 1,
+                Err(error) => self.fail(i, error),
+            }
+        }
+    }
+
+    /// Closes counter `i`'s backing (its programming is gone).
+    pub(super) fn release(&mut self, i: usize) {
+        let counter = &mut self.counters[i];
+        if let Some(handle) = counter.backing.handle() {
+            self.backend.close(handle);
+            self.stats.closes += 1;
+        }
+        counter.backing = BackingState::Idle;
+        counter.armed = None;
+        counter.rearm = false;
+        counter.host_count = 0;
+    }
+
+    /// A host operation failed after open: the counter counts nothing from
+    /// now on, and says why, until its programming changes.
+    fn fail(&mut self, i: usize, error: BackendError) {
+        self.stats.backend_errors += 1;
+        self.release(i);
+        self.counters[i].backing = BackingState::Unbacked(Cow::Owned(error.to_string()));
+    }
+
+    /// Chooses and opens counter `i`'s backing: policy first, then a
+    /// hardware event, then (clock events on hosts without hardware
+    /// events) the host task-clock.
+    fn open_backing(&mut self, i: usize) {
+        let select = self.counters[i].select;
+        if !self
+            .policy
+            .allows(self.model.vendor, evtsel::event_code(select))
+        {
+            self.counters[i].backing = BackingState::Denied;
+            return;
+        }
+        if self.no_hardware.is_none() {
+            let period = self.period(i, true);
+            let spec = EventSpec::hardware(
+                select & RAW_CONFIG_BITS,
+                select & USR != 0,
+                select & OS != 0,
+                period,
+            );
+            match self.open(&spec) {
+                Ok(handle) => return self.opened(i, BackingState::Hardware(handle), period),
+                Err(error) if error.means_no_hardware() => {
+                    self.no_hardware = Some(format!("no hardware events on the host: {error}"));
+                }
+                Err(error) => {
+                    return self.counters[i].backing =
+                        BackingState::Unbacked(Cow::Owned(error.to_string()))
+                }
+            }
+        }
+        if !vendor::is_clock_event(self.model.vendor, select) {
+            let reason = self.no_hardware.clone().unwrap_or_default();
+            self.counters[i].backing = BackingState::Unbacked(Cow::Owned(reason));
+            return;
+        }
+        let period = self.period(i, false);
+        match self.open(&EventSpec::clock(Some(period))) {
+            Ok(handle) => self.opened(i, BackingState::Clock(handle), period),
+            Err(error) => {
+                self.counters[i].backing =
+                    BackingState::Unbacked(Cow::Owned(format!("host task-clock: {error}")));
+            }
+        }
+    }
+
+    fn open(&mut self, spec: &EventSpec) -> Result<B::Handle, BackendError> {
+        let result = self.backend.open(spec);
+        match result {
+            Ok(_) => self.stats.opens += 1,
+            Err(_) => self.stats.open_failures += 1,
+        }
+        result
+    }
+
+    fn opened(&mut self, i: usize, backing: BackingState<B::Handle>, period: u64) {
+        let counter = &mut self.counters[i];
+        counter.backing = backing;
+        counter.host_count = 0;
+        counter.armed = Some(Armed { at: 0, period });
+        counter.rearm = false;
+    }
+
+    /// Opens the per-vCPU guest-time reference on first use.
+    fn ensure_reference(&mut self) -> Result<(), BackendError> {
+        if self.guest_time.reference.is_some() {
+            return Ok(());
+        }
+        let handle = self.open(&EventSpec::clock(None))?;
+        if let Err(error) = self.backend.start(handle) {
+            self.backend.close(handle);
+            return Err(error);
+        }
+        self.guest_time.reference = Some(handle);
+        Ok(())
+    }
+
+    /// The host sample period for counter `i`'s distance to overflow, in
+    /// events (`hardware`) or ns, raised to the host minimum.
+    fn period(&mut self, i: usize, hardware: bool) -> u64 {
+        let counter = &self.counters[i];
+        let distance = value::distance_to_overflow(counter.value, counter.mask);
+        let (period, min) = match hardware {
+            true => (distance, self.limits.min_hardware_period),
+            false => (
+                self.clock.cycles_to_ns(distance),
+                self.limits.min_clock_period_ns,
+            ),
+        };
+        if period < min {
+            self.stats.throttles += 1;
+            return min;
+        }
+        period
+    }
+
+    /// Re-arms counter `i`'s host event at its current distance to overflow.
+    fn arm(&mut self, i: usize) {
+        let Some(handle) = self.counters[i].backing.handle() else {
+            return;
+        };
+        let hardware = matches!(self.counters[i].backing, BackingState::Hardware(_));
+        let period = self.period(i, hardware);
+        match self.backend.set_period(handle, period) {
+            Ok(()) => {
+                self.stats.period_updates += 1;
+                let counter = &mut self.counters[i];
+                counter.armed = Some(Armed {
+                    at: counter.host_count,
+                    period,
+                });
+                counter.rearm = false;
+            }
+            Err(error) => self.fail(i, error),
+        }
+    }
+
+    /// Sets counter `i` (already synced) to `value`; re-arms now if it
+    /// runs on a host event, else when it starts.
+    pub(super) fn set_value(&mut self, i: usize, value: u64) {
+        self.counters[i].value = value;
+        self.counters[i].rearm = true;
+        if self.counters[i].running {
+            self.arm(i);
+        }
+    }
+
+    /// Brings every running counter up to date.
+    pub(super) fn sync_running(&mut self) {
+        for i in 0..self.counters.len() {
+            self.sync(i);
+        }
+    }
+
+    /// Adds what counter `i`'s backing counted since the last sync.
+    pub(super) fn sync(&mut self, i: usize) {
+        if !self.counters[i].running {
+            return;
+        }
+        let delta = match self.counters[i].backing {
+            BackingState::Hardware(handle) => match self.backend.read(handle) {
+                Ok(reading) => {
+                    self.stats.reads += 1;
+                    let counter = &mut self.counters[i];
+                    let delta = reading.value.wrapping_sub(counter.host_count);
+                    counter.host_count = reading.value;
+                    counter.time_enabled = reading.time_enabled;
+                    counter.time_running = reading.time_running;
+                    delta
+                }
+                Err(error) => return self.fail(i, error),
+            },
+            BackingState::Clock(_) => {
+                let now = self.guest_ns();
+                let counter = &mut self.counters[i];
+                let ns = now.saturating_sub(counter.clock_ns);
+                counter.clock_ns = now;
+                self.clock.ns_to_cycles(ns, &mut counter.carry)
+            }
+            _ => return,
+        };
+        self.advance(i, delta);
+    }
+
+    /// Counts `delta` events on counter `i`, wrapping like hardware: each
+    /// wrap is an overflow, sets the status bit and, with INT, a PMI.
+    fn advance(&mut self, i: usize, delta: u64) {
+        let counter = &mut self.counters[i];
+        let (new, overflows) = value::advance(counter.value, delta, counter.mask);
+        counter.value = new;
+        if overflows == 0 {
+            return;
+        }
+        counter.overflows += overflows;
+        self.stats.overflows += overflows;
+        self.global_status |= counter.status_bit & self.layout.global_ctrl_valid;
+        if counter.select & INT != 0 {
+            counter.pmis += 1;
+            self.pending_pmi = true;
+        }
+    }
+
+    /// Refreshes the host times of clock-backed counters (hardware ones
+    /// get them from every sync).
+    pub(super) fn refresh_clock_times(&mut self) {
+        for i in 0..self.counters.len() {
+            let BackingState::Clock(handle) = self.counters[i].backing else {
+                continue;
+            };
+            match self.backend.read(handle) {
+                Ok(reading) => {
+                    self.stats.reads += 1;
+                    self.counters[i].time_enabled = reading.time_enabled;
+                    self.counters[i].time_running = reading.time_running;
+                }
+                Err(error) => self.fail(i, error),
+            }
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The generic core: one vCPU's virtual PMU.
+
+mod counter;
+mod host;
+mod registers;
+mod state;
+
+use thiserror::Error;
+
+use crate::backend::Backend;
+use crate::clock::GuestClock;
+use crate::evtsel::{self, ANY, EN, INT, OS, USR};
+use crate::model::{ModelError, PmuModel};
+use crate::policy::EventPolicy;
+use crate::snapshot::CounterKind;
+use crate::stats::VpmuStats;
+use crate::vendor::{self, Layout, VendorOps};
+
+use counter::Counter;
+
+/// A guest MSR access that real hardware answers with #GP. The VMM sets
+/// the exit's error flag; the reason is for logs only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+pub enum Fault {
+    /// The MSR is not a register of this model.
+    #[error("#GP: MSR {0:#x} is not a register of this PMU model")]
+    NotInModel(u32),
+    /// The write sets reserved bits.
+    #[error("#GP: writing {value:#x} to MSR {msr:#x} sets reserved bits {reserved:#x}")]
+    ReservedBits {
+        /// MSR.
+        msr: u32,
+        /// Written value.
+        value: u64,
+        /// The reserved bits it sets.
+        reserved: u64,
+    },
+    /// The MSR is read-only.
+    #[error("#GP: MSR {0:#x} is read-only")]
+    ReadOnly(u32),
+}
+
+/// Lower bounds on host sample periods, so that a guest programming a tiny
+/// period cannot flood its vCPU thread with signals (like perf's
+/// `perf_event_max_sample_rate`). Each clamp counts in
+/// [`VpmuStats::throttles`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Smallest period of a hardware event, in events.
+    pub min_hardware_period: u64,
+    /// Smallest period of a clock event, in ns.
+    pub min_clock_period_ns: u64,
+}
+
+impl Default for Limits {
+    /// 100 000 events (about 30 us at 3 GHz) and 50 us: at most about
+    /// 20 000-30 000 overflow signals per second and counter.
+    fn default() -> Self {
+        Self {
+            min_hardware_period: 100_000,
+            min_clock_period_ns: 50_000,
+        }
+    }
+}
+
+/// Guest time measured by the entry/exit hooks, from one task-clock event
+/// per vCPU: clock-backed counters advance by it.
+#[derive(Clone, Copy, Debug)]
+struct GuestTime<H> {
+    reference: Option<H>,
+    /// Guest nanoseconds up to the last exit.
+    accumulated_ns: u64,
+    /// Reference count at the last entry.
+    entry_ns: u64,
+    in_guest: bool,
+}
+
+/// One vCPU's virtual PMU.
+///
+/// See the crate documentation for what the VMM calls when.
+pub struct Vpmu<B: Backend> {
+    model: PmuModel,
+    ops: &'static dyn VendorOps,
+    layout: Layout,
+    policy: EventPolicy,
+    backend: B,
+    clock: GuestClock,
+    limits: Limits,
+    event_selects: Vec<u64>,
+    fixed_ctrl: u64,
+    global_ctrl: u64,
+    global_status: u64,
+    counters: Vec<Counter<B::Handle>>,
+    guest_time: GuestTime<B::Handle>,
+    /// Some clock-backed counter runs: the entry/exit hooks have work.
+    clock_running: bool,
+    pending_pmi: bool,
+    /// Why hardware events cannot be opened, once the host said so.
+    no_hardware: Option<String>,
+    stats: VpmuStats,
+}
+
+impl<B: Backend> Vpmu<B> {
+    /// A vPMU in its power-on state. Fails when the model is invalid.
+    pub fn new(
+        model: PmuModel,
+        policy: EventPolicy,
+        backend: B,
+        clock: GuestClock,
+    ) -> Result<Self, ModelError> {
+        model.validate()?;
+        let ops = vendor::ops(model.vendor);
+        let layout = ops.layout(&model);
+        let gp = (0..model.gp_counters as usize)
+            .map(|i| Counter::new(CounterKind::Gp, i, model.gp_width));
+        let fixed = (0..model.fixed_counters as usize)
+            .map(|i| Counter::new(CounterKind::Fixed, i, model.fixed_width));
+        let counters = gp.chain(fixed).collect();
+        let mut vpmu = Self {
+            event_selects: vec![0; model.gp_counters as usize],
+            model,
+            ops,
+            layout,
+            policy,
+            backend,
+            clock: GuestClock::new(clock.tsc_khz),
+            limits: Limits::default(),
+            fixed_ctrl: 0,
+            global_ctrl: layout.global_ctrl_reset,
+            global_status: 0,
+            counters,
+            guest_time: GuestTime {
+                reference: None,
+                accumulated_ns: 0,
+                entry_ns: 0,
+                in_guest: false,
+            },
+            clock_running: false,
+            pending_pmi: false,
+            no_hardware: None,
+            stats: VpmuStats::default(),
+        };
+        for i in 0..vpmu.counters.len() {
+            vpmu.counters[i].select = vpmu.effective_select(i);
+        }
+        Ok(vpmu)
+    }
+
+    /// Replaces the sample period limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The model.
+    pub fn model(&self) -> &PmuModel {
+        &self.model
+    }
+
+    /// The event policy.
+    pub fn policy(&self) -> &EventPolicy {
+        &self.policy
+    }
+
+    /// Statistics so far.
+    pub fn stats(&self) -> &VpmuStats {
+        &self.stats
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend, mutably (tests script a fake through it).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// Generation of counter `counter` (general-purpose first, then fixed).
+    pub fn generation(&self, counter: usize) -> Option<u64> {
+        self.counters.get(counter).map(|c| c.generation)
+    }
+
+    /// True while a counter backed by the host clock runs: only then do
+    /// [`Vpmu::on_guest_entry`] and [`Vpmu::on_guest_exit`] have work.
+    pub fn exit_hooks_needed(&self) -> bool {
+        self.clock_running || self.guest_time.in_guest
+    }
+
+    /// Returns (and clears) whether the VMM must deliver a PMI through the
+    /// guest's LVTPC.
+    pub fn take_pending_pmi(&mut self) -> bool {
+        let pending = std::mem::take(&mut self.pending_pmi);
+        self.stats.pmis += pending as u64;
+        pending
+    }
+
+    /// Current value of every counter with its canonical MSR, general-purpose
+    /// first: what the VMM mirrors into KVM so that guest RDPMC agrees.
+    pub fn counter_values(&mut self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.sync_running();
+        let (ops, model) = (self.ops, &self.model);
+        self.counters.iter().map(move |c| {
+            (
+                ops.counter_msr(model, c.kind == CounterKind::Fixed, c.index),
+                c.value,
+            )
+        })
+    }
+
+    /// The event select counter `i` acts on: the guest's for a
+    /// general-purpose counter, synthesized from its `FIXED_CTR_CTRL` field
+    /// for a fixed counter.
+    fn effective_select(&self, i: usize) -> u64 {
+        let counter = &self.counters[i];
+        if counter.kind == CounterKind::Gp {
+            return self.event_selects[counter.index];
+        }
+        let field = self.fixed_field(counter.index);
+        let flags = [
+            (0b0001, OS),
+            (0b0010, USR),
+            (0b0100, ANY),
+            (0b1000, INT),
+            (0b0011, EN),
+        ];
+        flags.iter().filter(|(bits, _)| field & bits != 0).fold(
+            self.ops.fixed_event(counter.index).to_select(),
+            |sel, (_, flag)| sel | flag,
+        )
+    }
+
+    fn fixed_field(&self, index: usize) -> u64 {
+        (self.fixed_ctrl >> (4 * index)) & 0xF
+    }
+
+    /// Architecturally counting: enabled, some privilege level selected,
+    /// and (with global registers) globally enabled.
+    fn should_run(&self, i: usize, select: u64) -> bool {
+        let counter = &self.counters[i];
+        let global =
+            !self.model.has_global_registers() || self.global_ctrl & counter.status_bit != 0;
+        select & evtsel::EN != 0 && select & (USR | OS) != 0 && global
+    }
+
+    /// Brings counter `i` in line with the registers: a new programming
+    /// releases the old backing and moves the generation on; enable
+    /// changes only start or stop it.
+    fn reconcile(&mut self, i: usize) {
+        let select = self.effective_select(i);
+        if (select ^ self.counters[i].select) & evtsel::PROGRAMMING_BITS != 0 {
+            self.stop(i);
+            self.release(i);
+            self.counters[i].generation += 1;
+            self.stats.reprograms += 1;
+        }
+        self.counters[i].select = select;
+        match (self.should_run(i, select), self.counters[i].running) {
+            (true, false) => self.start(i),
+            (false, true) => self.stop(i),
+            _ => {}
+        }
+    }
+
+    /// Recomputes whether the entry/exit hooks have work.
+    fn refresh_hooks(&mut self) {
+        self.clock_running = self
+            .counters
+            .iter()
+            .any(|c| c.running && matches!(c.backing, counter::BackingState::Clock(_)));
+    }
+}

@@ -1,0 +1,55 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use vpmu::backend::fake::FakeBackend;
+use vpmu::{EventPolicy, GuestClock, PmuModel, Vendor, Vpmu};
+
+/// 3 GHz guest TSC.
+pub const TSC_KHZ: u32 = 3_000_000;
+pub const M48: u64 = (1 << 48) - 1;
+
+pub fn amd_legacy() -> PmuModel {
+    PmuModel::new(Vendor::Amd, 1, 4, 48)
+}
+
+pub fn amd_core() -> PmuModel {
+    amd_legacy().with_amd_perfctr_core(true).with_gp_counters(6)
+}
+
+pub fn amd_v2(counters: u8) -> PmuModel {
+    amd_core().with_version(2).with_gp_counters(counters)
+}
+
+pub fn intel(version: u8) -> PmuModel {
+    let model = PmuModel::new(Vendor::Intel, version, 4, 48);
+    match version {
+        1 => model,
+        _ => model.with_fixed_counters(3).with_intel_full_width_writes(true, true),
+    }
+}
+
+/// A vPMU on a fake host with (`hardware`) or without a hardware PMU.
+pub fn vpmu(model: PmuModel, hardware: bool) -> Vpmu<FakeBackend> {
+    vpmu_with(model, hardware, EventPolicy::allow_all())
+}
+
+pub fn vpmu_with(model: PmuModel, hardware: bool, policy: EventPolicy) -> Vpmu<FakeBackend> {
+    Vpmu::new(model, policy, FakeBackend::new(hardware), GuestClock::new(TSC_KHZ)).expect("valid model")
+}
+
+/// Lets every running hardware event count `events`.
+pub fn count_hw(vpmu: &mut Vpmu<FakeBackend>, events: u64) {
+    vpmu.backend_mut().advance(true, events);
+}
+
+/// Runs the guest for `ns` of host task-clock time, through the hooks.
+pub fn run_guest(vpmu: &mut Vpmu<FakeBackend>, ns: u64) {
+    vpmu.on_guest_entry();
+    vpmu.backend_mut().advance(false, ns);
+    vpmu.on_guest_exit();
+}
+
+/// Spends `ns` of host task-clock time in the VMM (between exit and entry).
+pub fn run_vmm(vpmu: &mut Vpmu<FakeBackend>, ns: u64) {
+    vpmu.backend_mut().advance(false, ns);
+}

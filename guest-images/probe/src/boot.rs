@@ -2,7 +2,10 @@
 //! what the VMM gave it (command line, vCPUs, memory, TSC), the release of
 //! the APs, and the final reset.
 
+use core::sync::atomic::Ordering;
+
 use crate::cmdline::{self, Config, Quoted, Token, WarningKind};
+use crate::serial::{Hex, Line, Put};
 use crate::cpu::{self, outb};
 use crate::mptable::{self, IdList};
 use crate::{apic, out, percpu, serial, smp, tests, time, trap, MAX_CPUS, PROBE_VERSION};
@@ -96,14 +99,21 @@ fn bsp_main(bp: u64) -> ! {
     apic::init();
 
     out!(
-        "banner version={} name=probe cpu=0 apic={} apic_id={} max_cpus={}",
+        "banner version=",
         PROBE_VERSION,
+        " name=probe cpu=0 apic=",
         if apic::is_x2apic() { "x2apic" } else { "xapic" },
+        " apic_id=",
         apic::id(),
-        MAX_CPUS
+        " max_cpus=",
+        MAX_CPUS,
+        " cr0=",
+        Hex(cpu::cr0()),
+        " cr4=",
+        Hex(cpu::cr4())
     );
     let raw = cmdline_bytes(bp);
-    out!("cmdline=\"{}\"", Quoted(raw));
+    out!("cmdline=\"", Quoted(raw), "\"");
     let cfg = cmdline::parse(raw);
     for w in cfg.warnings.iter().flatten() {
         let kind = match w.kind {
@@ -112,18 +122,22 @@ fn bsp_main(bp: u64) -> ! {
             WarningKind::UnknownTest => "unknown_test",
             WarningKind::TooManyTests => "too_many_tests",
         };
-        out!("warning {}={}", kind, Token(w.token));
+        out!("warning ", kind, "=", Token(w.token));
     }
 
     let vcpus = match mptable::find() {
         Some(mp) => {
             out!(
-                "vcpus={} source=mptable apic_ids={} bsp={} disabled={} fps={:#x}",
+                "vcpus=",
                 mp.cpus,
+                " source=mptable apic_ids=",
                 IdList(mp.apic_ids),
-                mp.bsp.map_or(-1, |b| b as i64),
+                " bsp=",
+                mp.bsp,
+                " disabled=",
                 mp.disabled,
-                mp.fps
+                " fps=",
+                Hex(mp.fps)
             );
             mp.cpus.max(1)
         }
@@ -133,14 +147,16 @@ fn bsp_main(bp: u64) -> ! {
         }
     };
     let (e820_n, ram_kib) = e820(bp);
-    out!("memory e820_entries={} ram_mib={}", e820_n, ram_kib / 1024);
+    out!("memory e820_entries=", e820_n, " ram_mib=", ram_kib / 1024);
 
     let (khz, src) = time::init(cfg.tsc_khz);
     let timer_khz = apic::calibrate_timer();
     out!(
-        "tsc_khz={} source={} apic_timer_khz={}",
+        "tsc_khz=",
         khz,
+        " source=",
         src.name(),
+        " apic_timer_khz=",
         timer_khz
     );
 
@@ -148,30 +164,36 @@ fn bsp_main(bp: u64) -> ! {
     let online = smp::bsp_wait_online(expected_aps, 2000);
     if online < expected_aps {
         out!(
-            "warning aps_online={} aps_expected={} online={}",
+            "warning aps_online=",
             online,
+            " aps_expected=",
             expected_aps,
+            " online=",
             IdList(smp::online_mask())
         );
     }
     out!(
-        "cpus_online={} ids={} tests={} test_cpus={}",
+        "cpus_online=",
         online + 1,
+        " ids=",
         IdList(smp::online_mask() | 1),
+        " tests=",
         TestList(&cfg),
+        " test_cpus=",
         CpuSel(&cfg)
     );
     smp::bsp_go(&cfg);
 
     let ran = run_tests(&cfg, 0);
-    out!("done cpu=0 tests={}", ran);
+    done_line(0, ran);
 
     let online = smp::bsp_wait_online(expected_aps, 0);
     let done = smp::bsp_wait_done(online, cfg.timeout_ms);
     if done < online {
         out!(
-            "warning timeout waiting_for_aps={} done={}",
+            "warning timeout waiting_for_aps=",
             IdList(smp::online_mask() & !smp::done_mask()),
+            " done=",
             IdList(smp::done_mask())
         );
     }
@@ -185,7 +207,7 @@ fn ap_main(cpu: u32) -> ! {
     smp::ap_online(cpu);
     let cfg = smp::ap_wait_go();
     let ran = run_tests(&cfg, cpu);
-    out!("done cpu={} tests={}", cpu, ran);
+    done_line(cpu, ran);
     smp::ap_done(cpu);
     cpu::park()
 }
@@ -197,32 +219,52 @@ fn run_tests(cfg: &Config, cpu: u32) -> usize {
     tests::run_all(cfg, cpu)
 }
 
+/// `probe: done cpu=N tests=K ...` with this vCPU's trap counters.
+fn done_line(cpu: u32, ran: usize) {
+    let pc = percpu::this_cpu();
+    out!(
+        "done cpu=",
+        cpu,
+        " tests=",
+        ran,
+        " gp_fixups=",
+        pc.gp_fixups.load(Ordering::Relaxed),
+        " nmis=",
+        pc.nmis.load(Ordering::Relaxed),
+        " unexpected_nmis=",
+        pc.nmis_unexpected.load(Ordering::Relaxed),
+        " timer_irqs=",
+        pc.timer_irqs.load(Ordering::Relaxed),
+        " other_irqs=",
+        pc.other_irqs.load(Ordering::Relaxed)
+    );
+}
+
 struct TestList<'a>(&'a Config);
 
-impl core::fmt::Display for TestList<'_> {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+impl Put for TestList<'_> {
+    fn put(&self, l: &mut Line) {
         let t = self.0.tests();
         if t.is_empty() {
-            return f.write_str("none");
+            l.bytes(b"none");
         }
         for (i, t) in t.iter().enumerate() {
             if i > 0 {
-                f.write_str(",")?;
+                l.byte(b',');
             }
-            f.write_str(t.name())?;
+            l.put(t.name());
         }
-        Ok(())
     }
 }
 
 struct CpuSel<'a>(&'a Config);
 
-impl core::fmt::Display for CpuSel<'_> {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+impl Put for CpuSel<'_> {
+    fn put(&self, l: &mut Line) {
         if self.0.cpus_all {
-            f.write_str("all")
+            l.bytes(b"all");
         } else {
-            write!(f, "{}", IdList(self.0.cpus))
+            l.put(&IdList(self.0.cpus));
         }
     }
 }

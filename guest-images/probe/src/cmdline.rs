@@ -10,8 +10,7 @@
 //! Unknown `probe.*` keys and malformed values produce `probe: warning ...`
 //! lines and are otherwise ignored.
 
-use core::fmt;
-
+use crate::serial::{Hex2, Line, Put};
 use crate::MAX_CPUS;
 
 /// The tests the probe knows, in the order `probe.tests=all` runs them.
@@ -267,36 +266,39 @@ fn parse_cpus(c: &mut Config, val: &[u8]) -> bool {
     }
 }
 
-/// Formats bytes from the command line for a `key="..."` value: printable
-/// ASCII as is, `"` and `\` escaped, everything else as `\xNN`.
+/// Command-line bytes for a `key="..."` value: printable ASCII as is, `"`
+/// and `\` escaped, everything else as `\xNN`.
 pub struct Quoted<'a>(pub &'a [u8]);
 
-impl fmt::Display for Quoted<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Put for Quoted<'_> {
+    fn put(&self, l: &mut Line) {
         for &b in self.0 {
             match b {
-                b'"' => f.write_str("\\\"")?,
-                b'\\' => f.write_str("\\\\")?,
-                0x20..=0x7e => f.write_fmt(format_args!("{}", b as char))?,
-                _ => f.write_fmt(format_args!("\\x{:02x}", b))?,
+                b'"' => l.bytes(b"\\\""),
+                b'\\' => l.bytes(b"\\\\"),
+                0x20..=0x7e => l.byte(b),
+                _ => {
+                    l.bytes(b"\\x");
+                    l.put(&Hex2(b));
+                }
             }
         }
-        Ok(())
     }
 }
 
-/// Formats bytes that are expected to be plain tokens (no quotes needed).
+/// Bytes that are expected to be a plain token (no quotes needed):
+/// non-graphic bytes as `\xNN`.
 pub struct Token<'a>(pub &'a [u8]);
 
-impl fmt::Display for Token<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Put for Token<'_> {
+    fn put(&self, l: &mut Line) {
         for &b in self.0 {
             if b.is_ascii_graphic() {
-                f.write_fmt(format_args!("{}", b as char))?;
+                l.byte(b);
             } else {
-                f.write_fmt(format_args!("\\x{:02x}", b))?;
+                l.bytes(b"\\x");
+                l.put(&Hex2(b));
             }
         }
-        Ok(())
     }
 }

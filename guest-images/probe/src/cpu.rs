@@ -193,6 +193,22 @@ pub fn park() -> ! {
     }
 }
 
+/// Reads CR0.
+pub fn cr0() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR0 has no side effects.
+    unsafe { asm!("mov {}, cr0", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Reads CR4.
+pub fn cr4() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR4 has no side effects.
+    unsafe { asm!("mov {}, cr4", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
 /// Reads CR2 (page-fault linear address).
 pub fn cr2() -> u64 {
     let v: u64;
@@ -201,14 +217,23 @@ pub fn cr2() -> u64 {
     v
 }
 
-/// Resets the machine through the i8042 (the VMM exits 0 on it); falls back
-/// to a triple fault if the reset does not happen.
+/// Resets the machine through the i8042 (the VMM exits 0 on it). The VMM
+/// may act on the reset asynchronously, so the vCPU then waits (interrupts
+/// off) for up to ~10 s before falling back to a triple fault.
 pub fn reset() -> ! {
     outb(0x64, 0xfe);
+    let khz = crate::time::tsc_khz();
+    let limit = if khz == 0 { 30_000_000_000 } else { khz * 10_000 };
+    let t0 = rdtsc();
+    while rdtsc().wrapping_sub(t0) < limit {
+        pause();
+    }
     triple_fault()
 }
 
 /// Forces a triple fault (shutdown): the VMM reports it and exits non-zero.
+/// With an empty IDT, the #GP of reading a non-existent MSR cannot be
+/// delivered, nor can the resulting #DF.
 pub fn triple_fault() -> ! {
     #[repr(C, packed)]
     struct Idtr {
@@ -218,7 +243,8 @@ pub fn triple_fault() -> ! {
     let idtr = Idtr { limit: 0, base: 0 };
     // SAFETY: deliberately destroys the IDT and faults; never returns.
     unsafe {
-        asm!("lidt [{}]", "int3", in(reg) &idtr, options(nostack));
+        asm!("lidt [{}]", "rdmsr", in(reg) &idtr, in("ecx") 0xffff_ffffu32,
+             out("eax") _, out("edx") _, options(nostack));
     }
     park()
 }

@@ -65,6 +65,17 @@ global_asm!(
     "    cli",
     "    cld",
     "    mov r12, rsi",
+    // SSE must work before any Rust code runs (core uses it): CR0.EM off,
+    // MP on, TS off; CR4.OSFXSR | OSXMMEXCPT on. The VMM should have done
+    // this already; doing it again is harmless.
+    "    mov rax, cr0",
+    "    and rax, -5",
+    "    or rax, 2",
+    "    mov cr0, rax",
+    "    clts",
+    "    mov rax, cr4",
+    "    or rax, 0x600",
+    "    mov cr4, rax",
     "    mov ecx, 0x1b",
     "    rdmsr",
     "    test eax, 0x400",
@@ -120,19 +131,16 @@ global_asm!(
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
-    let cpu = percpu::try_this_cpu_id();
-    serial::emergency_line(format_args!(
-        "panic cpu={} msg=\"{}\"",
-        cpu,
-        info.message()
-    ));
+    let mut l = serial::Line::new();
+    l.put("panic cpu=").put(&percpu::try_this_cpu_id());
     if let Some(loc) = info.location() {
-        serial::emergency_line(format_args!(
-            "panic cpu={} at={}:{}",
-            cpu,
-            loc.file(),
-            loc.line()
-        ));
+        l.put(" at=").put(loc.file()).put(":").put(&loc.line());
     }
+    // Only static messages are printed: formatting arguments would need
+    // core::fmt, which uses SSE (see serial.rs).
+    l.put(" msg=\"")
+        .put(info.message().as_str().unwrap_or("(formatted message)"))
+        .put("\"");
+    l.emergency();
     cpu::triple_fault()
 }

@@ -3,6 +3,8 @@
 //! KiB or the BIOS area 0xF0000..0x100000) and counts the enabled processor
 //! entries of its configuration table (`PCMP`).
 
+use crate::serial::{Line, Put};
+
 fn read_u8(addr: u64) -> u8 {
     // SAFETY: low physical memory is identity-mapped guest RAM/ROM.
     unsafe { core::ptr::read_volatile(addr as *const u8) }
@@ -108,24 +110,23 @@ pub fn find() -> Option<MpInfo> {
     Some(info)
 }
 
-/// `0,1,2` style list of the set bits of `mask`.
+/// `0,1,2` style list of the set bits of a mask (`none` if empty).
 pub struct IdList(pub u64);
 
-impl core::fmt::Display for IdList {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+impl Put for IdList {
+    fn put(&self, l: &mut Line) {
         let mut first = true;
-        for i in 0..64 {
+        for i in 0..64u64 {
             if self.0 & (1 << i) != 0 {
                 if !first {
-                    f.write_str(",")?;
+                    l.byte(b',');
                 }
                 first = false;
-                write!(f, "{}", i)?;
+                l.put(&i);
             }
         }
         if first {
-            f.write_str("none")?;
+            l.bytes(b"none");
         }
-        Ok(())
     }
 }

@@ -1,12 +1,15 @@
 //! COM1 (8250 UART at 0x3f8) output, one whole line at a time.
 //!
-//! Lines are formatted into a buffer first and then written under a spinlock,
-//! so lines from different vCPUs never interleave. Interrupt and NMI handlers
+//! Lines are built in a buffer first and then written under a spinlock, so
+//! lines from different vCPUs never interleave. Interrupt and NMI handlers
 //! never print (they could otherwise deadlock on the lock held by the code
-//! they interrupted); only the fatal paths do, through [`emergency_line`],
-//! which steals the lock if this vCPU is the one holding it.
+//! they interrupted); only the fatal paths do, through [`Line::emergency`],
+//! which steals the lock after a bounded wait.
+//!
+//! There is deliberately no `core::fmt` here: the precompiled `core`'s
+//! formatting code uses SSE, and SSE instructions cannot run in guests on the
+//! development hosts (see README.md). Values are appended through [`Put`].
 
-use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use crate::cpu::{inb, outb, pause};
@@ -54,10 +57,12 @@ fn write_bytes(b: &[u8]) {
     }
 }
 
+const LINE_MAX: usize = 1024;
+
 /// A fixed-size line buffer; text beyond its capacity is dropped and the
 /// line ends with `...`.
 pub struct Line {
-    buf: [u8; 1024],
+    buf: [u8; LINE_MAX],
     len: usize,
     truncated: bool,
 }
@@ -65,87 +70,184 @@ pub struct Line {
 impl Line {
     pub const fn new() -> Self {
         Line {
-            buf: [0; 1024],
+            buf: [0; LINE_MAX],
             len: 0,
             truncated: false,
         }
     }
 
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
-impl Write for Line {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let room = self.buf.len() - 4 - self.len;
-        let n = s.len().min(room);
-        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
-        self.len += n;
-        if n < s.len() {
+    pub fn byte(&mut self, b: u8) {
+        if self.len < LINE_MAX {
+            self.buf[self.len] = b;
+            self.len += 1;
+        } else {
             self.truncated = true;
         }
-        Ok(())
     }
-}
 
-fn lock(me: u32) {
-    while LOCK
-        .compare_exchange_weak(0, me + 1, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        pause();
-    }
-}
-
-fn unlock() {
-    LOCK.store(0, Ordering::Release);
-}
-
-fn emit(line: &Line) {
-    write_bytes(b"probe: ");
-    write_bytes(line.as_bytes());
-    if line.truncated {
-        write_bytes(b"...");
-    }
-    write_bytes(b"\n");
-}
-
-/// Prints one `probe: ...` line atomically with respect to other vCPUs.
-pub fn print_line(args: fmt::Arguments) {
-    let mut line = Line::new();
-    let _ = line.write_fmt(args);
-    lock(crate::percpu::this_cpu_id());
-    emit(&line);
-    unlock();
-}
-
-/// Prints a line from a fatal path (panic, unexpected exception). Waits a
-/// bounded time for the lock and then takes it regardless.
-pub fn emergency_line(args: fmt::Arguments) {
-    let mut line = Line::new();
-    let _ = line.write_fmt(args);
-    let me = crate::percpu::try_this_cpu_id();
-    for _ in 0..10_000_000u32 {
-        if LOCK.load(Ordering::Relaxed) == me + 1 {
-            break; // we hold it ourselves (fault while printing)
+    pub fn bytes(&mut self, s: &[u8]) {
+        for &b in s {
+            self.byte(b);
         }
-        if LOCK
-            .compare_exchange(0, u32::MAX, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
+    }
+
+    pub fn put<T: Put + ?Sized>(&mut self, v: &T) -> &mut Self {
+        v.put(self);
+        self
+    }
+
+    fn emit(&self) {
+        write_bytes(b"probe: ");
+        write_bytes(&self.buf[..self.len]);
+        if self.truncated {
+            write_bytes(b"...");
+        }
+        write_bytes(b"\n");
+    }
+
+    /// Prints the line as `probe: ...`, atomically with respect to other
+    /// vCPUs.
+    pub fn print(&self) {
+        let me = crate::percpu::this_cpu_id();
+        while LOCK
+            .compare_exchange_weak(0, me + 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
         {
+            pause();
+        }
+        self.emit();
+        LOCK.store(0, Ordering::Release);
+    }
+
+    /// Prints from a fatal path (panic, unexpected exception): waits a
+    /// bounded time for the lock, then prints regardless.
+    pub fn emergency(&self) {
+        let me = crate::percpu::try_this_cpu_id();
+        for _ in 0..10_000_000u32 {
+            if LOCK.load(Ordering::Relaxed) == me + 1 {
+                break; // we hold it ourselves (fault while printing)
+            }
+            if LOCK
+                .compare_exchange(0, u32::MAX, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                break;
+            }
+            pause();
+        }
+        self.emit();
+        LOCK.store(0, Ordering::Release);
+    }
+}
+
+/// Something that can be appended to a [`Line`].
+pub trait Put {
+    fn put(&self, l: &mut Line);
+}
+
+impl Put for str {
+    fn put(&self, l: &mut Line) {
+        l.bytes(self.as_bytes());
+    }
+}
+
+impl<T: Put + ?Sized> Put for &T {
+    fn put(&self, l: &mut Line) {
+        (**self).put(l);
+    }
+}
+
+fn put_dec(l: &mut Line, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut n = 0;
+    loop {
+        digits[n] = b'0' + (v % 10) as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
             break;
         }
-        pause();
     }
-    emit(&line);
-    LOCK.store(0, Ordering::Release);
+    while n > 0 {
+        n -= 1;
+        l.byte(digits[n]);
+    }
 }
 
-/// `out!("key={} ...", v)` prints `probe: key=... ...`.
+fn put_hex(l: &mut Line, v: u64, min_digits: u32) {
+    let mut started = false;
+    for i in (0..16).rev() {
+        let d = ((v >> (4 * i)) & 0xf) as u8;
+        if d != 0 || started || i < min_digits {
+            started = true;
+            l.byte(if d < 10 { b'0' + d } else { b'a' + d - 10 });
+        }
+    }
+}
+
+macro_rules! put_unsigned {
+    ($($t:ty),*) => {$(
+        impl Put for $t {
+            fn put(&self, l: &mut Line) {
+                put_dec(l, *self as u64);
+            }
+        }
+    )*};
+}
+put_unsigned!(u8, u16, u32, u64, usize);
+
+impl Put for i64 {
+    fn put(&self, l: &mut Line) {
+        if *self < 0 {
+            l.byte(b'-');
+        }
+        put_dec(l, self.unsigned_abs());
+    }
+}
+
+impl Put for bool {
+    fn put(&self, l: &mut Line) {
+        l.byte(if *self { b'1' } else { b'0' });
+    }
+}
+
+/// `0x...` lower-case hexadecimal.
+#[derive(Clone, Copy)]
+pub struct Hex(pub u64);
+
+impl Put for Hex {
+    fn put(&self, l: &mut Line) {
+        l.bytes(b"0x");
+        put_hex(l, self.0, 1);
+    }
+}
+
+/// Two hex digits, no prefix.
+pub struct Hex2(pub u8);
+
+impl Put for Hex2 {
+    fn put(&self, l: &mut Line) {
+        put_hex(l, self.0 as u64, 2);
+    }
+}
+
+/// `None` prints as `none`.
+impl<T: Put> Put for Option<T> {
+    fn put(&self, l: &mut Line) {
+        match self {
+            Some(v) => v.put(l),
+            None => l.bytes(b"none"),
+        }
+    }
+}
+
+/// `out!(a, b, c)` prints one line `probe: ` followed by each argument's
+/// [`Put`] rendering, e.g. `out!("cpu=", cpu, " test=cycles cycles=", v)`.
 #[macro_export]
 macro_rules! out {
-    ($($arg:tt)*) => {
-        $crate::serial::print_line(format_args!($($arg)*))
-    };
+    ($($e:expr),* $(,)?) => {{
+        let mut line = $crate::serial::Line::new();
+        $( line.put(&$e); )*
+        line.print();
+    }};
 }

@@ -9,6 +9,7 @@ use crate::cmdline::{Config, Test};
 use crate::cpu::{rdpmc_safe, rdtsc, sti_hlt_cli};
 use crate::percpu::{self, PMI_DISABLED, PMI_IDLE, PMI_RUNNING};
 use crate::pmu::{self, amd, intel, Fault, Kind, Pmu, ProbeFail, ProbeResult, VendorStr, SEL_EN, SEL_INT};
+use crate::serial::{Hex, Line, Put};
 use crate::{apic, out, time};
 
 /// Runs the configured tests on this vCPU; returns how many ran.
@@ -30,12 +31,12 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
         let name = t.name();
         if !usable {
             let why = if pmu.has_counters() { "msr_probe_failed" } else { "no_pmu" };
-            out!("cpu={} test={} skipped={}", cpu, name, why);
+            out!("cpu=", cpu, " test=", name, " skipped=", why);
             continue;
         }
         let i = cfg.counter;
         if i >= pmu.num_gp {
-            out!("cpu={} test={} skipped=no_counter counter={} gp={}", cpu, name, i, pmu.num_gp);
+            out!("cpu=", cpu, " test=", name, " skipped=no_counter counter=", i, " gp=", pmu.num_gp);
             continue;
         }
         let r = match t {
@@ -48,7 +49,7 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
             Test::Rdpmc => rdpmc(cfg, cpu, &pmu, i),
         };
         if let Err(f) = r {
-            out!("cpu={} test={} {}", cpu, name, f);
+            out!("cpu=", cpu, " test=", name, " ", f);
         }
         // Leave the PMU clean for the next test whatever happened.
         percpu::this_cpu().pmi_phase.store(PMI_IDLE, Ordering::Release);
@@ -60,38 +61,56 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
 }
 
 fn detect(cpu: u32, p: &Pmu, probe: Option<&Result<ProbeResult, ProbeFail>>) {
-    let (probe_txt, bios, final_kind): (&dyn core::fmt::Display, u64, Kind) = match probe {
+    let (probe_txt, bios, final_kind): (&dyn Put, u64, Kind) = match probe {
         None => (&"msr_probe=skipped", 0, Kind::None),
         Some(Ok(r)) => (&"msr_probe=ok", r.bios_enabled, p.kind),
         Some(Err(e)) => (e, 0, Kind::None),
     };
     out!(
-        "cpu={} test=detect vendor={} family={:#x} hypervisor={} cpuid_pmu={} version={} gp={} gp_width={} fixed={} fixed_width={} ext_core={} perfmon_v2={} full_width={} events_unavailable={:#x} {} bios_enabled={:#x} pmu={}",
+        "cpu=",
         cpu,
+        " test=detect vendor=",
         VendorStr(&p.vendor),
-        p.family,
+        " family=",
+        Hex(p.family as u64),
+        " hypervisor=",
         VendorStr(&p.hypervisor),
+        " cpuid_pmu=",
         p.kind.name(),
+        " version=",
         p.version,
+        " gp=",
         p.num_gp,
+        " gp_width=",
         p.gp_width,
+        " fixed=",
         p.num_fixed,
+        " fixed_width=",
         p.fixed_width,
-        p.amd_ext_core as u8,
-        p.amd_v2 as u8,
-        p.intel_full_width as u8,
-        p.intel_unavail,
+        " ext_core=",
+        p.amd_ext_core,
+        " perfmon_v2=",
+        p.amd_v2,
+        " full_width=",
+        p.intel_full_width,
+        " events_unavailable=",
+        Hex(p.intel_unavail as u64),
+        " ",
         probe_txt,
-        bios,
+        " bios_enabled=",
+        Hex(bios),
+        " pmu=",
         final_kind.name()
     );
 }
 
+/// a * 1000 / b without 128-bit arithmetic (compiler_builtins' 128-bit
+/// division is precompiled with SSE).
 fn permille(a: u64, b: u64) -> u64 {
     if b == 0 {
         0
     } else {
-        ((a as u128) * 1000 / b as u128) as u64
+        (a / b).saturating_mul(1000) + (a % b).saturating_mul(1000) / b
     }
 }
 
@@ -107,12 +126,17 @@ fn cycles(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
     let tsc = rdtsc() - t0;
     let v = p.read(i)?;
     out!(
-        "cpu={} test=cycles counter={} cycles={} tsc={} loop_tsc={} ratio_permille={}",
+        "cpu=",
         cpu,
+        " test=cycles counter=",
         i,
+        " cycles=",
         v,
+        " tsc=",
         tsc,
+        " loop_tsc=",
         n,
+        " ratio_permille=",
         permille(v, tsc)
     );
     Ok(())
@@ -121,7 +145,7 @@ fn cycles(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
 /// Core cycles across a HLT that a one-shot LAPIC timer ends.
 fn halt(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
     if apic::timer_khz() == 0 {
-        out!("cpu={} test=halt skipped=no_apic_timer", cpu);
+        out!("cpu=", cpu, " test=halt skipped=no_apic_timer");
         return Ok(());
     }
     let pc = percpu::this_cpu();
@@ -142,15 +166,23 @@ fn halt(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
     apic::disarm_timer();
     let v = p.read(i)?;
     out!(
-        "cpu={} test=halt counter={} cycles={} tsc={} halt_ms={} elapsed_us={} wakeups={} timer_irqs={} ratio_permille={}",
+        "cpu=",
         cpu,
+        " test=halt counter=",
         i,
+        " cycles=",
         v,
+        " tsc=",
         tsc,
+        " halt_ms=",
         cfg.halt_ms,
+        " elapsed_us=",
         time::tsc_to_us(tsc),
+        " wakeups=",
         wakeups,
+        " timer_irqs=",
         pc.timer_irqs.load(Ordering::Relaxed) - irqs0,
+        " ratio_permille=",
         permille(v, tsc)
     );
     Ok(())
@@ -208,36 +240,36 @@ fn pmi(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
     let counted = pmis.saturating_mul(period).saturating_add(partial);
     let bad = pc.pmi_first_bad_status.load(Ordering::Relaxed);
     out!(
-        "cpu={} test=pmi counter={} period={} ms={} pmis={} status_ok={} after_disable={} expected={} tsc={} counted={} nmis={} unexpected_nmis={} handler_gp={} first_bad_status={}",
+        "cpu=",
         cpu,
+        " test=pmi counter=",
         i,
+        " period=",
         period,
+        " ms=",
         cfg.pmi_ms,
+        " pmis=",
         pmis,
+        " status_ok=",
         status_ok,
+        " after_disable=",
         after,
+        " expected=",
         tsc / period,
+        " tsc=",
         tsc,
+        " counted=",
         counted,
+        " nmis=",
         pc.nmis.load(Ordering::Relaxed) - nmis0,
+        " unexpected_nmis=",
         pc.nmis_unexpected.load(Ordering::Relaxed) - unexpected0,
+        " handler_gp=",
         pc.pmi_handler_gp.load(Ordering::Relaxed),
-        Hex(if bad == 0 { u64::MAX } else { bad & !(1 << 63) })
+        " first_bad_status=",
+        (bad != 0).then_some(Hex(bad & !(1 << 63)))
     );
     Ok(())
-}
-
-/// `{:#x}`, or `none` for u64::MAX.
-struct Hex(u64);
-
-impl core::fmt::Display for Hex {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        if self.0 == u64::MAX {
-            f.write_str("none")
-        } else {
-            write!(f, "{:#x}", self.0)
-        }
-    }
 }
 
 /// Enable/disable the counter many times (each a WRMSR exit), then read it.
@@ -259,12 +291,17 @@ fn toggle(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
     }
     let v = p.read(i)?;
     out!(
-        "cpu={} test=toggle counter={} toggles={} value={} tsc={} us_per_toggle={}",
+        "cpu=",
         cpu,
+        " test=toggle counter=",
         i,
+        " toggles=",
         cfg.toggles,
+        " value=",
         v,
+        " tsc=",
         tsc,
+        " us_per_toggle=",
         time::tsc_to_us(tsc) / cfg.toggles.max(1)
     );
     Ok(())
@@ -273,7 +310,7 @@ fn toggle(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
 /// RDPMC against RDMSR of a stopped counter (only with `probe.rdpmc=1`).
 fn rdpmc(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
     if !cfg.rdpmc {
-        out!("cpu={} test=rdpmc skipped=not_enabled", cpu);
+        out!("cpu=", cpu, " test=rdpmc skipped=not_enabled");
         return Ok(());
     }
     let sel = p.cycles_sel();
@@ -285,19 +322,25 @@ fn rdpmc(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
     let gp0 = percpu::this_cpu().gp_fixups.load(Ordering::Relaxed);
     let r = rdpmc_safe(p.rdpmc_index(i));
     let gps = percpu::this_cpu().gp_fixups.load(Ordering::Relaxed) - gp0;
-    match r {
-        Err(()) => out!("cpu={} test=rdpmc counter={} rdpmc=gp rdmsr={} gps={}", cpu, i, v, gps),
-        Ok(x) if x & p.gp_mask() == v => {
-            out!("cpu={} test=rdpmc counter={} rdpmc=ok value={} rdmsr={}", cpu, i, x, v)
-        }
-        Ok(x) => out!(
-            "cpu={} test=rdpmc counter={} rdpmc=mismatch value={} rdmsr={}",
-            cpu,
-            i,
-            x,
-            v
-        ),
-    }
+    let (verdict, value) = match r {
+        Err(()) => ("gp", None),
+        Ok(x) if x & p.gp_mask() == v => ("ok", Some(x)),
+        Ok(x) => ("mismatch", Some(x)),
+    };
+    out!(
+        "cpu=",
+        cpu,
+        " test=rdpmc counter=",
+        i,
+        " rdpmc=",
+        verdict,
+        " value=",
+        value,
+        " rdmsr=",
+        v,
+        " gps=",
+        gps
+    );
     Ok(())
 }
 
@@ -386,25 +429,29 @@ impl Tally {
 
 struct MismatchList<'a>(&'a [Option<Mismatch>]);
 
-impl core::fmt::Display for MismatchList<'_> {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+impl Put for MismatchList<'_> {
+    fn put(&self, l: &mut Line) {
         let mut any = false;
         for m in self.0.iter().flatten() {
             if any {
-                f.write_str(",")?;
+                l.byte(b',');
             }
             any = true;
             let what = if m.got_gp { "gp" } else { "nogp" };
             if m.write {
-                write!(f, "w:{:#x}:{:#x}:{}", m.msr, m.val, what)?;
+                l.put("w:")
+                    .put(&Hex(m.msr as u64))
+                    .put(":")
+                    .put(&Hex(m.val))
+                    .put(":")
+                    .put(what);
             } else {
-                write!(f, "r:{:#x}:{}", m.msr, what)?;
+                l.put("r:").put(&Hex(m.msr as u64)).put(":").put(what);
             }
         }
         if !any {
-            f.write_str("none")?;
+            l.bytes(b"none");
         }
-        Ok(())
     }
 }
 
@@ -425,14 +472,21 @@ fn gp(cpu: u32, p: &Pmu) -> Result<(), Fault> {
     }
     let _ = p.reset();
     out!(
-        "cpu={} test=gp model={} checks={} gp_expected={} gp_got={} gp_handled={} mismatches={} first={}",
+        "cpu=",
         cpu,
+        " test=gp model=",
         p.kind.name(),
+        " checks=",
         t.checks,
+        " gp_expected=",
         t.gp_expected,
+        " gp_got=",
         t.gp_got,
+        " gp_handled=",
         pc.gp_fixups.load(Ordering::Relaxed) - gp0,
+        " mismatches=",
         t.mismatches,
+        " first=",
         MismatchList(&t.first)
     );
     Ok(())

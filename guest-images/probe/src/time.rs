@@ -109,7 +109,7 @@ pub fn ms_to_tsc(ms: u64) -> u64 {
 
 pub fn tsc_to_us(t: u64) -> u64 {
     let khz = tsc_khz().max(1);
-    ((t as u128) * 1000 / khz as u128) as u64
+    (t / khz) * 1000 + (t % khz) * 1000 / khz
 }
 
 /// Busy-waits until the TSC advanced by `n` (a busy loop the PMU counts).

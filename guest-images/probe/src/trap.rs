@@ -10,15 +10,16 @@
 //! the stack they interrupted:
 //!   IST1 NMI, IST2 exceptions, IST3 external interrupts, IST4 #DF and #MC.
 //!
-//! The stubs save all general-purpose registers and the FXSAVE area (handler
-//! code may use SSE, the interrupted code certainly does), build a
-//! [`TrapFrame`] and call [`probe_trap`].
+//! The stubs save all general-purpose registers, build a [`TrapFrame`] and
+//! call [`probe_trap`]. No SSE state is saved: the probe is compiled without
+//! SSE and links no SSE code (see README.md), so there is none to clobber.
 
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use crate::{apic, cpu, percpu, pmu, serial, MAX_CPUS};
+use crate::serial::{Hex, Line};
+use crate::{apic, cpu, percpu, pmu, MAX_CPUS};
 
 /// Vector of the LAPIC timer.
 pub const TIMER_VECTOR: u8 = 0x40;
@@ -145,7 +146,6 @@ extern "C" {
 /// Saved state of the interrupted context, as laid out by the stubs.
 #[repr(C)]
 pub struct TrapFrame {
-    pub fxsave: [u8; 512],
     pub r15: u64,
     pub r14: u64,
     pub r13: u64,
@@ -173,7 +173,7 @@ pub struct TrapFrame {
 // 256 stubs, 16 bytes apart: push a dummy error code where the CPU pushes
 // none, push the vector, jump to the common path. The common path keeps the
 // stack 16-byte aligned at the call: the CPU aligns RSP before pushing its
-// 5-word frame, and 5 + 2 + 15 words = 176 bytes, + 512 FXSAVE bytes.
+// 5-word frame, and 5 + 2 + 15 words = 176 bytes.
 global_asm!(
     ".section .text.probe_isr, \"ax\"",
     ".balign 16",
@@ -208,13 +208,9 @@ global_asm!(
     "  pushq %r13",
     "  pushq %r14",
     "  pushq %r15",
-    "  subq $512, %rsp",
-    "  fxsave64 (%rsp)",
     "  movq %rsp, %rdi",
     "  cld",
     "  call probe_trap",
-    "  fxrstor64 (%rsp)",
-    "  addq $512, %rsp",
     "  popq %r15",
     "  popq %r14",
     "  popq %r13",
@@ -381,16 +377,23 @@ extern "C" fn probe_trap(f: &mut TrapFrame) {
 /// the VMM exits non-zero.
 fn fatal(f: &TrapFrame) -> ! {
     let cr2 = if f.vector == 14 { cpu::cr2() } else { 0 };
-    serial::emergency_line(format_args!(
-        "fatal cpu={} vector={} error={:#x} rip={:#x} rsp={:#x} cr2={:#x} rax={:#x} rcx={:#x}",
-        percpu::try_this_cpu_id(),
-        f.vector,
-        f.error,
-        f.rip,
-        f.rsp,
-        cr2,
-        f.rax,
-        f.rcx
-    ));
+    let mut l = Line::new();
+    l.put("fatal cpu=")
+        .put(&percpu::try_this_cpu_id())
+        .put(" vector=")
+        .put(&f.vector)
+        .put(" error=")
+        .put(&Hex(f.error))
+        .put(" rip=")
+        .put(&Hex(f.rip))
+        .put(" rsp=")
+        .put(&Hex(f.rsp))
+        .put(" cr2=")
+        .put(&Hex(cr2))
+        .put(" rax=")
+        .put(&Hex(f.rax))
+        .put(" rcx=")
+        .put(&Hex(f.rcx));
+    l.emergency();
     cpu::triple_fault()
 }

@@ -10,9 +10,9 @@ pub mod intel;
 pub mod nmi;
 
 use core::cell::UnsafeCell;
-use core::fmt;
 
 use crate::cpu::{cpuid, rdmsr_safe, wrmsr_safe};
+use crate::serial::{Hex, Line, Put};
 use crate::MAX_CPUS;
 
 /// Event-select bits common to AMD PERF_CTL and Intel PERFEVTSEL.
@@ -45,14 +45,12 @@ pub struct Fault {
     pub write: bool,
 }
 
-impl fmt::Display for Fault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "error=gp op={} msr={:#x}",
-            if self.write { "wrmsr" } else { "rdmsr" },
-            self.msr
-        )
+impl Put for Fault {
+    fn put(&self, l: &mut Line) {
+        l.put("error=gp op=")
+            .put(if self.write { "wrmsr" } else { "rdmsr" })
+            .put(" msr=")
+            .put(&Hex(self.msr as u64));
     }
 }
 
@@ -342,16 +340,23 @@ pub enum ProbeFail {
     Readback { msr: u32, wrote: u64, read: u64 },
 }
 
-impl fmt::Display for ProbeFail {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Put for ProbeFail {
+    fn put(&self, l: &mut Line) {
         match self {
-            ProbeFail::Gp(m) => write!(f, "msr_probe=fail reason=gp msr={:#x}", m),
-            ProbeFail::AllBusy => write!(f, "msr_probe=fail reason=all_counters_enabled"),
-            ProbeFail::Readback { msr, wrote, read } => write!(
-                f,
-                "msr_probe=fail reason=readback msr={:#x} wrote={:#x} read={:#x}",
-                msr, wrote, read
-            ),
+            ProbeFail::Gp(m) => {
+                l.put("msr_probe=fail reason=gp msr=").put(&Hex(*m as u64));
+            }
+            ProbeFail::AllBusy => {
+                l.put("msr_probe=fail reason=all_counters_enabled");
+            }
+            ProbeFail::Readback { msr, wrote, read } => {
+                l.put("msr_probe=fail reason=readback msr=")
+                    .put(&Hex(*msr as u64))
+                    .put(" wrote=")
+                    .put(&Hex(*wrote))
+                    .put(" read=")
+                    .put(&Hex(*read));
+            }
         }
     }
 }
@@ -383,15 +388,14 @@ pub fn current() -> Option<Pmu> {
 /// Printable 12-byte vendor string (NULs and non-printables as `_`).
 pub struct VendorStr<'a>(pub &'a [u8; 12]);
 
-impl fmt::Display for VendorStr<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Put for VendorStr<'_> {
+    fn put(&self, l: &mut Line) {
         if self.0.iter().all(|&b| b == 0) {
-            return f.write_str("none");
+            l.bytes(b"none");
+            return;
         }
         for &b in self.0.iter() {
-            let c = if b.is_ascii_graphic() { b as char } else { '_' };
-            write!(f, "{}", c)?;
+            l.byte(if b.is_ascii_graphic() { b } else { b'_' });
         }
-        Ok(())
     }
 }

@@ -19,7 +19,15 @@ fn legacy_model_has_exactly_the_k7_msrs() {
         assert_eq!(pmu.rdmsr(AMD_K7_PERF_CTL0 + n), Ok(0x76 + n as u64));
         assert_eq!(pmu.rdmsr(AMD_K7_PERF_CTR0 + n), Ok(1000 + n as u64));
     }
-    for msr in [AMD_K7_PERF_CTR0 + 4, AMD_PERF_CTL0, AMD_PERF_CTL0 + 1, AMD_GLOBAL_STATUS, AMD_GLOBAL_CTL, 0xC1, 0x186] {
+    for msr in [
+        AMD_K7_PERF_CTR0 + 4,
+        AMD_PERF_CTL0,
+        AMD_PERF_CTL0 + 1,
+        AMD_GLOBAL_STATUS,
+        AMD_GLOBAL_CTL,
+        0xC1,
+        0x186,
+    ] {
         assert_eq!(pmu.rdmsr(msr), Err(Fault::NotInModel(msr)), "{msr:#x}");
         assert_eq!(pmu.wrmsr(msr, 0), Err(Fault::NotInModel(msr)), "{msr:#x}");
     }
@@ -36,15 +44,26 @@ fn perfctr_core_msrs_alias_the_legacy_ones() {
     assert_eq!(pmu.rdmsr(AMD_K7_PERF_CTR0 + 3), Ok(0x1234));
     pmu.wrmsr(AMD_PERF_CTL0 + 10, 0x76).unwrap(); // PERF_CTL5 has no alias
     assert_eq!(pmu.rdmsr(AMD_PERF_CTL0 + 10), Ok(0x76));
-    assert_eq!(pmu.rdmsr(AMD_PERF_CTL0 + 12), Err(Fault::NotInModel(AMD_PERF_CTL0 + 12)));
-    assert_eq!(pmu.rdmsr(AMD_GLOBAL_CTL), Err(Fault::NotInModel(AMD_GLOBAL_CTL)));
+    assert_eq!(
+        pmu.rdmsr(AMD_PERF_CTL0 + 12),
+        Err(Fault::NotInModel(AMD_PERF_CTL0 + 12))
+    );
+    assert_eq!(
+        pmu.rdmsr(AMD_GLOBAL_CTL),
+        Err(Fault::NotInModel(AMD_GLOBAL_CTL))
+    );
 }
 
 #[test]
 fn counters_beyond_the_model_fault_in_both_ranges() {
     let mut pmu = vpmu(amd_v2(3), true);
     assert!(pmu.rdmsr(AMD_K7_PERF_CTL0 + 2).is_ok());
-    for msr in [AMD_K7_PERF_CTL0 + 3, AMD_K7_PERF_CTR0 + 3, AMD_PERF_CTL0 + 6, AMD_PERF_CTL0 + 7] {
+    for msr in [
+        AMD_K7_PERF_CTL0 + 3,
+        AMD_K7_PERF_CTR0 + 3,
+        AMD_PERF_CTL0 + 6,
+        AMD_PERF_CTL0 + 7,
+    ] {
         assert_eq!(pmu.wrmsr(msr, 0), Err(Fault::NotInModel(msr)));
     }
 }
@@ -78,13 +97,25 @@ fn counter_writes_truncate_to_48_bits_and_wrap() {
 #[test]
 fn global_registers_follow_perfmon_v2() {
     let mut pmu = vpmu(amd_v2(4), true);
-    assert_eq!(pmu.rdmsr(AMD_GLOBAL_CTL), Ok(0xF), "reset value enables every counter");
+    assert_eq!(
+        pmu.rdmsr(AMD_GLOBAL_CTL),
+        Ok(0xF),
+        "reset value enables every counter"
+    );
     pmu.wrmsr(AMD_GLOBAL_CTL, u64::MAX).unwrap();
     assert_eq!(pmu.rdmsr(AMD_GLOBAL_CTL), Ok(0xF), "reserved bits dropped");
     pmu.wrmsr(AMD_GLOBAL_STATUS, 0xF).unwrap();
-    assert_eq!(pmu.rdmsr(AMD_GLOBAL_STATUS), Ok(0), "read-only: the write is ignored");
+    assert_eq!(
+        pmu.rdmsr(AMD_GLOBAL_STATUS),
+        Ok(0),
+        "read-only: the write is ignored"
+    );
     pmu.wrmsr(AMD_GLOBAL_STATUS_SET, u64::MAX).unwrap();
-    assert_eq!(pmu.rdmsr(AMD_GLOBAL_STATUS), Ok(0xF), "SET sets the counter bits only");
+    assert_eq!(
+        pmu.rdmsr(AMD_GLOBAL_STATUS),
+        Ok(0xF),
+        "SET sets the counter bits only"
+    );
     pmu.wrmsr(AMD_GLOBAL_STATUS_CLR, 0x5).unwrap();
     assert_eq!(pmu.rdmsr(AMD_GLOBAL_STATUS), Ok(0xA));
     pmu.wrmsr(AMD_GLOBAL_STATUS_CLR, u64::MAX).unwrap(); // Linux writes ~status
@@ -109,14 +140,19 @@ fn a_v2_counter_runs_only_with_en_and_its_global_bit() {
     assert_eq!(pmu.rdmsr(AMD_PERF_CTL0 + 1), Ok(100), "EN clear");
     pmu.wrmsr(AMD_PERF_CTL0, 0x76 | EN).unwrap();
     count_hw(&mut pmu, 100);
-    assert_eq!(pmu.rdmsr(AMD_PERF_CTL0 + 1), Ok(100), "neither USR nor OS: counts nothing");
+    assert_eq!(
+        pmu.rdmsr(AMD_PERF_CTL0 + 1),
+        Ok(100),
+        "neither USR nor OS: counts nothing"
+    );
 }
 
 #[test]
 fn overflow_sets_status_and_raises_a_pmi_with_int() {
     let mut pmu = vpmu(amd_v2(6), true);
     pmu.wrmsr(AMD_PERF_CTL0 + 3, M48 - 99).unwrap(); // PERF_CTR1
-    pmu.wrmsr(AMD_PERF_CTL0 + 2, 0xC0 | USR | OS | INT | EN).unwrap();
+    pmu.wrmsr(AMD_PERF_CTL0 + 2, 0xC0 | USR | OS | INT | EN)
+        .unwrap();
     count_hw(&mut pmu, 99);
     pmu.handle_host_overflow();
     assert!(!pmu.take_pending_pmi());

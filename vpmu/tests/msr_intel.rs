@@ -12,7 +12,11 @@ use vpmu::{Fault, PmuModel, Vendor};
 const EVTSEL_VALID_V2: u64 = 0xFFDF_FFFF;
 
 fn reserved(msr: u32, value: u64, reserved: u64) -> Result<(), Fault> {
-    Err(Fault::ReservedBits { msr, value, reserved })
+    Err(Fault::ReservedBits {
+        msr,
+        value,
+        reserved,
+    })
 }
 
 #[test]
@@ -53,7 +57,11 @@ fn every_reserved_event_select_bit_faults() {
                 assert_eq!(result, Ok(()), "v{version} bit {bit}");
                 assert_eq!(pmu.rdmsr(INTEL_PERFEVTSEL0 + 1), Ok(value));
             } else {
-                assert_eq!(result, reserved(INTEL_PERFEVTSEL0 + 1, value, value), "v{version} bit {bit}");
+                assert_eq!(
+                    result,
+                    reserved(INTEL_PERFEVTSEL0 + 1, value, value),
+                    "v{version} bit {bit}"
+                );
             }
         }
     }
@@ -67,8 +75,16 @@ fn legacy_pmc_writes_sign_extend_bit_31() {
     pmu.wrmsr(INTEL_PMC0, 0x7FFF_FFFF).unwrap();
     assert_eq!(pmu.rdmsr(INTEL_PMC0), Ok(0x7FFF_FFFF));
     pmu.wrmsr(INTEL_PMC0, 0xFFFF_FFFF_0000_0001).unwrap();
-    assert_eq!(pmu.rdmsr(INTEL_PMC0), Ok(1), "bits 63:32 of the value are ignored");
-    assert_eq!(pmu.rdmsr(INTEL_A_PMC0), Ok(1), "A_PMC reads the same counter");
+    assert_eq!(
+        pmu.rdmsr(INTEL_PMC0),
+        Ok(1),
+        "bits 63:32 of the value are ignored"
+    );
+    assert_eq!(
+        pmu.rdmsr(INTEL_A_PMC0),
+        Ok(1),
+        "A_PMC reads the same counter"
+    );
 }
 
 #[test]
@@ -85,20 +101,39 @@ fn full_width_writes_take_the_width_and_fault_above_it() {
     pmu.wrmsr(INTEL_A_PMC0 + 3, 0xFFFF_0000_0001).unwrap();
     assert_eq!(pmu.rdmsr(INTEL_PMC0 + 3), Ok(0xFFFF_0000_0001));
     let too_wide = 1u64 << 48;
-    assert_eq!(pmu.wrmsr(INTEL_A_PMC0 + 3, too_wide | 5), reserved(INTEL_A_PMC0 + 3, too_wide | 5, too_wide));
-    assert_eq!(pmu.rdmsr(INTEL_PMC0 + 3), Ok(0xFFFF_0000_0001), "a faulting write changes nothing");
+    assert_eq!(
+        pmu.wrmsr(INTEL_A_PMC0 + 3, too_wide | 5),
+        reserved(INTEL_A_PMC0 + 3, too_wide | 5, too_wide)
+    );
+    assert_eq!(
+        pmu.rdmsr(INTEL_PMC0 + 3),
+        Ok(0xFFFF_0000_0001),
+        "a faulting write changes nothing"
+    );
     let mut no_fw = vpmu(intel(2).with_intel_full_width_writes(true, false), true);
-    assert_eq!(no_fw.wrmsr(INTEL_A_PMC0, 1), Err(Fault::NotInModel(INTEL_A_PMC0)));
+    assert_eq!(
+        no_fw.wrmsr(INTEL_A_PMC0, 1),
+        Err(Fault::NotInModel(INTEL_A_PMC0))
+    );
     assert_eq!(no_fw.rdmsr(INTEL_PERF_CAPABILITIES), Ok(0));
 }
 
 #[test]
 fn perf_capabilities_is_read_only_and_needs_pdcm() {
     let mut pmu = vpmu(intel(2), true);
-    assert_eq!(pmu.rdmsr(INTEL_PERF_CAPABILITIES), Ok(PERF_CAP_FULL_WIDTH_WRITE));
-    assert_eq!(pmu.wrmsr(INTEL_PERF_CAPABILITIES, 0), Err(Fault::ReadOnly(INTEL_PERF_CAPABILITIES)));
+    assert_eq!(
+        pmu.rdmsr(INTEL_PERF_CAPABILITIES),
+        Ok(PERF_CAP_FULL_WIDTH_WRITE)
+    );
+    assert_eq!(
+        pmu.wrmsr(INTEL_PERF_CAPABILITIES, 0),
+        Err(Fault::ReadOnly(INTEL_PERF_CAPABILITIES))
+    );
     let mut no_pdcm = vpmu(PmuModel::new(Vendor::Intel, 2, 4, 48), true);
-    assert_eq!(no_pdcm.rdmsr(INTEL_PERF_CAPABILITIES), Err(Fault::NotInModel(INTEL_PERF_CAPABILITIES)));
+    assert_eq!(
+        no_pdcm.rdmsr(INTEL_PERF_CAPABILITIES),
+        Err(Fault::NotInModel(INTEL_PERF_CAPABILITIES))
+    );
 }
 
 #[test]
@@ -108,12 +143,19 @@ fn fixed_counters_truncate_and_wrap() {
     assert_eq!(pmu.rdmsr(INTEL_FIXED_CTR0 + 1), Ok(M48));
     pmu.wrmsr(INTEL_FIXED_CTR_CTRL, 0b0011 << 4).unwrap(); // fixed 1: OS|USR
     count_hw(&mut pmu, 3);
-    assert_eq!(pmu.rdmsr(INTEL_FIXED_CTR0 + 1), Ok(M48), "fixed enables are clear at reset");
+    assert_eq!(
+        pmu.rdmsr(INTEL_FIXED_CTR0 + 1),
+        Ok(M48),
+        "fixed enables are clear at reset"
+    );
     pmu.wrmsr(INTEL_GLOBAL_CTRL, 1 << 33).unwrap();
     count_hw(&mut pmu, 3);
     assert_eq!(pmu.rdmsr(INTEL_FIXED_CTR0 + 1), Ok(2));
     assert_eq!(pmu.rdmsr(INTEL_GLOBAL_STATUS), Ok(1 << 33));
-    assert_eq!(pmu.rdmsr(INTEL_FIXED_CTR0 + 3), Err(Fault::NotInModel(INTEL_FIXED_CTR0 + 3)));
+    assert_eq!(
+        pmu.rdmsr(INTEL_FIXED_CTR0 + 3),
+        Err(Fault::NotInModel(INTEL_FIXED_CTR0 + 3))
+    );
 }
 
 #[test]
@@ -127,7 +169,11 @@ fn every_reserved_fixed_ctrl_bit_faults() {
             let value = 1u64 << bit;
             let result = pmu.wrmsr(INTEL_FIXED_CTR_CTRL, value);
             match value & valid {
-                0 => assert_eq!(result, reserved(INTEL_FIXED_CTR_CTRL, value, value), "v{version} bit {bit}"),
+                0 => assert_eq!(
+                    result,
+                    reserved(INTEL_FIXED_CTR_CTRL, value, value),
+                    "v{version} bit {bit}"
+                ),
                 _ => assert_eq!(result, Ok(()), "v{version} bit {bit}"),
             }
         }
@@ -143,7 +189,11 @@ fn global_ctrl_resets_with_gp_enables_and_faults_on_reserved_bits() {
     assert_eq!(pmu.rdmsr(INTEL_GLOBAL_CTRL), Ok(valid));
     for bit in (0..64).filter(|b| valid & (1 << b) == 0) {
         let value = 1u64 << bit;
-        assert_eq!(pmu.wrmsr(INTEL_GLOBAL_CTRL, value), reserved(INTEL_GLOBAL_CTRL, value, value), "bit {bit}");
+        assert_eq!(
+            pmu.wrmsr(INTEL_GLOBAL_CTRL, value),
+            reserved(INTEL_GLOBAL_CTRL, value, value),
+            "bit {bit}"
+        );
     }
     assert_eq!(pmu.rdmsr(INTEL_GLOBAL_CTRL), Ok(valid));
 }
@@ -151,16 +201,29 @@ fn global_ctrl_resets_with_gp_enables_and_faults_on_reserved_bits() {
 #[test]
 fn global_status_is_read_only_and_cleared_through_ovf_ctrl() {
     let mut pmu = vpmu(intel(4), true);
-    assert_eq!(pmu.wrmsr(INTEL_GLOBAL_STATUS, 1), Err(Fault::ReadOnly(INTEL_GLOBAL_STATUS)));
-    pmu.wrmsr(INTEL_GLOBAL_STATUS_SET, 0b101 | 1 << 34 | 1 << 62).unwrap();
-    assert_eq!(pmu.rdmsr(INTEL_GLOBAL_STATUS), Ok(0b101 | 1 << 34 | 1 << 62));
+    assert_eq!(
+        pmu.wrmsr(INTEL_GLOBAL_STATUS, 1),
+        Err(Fault::ReadOnly(INTEL_GLOBAL_STATUS))
+    );
+    pmu.wrmsr(INTEL_GLOBAL_STATUS_SET, 0b101 | 1 << 34 | 1 << 62)
+        .unwrap();
+    assert_eq!(
+        pmu.rdmsr(INTEL_GLOBAL_STATUS),
+        Ok(0b101 | 1 << 34 | 1 << 62)
+    );
     assert_eq!(pmu.rdmsr(INTEL_GLOBAL_STATUS_SET), Ok(0));
     pmu.wrmsr(INTEL_GLOBAL_OVF_CTRL, 0b001 | 1 << 62).unwrap();
     assert_eq!(pmu.rdmsr(INTEL_GLOBAL_STATUS), Ok(0b100 | 1 << 34));
     assert_eq!(pmu.rdmsr(INTEL_GLOBAL_OVF_CTRL), Ok(0));
     let value = 1u64 << 35;
-    assert_eq!(pmu.wrmsr(INTEL_GLOBAL_OVF_CTRL, value), reserved(INTEL_GLOBAL_OVF_CTRL, value, value));
-    assert_eq!(pmu.wrmsr(INTEL_GLOBAL_STATUS_SET, value), reserved(INTEL_GLOBAL_STATUS_SET, value, value));
+    assert_eq!(
+        pmu.wrmsr(INTEL_GLOBAL_OVF_CTRL, value),
+        reserved(INTEL_GLOBAL_OVF_CTRL, value, value)
+    );
+    assert_eq!(
+        pmu.wrmsr(INTEL_GLOBAL_STATUS_SET, value),
+        reserved(INTEL_GLOBAL_STATUS_SET, value, value)
+    );
 }
 
 #[test]
@@ -184,8 +247,14 @@ fn status_flag_bits_depend_on_the_version() {
 #[test]
 fn version_4_registers_exist_only_in_version_4() {
     let mut v3 = vpmu(intel(3), true);
-    assert_eq!(v3.wrmsr(INTEL_GLOBAL_STATUS_SET, 1), Err(Fault::NotInModel(INTEL_GLOBAL_STATUS_SET)));
-    assert_eq!(v3.rdmsr(INTEL_GLOBAL_INUSE), Err(Fault::NotInModel(INTEL_GLOBAL_INUSE)));
+    assert_eq!(
+        v3.wrmsr(INTEL_GLOBAL_STATUS_SET, 1),
+        Err(Fault::NotInModel(INTEL_GLOBAL_STATUS_SET))
+    );
+    assert_eq!(
+        v3.rdmsr(INTEL_GLOBAL_INUSE),
+        Err(Fault::NotInModel(INTEL_GLOBAL_INUSE))
+    );
 }
 
 #[test]
@@ -198,7 +267,10 @@ fn global_inuse_reflects_programming() {
     pmu.wrmsr(INTEL_PERFEVTSEL0, INT).unwrap(); // no event: not in use, but PMI is
     pmu.wrmsr(INTEL_FIXED_CTR_CTRL, 0).unwrap();
     assert_eq!(pmu.rdmsr(INTEL_GLOBAL_INUSE), Ok(0b100 | 1 << 63));
-    assert_eq!(pmu.wrmsr(INTEL_GLOBAL_INUSE, 0), Err(Fault::ReadOnly(INTEL_GLOBAL_INUSE)));
+    assert_eq!(
+        pmu.wrmsr(INTEL_GLOBAL_INUSE, 0),
+        Err(Fault::ReadOnly(INTEL_GLOBAL_INUSE))
+    );
 }
 
 #[test]
@@ -208,13 +280,22 @@ fn counters_run_only_when_enable_bits_and_global_ctrl_agree() {
     pmu.wrmsr(INTEL_PERFEVTSEL0, 0xC0 | USR | OS | EN).unwrap();
     pmu.wrmsr(INTEL_FIXED_CTR_CTRL, 0b0011).unwrap();
     count_hw(&mut pmu, 10);
-    assert_eq!((pmu.rdmsr(INTEL_PMC0), pmu.rdmsr(INTEL_FIXED_CTR0)), (Ok(0), Ok(0)));
+    assert_eq!(
+        (pmu.rdmsr(INTEL_PMC0), pmu.rdmsr(INTEL_FIXED_CTR0)),
+        (Ok(0), Ok(0))
+    );
     pmu.wrmsr(INTEL_GLOBAL_CTRL, 1 | 1 << 32).unwrap();
     count_hw(&mut pmu, 10);
-    assert_eq!((pmu.rdmsr(INTEL_PMC0), pmu.rdmsr(INTEL_FIXED_CTR0)), (Ok(10), Ok(10)));
+    assert_eq!(
+        (pmu.rdmsr(INTEL_PMC0), pmu.rdmsr(INTEL_FIXED_CTR0)),
+        (Ok(10), Ok(10))
+    );
     pmu.wrmsr(INTEL_FIXED_CTR_CTRL, 0b1000).unwrap(); // PMI alone does not enable
     count_hw(&mut pmu, 10);
-    assert_eq!((pmu.rdmsr(INTEL_PMC0), pmu.rdmsr(INTEL_FIXED_CTR0)), (Ok(20), Ok(10)));
+    assert_eq!(
+        (pmu.rdmsr(INTEL_PMC0), pmu.rdmsr(INTEL_FIXED_CTR0)),
+        (Ok(20), Ok(10))
+    );
 }
 
 #[test]

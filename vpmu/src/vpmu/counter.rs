@@ -58,6 +58,8 @@ pub(super) struct Counter<H> {
     pub status_bit: u64,
     /// Effective event select (synthesized for fixed counters).
     pub select: u64,
+    /// The programming the backing was opened for.
+    pub programming: u64,
     pub generation: u64,
     pub value: u64,
     pub running: bool,
@@ -88,6 +90,7 @@ impl<H> Counter<H> {
             mask: crate::value::width_mask(width),
             status_bit: 1 << bit,
             select: 0,
+            programming: 0,
             generation: 0,
             value: 0,
             running: false,

@@ -18,6 +18,17 @@ use crate::vendor::{self, Layout, VendorOps};
 
 use counter::Counter;
 
+/// The programming `select` asks the host for. Selecting no privilege
+/// level only disables the counter (Linux disables fixed counters by
+/// clearing theirs), so the last levels are kept from `previous`.
+fn programming(select: u64, previous: u64) -> u64 {
+    let levels = match select & (USR | OS) {
+        0 => previous & (USR | OS),
+        levels => levels,
+    };
+    select & evtsel::PROGRAMMING_BITS & !(USR | OS) | levels
+}
+
 /// A guest MSR access that real hardware answers with #GP. The VMM sets
 /// the exit's error flag; the reason is for logs only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
@@ -141,7 +152,9 @@ impl<B: Backend> Vpmu<B> {
             stats: VpmuStats::default(),
         };
         for i in 0..vpmu.counters.len() {
-            vpmu.counters[i].select = vpmu.effective_select(i);
+            let select = vpmu.effective_select(i);
+            vpmu.counters[i].select = select;
+            vpmu.counters[i].programming = programming(select, 0);
         }
         Ok(vpmu)
     }
@@ -249,10 +262,12 @@ impl<B: Backend> Vpmu<B> {
     /// changes only start or stop it.
     fn reconcile(&mut self, i: usize) {
         let select = self.effective_select(i);
-        if (select ^ self.counters[i].select) & evtsel::PROGRAMMING_BITS != 0 {
+        let programming = programming(select, self.counters[i].programming);
+        if programming != self.counters[i].programming {
             self.stop(i);
             self.release(i);
             self.counters[i].generation += 1;
+            self.counters[i].programming = programming;
             self.stats.reprograms += 1;
         }
         self.counters[i].select = select;

@@ -24,7 +24,9 @@ pub fn intel(version: u8) -> PmuModel {
     let model = PmuModel::new(Vendor::Intel, version, 4, 48);
     match version {
         1 => model,
-        _ => model.with_fixed_counters(3).with_intel_full_width_writes(true, true),
+        _ => model
+            .with_fixed_counters(3)
+            .with_intel_full_width_writes(true, true),
     }
 }
 
@@ -34,7 +36,13 @@ pub fn vpmu(model: PmuModel, hardware: bool) -> Vpmu<FakeBackend> {
 }
 
 pub fn vpmu_with(model: PmuModel, hardware: bool, policy: EventPolicy) -> Vpmu<FakeBackend> {
-    Vpmu::new(model, policy, FakeBackend::new(hardware), GuestClock::new(TSC_KHZ)).expect("valid model")
+    Vpmu::new(
+        model,
+        policy,
+        FakeBackend::new(hardware),
+        GuestClock::new(TSC_KHZ),
+    )
+    .expect("valid model")
 }
 
 /// Lets every running hardware event count `events`.

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{SerialSink, VmConfig, DEFAULT_MEMORY_MIB};
 use crate::error::StartError;
 use crate::loader::ImageKind;
+use crate::pmu::{VpmuMode, VpmuOptions};
 use crate::vm::Vm;
 
 const EXIT_CODES: &str = "\
@@ -70,6 +71,27 @@ pub struct RunArgs {
     /// Where the guest's serial console (COM1) goes: stdio, file:PATH or none.
     #[arg(long, value_name = "SINK", default_value = "stdio")]
     serial: SerialSink,
+    /// The guest's virtual PMU: auto (on where the host can serve the guest
+    /// fully; for the built-in probe also where guest RDPMC cannot be
+    /// served, since it reads counters with RDMSR), on (forced, with a
+    /// warning where RDPMC faults), off (no PMU in CPUID).
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = VpmuMode::Auto)]
+    vpmu: VpmuMode,
+    /// General-purpose counters of the vPMU (default: the best the host backs).
+    #[arg(long, value_name = "N")]
+    vpmu_gp_counters: Option<u8>,
+    /// Fixed counters of the vPMU (Intel only).
+    #[arg(long, value_name = "N")]
+    vpmu_fixed_counters: Option<u8>,
+    /// Architectural PMU version (Intel 1-4; AMD 1 = legacy/PerfCtrExtCore, 2 = PerfMonV2).
+    #[arg(long, value_name = "N")]
+    vpmu_version: Option<u8>,
+    /// Which guest events may reach host perf: a preset (all, arch, ipc,
+    /// none) and/or allow:/deny: lists of EVENT[/UMASK], joined by ';'
+    /// (e.g. "ipc", "arch;deny:0xc2", "allow:0x76,0xc0"). Denied events
+    /// read as not counting.
+    #[arg(long, value_name = "POLICY", default_value = "all")]
+    vpmu_events: vpmu::EventPolicy,
     /// Stop the guest after this many seconds (exit code 3).
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, allow_negative_numbers = true)]
     timeout: Option<Duration>,
@@ -95,6 +117,13 @@ impl RunArgs {
             vcpus: self.vcpus,
             serial: self.serial.clone(),
             timeout: self.timeout,
+            vpmu: VpmuOptions {
+                mode: self.vpmu,
+                gp_counters: self.vpmu_gp_counters,
+                fixed_counters: self.vpmu_fixed_counters,
+                version: self.vpmu_version,
+                events: self.vpmu_events.clone(),
+            },
         }
     }
 }
@@ -152,13 +181,36 @@ where
 fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
     let config = args.config();
     let vm = Vm::build(&config)?;
+    for note in &vm.pmu.notes {
+        eprintln!("vmm: {note}");
+    }
+    eprintln!("vmm: {}", vm.pmu);
     if vm.kernel_kind == ImageKind::BzImage {
         eprintln!(
             "vmm: bzImage payload is in a format this VMM does not unpack; entering its own \
              decompressor (slow on nested hosts)"
         );
     }
-    let outcome = vm.run()?;
+    let (outcome, reports) = vm.run()?;
+    for report in &reports {
+        if let Some((snapshot, delivery)) = &report.vpmu {
+            let s = &snapshot.stats;
+            eprintln!(
+                "vmm: vCPU {} vPMU: {} MSR reads, {} writes, {} #GP, {} perf_event_open, \
+                 {} PMIs ({} NMI, {} fixed, {} masked), {} throttled",
+                report.index,
+                s.rdmsr.total(),
+                s.wrmsr.total(),
+                s.faults,
+                s.opens,
+                s.pmis,
+                delivery.nmi,
+                delivery.fixed,
+                delivery.masked,
+                s.throttles
+            );
+        }
+    }
     eprintln!("vmm: {outcome}");
     Ok(outcome.exit_code())
 }

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::pmu::VpmuOptions;
+
 /// Where the guest's serial console goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SerialSink {
@@ -45,6 +47,7 @@ pub struct VmConfig {
     pub vcpus: u32,
     pub serial: SerialSink,
     pub timeout: Option<Duration>,
+    pub vpmu: VpmuOptions,
 }
 
 impl Default for VmConfig {
@@ -57,6 +60,7 @@ impl Default for VmConfig {
             vcpus: 1,
             serial: SerialSink::Stdio,
             timeout: None,
+            vpmu: VpmuOptions::default(),
         }
     }
 }

@@ -5,7 +5,8 @@
 //! [`vm::Vm::build`] creates the VM (memory, kernel, devices, vCPUs);
 //! [`vm::Vm::run`] starts one thread per vCPU ([`vcpu`]) and runs the host
 //! event loop ([`event_loop`]) until the guest stops. [`arch`] holds the
-//! x86-64 boot set-up, [`loader`] the kernel formats.
+//! x86-64 boot set-up, [`loader`] the kernel formats, [`pmu`] the glue
+//! between KVM and each vCPU's virtual PMU (the `vpmu` crate).
 
 pub mod arch;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod event_loop;
 pub mod kick;
 pub mod loader;
+pub mod pmu;
 pub mod probe_image;
 pub mod vcpu;
 pub mod vm;

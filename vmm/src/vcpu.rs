@@ -2,27 +2,40 @@
 //! until the guest stops or the VMM asks the vCPU to.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use devices::PioBus;
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
+use vpmu::VpmuSnapshot;
 
 use crate::error::Outcome;
 use crate::kick;
+use crate::pmu::vcpu::{PmiDelivery, VcpuPmu};
+use crate::pmu::PmuPlan;
 
 /// KVM_SYSTEM_EVENT types (uapi/linux/kvm.h).
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 
-/// What the vCPU threads and the VMM's main loop share: whether to stop,
-/// and the first reason anything stopped.
+/// What a vCPU leaves behind when its thread ends.
+#[derive(Clone, Debug)]
+pub struct VcpuReport {
+    pub index: u8,
+    pub vpmu: Option<(VpmuSnapshot, PmiDelivery)>,
+}
+
+/// What the vCPU threads and the VMM's main loop share: whether to stop or
+/// pause, and the first reason anything stopped.
 pub struct VmControl {
     stop: AtomicBool,
     outcome: Mutex<Option<Outcome>>,
+    paused: Mutex<bool>,
+    resumed: Condvar,
     /// Written when an outcome is recorded, to wake the main loop.
     pub wake: EventFd,
+    reports: Mutex<Vec<VcpuReport>>,
 }
 
 impl VmControl {
@@ -30,8 +43,45 @@ impl VmControl {
         Ok(Self {
             stop: AtomicBool::new(false),
             outcome: Mutex::new(None),
+            paused: Mutex::new(false),
+            resumed: Condvar::new(),
             wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            reports: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Asks the vCPUs to leave the CPU and wait; the caller kicks them.
+    pub fn pause(&self) {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    pub fn resume(&self) {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.resumed.notify_all();
+    }
+
+    pub fn pause_requested(&self) -> bool {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocks the calling vCPU thread while the VM is paused and not
+    /// stopping.
+    fn wait_while_paused(&self) {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        while *paused && !self.stopping() {
+            paused = self.resumed.wait(paused).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The reports of every vCPU thread that has ended, by vCPU index.
+    pub fn reports(&self) -> Vec<VcpuReport> {
+        let mut reports = self
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        reports.sort_by_key(|r| r.index);
+        reports
     }
 
     /// Records why the VM stops (the first reason wins) and asks every vCPU
@@ -42,6 +92,7 @@ impl VmControl {
             *slot = Some(outcome);
         }
         self.stop.store(true, Ordering::SeqCst);
+        self.resumed.notify_all();
         // The eventfd cannot overflow in practice; a failed wake only delays
         // the main loop to its next timeout.
         let _ = self.wake.write(1);
@@ -59,12 +110,23 @@ impl VmControl {
     }
 }
 
+/// What a vCPU needs of its vPMU to build it on its own thread.
+pub struct PmuSetup {
+    pub plan: Arc<PmuPlan>,
+    pub tsc_khz: u32,
+}
+
 /// One vCPU, ready to run on its own thread.
 pub struct Vcpu {
     pub index: u8,
     fd: VcpuFd,
+    vm: Arc<VmFd>,
     bus: Arc<PioBus>,
     control: Arc<VmControl>,
+    pmu_setup: Option<PmuSetup>,
+    pmu: Option<VcpuPmu>,
+    /// The last exit was a PMU MSR access.
+    msr_exit: bool,
 }
 
 /// What an exit asks of the loop, decided while `kvm_run` is borrowed.
@@ -77,12 +139,23 @@ enum Step {
 }
 
 impl Vcpu {
-    pub fn new(index: u8, fd: VcpuFd, bus: Arc<PioBus>, control: Arc<VmControl>) -> Self {
+    pub fn new(
+        index: u8,
+        fd: VcpuFd,
+        vm: Arc<VmFd>,
+        bus: Arc<PioBus>,
+        control: Arc<VmControl>,
+        pmu_setup: Option<PmuSetup>,
+    ) -> Self {
         Self {
             index,
             fd,
+            vm,
             bus,
             control,
+            pmu_setup,
+            pmu: None,
+            msr_exit: false,
         }
     }
 
@@ -95,24 +168,93 @@ impl Vcpu {
 
     fn run(mut self) {
         kick::arm(self.fd.get_kvm_run());
-        let outcome = loop {
-            if self.control.stopping() {
-                break None;
-            }
-            if let Some(outcome) = self.run_once() {
-                break Some(outcome);
-            }
-        };
+        let outcome = self.start_pmu().err().or_else(|| self.run_loop());
         kick::disarm();
+        let report = VcpuReport {
+            index: self.index,
+            vpmu: self.pmu.as_mut().map(|p| (p.snapshot(), p.delivery)),
+        };
+        self.control
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(report);
         if let Some(outcome) = outcome {
             self.control.finish(outcome);
+        }
+    }
+
+    /// Builds the vPMU here, on the thread its host events belong to.
+    fn start_pmu(&mut self) -> Result<(), Outcome> {
+        let Some(setup) = self.pmu_setup.take() else {
+            return Ok(());
+        };
+        let pmu = VcpuPmu::new(&setup.plan, self.index, setup.tsc_khz).map_err(|message| {
+            Outcome::VcpuError {
+                vcpu: self.index,
+                message: format!("cannot build its vPMU: {message}"),
+            }
+        })?;
+        self.pmu = Some(pmu);
+        Ok(())
+    }
+
+    fn run_loop(&mut self) -> Option<Outcome> {
+        loop {
+            if self.control.stopping() {
+                return None;
+            }
+            if self.control.pause_requested() {
+                self.park();
+                continue;
+            }
+            let kicked = kick::take_kicked();
+            if let Some(pmu) = &mut self.pmu {
+                pmu.before_entry(kicked, &self.fd, &self.vm, self.msr_exit);
+            }
+            if let Some(outcome) = self.run_once() {
+                return Some(outcome);
+            }
+        }
+    }
+
+    /// Holds the vCPU off the CPU while the VM is paused, its vPMU context
+    /// switched out so that paused time is never counted.
+    fn park(&mut self) {
+        if let Some(pmu) = &mut self.pmu {
+            pmu.switch_out();
+        }
+        self.control.wait_while_paused();
+        if let Some(pmu) = &mut self.pmu {
+            pmu.switch_in();
         }
     }
 
     /// Enters the guest once and handles the exit.
     fn run_once(&mut self) -> Option<Outcome> {
         let vcpu = self.index;
-        let step = match self.fd.run() {
+        let result = self.fd.run();
+        if let Some(pmu) = &mut self.pmu {
+            pmu.after_exit();
+        }
+        self.msr_exit = false;
+        let step = match result {
+            Ok(VcpuExit::X86Rdmsr(exit)) => {
+                self.msr_exit = true;
+                match self.pmu.as_mut().map(|p| p.rdmsr(exit.index)) {
+                    Some(Ok(value)) => *exit.data = value,
+                    _ => *exit.error = 1,
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::X86Wrmsr(exit)) => {
+                self.msr_exit = true;
+                match self.pmu.as_mut().map(|p| p.wrmsr(exit.index, exit.data)) {
+                    Some(Ok(())) => {}
+                    _ => *exit.error = 1,
+                }
+                Step::Continue
+            }
             Ok(VcpuExit::IoIn(port, data)) => {
                 self.bus.read(port, data);
                 Step::Continue
@@ -138,8 +280,8 @@ impl Vcpu {
                 message: format!("unhandled KVM exit {exit:?}"),
             }),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // The kick flag stays set for the next entry to act on.
                 self.fd.set_kvm_immediate_exit(0);
-                kick::take_kicked();
                 Step::Continue
             }
             Err(e) => Step::Stop(Outcome::VcpuError {

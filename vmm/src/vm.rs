@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use devices::{PioBus, SerialDevice, I8042};
 use kvm_bindings::{
-    kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
-    KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_cpuid_entry2, kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region, CpuId,
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -24,7 +24,8 @@ use crate::config::{SerialSink, VmConfig, DEFAULT_LINUX_CMDLINE, MIN_MEMORY_MIB}
 use crate::error::{Outcome, StartError};
 use crate::event_loop::{self, MainLoop};
 use crate::loader::{self, ImageKind, KernelSource, LoadedKernel};
-use crate::vcpu::{Vcpu, VmControl};
+use crate::pmu::{self, HostPmu, PmuPlan, Rdpmc};
+use crate::vcpu::{PmuSetup, Vcpu, VcpuReport, VmControl};
 
 const COM1_BASE: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
@@ -39,9 +40,11 @@ pub struct Vm {
     timeout: Option<Duration>,
     /// How the kernel was loaded, for the start-up report.
     pub kernel_kind: ImageKind,
+    /// The guest's PMU, as decided at build time.
+    pub pmu: Arc<PmuPlan>,
     // Kept alive for as long as the vCPUs run.
     _memory: GuestMemoryMmap,
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
     _kvm: Kvm,
 }
 
@@ -130,18 +133,25 @@ fn serial_output(sink: &SerialSink) -> Result<devices::SerialOutput, StartError>
 }
 
 /// The command line the guest gets.
-fn guest_cmdline(config: &VmConfig, tsc_khz: Option<u32>) -> String {
+fn guest_cmdline(config: &VmConfig, tsc_khz: Option<u32>, pmu: &PmuPlan) -> String {
     match (&config.kernel, &config.cmdline) {
         (Some(_), Some(cmdline)) => cmdline.clone(),
         (Some(_), None) => DEFAULT_LINUX_CMDLINE.to_string(),
         // The probe cannot calibrate its TSC reliably on a nested host: tell it.
         (None, cmdline) => {
             let mut line = cmdline.clone().unwrap_or_default();
-            if let Some(khz) = tsc_khz {
+            let mut add = |arg: String| {
                 if !line.is_empty() {
                     line.push(' ');
                 }
-                line.push_str(&format!("tsc_khz={khz}"));
+                line.push_str(&arg);
+            };
+            if let Some(khz) = tsc_khz {
+                add(format!("tsc_khz={khz}"));
+            }
+            // Its RDPMC test only runs where RDPMC can work.
+            if pmu.model.is_some() && pmu.rdpmc == Rdpmc::Mirrored {
+                add("probe.rdpmc=1".into());
             }
             line
         }
@@ -153,7 +163,17 @@ impl Vm {
     pub fn build(config: &VmConfig) -> Result<Vm, StartError> {
         let kvm = Kvm::new().map_err(StartError::KvmOpen)?;
         validate(config, &kvm)?;
-        let vm_fd = kvm.create_vm().map_err(StartError::kvm("KVM_CREATE_VM"))?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(StartError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let host_pmu = HostPmu::detect(&kvm, cpuid::vendor(supported.as_slice()));
+        // The built-in probe reads counters with RDMSR only.
+        let plan = Arc::new(pmu::plan(&config.vpmu, &host_pmu, config.kernel.is_none())?);
+
+        let vm_fd = Arc::new(kvm.create_vm().map_err(StartError::kvm("KVM_CREATE_VM"))?);
+        if let Some(model) = &plan.model {
+            pmu::filter::install(&vm_fd, &model.msr_ranges())?;
+        }
         vm_fd
             .set_tss_address(layout::KVM_TSS_ADDRESS)
             .map_err(StartError::kvm("KVM_SET_TSS_ADDR"))?;
@@ -195,7 +215,7 @@ impl Vm {
             .map_err(StartError::kvm("KVM_CREATE_VCPU"))?;
         let tsc_khz = vcpu_fds[0].get_tsc_khz().ok();
 
-        let cmdline = guest_cmdline(config, tsc_khz);
+        let cmdline = guest_cmdline(config, tsc_khz, &plan);
         let cmdline_max = kernel
             .header
             .map_or(layout::CMDLINE_MAX_SIZE, |h| h.cmdline_size as usize)
@@ -247,9 +267,7 @@ impl Vm {
             .map_err(|e| StartError::Config(e.to_string()))?;
         let bus = Arc::new(bus);
 
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(StartError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let vcpu_cpuid = pmu_cpuid(&supported, &plan)?;
         // The built-in probe cannot take the real-mode INIT/SIPI path these
         // hosts lack: all its vCPUs start at the entry point. A Linux kernel
         // starts its other CPUs itself.
@@ -257,9 +275,8 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(vcpu_fds.len());
         for (index, fd) in vcpu_fds.into_iter().enumerate() {
             let index = index as u8;
-            let mut cpuid = supported.clone();
+            let mut cpuid = vcpu_cpuid.clone();
             cpuid::apply_topology(cpuid.as_mut_slice(), index, num_vcpus);
-            hide_pmu(cpuid.as_mut_slice());
             fd.set_cpuid2(&cpuid)
                 .map_err(StartError::kvm("KVM_SET_CPUID2"))?;
             regs::setup_lint(&fd)?;
@@ -277,7 +294,18 @@ impl Vm {
                 })
                 .map_err(StartError::kvm("KVM_SET_MP_STATE"))?;
             }
-            vcpus.push(Vcpu::new(index, fd, bus.clone(), control.clone()));
+            let pmu_setup = plan.model.as_ref().map(|_| PmuSetup {
+                plan: plan.clone(),
+                tsc_khz: tsc_khz.unwrap_or(0),
+            });
+            vcpus.push(Vcpu::new(
+                index,
+                fd,
+                vm_fd.clone(),
+                bus.clone(),
+                control.clone(),
+                pmu_setup,
+            ));
         }
 
         Ok(Vm {
@@ -287,6 +315,7 @@ impl Vm {
             reset_evt,
             timeout: config.timeout,
             kernel_kind: kernel.kind,
+            pmu: plan,
             _memory: memory,
             _vm_fd: vm_fd,
             _kvm: kvm,
@@ -294,9 +323,9 @@ impl Vm {
     }
 
     /// Runs the guest until it stops, the timeout expires or the VMM is
-    /// signalled; returns why it stopped. Every vCPU thread has ended when
-    /// this returns.
-    pub fn run(self) -> Result<Outcome, StartError> {
+    /// signalled; returns why it stopped and what each vCPU left behind.
+    /// Every vCPU thread has ended when this returns.
+    pub fn run(self) -> Result<(Outcome, Vec<VcpuReport>), StartError> {
         crate::kick::install().map_err(|e| StartError::Io {
             what: "installing the vCPU kick signal handler".into(),
             source: e.into(),
@@ -344,24 +373,53 @@ impl Vm {
             let _ = handle.join();
         }
         let _ = std::io::stdout().flush();
-        Ok(self.control.outcome().unwrap_or(Outcome::Reset))
+        let outcome = self.control.outcome().unwrap_or(Outcome::Reset);
+        Ok((outcome, self.control.reports()))
     }
 }
 
-/// Leaves the guest no PMU: architectural PMU leaf 0xA empty, AMD's core
-/// counter extensions and PerfMonV2 off, no PDCM.
-fn hide_pmu(entries: &mut [kvm_bindings::kvm_cpuid_entry2]) {
-    for e in entries.iter_mut() {
-        match e.function {
-            1 => e.ecx &= !(1 << 15),
-            0xa | 0x8000_0022 => {
-                e.eax = 0;
-                e.ebx = 0;
-                e.ecx = 0;
-                e.edx = 0;
-            }
-            0x8000_0001 => e.ecx &= !((1 << 23) | (1 << 24) | (1 << 28)),
-            _ => {}
+/// KVM's supported CPUID with the PMU leaves saying exactly the plan's
+/// model (or no PMU), adding the leaves the model needs where KVM has none.
+fn pmu_cpuid(supported: &CpuId, plan: &PmuPlan) -> Result<CpuId, StartError> {
+    let mut entries = supported.as_slice().to_vec();
+    for &(function, index) in vpmu::cpuid::leaves_required(plan.model.as_ref()) {
+        if !entries
+            .iter()
+            .any(|e| e.function == function && e.index == index)
+        {
+            entries.push(kvm_cpuid_entry2 {
+                function,
+                index,
+                ..Default::default()
+            });
+        }
+    }
+    raise_max_leaves(&mut entries);
+    for e in &mut entries {
+        let mut regs = vpmu::CpuidRegs {
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        };
+        vpmu::cpuid::apply(plan.model.as_ref(), e.function, e.index, &mut regs);
+        (e.eax, e.ebx, e.ecx, e.edx) = (regs.eax, regs.ebx, regs.ecx, regs.edx);
+    }
+    CpuId::from_entries(&entries)
+        .map_err(|_| StartError::Config("too many CPUID entries for KVM".into()))
+}
+
+/// Makes leaves 0 and 0x80000000 report every leaf present.
+fn raise_max_leaves(entries: &mut [kvm_cpuid_entry2]) {
+    for base in [0u32, 0x8000_0000] {
+        let max = entries
+            .iter()
+            .filter(|e| e.function & 0x8000_0000 == base && e.function < base + 0x1000)
+            .map(|e| e.function)
+            .max()
+            .unwrap_or(base);
+        if let Some(e) = entries.iter_mut().find(|e| e.function == base) {
+            e.eax = e.eax.max(max);
         }
     }
 }

@@ -1,0 +1,275 @@
+//! The vPMU in the VMM: deciding the guest-visible PMU from the flags and
+//! the host ([`plan`]), trapping its MSRs with KVM's MSR filter
+//! ([`filter`]), and each vCPU's glue between KVM exits and its
+//! [`vpmu::Vpmu`] ([`vcpu`]). Register semantics live in the `vpmu` crate;
+//! this module only knows KVM.
+
+pub mod filter;
+pub mod vcpu;
+
+use std::fmt;
+
+use kvm_ioctls::{Cap, Kvm};
+use vpmu::backend::perf::PerfBackend;
+use vpmu::{EventPolicy, HostCpuid, HostFacts, PmuModel, Vendor};
+
+use crate::arch::cpuid;
+use crate::error::StartError;
+
+/// `--vpmu`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum VpmuMode {
+    /// A vPMU wherever the host can serve the guest fully.
+    #[default]
+    Auto,
+    /// A vPMU even where guest RDPMC cannot be served (with a warning).
+    On,
+    /// No PMU: CPUID advertises none.
+    Off,
+}
+
+/// The vPMU flags of `vmm run`.
+#[derive(Clone, Debug, Default)]
+pub struct VpmuOptions {
+    pub mode: VpmuMode,
+    pub gp_counters: Option<u8>,
+    pub fixed_counters: Option<u8>,
+    pub version: Option<u8>,
+    pub events: EventPolicy,
+}
+
+/// Whether guest RDPMC returns the virtual counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rdpmc {
+    /// KVM's in-kernel PMU answers RDPMC; the VMM keeps its counters in step.
+    Mirrored,
+    /// RDPMC raises #GP in the guest, for this reason.
+    Unavailable(String),
+}
+
+/// What the host offers a vPMU.
+#[derive(Clone, Debug)]
+pub struct HostPmu {
+    /// Why KVM cannot send PMU MSRs to userspace, if it cannot.
+    pub msr_exits: Result<(), String>,
+    /// Whether host perf counts hardware events, and why not.
+    pub hardware_events: Result<(), String>,
+    /// Whether KVM's in-kernel PMU can answer guest RDPMC.
+    pub rdpmc: Rdpmc,
+    pub vendor: Option<Vendor>,
+}
+
+impl HostPmu {
+    /// Looks at the host: KVM capabilities, perf, and KVM's module settings.
+    pub fn detect(kvm: &Kvm, vendor: cpuid::Vendor) -> Self {
+        let msr_exits = if !kvm.check_extension(Cap::X86UserSpaceMsr) {
+            Err("KVM lacks KVM_CAP_X86_USER_SPACE_MSR".to_string())
+        } else if !kvm.check_extension(Cap::X86MsrFilter) {
+            Err("KVM lacks KVM_CAP_X86_MSR_FILTER".to_string())
+        } else {
+            Ok(())
+        };
+        let hardware_events = PerfBackend::probe_hardware().map_err(|e| e.to_string());
+        let kvm_pmu = std::fs::read_to_string("/sys/module/kvm/parameters/enable_pmu")
+            .map(|s| s.trim() == "Y")
+            .unwrap_or(false);
+        let rdpmc = match (&hardware_events, kvm_pmu) {
+            (Ok(()), true) => Rdpmc::Mirrored,
+            (_, false) => {
+                Rdpmc::Unavailable("KVM's in-kernel PMU is off (kvm.enable_pmu=N)".into())
+            }
+            (Err(e), true) => {
+                Rdpmc::Unavailable(format!("the host has no hardware PMU for KVM ({e})"))
+            }
+        };
+        let vendor = match vendor {
+            cpuid::Vendor::Amd => Some(Vendor::Amd),
+            cpuid::Vendor::Intel => Some(Vendor::Intel),
+            cpuid::Vendor::Other => None,
+        };
+        Self {
+            msr_exits,
+            hardware_events,
+            rdpmc,
+            vendor,
+        }
+    }
+}
+
+/// The decided vPMU of a VM.
+#[derive(Clone, Debug)]
+pub struct PmuPlan {
+    /// `None`: the guest gets no PMU.
+    pub model: Option<PmuModel>,
+    pub policy: EventPolicy,
+    pub rdpmc: Rdpmc,
+    /// Lines for the start-up report (why off, what degrades).
+    pub notes: Vec<String>,
+}
+
+impl fmt::Display for PmuPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.model {
+            None => write!(f, "vPMU off"),
+            Some(m) => {
+                write!(
+                    f,
+                    "vPMU on: {:?} v{}, {} general-purpose counters ({} bits)",
+                    m.vendor, m.version, m.gp_counters, m.gp_width
+                )?;
+                if m.fixed_counters > 0 {
+                    write!(f, ", {} fixed ({} bits)", m.fixed_counters, m.fixed_width)?;
+                }
+                write!(f, ", events: {}", self.policy)
+            }
+        }
+    }
+}
+
+/// Decides the guest's PMU. `rdmsr_guest` is true for guests known to read
+/// counters with RDMSR only (the built-in probe), which `auto` serves even
+/// where RDPMC cannot be.
+pub fn plan(opts: &VpmuOptions, host: &HostPmu, rdmsr_guest: bool) -> Result<PmuPlan, StartError> {
+    let shaped =
+        opts.gp_counters.is_some() || opts.fixed_counters.is_some() || opts.version.is_some();
+    let off = |note: String| PmuPlan {
+        model: None,
+        policy: opts.events.clone(),
+        rdpmc: host.rdpmc.clone(),
+        notes: vec![note],
+    };
+    if opts.mode == VpmuMode::Off {
+        if shaped {
+            return Err(StartError::Config(
+                "--vpmu-gp-counters, --vpmu-fixed-counters and --vpmu-version need the vPMU \
+                 (not --vpmu off)"
+                    .into(),
+            ));
+        }
+        return Ok(off("vPMU off (--vpmu off): the guest sees no PMU".into()));
+    }
+    let cannot = |why: String| -> Result<PmuPlan, StartError> {
+        match opts.mode {
+            VpmuMode::On => Err(StartError::Config(format!("--vpmu on: {why}"))),
+            _ => Ok(off(format!("vPMU off: {why}"))),
+        }
+    };
+    let Some(vendor) = host.vendor else {
+        return cannot("the host CPU is neither AMD nor Intel".into());
+    };
+    if let Err(why) = &host.msr_exits {
+        return cannot(why.clone());
+    }
+
+    let mut notes = Vec::new();
+    if let Rdpmc::Unavailable(why) = &host.rdpmc {
+        match (opts.mode, rdmsr_guest) {
+            (VpmuMode::Auto, false) => {
+                return Ok(off(format!(
+                    "vPMU off: guest RDPMC cannot be served ({why}), so a Linux guest's perf \
+                     would fault; --vpmu on forces it for guests that read counters with RDMSR"
+                )))
+            }
+            (VpmuMode::On, false) => notes.push(format!(
+                "warning: --vpmu on, but guest RDPMC raises #GP: {why}; counters read with \
+                 RDMSR work"
+            )),
+            _ => notes.push(format!(
+                "guest RDPMC raises #GP: {why}; the probe reads counters with RDMSR"
+            )),
+        }
+    }
+    if let Err(why) = &host.hardware_events {
+        notes.push(format!(
+            "host perf has no hardware events ({why}): core cycles are backed by task-clock, \
+             other events are unbacked and read as not counting"
+        ));
+    }
+
+    let facts = HostFacts {
+        hardware_events: host.hardware_events.is_ok(),
+        cpuid: Some(HostCpuid::detect()),
+        intel_full_width_writes: false,
+    };
+    let mut model = PmuModel::best_for_host(vendor, &facts);
+    if let Some(v) = opts.version {
+        model = model.with_version(v);
+    }
+    if let Some(n) = opts.gp_counters {
+        model = model.with_gp_counters(n);
+    }
+    if let Some(n) = opts.fixed_counters {
+        model = model.with_fixed_counters(n);
+    }
+    if vendor == Vendor::Intel {
+        model = model.with_intel_unavailable_events(opts.events.intel_unavailable_events());
+    }
+    model
+        .validate()
+        .map_err(|e| StartError::Config(format!("impossible vPMU: {e}")))?;
+    Ok(PmuPlan {
+        model: Some(model),
+        policy: opts.events.clone(),
+        rdpmc: host.rdpmc.clone(),
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(rdpmc: Rdpmc) -> HostPmu {
+        HostPmu {
+            msr_exits: Ok(()),
+            hardware_events: Err("ENOENT".into()),
+            rdpmc,
+            vendor: Some(Vendor::Amd),
+        }
+    }
+
+    fn opts(mode: VpmuMode) -> VpmuOptions {
+        VpmuOptions {
+            mode,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn auto_serves_the_probe_but_not_linux_without_rdpmc() {
+        let h = host(Rdpmc::Unavailable("off".into()));
+        assert!(plan(&opts(VpmuMode::Auto), &h, true)
+            .unwrap()
+            .model
+            .is_some());
+        let p = plan(&opts(VpmuMode::Auto), &h, false).unwrap();
+        assert!(p.model.is_none());
+        assert!(p.notes[0].contains("RDPMC"));
+        let p = plan(&opts(VpmuMode::On), &h, false).unwrap();
+        assert!(p.model.is_some());
+        assert!(p.notes.iter().any(|n| n.starts_with("warning")));
+        let h = host(Rdpmc::Mirrored);
+        assert!(plan(&opts(VpmuMode::Auto), &h, false)
+            .unwrap()
+            .model
+            .is_some());
+    }
+
+    #[test]
+    fn impossible_shapes_and_missing_caps_are_refused() {
+        let h = host(Rdpmc::Mirrored);
+        let mut o = opts(VpmuMode::On);
+        o.fixed_counters = Some(3);
+        assert!(plan(&o, &h, true).is_err(), "AMD has no fixed counters");
+        let mut o = opts(VpmuMode::Off);
+        o.gp_counters = Some(2);
+        assert!(plan(&o, &h, true).is_err());
+        let mut h = host(Rdpmc::Mirrored);
+        h.msr_exits = Err("no filter".into());
+        assert!(plan(&opts(VpmuMode::On), &h, true).is_err());
+        assert!(plan(&opts(VpmuMode::Auto), &h, true)
+            .unwrap()
+            .model
+            .is_none());
+    }
+}

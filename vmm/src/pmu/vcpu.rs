@@ -1,0 +1,190 @@
+//! One vCPU's vPMU glue, run on that vCPU's thread: MSR exits go to its
+//! [`Vpmu`]; host overflows become PMIs delivered through the guest's
+//! LVTPC; where KVM's in-kernel PMU answers RDPMC its counters are kept in
+//! step with the virtual ones.
+
+use kvm_bindings::{kvm_msi, Msrs};
+use kvm_ioctls::{VcpuFd, VmFd};
+use vpmu::backend::perf::PerfBackend;
+use vpmu::{Backend, Fault, GuestClock, OverflowNotify, Vendor, Vpmu, VpmuContext, VpmuSnapshot};
+
+use super::{PmuPlan, Rdpmc};
+use crate::arch::layout::APIC_DEFAULT_BASE;
+use crate::arch::regs::{lapic_reg, set_lapic_reg};
+
+/// LVT performance counter register in the LAPIC page.
+const APIC_LVTPC: usize = 0x340;
+const LVT_MASKED: u32 = 1 << 16;
+const LVT_DELIVERY_MODE: u32 = 0x700;
+const LVT_DELIVERY_FIXED: u32 = 0;
+const LVT_DELIVERY_NMI: u32 = 0x400;
+const LVT_VECTOR: u32 = 0xff;
+
+/// How PMIs reached the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PmiDelivery {
+    pub nmi: u64,
+    pub fixed: u64,
+    /// Dropped: LVTPC was masked (hardware loses them too; the status bit
+    /// stays set).
+    pub masked: u64,
+    /// LVTPC in a mode a PMI cannot use (SMI, INIT, ExtINT...).
+    pub unsupported_mode: u64,
+    pub failed: u64,
+}
+
+/// A vCPU's vPMU and how it reaches KVM.
+pub struct VcpuPmu {
+    vpmu: Vpmu<PerfBackend>,
+    apic_id: u8,
+    mirror_rdpmc: bool,
+    /// Intel's LAPIC masks LVTPC when it delivers a PMI; AMD's does not.
+    mask_lvtpc_on_pmi: bool,
+    pub delivery: PmiDelivery,
+    /// Saved while the VMM holds the vCPU off the CPU (pause).
+    switched_out: Option<VpmuContext>,
+}
+
+impl VcpuPmu {
+    /// Builds the vPMU of vCPU `apic_id`. Must run on the vCPU's thread:
+    /// host events are opened for the calling thread, and overflow signals
+    /// come back to it.
+    pub fn new(plan: &PmuPlan, apic_id: u8, tsc_khz: u32) -> Result<Self, String> {
+        let model = plan.model.clone().ok_or("no vPMU model")?;
+        let vendor = model.vendor;
+        let mut backend = PerfBackend::new(0);
+        backend.set_overflow_notify(Some(OverflowNotify {
+            tid: PerfBackend::current_tid(),
+            signal: crate::kick::overflow_signal(),
+        }));
+        let vpmu = Vpmu::new(
+            model,
+            plan.policy.clone(),
+            backend,
+            GuestClock::new(tsc_khz),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Self {
+            vpmu,
+            apic_id,
+            mirror_rdpmc: plan.rdpmc == Rdpmc::Mirrored,
+            mask_lvtpc_on_pmi: vendor == Vendor::Intel,
+            delivery: PmiDelivery::default(),
+            switched_out: None,
+        })
+    }
+
+    pub fn rdmsr(&mut self, index: u32) -> Result<u64, Fault> {
+        self.vpmu.rdmsr(index)
+    }
+
+    pub fn wrmsr(&mut self, index: u32, value: u64) -> Result<(), Fault> {
+        self.vpmu.wrmsr(index, value)
+    }
+
+    /// Right before `KVM_RUN`: turns host overflows into PMIs, keeps KVM's
+    /// RDPMC view in step, and starts the guest-time window of clock-backed
+    /// counters. `kicked`: a signal (overflow or kick) arrived.
+    pub fn before_entry(&mut self, kicked: bool, vcpu: &VcpuFd, vm: &VmFd, msr_exit: bool) {
+        if kicked {
+            self.vpmu.handle_host_overflow();
+        }
+        let pmi = self.vpmu.take_pending_pmi();
+        // The guest may read counters with RDPMC after any PMU MSR exit,
+        // in its PMI handler, or at any time while counters run.
+        if self.mirror_rdpmc && (pmi || msr_exit || self.vpmu.exit_hooks_needed()) {
+            self.mirror(vcpu);
+        }
+        if pmi {
+            self.deliver_pmi(vcpu, vm);
+        }
+        if self.vpmu.exit_hooks_needed() {
+            self.vpmu.on_guest_entry();
+        }
+    }
+
+    /// Right after `KVM_RUN` returns.
+    pub fn after_exit(&mut self) {
+        if self.vpmu.exit_hooks_needed() {
+            self.vpmu.on_guest_exit();
+        }
+    }
+
+    /// Host-initiated `KVM_SET_MSRS` of every counter: bypasses the MSR
+    /// filter and programs none of KVM's own events, so guest RDPMC returns
+    /// the virtual value.
+    fn mirror(&mut self, vcpu: &VcpuFd) {
+        let entries: Vec<kvm_bindings::kvm_msr_entry> = self
+            .vpmu
+            .counter_values()
+            .map(|(index, data)| kvm_bindings::kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        if let Ok(msrs) = Msrs::from_entries(&entries) {
+            let _ = vcpu.set_msrs(&msrs);
+        }
+    }
+
+    /// Delivers one PMI the way the guest's LVTPC asks.
+    fn deliver_pmi(&mut self, vcpu: &VcpuFd, vm: &VmFd) {
+        let Ok(mut lapic) = vcpu.get_lapic() else {
+            self.delivery.failed += 1;
+            return;
+        };
+        let lvtpc = lapic_reg(&lapic.regs, APIC_LVTPC);
+        if lvtpc & LVT_MASKED != 0 {
+            self.delivery.masked += 1;
+            return;
+        }
+        let delivered = match lvtpc & LVT_DELIVERY_MODE {
+            LVT_DELIVERY_NMI => {
+                self.delivery.nmi += 1;
+                vcpu.nmi().is_ok()
+            }
+            LVT_DELIVERY_FIXED => {
+                self.delivery.fixed += 1;
+                // An MSI to this vCPU's own APIC: fixed mode, edge, physical.
+                let msi = kvm_msi {
+                    address_lo: APIC_DEFAULT_BASE | (u32::from(self.apic_id) << 12),
+                    data: lvtpc & LVT_VECTOR,
+                    ..Default::default()
+                };
+                vm.signal_msi(msi).is_ok()
+            }
+            _ => {
+                self.delivery.unsupported_mode += 1;
+                return;
+            }
+        };
+        if !delivered {
+            self.delivery.failed += 1;
+        } else if self.mask_lvtpc_on_pmi {
+            set_lapic_reg(&mut lapic.regs, APIC_LVTPC, lvtpc | LVT_MASKED);
+            if vcpu.set_lapic(&lapic).is_err() {
+                self.delivery.failed += 1;
+            }
+        }
+    }
+
+    /// The VMM takes the vCPU off the CPU (pause): save the context.
+    pub fn switch_out(&mut self) {
+        self.switched_out = Some(self.vpmu.save());
+    }
+
+    /// The vCPU runs again: restore what was saved. An unchanged context
+    /// reprograms nothing on the host.
+    pub fn switch_in(&mut self) {
+        if let Some(context) = self.switched_out.take() {
+            // The context came from this vPMU: it always matches its model.
+            let _ = self.vpmu.restore(&context);
+        }
+    }
+
+    /// Everything the export shows of this vPMU.
+    pub fn snapshot(&mut self) -> VpmuSnapshot {
+        self.vpmu.snapshot()
+    }
+}

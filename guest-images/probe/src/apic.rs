@@ -16,6 +16,8 @@ pub const REG_ID: u32 = 0x20;
 pub const REG_TPR: u32 = 0x80;
 pub const REG_EOI: u32 = 0xb0;
 pub const REG_SVR: u32 = 0xf0;
+pub const REG_ICR_LO: u32 = 0x300;
+pub const REG_ICR_HI: u32 = 0x310;
 pub const REG_LVT_TIMER: u32 = 0x320;
 pub const REG_LVT_PC: u32 = 0x340;
 pub const REG_LVT_LINT0: u32 = 0x350;
@@ -61,11 +63,11 @@ pub fn write(reg: u32, val: u32) {
     }
 }
 
-/// Enables this vCPU's LAPIC (x2APIC if available), software-enables it
-/// with the spurious vector, accepts all priorities and masks LINT0 (the
-/// 8259 ExtINT path), the timer and LVTPC.
-pub fn init() {
-    let x2 = cpu::cpuid(1, 0).2 & (1 << 21) != 0;
+/// Enables this vCPU's LAPIC (x2APIC if available and `allow_x2apic`),
+/// software-enables it with the spurious vector, accepts all priorities and
+/// masks LINT0 (the 8259 ExtINT path), the timer and LVTPC.
+pub fn init(allow_x2apic: bool) {
+    let x2 = allow_x2apic && cpu::cpuid(1, 0).2 & (1 << 21) != 0;
     // SAFETY: IA32_APIC_BASE exists; we only set the enable bits and keep
     // the base address.
     unsafe {
@@ -93,6 +95,20 @@ pub fn id() -> u32 {
         read(REG_ID)
     } else {
         read(REG_ID) >> 24
+    }
+}
+
+/// Sends an NMI to this vCPU through the ICR (physical destination = own
+/// APIC ID; the "self" shorthand is not valid with NMI delivery).
+pub fn send_nmi_to_self() {
+    let icr_lo = LVT_DM_NMI | (1 << 14); // NMI, level assert
+    let me = id();
+    if is_x2apic() {
+        // SAFETY: x2APIC ICR MSR; sending an IPI has no memory effects.
+        unsafe { wrmsr(0x830, ((me as u64) << 32) | icr_lo as u64) };
+    } else {
+        write(REG_ICR_HI, me << 24);
+        write(REG_ICR_LO, icr_lo);
     }
 }
 

@@ -96,7 +96,9 @@ fn bsp_main(bp: u64) -> ! {
     trap::build_idt();
     trap::init_cpu(0);
     mask_pic();
-    apic::init();
+    let raw = cmdline_bytes(bp);
+    let cfg = cmdline::parse(raw);
+    apic::init(cfg.x2apic);
 
     out!(
         "banner version=",
@@ -112,9 +114,7 @@ fn bsp_main(bp: u64) -> ! {
         " cr4=",
         Hex(cpu::cr4())
     );
-    let raw = cmdline_bytes(bp);
     out!("cmdline=\"", Quoted(raw), "\"");
-    let cfg = cmdline::parse(raw);
     for w in cfg.warnings.iter().flatten() {
         let kind = match w.kind {
             WarningKind::UnknownKey => "unknown_param",
@@ -203,9 +203,9 @@ fn bsp_main(bp: u64) -> ! {
 
 fn ap_main(cpu: u32) -> ! {
     trap::init_cpu(cpu);
-    apic::init();
     smp::ap_online(cpu);
     let cfg = smp::ap_wait_go();
+    apic::init(cfg.x2apic);
     let ran = run_tests(&cfg, cpu);
     done_line(cpu, ran);
     smp::ap_done(cpu);

@@ -23,9 +23,12 @@ pub enum Test {
     Gp,
     Toggle,
     Rdpmc,
+    Nmi,
 }
 
 impl Test {
+    /// What `probe.tests=all` runs (every PMU test; `nmi` is a self-test
+    /// of the probe's NMI path and must be named explicitly).
     pub const ALL: [Test; 7] = [
         Test::Detect,
         Test::Cycles,
@@ -45,11 +48,16 @@ impl Test {
             Test::Gp => "gp",
             Test::Toggle => "toggle",
             Test::Rdpmc => "rdpmc",
+            Test::Nmi => "nmi",
         }
     }
 
     fn from_name(s: &[u8]) -> Option<Test> {
-        Test::ALL.iter().copied().find(|t| t.name().as_bytes() == s)
+        Test::ALL
+            .iter()
+            .copied()
+            .chain([Test::Nmi])
+            .find(|t| t.name().as_bytes() == s)
     }
 }
 
@@ -85,9 +93,12 @@ pub struct Config {
     pub pmi_period: Option<u64>,
     pub pmi_ms: u64,
     pub toggles: u64,
+    pub nmis: u64,
     pub rdpmc: bool,
     pub counter: u32,
     pub force: bool,
+    /// Use x2APIC when CPUID offers it (`probe.apic=auto`, the default).
+    pub x2apic: bool,
     pub timeout_ms: u64,
     pub tsc_khz: Option<u64>,
     pub warnings: [Option<Warning>; MAX_WARNINGS],
@@ -108,9 +119,11 @@ impl Config {
             pmi_period: None,
             pmi_ms: 200,
             toggles: 1000,
+            nmis: 10,
             rdpmc: false,
             counter: 0,
             force: false,
+            x2apic: true,
             timeout_ms: 10_000,
             tsc_khz: None,
             warnings: [None; MAX_WARNINGS],
@@ -212,6 +225,7 @@ pub fn parse(raw: &'static [u8]) -> Config {
                 .is_some(),
             b"probe.pmi_ms" => num.map(|v| c.pmi_ms = v).is_some(),
             b"probe.toggles" => num.map(|v| c.toggles = v).is_some(),
+            b"probe.nmis" => num.map(|v| c.nmis = v).is_some(),
             b"probe.counter" => num
                 .filter(|&v| v < 32)
                 .map(|v| c.counter = v as u32)
@@ -219,6 +233,17 @@ pub fn parse(raw: &'static [u8]) -> Config {
             b"probe.timeout_ms" => num.map(|v| c.timeout_ms = v).is_some(),
             b"probe.rdpmc" => parse_bool(val).map(|v| c.rdpmc = v).is_some(),
             b"probe.force" => parse_bool(val).map(|v| c.force = v).is_some(),
+            b"probe.apic" => match val {
+                b"auto" | b"x2apic" => {
+                    c.x2apic = true;
+                    true
+                }
+                b"xapic" => {
+                    c.x2apic = false;
+                    true
+                }
+                _ => false,
+            },
             k if k.starts_with(b"probe.") => {
                 c.warn(WarningKind::UnknownKey, tok);
                 true

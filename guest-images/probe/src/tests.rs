@@ -28,6 +28,10 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
             detect(cpu, &pmu, probe.as_ref());
             continue;
         }
+        if t == Test::Nmi {
+            self_nmi(cfg, cpu);
+            continue;
+        }
         let name = t.name();
         if !usable {
             let why = if pmu.has_counters() { "msr_probe_failed" } else { "no_pmu" };
@@ -40,7 +44,7 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
             continue;
         }
         let r = match t {
-            Test::Detect => Ok(()),
+            Test::Detect | Test::Nmi => Ok(()),
             Test::Cycles => cycles(cfg, cpu, &pmu, i),
             Test::Halt => halt(cfg, cpu, &pmu, i),
             Test::Pmi => pmi(cfg, cpu, &pmu, i),
@@ -106,6 +110,32 @@ fn detect(cpu: u32, p: &Pmu, probe: Option<&Result<ProbeResult, ProbeFail>>) {
 
 /// a * 1000 / b without 128-bit arithmetic (compiler_builtins' 128-bit
 /// division is precompiled with SSE).
+/// Self-test of the NMI path (IST stack, handler, IRET) without a PMU:
+/// NMIs sent to this vCPU through its own ICR arrive as "unexpected" NMIs.
+fn self_nmi(cfg: &Config, cpu: u32) {
+    let pc = percpu::this_cpu();
+    let n0 = pc.nmis_unexpected.load(Ordering::Relaxed);
+    let mut received = 0;
+    for k in 0..cfg.nmis {
+        apic::send_nmi_to_self();
+        // Wait up to 10 ms for each one.
+        let t0 = rdtsc();
+        let limit = time::ms_to_tsc(10);
+        while pc.nmis_unexpected.load(Ordering::Relaxed) - n0 <= k && rdtsc() - t0 < limit {
+            core::hint::spin_loop();
+        }
+        received = pc.nmis_unexpected.load(Ordering::Relaxed) - n0;
+    }
+    out!(
+        "cpu=",
+        cpu,
+        " test=nmi sent=",
+        cfg.nmis,
+        " received=",
+        received
+    );
+}
+
 fn permille(a: u64, b: u64) -> u64 {
     if b == 0 {
         0

@@ -43,8 +43,8 @@ impl<B: Backend> Vpmu<B> {
     }
 
     /// Back to the power-on state (guest reset): registers and counters
-    /// zero, GLOBAL_CTRL at its reset value. Host events of programmings
-    /// that no longer exist are closed.
+    /// zero, GLOBAL_CTRL at its reset value. Every host event is closed:
+    /// no programming survives a reset.
     pub fn reset(&mut self) {
         let n = self.counters.len();
         let power_on = VpmuContext {
@@ -59,6 +59,17 @@ impl<B: Backend> Vpmu<B> {
             pending_pmi: false,
         };
         self.load(&power_on);
+        // Disabled fixed counters keep their last ring levels as their
+        // programming; at power-on there is none, so release those too.
+        for i in 0..self.counters.len() {
+            let power_on = super::programming(self.counters[i].select, 0);
+            if self.counters[i].programming != power_on {
+                self.release(i);
+                self.counters[i].programming = power_on;
+                self.counters[i].generation += 1;
+                self.stats.reprograms += 1;
+            }
+        }
         self.stats.resets += 1;
     }
 

@@ -1,0 +1,438 @@
+//! Host backing life cycle on a fake host: open once per programming,
+//! clock backing with guest-time hooks, overflows, throttling, policy,
+//! context save/restore, reset and the export snapshot.
+
+mod common;
+
+use common::*;
+use vpmu::backend::fake::FakeBackend;
+use vpmu::backend::EventSource;
+use vpmu::evtsel::{EN, INT, OS, USR};
+use vpmu::msr::*;
+use vpmu::{Backend, BackendError, Backing, ContextError, CounterKind, Limits, Vpmu};
+
+const CYCLES: u64 = 0x76 | USR | OS | EN;
+
+fn ctl(n: u32) -> u32 {
+    AMD_PERF_CTL0 + 2 * n
+}
+
+fn ctr(n: u32) -> u32 {
+    AMD_PERF_CTL0 + 2 * n + 1
+}
+
+#[test]
+fn enable_toggles_writes_pmis_and_hooks_never_reopen() {
+    let mut pmu = vpmu(amd_v2(6), true);
+    pmu.wrmsr(ctl(0), CYCLES | INT).unwrap();
+    for round in 0..50u64 {
+        pmu.wrmsr(AMD_GLOBAL_CTL, 0).unwrap();
+        pmu.wrmsr(ctr(0), M48 - 10).unwrap();
+        pmu.wrmsr(ctl(0), (CYCLES | INT) & !EN).unwrap();
+        pmu.wrmsr(ctl(0), CYCLES | INT).unwrap();
+        pmu.wrmsr(AMD_GLOBAL_CTL, 0x3F).unwrap();
+        pmu.on_guest_entry();
+        count_hw(&mut pmu, 20);
+        pmu.on_guest_exit();
+        pmu.handle_host_overflow();
+        assert!(pmu.take_pending_pmi(), "round {round}");
+        pmu.wrmsr(AMD_GLOBAL_STATUS_CLR, 1).unwrap();
+        let context = pmu.save();
+        pmu.restore(&context).unwrap();
+    }
+    let stats = *pmu.stats();
+    assert_eq!((stats.opens, stats.closes, stats.reprograms), (1, 0, 1));
+    assert_eq!(stats.restores_equivalent, 50);
+    assert_eq!(stats.overflows, 50);
+    assert_eq!(pmu.backend().calls.open, 1);
+    assert_eq!(pmu.generation(0), Some(1));
+}
+
+#[test]
+fn generations_move_only_with_the_programming() {
+    let mut pmu = vpmu(amd_v2(6), true);
+    let steps: [(u64, u64); 8] = [
+        (CYCLES, 1),
+        (CYCLES | INT, 1),
+        (CYCLES & !EN, 1),
+        (CYCLES | (1 << 41), 1), // HostOnly is not host programming
+        (CYCLES & !(USR | OS), 1),
+        (CYCLES | 0x100, 2), // new unit mask
+        ((CYCLES | 0x100) & !USR, 3),
+        (CYCLES | 0x100 | (1 << 24), 4), // counter mask
+    ];
+    for (select, generation) in steps {
+        pmu.wrmsr(ctl(2), select).unwrap();
+        assert_eq!(pmu.generation(2), Some(generation), "{select:#x}");
+    }
+    assert_eq!(pmu.stats().closes, 3);
+}
+
+#[test]
+fn clock_events_count_guest_time_only_and_idle_hooks_cost_nothing() {
+    let mut pmu = vpmu(amd_v2(6), false);
+    assert!(!pmu.exit_hooks_needed());
+    pmu.on_guest_entry();
+    pmu.on_guest_exit();
+    assert_eq!(pmu.stats().clock_reads, 0, "idle hooks read nothing");
+
+    pmu.wrmsr(ctl(0), CYCLES).unwrap();
+    pmu.wrmsr(ctl(1), 0xC0 | USR | OS | EN).unwrap();
+    assert!(pmu.exit_hooks_needed());
+    run_guest(&mut pmu, 1_000_000); // 1 ms at 3 GHz
+    run_vmm(&mut pmu, 5_000_000);
+    run_guest(&mut pmu, 1_000);
+    assert_eq!(pmu.rdmsr(ctr(0)), Ok(3_003_000), "VMM time not counted");
+    assert_eq!(
+        pmu.rdmsr(ctr(1)),
+        Ok(0),
+        "instructions have no backing here"
+    );
+    assert_eq!(pmu.stats().clock_reads, 4);
+
+    let snapshot = pmu.snapshot();
+    assert_eq!(snapshot.counters[0].backing, Backing::SoftwareClock);
+    assert_eq!(snapshot.counters[0].event_name.as_deref(), Some("cycles"));
+    let Backing::Unbacked { reason } = &snapshot.counters[1].backing else {
+        panic!("{snapshot:?}")
+    };
+    assert!(reason.contains("ENOENT"), "{reason}");
+    assert!(snapshot.no_hardware_reason.unwrap().contains("ENOENT"));
+
+    pmu.wrmsr(ctl(0), CYCLES & !EN).unwrap();
+    assert!(!pmu.exit_hooks_needed(), "no clock counter runs");
+    run_guest(&mut pmu, 1_000_000);
+    assert_eq!(pmu.rdmsr(ctr(0)), Ok(3_003_000));
+    assert_eq!(pmu.stats().clock_reads, 4, "hooks idle again");
+    // One failed hardware open taught the vPMU the host has none.
+    assert_eq!(pmu.stats().open_failures, 1);
+}
+
+#[test]
+fn clock_overflow_signals_may_come_early_and_are_re_armed() {
+    let mut pmu = vpmu(intel(4), false);
+    let distance = 3_000_000; // 1 ms of guest time
+    pmu.wrmsr(INTEL_FIXED_CTR0 + 1, (M48 + 1) - distance)
+        .unwrap();
+    pmu.wrmsr(INTEL_FIXED_CTR_CTRL, 0b1011 << 4).unwrap();
+    pmu.wrmsr(INTEL_GLOBAL_CTRL, 1 << 33).unwrap();
+    let handle = pmu
+        .backend()
+        .open_events()
+        .position(|e| e.spec.sample_period.is_some())
+        .unwrap();
+    assert_eq!(
+        pmu.backend().events[handle].period,
+        Some(1_000_000),
+        "armed with the distance in ns"
+    );
+
+    run_vmm(&mut pmu, 600_000);
+    run_guest(&mut pmu, 400_000); // host clock reached the period: early signal
+    pmu.handle_host_overflow();
+    assert!(!pmu.take_pending_pmi());
+    assert_eq!(
+        pmu.backend().events[handle].period,
+        Some(600_000),
+        "re-armed with the guest distance left"
+    );
+    run_guest(&mut pmu, 600_000);
+    pmu.handle_host_overflow();
+    assert!(pmu.take_pending_pmi());
+    assert_eq!(pmu.rdmsr(INTEL_GLOBAL_STATUS), Ok(1 << 33));
+    assert_eq!(pmu.rdmsr(INTEL_FIXED_CTR0 + 1), Ok(0));
+    assert_eq!(pmu.stats().pmis, 1);
+}
+
+#[test]
+fn tiny_periods_are_throttled_to_the_host_minimum() {
+    let limits = Limits {
+        min_hardware_period: 5_000,
+        min_clock_period_ns: 20_000,
+    };
+    let mut pmu = vpmu(amd_v2(6), true).with_limits(limits);
+    pmu.wrmsr(ctr(0), M48).unwrap(); // overflow after one event
+    pmu.wrmsr(ctl(0), CYCLES | INT).unwrap();
+    assert_eq!(pmu.backend().events[0].period, Some(5_000));
+    assert_eq!(pmu.stats().throttles, 1);
+    for _ in 0..10 {
+        pmu.wrmsr(ctr(0), M48).unwrap();
+    }
+    assert_eq!(pmu.stats().throttles, 11);
+    assert!(pmu.backend().events[0].period >= Some(5_000));
+
+    let mut clock = vpmu(amd_v2(6), false).with_limits(limits);
+    clock.wrmsr(ctr(0), M48 - 2).unwrap();
+    clock.wrmsr(ctl(0), CYCLES | INT).unwrap();
+    let armed = clock
+        .backend()
+        .open_events()
+        .find_map(|e| e.period)
+        .unwrap();
+    assert_eq!(armed, 20_000);
+}
+
+#[test]
+fn denied_events_are_never_opened_and_read_as_not_counting() {
+    let mut pmu = vpmu_with(amd_v2(6), true, "ipc".parse().unwrap());
+    pmu.wrmsr(ctl(0), 0xC2 | USR | OS | EN).unwrap();
+    pmu.wrmsr(ctl(1), 0xC0 | USR | OS | EN).unwrap();
+    count_hw(&mut pmu, 500);
+    assert_eq!(pmu.rdmsr(ctr(0)), Ok(0));
+    assert_eq!(pmu.rdmsr(ctr(1)), Ok(500));
+    assert_eq!(pmu.backend().calls.open, 1);
+    let snapshot = pmu.snapshot();
+    assert_eq!(snapshot.counters[0].backing, Backing::Denied);
+    assert_eq!(snapshot.counters[1].backing, Backing::HardwareRaw);
+    assert!(
+        snapshot.counters[0].running,
+        "the guest sees it running; it just does not count"
+    );
+}
+
+#[test]
+fn hardware_events_carry_the_guest_programming() {
+    let mut pmu = vpmu(amd_v2(6), true);
+    pmu.wrmsr(
+        ctl(3),
+        0x1_0000_0000 | 0x0F2E | USR | (1 << 18) | (3 << 24) | EN,
+    )
+    .unwrap();
+    let spec = pmu.backend().events[0].spec;
+    assert_eq!(
+        spec.source,
+        EventSource::HardwareRaw {
+            config: 0x1_0304_0F2E
+        }
+    );
+    assert!(!spec.exclude_user && spec.exclude_kernel && spec.exclude_host && spec.pinned);
+}
+
+#[test]
+fn open_failures_leave_the_counter_unbacked_with_the_reason() {
+    let mut pmu = vpmu(amd_v2(6), true);
+    pmu.backend_mut().fail_next_open =
+        Some(BackendError::from_errno("perf_event_open", libc::EBUSY));
+    pmu.wrmsr(ctl(0), CYCLES).unwrap();
+    let snapshot = pmu.snapshot();
+    let Backing::Unbacked { reason } = &snapshot.counters[0].backing else {
+        panic!()
+    };
+    assert!(reason.contains("EBUSY"), "{reason}");
+    // Another programming tries again, and hardware still works.
+    pmu.wrmsr(ctl(0), CYCLES | 0x100).unwrap();
+    count_hw(&mut pmu, 3);
+    assert_eq!(pmu.rdmsr(ctr(0)), Ok(3));
+    assert_eq!(pmu.stats().open_failures, 1);
+}
+
+#[test]
+fn runtime_host_errors_degrade_the_counter_not_the_guest() {
+    let mut pmu = vpmu(amd_v2(6), true);
+    pmu.wrmsr(ctl(0), CYCLES).unwrap();
+    count_hw(&mut pmu, 7);
+    pmu.backend_mut().close(0); // the host event vanished
+    assert_eq!(
+        pmu.rdmsr(ctr(0)),
+        Ok(0),
+        "the read failed: nothing credited"
+    );
+    assert_eq!(pmu.stats().backend_errors, 1);
+    assert!(matches!(
+        pmu.snapshot().counters[0].backing,
+        Backing::Unbacked { .. }
+    ));
+    assert_eq!(pmu.wrmsr(ctl(0), 0), Ok(()));
+}
+
+#[test]
+fn restore_of_other_programmings_reopens_and_generations_never_go_back() {
+    let mut pmu = vpmu(amd_v2(6), true);
+    pmu.wrmsr(ctl(0), CYCLES).unwrap();
+    count_hw(&mut pmu, 100);
+    let cycles = pmu.save();
+    pmu.wrmsr(ctl(0), 0xC0 | USR | OS | EN).unwrap();
+    count_hw(&mut pmu, 50);
+    assert_eq!(pmu.generation(0), Some(2));
+    let instructions = pmu.save();
+    assert_eq!(instructions.values[0], 150);
+
+    pmu.restore(&cycles).unwrap();
+    assert_eq!(pmu.rdmsr(ctr(0)), Ok(100));
+    assert_eq!(pmu.generation(0), Some(3));
+    assert_eq!(pmu.stats().restores_equivalent, 0);
+    count_hw(&mut pmu, 1);
+    let now = pmu.save();
+    pmu.restore(&now).unwrap();
+    assert_eq!(pmu.rdmsr(ctr(0)), Ok(101));
+    assert_eq!(pmu.stats().restores_equivalent, 1);
+    assert_eq!((pmu.stats().opens, pmu.stats().closes), (3, 2));
+}
+
+#[test]
+fn restore_into_a_new_vpmu_keeps_values_and_generations() {
+    let mut first = vpmu(intel(4), true);
+    first
+        .wrmsr(INTEL_PERFEVTSEL0, 0xC4 | USR | OS | EN)
+        .unwrap();
+    first
+        .wrmsr(INTEL_PERFEVTSEL0, 0xC5 | USR | OS | EN)
+        .unwrap();
+    count_hw(&mut first, 42);
+    let context = first.save();
+    let json = serde_json::to_string(&context).unwrap();
+    let mut second = vpmu(intel(4), true);
+    second
+        .restore(&serde_json::from_str(&json).unwrap())
+        .unwrap();
+    assert_eq!(second.rdmsr(INTEL_PMC0), Ok(42));
+    assert_eq!(second.rdmsr(INTEL_PERFEVTSEL0), Ok(0xC5 | USR | OS | EN));
+    assert_eq!(
+        second.generation(0),
+        Some(3),
+        "larger of the two, plus the change"
+    );
+    count_hw(&mut second, 8);
+    assert_eq!(second.rdmsr(INTEL_PMC0), Ok(50));
+}
+
+#[test]
+fn bad_contexts_are_refused() {
+    let mut pmu = vpmu(amd_v2(6), true);
+    let good = pmu.save();
+    let mut other = vpmu(amd_v2(4), true);
+    assert_eq!(other.restore(&good), Err(ContextError::ModelMismatch));
+    let mut short = good.clone();
+    short.values.pop();
+    assert_eq!(
+        pmu.restore(&short),
+        Err(ContextError::Length {
+            what: "counter values",
+            expected: 6,
+            got: 5
+        })
+    );
+    let mut wide = good.clone();
+    wide.values[2] = 1 << 48;
+    assert!(matches!(
+        pmu.restore(&wide),
+        Err(ContextError::InvalidBits {
+            what: "counter value",
+            ..
+        })
+    ));
+    let mut reserved = good.clone();
+    reserved.event_selects[0] = 1 << 21;
+    assert!(matches!(
+        pmu.restore(&reserved),
+        Err(ContextError::InvalidBits {
+            what: "event select",
+            ..
+        })
+    ));
+    let mut format = good;
+    format.format = 2;
+    assert_eq!(pmu.restore(&format), Err(ContextError::Format(2)));
+    assert_eq!(pmu.stats().restores, 0);
+}
+
+#[test]
+fn reset_returns_to_power_on() {
+    let mut pmu = vpmu(intel(2), true);
+    pmu.wrmsr(INTEL_PERFEVTSEL0, 0xC0 | USR | OS | INT | EN)
+        .unwrap();
+    pmu.wrmsr(INTEL_FIXED_CTR_CTRL, 0x333).unwrap();
+    pmu.wrmsr(INTEL_GLOBAL_CTRL, 0x7_0000_000F).unwrap();
+    count_hw(&mut pmu, 99);
+    pmu.reset();
+    for (msr, value) in [
+        (INTEL_PERFEVTSEL0, 0),
+        (INTEL_PMC0, 0),
+        (INTEL_FIXED_CTR0, 0),
+        (INTEL_FIXED_CTR_CTRL, 0),
+        (INTEL_GLOBAL_CTRL, 0xF),
+        (INTEL_GLOBAL_STATUS, 0),
+    ] {
+        assert_eq!(pmu.rdmsr(msr), Ok(value), "{msr:#x}");
+    }
+    assert_eq!(
+        pmu.backend().open_events().count(),
+        0,
+        "programmings gone, events closed"
+    );
+    assert_eq!(pmu.stats().resets, 1);
+}
+
+#[test]
+fn snapshot_decodes_every_counter_and_serializes() {
+    let mut pmu = vpmu(intel(4), true);
+    pmu.wrmsr(INTEL_PERFEVTSEL0 + 1, 0x2E | 0x41 << 8 | USR | INT | EN)
+        .unwrap();
+    pmu.wrmsr(INTEL_FIXED_CTR_CTRL, 0b0010 << 8).unwrap();
+    pmu.wrmsr(INTEL_GLOBAL_CTRL, 0xF | 1 << 34).unwrap();
+    count_hw(&mut pmu, 11);
+    let snapshot = pmu.snapshot();
+    assert_eq!(snapshot.counters.len(), 7);
+    let llc = &snapshot.counters[1];
+    assert_eq!(
+        (llc.kind, llc.index, llc.msr),
+        (CounterKind::Gp, 1, INTEL_PMC0 + 1)
+    );
+    assert_eq!(llc.event_name.as_deref(), Some("llc-misses"));
+    assert!(llc.decoded.usr && !llc.decoded.os && llc.decoded.int && llc.running);
+    assert_eq!((llc.value, llc.host_time_enabled_ns), (11, 11));
+    let ref_cycles = &snapshot.counters[6];
+    assert_eq!(
+        (ref_cycles.kind, ref_cycles.msr, ref_cycles.control),
+        (CounterKind::Fixed, 0x30B, 0b0010)
+    );
+    assert_eq!(ref_cycles.event_name.as_deref(), Some("ref-cycles"));
+    assert_eq!(ref_cycles.value, 11);
+    let json = serde_json::to_value(&snapshot).unwrap();
+    assert_eq!(json["counters"][1]["backing"]["kind"], "hardware_raw");
+    assert_eq!(json["counters"][0]["backing"]["kind"], "idle");
+    assert_eq!(json["stats"]["wrmsr"]["global_ctrl"], 1);
+    assert_eq!(json["model"]["vendor"], "intel");
+}
+
+#[test]
+fn counter_values_give_every_counter_msr_for_mirroring() {
+    let mut pmu = vpmu(intel(2), true);
+    pmu.wrmsr(INTEL_PMC0 + 3, 5).unwrap();
+    pmu.wrmsr(INTEL_FIXED_CTR0 + 2, 9).unwrap();
+    let values: Vec<(u32, u64)> = pmu.counter_values().collect();
+    assert_eq!(
+        values,
+        [
+            (0xC1, 0),
+            (0xC2, 0),
+            (0xC3, 0),
+            (0xC4, 5),
+            (0x309, 0),
+            (0x30A, 0),
+            (0x30B, 9)
+        ]
+    );
+    let mut amd = vpmu(amd_legacy(), true);
+    let msrs: Vec<u32> = amd.counter_values().map(|(msr, _)| msr).collect();
+    assert_eq!(msrs, [0xC001_0004, 0xC001_0005, 0xC001_0006, 0xC001_0007]);
+}
+
+#[test]
+fn fake_backend_keeps_notifications_for_sampling_events() {
+    let mut backend = FakeBackend::new(true);
+    let notify = vpmu::OverflowNotify {
+        tid: 1234,
+        signal: 40,
+    };
+    backend.set_overflow_notify(Some(notify));
+    let mut pmu = Vpmu::new(
+        amd_v2(6),
+        Default::default(),
+        backend,
+        vpmu::GuestClock::new(TSC_KHZ),
+    )
+    .unwrap();
+    pmu.wrmsr(ctl(0), CYCLES).unwrap();
+    assert_eq!(pmu.backend().events[0].notify, Some(notify));
+}

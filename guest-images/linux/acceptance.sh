@@ -19,15 +19,19 @@
 #
 # Environment: VMM (default target/release/vmm, built with cargo if
 # missing), ACCEPT_TIMEOUT (seconds the guest may run, default 240),
-# ACCEPT_MEMORY (MiB, default 512), ACCEPT_EXTRA_CMDLINE.
+# ACCEPT_MEMORY (MiB, default 512), ACCEPT_EXTRA_CMDLINE, ACCEPT_VPMU (the
+# --vpmu value, default on; "none" leaves the flag out).
 set -euo pipefail
 
 HERE=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd -- "$HERE/../.." && pwd)
 FORCE=0
 KEEP=0
+CHECK_SERIAL=""
+CHECK_RC=0
 TIMEOUT="${ACCEPT_TIMEOUT:-240}"
 MEMORY="${ACCEPT_MEMORY:-512}"
+VPMU="${ACCEPT_VPMU:-on}"
 OUT="$HERE/out"
 
 usage() {
@@ -36,6 +40,8 @@ usage: $0 [--force] [--timeout SECONDS] [--keep]
   --force     run even when a precondition says it cannot work here
   --timeout   how long the guest may run (default $TIMEOUT s)
   --keep      keep the serial log and VMM output (printed at the end)
+  --check-serial LOG [--vmm-rc N]
+              only judge a serial log kept from an earlier run
 Exit codes: 0 passed, 1 failed, 2 set-up error, 3 no hardware PMU,
 4 KVM in-kernel PMU off, 5 Linux cannot finish booting here, 6 no /dev/kvm.
 EOF
@@ -45,6 +51,8 @@ while (($#)); do
     case "$1" in
         --force) FORCE=1; shift ;;
         --keep) KEEP=1; shift ;;
+        --check-serial) [[ $# -ge 2 ]] || { usage >&2; exit 2; }; CHECK_SERIAL=$2; shift 2 ;;
+        --vmm-rc) [[ $# -ge 2 ]] || { usage >&2; exit 2; }; CHECK_RC=$2; shift 2 ;;
         --timeout) [[ $# -ge 2 ]] || { usage >&2; exit 2; }; TIMEOUT=$2; shift 2 ;;
         --timeout=*) TIMEOUT=${1#--timeout=}; shift ;;
         -h | --help) usage; exit 0 ;;
@@ -57,6 +65,7 @@ say() { printf 'acceptance: %s\n' "$*"; }
 finish() { # CODE MESSAGE
     local code=$1
     shift
+    [[ -z ${TXT:-} ]] || rm -f "$TXT"
     case "$code" in
         0) say "PASS: $*" ;;
         1) say "FAIL: $*" ;;
@@ -65,6 +74,69 @@ finish() { # CODE MESSAGE
     esac
     exit "$code"
 }
+
+# evaluate SERIAL_LOG VMM_RC ELAPSED: judge a run from its serial log.
+evaluate() {
+    local SERIAL=$1 RC=$2 ELAPSED=$3 TXT v ev rc samples exact what
+    # Serial lines may end in CR; drop those.
+    TXT=$(mktemp /tmp/vmm-acceptance-serial.XXXXXX)
+    tr -d '\r' <"$SERIAL" >"$TXT"
+    if ! grep -q '^VMM-GUEST-START' "$TXT"; then
+        say "last serial lines:"
+        tail -n 25 "$TXT" | sed 's/^/  serial| /'
+        if grep -q 'Linux version' "$TXT"; then
+            what="the kernel started (banner seen) but never ran /init"
+        else
+            what="no kernel banner on the serial console"
+        fi
+        finish 5 "Linux cannot finish booting on this host: $what within ${TIMEOUT}s (vmm exit $RC)"
+    fi
+    if ! grep -q '^ACC-END' "$TXT"; then
+        tail -n 25 "$TXT" | sed 's/^/  serial| /'
+        finish 1 "/init started but the perf commands did not finish (vmm exit $RC)"
+    fi
+
+    grep '^ACC-' "$TXT" | sed 's/^/  guest| /'
+
+    FAILS=()
+    # perf stat -x, lines: VALUE,UNIT,EVENT,RUNTIME,PERCENT,...
+    for ev in cycles instructions; do
+        v=$(awk -F, -v ev="$ev" '/^ACC-STAT / { sub(/^ACC-STAT /, ""); if ($3 == ev || $3 ~ "^" ev "(:|$)") { print $1; exit } }' "$TXT")
+        if [[ $v =~ ^[0-9]+$ ]] && ((v > 0)); then
+            say "perf stat: $ev = $v"
+        else
+            FAILS+=("perf stat counted no $ev (${v:-no line})")
+        fi
+    done
+    rc=$(awk '/^ACC-STAT-RC / {print $2}' "$TXT")
+    [[ $rc == 0 ]] || FAILS+=("perf stat exited $rc")
+    rc=$(awk '/^ACC-RECORD-RC / {print $2}' "$TXT")
+    [[ $rc == 0 ]] || FAILS+=("perf record exited $rc")
+    # perf report's "# Samples: 813  of event 'cycles'" says the event
+    # really was cycles (perf record falls back to cpu-clock without a
+    # PMU); perf record's "(1196 samples)" gives the exact count.
+    samples=$(sed -n "s/^ACC-REPORT # Samples: \([0-9][0-9]*[KM]\{0,1\}\) *of event 'cycles.*/\1/p" "$TXT" | head -n 1)
+    exact=$(sed -n 's/^ACC-RECLOG .*(\([0-9][0-9]*\) samples).*/\1/p' "$TXT" | head -n 1)
+    if [[ -n $samples && -n $exact ]]; then samples=$exact; fi
+    if [[ -n $samples && $samples != 0 ]]; then
+        say "perf record: $samples samples of cycles"
+    else
+        FAILS+=("perf record took no samples of cycles (${samples:-no report header})")
+    fi
+    if grep -q '^VMM-GUEST-DONE' "$TXT" && ((RC != 0)); then
+        FAILS+=("the guest finished but the vmm exited $RC instead of 0")
+    fi
+
+    if ((${#FAILS[@]})); then
+        finish 1 "$(IFS=';'; echo "${FAILS[*]}")"
+    fi
+    finish 0 "perf stat counted cycles and instructions, perf record took $samples samples (${ELAPSED}s)"
+}
+
+if [[ -n $CHECK_SERIAL ]]; then
+    [[ -r $CHECK_SERIAL ]] || finish 2 "cannot read $CHECK_SERIAL"
+    evaluate "$CHECK_SERIAL" "$CHECK_RC" 0
+fi
 
 # ------------------------------------------------------ preconditions -----
 # Each failing one is reported; the first decides the exit code.
@@ -152,17 +224,19 @@ sed 's/^/ACC-REPORT /' /tmp/rep.txt
 echo ACC-END
 EOF
 CMD64=$(printf '%s\n' "$GUEST" | base64 -w0)
-CMDLINE="console=ttyS0 reboot=k panic=-1 pci=off nokaslr i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+CMDLINE="console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 pci=off nokaslr i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
 CMDLINE+=" ${ACCEPT_EXTRA_CMDLINE:-} vmm.cmd64=$CMD64"
 
 SERIAL="$TMP/serial.log"
-say "booting: $VMM run --kernel $OUT/vmlinux --initrd $OUT/initramfs.cpio.gz --vpmu on --timeout $TIMEOUT"
+VPMU_ARGS=()
+[[ $VPMU == none ]] || VPMU_ARGS=(--vpmu "$VPMU")
+say "booting: $VMM run --kernel $OUT/vmlinux --initrd $OUT/initramfs.cpio.gz ${VPMU_ARGS[*]} --timeout $TIMEOUT"
 START=$SECONDS
 set +e
 # The VMM's own --timeout bounds the guest; timeout(1) bounds the VMM.
 timeout -k 10 $((TIMEOUT + 60)) "$VMM" run \
     --kernel "$OUT/vmlinux" --initrd "$OUT/initramfs.cpio.gz" \
-    --memory "$MEMORY" --vpmu on --serial "file:$SERIAL" --timeout "$TIMEOUT" \
+    --memory "$MEMORY" "${VPMU_ARGS[@]}" --serial "file:$SERIAL" --timeout "$TIMEOUT" \
     --cmdline "$CMDLINE" </dev/null >"$TMP/vmm.out" 2>"$TMP/vmm.err"
 RC=$?
 set -e
@@ -182,51 +256,4 @@ if ((RC == 2)); then
     finish 2 "the vmm refused its arguments (does it support --vpmu yet?): $(head -n 3 "$TMP/vmm.err")"
 fi
 
-# Serial lines may end in CR; drop those.
-tr -d '\r' <"$SERIAL" >"$TMP/serial.txt"
-if ! grep -q '^VMM-GUEST-START' "$TMP/serial.txt"; then
-    say "last serial lines:"
-    tail -n 25 "$TMP/serial.txt" | sed 's/^/  serial| /'
-    if grep -q 'Linux version' "$TMP/serial.txt"; then
-        what="the kernel started (banner seen) but never ran /init"
-    else
-        what="no kernel banner on the serial console"
-    fi
-    finish 5 "Linux cannot finish booting on this host: $what within ${TIMEOUT}s (vmm exit $RC)"
-fi
-if ! grep -q '^ACC-END' "$TMP/serial.txt"; then
-    tail -n 25 "$TMP/serial.txt" | sed 's/^/  serial| /'
-    finish 1 "/init started but the perf commands did not finish (vmm exit $RC)"
-fi
-
-grep '^ACC-' "$TMP/serial.txt" | sed 's/^/  guest| /'
-
-FAILS=()
-# perf stat -x, lines: VALUE,UNIT,EVENT,RUNTIME,PERCENT,...
-for ev in cycles instructions; do
-    v=$(awk -F, -v ev="$ev" '/^ACC-STAT / { sub(/^ACC-STAT /, ""); if ($3 == ev || $3 ~ "^" ev "(:|$)") { print $1; exit } }' "$TMP/serial.txt")
-    if [[ $v =~ ^[0-9]+$ ]] && ((v > 0)); then
-        say "perf stat: $ev = $v"
-    else
-        FAILS+=("perf stat counted no $ev (${v:-no line})")
-    fi
-done
-rc=$(awk '/^ACC-STAT-RC / {print $2}' "$TMP/serial.txt")
-[[ $rc == 0 ]] || FAILS+=("perf stat exited $rc")
-rc=$(awk '/^ACC-RECORD-RC / {print $2}' "$TMP/serial.txt")
-[[ $rc == 0 ]] || FAILS+=("perf record exited $rc")
-# "# Samples: 813  of event 'cycles'"
-samples=$(sed -n "s/^ACC-REPORT # Samples: \([0-9][0-9]*[KM]\{0,1\}\) *of event 'cycles.*/\1/p" "$TMP/serial.txt" | head -n 1)
-if [[ -n $samples && $samples != 0 ]]; then
-    say "perf record: $samples samples of cycles"
-else
-    FAILS+=("perf record took no samples of cycles (${samples:-no report header})")
-fi
-if grep -q '^VMM-GUEST-DONE' "$TMP/serial.txt" && ((RC != 0)); then
-    FAILS+=("the guest finished but the vmm exited $RC instead of 0")
-fi
-
-if ((${#FAILS[@]})); then
-    finish 1 "$(IFS=';'; echo "${FAILS[*]}")"
-fi
-finish 0 "perf stat counted cycles and instructions, perf record took $samples samples (${ELAPSED}s)"
+evaluate "$SERIAL" "$RC" "$ELAPSED"

@@ -94,3 +94,91 @@ pub fn assert_bad_input(o: &Output, expected: &str) {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Serializes tests that measure time inside a guest: run side by side on
+/// two host cores they would steal each other's CPU and skew the counts.
+pub fn timing_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One `probe: cpu=N test=NAME key=value ...` result line.
+#[derive(Debug, Clone)]
+pub struct ProbeResult {
+    pub cpu: u32,
+    pub test: String,
+    pub fields: std::collections::HashMap<String, String>,
+}
+
+impl ProbeResult {
+    pub fn get(&self, key: &str) -> &str {
+        self.fields
+            .get(key)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("no {key} in {self:?}"))
+    }
+
+    pub fn num(&self, key: &str) -> f64 {
+        let v = self.get(key);
+        v.parse()
+            .unwrap_or_else(|_| panic!("{key}={v} is not a number in {self:?}"))
+    }
+}
+
+/// Every test result the probe printed.
+pub fn probe_results(stdout: &str) -> Vec<ProbeResult> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("probe: "))
+        .filter_map(|rest| {
+            let fields: std::collections::HashMap<String, String> = rest
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+                .collect();
+            let cpu = fields.get("cpu")?.parse().ok()?;
+            let test = fields.get("test")?.clone();
+            Some(ProbeResult { cpu, test, fields })
+        })
+        .collect()
+}
+
+/// Runs the probe with `cmdline` (and extra flags) and returns its results,
+/// asserting it reset normally.
+pub fn run_probe(cmdline: &str, extra: &[&str]) -> (Vec<ProbeResult>, Output) {
+    let mut args = vec!["--cmdline", cmdline, "--timeout", "60"];
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "probe did not reset cleanly; stderr: {}\nstdout: {}",
+        stderr(&o),
+        stdout(&o)
+    );
+    (probe_results(&stdout(&o)), o)
+}
+
+/// The result of `test` on `cpu`.
+pub fn result<'a>(results: &'a [ProbeResult], cpu: u32, test: &str) -> &'a ProbeResult {
+    results
+        .iter()
+        .find(|r| r.cpu == cpu && r.test == test)
+        .unwrap_or_else(|| panic!("no result for test {test} on cpu {cpu} in {results:?}"))
+}
+
+/// `perf_event_open` calls of vCPU `vcpu`, from the VMM's exit summary.
+pub fn perf_opens(o: &Output, vcpu: u32) -> u64 {
+    let err = stderr(o);
+    let prefix = format!("vmm: vCPU {vcpu} vPMU:");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no vPMU summary for vCPU {vcpu}: {err}"));
+    let before = line
+        .split(" perf_event_open")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .unwrap();
+    before.parse().unwrap()
+}

@@ -1,0 +1,125 @@
+//! The vPMU end to end: the probe guest drives it the way Linux's perf
+//! driver does, under real KVM, with host perf (task-clock on these hosts)
+//! behind it.
+
+mod common;
+
+use common::{perf_opens, result, run_probe, timing_lock};
+
+#[test]
+fn probe_detects_the_pmu_only_when_the_vpmu_is_on() {
+    require_kvm!();
+    let (on, _) = run_probe("probe.tests=detect", &["--vpmu", "on"]);
+    let d = result(&on, 0, "detect");
+    assert_ne!(d.get("pmu"), "none", "{d:?}");
+    assert_eq!(d.get("msr_probe"), "ok", "{d:?}");
+    assert!(d.num("gp") >= 4.0, "{d:?}");
+
+    let (off, o) = run_probe("probe.tests=detect", &["--vpmu", "off"]);
+    let d = result(&off, 0, "detect");
+    assert_eq!(d.get("pmu"), "none", "{d:?}");
+    assert_eq!(d.get("ext_core"), "0", "{d:?}");
+    assert_eq!(d.get("perfmon_v2"), "0", "{d:?}");
+    assert!(common::stderr(&o).contains("vPMU off"));
+}
+
+#[test]
+fn core_cycles_over_a_busy_loop_match_its_tsc_length() {
+    require_kvm!();
+    let _serial = timing_lock();
+    let (r, _) = run_probe("probe.tests=cycles probe.cycles_ms=300", &["--vpmu", "on"]);
+    let c = result(&r, 0, "cycles");
+    let ratio = c.num("cycles") / c.num("tsc");
+    assert!(
+        (0.85..=1.15).contains(&ratio),
+        "cycles/tsc = {ratio:.3} outside 15%: {c:?}"
+    );
+}
+
+#[test]
+fn a_halted_guest_accumulates_almost_nothing() {
+    require_kvm!();
+    let _serial = timing_lock();
+    let (r, _) = run_probe("probe.tests=halt probe.halt_ms=200", &["--vpmu", "on"]);
+    let h = result(&r, 0, "halt");
+    let ratio = h.num("cycles") / h.num("tsc");
+    assert!(
+        h.num("timer_irqs") >= 1.0,
+        "the timer woke the guest: {h:?}"
+    );
+    assert!(ratio < 0.05, "halted cycles/tsc = {ratio:.3}: {h:?}");
+}
+
+#[test]
+fn pmis_arrive_at_the_programmed_period_and_stop_when_disabled() {
+    require_kvm!();
+    let _serial = timing_lock();
+    // The default period is 1 ms of guest cycles: about 300 PMIs.
+    let (r, o) = run_probe("probe.tests=pmi probe.pmi_ms=300", &["--vpmu", "on"]);
+    let p = result(&r, 0, "pmi");
+    let (pmis, expected) = (p.num("pmis"), p.num("expected"));
+    assert!(expected >= 100.0, "{p:?}");
+    assert!(
+        (pmis - expected).abs() <= 0.3 * expected,
+        "{pmis} PMIs, expected {expected} within 30%: {p:?}"
+    );
+    assert_eq!(
+        p.num("status_ok"),
+        pmis,
+        "every PMI had its status bit: {p:?}"
+    );
+    assert_eq!(p.num("after_disable"), 0.0, "{p:?}");
+    assert_eq!(p.num("unexpected_nmis"), 0.0, "{p:?}");
+    assert!(common::stderr(&o).contains(&format!("{} PMIs", pmis as u64)));
+}
+
+#[test]
+fn reserved_bits_and_out_of_model_msrs_get_a_gp() {
+    require_kvm!();
+    let (r, o) = run_probe("probe.tests=gp,detect", &["--vpmu", "on"]);
+    let g = result(&r, 0, "gp");
+    assert!(g.num("checks") > 100.0, "{g:?}");
+    assert!(g.num("gp_expected") > 0.0, "{g:?}");
+    assert_eq!(g.num("gp_got"), g.num("gp_expected"), "{g:?}");
+    assert_eq!(g.num("mismatches"), 0.0, "{g:?}");
+    // The VMM kept running: the test after it ran too.
+    assert_eq!(result(&r, 0, "detect").get("msr_probe"), "ok");
+    assert!(common::stderr(&o).contains("guest reset the machine"));
+}
+
+#[test]
+fn enable_toggles_never_reopen_host_events() {
+    require_kvm!();
+    let (few, o_few) = run_probe("probe.tests=toggle probe.toggles=10", &["--vpmu", "on"]);
+    let (many, o_many) = run_probe("probe.tests=toggle probe.toggles=1000", &["--vpmu", "on"]);
+    assert_eq!(result(&few, 0, "toggle").num("toggles"), 10.0);
+    assert_eq!(result(&many, 0, "toggle").num("toggles"), 1000.0);
+    let (opens_few, opens_many) = (perf_opens(&o_few, 0), perf_opens(&o_many, 0));
+    assert!(opens_few >= 1, "the counter was backed at all");
+    assert_eq!(
+        opens_many, opens_few,
+        "990 more toggles must not open host events"
+    );
+}
+
+#[test]
+fn two_vcpus_count_independently() {
+    require_kvm!();
+    let _serial = timing_lock();
+    let (r, o) = run_probe(
+        "probe.tests=cycles probe.cycles_ms=200 probe.cpus=all",
+        &["--vpmu", "on", "--vcpus", "2"],
+    );
+    for cpu in 0..2 {
+        let c = result(&r, cpu, "cycles");
+        let ratio = c.num("cycles") / c.num("tsc");
+        assert!(
+            (0.85..=1.15).contains(&ratio),
+            "vCPU {cpu}: cycles/tsc = {ratio:.3}: {c:?}"
+        );
+        assert!(
+            perf_opens(&o, cpu) >= 1,
+            "vCPU {cpu} has its own host events"
+        );
+    }
+}

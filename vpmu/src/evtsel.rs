@@ -108,6 +108,26 @@ impl DecodedSelect {
     }
 }
 
+impl DecodedSelect {
+    /// The event select these fields encode.
+    pub fn to_select(&self) -> u64 {
+        let flags = [
+            (self.usr, USR),
+            (self.os, OS),
+            (self.edge, EDGE),
+            (self.int, INT),
+            (self.en, EN),
+            (self.inv, INV),
+            (self.any, ANY),
+        ];
+        let bits = flags
+            .iter()
+            .filter(|(on, _)| *on)
+            .fold(0, |acc, (_, bit)| acc | bit);
+        EventCode::new(self.event, self.umask).to_select() | bits | (self.cmask as u64) << 24
+    }
+}
+
 /// The event code of `select`.
 pub fn event_code(select: u64) -> EventCode {
     EventCode {

@@ -103,7 +103,7 @@ fn build_probe() -> Result<(), String> {
 /// No SSE: on the development hosts (a paravirtualized nested KVM) every
 /// SSE instruction in a guest ends in a KVM emulation failure, so the probe's
 /// own code is compiled without SSE and avoids the parts of the precompiled
-/// `core` that use it (`core::fmt`). rustc warns that x86_64's float ABI
+/// `core` that use it (`core::fmt`). rustc warns that the `x86_64` float ABI
 /// wants SSE2; the probe has no floating point, so the warning is expected.
 fn codegen_flags() -> Vec<String> {
     [
@@ -127,7 +127,7 @@ fn codegen_flags() -> Vec<String> {
         "-Clink-arg=-Wl,-z,norelro",
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(ToString::to_string)
     .collect()
 }
 

@@ -97,6 +97,8 @@ pub struct Config {
     pub rdpmc: bool,
     pub counter: u32,
     pub force: bool,
+    /// gp test: reserved bits must #GP (`probe.rsvd=gp`) or be ignored.
+    pub rsvd_gp: bool,
     /// Use x2APIC when CPUID offers it (`probe.apic=auto`, the default).
     pub x2apic: bool,
     pub timeout_ms: u64,
@@ -124,6 +126,7 @@ impl Config {
             counter: 0,
             force: false,
             x2apic: true,
+            rsvd_gp: true,
             timeout_ms: 10_000,
             tsc_khz: None,
             warnings: [None; MAX_WARNINGS],
@@ -233,6 +236,17 @@ pub fn parse(raw: &'static [u8]) -> Config {
             b"probe.timeout_ms" => num.map(|v| c.timeout_ms = v).is_some(),
             b"probe.rdpmc" => parse_bool(val).map(|v| c.rdpmc = v).is_some(),
             b"probe.force" => parse_bool(val).map(|v| c.force = v).is_some(),
+            b"probe.rsvd" => match val {
+                b"gp" => {
+                    c.rsvd_gp = true;
+                    true
+                }
+                b"ignore" => {
+                    c.rsvd_gp = false;
+                    true
+                }
+                _ => false,
+            },
             b"probe.apic" => match val {
                 b"auto" | b"x2apic" => {
                     c.x2apic = true;

@@ -48,7 +48,7 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
             Test::Cycles => cycles(cfg, cpu, &pmu, i),
             Test::Halt => halt(cfg, cpu, &pmu, i),
             Test::Pmi => pmi(cfg, cpu, &pmu, i),
-            Test::Gp => gp(cpu, &pmu),
+            Test::Gp => gp(cfg, cpu, &pmu),
             Test::Toggle => toggle(cfg, cpu, &pmu, i),
             Test::Rdpmc => rdpmc(cfg, cpu, &pmu, i),
         };
@@ -375,84 +375,156 @@ fn rdpmc(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
 }
 
 // ---------------------------------------------------------------------------
-// gp: reserved bits and out-of-model MSRs must #GP; defined ones must not.
+// gp: out-of-model MSRs must #GP; defined MSRs with defined values must not;
+// reserved bits must #GP (`probe.rsvd=gp`, the default) or be dropped
+// (`probe.rsvd=ignore`: the write succeeds and the bit reads back as 0).
 
 const MAX_MISMATCH: usize = 6;
+
+/// What a check found wrong.
+#[derive(Clone, Copy)]
+enum Miss {
+    /// Expected #GP, got none.
+    NoGp,
+    /// Unexpected #GP.
+    Gp,
+    /// Reserved bit accepted and kept (reads back set) in `ignore` mode.
+    Kept,
+}
 
 #[derive(Clone, Copy)]
 struct Mismatch {
     write: bool,
     msr: u32,
     val: u64,
-    got_gp: bool,
+    miss: Miss,
 }
 
+/// Categories of checks, reported as `name=<#GPs>/<accesses>`.
+#[derive(Clone, Copy)]
+enum Cat {
+    /// Defined MSRs, defined values: 0 #GPs expected.
+    Defined,
+    /// Reserved bits of event selects.
+    EvtselRsvd,
+    /// Reserved bits of global control/status/fixed-control MSRs.
+    GlobalRsvd,
+    /// Writes to read-only MSRs (global status).
+    RoWrite,
+    /// MSRs outside the model: all #GP.
+    Outside,
+}
+const CATS: usize = 5;
+const CAT_NAMES: [&str; CATS] = ["defined", "evtsel_rsvd", "global_rsvd", "ro_write", "outside"];
+
 struct Tally {
+    /// Expect #GP for reserved bits and read-only writes (else: ignored).
+    rsvd_gp: bool,
     checks: u64,
     gp_expected: u64,
     gp_got: u64,
     mismatches: u64,
+    kept: u64,
+    cat_gp: [u64; CATS],
+    cat_total: [u64; CATS],
     first: [Option<Mismatch>; MAX_MISMATCH],
 }
 
 impl Tally {
-    fn record(&mut self, write: bool, msr: u32, val: u64, expect_gp: bool, got_gp: bool) {
+    fn new(rsvd_gp: bool) -> Tally {
+        Tally {
+            rsvd_gp,
+            checks: 0,
+            gp_expected: 0,
+            gp_got: 0,
+            mismatches: 0,
+            kept: 0,
+            cat_gp: [0; CATS],
+            cat_total: [0; CATS],
+            first: [None; MAX_MISMATCH],
+        }
+    }
+
+    fn miss(&mut self, m: Mismatch) {
+        if let Some(slot) = self.first.iter_mut().find(|s| s.is_none()) {
+            *slot = Some(m);
+        }
+        self.mismatches += 1;
+    }
+
+    fn record(&mut self, cat: Cat, write: bool, msr: u32, val: u64, expect_gp: bool, got_gp: bool) {
         self.checks += 1;
         self.gp_expected += expect_gp as u64;
         self.gp_got += got_gp as u64;
+        self.cat_total[cat as usize] += 1;
+        self.cat_gp[cat as usize] += got_gp as u64;
         if expect_gp != got_gp {
-            if let Some(slot) = self.first.iter_mut().find(|m| m.is_none()) {
-                *slot = Some(Mismatch {
-                    write,
-                    msr,
-                    val,
-                    got_gp,
-                });
-            }
-            self.mismatches += 1;
+            let miss = if got_gp { Miss::Gp } else { Miss::NoGp };
+            self.miss(Mismatch {
+                write,
+                msr,
+                val,
+                miss,
+            });
         }
     }
 
     /// RDMSR; returns the value if it did not fault.
-    fn read(&mut self, msr: u32, expect_gp: bool) -> Option<u64> {
+    fn read(&mut self, cat: Cat, msr: u32, expect_gp: bool) -> Option<u64> {
         let r = pmu::rd(msr).ok();
-        self.record(false, msr, 0, expect_gp, r.is_none());
+        self.record(cat, false, msr, 0, expect_gp, r.is_none());
         r
     }
 
-    /// WRMSR; if it unexpectedly succeeded, writes `restore` back.
-    fn write(&mut self, msr: u32, val: u64, expect_gp: bool, restore: u64) {
+    /// WRMSR; returns whether it succeeded.
+    fn write(&mut self, cat: Cat, msr: u32, val: u64, expect_gp: bool) -> bool {
         let ok = pmu::wr(msr, val).is_ok();
-        self.record(true, msr, val, expect_gp, !ok);
-        if ok && val != restore {
-            let _ = pmu::wr(msr, restore);
-        }
+        self.record(cat, true, msr, val, expect_gp, !ok);
+        ok
     }
 
-    /// Writes each bit outside `valid` (and outside `skip`) on its own; every
-    /// one must #GP. Also checks that 0 and the old value are accepted.
-    fn reserved_bits(&mut self, msr: u32, valid: u64, skip: u64) {
-        let old = self.read(msr, false).unwrap_or(0) & valid;
-        self.write(msr, 0, false, old);
+    /// Writes each bit outside `valid` (and outside `skip`) on its own, then
+    /// restores the old value. Also checks that 0 is accepted.
+    fn reserved_bits(&mut self, cat: Cat, msr: u32, valid: u64, skip: u64) {
+        let old = self.read(Cat::Defined, msr, false).unwrap_or(0) & valid;
+        self.write(Cat::Defined, msr, 0, false);
         for b in 0..64 {
             let bit = 1u64 << b;
-            if (valid | skip) & bit == 0 {
-                self.write(msr, bit, true, old);
+            if (valid | skip) & bit != 0 {
+                continue;
+            }
+            if self.write(cat, msr, bit, self.rsvd_gp) && !self.rsvd_gp {
+                // Accepted: the reserved bit must have been dropped.
+                if pmu::rd(msr).is_ok_and(|v| v & bit != 0) {
+                    self.kept += 1;
+                    self.miss(Mismatch {
+                        write: true,
+                        msr,
+                        val: bit,
+                        miss: Miss::Kept,
+                    });
+                }
             }
         }
         let _ = pmu::wr(msr, old);
     }
 
+    /// A read-only MSR: reads work, writes #GP (or are ignored).
+    fn read_only(&mut self, msr: u32) {
+        self.read(Cat::Defined, msr, false);
+        self.write(Cat::RoWrite, msr, 0, self.rsvd_gp);
+    }
+
     /// An MSR outside the model: read and write must both #GP.
     fn outside(&mut self, msr: u32) {
-        self.read(msr, true);
-        self.write(msr, 0, true, 0);
+        self.read(Cat::Outside, msr, true);
+        self.write(Cat::Outside, msr, 0, true);
     }
 
     /// A defined counter MSR: read and write of 0 must work.
     fn counter(&mut self, msr: u32) {
-        let old = self.read(msr, false).unwrap_or(0);
-        self.write(msr, 0, false, old);
+        let old = self.read(Cat::Defined, msr, false).unwrap_or(0);
+        self.write(Cat::Defined, msr, 0, false);
         let _ = pmu::wr(msr, old);
     }
 }
@@ -467,7 +539,11 @@ impl Put for MismatchList<'_> {
                 l.byte(b',');
             }
             any = true;
-            let what = if m.got_gp { "gp" } else { "nogp" };
+            let what = match m.miss {
+                Miss::NoGp => "nogp",
+                Miss::Gp => "gp",
+                Miss::Kept => "kept",
+            };
             if m.write {
                 l.put("w:")
                     .put(&Hex(m.msr as u64))
@@ -485,16 +561,27 @@ impl Put for MismatchList<'_> {
     }
 }
 
-fn gp(cpu: u32, p: &Pmu) -> Result<(), Fault> {
+struct Categories<'a>(&'a Tally);
+
+impl Put for Categories<'_> {
+    fn put(&self, l: &mut Line) {
+        for (i, name) in CAT_NAMES.iter().enumerate() {
+            if i > 0 {
+                l.byte(b' ');
+            }
+            l.put(*name)
+                .put("=")
+                .put(&self.0.cat_gp[i])
+                .put("/")
+                .put(&self.0.cat_total[i]);
+        }
+    }
+}
+
+fn gp(cfg: &Config, cpu: u32, p: &Pmu) -> Result<(), Fault> {
     let pc = percpu::this_cpu();
     let gp0 = pc.gp_fixups.load(Ordering::Relaxed);
-    let mut t = Tally {
-        checks: 0,
-        gp_expected: 0,
-        gp_got: 0,
-        mismatches: 0,
-        first: [None; MAX_MISMATCH],
-    };
+    let mut t = Tally::new(cfg.rsvd_gp);
     match p.kind {
         Kind::Amd => gp_amd(&mut t, p),
         Kind::Intel => gp_intel(&mut t, p),
@@ -506,6 +593,8 @@ fn gp(cpu: u32, p: &Pmu) -> Result<(), Fault> {
         cpu,
         " test=gp model=",
         p.kind.name(),
+        " rsvd=",
+        if t.rsvd_gp { "gp" } else { "ignore" },
         " checks=",
         t.checks,
         " gp_expected=",
@@ -514,6 +603,10 @@ fn gp(cpu: u32, p: &Pmu) -> Result<(), Fault> {
         t.gp_got,
         " gp_handled=",
         pc.gp_fixups.load(Ordering::Relaxed) - gp0,
+        " ",
+        Categories(&t),
+        " kept=",
+        t.kept,
         " mismatches=",
         t.mismatches,
         " first=",
@@ -532,7 +625,7 @@ fn low_bits(n: u32) -> u64 {
 
 fn gp_amd(t: &mut Tally, p: &Pmu) {
     for i in 0..p.num_gp {
-        t.reserved_bits(p.ctl_msr(i), amd::CTL_VALID, 0);
+        t.reserved_bits(Cat::EvtselRsvd, p.ctl_msr(i), amd::CTL_VALID, 0);
         t.counter(p.ctr_msr(i));
     }
     let legacy_in_model = if p.amd_ext_core {
@@ -543,7 +636,7 @@ fn gp_amd(t: &mut Tally, p: &Pmu) {
     if p.amd_ext_core {
         // Legacy MSRs alias counters 0-3: same rules.
         for i in 0..legacy_in_model {
-            t.reserved_bits(amd::LEGACY_CTL0 + i, amd::CTL_VALID, 0);
+            t.reserved_bits(Cat::EvtselRsvd, amd::LEGACY_CTL0 + i, amd::CTL_VALID, 0);
             t.counter(amd::LEGACY_CTR0 + i);
         }
         // Extended counters beyond the model, and the first one past 6.
@@ -562,16 +655,25 @@ fn gp_amd(t: &mut Tally, p: &Pmu) {
     t.outside(amd::LEGACY_CTR0 + amd::LEGACY_COUNTERS); // 0xc0010008
     if p.amd_v2 {
         let counters = low_bits(p.num_gp);
-        t.reserved_bits(amd::GLOBAL_CTL, counters, 0);
-        t.reserved_bits(amd::GLOBAL_STATUS_CLR, counters, 0);
-        // SET: only reserved bits and 0 (valid bits would raise status).
-        t.write(amd::GLOBAL_STATUS_SET, 0, false, 0);
+        t.reserved_bits(Cat::GlobalRsvd, amd::GLOBAL_CTL, counters, 0);
+        t.reserved_bits(Cat::GlobalRsvd, amd::GLOBAL_STATUS_CLR, counters, 0);
+        // SET: 0 and reserved bits only (valid bits would raise status).
+        t.write(Cat::Defined, amd::GLOBAL_STATUS_SET, 0, false);
         for b in p.num_gp..64 {
-            t.write(amd::GLOBAL_STATUS_SET, 1 << b, true, 0);
+            let bit = 1u64 << b;
+            if t.write(Cat::GlobalRsvd, amd::GLOBAL_STATUS_SET, bit, t.rsvd_gp) && !t.rsvd_gp {
+                if pmu::rd(amd::GLOBAL_STATUS).is_ok_and(|v| v & bit != 0) {
+                    t.kept += 1;
+                    t.miss(Mismatch {
+                        write: true,
+                        msr: amd::GLOBAL_STATUS_SET,
+                        val: bit,
+                        miss: Miss::Kept,
+                    });
+                }
+            }
         }
-        // GLOBAL_STATUS is read-only.
-        t.read(amd::GLOBAL_STATUS, false);
-        t.write(amd::GLOBAL_STATUS, 0, true, 0);
+        t.read_only(amd::GLOBAL_STATUS);
         t.outside(amd::GLOBAL_STATUS - 1);
         t.outside(amd::GLOBAL_STATUS_SET + 1);
     } else {
@@ -583,7 +685,12 @@ fn gp_amd(t: &mut Tally, p: &Pmu) {
 
 fn gp_intel(t: &mut Tally, p: &Pmu) {
     for i in 0..p.num_gp {
-        t.reserved_bits(intel::PERFEVTSEL0 + i, intel::EVTSEL_VALID, intel::EVTSEL_ANY);
+        t.reserved_bits(
+            Cat::EvtselRsvd,
+            intel::PERFEVTSEL0 + i,
+            intel::EVTSEL_VALID,
+            intel::EVTSEL_ANY,
+        );
         t.counter(intel::PMC0 + i);
         if p.intel_full_width {
             t.counter(intel::A_PMC0 + i);
@@ -601,6 +708,7 @@ fn gp_intel(t: &mut Tally, p: &Pmu) {
     if p.version >= 2 {
         if p.num_fixed > 0 {
             t.reserved_bits(
+                Cat::GlobalRsvd,
                 intel::FIXED_CTR_CTRL,
                 intel::fixed_ctrl_valid(p.num_fixed),
                 intel::fixed_ctrl_any(p.num_fixed),
@@ -611,12 +719,11 @@ fn gp_intel(t: &mut Tally, p: &Pmu) {
             t.outside(intel::FIXED_CTR0 + p.num_fixed);
         }
         let counters = low_bits(p.num_gp) | (low_bits(p.num_fixed) << 32);
-        t.reserved_bits(intel::GLOBAL_CTRL, counters, 0);
+        t.reserved_bits(Cat::GlobalRsvd, intel::GLOBAL_CTRL, counters, 0);
         // OVF_CTRL bits 61-63 (uncore, DS buffer, CondChgd) depend on the
         // version and are not tested.
-        t.reserved_bits(intel::GLOBAL_OVF_CTRL, counters, 0b111 << 61);
-        t.read(intel::GLOBAL_STATUS, false);
-        t.write(intel::GLOBAL_STATUS, 0, true, 0);
+        t.reserved_bits(Cat::GlobalRsvd, intel::GLOBAL_OVF_CTRL, counters, 0b111 << 61);
+        t.read_only(intel::GLOBAL_STATUS);
         if p.version < 4 {
             t.outside(intel::GLOBAL_STATUS_SET);
             t.outside(intel::GLOBAL_INUSE);

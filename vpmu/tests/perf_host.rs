@@ -1,0 +1,263 @@
+//! The perf backend against the real host, with software events (this
+//! project's hosts have no hardware PMU; where one exists the hardware
+//! checks adapt and say so).
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use common::TSC_KHZ;
+use vpmu::backend::perf::PerfBackend;
+use vpmu::evtsel::{EN, INT, OS, USR};
+use vpmu::msr::*;
+use vpmu::{
+    Backend, BackendError, Backing, EventPolicy, EventSpec, GuestClock, OverflowNotify, PmuModel,
+    Vendor, Vpmu,
+};
+
+const MS: u64 = 1_000_000;
+
+/// This thread's CPU time, ns.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Burns `ns` of this thread's CPU time.
+fn spin(ns: u64) {
+    let start = thread_cpu_ns();
+    while thread_cpu_ns() - start < ns {
+        std::hint::spin_loop();
+    }
+}
+
+static SIGNALS: AtomicU64 = AtomicU64::new(0);
+static HANDLER: Once = Once::new();
+
+extern "C" fn count_signal(_: libc::c_int) {
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// A real-time signal whose handler counts deliveries.
+fn overflow_signal() -> i32 {
+    let signal = libc::SIGRTMIN() + 5;
+    HANDLER.call_once(|| {
+        // SAFETY: installs an async-signal-safe handler (one atomic add)
+        // with a zeroed, then filled, sigaction.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = count_signal as *const () as usize;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            assert_eq!(libc::sigaction(signal, &action, std::ptr::null_mut()), 0);
+        }
+    });
+    signal
+}
+
+fn notify_here() -> OverflowNotify {
+    OverflowNotify {
+        tid: PerfBackend::current_tid(),
+        signal: overflow_signal(),
+    }
+}
+
+#[test]
+fn task_clock_counts_while_running_and_not_while_stopped() {
+    let mut backend = PerfBackend::new(0);
+    let handle = backend
+        .open(&EventSpec::clock(None))
+        .expect("task-clock opens");
+    assert_eq!(backend.read(handle).unwrap().value, 0, "opened disabled");
+    backend.start(handle).unwrap();
+    spin(20 * MS);
+    let running = backend.read(handle).unwrap();
+    assert!(
+        running.value >= 19 * MS && running.value < 200 * MS,
+        "{running:?}"
+    );
+    backend.stop(handle).unwrap();
+    let stopped = backend.read(handle).unwrap().value;
+    spin(20 * MS);
+    assert_eq!(
+        backend.read(handle).unwrap().value,
+        stopped,
+        "stopped: no counting"
+    );
+    backend.start(handle).unwrap();
+    spin(10 * MS);
+    assert!(
+        backend.read(handle).unwrap().value >= stopped + 9 * MS,
+        "started again on the same fd"
+    );
+    assert_eq!(backend.open_events(), 1);
+    backend.close(handle);
+    assert_eq!(backend.read(handle), Err(BackendError::UnknownHandle(0)));
+}
+
+#[test]
+fn overflow_signals_arrive_at_the_armed_period() {
+    let mut backend = PerfBackend::new(0);
+    backend.set_overflow_notify(Some(notify_here()));
+    let handle = backend.open(&EventSpec::clock(Some(2 * MS))).unwrap();
+    let before = SIGNALS.load(Ordering::SeqCst);
+    backend.start(handle).unwrap();
+    spin(100 * MS);
+    backend.stop(handle).unwrap();
+    let delivered = SIGNALS.load(Ordering::SeqCst) - before;
+    assert!(
+        (25..=60).contains(&delivered),
+        "{delivered} signals for 50 periods"
+    );
+
+    // A new period counts from now.
+    backend.set_period(handle, 20 * MS).unwrap();
+    let before = SIGNALS.load(Ordering::SeqCst);
+    backend.start(handle).unwrap();
+    spin(100 * MS);
+    backend.stop(handle).unwrap();
+    let delivered = SIGNALS.load(Ordering::SeqCst) - before;
+    assert!(
+        (2..=7).contains(&delivered),
+        "{delivered} signals for 5 periods"
+    );
+}
+
+#[test]
+fn hardware_events_open_or_fail_with_a_clear_error() {
+    let mut backend = PerfBackend::new(0);
+    let spec = EventSpec::hardware(0x76, true, true, 1 << 40);
+    match (backend.open(&spec), PerfBackend::probe_hardware()) {
+        (Ok(handle), Ok(())) => {
+            eprintln!("host has a hardware PMU: raw event opened");
+            backend.close(handle);
+        }
+        (Err(error), Err(probe)) => {
+            assert!(error.means_no_hardware(), "{error:?}");
+            assert!(probe.means_no_hardware(), "{probe:?}");
+            let text = error.to_string();
+            assert!(
+                text.contains("perf_event_open") && text.contains("ENOENT"),
+                "{text}"
+            );
+        }
+        (raw, probe) => panic!("raw open and probe disagree: {raw:?} vs {probe:?}"),
+    }
+}
+
+fn amd_vpmu() -> Vpmu<PerfBackend> {
+    let model = PmuModel::best_for_host(Vendor::Amd, &Default::default());
+    let mut backend = PerfBackend::new(PerfBackend::current_tid());
+    backend.set_overflow_notify(Some(notify_here()));
+    Vpmu::new(
+        model,
+        EventPolicy::allow_all(),
+        backend,
+        GuestClock::new(TSC_KHZ),
+    )
+    .unwrap()
+}
+
+fn cycles_of(ns: u64) -> u64 {
+    ns * TSC_KHZ as u64 / MS
+}
+
+#[test]
+fn vpmu_counts_guest_time_only_and_never_reopens() {
+    if PerfBackend::probe_hardware().is_ok() {
+        eprintln!(
+            "host has hardware events: guest-only cycles cannot be exercised without a guest"
+        );
+        return;
+    }
+    let mut pmu = amd_vpmu();
+    pmu.wrmsr(AMD_PERF_CTL0, 0x76 | USR | OS | EN).unwrap();
+    assert_eq!(pmu.snapshot().counters[0].backing, Backing::SoftwareClock);
+    assert!(pmu.exit_hooks_needed());
+
+    pmu.on_guest_entry();
+    spin(30 * MS); // "guest" time
+    pmu.on_guest_exit();
+    spin(30 * MS); // VMM time
+    std::thread::sleep(Duration::from_millis(30)); // paused: not even on a CPU
+    let value = pmu.rdmsr(AMD_PERF_CTL0 + 1).unwrap();
+    assert!(
+        value >= cycles_of(29 * MS) && value < cycles_of(45 * MS),
+        "{value}"
+    );
+
+    for _ in 0..10 {
+        pmu.wrmsr(AMD_PERF_CTL0, 0x76 | USR | OS).unwrap();
+        pmu.wrmsr(AMD_PERF_CTL0, 0x76 | USR | OS | EN).unwrap();
+        pmu.wrmsr(AMD_GLOBAL_CTL, 0).unwrap();
+        pmu.wrmsr(AMD_GLOBAL_CTL, 0x3F).unwrap();
+        let context = pmu.save();
+        pmu.restore(&context).unwrap();
+    }
+    let stats = *pmu.stats();
+    assert_eq!(
+        stats.opens, 2,
+        "the counter's clock event and the guest-time reference"
+    );
+    assert_eq!(
+        stats.open_failures, 1,
+        "one hardware attempt taught it the host has none"
+    );
+    assert_eq!(stats.closes, 0);
+    assert_eq!(stats.starts, 21);
+    assert_eq!(pmu.backend().open_events(), 2);
+    assert_eq!(
+        pmu.rdmsr(AMD_PERF_CTL0 + 1).unwrap(),
+        value,
+        "no guest time since"
+    );
+
+    pmu.wrmsr(AMD_PERF_CTL0 + 2, 0xC0 | USR | OS | EN).unwrap();
+    let snapshot = pmu.snapshot();
+    let Backing::Unbacked { reason } = &snapshot.counters[1].backing else {
+        panic!("{snapshot:?}")
+    };
+    assert!(reason.contains("ENOENT"), "{reason}");
+    assert!(snapshot.counters[0].host_time_enabled_ns > 0);
+}
+
+#[test]
+fn vpmu_overflow_interrupts_and_raises_the_pmi() {
+    if PerfBackend::probe_hardware().is_ok() {
+        eprintln!("host has hardware events: guest-only cycles cannot overflow without a guest");
+        return;
+    }
+    let mut pmu = amd_vpmu();
+    let distance = cycles_of(5 * MS);
+    pmu.wrmsr(AMD_PERF_CTL0 + 1, (1 << 48) - distance).unwrap();
+    pmu.wrmsr(AMD_PERF_CTL0, 0x76 | USR | OS | INT | EN)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut signals = 0;
+    loop {
+        let seen = SIGNALS.load(Ordering::SeqCst);
+        pmu.on_guest_entry();
+        while SIGNALS.load(Ordering::SeqCst) == seen && Instant::now() < deadline {
+            spin(100_000); // the "guest" runs until a signal interrupts it
+        }
+        pmu.on_guest_exit();
+        signals += 1;
+        pmu.handle_host_overflow();
+        if pmu.take_pending_pmi() || Instant::now() >= deadline {
+            break;
+        }
+    }
+    assert!(Instant::now() < deadline, "no PMI within 5 s");
+    assert!(signals <= 5, "{signals} signals for one overflow");
+    assert_eq!(pmu.rdmsr(AMD_GLOBAL_STATUS), Ok(1));
+    let value = pmu.rdmsr(AMD_PERF_CTL0 + 1).unwrap();
+    assert!(value < cycles_of(2 * MS), "wrapped just past zero: {value}");
+    assert_eq!(pmu.stats().opens, 2);
+}

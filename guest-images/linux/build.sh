@@ -45,6 +45,8 @@ die() {
     exit 1
 }
 
+ORIG_ARGS=("$@")
+exec 8>&1 # the real stdout, for a restart from inside a redirection
 while (($#)); do
     case "$1" in
         --out) [[ $# -ge 2 ]] || { usage >&2; exit 2; }; OUT=$2; shift 2 ;;
@@ -225,9 +227,18 @@ fetch() {
             specs+=("$pkgname=$ver")
         done
         log "downloading ${#specs[@]} package(s): ${specs[*]}"
-        (cd "$CACHE/debs" && timeout "$NET_TIMEOUT" apt-get "${APT_OPTS[@]}" download "${specs[@]}") \
-            >"$LOGDIR/download.log" 2>&1 ||
+        if ! (cd "$CACHE/debs" && timeout "$NET_TIMEOUT" apt-get "${APT_OPTS[@]}" download "${specs[@]}") \
+            >"$LOGDIR/download.log" 2>&1; then
+            # Stale lists name versions the archive no longer has: update
+            # them and start again (versions may change), once.
+            if [[ -z ${BUILD_SH_RESTARTED:-} ]] && apt_update; then
+                log "download failed; starting again with fresh package lists"
+                export BUILD_SH_RESTARTED=1
+                exec 9>&-
+                exec "$HERE/build.sh" "${ORIG_ARGS[@]}" >&8
+            fi
             die "apt-get download failed (log: $LOGDIR/download.log): $(tail -n 3 "$LOGDIR/download.log")"
+        fi
         DOWNLOADED+=("${missing[@]}")
     fi
     for file in "${!want_sum[@]}"; do

@@ -18,7 +18,13 @@ const CYCLES: u64 = 0x76 | USR | OS | EN;
 
 fn vpmu<B: Backend>(backend: B) -> Vpmu<B> {
     let model = PmuModel::best_for_host(Vendor::Amd, &Default::default());
-    Vpmu::new(model, EventPolicy::allow_all(), backend, GuestClock::new(3_000_000)).unwrap()
+    Vpmu::new(
+        model,
+        EventPolicy::allow_all(),
+        backend,
+        GuestClock::new(3_000_000),
+    )
+    .unwrap()
 }
 
 /// Runs `op` `iterations` times (after a warm-up) and prints ns per call.
@@ -41,19 +47,33 @@ fn fake_backend() {
     measure("rdmsr PERF_CTL0", 2_000_000, |_| {
         black_box(pmu.rdmsr(black_box(CTL0)).unwrap());
     });
-    measure("rdmsr PERF_CTR0, running hardware-backed (one host read)", 2_000_000, |_| {
-        black_box(pmu.rdmsr(black_box(CTR0)).unwrap());
+    measure(
+        "rdmsr PERF_CTR0, running hardware-backed (one host read)",
+        2_000_000,
+        |_| {
+            black_box(pmu.rdmsr(black_box(CTR0)).unwrap());
+        },
+    );
+    measure("wrmsr PERF_CTL0, same value", 2_000_000, |_| {
+        pmu.wrmsr(CTL0, black_box(CYCLES)).unwrap()
     });
-    measure("wrmsr PERF_CTL0, same value", 2_000_000, |_| pmu.wrmsr(CTL0, black_box(CYCLES)).unwrap());
-    measure("wrmsr GLOBAL_STATUS_CLR", 2_000_000, |i| pmu.wrmsr(AMD_GLOBAL_STATUS_CLR, i as u64 & 0x3F).unwrap());
+    measure("wrmsr GLOBAL_STATUS_CLR", 2_000_000, |i| {
+        pmu.wrmsr(AMD_GLOBAL_STATUS_CLR, i as u64 & 0x3F).unwrap()
+    });
     pmu.wrmsr(AMD_PERF_CTL0 + 2, CYCLES & !EN).unwrap();
-    measure("wrmsr PERF_CTR1, counter stopped", 2_000_000, |i| pmu.wrmsr(AMD_PERF_CTL0 + 3, i as u64).unwrap());
-    measure("wrmsr PERF_CTL0, EN toggle (host stop/start)", 2_000_000, |i| {
-        pmu.wrmsr(CTL0, CYCLES & !((i as u64 & 1) * EN)).unwrap()
+    measure("wrmsr PERF_CTR1, counter stopped", 2_000_000, |i| {
+        pmu.wrmsr(AMD_PERF_CTL0 + 3, i as u64).unwrap()
     });
-    measure("wrmsr PERF_CTL0, new event (host close + open)", 1_000_000, |i| {
-        pmu.wrmsr(CTL0, CYCLES | (i as u64 & 1) << 8).unwrap()
-    });
+    measure(
+        "wrmsr PERF_CTL0, EN toggle (host stop/start)",
+        2_000_000,
+        |i| pmu.wrmsr(CTL0, CYCLES & !((i as u64 & 1) * EN)).unwrap(),
+    );
+    measure(
+        "wrmsr PERF_CTL0, new event (host close + open)",
+        1_000_000,
+        |i| pmu.wrmsr(CTL0, CYCLES | (i as u64 & 1) << 8).unwrap(),
+    );
 }
 
 fn perf_backend() {
@@ -61,34 +81,65 @@ fn perf_backend() {
     let mut pmu = vpmu(PerfBackend::new(0));
     pmu.on_guest_entry();
     pmu.on_guest_exit();
-    measure("on_guest_entry + on_guest_exit, no counter running", 5_000_000, |_| {
-        pmu.on_guest_entry();
-        pmu.on_guest_exit();
-    });
+    measure(
+        "on_guest_entry + on_guest_exit, no counter running",
+        5_000_000,
+        |_| {
+            pmu.on_guest_entry();
+            pmu.on_guest_exit();
+        },
+    );
     pmu.wrmsr(CTL0, CYCLES).unwrap();
-    measure("rdmsr PERF_CTR0, running clock-backed (no syscall)", 2_000_000, |_| {
-        black_box(pmu.rdmsr(black_box(CTR0)).unwrap());
+    measure(
+        "rdmsr PERF_CTR0, running clock-backed (no syscall)",
+        2_000_000,
+        |_| {
+            black_box(pmu.rdmsr(black_box(CTR0)).unwrap());
+        },
+    );
+    measure("wrmsr PERF_CTL0, same value", 2_000_000, |_| {
+        pmu.wrmsr(CTL0, black_box(CYCLES)).unwrap()
     });
-    measure("wrmsr PERF_CTL0, same value", 2_000_000, |_| pmu.wrmsr(CTL0, black_box(CYCLES)).unwrap());
-    measure("wrmsr GLOBAL_STATUS_CLR", 2_000_000, |i| pmu.wrmsr(AMD_GLOBAL_STATUS_CLR, i as u64 & 0x3F).unwrap());
+    measure("wrmsr GLOBAL_STATUS_CLR", 2_000_000, |i| {
+        pmu.wrmsr(AMD_GLOBAL_STATUS_CLR, i as u64 & 0x3F).unwrap()
+    });
     pmu.wrmsr(AMD_PERF_CTL0 + 2, CYCLES & !EN).unwrap();
-    measure("wrmsr PERF_CTR1, counter stopped", 2_000_000, |i| pmu.wrmsr(AMD_PERF_CTL0 + 3, i as u64).unwrap());
-    measure("on_guest_entry + on_guest_exit, clock counter running", 200_000, |_| {
-        pmu.on_guest_entry();
-        pmu.on_guest_exit();
+    measure("wrmsr PERF_CTR1, counter stopped", 2_000_000, |i| {
+        pmu.wrmsr(AMD_PERF_CTL0 + 3, i as u64).unwrap()
     });
-    measure("wrmsr PERF_CTR0, counter running (re-arm ioctl)", 100_000, |i| {
-        pmu.wrmsr(CTR0, i as u64).unwrap()
-    });
-    measure("wrmsr PERF_CTL0, EN toggle (stop/start ioctl)", 100_000, |i| {
-        pmu.wrmsr(CTL0, CYCLES & !((i as u64 & 1) * EN)).unwrap()
-    });
-    measure("wrmsr PERF_CTL0, new programming (close + open + start)", 20_000, |i| {
-        pmu.wrmsr(CTL0, CYCLES & !((i as u64 & 1) * USR)).unwrap()
-    });
-    measure("handle_host_overflow, one clock counter running", 100_000, |_| pmu.handle_host_overflow());
+    measure(
+        "on_guest_entry + on_guest_exit, clock counter running",
+        200_000,
+        |_| {
+            pmu.on_guest_entry();
+            pmu.on_guest_exit();
+        },
+    );
+    measure(
+        "wrmsr PERF_CTR0, counter running (re-arm ioctl)",
+        100_000,
+        |i| pmu.wrmsr(CTR0, i as u64).unwrap(),
+    );
+    measure(
+        "wrmsr PERF_CTL0, EN toggle (stop/start ioctl)",
+        100_000,
+        |i| pmu.wrmsr(CTL0, CYCLES & !((i as u64 & 1) * EN)).unwrap(),
+    );
+    measure(
+        "wrmsr PERF_CTL0, new programming (close + open + start)",
+        20_000,
+        |i| pmu.wrmsr(CTL0, CYCLES & !((i as u64 & 1) * USR)).unwrap(),
+    );
+    measure(
+        "handle_host_overflow, one clock counter running",
+        100_000,
+        |_| pmu.handle_host_overflow(),
+    );
     let stats = pmu.stats();
-    println!("   (perf_event_open calls: {}, closes: {}, starts: {}, stops: {})", stats.opens, stats.closes, stats.starts, stats.stops);
+    println!(
+        "   (perf_event_open calls: {}, closes: {}, starts: {}, stops: {})",
+        stats.opens, stats.closes, stats.starts, stats.stops
+    );
 }
 
 fn main() {

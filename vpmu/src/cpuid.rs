@@ -26,17 +26,17 @@ pub struct CpuidRegs {
 /// A leaf and subleaf.
 pub type Leaf = (u32, u32);
 
-/// Leaf 1 ECX[2]: DTES64 (debug store; PEBS/BTS are not modelled).
+/// Leaf 1 ECX\[2\]: DTES64 (debug store; PEBS/BTS are not modelled).
 pub const LEAF1_ECX_DTES64: u32 = 1 << 2;
-/// Leaf 1 ECX[15]: PDCM (`IA32_PERF_CAPABILITIES`).
+/// Leaf 1 ECX\[15\]: PDCM (`IA32_PERF_CAPABILITIES`).
 pub const LEAF1_ECX_PDCM: u32 = 1 << 15;
-/// Leaf 1 EDX[21]: DS (debug store).
+/// Leaf 1 EDX\[21\]: DS (debug store).
 pub const LEAF1_EDX_DS: u32 = 1 << 21;
-/// Leaf 0x8000_0001 ECX[23]: PerfCtrExtCore.
+/// Leaf 0x8000_0001 ECX\[23\]: PerfCtrExtCore.
 pub const EXT_ECX_PERFCTR_CORE: u32 = 1 << 23;
-/// Leaf 0x8000_0001 ECX[24]: PerfCtrExtNB (not modelled).
+/// Leaf 0x8000_0001 ECX\[24\]: PerfCtrExtNB (not modelled).
 pub const EXT_ECX_PERFCTR_NB: u32 = 1 << 24;
-/// Leaf 0x8000_0001 ECX[28]: PerfCtrExtLLC (not modelled).
+/// Leaf 0x8000_0001 ECX\[28\]: PerfCtrExtLLC (not modelled).
 pub const EXT_ECX_PERFCTR_LLC: u32 = 1 << 28;
 
 /// Intel architectural perfmon leaf.

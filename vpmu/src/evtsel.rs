@@ -5,9 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Event select bits [7:0].
+/// Event select bits \[7:0\].
 pub const EVENT_LOW: u64 = 0xFF;
-/// Unit mask [15:8].
+/// Unit mask \[15:8\].
 pub const UMASK: u64 = 0xFF << 8;
 /// Count in user mode (CPL > 0).
 pub const USR: u64 = 1 << 16;
@@ -25,9 +25,9 @@ pub const ANY: u64 = 1 << 21;
 pub const EN: u64 = 1 << 22;
 /// Invert counter mask.
 pub const INV: u64 = 1 << 23;
-/// Counter mask [31:24].
+/// Counter mask \[31:24\].
 pub const CMASK: u64 = 0xFF << 24;
-/// AMD event select bits [11:8], at [35:32].
+/// AMD event select bits \[11:8\], at \[35:32\].
 pub const EVENT_HIGH: u64 = 0xF << 32;
 /// AMD GuestOnly.
 pub const GUEST_ONLY: u64 = 1 << 40;
@@ -46,7 +46,7 @@ pub const RAW_CONFIG_BITS: u64 = EVENT_LOW | UMASK | EDGE | INV | CMASK | EVENT_
 /// An event code and unit mask: what an event select asks to count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct EventCode {
-    /// Event select, up to 12 bits (AMD uses bits [11:8]).
+    /// Event select, up to 12 bits (AMD uses bits \[11:8\]).
     pub event: u16,
     /// Unit mask.
     pub umask: u8,

@@ -116,8 +116,22 @@ pub struct HostFacts {
     pub hardware_events: bool,
     /// The host's PMU CPUID leaves, when known.
     pub cpuid: Option<HostCpuid>,
-    /// The host PMU supports full-width counter writes (`IA32_PERF_CAPABILITIES[13]`).
+    /// The host PMU supports full-width counter writes (`IA32_PERF_CAPABILITIES\[13\]`).
     pub intel_full_width_writes: bool,
+}
+
+impl HostFacts {
+    /// The facts of the host this runs on: its CPUID and a perf probe.
+    /// Full-width writes stay `false` (`IA32_PERF_CAPABILITIES` is not
+    /// readable from userspace without the msr driver); set it when known.
+    #[cfg(target_arch = "x86_64")]
+    pub fn detect() -> Self {
+        Self {
+            hardware_events: crate::backend::perf::PerfBackend::probe_hardware().is_ok(),
+            cpuid: Some(HostCpuid::detect()),
+            intel_full_width_writes: false,
+        }
+    }
 }
 
 /// The host CPUID values that describe its PMU.

@@ -75,8 +75,8 @@ impl FakeBackend {
         }
     }
 
-    /// Adds `delta` to every running event of `source`'s kind (hardware
-    /// or clock); returns the handles whose sample period elapsed.
+    /// Adds `delta` to every running hardware event (`hardware`) or every
+    /// running clock event; returns the handles whose sample period elapsed.
     pub fn advance(&mut self, hardware: bool, delta: u64) -> Vec<u32> {
         let mut fired = Vec::new();
         for (handle, event) in self.events.iter_mut().enumerate() {

@@ -15,7 +15,7 @@ const MAX_GP: u8 = 8;
 const MAX_FIXED: u8 = 3;
 const MAX_VERSION: u8 = 4;
 const WIDTHS: std::ops::RangeInclusive<u8> = 32..=48;
-/// Architectural events enumerated by CPUID.0AH:EBX (length in EAX[31:24]).
+/// Architectural events enumerated by CPUID.0AH:EBX (length in EAX\[31:24\]).
 const ARCH_EVENTS: u32 = 7;
 
 /// The architectural events (CPUID.0AH:EBX bit order), plus the

@@ -92,6 +92,10 @@ pub struct RunArgs {
     /// read as not counting.
     #[arg(long, value_name = "POLICY", default_value = "all")]
     vpmu_events: vpmu::EventPolicy,
+    /// Serve the host-side API (GET /vpmu, GET /metrics, PUT /vm/pause,
+    /// PUT /vm/resume) on this Unix socket, created with mode 0600.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// Stop the guest after this many seconds (exit code 3).
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, allow_negative_numbers = true)]
     timeout: Option<Duration>,
@@ -124,6 +128,7 @@ impl RunArgs {
                 version: self.vpmu_version,
                 events: self.vpmu_events.clone(),
             },
+            api_socket: self.api_socket.clone(),
         }
     }
 }

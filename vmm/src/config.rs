@@ -48,6 +48,8 @@ pub struct VmConfig {
     pub serial: SerialSink,
     pub timeout: Option<Duration>,
     pub vpmu: VpmuOptions,
+    /// Where to serve the host-side API.
+    pub api_socket: Option<PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -61,6 +63,7 @@ impl Default for VmConfig {
             serial: SerialSink::Stdio,
             timeout: None,
             vpmu: VpmuOptions::default(),
+            api_socket: None,
         }
     }
 }

@@ -8,11 +8,13 @@
 //! x86-64 boot set-up, [`loader`] the kernel formats, [`pmu`] the glue
 //! between KVM and each vCPU's virtual PMU (the `vpmu` crate).
 
+pub mod api;
 pub mod arch;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod event_loop;
+pub mod export;
 pub mod kick;
 pub mod loader;
 pub mod pmu;

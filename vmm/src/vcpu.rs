@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use devices::PioBus;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -11,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vpmu::VpmuSnapshot;
 
 use crate::error::Outcome;
+use crate::export::{Export, PUBLISH_INTERVAL};
 use crate::kick;
 use crate::pmu::vcpu::{PmiDelivery, VcpuPmu};
 use crate::pmu::PmuPlan;
@@ -30,6 +32,11 @@ pub struct VcpuReport {
 /// pause, and the first reason anything stopped.
 pub struct VmControl {
     stop: AtomicBool,
+    /// vCPU threads, by index, while they run: where kicks go.
+    threads: Mutex<Vec<Option<libc::pthread_t>>>,
+    /// vCPUs parked by a pause.
+    parked: Mutex<usize>,
+    parked_changed: Condvar,
     outcome: Mutex<Option<Outcome>>,
     paused: Mutex<bool>,
     resumed: Condvar,
@@ -39,9 +46,12 @@ pub struct VmControl {
 }
 
 impl VmControl {
-    pub fn new() -> std::io::Result<Self> {
+    pub fn new(vcpus: usize) -> std::io::Result<Self> {
         Ok(Self {
             stop: AtomicBool::new(false),
+            threads: Mutex::new(vec![None; vcpus]),
+            parked: Mutex::new(0),
+            parked_changed: Condvar::new(),
             outcome: Mutex::new(None),
             paused: Mutex::new(false),
             resumed: Condvar::new(),
@@ -50,9 +60,48 @@ impl VmControl {
         })
     }
 
-    /// Asks the vCPUs to leave the CPU and wait; the caller kicks them.
-    pub fn pause(&self) {
+    /// Pauses the VM: every running vCPU leaves the CPU and parks. Returns
+    /// once they all have (or after `timeout`), with whether they did.
+    pub fn pause(&self, timeout: std::time::Duration) -> bool {
         *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.kick_all();
+        let running = self.running_vcpus();
+        let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let (parked, _) = self
+            .parked_changed
+            .wait_timeout_while(parked, timeout, |p| *p < running && !self.stopping())
+            .unwrap_or_else(|e| e.into_inner());
+        *parked >= running
+    }
+
+    fn running_vcpus(&self) -> usize {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        threads.iter().flatten().count()
+    }
+
+    /// Gets vCPU `index` out of `KVM_RUN` (it will look at its flags).
+    pub fn kick(&self, index: usize) {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Some(thread)) = threads.get(index) {
+            // SAFETY: the pthread_t is registered only while its thread runs
+            // (under this lock), so it names a live thread.
+            unsafe { libc::pthread_kill(*thread, kick::kick_signal()) };
+        }
+    }
+
+    pub fn kick_all(&self) {
+        let count = self.threads.lock().unwrap_or_else(|e| e.into_inner()).len();
+        for index in 0..count {
+            self.kick(index);
+        }
+    }
+
+    fn register_thread(&self, index: usize, running: bool) {
+        let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = threads.get_mut(index) {
+            // SAFETY: pthread_self has no preconditions.
+            *slot = running.then(|| unsafe { libc::pthread_self() });
+        }
     }
 
     pub fn resume(&self) {
@@ -67,6 +116,18 @@ impl VmControl {
     /// Blocks the calling vCPU thread while the VM is paused and not
     /// stopping.
     fn wait_while_paused(&self) {
+        self.count_parked(1);
+        self.wait_for_resume();
+        self.count_parked(-1);
+    }
+
+    fn count_parked(&self, delta: isize) {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        *parked = parked.saturating_add_signed(delta);
+        self.parked_changed.notify_all();
+    }
+
+    fn wait_for_resume(&self) {
         let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
         while *paused && !self.stopping() {
             paused = self.resumed.wait(paused).unwrap_or_else(|e| e.into_inner());
@@ -114,6 +175,7 @@ impl VmControl {
 pub struct PmuSetup {
     pub plan: Arc<PmuPlan>,
     pub tsc_khz: u32,
+    pub export: Arc<Export>,
 }
 
 /// One vCPU, ready to run on its own thread.
@@ -125,6 +187,8 @@ pub struct Vcpu {
     control: Arc<VmControl>,
     pmu_setup: Option<PmuSetup>,
     pmu: Option<VcpuPmu>,
+    export: Option<Arc<Export>>,
+    last_publish: Instant,
     /// The last exit was a PMU MSR access.
     msr_exit: bool,
 }
@@ -155,6 +219,8 @@ impl Vcpu {
             control,
             pmu_setup,
             pmu: None,
+            export: None,
+            last_publish: Instant::now(),
             msr_exit: false,
         }
     }
@@ -167,9 +233,13 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        let index = usize::from(self.index);
         kick::arm(self.fd.get_kvm_run());
+        self.control.register_thread(index, true);
         let outcome = self.start_pmu().err().or_else(|| self.run_loop());
+        self.control.register_thread(index, false);
         kick::disarm();
+        self.publish(false);
         let report = VcpuReport {
             index: self.index,
             vpmu: self.pmu.as_mut().map(|p| (p.snapshot(), p.delivery)),
@@ -196,7 +266,27 @@ impl Vcpu {
             }
         })?;
         self.pmu = Some(pmu);
+        self.export = Some(setup.export);
+        self.publish(false);
         Ok(())
+    }
+
+    /// Publishes this vCPU's vPMU for the host.
+    fn publish(&mut self, paused: bool) {
+        if let (Some(pmu), Some(export)) = (&mut self.pmu, &self.export) {
+            pmu.publish(export, paused);
+            self.last_publish = Instant::now();
+        }
+    }
+
+    /// Publishes when a reader asked or the last view is getting old.
+    fn publish_if_due(&mut self) {
+        let Some(export) = &self.export else {
+            return;
+        };
+        if export.take_refresh(self.index) || self.last_publish.elapsed() >= PUBLISH_INTERVAL {
+            self.publish(false);
+        }
     }
 
     fn run_loop(&mut self) -> Option<Outcome> {
@@ -209,6 +299,7 @@ impl Vcpu {
                 continue;
             }
             let kicked = kick::take_kicked();
+            self.publish_if_due();
             if let Some(pmu) = &mut self.pmu {
                 pmu.before_entry(kicked, &self.fd, &self.vm, self.msr_exit);
             }
@@ -224,6 +315,7 @@ impl Vcpu {
         if let Some(pmu) = &mut self.pmu {
             pmu.switch_out();
         }
+        self.publish(true);
         self.control.wait_while_paused();
         if let Some(pmu) = &mut self.pmu {
             pmu.switch_in();

@@ -17,12 +17,13 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::Killable;
 
+use crate::api::{self, Api};
 use crate::arch::{acpi, boot_params, cpuid, layout, mptable, regs};
 use crate::config::{SerialSink, VmConfig, DEFAULT_LINUX_CMDLINE, MIN_MEMORY_MIB};
 use crate::error::{Outcome, StartError};
 use crate::event_loop::{self, MainLoop};
+use crate::export::Export;
 use crate::loader::{self, ImageKind, KernelSource, LoadedKernel};
 use crate::pmu::{self, HostPmu, PmuPlan, Rdpmc};
 use crate::vcpu::{PmuSetup, Vcpu, VcpuReport, VmControl};
@@ -42,6 +43,8 @@ pub struct Vm {
     pub kernel_kind: ImageKind,
     /// The guest's PMU, as decided at build time.
     pub pmu: Arc<PmuPlan>,
+    export: Arc<Export>,
+    api_socket: Option<api::socket::BoundSocket>,
     // Kept alive for as long as the vCPUs run.
     _memory: GuestMemoryMmap,
     _vm_fd: Arc<VmFd>,
@@ -239,10 +242,20 @@ impl Vm {
             .map_err(|e| StartError::Config(format!("writing the zero page: {e}")))?;
         regs::write_boot_tables(&memory)?;
 
-        let control = Arc::new(VmControl::new().map_err(|source| StartError::Io {
-            what: "creating an eventfd".into(),
-            source,
-        })?);
+        // Bound now, while single-threaded (mode 0600 via the umask), so that
+        // a bad path fails before anything runs.
+        let api_socket = match &config.api_socket {
+            Some(path) => Some(api::bind(path).map_err(|e| StartError::Config(e.to_string()))?),
+            None => None,
+        };
+        let export = Arc::new(Export::new(plan.clone(), usize::from(num_vcpus)));
+        let control =
+            Arc::new(
+                VmControl::new(usize::from(num_vcpus)).map_err(|source| StartError::Io {
+                    what: "creating an eventfd".into(),
+                    source,
+                })?,
+            );
         let io_err = |what: &str| {
             let what = what.to_string();
             move |source| StartError::Io { what, source }
@@ -297,6 +310,7 @@ impl Vm {
             let pmu_setup = plan.model.as_ref().map(|_| PmuSetup {
                 plan: plan.clone(),
                 tsc_khz: tsc_khz.unwrap_or(0),
+                export: export.clone(),
             });
             vcpus.push(Vcpu::new(
                 index,
@@ -316,6 +330,8 @@ impl Vm {
             timeout: config.timeout,
             kernel_kind: kernel.kind,
             pmu: plan,
+            export,
+            api_socket,
             _memory: memory,
             _vm_fd: vm_fd,
             _kvm: kvm,
@@ -337,6 +353,28 @@ impl Vm {
                     source,
                 },
             )?;
+
+        let api_server = match &self.api_socket {
+            Some(socket) => {
+                let api = Api::new(self.export.clone(), self.control.clone());
+                let listener = socket
+                    .listener
+                    .try_clone()
+                    .map_err(|source| StartError::Io {
+                        what: "cloning the API socket".into(),
+                        source,
+                    })?;
+                Some(
+                    api::http::Server::start(listener, Arc::new(move |r| api.handle(r))).map_err(
+                        |source| StartError::Io {
+                            what: "starting the API thread".into(),
+                            source,
+                        },
+                    )?,
+                )
+            }
+            None => None,
+        };
 
         let started = Instant::now();
         let deadline = self.timeout.map(|t| started + t);
@@ -366,12 +404,11 @@ impl Vm {
 
         // Every vCPU sees the stop flag at its next exit; the kick makes that
         // exit happen now.
-        for handle in &threads {
-            let _ = handle.kill(crate::kick::kick_signal());
-        }
+        self.control.kick_all();
         for handle in threads {
             let _ = handle.join();
         }
+        drop(api_server);
         let _ = std::io::stdout().flush();
         let outcome = self.control.outcome().unwrap_or(Outcome::Reset);
         Ok((outcome, self.control.reports()))

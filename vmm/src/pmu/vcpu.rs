@@ -8,9 +8,12 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use vpmu::backend::perf::PerfBackend;
 use vpmu::{Backend, Fault, GuestClock, OverflowNotify, Vendor, Vpmu, VpmuContext, VpmuSnapshot};
 
+use std::time::Instant;
+
 use super::{PmuPlan, Rdpmc};
 use crate::arch::layout::APIC_DEFAULT_BASE;
 use crate::arch::regs::{lapic_reg, set_lapic_reg};
+use crate::export::{Export, VcpuView};
 
 /// LVT performance counter register in the LAPIC page.
 const APIC_LVTPC: usize = 0x340;
@@ -186,5 +189,16 @@ impl VcpuPmu {
     /// Everything the export shows of this vPMU.
     pub fn snapshot(&mut self) -> VpmuSnapshot {
         self.vpmu.snapshot()
+    }
+
+    /// Publishes a fresh view for the host.
+    pub fn publish(&mut self, export: &Export, paused: bool) {
+        export.publish(VcpuView {
+            index: self.apic_id,
+            taken: Instant::now(),
+            paused,
+            vpmu: self.vpmu.snapshot(),
+            pmi_delivery: self.delivery,
+        });
     }
 }

@@ -1,0 +1,244 @@
+//! The export in Prometheus text exposition format (version 0.0.4).
+//!
+//! Metric names are stable: `vmm_vpmu_counter_*` per guest counter
+//! (labels `vcpu`, `counter`, `event`), `vmm_vpmu_<statistic>_total` per
+//! vCPU from the vPMU's statistics, `vmm_vpmu_msr_accesses_total` by
+//! register and operation, `vmm_vpmu_pmi_deliveries_total` by how the PMI
+//! went, and `vmm_vm_*` for the VM.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use vpmu::{Backing, CounterKind, CounterSnapshot};
+
+use crate::export::{Export, VcpuView};
+
+/// Escapes a label value.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn counter_label(c: &CounterSnapshot) -> String {
+    match c.kind {
+        CounterKind::Gp => format!("gp{}", c.index),
+        CounterKind::Fixed => format!("fixed{}", c.index),
+    }
+}
+
+/// The event a counter counts: its architectural name or its raw code.
+pub fn event_label(c: &CounterSnapshot) -> String {
+    match &c.event_name {
+        Some(name) => name.to_string(),
+        None => format!("raw:{:#x}/{:#04x}", c.decoded.event, c.decoded.umask),
+    }
+}
+
+pub fn backing_label(b: &Backing) -> &'static str {
+    match b {
+        Backing::Idle => "idle",
+        Backing::HardwareRaw => "hardware_raw",
+        Backing::SoftwareClock => "software_clock",
+        Backing::Unbacked { .. } => "unbacked",
+        Backing::Denied => "denied",
+    }
+}
+
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn header(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: f64) {
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+            .collect();
+        if labels.is_empty() {
+            let _ = writeln!(self.out, "{name} {value}");
+        } else {
+            let _ = writeln!(self.out, "{name}{{{}}} {value}", labels.join(","));
+        }
+    }
+}
+
+type CounterField = fn(&CounterSnapshot) -> f64;
+
+/// Renders every vCPU's view.
+pub fn render(views: &[Arc<VcpuView>], export: &Export) -> String {
+    let mut out = String::new();
+    let mut f = Family { out: &mut out };
+
+    f.header(
+        "vmm_vm_uptime_seconds",
+        "gauge",
+        "Seconds since the VMM built the VM.",
+    );
+    f.sample(
+        "vmm_vm_uptime_seconds",
+        &[],
+        export.started.elapsed().as_secs_f64(),
+    );
+    f.header(
+        "vmm_vm_vpmu_enabled",
+        "gauge",
+        "1 when the guest has a virtual PMU.",
+    );
+    f.sample(
+        "vmm_vm_vpmu_enabled",
+        &[],
+        export.plan.model.is_some() as u8 as f64,
+    );
+
+    let per_counter: [(&str, &str, &str, CounterField); 6] = [
+        (
+            "vmm_vpmu_counter_value",
+            "gauge",
+            "Current value of a guest PMU counter.",
+            |c| c.value as f64,
+        ),
+        (
+            "vmm_vpmu_counter_running",
+            "gauge",
+            "1 while the guest has the counter enabled.",
+            |c| c.running as u8 as f64,
+        ),
+        (
+            "vmm_vpmu_counter_host_enabled_seconds",
+            "gauge",
+            "Time the backing host event was enabled.",
+            |c| c.host_time_enabled_ns as f64 / 1e9,
+        ),
+        (
+            "vmm_vpmu_counter_host_running_seconds",
+            "gauge",
+            "Time the backing host event was on a counter (below enabled: multiplexed).",
+            |c| c.host_time_running_ns as f64 / 1e9,
+        ),
+        (
+            "vmm_vpmu_counter_overflows_total",
+            "counter",
+            "Overflows of a guest counter.",
+            |c| c.overflows as f64,
+        ),
+        (
+            "vmm_vpmu_counter_pmis_total",
+            "counter",
+            "PMIs a guest counter requested.",
+            |c| c.pmis as f64,
+        ),
+    ];
+    for (name, kind, help, value) in per_counter {
+        f.header(name, kind, help);
+        for view in views {
+            for c in &view.vpmu.counters {
+                let labels = [
+                    ("vcpu", view.index.to_string()),
+                    ("counter", counter_label(c)),
+                    ("event", event_label(c)),
+                ];
+                f.sample(name, &labels, value(c));
+            }
+        }
+    }
+    f.header(
+        "vmm_vpmu_counter_backing",
+        "gauge",
+        "How a guest counter is backed on the host (1 for the current backing).",
+    );
+    for view in views {
+        for c in &view.vpmu.counters {
+            let labels = [
+                ("vcpu", view.index.to_string()),
+                ("counter", counter_label(c)),
+                ("event", event_label(c)),
+                ("backing", backing_label(&c.backing).to_string()),
+            ];
+            f.sample("vmm_vpmu_counter_backing", &labels, 1.0);
+        }
+    }
+
+    // Per-vCPU statistics: every numeric field of the vPMU's statistics,
+    // MSR accesses by register and operation.
+    let stats: Vec<(u8, serde_json::Value)> = views
+        .iter()
+        .map(|v| {
+            (
+                v.index,
+                serde_json::to_value(&v.vpmu.stats).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let names: Vec<String> = stats
+        .first()
+        .and_then(|(_, s)| s.as_object())
+        .map(|o| {
+            o.iter()
+                .filter(|(_, v)| v.is_u64())
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    for name in names {
+        let metric = format!("vmm_vpmu_{name}_total");
+        f.header(
+            &metric,
+            "counter",
+            &format!("vPMU statistic {name} of a vCPU."),
+        );
+        for (vcpu, s) in &stats {
+            let value = s[&name].as_u64().unwrap_or(0) as f64;
+            f.sample(&metric, &[("vcpu", vcpu.to_string())], value);
+        }
+    }
+    f.header(
+        "vmm_vpmu_msr_accesses_total",
+        "counter",
+        "Guest PMU MSR accesses handled by the VMM, by register and operation.",
+    );
+    for (vcpu, s) in &stats {
+        for op in ["rdmsr", "wrmsr"] {
+            let Some(regs) = s[op].as_object() else {
+                continue;
+            };
+            for (register, n) in regs {
+                let labels = [
+                    ("vcpu", vcpu.to_string()),
+                    ("op", op.to_string()),
+                    ("register", register.clone()),
+                ];
+                f.sample(
+                    "vmm_vpmu_msr_accesses_total",
+                    &labels,
+                    n.as_u64().unwrap_or(0) as f64,
+                );
+            }
+        }
+    }
+    f.header(
+        "vmm_vpmu_pmi_deliveries_total",
+        "counter",
+        "PMIs the VMM delivered through the guest's LVTPC, by outcome.",
+    );
+    for view in views {
+        let d = serde_json::to_value(view.pmi_delivery).unwrap_or_default();
+        if let Some(d) = d.as_object() {
+            for (how, n) in d {
+                let labels = [("vcpu", view.index.to_string()), ("delivery", how.clone())];
+                f.sample(
+                    "vmm_vpmu_pmi_deliveries_total",
+                    &labels,
+                    n.as_u64().unwrap_or(0) as f64,
+                );
+            }
+        }
+    }
+    out
+}

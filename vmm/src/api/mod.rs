@@ -1,0 +1,119 @@
+//! The host-side API on a Unix socket: the guest's counters as JSON
+//! (`GET /vpmu`) and Prometheus text (`GET /metrics`), and the VM-level
+//! operations the vPMU context switch hangs off (`PUT /vm/pause`,
+//! `PUT /vm/resume`).
+
+pub mod http;
+mod metrics;
+pub mod socket;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::export::Export;
+use crate::vcpu::VmControl;
+use http::{Request, Response};
+pub use socket::{bind, SocketError};
+
+/// How long a read waits for vCPUs to publish fresh views.
+const REFRESH_WAIT: Duration = Duration::from_millis(50);
+/// Views younger than this are served as they are (no kick).
+const FRESH_ENOUGH: Duration = Duration::from_millis(10);
+/// How long a pause waits for every vCPU to leave the CPU.
+const PAUSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Answers API requests for one VM.
+pub struct Api {
+    export: Arc<Export>,
+    control: Arc<VmControl>,
+}
+
+impl Api {
+    pub fn new(export: Arc<Export>, control: Arc<VmControl>) -> Self {
+        Self { export, control }
+    }
+
+    pub fn handle(&self, request: &Request) -> Response {
+        let path = request.path.split('?').next().unwrap_or_default();
+        let method = request.method.as_str();
+        match (method, path) {
+            ("GET", "/vpmu") => Response::json(200, &self.vpmu_json()),
+            ("GET", "/metrics") => Response::text(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics::render(&self.fresh_views(), &self.export),
+            ),
+            ("PUT", "/vm/pause") => self.pause(),
+            ("PUT", "/vm/resume") => {
+                self.control.resume();
+                Response::json(200, &json!({ "paused": false }))
+            }
+            (_, "/vpmu" | "/metrics") => Response::error(405, "use GET"),
+            (_, "/vm/pause" | "/vm/resume") => Response::error(405, "use PUT"),
+            _ => Response::error(404, &format!("no such resource: {path}")),
+        }
+    }
+
+    fn pause(&self) -> Response {
+        if self.control.stopping() {
+            return Response::error(409, "the VM is stopping");
+        }
+        let all = self.control.pause(PAUSE_WAIT);
+        Response::json(200, &json!({ "paused": true, "all_vcpus_parked": all }))
+    }
+
+    /// The latest view of every vCPU, asking stale ones to republish (a
+    /// kick costs the vCPU one exit; it never waits for us).
+    fn fresh_views(&self) -> Vec<Arc<crate::export::VcpuView>> {
+        let asked = Instant::now();
+        let n = self.export.vcpus() as u8;
+        let stale = |i: u8| {
+            self.export
+                .latest(i)
+                .is_none_or(|v| asked.duration_since(v.taken) > FRESH_ENOUGH && !v.paused)
+        };
+        let mut waiting: Vec<u8> = (0..n).filter(|&i| stale(i)).collect();
+        if !self.control.pause_requested() {
+            for &i in &waiting {
+                self.export.request_refresh(i);
+                self.control.kick(usize::from(i));
+            }
+            while !waiting.is_empty() && asked.elapsed() < REFRESH_WAIT {
+                std::thread::sleep(Duration::from_millis(1));
+                waiting.retain(|&i| self.export.latest(i).is_none_or(|v| v.taken < asked));
+            }
+        }
+        (0..n).filter_map(|i| self.export.latest(i)).collect()
+    }
+
+    fn vpmu_json(&self) -> serde_json::Value {
+        let views = self.fresh_views();
+        let now = Instant::now();
+        let plan = &self.export.plan;
+        let vcpus: Vec<serde_json::Value> = views
+            .iter()
+            .map(|v| {
+                let mut value = serde_json::to_value(&**v).unwrap_or_default();
+                value["age_ms"] = json!(now.saturating_duration_since(v.taken).as_millis() as u64);
+                value
+            })
+            .collect();
+        json!({
+            "vm": {
+                "uptime_ms": self.export.started.elapsed().as_millis() as u64,
+                "paused": self.control.pause_requested(),
+                "vpmu": plan.model.is_some(),
+                "model": plan.model,
+                "events": plan.policy.to_string(),
+                "rdpmc": match &plan.rdpmc {
+                    crate::pmu::Rdpmc::Mirrored => json!({ "served": true }),
+                    crate::pmu::Rdpmc::Unavailable(why) => json!({ "served": false, "reason": why }),
+                },
+                "notes": plan.notes,
+            },
+            "vcpus": vcpus,
+        })
+    }
+}

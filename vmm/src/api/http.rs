@@ -170,6 +170,22 @@ fn write_response(stream: &mut UnixStream, response: &Response, close: bool) -> 
     stream.write_all(head.as_bytes()).is_ok() && stream.write_all(&response.body).is_ok()
 }
 
+/// Closing with unread input makes the kernel reset the connection, which
+/// can destroy the answer just written: stop writing, then drain (bounded)
+/// what the client still sends.
+fn linger(stream: &mut UnixStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < (1 << 20) {
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+}
+
 fn serve_connection(mut stream: UnixStream, handler: &Handler) {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
@@ -184,6 +200,7 @@ fn serve_connection(mut stream: UnixStream, handler: &Handler) {
             }
             ReadOutcome::Reject(response) => {
                 write_response(&mut stream, &response, true);
+                linger(&mut stream);
                 return;
             }
             ReadOutcome::Closed => return,

@@ -40,20 +40,14 @@ fn measure(name: &str, iterations: u32, mut op: impl FnMut(u32)) {
     println!("{name:<62} {ns:>10.1} ns/op");
 }
 
-fn fake_backend() {
-    println!("-- fake backend (vPMU logic only)");
-    let mut pmu = vpmu(FakeBackend::new(true));
-    pmu.wrmsr(CTL0, CYCLES).unwrap();
+/// Accesses that touch no host event; counter 0 runs `CYCLES`.
+fn measure_without_host_work<B: Backend>(pmu: &mut Vpmu<B>, counter_read: &str) {
     measure("rdmsr PERF_CTL0", 2_000_000, |_| {
         black_box(pmu.rdmsr(black_box(CTL0)).unwrap());
     });
-    measure(
-        "rdmsr PERF_CTR0, running hardware-backed (one host read)",
-        2_000_000,
-        |_| {
-            black_box(pmu.rdmsr(black_box(CTR0)).unwrap());
-        },
-    );
+    measure(counter_read, 2_000_000, |_| {
+        black_box(pmu.rdmsr(black_box(CTR0)).unwrap());
+    });
     measure("wrmsr PERF_CTL0, same value", 2_000_000, |_| {
         pmu.wrmsr(CTL0, black_box(CYCLES)).unwrap()
     });
@@ -64,6 +58,16 @@ fn fake_backend() {
     measure("wrmsr PERF_CTR1, counter stopped", 2_000_000, |i| {
         pmu.wrmsr(AMD_PERF_CTL0 + 3, i as u64).unwrap()
     });
+}
+
+fn fake_backend() {
+    println!("-- fake backend (vPMU logic only)");
+    let mut pmu = vpmu(FakeBackend::new(true));
+    pmu.wrmsr(CTL0, CYCLES).unwrap();
+    measure_without_host_work(
+        &mut pmu,
+        "rdmsr PERF_CTR0, running hardware-backed (one host read)",
+    );
     measure(
         "wrmsr PERF_CTL0, EN toggle (host stop/start)",
         2_000_000,
@@ -90,23 +94,10 @@ fn perf_backend() {
         },
     );
     pmu.wrmsr(CTL0, CYCLES).unwrap();
-    measure(
+    measure_without_host_work(
+        &mut pmu,
         "rdmsr PERF_CTR0, running clock-backed (no syscall)",
-        2_000_000,
-        |_| {
-            black_box(pmu.rdmsr(black_box(CTR0)).unwrap());
-        },
     );
-    measure("wrmsr PERF_CTL0, same value", 2_000_000, |_| {
-        pmu.wrmsr(CTL0, black_box(CYCLES)).unwrap()
-    });
-    measure("wrmsr GLOBAL_STATUS_CLR", 2_000_000, |i| {
-        pmu.wrmsr(AMD_GLOBAL_STATUS_CLR, i as u64 & 0x3F).unwrap()
-    });
-    pmu.wrmsr(AMD_PERF_CTL0 + 2, CYCLES & !EN).unwrap();
-    measure("wrmsr PERF_CTR1, counter stopped", 2_000_000, |i| {
-        pmu.wrmsr(AMD_PERF_CTL0 + 3, i as u64).unwrap()
-    });
     measure(
         "on_guest_entry + on_guest_exit, clock counter running",
         200_000,

@@ -52,16 +52,7 @@ fn impossible_models_are_rejected_with_the_rule() {
 
 #[test]
 fn valid_models_pass() {
-    for model in [
-        amd_legacy(),
-        amd_core(),
-        amd_v2(1),
-        amd_v2(6),
-        intel(1),
-        intel(2),
-        intel(3),
-        intel(4),
-    ] {
+    for model in all_models() {
         model.validate().unwrap();
     }
 }

@@ -107,11 +107,7 @@ fn overflow_signals_arrive_at_the_armed_period() {
     let mut backend = PerfBackend::new(0);
     backend.set_overflow_notify(Some(notify_here()));
     let handle = backend.open(&EventSpec::clock(Some(2 * MS))).unwrap();
-    let before = SIGNALS.load(Ordering::SeqCst);
-    backend.start(handle).unwrap();
-    spin(100 * MS);
-    backend.stop(handle).unwrap();
-    let delivered = SIGNALS.load(Ordering::SeqCst) - before;
+    let delivered = signals_while_spinning(&mut backend, handle, 100 * MS);
     assert!(
         (25..=60).contains(&delivered),
         "{delivered} signals for 50 periods"
@@ -119,15 +115,24 @@ fn overflow_signals_arrive_at_the_armed_period() {
 
     // A new period counts from now.
     backend.set_period(handle, 20 * MS).unwrap();
-    let before = SIGNALS.load(Ordering::SeqCst);
-    backend.start(handle).unwrap();
-    spin(100 * MS);
-    backend.stop(handle).unwrap();
-    let delivered = SIGNALS.load(Ordering::SeqCst) - before;
+    let delivered = signals_while_spinning(&mut backend, handle, 100 * MS);
     assert!(
         (2..=7).contains(&delivered),
         "{delivered} signals for 5 periods"
     );
+}
+
+/// Runs `handle` while burning `ns` of CPU; returns the signals delivered.
+fn signals_while_spinning(
+    backend: &mut PerfBackend,
+    handle: vpmu::backend::perf::PerfHandle,
+    ns: u64,
+) -> u64 {
+    let before = SIGNALS.load(Ordering::SeqCst);
+    backend.start(handle).unwrap();
+    spin(ns);
+    backend.stop(handle).unwrap();
+    SIGNALS.load(Ordering::SeqCst) - before
 }
 
 #[test]

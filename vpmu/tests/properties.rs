@@ -25,17 +25,9 @@ enum Op {
 }
 
 fn models() -> Vec<PmuModel> {
-    vec![
-        amd_legacy(),
-        amd_core(),
-        amd_v2(1),
-        amd_v2(6),
-        intel(1),
-        intel(2),
-        intel(3),
-        intel(4),
-        PmuModel::new(Vendor::Intel, 2, 3, 32).with_fixed_counters(2),
-    ]
+    let mut models = all_models();
+    models.push(PmuModel::new(Vendor::Intel, 2, 3, 32).with_fixed_counters(2));
+    models
 }
 
 /// Every MSR of the model's ranges plus a few neighbours outside them.

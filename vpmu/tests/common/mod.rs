@@ -30,6 +30,20 @@ pub fn intel(version: u8) -> PmuModel {
     }
 }
 
+/// One model of every kind.
+pub fn all_models() -> Vec<PmuModel> {
+    vec![
+        amd_legacy(),
+        amd_core(),
+        amd_v2(1),
+        amd_v2(6),
+        intel(1),
+        intel(2),
+        intel(3),
+        intel(4),
+    ]
+}
+
 /// A vPMU on a fake host with (`hardware`) or without a hardware PMU.
 pub fn vpmu(model: PmuModel, hardware: bool) -> Vpmu<FakeBackend> {
     vpmu_with(model, hardware, EventPolicy::allow_all())

@@ -151,7 +151,7 @@ fn cycles(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
     p.setup(i, sel, 0)?;
     let t0 = rdtsc();
     p.start(i, sel)?;
-    time::spin_tsc(n);
+    let (_, iters) = time::spin_tsc_counting(n);
     p.stop(i, sel)?;
     let tsc = rdtsc() - t0;
     let v = p.read(i)?;
@@ -166,6 +166,8 @@ fn cycles(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
         tsc,
         " loop_tsc=",
         n,
+        " loop_iters=",
+        iters,
         " ratio_permille=",
         permille(v, tsc)
     );

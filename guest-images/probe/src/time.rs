@@ -117,11 +117,18 @@ pub fn tsc_to_us(t: u64) -> u64 {
 /// pause-loop exiting could deschedule the vCPU and make a busy loop look
 /// idle.
 pub fn spin_tsc(n: u64) -> u64 {
+    spin_tsc_counting(n).0
+}
+
+/// `spin_tsc`, also returning how many loop iterations (TSC reads) it took.
+pub fn spin_tsc_counting(n: u64) -> (u64, u64) {
     let t0 = rdtsc();
+    let mut iters = 0u64;
     loop {
+        iters += 1;
         let d = rdtsc().wrapping_sub(t0);
         if d >= n {
-            return d;
+            return (d, iters);
         }
     }
 }

@@ -123,3 +123,58 @@ fn two_vcpus_count_independently() {
         );
     }
 }
+
+#[test]
+fn paused_time_is_not_counted() {
+    require_kvm!();
+    let _serial = timing_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let child = common::vmm()
+        .args([
+            "--vpmu",
+            "on",
+            "--cmdline",
+            "probe.tests=cycles probe.cycles_ms=1500",
+            "--timeout",
+            "60",
+            "--api-socket",
+        ])
+        .arg(&sock)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_for_api(&sock);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (status, body) = common::api(&sock, "PUT", "/vm/pause").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"all_vcpus_parked\": true"), "{body}");
+    let paused_at = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let (status, _) = common::api(&sock, "PUT", "/vm/resume").unwrap();
+    let paused = paused_at.elapsed();
+    assert_eq!(status, 200);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    let r = common::probe_results(&common::stdout(&o));
+    let c = result(&r, 0, "cycles");
+    // The guest's TSC ran on while paused; its counter must not have.
+    let tsc_khz: f64 = common::stdout(&o)
+        .split("tsc_khz=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.trim_matches('"').parse().ok())
+        .expect("tsc_khz on the command line");
+    let paused_tsc = paused.as_secs_f64() * tsc_khz * 1000.0;
+    let running_tsc = c.num("tsc") - paused_tsc;
+    let ratio = c.num("cycles") / running_tsc;
+    assert!(
+        (0.85..=1.15).contains(&ratio),
+        "cycles / (tsc - paused) = {ratio:.3}; paused {paused:?}: {c:?}"
+    );
+    assert!(
+        c.num("cycles") < c.num("tsc") - 0.5 * paused_tsc,
+        "paused time was counted: {c:?}"
+    );
+}

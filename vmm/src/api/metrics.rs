@@ -172,7 +172,7 @@ pub fn render(views: &[Arc<VcpuView>], export: &Export) -> String {
         .map(|v| {
             (
                 v.index,
-                serde_json::to_value(&v.vpmu.stats).unwrap_or_default(),
+                serde_json::to_value(v.vpmu.stats).unwrap_or_default(),
             )
         })
         .collect();

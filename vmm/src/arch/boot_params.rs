@@ -31,8 +31,10 @@ pub fn build(
     acpi_rsdp: u64,
     mem_size: u64,
 ) -> boot_params {
-    let mut params = boot_params::default();
-    params.acpi_rsdp_addr = acpi_rsdp;
+    let mut params = boot_params {
+        acpi_rsdp_addr: acpi_rsdp,
+        ..Default::default()
+    };
     if let Some(hdr) = header {
         params.hdr = hdr;
     } else {

@@ -8,7 +8,7 @@ use crate::cmdline::{self, Config, Quoted, Token, WarningKind};
 use crate::serial::{Hex, Line, Put};
 use crate::cpu::{self, outb};
 use crate::mptable::{self, IdList};
-use crate::{apic, out, percpu, serial, smp, tests, time, trap, MAX_CPUS, PROBE_VERSION};
+use crate::{apic, out, percpu, serial, smp, steal, tests, time, trap, MAX_CPUS, PROBE_VERSION};
 
 /// Offsets in Linux's `struct boot_params` (the "zero page").
 const BP_EXT_CMD_LINE_PTR: u64 = 0x0c8;
@@ -151,13 +151,16 @@ fn bsp_main(bp: u64) -> ! {
 
     let (khz, src) = time::init(cfg.tsc_khz);
     let timer_khz = apic::calibrate_timer();
+    let steal = steal::init(0);
     out!(
         "tsc_khz=",
         khz,
         " source=",
         src.name(),
         " apic_timer_khz=",
-        timer_khz
+        timer_khz,
+        " steal_time=",
+        steal
     );
 
     let expected_aps = vcpus.min(MAX_CPUS as u32) - 1;
@@ -206,6 +209,7 @@ fn ap_main(cpu: u32) -> ! {
     smp::ap_online(cpu);
     let cfg = smp::ap_wait_go();
     apic::init(cfg.x2apic);
+    steal::init(cpu);
     let ran = run_tests(&cfg, cpu);
     done_line(cpu, ran);
     smp::ap_done(cpu);

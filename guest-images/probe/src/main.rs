@@ -26,6 +26,7 @@ mod percpu;
 mod pmu;
 mod serial;
 mod smp;
+mod steal;
 mod tests;
 mod time;
 mod trap;

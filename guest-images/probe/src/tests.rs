@@ -10,7 +10,7 @@ use crate::cpu::{rdpmc_safe, rdtsc, sti_hlt_cli};
 use crate::percpu::{self, PMI_DISABLED, PMI_IDLE, PMI_RUNNING};
 use crate::pmu::{self, amd, intel, Fault, Kind, Pmu, ProbeFail, ProbeResult, VendorStr, SEL_EN, SEL_INT};
 use crate::serial::{Hex, Line, Put};
-use crate::{apic, out, time};
+use crate::{apic, out, steal, time};
 
 /// Runs the configured tests on this vCPU; returns how many ran.
 pub fn run_all(cfg: &Config, cpu: u32) -> usize {
@@ -149,12 +149,17 @@ fn cycles(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
     let n = cfg.cycles_tsc.unwrap_or_else(|| time::ms_to_tsc(cfg.cycles_ms));
     let sel = p.cycles_sel();
     p.setup(i, sel, 0)?;
-    let t0 = rdtsc();
+    // The TSC window is the loop alone: the enable/disable WRMSRs exit to
+    // the VMM, whose time is (correctly) not guest time.
     p.start(i, sel)?;
+    let s0 = steal::steal_ns();
+    let t0 = rdtsc();
     let (_, iters) = time::spin_tsc_counting(n);
-    p.stop(i, sel)?;
     let tsc = rdtsc() - t0;
+    let stolen = steal::steal_ns() - s0;
+    p.stop(i, sel)?;
     let v = p.read(i)?;
+    let run = tsc.saturating_sub(time::ns_to_tsc(stolen));
     out!(
         "cpu=",
         cpu,
@@ -168,8 +173,12 @@ fn cycles(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
         n,
         " loop_iters=",
         iters,
+        " steal_us=",
+        stolen / 1000,
         " ratio_permille=",
-        permille(v, tsc)
+        permille(v, tsc),
+        " run_ratio_permille=",
+        permille(v, run)
     );
     Ok(())
 }
@@ -185,16 +194,18 @@ fn halt(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
     p.setup(i, sel, 0)?;
     pc.timer_fired.store(false, Ordering::Release);
     let irqs0 = pc.timer_irqs.load(Ordering::Relaxed);
-    let t0 = rdtsc();
     p.start(i, sel)?;
+    let s0 = steal::steal_ns();
+    let t0 = rdtsc();
     apic::arm_oneshot_ms(cfg.halt_ms);
     let mut wakeups = 0u64;
     while !pc.timer_fired.load(Ordering::Acquire) {
         sti_hlt_cli();
         wakeups += 1;
     }
-    p.stop(i, sel)?;
     let tsc = rdtsc() - t0;
+    let stolen = steal::steal_ns() - s0;
+    p.stop(i, sel)?;
     apic::disarm_timer();
     let v = p.read(i)?;
     out!(
@@ -214,6 +225,8 @@ fn halt(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
         wakeups,
         " timer_irqs=",
         pc.timer_irqs.load(Ordering::Relaxed) - irqs0,
+        " steal_us=",
+        stolen / 1000,
         " ratio_permille=",
         permille(v, tsc)
     );
@@ -247,12 +260,15 @@ fn pmi(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
     p.setup(i, sel, period.wrapping_neg())?;
     apic::write(apic::REG_LVT_PC, apic::LVT_DM_NMI);
     pc.pmi_phase.store(PMI_RUNNING, Ordering::Release);
-    let t0 = rdtsc();
     p.start(i, sel)?;
+    let s0 = steal::steal_ns();
+    let t0 = rdtsc();
     time::spin_tsc(window);
+    let tsc = rdtsc() - t0;
+    let stolen = steal::steal_ns() - s0;
     // Stop: EN off first (the counter stops), read it, then global off.
     pmu::wr(p.ctl_msr(i), sel & !SEL_EN)?;
-    let tsc = rdtsc() - t0;
+    let run = tsc.saturating_sub(time::ns_to_tsc(stolen));
     let last = p.read(i)?;
     if let Some(g) = p.global_ctl_msr() {
         pmu::wr(g, 0)?;
@@ -288,8 +304,12 @@ fn pmi(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
         after,
         " expected=",
         tsc / period,
+        " expected_run=",
+        run / period,
         " tsc=",
         tsc,
+        " steal_us=",
+        stolen / 1000,
         " counted=",
         counted,
         " nmis=",

@@ -107,6 +107,12 @@ pub fn ms_to_tsc(ms: u64) -> u64 {
     ms.saturating_mul(tsc_khz())
 }
 
+/// Nanoseconds to TSC cycles (for short intervals).
+pub fn ns_to_tsc(ns: u64) -> u64 {
+    let khz = tsc_khz();
+    (ns / 1_000_000).saturating_mul(khz) + (ns % 1_000_000) * khz / 1_000_000
+}
+
 pub fn tsc_to_us(t: u64) -> u64 {
     let khz = tsc_khz().max(1);
     (t / khz) * 1000 + (t % khz) * 1000 / khz

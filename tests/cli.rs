@@ -123,3 +123,27 @@ fn missing_dev_kvm_is_reported() {
         .unwrap();
     assert_bad_input(&o, "cannot open /dev/kvm");
 }
+
+#[test]
+fn impossible_vpmu_flags_are_refused() {
+    assert_bad_input(
+        &run(&["--vpmu", "maybe"]),
+        "invalid value 'maybe' for '--vpmu",
+    );
+    assert_bad_input(&run(&["--vpmu-events", "bogus"]), "unknown policy clause");
+    assert_bad_input(
+        &run(&["--vpmu-events", "allow:0x1234"]),
+        "larger than 0xfff",
+    );
+    assert_bad_input(&run(&["--vpmu-gp-counters", "300"]), "--vpmu-gp-counters");
+    require_kvm!();
+    assert_bad_input(
+        &run(&["--vpmu", "off", "--vpmu-gp-counters", "2"]),
+        "need the vPMU",
+    );
+    assert_bad_input(&run(&["--vpmu-version", "9"]), "impossible vPMU");
+    assert_bad_input(&run(&["--vpmu-gp-counters", "0"]), "impossible vPMU");
+    assert_bad_input(&run(&["--vpmu-gp-counters", "40"]), "impossible vPMU");
+    // AMD has no fixed counters, Intel has at most a few.
+    assert_bad_input(&run(&["--vpmu-fixed-counters", "9"]), "impossible vPMU");
+}

@@ -197,6 +197,11 @@ pub fn plan(opts: &VpmuOptions, host: &HostPmu, rdmsr_guest: bool) -> Result<Pmu
     }
     if let Some(n) = opts.gp_counters {
         model = model.with_gp_counters(n);
+        // AMD's 4 legacy counters are the version-1 model without
+        // PerfCtrExtCore; with it, version 1 has exactly 6.
+        if vendor == Vendor::Amd && model.version == 1 && n <= 4 {
+            model = model.with_amd_perfctr_core(false);
+        }
     }
     if let Some(n) = opts.fixed_counters {
         model = model.with_fixed_counters(n);

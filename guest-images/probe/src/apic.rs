@@ -29,9 +29,11 @@ pub const LVT_MASKED: u32 = 1 << 16;
 /// Delivery mode NMI.
 pub const LVT_DM_NMI: u32 = 0b100 << 8;
 
+#[link_section = ".data.probe_state"]
 static X2APIC: AtomicBool = AtomicBool::new(false);
 static XAPIC_BASE: AtomicU64 = AtomicU64::new(0xfee0_0000);
 /// LAPIC timer ticks per millisecond at divide-by-1 (0 = not calibrated).
+#[link_section = ".data.probe_state"]
 static TIMER_KHZ: AtomicU64 = AtomicU64::new(0);
 
 /// Is this vCPU's LAPIC in x2APIC mode?

@@ -35,6 +35,11 @@ use core::arch::global_asm;
 
 /// Version printed in the banner; bump when the output format changes.
 pub const PROBE_VERSION: &str = "1";
+// Statics whose initial value matters are placed in `.data.probe_state`
+// (file-backed, so a VMM that reloads the image on a guest reboot restores
+// them); `.bss` only holds stacks and tables that are written before use,
+// because the loader does not clear `.bss`.
+
 /// Most vCPUs (LAPIC IDs 0..MAX_CPUS) the probe supports.
 pub const MAX_CPUS: usize = 32;
 /// Size of each vCPU's main stack.

@@ -74,9 +74,11 @@ impl PerCpu {
 
 #[allow(clippy::declare_interior_mutable_const)]
 const PERCPU_INIT: PerCpu = PerCpu::new();
+#[link_section = ".data.probe_state"]
 static PERCPU: [PerCpu; MAX_CPUS] = [PERCPU_INIT; MAX_CPUS];
 
 /// Has this vCPU pointed its GS base at its `PerCpu` yet?
+#[link_section = ".data.probe_state"]
 static GS_READY: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 
 const IA32_GS_BASE: u32 = 0xc000_0101;

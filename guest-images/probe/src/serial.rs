@@ -24,6 +24,7 @@ const LSR: u16 = COM1 + 5;
 const LSR_THRE: u8 = 1 << 5;
 
 /// 0 = free, otherwise holder's cpu id + 1.
+#[link_section = ".data.probe_state"]
 static LOCK: AtomicU32 = AtomicU32::new(0);
 
 /// Programs 115200 8N1, FIFOs on, interrupts off (BSP, before any output).

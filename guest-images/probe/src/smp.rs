@@ -14,12 +14,18 @@ struct ConfigCell(UnsafeCell<Config>);
 // SAFETY: written once by the BSP before GO is released, read-only after.
 unsafe impl Sync for ConfigCell {}
 
+#[link_section = ".data.probe_state"]
 static CONFIG: ConfigCell = ConfigCell(UnsafeCell::new(Config::default()));
+#[link_section = ".data.probe_state"]
 static GO: AtomicBool = AtomicBool::new(false);
+#[link_section = ".data.probe_state"]
 static ONLINE: AtomicU32 = AtomicU32::new(0);
+#[link_section = ".data.probe_state"]
 static DONE: AtomicU32 = AtomicU32::new(0);
 /// Bit n: AP n is online / done.
+#[link_section = ".data.probe_state"]
 static ONLINE_MASK: AtomicU64 = AtomicU64::new(0);
+#[link_section = ".data.probe_state"]
 static DONE_MASK: AtomicU64 = AtomicU64::new(0);
 
 /// AP: announce that this vCPU is up.

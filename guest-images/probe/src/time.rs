@@ -9,6 +9,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::cpu::{cpuid, inb, outb, rdtsc};
 
+#[link_section = ".data.probe_state"]
 static TSC_KHZ: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Clone, Copy)]

@@ -127,6 +127,7 @@ static IDT: SharedIdt = SharedIdt(UnsafeCell::new(Idt(
         _reserved: 0,
     }; 256],
 )));
+#[link_section = ".data.probe_state"]
 static IDT_READY: AtomicBool = AtomicBool::new(false);
 
 #[repr(C, packed)]

@@ -367,6 +367,7 @@ struct PmuSlots(UnsafeCell<[Option<Pmu>; MAX_CPUS]>);
 // SAFETY: slot i is written only by vCPU i, outside NMI-armed sections
 // (see `set_current`), and read only by vCPU i.
 unsafe impl Sync for PmuSlots {}
+#[link_section = ".data.probe_state"]
 static CURRENT: PmuSlots = PmuSlots(UnsafeCell::new([None; MAX_CPUS]));
 
 /// Records this vCPU's model for the NMI handler. Must not be called while

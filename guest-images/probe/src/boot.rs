@@ -5,9 +5,9 @@
 use core::sync::atomic::Ordering;
 
 use crate::cmdline::{self, Config, Quoted, Token, WarningKind};
-use crate::serial::{Hex, Line, Put};
 use crate::cpu::{self, outb};
 use crate::mptable::{self, IdList};
+use crate::serial::{Hex, Line, Put};
 use crate::{apic, out, percpu, serial, smp, steal, tests, time, trap, MAX_CPUS, PROBE_VERSION};
 
 /// Offsets in Linux's `struct boot_params` (the "zero page").
@@ -31,12 +31,17 @@ fn cmdline_bytes(bp: u64) -> &'static [u8] {
     if bp == 0 {
         return &[];
     }
-    let ptr = rd::<u32>(bp + BP_CMD_LINE_PTR) as u64 | (rd::<u32>(bp + BP_EXT_CMD_LINE_PTR) as u64) << 32;
+    let ptr =
+        rd::<u32>(bp + BP_CMD_LINE_PTR) as u64 | (rd::<u32>(bp + BP_EXT_CMD_LINE_PTR) as u64) << 32;
     if ptr == 0 {
         return &[];
     }
     let size = rd::<u32>(bp + BP_CMDLINE_SIZE) as usize;
-    let max = if size == 0 || size > CMDLINE_MAX { CMDLINE_MAX } else { size };
+    let max = if size == 0 || size > CMDLINE_MAX {
+        CMDLINE_MAX
+    } else {
+        size
+    };
     let mut len = 0;
     while len < max && rd::<u8>(ptr + len as u64) != 0 {
         len += 1;

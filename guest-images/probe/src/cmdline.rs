@@ -199,21 +199,21 @@ pub fn parse(raw: &'static [u8]) -> Config {
         };
         let num = parse_u64(val);
         let ok = match key {
-            b"tsc_khz" => num.filter(|&v| v > 0).map(|v| c.tsc_khz = Some(v)).is_some(),
+            b"tsc_khz" => num
+                .filter(|&v| v > 0)
+                .map(|v| c.tsc_khz = Some(v))
+                .is_some(),
             b"probe.tests" => {
                 tests_given = true;
                 c.ntests = 0;
-                if val == b"all" {
-                    for t in Test::ALL {
-                        c.push_test(t, tok);
-                    }
-                } else if val != b"none" && !val.is_empty() {
-                    for name in val.split(|&b| b == b',') {
-                        match Test::from_name(name) {
+                for name in val.split(|&b| b == b',') {
+                    match name {
+                        b"" | b"none" => {}
+                        b"all" => Test::ALL.iter().for_each(|&t| c.push_test(t, tok)),
+                        _ => match Test::from_name(name) {
                             Some(t) => c.push_test(t, tok),
-                            None if name.is_empty() => {}
                             None => c.warn(WarningKind::UnknownTest, name),
-                        }
+                        },
                     }
                 }
                 true

@@ -14,14 +14,18 @@ pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: port I/O has no memory effects visible to Rust; the ports we
     // touch (UART, PIT, PIC, i8042) are devices owned by this guest.
-    unsafe { asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    };
     v
 }
 
 /// Writes an I/O port byte.
 pub fn outb(port: u16, v: u8) {
     // SAFETY: as for `inb`.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// CPUID leaf/subleaf: (eax, ebx, ecx, edx).
@@ -223,7 +227,11 @@ pub fn cr2() -> u64 {
 pub fn reset() -> ! {
     outb(0x64, 0xfe);
     let khz = crate::time::tsc_khz();
-    let limit = if khz == 0 { 30_000_000_000 } else { khz * 10_000 };
+    let limit = if khz == 0 {
+        30_000_000_000
+    } else {
+        khz * 10_000
+    };
     let t0 = rdtsc();
     while rdtsc().wrapping_sub(t0) < limit {
         pause();

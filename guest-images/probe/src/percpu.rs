@@ -98,7 +98,9 @@ pub fn this_cpu_id() -> u32 {
     let v: u64;
     // SAFETY: GS points at this CPU's `PerCpu` (set in `init` before any
     // caller runs); the first field is the id.
-    unsafe { asm!("mov {}, qword ptr gs:[0]", out(reg) v, options(nostack, preserves_flags, readonly)) };
+    unsafe {
+        asm!("mov {}, qword ptr gs:[0]", out(reg) v, options(nostack, preserves_flags, readonly))
+    };
     v as u32
 }
 

@@ -8,7 +8,9 @@ use core::sync::atomic::Ordering;
 use crate::cmdline::{Config, Test};
 use crate::cpu::{rdpmc_safe, rdtsc, sti_hlt_cli};
 use crate::percpu::{self, PMI_DISABLED, PMI_IDLE, PMI_RUNNING};
-use crate::pmu::{self, amd, intel, Fault, Kind, Pmu, ProbeFail, ProbeResult, VendorStr, SEL_EN, SEL_INT};
+use crate::pmu::{
+    self, amd, intel, Fault, Kind, Pmu, ProbeFail, ProbeResult, VendorStr, SEL_EN, SEL_INT,
+};
 use crate::serial::{Hex, Line, Put};
 use crate::{apic, out, steal, time};
 
@@ -34,13 +36,26 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
         }
         let name = t.name();
         if !usable {
-            let why = if pmu.has_counters() { "msr_probe_failed" } else { "no_pmu" };
+            let why = if pmu.has_counters() {
+                "msr_probe_failed"
+            } else {
+                "no_pmu"
+            };
             out!("cpu=", cpu, " test=", name, " skipped=", why);
             continue;
         }
         let i = cfg.counter;
         if i >= pmu.num_gp {
-            out!("cpu=", cpu, " test=", name, " skipped=no_counter counter=", i, " gp=", pmu.num_gp);
+            out!(
+                "cpu=",
+                cpu,
+                " test=",
+                name,
+                " skipped=no_counter counter=",
+                i,
+                " gp=",
+                pmu.num_gp
+            );
             continue;
         }
         let r = match t {
@@ -56,7 +71,9 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
             out!("cpu=", cpu, " test=", name, " ", f);
         }
         // Leave the PMU clean for the next test whatever happened.
-        percpu::this_cpu().pmi_phase.store(PMI_IDLE, Ordering::Release);
+        percpu::this_cpu()
+            .pmi_phase
+            .store(PMI_IDLE, Ordering::Release);
         apic::write(apic::REG_LVT_PC, apic::LVT_MASKED | apic::LVT_DM_NMI);
         apic::disarm_timer();
         let _ = pmu.reset();
@@ -146,7 +163,9 @@ fn permille(a: u64, b: u64) -> u64 {
 
 /// Core cycles over a busy loop of a known TSC length.
 fn cycles(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
-    let n = cfg.cycles_tsc.unwrap_or_else(|| time::ms_to_tsc(cfg.cycles_ms));
+    let n = cfg
+        .cycles_tsc
+        .unwrap_or_else(|| time::ms_to_tsc(cfg.cycles_ms));
     let sel = p.cycles_sel();
     p.setup(i, sel, 0)?;
     // The TSC window is the loop alone: the enable/disable WRMSRs exit to
@@ -437,7 +456,13 @@ enum Cat {
     Outside,
 }
 const CATS: usize = 5;
-const CAT_NAMES: [&str; CATS] = ["defined", "evtsel_rsvd", "global_rsvd", "ro_write", "outside"];
+const CAT_NAMES: [&str; CATS] = [
+    "defined",
+    "evtsel_rsvd",
+    "global_rsvd",
+    "ro_write",
+    "outside",
+];
 
 struct Tally {
     /// Expect #GP for reserved bits and read-only writes (else: ignored).
@@ -744,7 +769,12 @@ fn gp_intel(t: &mut Tally, p: &Pmu) {
         t.reserved_bits(Cat::GlobalRsvd, intel::GLOBAL_CTRL, counters, 0);
         // OVF_CTRL bits 61-63 (uncore, DS buffer, CondChgd) depend on the
         // version and are not tested.
-        t.reserved_bits(Cat::GlobalRsvd, intel::GLOBAL_OVF_CTRL, counters, 0b111 << 61);
+        t.reserved_bits(
+            Cat::GlobalRsvd,
+            intel::GLOBAL_OVF_CTRL,
+            counters,
+            0b111 << 61,
+        );
         t.read_only(intel::GLOBAL_STATUS);
         if p.version < 4 {
             t.outside(intel::GLOBAL_STATUS_SET);

@@ -116,17 +116,15 @@ struct SharedIdt(UnsafeCell<Idt>);
 // (by the CPU) afterwards.
 unsafe impl Sync for SharedIdt {}
 
-static IDT: SharedIdt = SharedIdt(UnsafeCell::new(Idt(
-    [IdtEntry {
-        off_lo: 0,
-        selector: 0,
-        ist: 0,
-        attr: 0,
-        off_mid: 0,
-        off_hi: 0,
-        _reserved: 0,
-    }; 256],
-)));
+static IDT: SharedIdt = SharedIdt(UnsafeCell::new(Idt([IdtEntry {
+    off_lo: 0,
+    selector: 0,
+    ist: 0,
+    attr: 0,
+    off_mid: 0,
+    off_hi: 0,
+    _reserved: 0,
+}; 256])));
 #[link_section = ".data.probe_state"]
 static IDT_READY: AtomicBool = AtomicBool::new(false);
 
@@ -280,10 +278,8 @@ pub fn init_cpu(cpu: u32) {
     t.tss.ist[IST_NMI as usize - 1] = ist_top(0, IST_NMI_SIZE);
     t.tss.ist[IST_EXC as usize - 1] = ist_top(IST_NMI_SIZE, IST_EXC_SIZE);
     t.tss.ist[IST_IRQ as usize - 1] = ist_top(IST_NMI_SIZE + IST_EXC_SIZE, IST_IRQ_SIZE);
-    t.tss.ist[IST_FATAL as usize - 1] = ist_top(
-        IST_NMI_SIZE + IST_EXC_SIZE + IST_IRQ_SIZE,
-        IST_FATAL_SIZE,
-    );
+    t.tss.ist[IST_FATAL as usize - 1] =
+        ist_top(IST_NMI_SIZE + IST_EXC_SIZE + IST_IRQ_SIZE, IST_FATAL_SIZE);
     t.tss.iomap_base = TSS_SIZE as u16;
 
     let tss = &t.tss as *const Tss as u64;
@@ -364,10 +360,14 @@ extern "C" fn probe_trap(f: &mut TrapFrame) {
         }
         SPURIOUS_VECTOR => {
             // Spurious interrupts are not acknowledged.
-            percpu::this_cpu().other_irqs.fetch_add(1, Ordering::Relaxed);
+            percpu::this_cpu()
+                .other_irqs
+                .fetch_add(1, Ordering::Relaxed);
         }
         32..=254 => {
-            percpu::this_cpu().other_irqs.fetch_add(1, Ordering::Relaxed);
+            percpu::this_cpu()
+                .other_irqs
+                .fetch_add(1, Ordering::Relaxed);
             apic::eoi();
         }
         _ => fatal(f),

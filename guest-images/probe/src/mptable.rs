@@ -53,7 +53,7 @@ fn scan(start: u64, len: u64) -> Option<u64> {
 /// Finds and parses the MP table, if any.
 pub fn find() -> Option<MpInfo> {
     let ebda = (read_u16(0x40e) as u64) << 4;
-    let fps = (if ebda >= 0x80000 && ebda < 0xa0000 {
+    let fps = (if (0x80000..0xa0000).contains(&ebda) {
         scan(ebda, 1024)
     } else {
         None

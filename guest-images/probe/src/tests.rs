@@ -154,10 +154,9 @@ fn self_nmi(cfg: &Config, cpu: u32) {
 }
 
 fn permille(a: u64, b: u64) -> u64 {
-    if b == 0 {
-        0
-    } else {
-        (a / b).saturating_mul(1000) + (a % b).saturating_mul(1000) / b
+    match (a.checked_div(b), a.checked_rem(b)) {
+        (Some(q), Some(r)) => q.saturating_mul(1000) + r.saturating_mul(1000) / b,
+        _ => 0,
     }
 }
 
@@ -258,7 +257,7 @@ fn pmi(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
     let pc = percpu::this_cpu();
     let period = cfg
         .pmi_period
-        .unwrap_or_else(|| time::tsc_khz())
+        .unwrap_or_else(time::tsc_khz)
         .clamp(1, p.max_period());
     let sel = p.cycles_sel() | SEL_INT;
     let window = time::ms_to_tsc(cfg.pmi_ms);
@@ -540,20 +539,25 @@ impl Tally {
             if (valid | skip) & bit != 0 {
                 continue;
             }
-            if self.write(cat, msr, bit, self.rsvd_gp) && !self.rsvd_gp {
-                // Accepted: the reserved bit must have been dropped.
-                if pmu::rd(msr).is_ok_and(|v| v & bit != 0) {
-                    self.kept += 1;
-                    self.miss(Mismatch {
-                        write: true,
-                        msr,
-                        val: bit,
-                        miss: Miss::Kept,
-                    });
-                }
+            if self.write(cat, msr, bit, self.rsvd_gp) {
+                self.check_dropped(msr, msr, bit);
             }
         }
         let _ = pmu::wr(msr, old);
+    }
+
+    /// After a reserved `bit` was written to `msr` without a #GP: in
+    /// `ignore` mode it must have been dropped (`read_msr` shows it clear).
+    fn check_dropped(&mut self, msr: u32, read_msr: u32, bit: u64) {
+        if !self.rsvd_gp && pmu::rd(read_msr).is_ok_and(|v| v & bit != 0) {
+            self.kept += 1;
+            self.miss(Mismatch {
+                write: true,
+                msr,
+                val: bit,
+                miss: Miss::Kept,
+            });
+        }
     }
 
     /// A read-only MSR: reads work, writes #GP (or are ignored).
@@ -708,16 +712,8 @@ fn gp_amd(t: &mut Tally, p: &Pmu) {
         t.write(Cat::Defined, amd::GLOBAL_STATUS_SET, 0, false);
         for b in p.num_gp..64 {
             let bit = 1u64 << b;
-            if t.write(Cat::GlobalRsvd, amd::GLOBAL_STATUS_SET, bit, t.rsvd_gp) && !t.rsvd_gp {
-                if pmu::rd(amd::GLOBAL_STATUS).is_ok_and(|v| v & bit != 0) {
-                    t.kept += 1;
-                    t.miss(Mismatch {
-                        write: true,
-                        msr: amd::GLOBAL_STATUS_SET,
-                        val: bit,
-                        miss: Miss::Kept,
-                    });
-                }
+            if t.write(Cat::GlobalRsvd, amd::GLOBAL_STATUS_SET, bit, t.rsvd_gp) {
+                t.check_dropped(amd::GLOBAL_STATUS_SET, amd::GLOBAL_STATUS, bit);
             }
         }
         t.read_only(amd::GLOBAL_STATUS);

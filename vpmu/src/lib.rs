@@ -49,6 +49,18 @@
 //!   equals the one open on the host keep their host event: an equivalent
 //!   restore opens and closes nothing ([`VpmuStats::restores_equivalent`]).
 //! - [`Vpmu::reset`] returns to the power-on state (guest reset).
+//! - Totals that outlive contexts: each counter counts per programming
+//!   (`counted` in its snapshot, unchanged by guest writes of the value).
+//!   When a programming ends (new programming, reset, restore of another
+//!   one) its final count is queued as a [`Retired`] entry; drain them with
+//!   [`Vpmu::take_retired`] after `wrmsr`, `restore` and `reset` and merge
+//!   them into [`EventTotals`] by [`ProgrammingId`] (module [`totals`]).
+//! - Totals that outlive contexts: each counter counts per programming
+//!   (`counted` in its snapshot, unchanged by guest writes of the value).
+//!   When a programming ends (new programming, reset, restore of another
+//!   one) its final count is queued as a [`Retired`] entry; drain them with
+//!   [`Vpmu::take_retired`] after `wrmsr`, `restore` and `reset` and merge
+//!   them into [`EventTotals`] by [`ProgrammingId`] (module [`totals`]).
 //! - [`Vpmu::snapshot`] gives a [`VpmuSnapshot`] for the export: every
 //!   counter decoded, valued, and how it is backed ([`Backing`]), with the
 //!   host's enabled/running times and [`VpmuStats`].
@@ -92,6 +104,7 @@ pub mod msr;
 pub mod policy;
 pub mod snapshot;
 pub mod stats;
+pub mod totals;
 mod value;
 mod vendor;
 mod vpmu;
@@ -104,4 +117,5 @@ pub use model::{HostCpuid, HostFacts, ModelError, MsrRange, PmuModel, Vendor};
 pub use policy::{EventPolicy, PolicyError, Preset};
 pub use snapshot::{Backing, CounterKind, CounterSnapshot, VpmuSnapshot};
 pub use stats::{MsrAccessCounts, RegisterKind, VpmuStats};
-pub use vpmu::{Fault, Limits, Vpmu};
+pub use totals::{EventTotal, EventTotals, ProgrammingId, Retired};
+pub use vpmu::{Fault, Limits, Vpmu, MAX_RETIRED};

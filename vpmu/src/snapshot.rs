@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::evtsel::DecodedSelect;
 use crate::model::PmuModel;
 use crate::stats::VpmuStats;
+use crate::totals::ProgrammingId;
 
 /// General-purpose or fixed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +72,16 @@ pub struct CounterSnapshot {
     pub overflows: u64,
     /// PMIs this counter requested.
     pub pmis: u64,
+    /// What the counter counts (see [`ProgrammingId`]): the key its
+    /// context's count merges under when the context ends.
+    pub programming_id: ProgrammingId,
+    /// Events counted since the current programming began; guest writes
+    /// of the value do not change it (a sampling guest rewrites the value
+    /// at every PMI).
+    pub counted: u64,
+    /// The counter has run with its current programming (its context will
+    /// be merged into the totals when it ends, even with a count of 0).
+    pub ran: bool,
 }
 
 /// The whole vPMU of one vCPU.

@@ -138,4 +138,10 @@ pub struct VpmuStats {
     pub restores_equivalent: u64,
     /// Resets to the power-on state.
     pub resets: u64,
+    /// Counter contexts that ended (programming changed) after running;
+    /// each one's count went to [`crate::Vpmu::take_retired`].
+    pub retired_contexts: u64,
+    /// Ended contexts dropped because the VMM did not take them in time
+    /// (more than [`crate::MAX_RETIRED`] ids waiting).
+    pub retired_dropped: u64,
 }

@@ -76,6 +76,11 @@ pub(super) struct Counter<H> {
     pub time_running: u64,
     pub overflows: u64,
     pub pmis: u64,
+    /// Events counted since the current programming began (guest writes
+    /// of the value do not change it): what retires into the totals.
+    pub counted: u64,
+    /// The counter ran with the current programming.
+    pub ran: bool,
 }
 
 impl<H> Counter<H> {
@@ -104,6 +109,8 @@ impl<H> Counter<H> {
             time_running: 0,
             overflows: 0,
             pmis: 0,
+            counted: 0,
+            ran: false,
         }
     }
 }

@@ -98,6 +98,7 @@ impl<B: Backend> Vpmu<B> {
             self.counters[i].clock_ns = self.guest_ns();
         }
         self.counters[i].running = true;
+        self.counters[i].ran = true;
         if let Some(handle) = backing.handle() {
             match self.backend.start(handle) {
                 Ok(()) => self.stats.starts += 1,
@@ -315,6 +316,7 @@ impl<B: Backend> Vpmu<B> {
         let counter = &mut self.counters[i];
         let (new, overflows) = value::advance(counter.value, delta, counter.mask);
         counter.value = new;
+        counter.counted = counter.counted.saturating_add(delta);
         if overflows == 0 {
             return;
         }

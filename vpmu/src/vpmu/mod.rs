@@ -14,6 +14,7 @@ use crate::model::{ModelError, PmuModel};
 use crate::policy::EventPolicy;
 use crate::snapshot::CounterKind;
 use crate::stats::VpmuStats;
+use crate::totals::{ProgrammingId, Retired};
 use crate::vendor::{self, Layout, VendorOps};
 
 use counter::Counter;
@@ -108,8 +109,14 @@ pub struct Vpmu<B: Backend> {
     pending_pmi: bool,
     /// Why hardware events cannot be opened, once the host said so.
     no_hardware: Option<String>,
+    /// Ended counter contexts the VMM has not taken yet, one per id.
+    retired: Vec<Retired>,
     stats: VpmuStats,
 }
+
+/// Distinct programming ids [`Vpmu::take_retired`] holds between two
+/// calls; contexts of further ids are dropped (and counted).
+pub const MAX_RETIRED: usize = 64;
 
 impl<B: Backend> Vpmu<B> {
     /// A vPMU in its power-on state. Fails when the model is invalid.
@@ -149,6 +156,7 @@ impl<B: Backend> Vpmu<B> {
             clock_running: false,
             pending_pmi: false,
             no_hardware: None,
+            retired: Vec::new(),
             stats: VpmuStats::default(),
         };
         for i in 0..vpmu.counters.len() {
@@ -209,6 +217,49 @@ impl<B: Backend> Vpmu<B> {
         pending
     }
 
+    /// Takes the counter contexts that ended since the last call (a new
+    /// programming, a reset, a restore of another programming), each with
+    /// its programming id and what it counted; contexts of the same id are
+    /// merged. Contexts that never ran are not reported. The VMM merges
+    /// them into its [`crate::EventTotals`]; call it after every
+    /// [`Vpmu::wrmsr`], [`Vpmu::restore`] and [`Vpmu::reset`] (at most
+    /// [`MAX_RETIRED`] ids are held in between).
+    pub fn take_retired(&mut self) -> Vec<Retired> {
+        std::mem::take(&mut self.retired)
+    }
+
+    /// Whether [`Vpmu::take_retired`] has anything (cheap).
+    pub fn has_retired(&self) -> bool {
+        !self.retired.is_empty()
+    }
+
+    /// Counter `i`'s context ends (its programming is about to change):
+    /// record what it counted.
+    fn retire(&mut self, i: usize) {
+        let counter = &mut self.counters[i];
+        let (ran, counted) = (counter.ran, counter.counted);
+        counter.ran = false;
+        counter.counted = 0;
+        if !ran && counted == 0 {
+            return;
+        }
+        self.stats.retired_contexts += 1;
+        let id = ProgrammingId(counter.programming);
+        if let Some(entry) = self.retired.iter_mut().find(|r| r.id == id) {
+            entry.counted = entry.counted.saturating_add(counted);
+            entry.contexts += 1;
+        } else if self.retired.len() < MAX_RETIRED {
+            self.retired.push(Retired {
+                id,
+                event_name: id.event_name(self.model.vendor).map(Into::into),
+                counted,
+                contexts: 1,
+            });
+        } else {
+            self.stats.retired_dropped += 1;
+        }
+    }
+
     /// Current value of every counter with its canonical MSR, general-purpose
     /// first: what the VMM mirrors into KVM so that guest RDPMC agrees.
     pub fn counter_values(&mut self) -> impl Iterator<Item = (u32, u64)> + '_ {
@@ -265,6 +316,7 @@ impl<B: Backend> Vpmu<B> {
         let programming = programming(select, self.counters[i].programming);
         if programming != self.counters[i].programming {
             self.stop(i);
+            self.retire(i);
             self.release(i);
             self.counters[i].generation += 1;
             self.counters[i].programming = programming;

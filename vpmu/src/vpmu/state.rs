@@ -7,6 +7,7 @@ use crate::backend::Backend;
 use crate::context::{ContextError, VpmuContext, CONTEXT_FORMAT};
 use crate::evtsel::DecodedSelect;
 use crate::snapshot::{CounterKind, CounterSnapshot, VpmuSnapshot};
+use crate::totals::ProgrammingId;
 use crate::vendor;
 
 impl<B: Backend> Vpmu<B> {
@@ -64,6 +65,7 @@ impl<B: Backend> Vpmu<B> {
         for i in 0..self.counters.len() {
             let power_on = super::programming(self.counters[i].select, 0);
             if self.counters[i].programming != power_on {
+                self.retire(i);
                 self.release(i);
                 self.counters[i].programming = power_on;
                 self.counters[i].generation += 1;
@@ -101,6 +103,9 @@ impl<B: Backend> Vpmu<B> {
                 host_time_running_ns: c.time_running,
                 overflows: c.overflows,
                 pmis: c.pmis,
+                programming_id: ProgrammingId(c.programming),
+                counted: c.counted,
+                ran: c.ran,
             })
             .collect();
         VpmuSnapshot {

@@ -205,8 +205,32 @@ fn bsp_main(bp: u64) -> ! {
             IdList(smp::done_mask())
         );
     }
+    if cfg.hold_ms > 0 {
+        hold(cfg.hold_ms);
+    }
     out!("reset");
     cpu::reset()
+}
+
+/// `probe.hold_ms`: idles in HLT (woken by the LAPIC timer) with every
+/// counter disabled, so that the host can read the final counts before
+/// the reset ends the VMM.
+fn hold(ms: u64) {
+    out!("hold ms=", ms);
+    let end = cpu::rdtsc().saturating_add(time::ms_to_tsc(ms));
+    loop {
+        let now = cpu::rdtsc();
+        if now >= end {
+            break;
+        }
+        let left_ms = time::tsc_to_us(end - now) / 1000 + 1;
+        if apic::arm_oneshot_ms(left_ms.min(1000)) {
+            cpu::sti_hlt_cli();
+        } else {
+            time::spin_tsc(time::ms_to_tsc(1));
+        }
+    }
+    apic::disarm_timer();
 }
 
 fn ap_main(cpu: u32) -> ! {

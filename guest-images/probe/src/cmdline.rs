@@ -102,6 +102,8 @@ pub struct Config {
     /// Use x2APIC when CPUID offers it (`probe.apic=auto`, the default).
     pub x2apic: bool,
     pub timeout_ms: u64,
+    /// After the tests, idle this long (counters disabled) before the reset.
+    pub hold_ms: u64,
     pub tsc_khz: Option<u64>,
     pub warnings: [Option<Warning>; MAX_WARNINGS],
 }
@@ -128,6 +130,7 @@ impl Config {
             x2apic: true,
             rsvd_gp: true,
             timeout_ms: 10_000,
+            hold_ms: 0,
             tsc_khz: None,
             warnings: [None; MAX_WARNINGS],
         }
@@ -234,6 +237,7 @@ pub fn parse(raw: &'static [u8]) -> Config {
                 .map(|v| c.counter = v as u32)
                 .is_some(),
             b"probe.timeout_ms" => num.map(|v| c.timeout_ms = v).is_some(),
+            b"probe.hold_ms" => num.map(|v| c.hold_ms = v).is_some(),
             b"probe.rdpmc" => parse_bool(val).map(|v| c.rdpmc = v).is_some(),
             b"probe.force" => parse_bool(val).map(|v| c.force = v).is_some(),
             b"probe.rsvd" => match val {

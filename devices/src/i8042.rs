@@ -8,6 +8,21 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::PioDevice;
 
+/// What the i8042's CPU reset output is wired to.
+pub trait ResetLine: Send {
+    /// The guest pulsed the reset line.
+    fn pulse(&self);
+}
+
+/// An eventfd as the reset line: the VMM's event loop sees it.
+impl ResetLine for EventFd {
+    fn pulse(&self) {
+        // A write fails only if the counter would overflow, which means a
+        // reset is already pending.
+        let _ = self.write(1);
+    }
+}
+
 /// Offset of the command/status port (0x64) from the data port (0x60).
 pub const COMMAND_OFFSET: u16 = 4;
 /// Command byte that pulses the CPU reset line.
@@ -15,13 +30,14 @@ pub const CMD_RESET_CPU: u8 = 0xfe;
 
 /// i8042 at ports 0x60..=0x64.
 pub struct I8042 {
-    reset_evt: EventFd,
+    reset: Box<dyn ResetLine>,
 }
 
 impl I8042 {
-    /// `reset_evt` is written when the guest resets the machine.
-    pub fn new(reset_evt: EventFd) -> Self {
-        Self { reset_evt }
+    /// `reset` is pulsed, on the vCPU thread that wrote the command, when
+    /// the guest resets the machine.
+    pub fn new(reset: Box<dyn ResetLine>) -> Self {
+        Self { reset }
     }
 }
 
@@ -33,9 +49,7 @@ impl PioDevice for I8042 {
 
     fn write(&mut self, offset: u16, data: &[u8]) {
         if offset == COMMAND_OFFSET && data.first() == Some(&CMD_RESET_CPU) {
-            // An eventfd write fails only if the counter would overflow,
-            // which means a reset is already pending.
-            let _ = self.reset_evt.write(1);
+            self.reset.pulse();
         }
     }
 }
@@ -47,7 +61,7 @@ mod tests {
     #[test]
     fn reset_command_signals_and_nothing_else_does() {
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = I8042::new(evt.try_clone().unwrap());
+        let mut dev = I8042::new(Box::new(evt.try_clone().unwrap()));
         dev.write(0, &[CMD_RESET_CPU]);
         dev.write(COMMAND_OFFSET, &[0xd1]);
         assert!(evt.read().is_err(), "no reset expected yet");

@@ -10,5 +10,5 @@ pub mod i8042;
 pub mod serial;
 
 pub use bus::{PioBus, PioDevice};
-pub use i8042::I8042;
+pub use i8042::{ResetLine, I8042};
 pub use serial::{SerialDevice, SerialOutput};

@@ -1,6 +1,6 @@
 //! The VMM's main thread: an `event-manager` loop over host-side file
-//! descriptors (stdin for the serial console, the guest's reset line,
-//! vCPU stop notifications, SIGINT/SIGTERM), never touching a vCPU.
+//! descriptors (stdin for the serial console, stop notifications from vCPUs
+//! and devices, SIGINT/SIGTERM), never touching a vCPU.
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -20,7 +20,6 @@ use crate::vcpu::VmControl;
 pub const MAX_WAIT: Duration = Duration::from_millis(500);
 
 const TAG_WAKE: u32 = 1;
-const TAG_RESET: u32 = 2;
 const TAG_STDIN: u32 = 3;
 const TAG_TERMINATE: u32 = 4;
 
@@ -43,7 +42,6 @@ extern "C" fn on_terminate(signal: libc::c_int, _: *mut libc::siginfo_t, _: *mut
 struct Controller {
     control: Arc<VmControl>,
     serial: Arc<Mutex<SerialDevice>>,
-    reset_evt: EventFd,
     terminate_evt: EventFd,
 }
 
@@ -52,7 +50,6 @@ impl MutEventSubscriber for Controller {
         let input = EventSet::IN;
         let sources = [
             (self.control.wake.as_raw_fd(), TAG_WAKE),
-            (self.reset_evt.as_raw_fd(), TAG_RESET),
             (self.terminate_evt.as_raw_fd(), TAG_TERMINATE),
         ];
         for (fd, tag) in sources {
@@ -69,10 +66,6 @@ impl MutEventSubscriber for Controller {
         match events.data() {
             TAG_WAKE => {
                 let _ = self.control.wake.read();
-            }
-            TAG_RESET => {
-                let _ = self.reset_evt.read();
-                self.control.finish(Outcome::Reset);
             }
             TAG_TERMINATE => {
                 let _ = self.terminate_evt.read();
@@ -107,11 +100,7 @@ pub struct MainLoop {
 }
 
 impl MainLoop {
-    pub fn new(
-        control: Arc<VmControl>,
-        serial: Arc<Mutex<SerialDevice>>,
-        reset_evt: EventFd,
-    ) -> std::io::Result<Self> {
+    pub fn new(control: Arc<VmControl>, serial: Arc<Mutex<SerialDevice>>) -> std::io::Result<Self> {
         let terminate_evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         TERMINATE_FD.store(terminate_evt.as_raw_fd(), Ordering::SeqCst);
         for signal in [libc::SIGINT, libc::SIGTERM] {
@@ -122,7 +111,6 @@ impl MainLoop {
         let controller: Box<dyn MutEventSubscriber> = Box::new(Controller {
             control,
             serial,
-            reset_evt,
             terminate_evt,
         });
         manager.add_subscriber(controller);

@@ -32,12 +32,20 @@ const COM1_BASE: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
 const I8042_BASE: u16 = 0x60;
 
+/// The i8042's reset line: the guest's reset ends the run.
+struct ResetToControl(Arc<VmControl>);
+
+impl devices::ResetLine for ResetToControl {
+    fn pulse(&self) {
+        self.0.finish(Outcome::Reset);
+    }
+}
+
 /// A built VM, ready to run.
 pub struct Vm {
     control: Arc<VmControl>,
     vcpus: Vec<Vcpu>,
     serial: Arc<Mutex<SerialDevice>>,
-    reset_evt: EventFd,
     timeout: Option<Duration>,
     /// How the kernel was loaded, for the start-up report.
     pub kernel_kind: ImageKind,
@@ -268,12 +276,11 @@ impl Vm {
             serial_irq,
             serial_output(&config.serial)?,
         )));
-        let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(
-            reset_evt
-                .try_clone()
-                .map_err(io_err("cloning an eventfd"))?,
-        )));
+        // The reset line stops the VM right on the vCPU that pulled it, so
+        // the guest runs no further than the reset instruction.
+        let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(ResetToControl(
+            control.clone(),
+        )))));
         let mut bus = PioBus::new();
         bus.insert(serial.clone(), COM1_BASE, 8)
             .and_then(|_| bus.insert(i8042, I8042_BASE, 5))
@@ -326,7 +333,6 @@ impl Vm {
             control,
             vcpus,
             serial,
-            reset_evt,
             timeout: config.timeout,
             kernel_kind: kernel.kind,
             pmu: plan,
@@ -347,12 +353,12 @@ impl Vm {
             source: e.into(),
         })?;
         let mut main_loop =
-            MainLoop::new(self.control.clone(), self.serial.clone(), self.reset_evt).map_err(
-                |source| StartError::Io {
+            MainLoop::new(self.control.clone(), self.serial.clone()).map_err(|source| {
+                StartError::Io {
                     what: "setting up the event loop".into(),
                     source,
-                },
-            )?;
+                }
+            })?;
 
         let api_server = match &self.api_socket {
             Some(socket) => {

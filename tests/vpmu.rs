@@ -29,10 +29,14 @@ fn core_cycles_over_a_busy_loop_match_its_tsc_length() {
     let _serial = timing_lock();
     let (r, _) = run_probe("probe.tests=cycles probe.cycles_ms=300", &["--vpmu", "on"]);
     let c = result(&r, 0, "cycles");
-    let ratio = c.num("cycles") / c.num("tsc");
+    // The loop's length in TSC cycles, less the time the host did not run
+    // the vCPU at all (KVM steal time, read by the guest): other processes
+    // on a 2-core host take the CPU, and a descheduled vCPU executes no
+    // cycles, on hardware as here.
+    let ratio = c.num("run_ratio_permille") / 1000.0;
     assert!(
         (0.85..=1.15).contains(&ratio),
-        "cycles/tsc = {ratio:.3} outside 15%: {c:?}"
+        "cycles/(tsc - steal) = {ratio:.3} outside 15%: {c:?}"
     );
 }
 
@@ -57,7 +61,8 @@ fn pmis_arrive_at_the_programmed_period_and_stop_when_disabled() {
     // The default period is 1 ms of guest cycles: about 300 PMIs.
     let (r, o) = run_probe("probe.tests=pmi probe.pmi_ms=300", &["--vpmu", "on"]);
     let p = result(&r, 0, "pmi");
-    let (pmis, expected) = (p.num("pmis"), p.num("expected"));
+    // Expected from the window's TSC length less steal time (see above).
+    let (pmis, expected) = (p.num("pmis"), p.num("expected_run"));
     assert!(expected >= 100.0, "{p:?}");
     assert!(
         (pmis - expected).abs() <= 0.3 * expected,
@@ -128,7 +133,7 @@ fn two_vcpus_count_independently() {
     );
     for cpu in 0..2 {
         let c = result(&r, cpu, "cycles");
-        let ratio = c.num("cycles") / c.num("tsc");
+        let ratio = c.num("run_ratio_permille") / 1000.0;
         assert!(
             (0.85..=1.15).contains(&ratio),
             "vCPU {cpu}: cycles/tsc = {ratio:.3}: {c:?}"
@@ -183,11 +188,12 @@ fn paused_time_is_not_counted() {
         .and_then(|s| s.trim_matches('"').parse().ok())
         .expect("tsc_khz on the command line");
     let paused_tsc = paused.as_secs_f64() * tsc_khz * 1000.0;
-    let running_tsc = c.num("tsc") - paused_tsc;
+    let steal_tsc = c.num("steal_us") * tsc_khz / 1000.0;
+    let running_tsc = c.num("tsc") - paused_tsc - steal_tsc;
     let ratio = c.num("cycles") / running_tsc;
     assert!(
         (0.85..=1.15).contains(&ratio),
-        "cycles / (tsc - paused) = {ratio:.3}; paused {paused:?}: {c:?}"
+        "cycles / (tsc - paused - steal) = {ratio:.3}; paused {paused:?}: {c:?}"
     );
     assert!(
         c.num("cycles") < c.num("tsc") - 0.5 * paused_tsc,

@@ -96,3 +96,21 @@ fn sigterm_stops_the_vmm_cleanly() {
     assert_eq!(o.status.code(), Some(128 + 15), "stderr: {}", stderr(&o));
     assert!(stderr(&o).contains("stopped by signal 15"));
 }
+
+#[test]
+fn host_stdin_reaches_the_guest_uart() {
+    require_kvm!();
+    use std::io::Write;
+    let guest = build_guest("echo");
+    let mut child = common::vmm()
+        .args(["--kernel", guest.to_str().unwrap(), "--timeout", "20"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"Z").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("echo: Z"), "{}", stdout(&o));
+}

@@ -4,6 +4,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::checksum;
 use super::layout::{ACPI_START, APIC_DEFAULT_BASE, IOAPIC_DEFAULT_BASE};
 
 const OEM_ID: &[u8; 6] = b"VMM   ";
@@ -15,10 +16,6 @@ const MADT_FLAG_PCAT_COMPAT: u32 = 1;
 const MADT_LOCAL_APIC: u8 = 0;
 const MADT_IO_APIC: u8 = 1;
 const MADT_LOCAL_APIC_NMI: u8 = 4;
-
-fn checksum(data: &[u8]) -> u8 {
-    0u8.wrapping_sub(data.iter().fold(0u8, |a, b| a.wrapping_add(*b)))
-}
 
 /// A system description table: header plus body, checksummed.
 fn sdt(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
@@ -118,10 +115,7 @@ pub fn write(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<u64, vm_memory::Gues
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sum(d: &[u8]) -> u8 {
-        d.iter().fold(0u8, |a, b| a.wrapping_add(*b))
-    }
+    use crate::arch::byte_sum as sum;
 
     #[test]
     fn every_table_checksums_and_links() {

@@ -5,6 +5,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::checksum;
 use super::layout::{APIC_DEFAULT_BASE, IOAPIC_DEFAULT_BASE, MPTABLE_START};
 
 /// The most CPUs an MP table can describe here (APIC IDs are 8 bits and the
@@ -99,11 +100,6 @@ fn encode(num_cpus: u8, base: u32) -> Vec<u8> {
     floating
 }
 
-/// Bytes that make `data` sum to zero.
-fn checksum(data: &[u8]) -> u8 {
-    0u8.wrapping_sub(data.iter().fold(0u8, |acc, b| acc.wrapping_add(*b)))
-}
-
 /// Writes the MP table for `num_cpus` CPUs into guest memory.
 pub fn write(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), MptableError> {
     if num_cpus == 0 || num_cpus > MAX_CPUS {
@@ -117,10 +113,7 @@ pub fn write(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), MptableError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sum(data: &[u8]) -> u8 {
-        data.iter().fold(0u8, |a, b| a.wrapping_add(*b))
-    }
+    use crate::arch::byte_sum as sum;
 
     #[test]
     fn checksums_and_cpu_entries_are_right() {

@@ -14,7 +14,7 @@ use kvm_bindings::{
     kvm_cpuid_entry2, kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region, CpuId,
     KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -169,6 +169,139 @@ fn guest_cmdline(config: &VmConfig, tsc_khz: Option<u32>, pmu: &PmuPlan) -> Stri
     }
 }
 
+fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> StartError {
+    let what = what.to_string();
+    move |source| StartError::Io { what, source }
+}
+
+/// The VM with its in-kernel irqchip and PIT, and the vPMU's MSR filter.
+fn create_vm(kvm: &Kvm, plan: &PmuPlan) -> Result<VmFd, StartError> {
+    let vm_fd = kvm.create_vm().map_err(StartError::kvm("KVM_CREATE_VM"))?;
+    if let Some(model) = &plan.model {
+        pmu::filter::install(&vm_fd, &model.msr_ranges())?;
+    }
+    vm_fd
+        .set_tss_address(layout::KVM_TSS_ADDRESS)
+        .map_err(StartError::kvm("KVM_SET_TSS_ADDR"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(StartError::kvm("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd
+        .create_pit2(pit)
+        .map_err(StartError::kvm("KVM_CREATE_PIT2"))?;
+    Ok(vm_fd)
+}
+
+/// Loads the kernel and initrd and writes everything the boot protocol
+/// hands the kernel: command line, zero page, MP and ACPI tables, the
+/// long-mode GDT and page tables.
+fn load_guest(
+    config: &VmConfig,
+    memory: &GuestMemoryMmap,
+    num_vcpus: u8,
+    cmdline: &str,
+) -> Result<LoadedKernel, StartError> {
+    let mem_size = config.memory_mib << 20;
+    let source = match &config.kernel {
+        Some(path) => KernelSource::File(path),
+        None => KernelSource::Embedded {
+            name: "built-in probe guest",
+            bytes: crate::probe_image::PROBE_ELF,
+        },
+    };
+    let kernel = loader::load_kernel(memory, mem_size, source)?;
+    let initrd = match &config.initrd {
+        Some(path) => {
+            let max = kernel.header.map_or(0, |h| h.initrd_addr_max);
+            Some(loader::load_initrd(memory, mem_size, path, max)?)
+        }
+        None => None,
+    };
+
+    let cmdline_max = kernel
+        .header
+        .map_or(layout::CMDLINE_MAX_SIZE, |h| h.cmdline_size as usize)
+        .clamp(1, layout::CMDLINE_MAX_SIZE);
+    if cmdline.len() >= cmdline_max || cmdline.contains('\0') {
+        return Err(StartError::Config(format!(
+            "--cmdline is {} bytes; this kernel takes at most {} (and no NUL bytes)",
+            cmdline.len(),
+            cmdline_max - 1
+        )));
+    }
+    let mut cmdline_bytes = cmdline.as_bytes().to_vec();
+    cmdline_bytes.push(0);
+    vm_memory::Bytes::write_slice(memory, &cmdline_bytes, GuestAddress(layout::CMDLINE_START))
+        .map_err(|_| StartError::Config("command line does not fit in guest memory".into()))?;
+    mptable::write(memory, num_vcpus)?;
+    let rsdp = acpi::write(memory, num_vcpus)
+        .map_err(|e| StartError::Config(format!("writing ACPI tables: {e}")))?;
+    let params = boot_params::build(kernel.header, cmdline_bytes.len(), initrd, rsdp, mem_size);
+    boot_params::write(&params, memory)
+        .map_err(|e| StartError::Config(format!("writing the zero page: {e}")))?;
+    regs::write_boot_tables(memory)?;
+    Ok(kernel)
+}
+
+/// COM1 (IRQ 4 through an irqfd) and the i8042 on a port I/O bus.
+fn create_devices(
+    vm_fd: &VmFd,
+    config: &VmConfig,
+    control: &Arc<VmControl>,
+) -> Result<(Arc<PioBus>, Arc<Mutex<SerialDevice>>), StartError> {
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+    vm_fd
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(StartError::kvm("KVM_IRQFD"))?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        serial_irq,
+        serial_output(&config.serial)?,
+    )));
+    // The reset line stops the VM right on the vCPU that pulled it, so the
+    // guest runs no further than the reset instruction.
+    let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(ResetToControl(
+        control.clone(),
+    )))));
+    let mut bus = PioBus::new();
+    bus.insert(serial.clone(), COM1_BASE, 8)
+        .and_then(|_| bus.insert(i8042, I8042_BASE, 5))
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    Ok((Arc::new(bus), serial))
+}
+
+/// Gives each vCPU its CPUID (topology, PMU leaves) and LAPIC wiring, and
+/// puts the boot vCPU at the kernel's entry. The built-in probe cannot take
+/// the real-mode INIT/SIPI path these hosts lack, so all its vCPUs start at
+/// the entry point; a Linux kernel starts its other CPUs itself.
+fn configure_vcpu(
+    fd: &VcpuFd,
+    index: u8,
+    num_vcpus: u8,
+    cpuid: &CpuId,
+    entry: u64,
+    direct_ap_start: bool,
+) -> Result<(), StartError> {
+    let mut cpuid = cpuid.clone();
+    cpuid::apply_topology(cpuid.as_mut_slice(), index, num_vcpus);
+    fd.set_cpuid2(&cpuid)
+        .map_err(StartError::kvm("KVM_SET_CPUID2"))?;
+    regs::setup_lint(fd)?;
+    if index == 0 {
+        regs::setup_long_mode(fd, entry, layout::BOOT_STACK_TOP, layout::ZERO_PAGE_START)?;
+    } else if direct_ap_start {
+        regs::setup_long_mode(fd, entry, 0, layout::ZERO_PAGE_START)?;
+        fd.set_mp_state(kvm_mp_state {
+            mp_state: KVM_MP_STATE_RUNNABLE,
+        })
+        .map_err(StartError::kvm("KVM_SET_MP_STATE"))?;
+    }
+    Ok(())
+}
+
 impl Vm {
     /// Builds the VM described by `config`.
     pub fn build(config: &VmConfig) -> Result<Vm, StartError> {
@@ -181,43 +314,8 @@ impl Vm {
         // The built-in probe reads counters with RDMSR only.
         let plan = Arc::new(pmu::plan(&config.vpmu, &host_pmu, config.kernel.is_none())?);
 
-        let vm_fd = Arc::new(kvm.create_vm().map_err(StartError::kvm("KVM_CREATE_VM"))?);
-        if let Some(model) = &plan.model {
-            pmu::filter::install(&vm_fd, &model.msr_ranges())?;
-        }
-        vm_fd
-            .set_tss_address(layout::KVM_TSS_ADDRESS)
-            .map_err(StartError::kvm("KVM_SET_TSS_ADDR"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(StartError::kvm("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd
-            .create_pit2(pit)
-            .map_err(StartError::kvm("KVM_CREATE_PIT2"))?;
-
-        let mem_size = config.memory_mib << 20;
+        let vm_fd = Arc::new(create_vm(&kvm, &plan)?);
         let memory = create_memory(&vm_fd, config.memory_mib)?;
-
-        let source = match &config.kernel {
-            Some(path) => KernelSource::File(path),
-            None => KernelSource::Embedded {
-                name: "built-in probe guest",
-                bytes: crate::probe_image::PROBE_ELF,
-            },
-        };
-        let kernel: LoadedKernel = loader::load_kernel(&memory, mem_size, source)?;
-        let initrd = match &config.initrd {
-            Some(path) => {
-                let max = kernel.header.map_or(0, |h| h.initrd_addr_max);
-                Some(loader::load_initrd(&memory, mem_size, path, max)?)
-            }
-            None => None,
-        };
-
         // `validate` bounded the count by the MP table's limit.
         let num_vcpus = config.vcpus as u8;
         let vcpu_fds = (0..num_vcpus)
@@ -225,30 +323,8 @@ impl Vm {
             .collect::<Result<Vec<_>, _>>()
             .map_err(StartError::kvm("KVM_CREATE_VCPU"))?;
         let tsc_khz = vcpu_fds[0].get_tsc_khz().ok();
-
         let cmdline = guest_cmdline(config, tsc_khz, &plan);
-        let cmdline_max = kernel
-            .header
-            .map_or(layout::CMDLINE_MAX_SIZE, |h| h.cmdline_size as usize)
-            .clamp(1, layout::CMDLINE_MAX_SIZE);
-        if cmdline.len() >= cmdline_max || cmdline.contains('\0') {
-            return Err(StartError::Config(format!(
-                "--cmdline is {} bytes; this kernel takes at most {} (and no NUL bytes)",
-                cmdline.len(),
-                cmdline_max - 1
-            )));
-        }
-        let mut cmdline_bytes = cmdline.clone().into_bytes();
-        cmdline_bytes.push(0);
-        vm_memory::Bytes::write_slice(&memory, &cmdline_bytes, GuestAddress(layout::CMDLINE_START))
-            .map_err(|_| StartError::Config("command line does not fit in guest memory".into()))?;
-        mptable::write(&memory, num_vcpus)?;
-        let rsdp = acpi::write(&memory, num_vcpus)
-            .map_err(|e| StartError::Config(format!("writing ACPI tables: {e}")))?;
-        let params = boot_params::build(kernel.header, cmdline.len() + 1, initrd, rsdp, mem_size);
-        boot_params::write(&params, &memory)
-            .map_err(|e| StartError::Config(format!("writing the zero page: {e}")))?;
-        regs::write_boot_tables(&memory)?;
+        let kernel = load_guest(config, &memory, num_vcpus, &cmdline)?;
 
         // Bound now, while single-threaded (mode 0600 via the umask), so that
         // a bad path fails before anything runs.
@@ -257,63 +333,22 @@ impl Vm {
             None => None,
         };
         let export = Arc::new(Export::new(plan.clone(), usize::from(num_vcpus)));
-        let control =
-            Arc::new(
-                VmControl::new(usize::from(num_vcpus)).map_err(|source| StartError::Io {
-                    what: "creating an eventfd".into(),
-                    source,
-                })?,
-            );
-        let io_err = |what: &str| {
-            let what = what.to_string();
-            move |source| StartError::Io { what, source }
-        };
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
-        vm_fd
-            .register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(StartError::kvm("KVM_IRQFD"))?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            serial_irq,
-            serial_output(&config.serial)?,
-        )));
-        // The reset line stops the VM right on the vCPU that pulled it, so
-        // the guest runs no further than the reset instruction.
-        let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(ResetToControl(
-            control.clone(),
-        )))));
-        let mut bus = PioBus::new();
-        bus.insert(serial.clone(), COM1_BASE, 8)
-            .and_then(|_| bus.insert(i8042, I8042_BASE, 5))
-            .map_err(|e| StartError::Config(e.to_string()))?;
-        let bus = Arc::new(bus);
+        let control = Arc::new(
+            VmControl::new(usize::from(num_vcpus)).map_err(io_err("creating an eventfd"))?,
+        );
+        let (bus, serial) = create_devices(&vm_fd, config, &control)?;
 
         let vcpu_cpuid = pmu_cpuid(&supported, &plan)?;
-        // The built-in probe cannot take the real-mode INIT/SIPI path these
-        // hosts lack: all its vCPUs start at the entry point. A Linux kernel
-        // starts its other CPUs itself.
-        let direct_ap_start = config.kernel.is_none();
         let mut vcpus = Vec::with_capacity(vcpu_fds.len());
-        for (index, fd) in vcpu_fds.into_iter().enumerate() {
-            let index = index as u8;
-            let mut cpuid = vcpu_cpuid.clone();
-            cpuid::apply_topology(cpuid.as_mut_slice(), index, num_vcpus);
-            fd.set_cpuid2(&cpuid)
-                .map_err(StartError::kvm("KVM_SET_CPUID2"))?;
-            regs::setup_lint(&fd)?;
-            if index == 0 {
-                regs::setup_long_mode(
-                    &fd,
-                    kernel.entry,
-                    layout::BOOT_STACK_TOP,
-                    layout::ZERO_PAGE_START,
-                )?;
-            } else if direct_ap_start {
-                regs::setup_long_mode(&fd, kernel.entry, 0, layout::ZERO_PAGE_START)?;
-                fd.set_mp_state(kvm_mp_state {
-                    mp_state: KVM_MP_STATE_RUNNABLE,
-                })
-                .map_err(StartError::kvm("KVM_SET_MP_STATE"))?;
-            }
+        for (index, fd) in (0..num_vcpus).zip(vcpu_fds) {
+            configure_vcpu(
+                &fd,
+                index,
+                num_vcpus,
+                &vcpu_cpuid,
+                kernel.entry,
+                config.kernel.is_none(),
+            )?;
             let pmu_setup = plan.model.as_ref().map(|_| PmuSetup {
                 plan: plan.clone(),
                 tsc_khz: tsc_khz.unwrap_or(0),
@@ -352,13 +387,8 @@ impl Vm {
             what: "installing the vCPU kick signal handler".into(),
             source: e.into(),
         })?;
-        let mut main_loop =
-            MainLoop::new(self.control.clone(), self.serial.clone()).map_err(|source| {
-                StartError::Io {
-                    what: "setting up the event loop".into(),
-                    source,
-                }
-            })?;
+        let mut main_loop = MainLoop::new(self.control.clone(), self.serial.clone())
+            .map_err(io_err("setting up the event loop"))?;
 
         let api_server = match &self.api_socket {
             Some(socket) => {
@@ -366,17 +396,10 @@ impl Vm {
                 let listener = socket
                     .listener
                     .try_clone()
-                    .map_err(|source| StartError::Io {
-                        what: "cloning the API socket".into(),
-                        source,
-                    })?;
+                    .map_err(io_err("cloning the API socket"))?;
                 Some(
-                    api::http::Server::start(listener, Arc::new(move |r| api.handle(r))).map_err(
-                        |source| StartError::Io {
-                            what: "starting the API thread".into(),
-                            source,
-                        },
-                    )?,
+                    api::http::Server::start(listener, Arc::new(move |r| api.handle(r)))
+                        .map_err(io_err("starting the API thread"))?,
                 )
             }
             None => None,

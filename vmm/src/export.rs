@@ -4,13 +4,23 @@
 //! (the API) take the latest one. A vCPU never waits on a reader: it
 //! publishes with `try_lock` and skips a round if a reader holds the slot,
 //! and readers hold it only to clone an `Arc`.
+//!
+//! Per-VM totals ([`vm_totals`]) are computed by readers from the views:
+//! each vCPU publishes the counts of its ended counter contexts merged by
+//! programming id (`retired`), and its live counters' `counted`; a
+//! programming id's total is the sum of both over every vCPU. Nothing is
+//! lost when a counter is reprogrammed or its vPMU reset, and a vCPU's last
+//! view stays in its slot after its thread ends.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
-use vpmu::VpmuSnapshot;
+use vpmu::evtsel::DecodedSelect;
+use vpmu::{EventTotals, ProgrammingId, VpmuSnapshot};
 
 use crate::pmu::vcpu::PmiDelivery;
 use crate::pmu::PmuPlan;
@@ -28,6 +38,110 @@ pub struct VcpuView {
     pub paused: bool,
     pub vpmu: VpmuSnapshot,
     pub pmi_delivery: PmiDelivery,
+    /// Counts of this vCPU's ended counter contexts, by programming id.
+    pub retired: EventTotals,
+}
+
+impl VcpuView {
+    /// This vCPU's totals: ended contexts plus the live ones (counters that
+    /// ran with their current programming).
+    pub fn totals(&self) -> EventTotals {
+        let mut totals = self.retired.clone();
+        for c in self.vpmu.counters.iter().filter(|c| c.ran || c.counted > 0) {
+            totals.add(c.programming_id, c.event_name.clone(), c.counted, 0);
+        }
+        totals
+    }
+}
+
+/// The event a programming counts: its well-known name, else its raw
+/// event code and unit mask (`raw:0xc0/0x00`).
+pub fn event_label(name: Option<&str>, decoded: &DecodedSelect) -> String {
+    match name {
+        Some(name) => name.to_string(),
+        None => format!("raw:{:#x}/{:#04x}", decoded.event, decoded.umask),
+    }
+}
+
+/// The total of one programming id over the VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VmTotal {
+    /// The programming id (the event select bits that decide counting).
+    pub id: ProgrammingId,
+    /// The id in hexadecimal, as in the metrics' `id` label.
+    pub id_hex: String,
+    /// Name or raw code of the event.
+    pub event: String,
+    pub decoded: DecodedSelect,
+    /// Events counted under this programming: `retired` + `live`.
+    pub count: u64,
+    /// By counter contexts that ended.
+    pub retired: u64,
+    /// By counters programmed so now.
+    pub live: u64,
+    /// Ended contexts merged.
+    pub contexts: u64,
+    /// Counters programmed so now.
+    pub live_counters: u64,
+    /// `count` per vCPU that counted it.
+    pub vcpus: Vec<VcpuCount>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VcpuCount {
+    pub vcpu: u8,
+    pub count: u64,
+}
+
+fn row<'a>(
+    rows: &'a mut BTreeMap<ProgrammingId, VmTotal>,
+    id: ProgrammingId,
+    name: Option<&str>,
+) -> &'a mut VmTotal {
+    rows.entry(id).or_insert_with(|| {
+        let decoded = id.decoded();
+        VmTotal {
+            id,
+            id_hex: format!("{:#x}", id.0),
+            event: event_label(name, &decoded),
+            decoded,
+            count: 0,
+            retired: 0,
+            live: 0,
+            contexts: 0,
+            live_counters: 0,
+            vcpus: Vec::new(),
+        }
+    })
+}
+
+/// The VM's totals per programming id, in id order.
+pub fn vm_totals(views: &[Arc<VcpuView>]) -> Vec<VmTotal> {
+    let mut rows = BTreeMap::new();
+    for view in views {
+        for e in &view.retired.entries {
+            let r = row(&mut rows, e.id, e.event_name.as_deref());
+            r.retired = r.retired.saturating_add(e.count);
+            r.contexts += e.contexts;
+        }
+        for c in view.vpmu.counters.iter().filter(|c| c.ran || c.counted > 0) {
+            let r = row(&mut rows, c.programming_id, c.event_name.as_deref());
+            r.live = r.live.saturating_add(c.counted);
+            r.live_counters += 1;
+        }
+        for e in view.totals().entries {
+            row(&mut rows, e.id, None).vcpus.push(VcpuCount {
+                vcpu: view.index,
+                count: e.count,
+            });
+        }
+    }
+    rows.into_values()
+        .map(|mut r| {
+            r.count = r.retired.saturating_add(r.live);
+            r
+        })
+        .collect()
 }
 
 #[derive(Default)]

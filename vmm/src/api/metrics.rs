@@ -4,14 +4,16 @@
 //! (labels `vcpu`, `counter`, `event`), `vmm_vpmu_<statistic>_total` per
 //! vCPU from the vPMU's statistics, `vmm_vpmu_msr_accesses_total` by
 //! register and operation, `vmm_vpmu_pmi_deliveries_total` by how the PMI
-//! went, and `vmm_vm_*` for the VM.
+//! went, `vmm_vpmu_events_total` (per vCPU) and `vmm_vm_vpmu_events_total`
+//! (per VM) for the totals per programming id (labels `event`, `id`), and
+//! `vmm_vm_*` for the VM. Counts are printed as exact integers.
 
 use std::fmt::Write;
 use std::sync::Arc;
 
 use vpmu::{Backing, CounterKind, CounterSnapshot};
 
-use crate::export::{Export, VcpuView};
+use crate::export::{self, Export, VcpuView};
 
 /// Escapes a label value.
 fn escape(value: &str) -> String {
@@ -30,9 +32,21 @@ fn counter_label(c: &CounterSnapshot) -> String {
 
 /// The event a counter counts: its architectural name or its raw code.
 pub fn event_label(c: &CounterSnapshot) -> String {
-    match &c.event_name {
-        Some(name) => name.to_string(),
-        None => format!("raw:{:#x}/{:#04x}", c.decoded.event, c.decoded.umask),
+    export::event_label(c.event_name.as_deref(), &c.decoded)
+}
+
+/// A sample value: counts exactly, times as decimals.
+enum Num {
+    Int(u64),
+    Real(f64),
+}
+
+impl std::fmt::Display for Num {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Num::Int(n) => write!(f, "{n}"),
+            Num::Real(x) => write!(f, "{x}"),
+        }
     }
 }
 
@@ -56,7 +70,7 @@ impl Family<'_> {
         let _ = writeln!(self.out, "# TYPE {name} {kind}");
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: f64) {
+    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl std::fmt::Display) {
         let labels: Vec<String> = labels
             .iter()
             .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
@@ -69,7 +83,7 @@ impl Family<'_> {
     }
 }
 
-type CounterField = fn(&CounterSnapshot) -> f64;
+type CounterField = fn(&CounterSnapshot) -> Num;
 
 /// Renders every vCPU's view.
 pub fn render(views: &[Arc<VcpuView>], export: &Export) -> String {
@@ -94,45 +108,52 @@ pub fn render(views: &[Arc<VcpuView>], export: &Export) -> String {
     f.sample(
         "vmm_vm_vpmu_enabled",
         &[],
-        export.plan.model.is_some() as u8 as f64,
+        export.plan.model.is_some() as u8,
     );
 
-    let per_counter: [(&str, &str, &str, CounterField); 6] = [
+    let per_counter: [(&str, &str, &str, CounterField); 7] = [
         (
             "vmm_vpmu_counter_value",
             "gauge",
             "Current value of a guest PMU counter.",
-            |c| c.value as f64,
+            |c| Num::Int(c.value),
+        ),
+        (
+            "vmm_vpmu_counter_counted_total",
+            "counter",
+            "Events a guest counter counted under its current programming (guest writes of \
+             the value do not change it; restarts at 0 with a new programming).",
+            |c| Num::Int(c.counted),
         ),
         (
             "vmm_vpmu_counter_running",
             "gauge",
             "1 while the guest has the counter enabled.",
-            |c| c.running as u8 as f64,
+            |c| Num::Int(c.running as u64),
         ),
         (
             "vmm_vpmu_counter_host_enabled_seconds",
             "gauge",
             "Time the backing host event was enabled.",
-            |c| c.host_time_enabled_ns as f64 / 1e9,
+            |c| Num::Real(c.host_time_enabled_ns as f64 / 1e9),
         ),
         (
             "vmm_vpmu_counter_host_running_seconds",
             "gauge",
             "Time the backing host event was on a counter (below enabled: multiplexed).",
-            |c| c.host_time_running_ns as f64 / 1e9,
+            |c| Num::Real(c.host_time_running_ns as f64 / 1e9),
         ),
         (
             "vmm_vpmu_counter_overflows_total",
             "counter",
             "Overflows of a guest counter.",
-            |c| c.overflows as f64,
+            |c| Num::Int(c.overflows),
         ),
         (
             "vmm_vpmu_counter_pmis_total",
             "counter",
             "PMIs a guest counter requested.",
-            |c| c.pmis as f64,
+            |c| Num::Int(c.pmis),
         ),
     ];
     for (name, kind, help, value) in per_counter {
@@ -161,7 +182,7 @@ pub fn render(views: &[Arc<VcpuView>], export: &Export) -> String {
                 ("event", event_label(c)),
                 ("backing", backing_label(&c.backing).to_string()),
             ];
-            f.sample("vmm_vpmu_counter_backing", &labels, 1.0);
+            f.sample("vmm_vpmu_counter_backing", &labels, 1);
         }
     }
 
@@ -194,7 +215,7 @@ pub fn render(views: &[Arc<VcpuView>], export: &Export) -> String {
             &format!("vPMU statistic {name} of a vCPU."),
         );
         for (vcpu, s) in &stats {
-            let value = s[&name].as_u64().unwrap_or(0) as f64;
+            let value = s[&name].as_u64().unwrap_or(0);
             f.sample(&metric, &[("vcpu", vcpu.to_string())], value);
         }
     }
@@ -217,7 +238,7 @@ pub fn render(views: &[Arc<VcpuView>], export: &Export) -> String {
                 f.sample(
                     "vmm_vpmu_msr_accesses_total",
                     &labels,
-                    n.as_u64().unwrap_or(0) as f64,
+                    n.as_u64().unwrap_or(0),
                 );
             }
         }
@@ -235,10 +256,42 @@ pub fn render(views: &[Arc<VcpuView>], export: &Export) -> String {
                 f.sample(
                     "vmm_vpmu_pmi_deliveries_total",
                     &labels,
-                    n.as_u64().unwrap_or(0) as f64,
+                    n.as_u64().unwrap_or(0),
                 );
             }
         }
     }
+    totals(&mut f, views);
     out
+}
+
+/// Events counted per programming id, over ended and live counter
+/// contexts: per vCPU and for the VM.
+fn totals(f: &mut Family, views: &[Arc<VcpuView>]) {
+    f.header(
+        "vmm_vpmu_events_total",
+        "counter",
+        "Events a vCPU's counters counted per programming id (event, unit mask, ring levels, \
+         edge, invert, counter mask), across reprogramming and vPMU resets.",
+    );
+    let rows = export::vm_totals(views);
+    for r in &rows {
+        for v in &r.vcpus {
+            let labels = [
+                ("vcpu", v.vcpu.to_string()),
+                ("event", r.event.clone()),
+                ("id", r.id_hex.clone()),
+            ];
+            f.sample("vmm_vpmu_events_total", &labels, v.count);
+        }
+    }
+    f.header(
+        "vmm_vm_vpmu_events_total",
+        "counter",
+        "Events the VM's counters counted per programming id, every vCPU and context merged.",
+    );
+    for r in &rows {
+        let labels = [("event", r.event.clone()), ("id", r.id_hex.clone())];
+        f.sample("vmm_vm_vpmu_events_total", &labels, r.count);
+    }
 }

@@ -101,6 +101,7 @@ impl Api {
             })
             .collect();
         json!({
+            "totals": crate::export::vm_totals(&views),
             "vm": {
                 "uptime_ms": self.export.started.elapsed().as_millis() as u64,
                 "paused": self.control.pause_requested(),

@@ -6,7 +6,10 @@
 use kvm_bindings::{kvm_msi, Msrs};
 use kvm_ioctls::{VcpuFd, VmFd};
 use vpmu::backend::perf::PerfBackend;
-use vpmu::{Backend, Fault, GuestClock, OverflowNotify, Vendor, Vpmu, VpmuContext, VpmuSnapshot};
+use vpmu::{
+    Backend, EventTotals, Fault, GuestClock, OverflowNotify, Vendor, Vpmu, VpmuContext,
+    VpmuSnapshot,
+};
 
 use std::time::Instant;
 
@@ -46,6 +49,9 @@ pub struct VcpuPmu {
     pub delivery: PmiDelivery,
     /// Saved while the VMM holds the vCPU off the CPU (pause).
     switched_out: Option<VpmuContext>,
+    /// Counts of this vCPU's ended counter contexts, by programming id:
+    /// they outlive reprogramming and vPMU resets.
+    retired: EventTotals,
 }
 
 impl VcpuPmu {
@@ -74,6 +80,7 @@ impl VcpuPmu {
             mask_lvtpc_on_pmi: vendor == Vendor::Intel,
             delivery: PmiDelivery::default(),
             switched_out: None,
+            retired: EventTotals::default(),
         })
     }
 
@@ -82,7 +89,16 @@ impl VcpuPmu {
     }
 
     pub fn wrmsr(&mut self, index: u32, value: u64) -> Result<(), Fault> {
-        self.vpmu.wrmsr(index, value)
+        let result = self.vpmu.wrmsr(index, value);
+        self.take_retired();
+        result
+    }
+
+    /// Merges the counter contexts that ended into this vCPU's totals.
+    fn take_retired(&mut self) {
+        if self.vpmu.has_retired() {
+            self.retired.absorb(self.vpmu.take_retired());
+        }
     }
 
     /// Right before `KVM_RUN`: turns host overflows into PMIs, keeps KVM's
@@ -183,6 +199,7 @@ impl VcpuPmu {
         if let Some(context) = self.switched_out.take() {
             // The context came from this vPMU: it always matches its model.
             let _ = self.vpmu.restore(&context);
+            self.take_retired();
         }
     }
 
@@ -199,6 +216,7 @@ impl VcpuPmu {
             paused,
             vpmu: self.vpmu.snapshot(),
             pmi_delivery: self.delivery,
+            retired: self.retired.clone(),
         });
     }
 }

@@ -12,6 +12,7 @@ use crate::config::{SerialSink, VmConfig, DEFAULT_MEMORY_MIB};
 use crate::error::StartError;
 use crate::loader::ImageKind;
 use crate::pmu::{VpmuMode, VpmuOptions};
+use crate::stat::StatOptions;
 use crate::vm::Vm;
 
 const EXIT_CODES: &str = "\
@@ -46,6 +47,45 @@ enum Command {
     /// Boot a guest (the default command).
     #[command(after_help = EXIT_CODES)]
     Run(RunArgs),
+    /// Watch a running VM's guest counters from the host, like `perf stat`
+    /// (per vCPU and total, with rates), through its --api-socket.
+    #[command(after_help = STAT_EXIT_CODES)]
+    Stat(StatArgs),
+}
+
+const STAT_EXIT_CODES: &str = "\
+Exit codes:
+  0  done (--count refreshes printed, or the VM went away)
+  1  the VM went away before --count refreshes
+  2  bad flags, no such socket, or not a vmm API socket (one line on stderr)";
+
+#[derive(Debug, Args)]
+pub struct StatArgs {
+    /// The API socket of the running vmm (its --api-socket).
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    /// Milliseconds between refreshes; rates are per second over each.
+    #[arg(long, value_name = "MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(10..=86_400_000))]
+    interval: u64,
+    /// Print this many refreshes, then exit (default: until the VM goes
+    /// away). `--count 1` is one shot, after one interval.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    count: Option<u64>,
+    /// One JSON object per refresh, one per line, instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl StatArgs {
+    fn options(&self) -> StatOptions {
+        StatOptions {
+            socket: self.api_socket.clone(),
+            interval: Duration::from_millis(self.interval),
+            count: self.count,
+            json: self.json,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +212,7 @@ where
     };
     let run = match &cli.command {
         Some(Command::Run(run)) => run,
+        Some(Command::Stat(stat)) => return crate::stat::run(&stat.options()),
         None => &cli.run,
     };
     match run_vm(run) {

@@ -19,5 +19,6 @@ pub mod kick;
 pub mod loader;
 pub mod pmu;
 pub mod probe_image;
+pub mod stat;
 pub mod vcpu;
 pub mod vm;

@@ -4,7 +4,7 @@
 //! `PUT /vm/resume`).
 
 pub mod http;
-mod metrics;
+pub mod metrics;
 pub mod socket;
 
 use std::sync::Arc;

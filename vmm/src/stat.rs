@@ -1,0 +1,582 @@
+//! `vmm stat`: a `perf stat`-like view of a running VM's guest counters,
+//! from the host, through the VM's API socket (`GET /vpmu`).
+//!
+//! Every `--interval` it reads the export again and prints, per vCPU and
+//! counter, what the counter counted under its current programming, the
+//! rate per second since the previous read, the event, how it is backed
+//! and how much of its enabled time the host event really ran; then the
+//! VM's totals per programming id with their rates. `--json` prints one
+//! JSON object per refresh (one line each) instead.
+//!
+//! The client is a few lines of HTTP/1.1 over a `UnixStream`: one
+//! `GET /vpmu` with `Connection: close` per refresh, the answer read to
+//! its end.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::json;
+use vpmu::{Backing, CounterKind, CounterSnapshot, ProgrammingId, VpmuSnapshot};
+
+use crate::api::metrics::backing_label;
+use crate::export::event_label;
+
+/// How long one request may take.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest answer accepted.
+const MAX_RESPONSE: u64 = 64 << 20;
+
+/// What `vmm stat` was asked.
+#[derive(Clone, Debug)]
+pub struct StatOptions {
+    pub socket: PathBuf,
+    pub interval: Duration,
+    /// Refreshes to print; `None`: until the VM goes away.
+    pub count: Option<u64>,
+    pub json: bool,
+}
+
+/// Why `vmm stat` cannot read the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum StatError {
+    #[error("--api-socket {0}: no such socket")]
+    NoSocket(PathBuf),
+    #[error("--api-socket {0}: not a socket")]
+    NotASocket(PathBuf),
+    #[error("--api-socket {0}: {1}")]
+    Connect(PathBuf, std::io::Error),
+    #[error("--api-socket {0}: not a vmm API socket ({1})")]
+    NotVmm(PathBuf, String),
+}
+
+/// The parts of `GET /vpmu` the view uses.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Doc {
+    pub vm: VmDoc,
+    pub vcpus: Vec<VcpuDoc>,
+    pub totals: Vec<TotalDoc>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct VmDoc {
+    pub uptime_ms: u64,
+    pub paused: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct VcpuDoc {
+    pub index: u8,
+    pub paused: bool,
+    pub vpmu: VpmuSnapshot,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct TotalDoc {
+    pub id: ProgrammingId,
+    pub id_hex: String,
+    pub event: String,
+    pub count: u64,
+}
+
+/// Reads `GET /vpmu` from the socket at `path`.
+pub fn fetch(path: &Path) -> Result<Doc, StatError> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StatError::NoSocket(path.to_path_buf()))
+        }
+        Err(e) => return Err(StatError::Connect(path.to_path_buf(), e)),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(StatError::NotASocket(path.to_path_buf()))
+        }
+        Ok(_) => {}
+    }
+    let not_vmm = |why: String| StatError::NotVmm(path.to_path_buf(), why);
+    let mut stream =
+        UnixStream::connect(path).map_err(|e| StatError::Connect(path.to_path_buf(), e))?;
+    let io = |e: std::io::Error| not_vmm(e.to_string());
+    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+    stream
+        .write_all(b"GET /vpmu HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n")
+        .map_err(io)?;
+    let mut raw = Vec::new();
+    stream
+        .take(MAX_RESPONSE)
+        .read_to_end(&mut raw)
+        .map_err(io)?;
+    let body = response_body(&raw).map_err(not_vmm)?;
+    parse_doc(body).map_err(not_vmm)
+}
+
+/// The body of a `200` HTTP/1.1 answer read to its end.
+pub fn response_body(raw: &[u8]) -> Result<&[u8], String> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no HTTP answer")?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let mut lines = head.lines();
+    let status_line = lines.next().unwrap_or_default();
+    let mut words = status_line.split_whitespace();
+    if !words.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
+        return Err("no HTTP answer".into());
+    }
+    let status = words.next().unwrap_or_default();
+    if status != "200" {
+        return Err(format!("GET /vpmu answered {status_line:?}"));
+    }
+    let body = &raw[split + 4..];
+    let length = lines.find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())?
+    });
+    match length {
+        Some(n) if n > body.len() => Err("the answer was cut short".into()),
+        Some(n) => Ok(&body[..n]),
+        None => Ok(body),
+    }
+}
+
+/// The export document, checked to be one.
+pub fn parse_doc(body: &[u8]) -> Result<Doc, String> {
+    serde_json::from_slice(body).map_err(|e| format!("GET /vpmu is not the vPMU export: {e}"))
+}
+
+/// One counter line of a refresh.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CounterRow {
+    pub vcpu: u8,
+    pub counter: String,
+    pub event: String,
+    pub id: ProgrammingId,
+    pub usr: bool,
+    pub os: bool,
+    pub int: bool,
+    pub running: bool,
+    pub value: u64,
+    /// Counted under the current programming.
+    pub count: u64,
+    /// Per second since the previous read (`None` on the first).
+    pub rate: Option<f64>,
+    pub backing: &'static str,
+    pub reason: Option<String>,
+    pub enabled_ns: u64,
+    pub running_ns: u64,
+}
+
+impl CounterRow {
+    /// Share of the host event's enabled time it was on a counter.
+    pub fn running_pct(&self) -> Option<f64> {
+        (self.enabled_ns > 0).then(|| 100.0 * self.running_ns as f64 / self.enabled_ns as f64)
+    }
+}
+
+/// One VM total line of a refresh.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TotalRow {
+    pub event: String,
+    pub id_hex: String,
+    pub count: u64,
+    pub rate: Option<f64>,
+}
+
+/// A refresh: every row, with rates between `before` and `now`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refresh {
+    pub uptime_ms: u64,
+    pub paused: bool,
+    pub vcpus: Vec<(u8, bool)>,
+    pub counters: Vec<CounterRow>,
+    pub totals: Vec<TotalRow>,
+    pub elapsed: Option<Duration>,
+}
+
+fn counter_label(c: &CounterSnapshot) -> String {
+    match c.kind {
+        CounterKind::Gp => format!("gp{}", c.index),
+        CounterKind::Fixed => format!("fixed{}", c.index),
+    }
+}
+
+/// A counter is shown once the guest programmed it.
+fn shown(c: &CounterSnapshot) -> bool {
+    c.running || c.ran || c.counted > 0 || c.control != 0
+}
+
+fn rate(now: u64, before: Option<u64>, elapsed: Option<Duration>) -> Option<f64> {
+    let secs = elapsed?.as_secs_f64();
+    (secs > 0.0).then(|| now.saturating_sub(before.unwrap_or(0)) as f64 / secs)
+}
+
+/// Builds a refresh from the current read and the previous one (taken
+/// `elapsed` earlier). A counter reprogrammed in between restarts its
+/// count: its rate is what it counted since.
+pub fn refresh(now: &Doc, before: Option<&Doc>, elapsed: Option<Duration>) -> Refresh {
+    let mut previous: HashMap<(u8, u32), (u64, u64)> = HashMap::new();
+    let mut previous_totals: HashMap<ProgrammingId, u64> = HashMap::new();
+    if let Some(before) = before {
+        for v in &before.vcpus {
+            for c in &v.vpmu.counters {
+                previous.insert((v.index, c.msr), (c.generation, c.counted));
+            }
+        }
+        previous_totals.extend(before.totals.iter().map(|t| (t.id, t.count)));
+    }
+    let elapsed = before.and(elapsed);
+    let mut counters = Vec::new();
+    for v in &now.vcpus {
+        for c in v.vpmu.counters.iter().filter(|c| shown(c)) {
+            let before = previous
+                .get(&(v.index, c.msr))
+                .filter(|(generation, _)| *generation == c.generation)
+                .map(|&(_, counted)| counted);
+            let reason = match &c.backing {
+                Backing::Unbacked { reason } => Some(reason.to_string()),
+                Backing::Denied => Some("denied by the event policy".to_string()),
+                _ => None,
+            };
+            counters.push(CounterRow {
+                vcpu: v.index,
+                counter: counter_label(c),
+                event: event_label(c.event_name.as_deref(), &c.decoded),
+                id: c.programming_id,
+                usr: c.decoded.usr,
+                os: c.decoded.os,
+                int: c.decoded.int,
+                running: c.running,
+                value: c.value,
+                count: c.counted,
+                rate: rate(c.counted, before, elapsed),
+                backing: backing_label(&c.backing),
+                reason,
+                enabled_ns: c.host_time_enabled_ns,
+                running_ns: c.host_time_running_ns,
+            });
+        }
+    }
+    let totals = now
+        .totals
+        .iter()
+        .map(|t| TotalRow {
+            event: t.event.clone(),
+            id_hex: t.id_hex.clone(),
+            count: t.count,
+            rate: rate(t.count, previous_totals.get(&t.id).copied(), elapsed),
+        })
+        .collect();
+    Refresh {
+        uptime_ms: now.vm.uptime_ms,
+        paused: now.vm.paused,
+        vcpus: now.vcpus.iter().map(|v| (v.index, v.paused)).collect(),
+        counters,
+        totals,
+        elapsed,
+    }
+}
+
+/// `1234567` as `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(d);
+    }
+    out
+}
+
+/// A rate with an SI prefix: `2.40 G`.
+pub fn si(x: f64) -> String {
+    let prefixes = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")];
+    match prefixes.iter().find(|(scale, _)| x >= *scale) {
+        Some((scale, p)) => format!("{:.2} {p}", x / scale),
+        None => format!("{x:.2}  "),
+    }
+}
+
+fn modifiers(r: &CounterRow) -> String {
+    let mut m: Vec<&str> = Vec::new();
+    match (r.usr, r.os) {
+        (true, true) => m.push("u+k"),
+        (true, false) => m.push("u"),
+        (false, true) => m.push("k"),
+        (false, false) => {}
+    }
+    if r.int {
+        m.push("int");
+    }
+    if !r.running {
+        m.push("off");
+    }
+    m.join(",")
+}
+
+/// The refresh as a table.
+pub fn table(r: &Refresh, socket: &Path) -> String {
+    let mut out = String::new();
+    let paused = r.vcpus.iter().filter(|(_, p)| *p).count();
+    let state = match (r.paused, paused) {
+        (true, _) => ", paused".to_string(),
+        (false, 0) => String::new(),
+        (false, n) => format!(", {n} vCPUs parked"),
+    };
+    let over = match r.elapsed {
+        Some(e) => format!(", rates over {:.2} s", e.as_secs_f64()),
+        None => String::new(),
+    };
+    out.push_str(&format!(
+        "vmm stat {}: {} vCPUs, up {:.1} s{state}{over}\n",
+        socket.display(),
+        r.vcpus.len(),
+        r.uptime_ms as f64 / 1000.0
+    ));
+    out.push_str(&format!(
+        "{:>5}  {:<8} {:<16} {:<11} {:>22} {:>10}  {:<15} {:>8}\n",
+        "vcpu", "counter", "event", "modifiers", "count", "rate/s", "backing", "running"
+    ));
+    let rate_txt = |rate: Option<f64>| rate.map(si).unwrap_or_else(|| "-".into());
+    for row in &r.counters {
+        let running = row
+            .running_pct()
+            .map(|p| format!("{p:.1}%"))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:>5}  {:<8} {:<16} {:<11} {:>22} {:>10}  {:<15} {:>8}\n",
+            row.vcpu,
+            row.counter,
+            row.event,
+            modifiers(row),
+            thousands(row.count),
+            rate_txt(row.rate),
+            row.backing,
+            running
+        ));
+    }
+    if r.counters.is_empty() {
+        out.push_str("        (the guest has programmed no counter)\n");
+    }
+    for t in &r.totals {
+        out.push_str(&format!(
+            "{:>5}  {:<8} {:<16} {:<11} {:>22} {:>10}\n",
+            "total",
+            "",
+            t.event,
+            t.id_hex,
+            thousands(t.count),
+            rate_txt(t.rate)
+        ));
+    }
+    let mut reasons: Vec<String> = r
+        .counters
+        .iter()
+        .filter_map(|c| c.reason.as_ref().map(|why| format!("{}: {why}", c.event)))
+        .collect();
+    reasons.sort();
+    reasons.dedup();
+    for why in reasons {
+        out.push_str(&format!("  not counting: {why}\n"));
+    }
+    out
+}
+
+/// The refresh as one JSON object.
+pub fn json(r: &Refresh) -> serde_json::Value {
+    let vcpus: Vec<serde_json::Value> = r
+        .vcpus
+        .iter()
+        .map(|&(vcpu, paused)| {
+            let counters: Vec<serde_json::Value> = r
+                .counters
+                .iter()
+                .filter(|c| c.vcpu == vcpu)
+                .map(|c| {
+                    json!({
+                        "counter": c.counter,
+                        "event": c.event,
+                        "id": format!("{:#x}", c.id.0),
+                        "usr": c.usr,
+                        "os": c.os,
+                        "int": c.int,
+                        "running": c.running,
+                        "value": c.value,
+                        "count": c.count,
+                        "rate_per_s": c.rate,
+                        "backing": c.backing,
+                        "reason": c.reason,
+                        "host_time_enabled_ns": c.enabled_ns,
+                        "host_time_running_ns": c.running_ns,
+                        "running_pct": c.running_pct(),
+                    })
+                })
+                .collect();
+            json!({ "vcpu": vcpu, "paused": paused, "counters": counters })
+        })
+        .collect();
+    let totals: Vec<serde_json::Value> = r
+        .totals
+        .iter()
+        .map(
+            |t| json!({ "event": t.event, "id": t.id_hex, "count": t.count, "rate_per_s": t.rate }),
+        )
+        .collect();
+    json!({
+        "uptime_ms": r.uptime_ms,
+        "paused": r.paused,
+        "interval_ms": r.elapsed.map(|e| e.as_millis() as u64),
+        "vcpus": vcpus,
+        "totals": totals,
+    })
+}
+
+/// Runs `vmm stat`; returns the exit code: 0 done, 1 the VM went away
+/// before `--count` refreshes, 2 the socket is missing or not a vmm API.
+pub fn run(opts: &StatOptions) -> i32 {
+    let mut before = match fetch(&opts.socket) {
+        Ok(doc) => doc,
+        Err(e) => {
+            eprintln!("vmm stat: {e}");
+            return 2;
+        }
+    };
+    let mut taken = Instant::now();
+    let mut printed = 0u64;
+    let mut stdout = std::io::stdout().lock();
+    while opts.count.is_none_or(|n| printed < n) {
+        std::thread::sleep(opts.interval.saturating_sub(taken.elapsed()));
+        let now = match fetch(&opts.socket) {
+            Ok(doc) => doc,
+            Err(_) => {
+                eprintln!(
+                    "vmm stat: the VM at {} went away after {printed} refreshes",
+                    opts.socket.display()
+                );
+                return opts.count.is_some() as i32;
+            }
+        };
+        let at = Instant::now();
+        let r = refresh(&now, Some(&before), Some(at - taken));
+        let text = match opts.json {
+            true => format!("{}\n", json(&r)),
+            false => format!("{}\n", table(&r, &opts.socket)),
+        };
+        // A closed stdout (`| head`) ends the view quietly.
+        if stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            return 0;
+        }
+        printed += 1;
+        (before, taken) = (now, at);
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(counted: u64, generation: u64, total: u64) -> Doc {
+        let model = vpmu::PmuModel::new(vpmu::Vendor::Amd, 1, 4, 48);
+        let select = 0x76 | vpmu::evtsel::USR | vpmu::evtsel::OS | vpmu::evtsel::EN;
+        let counter = CounterSnapshot {
+            kind: CounterKind::Gp,
+            index: 0,
+            msr: 0xC001_0004,
+            control: select,
+            decoded: vpmu::evtsel::DecodedSelect::decode(select),
+            event_name: Some("cycles".into()),
+            value: counted,
+            running: true,
+            backing: Backing::SoftwareClock,
+            generation,
+            host_time_enabled_ns: 200,
+            host_time_running_ns: 100,
+            overflows: 0,
+            pmis: 0,
+            programming_id: ProgrammingId::of_select(select),
+            counted,
+            ran: true,
+        };
+        Doc {
+            vm: VmDoc {
+                uptime_ms: 1500,
+                paused: false,
+            },
+            vcpus: vec![VcpuDoc {
+                index: 0,
+                paused: false,
+                vpmu: VpmuSnapshot {
+                    model,
+                    counters: vec![counter],
+                    global_ctrl: 0,
+                    global_status: 0,
+                    pending_pmi: false,
+                    guest_time_ns: 0,
+                    no_hardware_reason: None,
+                    stats: Default::default(),
+                },
+            }],
+            totals: vec![TotalDoc {
+                id: ProgrammingId::of_select(select),
+                id_hex: "0x30076".into(),
+                event: "cycles".into(),
+                count: total,
+            }],
+        }
+    }
+
+    #[test]
+    fn rates_are_per_second_and_restart_with_a_new_programming() {
+        let half = Some(Duration::from_millis(500));
+        let r = refresh(&doc(3000, 1, 5000), Some(&doc(1000, 1, 2000)), half);
+        assert_eq!(r.counters[0].rate, Some(4000.0));
+        assert_eq!(r.totals[0].rate, Some(6000.0));
+        assert_eq!(r.counters[0].running_pct(), Some(50.0));
+        let r = refresh(&doc(300, 2, 5000), Some(&doc(1000, 1, 4000)), half);
+        assert_eq!(
+            r.counters[0].rate,
+            Some(600.0),
+            "counted since reprogrammed"
+        );
+        let first = refresh(&doc(300, 2, 5000), None, half);
+        assert_eq!(first.counters[0].rate, None);
+        let text = table(&r, Path::new("/s"));
+        assert!(text.contains("cycles") && text.contains("u+k") && text.contains("50.0%"));
+        let j = json(&r);
+        assert_eq!(j["vcpus"][0]["counters"][0]["count"], 300);
+        assert_eq!(j["totals"][0]["rate_per_s"], 2000.0);
+    }
+
+    #[test]
+    fn numbers_are_grouped_and_prefixed() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(1234567), "1,234,567");
+        assert_eq!(thousands(123456), "123,456");
+        assert_eq!(si(2.4e9), "2.40 G");
+        assert_eq!(si(12.0), "12.00  ");
+    }
+
+    #[test]
+    fn answers_that_are_not_the_export_are_refused() {
+        assert!(response_body(b"garbage").is_err());
+        assert!(response_body(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+        let e = response_body(b"HTTP/1.1 404 Not Found\r\n\r\n{}").unwrap_err();
+        assert!(e.contains("404"), "{e}");
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}extra";
+        assert_eq!(response_body(ok).unwrap(), b"{}");
+        assert!(response_body(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}").is_err());
+        assert!(parse_doc(b"{}").is_err());
+        assert!(parse_doc(b"[1,2]").is_err());
+    }
+}

@@ -48,6 +48,8 @@ pub enum StatError {
     NoSocket(PathBuf),
     #[error("--api-socket {0}: not a socket")]
     NotASocket(PathBuf),
+    #[error("--api-socket {0}: nothing listens on it (a stale socket of a VMM that ended?)")]
+    Stale(PathBuf),
     #[error("--api-socket {0}: {1}")]
     Connect(PathBuf, std::io::Error),
     #[error("--api-socket {0}: not a vmm API socket ({1})")]
@@ -96,8 +98,10 @@ pub fn fetch(path: &Path) -> Result<Doc, StatError> {
         Ok(_) => {}
     }
     let not_vmm = |why: String| StatError::NotVmm(path.to_path_buf(), why);
-    let mut stream =
-        UnixStream::connect(path).map_err(|e| StatError::Connect(path.to_path_buf(), e))?;
+    let mut stream = UnixStream::connect(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => StatError::Stale(path.to_path_buf()),
+        _ => StatError::Connect(path.to_path_buf(), e),
+    })?;
     let io = |e: std::io::Error| not_vmm(e.to_string());
     stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
     stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;

@@ -55,12 +55,6 @@
 //!   one) its final count is queued as a [`Retired`] entry; drain them with
 //!   [`Vpmu::take_retired`] after `wrmsr`, `restore` and `reset` and merge
 //!   them into [`EventTotals`] by [`ProgrammingId`] (module [`totals`]).
-//! - Totals that outlive contexts: each counter counts per programming
-//!   (`counted` in its snapshot, unchanged by guest writes of the value).
-//!   When a programming ends (new programming, reset, restore of another
-//!   one) its final count is queued as a [`Retired`] entry; drain them with
-//!   [`Vpmu::take_retired`] after `wrmsr`, `restore` and `reset` and merge
-//!   them into [`EventTotals`] by [`ProgrammingId`] (module [`totals`]).
 //! - [`Vpmu::snapshot`] gives a [`VpmuSnapshot`] for the export: every
 //!   counter decoded, valued, and how it is backed ([`Backing`]), with the
 //!   host's enabled/running times and [`VpmuStats`].
@@ -77,6 +71,18 @@
 //! stop, read or re-arm. Clearing both ring levels only disables (Linux
 //! disables fixed counters that way). Each counter's generation moves on
 //! exactly when its programming changes.
+//!
+//! When the host refuses an open (no free counter, no descriptor left, no
+//! permission: any error but "no hardware events at all"), or an open
+//! event fails later, the counter is unbacked with the host's reason and
+//! counts nothing; the guest keeps running. The same programming is tried
+//! again when the counter starts or is read, at most once per retry
+//! interval ([`Vpmu::with_retry_interval`]), and every new programming is
+//! tried at once. Each episode gives one [`BackingNotice`] when it starts
+//! and one when an open succeeds again ([`Vpmu::take_notices`]: the VMM
+//! logs them), never one per attempt. "No hardware events" (ENOENT from a
+//! hardware event) is believed for [`HARDWARE_RECHECK`]: meanwhile core
+//! cycles use the task-clock.
 //!
 //! Every counter's host event is armed with its distance to overflow;
 //! periods below [`Limits`] are raised ([`VpmuStats::throttles`]), so a
@@ -115,7 +121,9 @@ pub use context::{ContextError, VpmuContext};
 pub use cpuid::CpuidRegs;
 pub use model::{HostCpuid, HostFacts, ModelError, MsrRange, PmuModel, Vendor};
 pub use policy::{EventPolicy, PolicyError, Preset};
-pub use snapshot::{Backing, CounterKind, CounterSnapshot, VpmuSnapshot};
+pub use snapshot::{Backing, BackingNotice, CounterKind, CounterSnapshot, VpmuSnapshot};
 pub use stats::{MsrAccessCounts, RegisterKind, VpmuStats};
 pub use totals::{EventTotal, EventTotals, ProgrammingId, Retired};
-pub use vpmu::{Fault, Limits, Vpmu, MAX_RETIRED};
+pub use vpmu::{
+    Fault, Limits, Vpmu, DEFAULT_RETRY_INTERVAL, HARDWARE_RECHECK, MAX_NOTICES, MAX_RETIRED,
+};

@@ -104,3 +104,63 @@ pub struct VpmuSnapshot {
     /// Statistics.
     pub stats: VpmuStats,
 }
+
+/// A change in a counter's host backing that the VMM should report once
+/// (a log line), not once per attempt: the host started refusing to back
+/// the counter, or backs it again. Drained with
+/// [`crate::Vpmu::take_notices`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "notice", rename_all = "snake_case")]
+pub enum BackingNotice {
+    /// The host refused to open (or lost) the counter's event: it counts
+    /// nothing until an open succeeds. Retried when the counter starts or
+    /// is read (at most once per retry interval) and with every new
+    /// programming; further refusals are not noticed again.
+    Lost {
+        /// General-purpose or fixed.
+        kind: CounterKind,
+        /// Index within its kind.
+        index: usize,
+        /// Why (the host's error).
+        reason: String,
+    },
+    /// An open succeeded again after `refused` refused attempts.
+    Recovered {
+        /// General-purpose or fixed.
+        kind: CounterKind,
+        /// Index within its kind.
+        index: usize,
+        /// Attempts the host refused in between.
+        refused: u64,
+    },
+}
+
+impl std::fmt::Display for BackingNotice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = |kind: &CounterKind, index: &usize| match kind {
+            CounterKind::Gp => format!("gp{index}"),
+            CounterKind::Fixed => format!("fixed{index}"),
+        };
+        match self {
+            Self::Lost {
+                kind,
+                index,
+                reason,
+            } => write!(
+                f,
+                "counter {} lost its host backing and counts nothing until the host allows \
+                 it again: {reason}",
+                name(kind, index)
+            ),
+            Self::Recovered {
+                kind,
+                index,
+                refused,
+            } => write!(
+                f,
+                "counter {} is backed by the host again (after {refused} refused attempts)",
+                name(kind, index)
+            ),
+        }
+    }
+}

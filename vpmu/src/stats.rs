@@ -130,6 +130,15 @@ pub struct VpmuStats {
     pub throttles: u64,
     /// Host operations that failed after open (the counter became unbacked).
     pub backend_errors: u64,
+    /// Opens retried for a programming the host had refused.
+    pub open_retries: u64,
+    /// Counters that lost their host backing (one per refusal episode, see
+    /// [`crate::BackingNotice`]).
+    pub backing_lost: u64,
+    /// Counters backed again after a refusal episode.
+    pub backing_recovered: u64,
+    /// Notices dropped because the VMM did not take them in time.
+    pub notices_dropped: u64,
     /// Context saves.
     pub saves: u64,
     /// Context restores.

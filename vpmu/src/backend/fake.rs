@@ -53,6 +53,9 @@ pub struct FakeBackend {
     pub software: bool,
     /// Fails the next open with this error.
     pub fail_next_open: Option<BackendError>,
+    /// Fails every open with this error while set (a host that refuses
+    /// events for a while: no free counter, no descriptor, no permission).
+    pub fail_opens: Option<BackendError>,
     notify: Option<OverflowNotify>,
 }
 
@@ -71,6 +74,7 @@ impl FakeBackend {
             hardware,
             software: true,
             fail_next_open: None,
+            fail_opens: None,
             notify: None,
         }
     }
@@ -113,7 +117,7 @@ impl Backend for FakeBackend {
 
     fn open(&mut self, spec: &EventSpec) -> Result<u32, BackendError> {
         self.calls.open += 1;
-        if let Some(error) = self.fail_next_open.take() {
+        if let Some(error) = self.fail_next_open.take().or(self.fail_opens.clone()) {
             return Err(error);
         }
         let available = match spec.source {

@@ -1,6 +1,7 @@
 //! One virtual counter's state.
 
 use std::borrow::Cow;
+use std::time::Instant;
 
 use crate::snapshot::{Backing, CounterKind};
 
@@ -14,8 +15,13 @@ pub(super) enum BackingState<H> {
     /// A task-clock event (only for overflow notification; counts come
     /// from the guest-time reference).
     Clock(H),
-    /// Nothing counts.
+    /// Nothing counts: the host cannot count this event (no hardware
+    /// events and not a clock event). Permanent for this programming.
     Unbacked(Cow<'static, str>),
+    /// Nothing counts: the host refused to open (or lost) the event. Tried
+    /// again when the counter starts or is read, at most once per retry
+    /// interval, and with every new programming.
+    Refused(Cow<'static, str>),
     /// Denied by the event policy.
     Denied,
 }
@@ -33,12 +39,22 @@ impl<H: Copy> BackingState<H> {
             Self::Idle => Backing::Idle,
             Self::Hardware(_) => Backing::HardwareRaw,
             Self::Clock(_) => Backing::SoftwareClock,
-            Self::Unbacked(reason) => Backing::Unbacked {
+            Self::Unbacked(reason) | Self::Refused(reason) => Backing::Unbacked {
                 reason: reason.clone(),
             },
             Self::Denied => Backing::Denied,
         }
     }
+}
+
+/// The host refuses to back a counter: one episode, from the first refusal
+/// to the next successful open (which may be of another programming).
+#[derive(Clone, Debug)]
+pub(super) struct Failure {
+    /// Refused attempts so far.
+    pub attempts: u64,
+    /// When the last attempt failed.
+    pub last: Instant,
 }
 
 /// A host sample period and the host count it was set at.
@@ -81,6 +97,9 @@ pub(super) struct Counter<H> {
     pub counted: u64,
     /// The counter ran with the current programming.
     pub ran: bool,
+    /// The host refuses to back this counter (survives reprogramming and
+    /// resets: it is about the host, not the programming).
+    pub failure: Option<Failure>,
 }
 
 impl<H> Counter<H> {
@@ -111,6 +130,7 @@ impl<H> Counter<H> {
             pmis: 0,
             counted: 0,
             ran: false,
+            failure: None,
         }
     }
 }

@@ -2,11 +2,13 @@
 //! start, stop, read and re-arm; guest time for clock-backed counters.
 
 use std::borrow::Cow;
+use std::time::Instant;
 
-use super::counter::{Armed, BackingState};
-use super::Vpmu;
+use super::counter::{Armed, BackingState, Failure};
+use super::{Vpmu, HARDWARE_RECHECK, MAX_NOTICES};
 use crate::backend::{Backend, BackendError, EventSpec};
 use crate::evtsel::{self, INT, OS, RAW_CONFIG_BITS, USR};
+use crate::snapshot::BackingNotice;
 use crate::value;
 use crate::vendor;
 
@@ -85,21 +87,34 @@ impl<B: Backend> Vpmu<B> {
         }
     }
 
-    /// Starts counter `i`, opening its backing if this programming has none.
+    /// Starts counter `i` (it is architecturally running from now on) and
+    /// backs it on the host.
     pub(super) fn start(&mut self, i: usize) {
+        self.counters[i].running = true;
+        self.counters[i].ran = true;
+        self.back(i);
+    }
+
+    /// Gives running counter `i` its host event and starts it: opens one
+    /// if this programming has none yet, or if the host refused it and the
+    /// retry interval has passed.
+    fn back(&mut self, i: usize) {
+        if self.retry_due(i) {
+            self.stats.open_retries += 1;
+            self.counters[i].backing = BackingState::Idle;
+        }
         if self.counters[i].backing == BackingState::Idle {
             self.open_backing(i);
         }
-        let backing = self.counters[i].backing.clone();
-        if let BackingState::Clock(_) = backing {
+        let backing = &self.counters[i].backing;
+        let (handle, clock) = (backing.handle(), matches!(backing, BackingState::Clock(_)));
+        if clock {
             if let Err(error) = self.ensure_reference() {
                 return self.fail(i, error);
             }
             self.counters[i].clock_ns = self.guest_ns();
         }
-        self.counters[i].running = true;
-        self.counters[i].ran = true;
-        if let Some(handle) = backing.handle() {
+        if let Some(handle) = handle {
             match self.backend.start(handle) {
                 Ok(()) => self.stats.starts += 1,
                 Err(error) => return self.fail(i, error),
@@ -107,7 +122,20 @@ impl<B: Backend> Vpmu<B> {
             if self.counters[i].rearm {
                 self.arm(i);
             }
+            // Backed outside a guest write (a retry while reading): the
+            // entry/exit hooks must run from the next entry on.
+            self.clock_running |= clock;
         }
+    }
+
+    /// Whether counter `i`'s host event was refused and may be tried again.
+    fn retry_due(&self, i: usize) -> bool {
+        let counter = &self.counters[i];
+        matches!(counter.backing, BackingState::Refused(_))
+            && counter
+                .failure
+                .as_ref()
+                .is_none_or(|f| f.last.elapsed() >= self.retry_interval)
     }
 
     /// Stops counter `i`, keeping its backing open.
@@ -138,12 +166,65 @@ impl<B: Backend> Vpmu<B> {
         counter.host_count = 0;
     }
 
-    /// A host operation failed after open: the counter counts nothing from
-    /// now on, and says why, until its programming changes.
+    /// A host operation failed after open: the counter counts nothing
+    /// until its event is reopened (a retry or a new programming).
     fn fail(&mut self, i: usize, error: BackendError) {
         self.stats.backend_errors += 1;
         self.release(i);
-        self.counters[i].backing = BackingState::Unbacked(Cow::Owned(error.to_string()));
+        self.refused(i, error.to_string());
+    }
+
+    /// The host refused to back counter `i`: it counts nothing, says why,
+    /// and the first refusal of an episode is noticed.
+    fn refused(&mut self, i: usize, reason: String) {
+        let counter = &mut self.counters[i];
+        let now = Instant::now();
+        let first = match &mut counter.failure {
+            Some(failure) => {
+                failure.attempts += 1;
+                failure.last = now;
+                false
+            }
+            None => {
+                counter.failure = Some(Failure {
+                    attempts: 1,
+                    last: now,
+                });
+                true
+            }
+        };
+        let (kind, index) = (counter.kind, counter.index);
+        counter.backing = BackingState::Refused(Cow::Owned(reason.clone()));
+        if first {
+            self.stats.backing_lost += 1;
+            self.notice(BackingNotice::Lost {
+                kind,
+                index,
+                reason,
+            });
+        }
+    }
+
+    /// Counter `i` got a host event: ends a refusal episode.
+    fn backed(&mut self, i: usize) {
+        let counter = &mut self.counters[i];
+        if let Some(failure) = counter.failure.take() {
+            let (kind, index) = (counter.kind, counter.index);
+            self.stats.backing_recovered += 1;
+            self.notice(BackingNotice::Recovered {
+                kind,
+                index,
+                refused: failure.attempts,
+            });
+        }
+    }
+
+    fn notice(&mut self, notice: BackingNotice) {
+        if self.notices.len() < MAX_NOTICES {
+            self.notices.push(notice);
+        } else {
+            self.stats.notices_dropped += 1;
+        }
     }
 
     /// Chooses and opens counter `i`'s backing: policy first, then a
@@ -158,6 +239,13 @@ impl<B: Backend> Vpmu<B> {
             self.counters[i].backing = BackingState::Denied;
             return;
         }
+        if self
+            .no_hardware_since
+            .is_some_and(|since| since.elapsed() >= HARDWARE_RECHECK)
+        {
+            self.no_hardware_since = None;
+            self.no_hardware = None;
+        }
         if self.no_hardware.is_none() {
             let period = self.period(i, true);
             let spec = EventSpec::hardware(
@@ -170,11 +258,9 @@ impl<B: Backend> Vpmu<B> {
                 Ok(handle) => return self.opened(i, BackingState::Hardware(handle), period),
                 Err(error) if error.means_no_hardware() => {
                     self.no_hardware = Some(format!("no hardware events on the host: {error}"));
+                    self.no_hardware_since = Some(Instant::now());
                 }
-                Err(error) => {
-                    return self.counters[i].backing =
-                        BackingState::Unbacked(Cow::Owned(error.to_string()))
-                }
+                Err(error) => return self.refused(i, error.to_string()),
             }
         }
         if !vendor::is_clock_event(self.model.vendor, select) {
@@ -185,10 +271,7 @@ impl<B: Backend> Vpmu<B> {
         let period = self.period(i, false);
         match self.open(&EventSpec::clock(Some(period))) {
             Ok(handle) => self.opened(i, BackingState::Clock(handle), period),
-            Err(error) => {
-                self.counters[i].backing =
-                    BackingState::Unbacked(Cow::Owned(format!("host task-clock: {error}")));
-            }
+            Err(error) => self.refused(i, format!("host task-clock: {error}")),
         }
     }
 
@@ -207,6 +290,7 @@ impl<B: Backend> Vpmu<B> {
         counter.host_count = 0;
         counter.armed = Some(Armed { at: 0, period });
         counter.rearm = false;
+        self.backed(i);
     }
 
     /// Opens the per-vCPU guest-time reference on first use.
@@ -305,6 +389,10 @@ impl<B: Backend> Vpmu<B> {
                 counter.clock_ns = now;
                 self.clock.ns_to_cycles(ns, &mut counter.carry)
             }
+            // A refused counter that runs is tried again when read (the
+            // VMM reads every counter when it publishes), not only when
+            // the guest restarts it.
+            BackingState::Refused(_) if self.retry_due(i) => return self.back(i),
             _ => return,
         };
         self.advance(i, delta);

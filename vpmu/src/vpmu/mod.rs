@@ -5,6 +5,8 @@ mod host;
 mod registers;
 mod state;
 
+use std::time::{Duration, Instant};
+
 use thiserror::Error;
 
 use crate::backend::Backend;
@@ -12,7 +14,7 @@ use crate::clock::GuestClock;
 use crate::evtsel::{self, ANY, EN, INT, OS, USR};
 use crate::model::{ModelError, PmuModel};
 use crate::policy::EventPolicy;
-use crate::snapshot::CounterKind;
+use crate::snapshot::{BackingNotice, CounterKind};
 use crate::stats::VpmuStats;
 use crate::totals::{ProgrammingId, Retired};
 use crate::vendor::{self, Layout, VendorOps};
@@ -109,10 +111,28 @@ pub struct Vpmu<B: Backend> {
     pending_pmi: bool,
     /// Why hardware events cannot be opened, once the host said so.
     no_hardware: Option<String>,
+    /// When the host said so (the verdict is checked again after
+    /// [`HARDWARE_RECHECK`]).
+    no_hardware_since: Option<Instant>,
     /// Ended counter contexts the VMM has not taken yet, one per id.
     retired: Vec<Retired>,
+    /// Shortest time between two attempts to open a refused programming.
+    retry_interval: Duration,
+    /// Backing changes the VMM has not taken yet.
+    notices: Vec<BackingNotice>,
     stats: VpmuStats,
 }
+
+/// How long "the host has no hardware events" (ENOENT from a hardware
+/// event) is believed before a new programming tries hardware again.
+pub const HARDWARE_RECHECK: Duration = Duration::from_secs(10);
+
+/// Default of [`Vpmu::with_retry_interval`].
+pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Notices [`Vpmu::take_notices`] holds between two calls; more are
+/// dropped (and counted in [`VpmuStats::notices_dropped`]).
+pub const MAX_NOTICES: usize = 64;
 
 /// Distinct programming ids [`Vpmu::take_retired`] holds between two
 /// calls; contexts of further ids are dropped (and counted).
@@ -156,7 +176,10 @@ impl<B: Backend> Vpmu<B> {
             clock_running: false,
             pending_pmi: false,
             no_hardware: None,
+            no_hardware_since: None,
             retired: Vec::new(),
+            retry_interval: DEFAULT_RETRY_INTERVAL,
+            notices: Vec::new(),
             stats: VpmuStats::default(),
         };
         for i in 0..vpmu.counters.len() {
@@ -171,6 +194,26 @@ impl<B: Backend> Vpmu<B> {
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
         self
+    }
+
+    /// Replaces the shortest time between two attempts to open a
+    /// programming the host refused ([`DEFAULT_RETRY_INTERVAL`]). A new
+    /// programming is always tried at once.
+    pub fn with_retry_interval(mut self, interval: Duration) -> Self {
+        self.retry_interval = interval;
+        self
+    }
+
+    /// Takes the backing changes since the last call: a counter the host
+    /// stopped backing, or backs again. One notice per change, never one
+    /// per attempt; the VMM logs them.
+    pub fn take_notices(&mut self) -> Vec<BackingNotice> {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// Whether [`Vpmu::take_notices`] has anything (cheap).
+    pub fn has_notices(&self) -> bool {
+        !self.notices.is_empty()
     }
 
     /// The model.

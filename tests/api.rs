@@ -397,7 +397,7 @@ fn pmi_run(scrapers: usize, scrape: Duration) -> (f64, f64, f64, u64, u64) {
             let (sock, ok, failed, stop) =
                 (vm.sock.clone(), ok.clone(), failed.clone(), stop.clone());
             std::thread::spawn(move || {
-                let path = if i % 2 == 0 { "/vpmu" } else { "/metrics" };
+                let path = if i.is_multiple_of(2) { "/vpmu" } else { "/metrics" };
                 while !stop.load(Ordering::Relaxed) {
                     match common::api(&sock, "GET", path) {
                         Ok((200, body)) if !body.is_empty() => ok.fetch_add(1, Ordering::Relaxed),

@@ -76,6 +76,19 @@ impl Vm {
         }
     }
 
+    /// Waits until counter 0 of each of the first `vcpus` vCPUs counted.
+    fn wait_counting(&self, vcpus: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let doc = self.vpmu();
+            if (0..vcpus).all(|vcpu| counted(&doc, vcpu, 0) > 0) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the counters never ran: {doc}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// GET /vpmu, parsed.
     fn vpmu(&self) -> Value {
         let (status, body) = common::api(&self.sock, "GET", "/vpmu").unwrap();
@@ -254,11 +267,7 @@ fn metrics_parse_with_a_prometheus_text_parser() {
         "probe.tests=cycles probe.cpus=all probe.cycles_ms=500 probe.hold_ms=3000",
         &["--vcpus", "2"],
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while (0..2).any(|vcpu| counted(&vm.vpmu(), vcpu, 0) == 0) {
-        assert!(Instant::now() < deadline, "the counters never ran");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    vm.wait_counting(2);
     let (status, running) = common::api(&vm.sock, "GET", "/metrics").unwrap();
     assert_eq!(status, 200);
     vm.wait_line("probe: hold", Duration::from_secs(30));
@@ -346,12 +355,7 @@ fn pause_and_resume_through_the_api_stop_and_restart_counting() {
         "probe.tests=cycles probe.cycles_ms=4000 probe.hold_ms=500",
         &[],
     );
-    // Wait until the counter runs.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while counted(&vm.vpmu(), 0, 0) == 0 {
-        assert!(Instant::now() < deadline, "the counter never ran");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    vm.wait_counting(1);
     std::thread::sleep(Duration::from_millis(200));
     let (status, body) = common::api(&vm.sock, "PUT", "/vm/pause").unwrap();
     assert_eq!(status, 200, "{body}");
@@ -397,7 +401,11 @@ fn pmi_run(scrapers: usize, scrape: Duration) -> (f64, f64, f64, u64, u64) {
             let (sock, ok, failed, stop) =
                 (vm.sock.clone(), ok.clone(), failed.clone(), stop.clone());
             std::thread::spawn(move || {
-                let path = if i.is_multiple_of(2) { "/vpmu" } else { "/metrics" };
+                let path = if i.is_multiple_of(2) {
+                    "/vpmu"
+                } else {
+                    "/metrics"
+                };
                 while !stop.load(Ordering::Relaxed) {
                     match common::api(&sock, "GET", path) {
                         Ok((200, body)) if !body.is_empty() => ok.fetch_add(1, Ordering::Relaxed),
@@ -618,11 +626,7 @@ fn vmm_stat_shows_the_counters_per_vcpu_and_total() {
         &["--vcpus", "2"],
     );
     let sock = vm.sock.to_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while counted(&vm.vpmu(), 1, 0) == 0 || counted(&vm.vpmu(), 0, 0) == 0 {
-        assert!(Instant::now() < deadline, "the counters never ran");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    vm.wait_counting(2);
     let o = stat(&[
         "--api-socket",
         &sock,

@@ -63,14 +63,6 @@ impl Guest {
     }
 }
 
-fn amd_ctl(n: u32) -> u32 {
-    AMD_PERF_CTL0 + 2 * n
-}
-
-fn amd_ctr(n: u32) -> u32 {
-    AMD_PERF_CTL0 + 2 * n + 1
-}
-
 const PERIOD: u64 = 100_000;
 
 #[test]

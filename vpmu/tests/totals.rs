@@ -11,14 +11,6 @@ use vpmu::{EventTotals, ProgrammingId, Retired};
 const CYCLES: u64 = 0x76 | USR | OS | EN;
 const INSTRUCTIONS: u64 = 0xC0 | USR | OS | EN;
 
-fn ctl(n: u32) -> u32 {
-    AMD_PERF_CTL0 + 2 * n
-}
-
-fn ctr(n: u32) -> u32 {
-    AMD_PERF_CTL0 + 2 * n + 1
-}
-
 fn id(select: u64) -> ProgrammingId {
     ProgrammingId::of_select(select)
 }
@@ -33,15 +25,15 @@ fn counts(retired: &[Retired]) -> Vec<(ProgrammingId, u64, u64)> {
 #[test]
 fn a_new_programming_retires_the_final_count_whatever_the_guest_wrote() {
     let mut pmu = vpmu(amd_v2(6), true);
-    pmu.wrmsr(ctl(0), CYCLES | INT).unwrap();
+    pmu.wrmsr(amd_ctl(0), CYCLES | INT).unwrap();
     count_hw(&mut pmu, 100);
     // A sampling guest rewrites the value; what was counted stays counted.
-    pmu.wrmsr(ctr(0), M48 - 9).unwrap();
+    pmu.wrmsr(amd_ctr(0), M48 - 9).unwrap();
     count_hw(&mut pmu, 30); // wraps: an overflow
-    assert_eq!(pmu.rdmsr(ctr(0)), Ok(20));
+    assert_eq!(pmu.rdmsr(amd_ctr(0)), Ok(20));
     // Toggles, INT and counter writes are no new programming.
-    pmu.wrmsr(ctl(0), CYCLES & !EN).unwrap();
-    pmu.wrmsr(ctl(0), CYCLES).unwrap();
+    pmu.wrmsr(amd_ctl(0), CYCLES & !EN).unwrap();
+    pmu.wrmsr(amd_ctl(0), CYCLES).unwrap();
     count_hw(&mut pmu, 5);
     assert!(!pmu.has_retired());
     let snapshot = pmu.snapshot();
@@ -49,7 +41,7 @@ fn a_new_programming_retires_the_final_count_whatever_the_guest_wrote() {
     assert_eq!(snapshot.counters[0].programming_id, id(CYCLES));
     assert!(snapshot.counters[0].ran);
 
-    pmu.wrmsr(ctl(0), INSTRUCTIONS).unwrap();
+    pmu.wrmsr(amd_ctl(0), INSTRUCTIONS).unwrap();
     let retired = pmu.take_retired();
     assert_eq!(counts(&retired), [(id(CYCLES), 135, 1)]);
     assert_eq!(retired[0].event_name.as_deref(), Some("cycles"));
@@ -61,16 +53,16 @@ fn a_new_programming_retires_the_final_count_whatever_the_guest_wrote() {
 #[test]
 fn contexts_that_never_ran_retire_nothing() {
     let mut pmu = vpmu(amd_v2(6), true);
-    pmu.wrmsr(ctl(1), CYCLES & !EN).unwrap();
-    pmu.wrmsr(ctr(1), 1234).unwrap();
-    pmu.wrmsr(ctl(1), INSTRUCTIONS & !EN).unwrap();
-    pmu.wrmsr(ctl(1), 0).unwrap();
+    pmu.wrmsr(amd_ctl(1), CYCLES & !EN).unwrap();
+    pmu.wrmsr(amd_ctr(1), 1234).unwrap();
+    pmu.wrmsr(amd_ctl(1), INSTRUCTIONS & !EN).unwrap();
+    pmu.wrmsr(amd_ctl(1), 0).unwrap();
     assert!(!pmu.has_retired());
     // A context that ran but counted nothing (say, an unbacked event) is
     // reported with 0: the guest did count it.
     let mut bare = vpmu(amd_v2(6), false);
-    bare.wrmsr(ctl(0), INSTRUCTIONS).unwrap();
-    bare.wrmsr(ctl(0), 0).unwrap();
+    bare.wrmsr(amd_ctl(0), INSTRUCTIONS).unwrap();
+    bare.wrmsr(amd_ctl(0), 0).unwrap();
     assert_eq!(counts(&bare.take_retired()), [(id(INSTRUCTIONS), 0, 1)]);
 }
 
@@ -114,7 +106,7 @@ fn same_ids_merge_and_other_ids_are_kept_apart_across_counters_and_resets() {
 #[test]
 fn restores_retire_only_what_they_reprogram() {
     let mut pmu = vpmu(amd_v2(6), true);
-    pmu.wrmsr(ctl(0), CYCLES).unwrap();
+    pmu.wrmsr(amd_ctl(0), CYCLES).unwrap();
     count_hw(&mut pmu, 10);
     let cycles = pmu.save();
     pmu.restore(&cycles).unwrap();
@@ -131,9 +123,9 @@ fn the_pending_list_is_bounded() {
     let mut pmu = vpmu(amd_v2(6), true);
     let n = vpmu::MAX_RETIRED as u64 + 5;
     for umask in 0..n {
-        pmu.wrmsr(ctl(0), umask << 8 | 0xC0 | USR | EN).unwrap();
+        pmu.wrmsr(amd_ctl(0), umask << 8 | 0xC0 | USR | EN).unwrap();
     }
-    pmu.wrmsr(ctl(0), 0).unwrap();
+    pmu.wrmsr(amd_ctl(0), 0).unwrap();
     assert_eq!(pmu.take_retired().len(), vpmu::MAX_RETIRED);
     assert_eq!(pmu.stats().retired_dropped, 5);
 }

@@ -75,3 +75,13 @@ pub fn run_guest(vpmu: &mut Vpmu<FakeBackend>, ns: u64) {
 pub fn run_vmm(vpmu: &mut Vpmu<FakeBackend>, ns: u64) {
     vpmu.backend_mut().advance(false, ns);
 }
+
+/// AMD `PERF_CTLn` (PerfCtrExtCore numbering).
+pub fn amd_ctl(n: u32) -> u32 {
+    vpmu::msr::AMD_PERF_CTL0 + 2 * n
+}
+
+/// AMD `PERF_CTRn` (PerfCtrExtCore numbering).
+pub fn amd_ctr(n: u32) -> u32 {
+    vpmu::msr::AMD_PERF_CTL0 + 2 * n + 1
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::bench::BenchOptions;
 use crate::config::{SerialSink, VmConfig, DEFAULT_MEMORY_MIB};
 use crate::error::StartError;
 use crate::loader::ImageKind;
@@ -139,6 +140,22 @@ pub struct RunArgs {
     /// Stop the guest after this many seconds (exit code 3).
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, allow_negative_numbers = true)]
     timeout: Option<Duration>,
+    /// Benchmarks only (BENCHMARKS.md): this MSR exits to the VMM, which
+    /// answers reads with 0 (a null userspace MSR exit).
+    #[arg(long, value_name = "INDEX", value_parser = parse_msr, hide = true)]
+    bench_msr: Option<u32>,
+    /// Benchmarks only: write each vCPU's exit counts at guest marks, PMI
+    /// times and TSC pairs to this file when the VM ends.
+    #[arg(long, value_name = "PATH", hide = true)]
+    bench_trace: Option<PathBuf>,
+}
+
+fn parse_msr(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("expected an MSR index (decimal or 0x hex), got {s:?}"))
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -169,6 +186,10 @@ impl RunArgs {
                 events: self.vpmu_events.clone(),
             },
             api_socket: self.api_socket.clone(),
+            bench: BenchOptions {
+                msr: self.bench_msr,
+                trace: self.bench_trace.clone(),
+            },
         }
     }
 }
@@ -243,7 +264,8 @@ fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
             let s = &snapshot.stats;
             eprintln!(
                 "vmm: vCPU {} vPMU: {} MSR reads, {} writes, {} #GP, {} perf_event_open, \
-                 {} PMIs ({} NMI, {} fixed, {} masked), {} throttled",
+                 {} PMIs ({} NMI, {} fixed, {} masked), {} throttled, {} exits to the VMM \
+                 ({} MSR, {} port I/O, {} signal)",
                 report.index,
                 s.rdmsr.total(),
                 s.wrmsr.total(),
@@ -253,9 +275,19 @@ fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
                 delivery.nmi,
                 delivery.fixed,
                 delivery.masked,
-                s.throttles
+                s.throttles,
+                report.exits.total(),
+                report.exits.msr_read + report.exits.msr_write,
+                report.exits.io,
+                report.exits.signal
             );
         }
+    }
+    if let Some(path) = &config.bench.trace {
+        crate::bench::write_trace(path, &reports).map_err(|source| StartError::Io {
+            what: format!("writing the benchmark trace {}", path.display()),
+            source,
+        })?;
     }
     eprintln!("vmm: {outcome}");
     Ok(outcome.exit_code())

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::bench::BenchOptions;
 use crate::pmu::VpmuOptions;
 
 /// Where the guest's serial console goes.
@@ -50,6 +51,8 @@ pub struct VmConfig {
     pub vpmu: VpmuOptions,
     /// Where to serve the host-side API.
     pub api_socket: Option<PathBuf>,
+    /// Hidden benchmark instrumentation.
+    pub bench: BenchOptions,
 }
 
 impl Default for VmConfig {
@@ -64,6 +67,7 @@ impl Default for VmConfig {
             timeout: None,
             vpmu: VpmuOptions::default(),
             api_socket: None,
+            bench: BenchOptions::default(),
         }
     }
 }

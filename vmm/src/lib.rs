@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod arch;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod error;

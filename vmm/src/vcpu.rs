@@ -11,6 +11,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 use vpmu::VpmuSnapshot;
 
+use crate::bench::{BenchLog, BenchVcpu, ExitCounts};
 use crate::error::Outcome;
 use crate::export::{Export, PUBLISH_INTERVAL};
 use crate::kick;
@@ -26,6 +27,10 @@ const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 pub struct VcpuReport {
     pub index: u8,
     pub vpmu: Option<(VpmuSnapshot, PmiDelivery)>,
+    /// Userspace exits by reason.
+    pub exits: ExitCounts,
+    /// The `--bench-trace` log.
+    pub bench: Option<Arc<BenchLog>>,
 }
 
 /// What the vCPU threads and the VMM's main loop share: whether to stop or
@@ -191,11 +196,19 @@ pub struct Vcpu {
     last_publish: Instant,
     /// The last exit was a PMU MSR access.
     msr_exit: bool,
+    exits: ExitCounts,
+    /// `--bench-msr`: exits to userspace, reads as 0 (see [`crate::bench`]).
+    bench_msr: Option<u32>,
+    /// `--bench-trace`: made on the vCPU thread.
+    bench_trace: bool,
+    bench: Option<BenchVcpu>,
 }
 
 /// What an exit asks of the loop, decided while `kvm_run` is borrowed.
 enum Step {
     Continue,
+    /// The guest wrote this (non-zero) value to the bench MSR.
+    BenchMessage(u64),
     Stop(Outcome),
     Shutdown,
     InternalError,
@@ -222,7 +235,19 @@ impl Vcpu {
             export: None,
             last_publish: Instant::now(),
             msr_exit: false,
+            exits: ExitCounts::default(),
+            bench_msr: None,
+            bench_trace: false,
+            bench: None,
         }
+    }
+
+    /// The hidden benchmark instrumentation: the null MSR, and whether to
+    /// keep a trace (see [`crate::bench`]).
+    pub fn with_bench(mut self, msr: Option<u32>, trace: bool) -> Self {
+        self.bench_msr = msr;
+        self.bench_trace = trace;
+        self
     }
 
     /// Starts the vCPU's thread.
@@ -236,6 +261,9 @@ impl Vcpu {
         let index = usize::from(self.index);
         kick::arm(self.fd.get_kvm_run());
         self.control.register_thread(index, true);
+        if self.bench_trace {
+            self.bench = Some(BenchVcpu::new(&self.fd));
+        }
         let outcome = self.start_pmu().err().or_else(|| self.run_loop());
         self.control.register_thread(index, false);
         kick::disarm();
@@ -243,6 +271,8 @@ impl Vcpu {
         let report = VcpuReport {
             index: self.index,
             vpmu: self.pmu.as_mut().map(|p| (p.snapshot(), p.delivery)),
+            exits: self.exits,
+            bench: self.bench.take().map(|b| Arc::new(b.finish(&self.fd))),
         };
         self.control
             .reports
@@ -301,7 +331,13 @@ impl Vcpu {
             let kicked = kick::take_kicked();
             self.publish_if_due();
             if let Some(pmu) = &mut self.pmu {
+                let delivered = pmu.delivery.nmi + pmu.delivery.fixed;
                 pmu.before_entry(kicked, &self.fd, &self.vm, self.msr_exit);
+                if let Some(bench) = &mut self.bench {
+                    if pmu.delivery.nmi + pmu.delivery.fixed != delivered {
+                        bench.pmi_delivered(pmu.last_pmi_overshoot);
+                    }
+                }
             }
             if let Some(outcome) = self.run_once() {
                 return Some(outcome);
@@ -329,8 +365,17 @@ impl Vcpu {
         if let Some(pmu) = &mut self.pmu {
             pmu.after_exit();
         }
+        self.exits.count(&result);
         self.msr_exit = false;
         let step = match result {
+            Ok(VcpuExit::X86Rdmsr(exit)) if Some(exit.index) == self.bench_msr => {
+                *exit.data = 0;
+                Step::Continue
+            }
+            Ok(VcpuExit::X86Wrmsr(exit)) if Some(exit.index) == self.bench_msr => match exit.data {
+                0 => Step::Continue,
+                value => Step::BenchMessage(value),
+            },
             Ok(VcpuExit::X86Rdmsr(exit)) => {
                 self.msr_exit = true;
                 match self.pmu.as_mut().map(|p| p.rdmsr(exit.index)) {
@@ -374,6 +419,9 @@ impl Vcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // The kick flag stays set for the next entry to act on.
                 self.fd.set_kvm_immediate_exit(0);
+                if let Some(bench) = &mut self.bench {
+                    bench.signal();
+                }
                 Step::Continue
             }
             Err(e) => Step::Stop(Outcome::VcpuError {
@@ -381,8 +429,23 @@ impl Vcpu {
                 message: format!("KVM_RUN failed: {e}"),
             }),
         };
+        if self.msr_exit {
+            if let Some(bench) = &mut self.bench {
+                bench.pmu_msr();
+            }
+        }
         match step {
             Step::Continue => None,
+            Step::BenchMessage(value) => {
+                if let Some(bench) = &mut self.bench {
+                    let pmis = self
+                        .pmu
+                        .as_ref()
+                        .map_or(0, |p| p.delivery.nmi + p.delivery.fixed);
+                    bench.message(value, &self.fd, self.exits, pmis);
+                }
+                None
+            }
             Step::Stop(outcome) => Some(outcome),
             Step::Shutdown => Some(Outcome::Shutdown {
                 vcpu,

@@ -175,10 +175,16 @@ fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> StartError {
 }
 
 /// The VM with its in-kernel irqchip and PIT, and the vPMU's MSR filter.
-fn create_vm(kvm: &Kvm, plan: &PmuPlan) -> Result<VmFd, StartError> {
+fn create_vm(kvm: &Kvm, plan: &PmuPlan, bench_msr: Option<u32>) -> Result<VmFd, StartError> {
     let vm_fd = kvm.create_vm().map_err(StartError::kvm("KVM_CREATE_VM"))?;
-    if let Some(model) = &plan.model {
-        pmu::filter::install(&vm_fd, &model.msr_ranges())?;
+    let mut ranges = plan
+        .model
+        .as_ref()
+        .map(|model| model.msr_ranges())
+        .unwrap_or_default();
+    ranges.extend(bench_msr.map(|base| vpmu::MsrRange { base, count: 1 }));
+    if !ranges.is_empty() {
+        pmu::filter::install(&vm_fd, &ranges)?;
     }
     vm_fd
         .set_tss_address(layout::KVM_TSS_ADDRESS)
@@ -314,7 +320,7 @@ impl Vm {
         // The built-in probe reads counters with RDMSR only.
         let plan = Arc::new(pmu::plan(&config.vpmu, &host_pmu, config.kernel.is_none())?);
 
-        let vm_fd = Arc::new(create_vm(&kvm, &plan)?);
+        let vm_fd = Arc::new(create_vm(&kvm, &plan, config.bench.msr)?);
         let memory = create_memory(&vm_fd, config.memory_mib)?;
         // `validate` bounded the count by the MP table's limit.
         let num_vcpus = config.vcpus as u8;
@@ -354,14 +360,17 @@ impl Vm {
                 tsc_khz: tsc_khz.unwrap_or(0),
                 export: export.clone(),
             });
-            vcpus.push(Vcpu::new(
-                index,
-                fd,
-                vm_fd.clone(),
-                bus.clone(),
-                control.clone(),
-                pmu_setup,
-            ));
+            vcpus.push(
+                Vcpu::new(
+                    index,
+                    fd,
+                    vm_fd.clone(),
+                    bus.clone(),
+                    control.clone(),
+                    pmu_setup,
+                )
+                .with_bench(config.bench.msr, config.bench.trace.is_some()),
+            );
         }
 
         Ok(Vm {

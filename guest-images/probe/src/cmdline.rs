@@ -24,6 +24,9 @@ pub enum Test {
     Toggle,
     Rdpmc,
     Nmi,
+    BenchMsr,
+    BenchIo,
+    BenchPmi,
 }
 
 impl Test {
@@ -49,6 +52,9 @@ impl Test {
             Test::Toggle => "toggle",
             Test::Rdpmc => "rdpmc",
             Test::Nmi => "nmi",
+            Test::BenchMsr => "bench_msr",
+            Test::BenchIo => "bench_io",
+            Test::BenchPmi => "bench_pmi",
         }
     }
 
@@ -56,7 +62,7 @@ impl Test {
         Test::ALL
             .iter()
             .copied()
-            .chain([Test::Nmi])
+            .chain([Test::Nmi, Test::BenchMsr, Test::BenchIo, Test::BenchPmi])
             .find(|t| t.name().as_bytes() == s)
     }
 }
@@ -262,6 +268,7 @@ pub fn parse(raw: &'static [u8]) -> Config {
                 }
                 _ => false,
             },
+            k if k.starts_with(b"probe.bench_") => crate::bench::known_key(k, val),
             k if k.starts_with(b"probe.") => {
                 c.warn(WarningKind::UnknownKey, tok);
                 true

@@ -17,6 +17,7 @@
 #![no_main]
 
 mod apic;
+mod bench;
 mod boot;
 mod cmdline;
 mod cpu;

@@ -34,6 +34,10 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
             self_nmi(cfg, cpu);
             continue;
         }
+        if matches!(t, Test::BenchMsr | Test::BenchIo | Test::BenchPmi) {
+            crate::bench::run(t, cfg, cpu, &pmu, usable);
+            continue;
+        }
         let name = t.name();
         if !usable {
             let why = if pmu.has_counters() {
@@ -59,7 +63,7 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
             continue;
         }
         let r = match t {
-            Test::Detect | Test::Nmi => Ok(()),
+            Test::Detect | Test::Nmi | Test::BenchMsr | Test::BenchIo | Test::BenchPmi => Ok(()),
             Test::Cycles => cycles(cfg, cpu, &pmu, i),
             Test::Halt => halt(cfg, cpu, &pmu, i),
             Test::Pmi => pmi(cfg, cpu, &pmu, i),

@@ -343,7 +343,11 @@ pub fn init_cpu(cpu: u32) {
 extern "C" fn probe_trap(f: &mut TrapFrame) {
     let vector = f.vector as u8;
     match vector {
-        2 => pmu::nmi::handle_nmi(),
+        2 => {
+            if !crate::bench::handle_nmi() {
+                pmu::nmi::handle_nmi();
+            }
+        }
         13 => {
             if let Some(fix) = cpu::fixup_for(f.rip) {
                 percpu::this_cpu().gp_fixups.fetch_add(1, Ordering::Relaxed);

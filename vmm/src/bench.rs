@@ -1,0 +1,430 @@
+//! Instrumentation for the vPMU cost benchmark (`vmm/benches/vpmu_costs.rs`,
+//! BENCHMARKS.md): hidden flags that ordinary users never need.
+//!
+//! - `--bench-msr INDEX`: MSR INDEX joins the MSR filter, so that every
+//!   guest access exits to userspace; the VMM answers RDMSR with 0 and
+//!   ignores WRMSR of 0. This is the "null" userspace MSR exit the vPMU's
+//!   own MSR exits are compared with. A WRMSR of another value is a
+//!   message from the guest (see [`MARK`] and [`STAMP`]), recorded in the
+//!   trace when there is one.
+//! - `--bench-trace PATH`: each vCPU keeps a log, written to PATH when the
+//!   VM ends: the guest's marks with the vCPU's exit counts at that point
+//!   (userspace exits by reason, KVM's own per-vCPU statistics, PMIs), the
+//!   guest's stamps, the host TSC at every PMI the VMM delivered, and pairs
+//!   of (host TSC, guest TSC) read with `KVM_GET_MSRS(IA32_TSC)` so that
+//!   guest TSC values can be put on the host's time line.
+//!
+//! Nothing here runs per exit but [`ExitCounts::count`] (a few
+//! increments), and per PMI one TSC read when tracing.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use kvm_bindings::{kvm_msr_entry, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::Serialize;
+
+use crate::vcpu::VcpuReport;
+
+/// A guest WRMSR of `MARK | tag` to the bench MSR records a mark: the
+/// vCPU's exit and PMI counts right now, under `tag` (low 32 bits).
+pub const MARK: u64 = 1 << 60;
+/// A guest WRMSR of `STAMP | tsc` records a guest TSC value (low 60 bits),
+/// e.g. the entry of its PMI handler.
+pub const STAMP: u64 = 2 << 60;
+const KIND_MASK: u64 = 0xf << 60;
+
+/// `IA32_TIME_STAMP_COUNTER`.
+const MSR_IA32_TSC: u32 = 0x10;
+
+/// Marks, stamps and PMIs a vCPU keeps (allocated once, up front; further
+/// records are dropped and counted).
+const MAX_MARKS: usize = 4096;
+const MAX_STAMPS: usize = 32768;
+const MAX_PMIS: usize = 65536;
+
+/// The hidden benchmark flags.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BenchOptions {
+    /// The null MSR (`--bench-msr`).
+    pub msr: Option<u32>,
+    /// Where the trace goes (`--bench-trace`).
+    pub trace: Option<PathBuf>,
+}
+
+/// The host's TSC.
+pub fn host_tsc() -> u64 {
+    // SAFETY: RDTSC has no preconditions and touches no memory.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Userspace exits of one vCPU (`KVM_RUN` returning), by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ExitCounts {
+    pub msr_read: u64,
+    pub msr_write: u64,
+    pub io: u64,
+    pub mmio: u64,
+    /// `KVM_RUN` interrupted by a signal: kicks and host overflow signals.
+    pub signal: u64,
+    pub other: u64,
+}
+
+impl ExitCounts {
+    /// Counts one return of `KVM_RUN`.
+    pub fn count(&mut self, result: &Result<VcpuExit<'_>, kvm_ioctls::Error>) {
+        let slot = match result {
+            Ok(VcpuExit::X86Rdmsr(_)) => &mut self.msr_read,
+            Ok(VcpuExit::X86Wrmsr(_)) => &mut self.msr_write,
+            Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => &mut self.io,
+            Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)) => &mut self.mmio,
+            Ok(VcpuExit::Intr) => &mut self.signal,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => &mut self.signal,
+            _ => &mut self.other,
+        };
+        *slot += 1;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.msr_read + self.msr_write + self.io + self.mmio + self.signal + self.other
+    }
+}
+
+/// KVM's per-vCPU statistics that say where exits went (binary stats fd).
+const KVM_STATS: [&str; 12] = [
+    "exits",
+    "io_exits",
+    "mmio_exits",
+    "signal_exits",
+    "irq_exits",
+    "halt_exits",
+    "irq_window_exits",
+    "nmi_window_exits",
+    "request_irq_exits",
+    "nmi_injections",
+    "irq_injections",
+    "insn_emulation",
+];
+
+/// A vCPU's binary statistics file (`KVM_GET_STATS_FD`).
+struct KvmStats {
+    fd: OwnedFd,
+    /// File offset of each of [`KVM_STATS`] (None: this KVM lacks it).
+    offsets: [Option<u64>; KVM_STATS.len()],
+}
+
+vmm_sys_util::ioctl_io_nr!(KVM_GET_STATS_FD, kvm_bindings::KVMIO, 0xce);
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_GET_DEVICE_ATTR,
+    kvm_bindings::KVMIO,
+    0xe2,
+    kvm_bindings::kvm_device_attr
+);
+
+/// The vCPU's TSC offset (guest TSC = host TSC + offset when the rates
+/// match), from `KVM_VCPU_TSC_OFFSET`; None where KVM lacks it.
+fn tsc_offset(vcpu: &VcpuFd) -> Option<u64> {
+    let mut offset = 0u64;
+    let attr = kvm_bindings::kvm_device_attr {
+        group: kvm_bindings::KVM_VCPU_TSC_CTRL,
+        attr: u64::from(kvm_bindings::KVM_VCPU_TSC_OFFSET),
+        addr: &mut offset as *mut u64 as u64,
+        flags: 0,
+    };
+    // SAFETY: KVM writes one u64 at `addr`, which lives across the call.
+    let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vcpu, KVM_GET_DEVICE_ATTR(), &attr) };
+    (ret == 0).then_some(offset)
+}
+
+impl KvmStats {
+    fn open(vcpu: &VcpuFd) -> Option<Self> {
+        // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd.
+        let fd = unsafe { vmm_sys_util::ioctl::ioctl(vcpu, KVM_GET_STATS_FD()) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: a fresh fd owned by no one else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let header = pread(&fd, 24, 0)?;
+        let word = |i: usize| u32::from_ne_bytes(header[4 * i..4 * i + 4].try_into().unwrap());
+        let (name_size, num_desc, desc_offset, data_offset) =
+            (word(1) as usize, word(2) as usize, word(4), word(5));
+        // struct kvm_stats_desc: flags u32, exponent i16, size u16,
+        // offset u32, bucket_size u32, name[name_size].
+        let desc_size = 16 + name_size;
+        let descs = pread(&fd, desc_size * num_desc, u64::from(desc_offset))?;
+        let mut offsets = [None; KVM_STATS.len()];
+        for desc in descs.chunks_exact(desc_size) {
+            let name = &desc[16..];
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            let offset = u32::from_ne_bytes(desc[8..12].try_into().unwrap());
+            if let Some(i) = KVM_STATS.iter().position(|s| s.as_bytes() == name) {
+                offsets[i] = Some(u64::from(data_offset) + u64::from(offset));
+            }
+        }
+        Some(Self { fd, offsets })
+    }
+
+    fn read(&self) -> [u64; KVM_STATS.len()] {
+        let mut values = [0; KVM_STATS.len()];
+        for (value, offset) in values.iter_mut().zip(self.offsets) {
+            if let Some(bytes) = offset.and_then(|o| pread(&self.fd, 8, o)) {
+                *value = u64::from_ne_bytes(bytes[..8].try_into().unwrap());
+            }
+        }
+        values
+    }
+}
+
+fn pread(fd: &OwnedFd, len: usize, offset: u64) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    // SAFETY: reads at most `len` bytes into a buffer of that size.
+    let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), len, offset as i64) };
+    (n == len as isize).then_some(buf)
+}
+
+/// A host TSC value next to the guest's TSC, read on the vCPU thread.
+#[derive(Clone, Copy, Debug)]
+struct TscPair {
+    /// Host TSC before and after `KVM_GET_MSRS`.
+    host_before: u64,
+    host_after: u64,
+    guest: u64,
+}
+
+/// The counts at a guest mark.
+#[derive(Clone, Copy, Debug)]
+struct Mark {
+    tag: u64,
+    host_tsc: u64,
+    exits: ExitCounts,
+    kvm: [u64; KVM_STATS.len()],
+    /// PMIs the VMM delivered so far.
+    pmis: u64,
+}
+
+/// One PMI the VMM delivered: host TSC when the overflow signal brought the
+/// vCPU out of `KVM_RUN`, when the PMI was injected, and when the guest's
+/// first PMU MSR access after it reached the VMM (0: none yet).
+#[derive(Clone, Copy, Debug)]
+struct PmiTimes {
+    signal: u64,
+    injected: u64,
+    first_msr: u64,
+    /// Guest cycles the counter ran past its overflow before the VMM saw it.
+    overshoot: u64,
+}
+
+/// One vCPU's benchmark log (`--bench-trace`).
+#[derive(Debug)]
+pub struct BenchLog {
+    marks: Vec<Mark>,
+    stamps: Vec<u64>,
+    pmis: Vec<PmiTimes>,
+    tsc: Vec<TscPair>,
+    tsc_offset: Option<u64>,
+    dropped: u64,
+}
+
+/// What the vCPU thread keeps while it runs.
+pub struct BenchVcpu {
+    stats: Option<KvmStats>,
+    log: BenchLog,
+    /// Host TSC when `KVM_RUN` last returned because of a signal.
+    signal_at: u64,
+    /// The last PMI waits for the guest's first PMU MSR access.
+    awaiting_first: bool,
+}
+
+impl std::fmt::Debug for KvmStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmStats").finish_non_exhaustive()
+    }
+}
+
+impl BenchVcpu {
+    /// Called on the vCPU thread before it first runs.
+    pub fn new(fd: &VcpuFd) -> Self {
+        let mut bench = Self {
+            stats: KvmStats::open(fd),
+            log: BenchLog {
+                marks: Vec::with_capacity(MAX_MARKS),
+                stamps: Vec::with_capacity(MAX_STAMPS),
+                pmis: Vec::with_capacity(MAX_PMIS),
+                tsc: Vec::with_capacity(MAX_MARKS + 2),
+                tsc_offset: tsc_offset(fd),
+                dropped: 0,
+            },
+            signal_at: 0,
+            awaiting_first: false,
+        };
+        bench.tsc_pair(fd);
+        bench
+    }
+
+    fn tsc_pair(&mut self, fd: &VcpuFd) {
+        let Ok(mut msrs) = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            ..Default::default()
+        }]) else {
+            return;
+        };
+        let host_before = host_tsc();
+        let read = fd.get_msrs(&mut msrs);
+        let host_after = host_tsc();
+        if read == Ok(1) && self.log.tsc.len() < self.log.tsc.capacity() {
+            self.log.tsc.push(TscPair {
+                host_before,
+                host_after,
+                guest: msrs.as_slice()[0].data,
+            });
+        }
+    }
+
+    /// `KVM_RUN` returned because of a signal.
+    pub fn signal(&mut self) {
+        self.signal_at = host_tsc();
+    }
+
+    /// The VMM just delivered a PMI.
+    pub fn pmi_delivered(&mut self, overshoot: u64) {
+        if self.log.pmis.len() < MAX_PMIS {
+            self.log.pmis.push(PmiTimes {
+                signal: self.signal_at,
+                injected: host_tsc(),
+                first_msr: 0,
+                overshoot,
+            });
+            self.awaiting_first = true;
+        } else {
+            self.log.dropped += 1;
+        }
+    }
+
+    /// A PMU MSR exit reached the VMM.
+    pub fn pmu_msr(&mut self) {
+        if std::mem::take(&mut self.awaiting_first) {
+            if let Some(last) = self.log.pmis.last_mut() {
+                last.first_msr = host_tsc();
+            }
+        }
+    }
+
+    /// The guest wrote `value` (not 0) to the bench MSR.
+    pub fn message(&mut self, value: u64, fd: &VcpuFd, exits: ExitCounts, pmis: u64) {
+        match value & KIND_MASK {
+            MARK if self.log.marks.len() < MAX_MARKS => {
+                let kvm = self.stats.as_ref().map(KvmStats::read).unwrap_or_default();
+                self.log.marks.push(Mark {
+                    tag: value & u64::from(u32::MAX),
+                    host_tsc: host_tsc(),
+                    exits,
+                    kvm,
+                    pmis,
+                });
+                self.tsc_pair(fd);
+            }
+            STAMP if self.log.stamps.len() < MAX_STAMPS => {
+                self.log.stamps.push(value & !KIND_MASK);
+            }
+            _ => self.log.dropped += 1,
+        }
+    }
+
+    /// The log, when the vCPU thread ends.
+    pub fn finish(mut self, fd: &VcpuFd) -> BenchLog {
+        self.tsc_pair(fd);
+        self.log
+    }
+}
+
+/// Writes every vCPU's log to `path`, one record per line:
+///
+/// ```text
+/// tsc_offset vcpu=V offset=O   (KVM_VCPU_TSC_OFFSET: guest = host + O)
+/// tsc vcpu=V host_before=H host_after=H guest=G
+/// mark vcpu=V tag=T host_tsc=H pmis=P exits=N msr_read=.. msr_write=.. io=.. mmio=.. signal=.. other=.. kvm_exits=.. kvm_io_exits=.. ...
+/// stamp vcpu=V guest_tsc=G
+/// pmi vcpu=V signal=H injected=H first_msr=H overshoot=CYCLES
+/// vpmu vcpu=V opens=.. closes=.. starts=.. stops=.. reprograms=.. contexts_ran=.. ...
+/// dropped vcpu=V n=N
+/// ```
+pub fn write_trace(path: &Path, reports: &[VcpuReport]) -> std::io::Result<()> {
+    let mut out = BufWriter::new(File::create(path)?);
+    for report in reports {
+        let v = report.index;
+        if let Some((snapshot, _)) = &report.vpmu {
+            let s = &snapshot.stats;
+            // Counter contexts that ran: ended ones plus live ones.
+            let live = snapshot.counters.iter().filter(|c| c.ran).count() as u64;
+            writeln!(
+                out,
+                "vpmu vcpu={v} opens={} open_failures={} closes={} starts={} stops={} \
+                 reprograms={} contexts_ran={} reads={} clock_reads={} period_updates={} \
+                 overflow_signals={} pmis={} throttles={}",
+                s.opens,
+                s.open_failures,
+                s.closes,
+                s.starts,
+                s.stops,
+                s.reprograms,
+                s.retired_contexts + live,
+                s.reads,
+                s.clock_reads,
+                s.period_updates,
+                s.overflow_signals,
+                s.pmis,
+                s.throttles
+            )?;
+        }
+        let Some(log) = &report.bench else {
+            continue;
+        };
+        if let Some(offset) = log.tsc_offset {
+            writeln!(out, "tsc_offset vcpu={v} offset={}", offset as i64)?;
+        }
+        for t in &log.tsc {
+            writeln!(
+                out,
+                "tsc vcpu={v} host_before={} host_after={} guest={}",
+                t.host_before, t.host_after, t.guest
+            )?;
+        }
+        for m in &log.marks {
+            let e = &m.exits;
+            write!(
+                out,
+                "mark vcpu={v} tag={} host_tsc={} pmis={} exits={} msr_read={} msr_write={} \
+                 io={} mmio={} signal={} other={}",
+                m.tag,
+                m.host_tsc,
+                m.pmis,
+                e.total(),
+                e.msr_read,
+                e.msr_write,
+                e.io,
+                e.mmio,
+                e.signal,
+                e.other
+            )?;
+            for (name, value) in KVM_STATS.iter().zip(m.kvm) {
+                write!(out, " kvm_{name}={value}")?;
+            }
+            writeln!(out)?;
+        }
+        for s in &log.stamps {
+            writeln!(out, "stamp vcpu={v} guest_tsc={s}")?;
+        }
+        for p in &log.pmis {
+            writeln!(
+                out,
+                "pmi vcpu={v} signal={} injected={} first_msr={} overshoot={}",
+                p.signal, p.injected, p.first_msr, p.overshoot
+            )?;
+        }
+        writeln!(out, "dropped vcpu={v} n={}", log.dropped)?;
+    }
+    out.flush()
+}

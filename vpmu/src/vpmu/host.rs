@@ -172,6 +172,7 @@ impl<B: Backend> Vpmu<B> {
         self.stats.backend_errors += 1;
         self.release(i);
         self.refused(i, error.to_string());
+        self.refresh_hooks();
     }
 
     /// The host refused to back counter `i`: it counts nothing, says why,

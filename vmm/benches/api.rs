@@ -156,7 +156,11 @@ fn slowdown_run(vcpus: u32, scraped: bool) -> (f64, f64, u64) {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let t0 = Instant::now();
-                let path = if i.is_multiple_of(2) { "/vpmu" } else { "/metrics" };
+                let path = if i.is_multiple_of(2) {
+                    "/vpmu"
+                } else {
+                    "/metrics"
+                };
                 if matches!(common::api(&sock, "GET", path), Ok((200, _))) {
                     scrapes.fetch_add(1, Ordering::Relaxed);
                 }

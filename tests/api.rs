@@ -491,6 +491,8 @@ fn send_raw(sock: &Path, raw: &[u8]) -> Option<u16> {
 #[test]
 fn malformed_requests_are_refused_and_the_vmm_keeps_running() {
     require_kvm!();
+    // A busy guest and 200 connections: keep it away from the timed tests.
+    let _serial = common::timing_lock();
     let vm = Vm::start(
         "probe.tests=cycles probe.cycles_ms=3000 probe.hold_ms=1000",
         &[],

@@ -27,6 +27,12 @@ pub enum Test {
     BenchMsr,
     BenchIo,
     BenchPmi,
+    MsrStorm,
+    PmiStorm,
+    Edges,
+    Inflight,
+    Exits,
+    Observe,
 }
 
 impl Test {
@@ -42,6 +48,16 @@ impl Test {
         Test::Rdpmc,
     ];
 
+    /// The hostile-guest tests (`storm.rs`), run only when named.
+    pub const STORM: [Test; 6] = [
+        Test::MsrStorm,
+        Test::PmiStorm,
+        Test::Edges,
+        Test::Inflight,
+        Test::Exits,
+        Test::Observe,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Test::Detect => "detect",
@@ -55,6 +71,12 @@ impl Test {
             Test::BenchMsr => "bench_msr",
             Test::BenchIo => "bench_io",
             Test::BenchPmi => "bench_pmi",
+            Test::MsrStorm => "msrstorm",
+            Test::PmiStorm => "pmistorm",
+            Test::Edges => "edges",
+            Test::Inflight => "inflight",
+            Test::Exits => "exits",
+            Test::Observe => "observe",
         }
     }
 
@@ -63,6 +85,7 @@ impl Test {
             .iter()
             .copied()
             .chain([Test::Nmi, Test::BenchMsr, Test::BenchIo, Test::BenchPmi])
+            .chain(Test::STORM)
             .find(|t| t.name().as_bytes() == s)
     }
 }
@@ -269,6 +292,7 @@ pub fn parse(raw: &'static [u8]) -> Config {
                 _ => false,
             },
             k if k.starts_with(b"probe.bench_") => crate::bench::known_key(k, val),
+            k if k.starts_with(b"probe.storm_") => crate::storm::known_key(k, val),
             k if k.starts_with(b"probe.") => {
                 c.warn(WarningKind::UnknownKey, tok);
                 true

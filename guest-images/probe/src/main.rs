@@ -28,6 +28,7 @@ mod pmu;
 mod serial;
 mod smp;
 mod steal;
+mod storm;
 mod tests;
 mod time;
 mod trap;

@@ -38,6 +38,10 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
             crate::bench::run(t, cfg, cpu, &pmu, usable);
             continue;
         }
+        if Test::STORM.contains(&t) {
+            crate::storm::run(t, cfg, cpu, &pmu, usable);
+            continue;
+        }
         let name = t.name();
         if !usable {
             let why = if pmu.has_counters() {
@@ -64,6 +68,12 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
         }
         let r = match t {
             Test::Detect | Test::Nmi | Test::BenchMsr | Test::BenchIo | Test::BenchPmi => Ok(()),
+            Test::MsrStorm
+            | Test::PmiStorm
+            | Test::Edges
+            | Test::Inflight
+            | Test::Exits
+            | Test::Observe => Ok(()),
             Test::Cycles => cycles(cfg, cpu, &pmu, i),
             Test::Halt => halt(cfg, cpu, &pmu, i),
             Test::Pmi => pmi(cfg, cpu, &pmu, i),

@@ -344,7 +344,7 @@ extern "C" fn probe_trap(f: &mut TrapFrame) {
     let vector = f.vector as u8;
     match vector {
         2 => {
-            if !crate::bench::handle_nmi() {
+            if !crate::bench::handle_nmi() && !crate::storm::handle_nmi() {
                 pmu::nmi::handle_nmi();
             }
         }

@@ -5,6 +5,7 @@
 //! this module only knows KVM.
 
 pub mod filter;
+pub mod seams;
 pub mod vcpu;
 
 use std::fmt;

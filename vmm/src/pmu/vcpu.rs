@@ -11,8 +11,9 @@ use vpmu::{
     VpmuSnapshot,
 };
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use super::seams::{self, HostBackend};
 use super::{PmuPlan, Rdpmc};
 use crate::arch::layout::APIC_DEFAULT_BASE;
 use crate::arch::regs::{lapic_reg, set_lapic_reg};
@@ -41,8 +42,10 @@ pub struct PmiDelivery {
 
 /// A vCPU's vPMU and how it reaches KVM.
 pub struct VcpuPmu {
-    vpmu: Vpmu<PerfBackend>,
+    vpmu: Vpmu<HostBackend>,
     apic_id: u8,
+    /// Test seam: extra VMM time per PMU MSR exit (normally `None`).
+    exit_delay: Option<Duration>,
     mirror_rdpmc: bool,
     /// Intel's LAPIC masks LVTPC when it delivers a PMI; AMD's does not.
     mask_lvtpc_on_pmi: bool,
@@ -64,7 +67,7 @@ impl VcpuPmu {
     pub fn new(plan: &PmuPlan, apic_id: u8, tsc_khz: u32) -> Result<Self, String> {
         let model = plan.model.clone().ok_or("no vPMU model")?;
         let vendor = model.vendor;
-        let mut backend = PerfBackend::new(0);
+        let mut backend = HostBackend::new(PerfBackend::new(0));
         backend.set_overflow_notify(Some(OverflowNotify {
             tid: PerfBackend::current_tid(),
             signal: crate::kick::overflow_signal(),
@@ -79,6 +82,7 @@ impl VcpuPmu {
         Ok(Self {
             vpmu,
             apic_id,
+            exit_delay: seams::seams().exit_delay,
             mirror_rdpmc: plan.rdpmc == Rdpmc::Mirrored,
             mask_lvtpc_on_pmi: vendor == Vendor::Intel,
             delivery: PmiDelivery::default(),
@@ -89,12 +93,15 @@ impl VcpuPmu {
     }
 
     pub fn rdmsr(&mut self, index: u32) -> Result<u64, Fault> {
-        self.vpmu.rdmsr(index)
+        let result = self.vpmu.rdmsr(index);
+        seams::exit_delay(self.exit_delay);
+        result
     }
 
     pub fn wrmsr(&mut self, index: u32, value: u64) -> Result<(), Fault> {
         let result = self.vpmu.wrmsr(index, value);
         self.take_retired();
+        seams::exit_delay(self.exit_delay);
         result
     }
 
@@ -229,11 +236,17 @@ impl VcpuPmu {
 
     /// Publishes a fresh view for the host.
     pub fn publish(&mut self, export: &Export, paused: bool) {
+        let vpmu = self.vpmu.snapshot();
+        // Host backing lost or regained: one line per change, never one
+        // per attempt (the vPMU retries refused events by itself).
+        for notice in self.vpmu.take_notices() {
+            eprintln!("vmm: vCPU {}: {notice}", self.apic_id);
+        }
         export.publish(VcpuView {
             index: self.apic_id,
             taken: Instant::now(),
             paused,
-            vpmu: self.vpmu.snapshot(),
+            vpmu,
             pmi_delivery: self.delivery,
             retired: self.retired.clone(),
         });

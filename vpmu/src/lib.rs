@@ -26,9 +26,13 @@
 //! - Right before `KVM_RUN`: [`Vpmu::on_guest_entry`]. Right after it
 //!   returns, whatever the reason: [`Vpmu::on_guest_exit`]. Both do nothing
 //!   (one branch) unless a counter backed by the host task-clock runs, then
-//!   one `read()` each: task-clock cannot tell guest from host, so only the
-//!   time between entry and exit is credited. [`Vpmu::exit_hooks_needed`]
-//!   says whether they have work; calling them always is fine.
+//!   one `read()` at the exit and at most one at the entry: task-clock
+//!   cannot tell guest from host, so only the time between entry and exit
+//!   is credited. The entry needs no read when [`Backend::schedule_epoch`]
+//!   shows the thread kept its CPU since the exit's read (the perf backend
+//!   reads it from the event's mmap page): the reference then advanced by
+//!   the wall time since. [`Vpmu::exit_hooks_needed`] says whether they
+//!   have work; calling them always is fine.
 //! - `KVM_RUN` interrupted (`EINTR`) by the overflow signal, or any time:
 //!   [`Vpmu::handle_host_overflow`]. It updates the counters, sets the
 //!   status bits of those that really overflowed and re-arms host events
@@ -68,7 +72,12 @@
 //! event is unbacked with its reason. The programming is the event, unit
 //! mask, edge, invert, counter mask and ring levels; EN, INT, global
 //! enables, counter writes, PMIs, exits, pause and restore only start,
-//! stop, read or re-arm. Clearing both ring levels only disables (Linux
+//! stop, read or re-arm. A task-clock event only notifies overflows (the
+//! counts come from the guest-time reference), so it stays enabled when
+//! its counter stops and is disabled at the next overflow signal if the
+//! counter still stands: stop and start cost no ioctl; and at the signal
+//! of a counter that just wrapped the re-arm waits (the guest's PMI
+//! handler rewrites the counter, which re-arms it). Clearing both ring levels only disables (Linux
 //! disables fixed counters that way). Each counter's generation moves on
 //! exactly when its programming changes.
 //!

@@ -118,6 +118,12 @@ pub struct VpmuStats {
     pub reads: u64,
     /// Host reads of the guest-time reference at entries and exits.
     pub clock_reads: u64,
+    /// Entries that needed no read of the reference: the backend showed
+    /// the thread had stayed on its CPU since the exit's read.
+    pub clock_reads_saved: u64,
+    /// Re-arms skipped at an overflow signal because the counter had just
+    /// wrapped (its PMI handler rewrites it).
+    pub rearms_deferred: u64,
     /// Sample period updates.
     pub period_updates: u64,
     /// Virtual counter overflows.

@@ -145,6 +145,84 @@ fn clock_overflow_signals_may_come_early_and_are_re_armed() {
 }
 
 #[test]
+fn clock_events_stay_enabled_across_stops_and_re_arm_once_per_pmi() {
+    let mut pmu = vpmu(amd_v2(6), false);
+    let period = 3_000_000; // 1 ms of guest time
+    pmu.wrmsr(ctr(0), M48 + 1 - period).unwrap();
+    pmu.wrmsr(ctl(0), CYCLES | INT).unwrap();
+    let handle = pmu
+        .backend()
+        .open_events()
+        .position(|e| e.spec.sample_period.is_some())
+        .unwrap();
+    let calls = pmu.backend().calls;
+    for _ in 0..10 {
+        // A Linux PMI handler's freeze and unfreeze, an EN toggle.
+        pmu.wrmsr(AMD_GLOBAL_CTL, 0).unwrap();
+        pmu.wrmsr(AMD_GLOBAL_CTL, 0x3f).unwrap();
+        pmu.wrmsr(ctl(0), (CYCLES | INT) & !EN).unwrap();
+        pmu.wrmsr(ctl(0), CYCLES | INT).unwrap();
+    }
+    assert_eq!(
+        (pmu.backend().calls.start, pmu.backend().calls.stop),
+        (calls.start, calls.stop),
+        "stopping a clock-backed counter leaves its event enabled"
+    );
+    assert!(pmu.backend().events[handle].running);
+
+    // The counter wraps: the signal re-arms nothing (the handler rewrites
+    // the counter, which re-arms it once).
+    run_guest(&mut pmu, 1_000_000);
+    let set_period = pmu.backend().calls.set_period;
+    pmu.handle_host_overflow();
+    assert!(pmu.take_pending_pmi());
+    assert_eq!(
+        pmu.backend().calls.set_period,
+        set_period,
+        "re-arm deferred"
+    );
+    pmu.wrmsr(AMD_GLOBAL_CTL, 0).unwrap();
+    pmu.wrmsr(ctr(0), M48 + 1 - period).unwrap();
+    pmu.wrmsr(AMD_GLOBAL_STATUS_CLR, 1).unwrap();
+    pmu.wrmsr(AMD_GLOBAL_CTL, 0x3f).unwrap();
+    assert_eq!(pmu.backend().calls.set_period, set_period + 1);
+    assert_eq!(pmu.backend().events[handle].period, Some(1_000_000));
+    assert_eq!(pmu.stats().rearms_deferred, 1);
+
+    // A guest that leaves the counter free-running after a wrap: the next
+    // signal (early, from the stale period) re-arms it for real.
+    run_guest(&mut pmu, 1_000_000);
+    pmu.handle_host_overflow();
+    assert!(pmu.take_pending_pmi());
+    run_guest(&mut pmu, 1_000_000);
+    pmu.handle_host_overflow();
+    assert!(!pmu.take_pending_pmi());
+    assert_eq!(pmu.stats().rearms_deferred, 2);
+    assert!(
+        pmu.backend().events[handle].period.unwrap() > 1_000_000_000,
+        "armed at the full distance to the next wrap"
+    );
+
+    // Stopped for good: the next signal disables the event.
+    pmu.wrmsr(ctl(0), (CYCLES | INT) & !EN).unwrap();
+    assert!(pmu.backend().events[handle].running);
+    pmu.handle_host_overflow();
+    assert!(!pmu.backend().events[handle].running);
+    let value = pmu.rdmsr(ctr(0)).unwrap();
+    run_guest(&mut pmu, 1_000_000);
+    assert_eq!(
+        pmu.rdmsr(ctr(0)),
+        Ok(value),
+        "a stopped counter counts nothing"
+    );
+    pmu.wrmsr(ctl(0), CYCLES | INT).unwrap();
+    assert!(
+        pmu.backend().events[handle].running,
+        "enabled again on start"
+    );
+}
+
+#[test]
 fn tiny_periods_are_throttled_to_the_host_minimum() {
     let limits = Limits {
         min_hardware_period: 5_000,

@@ -216,7 +216,10 @@ fn vpmu_counts_guest_time_only_and_never_reopens() {
         "one hardware attempt taught it the host has none"
     );
     assert_eq!(stats.closes, 0);
-    assert_eq!(stats.starts, 21);
+    assert_eq!(
+        stats.starts, 1,
+        "a clock event stays enabled while its counter stops: the 20 toggles cost no ioctl"
+    );
     assert_eq!(pmu.backend().open_events(), 2);
     assert_eq!(
         pmu.rdmsr(AMD_PERF_CTL0 + 1).unwrap(),
@@ -231,6 +234,66 @@ fn vpmu_counts_guest_time_only_and_never_reopens() {
     };
     assert!(reason.contains("ENOENT"), "{reason}");
     assert!(snapshot.counters[0].host_time_enabled_ns > 0);
+}
+
+#[test]
+fn entries_and_exits_need_no_host_read_while_the_thread_keeps_its_cpu() {
+    if PerfBackend::probe_hardware().is_ok() {
+        eprintln!("host has hardware events: no clock-backed counter to exercise");
+        return;
+    }
+    let mut pmu = amd_vpmu();
+    pmu.wrmsr(AMD_PERF_CTL0, 0x76 | USR | OS | EN).unwrap();
+    let reads = pmu.stats().clock_reads;
+    for _ in 0..200 {
+        pmu.on_guest_entry();
+        spin(100_000); // "guest" time
+        pmu.on_guest_exit();
+        spin(50_000); // VMM time between exit and entry: never guest time
+    }
+    let value = pmu.rdmsr(AMD_PERF_CTL0 + 1).unwrap();
+    let stats = *pmu.stats();
+    // The VMM's 10 ms must not count; a preempted thread reads instead of
+    // estimating, so the figure holds under load too.
+    assert!(
+        value >= cycles_of(19 * MS) && value < cycles_of(25 * MS),
+        "{value} cycles for 20 ms of guest time and 10 ms of VMM time"
+    );
+    assert!(
+        stats.clock_reads_saved > 200,
+        "most entries and exits follow the last one on the same CPU: {stats:?}"
+    );
+    assert_eq!(
+        stats.clock_reads - reads + stats.clock_reads_saved,
+        400,
+        "one read or estimate per entry and per exit"
+    );
+}
+
+#[test]
+fn a_thread_that_left_its_cpu_reads_the_reference_again() {
+    if PerfBackend::probe_hardware().is_ok() || !PerfBackend::probe_schedule_epoch() {
+        eprintln!("no clock-backed counter, or no schedule epoch, on this host");
+        return;
+    }
+    let mut pmu = amd_vpmu();
+    pmu.wrmsr(AMD_PERF_CTL0, 0x76 | USR | OS | EN).unwrap();
+    pmu.on_guest_entry();
+    spin(MS); // guest
+    pmu.on_guest_exit();
+    // Off the CPU for 20 ms of wall time: an estimate from the wall clock
+    // would be 20 ms off.
+    std::thread::sleep(Duration::from_millis(20));
+    let reads = pmu.stats().clock_reads;
+    pmu.on_guest_entry();
+    assert_eq!(pmu.stats().clock_reads, reads + 1, "the entry read");
+    spin(5 * MS); // guest
+    pmu.on_guest_exit();
+    let value = pmu.rdmsr(AMD_PERF_CTL0 + 1).unwrap();
+    assert!(
+        value >= cycles_of(6 * MS) && value < cycles_of(8 * MS),
+        "{value} cycles for 6 ms of guest time"
+    );
 }
 
 #[test]

@@ -221,6 +221,15 @@ pub trait Backend {
     fn set_period(&mut self, handle: Self::Handle, period: u64) -> Result<(), BackendError>;
     /// Closes the event.
     fn close(&mut self, handle: Self::Handle);
+    /// A value that changes whenever the calling thread is scheduled out,
+    /// read from event `handle` without a system call; `None` if the
+    /// backend cannot tell (the default). Equal values at two points mean
+    /// the thread stayed on its CPU in between, so a clock event advanced
+    /// by the wall time between them.
+    fn schedule_epoch(&mut self, handle: Self::Handle) -> Option<u32> {
+        let _ = handle;
+        None
+    }
     /// Where overflows of sampling events opened from now on are notified
     /// (`None`: nowhere; the VMM then polls with
     /// [`crate::Vpmu::handle_host_overflow`]).

@@ -5,11 +5,12 @@
 use std::io;
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
 
 use perf_event_open_sys::bindings::{
-    perf_event_attr, PERF_COUNT_HW_CPU_CYCLES, PERF_COUNT_SW_TASK_CLOCK, PERF_FLAG_FD_CLOEXEC,
-    PERF_FORMAT_TOTAL_TIME_ENABLED, PERF_FORMAT_TOTAL_TIME_RUNNING, PERF_TYPE_HARDWARE,
-    PERF_TYPE_RAW, PERF_TYPE_SOFTWARE,
+    perf_event_attr, perf_event_mmap_page, PERF_COUNT_HW_CPU_CYCLES, PERF_COUNT_SW_TASK_CLOCK,
+    PERF_FLAG_FD_CLOEXEC, PERF_FORMAT_TOTAL_TIME_ENABLED, PERF_FORMAT_TOTAL_TIME_RUNNING,
+    PERF_TYPE_HARDWARE, PERF_TYPE_RAW, PERF_TYPE_SOFTWARE,
 };
 use perf_event_open_sys::{ioctls, perf_event_open};
 
@@ -31,12 +32,73 @@ struct FOwnerEx {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PerfHandle(u32);
 
+/// An event's first mmap page (`struct perf_event_mmap_page`), read-only:
+/// the kernel updates it, under its seqcount `lock`, whenever the event is
+/// scheduled in or out with its thread.
+#[derive(Debug)]
+struct UserPage(std::ptr::NonNull<perf_event_mmap_page>);
+
+impl UserPage {
+    fn map(fd: RawFd) -> Option<Self> {
+        // SAFETY: sysconf has no memory effects.
+        let len = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        // SAFETY: maps one read-only shared page of a perf fd (no ring
+        // buffer: the kernel allows the first page alone); checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        std::ptr::NonNull::new(ptr.cast()).map(Self)
+    }
+
+    /// The seqcount, or None while the kernel is updating the page.
+    fn lock(&self) -> Option<u32> {
+        // SAFETY: the page stays mapped for as long as `self` lives; the
+        // kernel writes the field concurrently, hence the volatile read.
+        let lock = unsafe { std::ptr::addr_of!((*self.0.as_ptr()).lock).read_volatile() };
+        (lock & 1 == 0).then_some(lock)
+    }
+}
+
+// SAFETY: a read-only mapping owned by this value; reading it from any
+// thread is sound (the kernel's updates are read volatile).
+unsafe impl Send for UserPage {}
+// SAFETY: as for Send: `&UserPage` only allows volatile reads.
+unsafe impl Sync for UserPage {}
+
+impl Drop for UserPage {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the page `map` mapped.
+        unsafe {
+            let len = libc::sysconf(libc::_SC_PAGESIZE) as usize;
+            libc::munmap(self.0.as_ptr().cast(), len);
+        }
+    }
+}
+
+/// One open event; its user page is mapped on first use.
+#[derive(Debug)]
+struct Event {
+    // Declared first: unmapped before the fd closes.
+    page: Option<UserPage>,
+    fd: OwnedFd,
+}
+
 /// Host perf events of one vCPU thread.
 #[derive(Debug)]
 pub struct PerfBackend {
     pid: libc::pid_t,
     notify: Option<OverflowNotify>,
-    events: Vec<Option<OwnedFd>>,
+    events: Vec<Option<Event>>,
 }
 
 impl PerfBackend {
@@ -64,6 +126,30 @@ impl PerfBackend {
         open_fd(&mut attr, 0).map(drop)
     }
 
+    /// Whether this kernel bumps an event's user-page seqcount when its
+    /// thread is scheduled out and in, which [`Backend::schedule_epoch`]
+    /// relies on: opens a task-clock event on the calling thread, sleeps
+    /// 2 ms and looks. Checked once per process (the first call sleeps).
+    pub fn probe_schedule_epoch() -> bool {
+        static BUMPS: OnceLock<bool> = OnceLock::new();
+        *BUMPS.get_or_init(|| {
+            let mut attr = base_attr();
+            attr.type_ = PERF_TYPE_SOFTWARE;
+            attr.config = PERF_COUNT_SW_TASK_CLOCK as u64;
+            attr.set_disabled(0);
+            let Ok(fd) = open_fd(&mut attr, 0) else {
+                return false;
+            };
+            let Some(page) = UserPage::map(fd.as_raw_fd()) else {
+                return false;
+            };
+            let before = page.lock();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            let after = page.lock();
+            before.is_some() && after.is_some() && before != after
+        })
+    }
+
     /// Open events right now.
     pub fn open_events(&self) -> usize {
         self.events.iter().flatten().count()
@@ -71,7 +157,7 @@ impl PerfBackend {
 
     fn fd(&self, handle: PerfHandle) -> Result<RawFd, BackendError> {
         match self.events.get(handle.0 as usize) {
-            Some(Some(fd)) => Ok(fd.as_raw_fd()),
+            Some(Some(event)) => Ok(event.fd.as_raw_fd()),
             _ => Err(BackendError::UnknownHandle(handle.0 as u64)),
         }
     }
@@ -85,7 +171,7 @@ impl PerfBackend {
                 self.events.push(None);
                 self.events.len() - 1
             });
-        self.events[slot] = Some(fd);
+        self.events[slot] = Some(Event { page: None, fd });
         PerfHandle(slot as u32)
     }
 }
@@ -232,5 +318,20 @@ impl Backend for PerfBackend {
 
     fn set_overflow_notify(&mut self, notify: Option<OverflowNotify>) {
         self.notify = notify;
+    }
+
+    /// The event's user-page seqcount: the kernel bumps it when the event
+    /// is scheduled out or in with the thread (it does not for a thread
+    /// that keeps its CPU). Only meaningful for events of the calling
+    /// thread.
+    fn schedule_epoch(&mut self, handle: PerfHandle) -> Option<u32> {
+        if !Self::probe_schedule_epoch() {
+            return None;
+        }
+        let event = self.events.get_mut(handle.0 as usize)?.as_mut()?;
+        if event.page.is_none() {
+            event.page = UserPage::map(event.fd.as_raw_fd());
+        }
+        event.page.as_ref()?.lock()
     }
 }

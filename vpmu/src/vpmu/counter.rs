@@ -88,6 +88,16 @@ pub(super) struct Counter<H> {
     pub armed: Option<Armed>,
     /// The value changed while the host event was stopped: re-arm at start.
     pub rearm: bool,
+    /// The host event is enabled. Hardware events are enabled exactly
+    /// while the counter runs; a clock event (it only notifies overflows,
+    /// the counts come from the guest-time reference) stays enabled when
+    /// its counter stops, so that stopping and starting cost no ioctl, and
+    /// is disabled at the next overflow signal if the counter still stands.
+    pub host_enabled: bool,
+    /// At an overflow signal the clock event's re-arm was skipped (the
+    /// counter had just wrapped: its event fires early at worst); the next
+    /// signal re-arms it.
+    pub rearm_deferred: bool,
     pub time_enabled: u64,
     pub time_running: u64,
     pub overflows: u64,
@@ -124,6 +134,8 @@ impl<H> Counter<H> {
             carry: 0,
             armed: None,
             rearm: false,
+            host_enabled: false,
+            rearm_deferred: false,
             time_enabled: 0,
             time_running: 0,
             overflows: 0,

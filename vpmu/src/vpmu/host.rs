@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::time::Instant;
 
 use super::counter::{Armed, BackingState, Failure};
-use super::{Vpmu, HARDWARE_RECHECK, MAX_NOTICES};
+use super::{ReferenceValue, Vpmu, HARDWARE_RECHECK, MAX_ESTIMATES, MAX_NOTICES};
 use crate::backend::{Backend, BackendError, EventSpec};
 use crate::evtsel::{self, INT, OS, RAW_CONFIG_BITS, USR};
 use crate::snapshot::BackingNotice;
@@ -14,32 +14,78 @@ use crate::vendor;
 
 impl<B: Backend> Vpmu<B> {
     /// Call right before `KVM_RUN` (cheap: nothing unless a clock-backed
-    /// counter runs, then one host read).
+    /// counter runs, then one host read at most; see `reference_now`).
     pub fn on_guest_entry(&mut self) {
         if !self.clock_running || self.guest_time.in_guest {
             return;
         }
-        let Some(reference) = self.guest_time.reference else {
-            return;
-        };
-        match self.backend.read(reference) {
-            Ok(reading) => {
-                self.stats.clock_reads += 1;
-                self.guest_time.entry_ns = reading.value;
-                self.guest_time.in_guest = true;
-            }
-            Err(_) => self.stats.backend_errors += 1,
+        if let Some(value) = self.reference_now() {
+            self.guest_time.entry_ns = value;
+            self.guest_time.in_guest = true;
         }
     }
 
     /// Call right after `KVM_RUN` returns, whatever the reason (cheap:
-    /// nothing unless the matching entry did work, then one host read).
+    /// nothing unless the matching entry did work, then one host read at
+    /// most).
     pub fn on_guest_exit(&mut self) {
         if !self.guest_time.in_guest {
             return;
         }
-        self.guest_time.accumulated_ns = self.guest_ns();
         self.guest_time.in_guest = false;
+        if let Some(value) = self.reference_now() {
+            let time = &mut self.guest_time;
+            time.accumulated_ns += value.saturating_sub(time.entry_ns);
+        }
+    }
+
+    /// The guest-time reference (the vCPU thread's task-clock) now. From
+    /// the last value taken, plus the wall time since, when the backend's
+    /// schedule epoch shows the thread kept its CPU in between (the clock
+    /// then advanced exactly with the wall time); else, and at least every
+    /// [`MAX_ESTIMATES`] values, one host read.
+    fn reference_now(&mut self) -> Option<u64> {
+        let reference = self.guest_time.reference?;
+        if let Some(last) = self.guest_time.last {
+            // The wall time first, then the epoch: a switch after the
+            // check is missed, as it would be after a read.
+            let now = Instant::now();
+            if last.estimates < MAX_ESTIMATES
+                && last.epoch.is_some()
+                && self.backend.schedule_epoch(reference) == last.epoch
+            {
+                let elapsed = u64::try_from((now - last.at).as_nanos()).unwrap_or(u64::MAX);
+                let value = last.value.saturating_add(elapsed);
+                self.stats.clock_reads_saved += 1;
+                self.guest_time.last = Some(ReferenceValue {
+                    value,
+                    at: now,
+                    estimates: last.estimates + 1,
+                    ..last
+                });
+                return Some(value);
+            }
+        }
+        match self.backend.read(reference) {
+            Ok(reading) => {
+                self.stats.clock_reads += 1;
+                // The epoch after the read, the wall time after the epoch:
+                // a switch in between is not counted.
+                let epoch = self.backend.schedule_epoch(reference);
+                self.guest_time.last = Some(ReferenceValue {
+                    value: reading.value,
+                    epoch,
+                    at: Instant::now(),
+                    estimates: 0,
+                });
+                Some(reading.value)
+            }
+            Err(_) => {
+                self.stats.backend_errors += 1;
+                self.guest_time.last = None;
+                None
+            }
+        }
     }
 
     /// Call when an overflow signal interrupted `KVM_RUN` (or to poll):
@@ -51,39 +97,70 @@ impl<B: Backend> Vpmu<B> {
         self.stats.overflow_signals += 1;
         for i in 0..self.counters.len() {
             if !self.counters[i].running {
+                // A stopped counter's clock event may be what fired: stop
+                // it for real now.
+                self.stop_host(i);
                 continue;
             }
+            let overflows = self.counters[i].overflows;
             self.sync(i);
             let counter = &self.counters[i];
-            let elapsed = match (&counter.backing, counter.armed) {
+            let wrapped = counter.overflows != overflows;
+            let rearm = match (&counter.backing, counter.armed) {
                 (BackingState::Hardware(_), Some(armed)) => {
                     counter.host_count.wrapping_sub(armed.at) >= armed.period
+                }
+                // A counter that just wrapped is a whole range away from its
+                // next overflow: its clock event, reloaded with the last
+                // period, would only fire early. Guests rewrite a sampling
+                // counter in their PMI handler, which re-arms it anyway, so
+                // the re-arm waits for the next signal (one at most).
+                (BackingState::Clock(_), Some(armed))
+                    if wrapped
+                        && !counter.rearm_deferred
+                        && self.clock.cycles_to_ns(value::distance_to_overflow(
+                            counter.value,
+                            counter.mask,
+                        )) >= armed.period =>
+                {
+                    self.counters[i].rearm_deferred = true;
+                    self.stats.rearms_deferred += 1;
+                    false
                 }
                 (BackingState::Clock(_), _) => true,
                 _ => false,
             };
-            if elapsed {
+            if rearm {
                 self.arm(i);
             }
         }
         self.refresh_hooks();
     }
 
+    /// Disables counter `i`'s host event if it is enabled.
+    fn stop_host(&mut self, i: usize) {
+        let counter = &mut self.counters[i];
+        if !counter.host_enabled {
+            return;
+        }
+        counter.host_enabled = false;
+        if let Some(handle) = counter.backing.handle() {
+            match self.backend.stop(handle) {
+                Ok(()) => self.stats.stops += 1,
+                Err(error) => self.fail(i, error),
+            }
+        }
+    }
+
     /// Guest nanoseconds so far (up to now when inside the guest).
     pub(super) fn guest_ns(&mut self) -> u64 {
         let time = self.guest_time;
-        let (true, Some(reference)) = (time.in_guest, time.reference) else {
+        if !time.in_guest {
             return time.accumulated_ns;
-        };
-        match self.backend.read(reference) {
-            Ok(reading) => {
-                self.stats.clock_reads += 1;
-                time.accumulated_ns + reading.value.saturating_sub(time.entry_ns)
-            }
-            Err(_) => {
-                self.stats.backend_errors += 1;
-                time.accumulated_ns
-            }
+        }
+        match self.reference_now() {
+            Some(value) => time.accumulated_ns + value.saturating_sub(time.entry_ns),
+            None => time.accumulated_ns,
         }
     }
 
@@ -115,9 +192,12 @@ impl<B: Backend> Vpmu<B> {
             self.counters[i].clock_ns = self.guest_ns();
         }
         if let Some(handle) = handle {
-            match self.backend.start(handle) {
-                Ok(()) => self.stats.starts += 1,
-                Err(error) => return self.fail(i, error),
+            if !self.counters[i].host_enabled {
+                match self.backend.start(handle) {
+                    Ok(()) => self.stats.starts += 1,
+                    Err(error) => return self.fail(i, error),
+                }
+                self.counters[i].host_enabled = true;
             }
             if self.counters[i].rearm {
                 self.arm(i);
@@ -138,18 +218,17 @@ impl<B: Backend> Vpmu<B> {
                 .is_none_or(|f| f.last.elapsed() >= self.retry_interval)
     }
 
-    /// Stops counter `i`, keeping its backing open.
+    /// Stops counter `i`, keeping its backing open. A clock event stays
+    /// enabled (see `Counter::host_enabled`): a clock-backed counter only
+    /// counts while it runs whatever its event does.
     pub(super) fn stop(&mut self, i: usize) {
         if !self.counters[i].running {
             return;
         }
         self.sync(i);
         self.counters[i].running = false;
-        if let Some(handle) = self.counters[i].backing.handle() {
-            match self.backend.stop(handle) {
-                Ok(()) => self.stats.stops += 1,
-                Err(error) => self.fail(i, error),
-            }
+        if !matches!(self.counters[i].backing, BackingState::Clock(_)) {
+            self.stop_host(i);
         }
     }
 
@@ -163,6 +242,8 @@ impl<B: Backend> Vpmu<B> {
         counter.backing = BackingState::Idle;
         counter.armed = None;
         counter.rearm = false;
+        counter.host_enabled = false;
+        counter.rearm_deferred = false;
         counter.host_count = 0;
     }
 
@@ -343,6 +424,7 @@ impl<B: Backend> Vpmu<B> {
                     period,
                 });
                 counter.rearm = false;
+                counter.rearm_deferred = false;
             }
             Err(error) => self.fail(i, error),
         }

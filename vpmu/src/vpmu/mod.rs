@@ -87,7 +87,26 @@ struct GuestTime<H> {
     /// Reference count at the last entry.
     entry_ns: u64,
     in_guest: bool,
+    /// The reference's last value, taken at an entry or an exit.
+    last: Option<ReferenceValue>,
 }
+
+/// A value of the guest-time reference: with the host's schedule epoch
+/// unchanged later, the thread stayed on its CPU in between, so the
+/// reference has advanced by exactly the wall time since and needs no
+/// host read.
+#[derive(Clone, Copy, Debug)]
+struct ReferenceValue {
+    value: u64,
+    epoch: Option<u32>,
+    at: Instant,
+    /// Values estimated in a row since the last read.
+    estimates: u32,
+}
+
+/// Estimated reference values in a row before a host read anyway (bounds
+/// any drift between the wall clock and the host's task-clock).
+const MAX_ESTIMATES: u32 = 1024;
 
 /// One vCPU's virtual PMU.
 ///
@@ -172,6 +191,7 @@ impl<B: Backend> Vpmu<B> {
                 accumulated_ns: 0,
                 entry_ns: 0,
                 in_guest: false,
+                last: None,
             },
             clock_running: false,
             pending_pmi: false,

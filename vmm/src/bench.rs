@@ -199,6 +199,9 @@ struct TscPair {
 struct Mark {
     tag: u64,
     host_tsc: u64,
+    /// Host TSC cycles the vCPU thread spent between `KVM_RUN` returning
+    /// and the next `KVM_RUN`, summed: the VMM's own share of exits.
+    user_tsc: u64,
     exits: ExitCounts,
     kvm: [u64; KVM_STATS.len()],
     /// PMIs the VMM delivered so far.
@@ -234,6 +237,9 @@ pub struct BenchVcpu {
     log: BenchLog,
     /// Host TSC when `KVM_RUN` last returned because of a signal.
     signal_at: u64,
+    /// Host TSC when `KVM_RUN` last returned.
+    exit_at: u64,
+    user_tsc: u64,
     /// The last PMI waits for the guest's first PMU MSR access.
     awaiting_first: bool,
 }
@@ -258,6 +264,8 @@ impl BenchVcpu {
                 dropped: 0,
             },
             signal_at: 0,
+            exit_at: 0,
+            user_tsc: 0,
             awaiting_first: false,
         };
         bench.tsc_pair(fd);
@@ -283,9 +291,21 @@ impl BenchVcpu {
         }
     }
 
+    /// Right before `KVM_RUN`.
+    pub fn entering(&mut self) {
+        if self.exit_at != 0 {
+            self.user_tsc += host_tsc().wrapping_sub(self.exit_at);
+        }
+    }
+
+    /// Right after `KVM_RUN` returned.
+    pub fn exited(&mut self) {
+        self.exit_at = host_tsc();
+    }
+
     /// `KVM_RUN` returned because of a signal.
     pub fn signal(&mut self) {
-        self.signal_at = host_tsc();
+        self.signal_at = self.exit_at;
     }
 
     /// The VMM just delivered a PMI.
@@ -320,6 +340,7 @@ impl BenchVcpu {
                 self.log.marks.push(Mark {
                     tag: value & u64::from(u32::MAX),
                     host_tsc: host_tsc(),
+                    user_tsc: self.user_tsc,
                     exits,
                     kvm,
                     pmis,
@@ -345,7 +366,7 @@ impl BenchVcpu {
 /// ```text
 /// tsc_offset vcpu=V offset=O   (KVM_VCPU_TSC_OFFSET: guest = host + O)
 /// tsc vcpu=V host_before=H host_after=H guest=G
-/// mark vcpu=V tag=T host_tsc=H pmis=P exits=N msr_read=.. msr_write=.. io=.. mmio=.. signal=.. other=.. kvm_exits=.. kvm_io_exits=.. ...
+/// mark vcpu=V tag=T host_tsc=H user_tsc=U pmis=P exits=N msr_read=.. msr_write=.. io=.. mmio=.. signal=.. other=.. kvm_exits=.. kvm_io_exits=.. ...
 /// stamp vcpu=V guest_tsc=G
 /// pmi vcpu=V signal=H injected=H first_msr=H overshoot=CYCLES
 /// vpmu vcpu=V opens=.. closes=.. starts=.. stops=.. reprograms=.. contexts_ran=.. ...
@@ -362,8 +383,8 @@ pub fn write_trace(path: &Path, reports: &[VcpuReport]) -> std::io::Result<()> {
             writeln!(
                 out,
                 "vpmu vcpu={v} opens={} open_failures={} closes={} starts={} stops={} \
-                 reprograms={} contexts_ran={} reads={} clock_reads={} period_updates={} \
-                 overflow_signals={} pmis={} throttles={}",
+                 reprograms={} contexts_ran={} reads={} clock_reads={} clock_reads_saved={} \
+                 period_updates={} rearms_deferred={} overflow_signals={} pmis={} throttles={}",
                 s.opens,
                 s.open_failures,
                 s.closes,
@@ -373,7 +394,9 @@ pub fn write_trace(path: &Path, reports: &[VcpuReport]) -> std::io::Result<()> {
                 s.retired_contexts + live,
                 s.reads,
                 s.clock_reads,
+                s.clock_reads_saved,
                 s.period_updates,
+                s.rearms_deferred,
                 s.overflow_signals,
                 s.pmis,
                 s.throttles
@@ -396,10 +419,11 @@ pub fn write_trace(path: &Path, reports: &[VcpuReport]) -> std::io::Result<()> {
             let e = &m.exits;
             write!(
                 out,
-                "mark vcpu={v} tag={} host_tsc={} pmis={} exits={} msr_read={} msr_write={} \
-                 io={} mmio={} signal={} other={}",
+                "mark vcpu={v} tag={} host_tsc={} user_tsc={} pmis={} exits={} msr_read={} \
+                 msr_write={} io={} mmio={} signal={} other={}",
                 m.tag,
                 m.host_tsc,
+                m.user_tsc,
                 m.pmis,
                 e.total(),
                 e.msr_read,

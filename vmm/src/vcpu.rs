@@ -44,6 +44,8 @@ pub struct VmControl {
     parked_changed: Condvar,
     outcome: Mutex<Option<Outcome>>,
     paused: Mutex<bool>,
+    /// `paused`, readable without the lock on every exit.
+    pause_flag: AtomicBool,
     resumed: Condvar,
     /// Written when an outcome is recorded, to wake the main loop.
     pub wake: EventFd,
@@ -59,6 +61,7 @@ impl VmControl {
             parked_changed: Condvar::new(),
             outcome: Mutex::new(None),
             paused: Mutex::new(false),
+            pause_flag: AtomicBool::new(false),
             resumed: Condvar::new(),
             wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             reports: Mutex::new(Vec::new()),
@@ -69,6 +72,7 @@ impl VmControl {
     /// once they all have (or after `timeout`), with whether they did.
     pub fn pause(&self, timeout: std::time::Duration) -> bool {
         *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.pause_flag.store(true, Ordering::SeqCst);
         self.kick_all();
         let running = self.running_vcpus();
         let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
@@ -111,11 +115,13 @@ impl VmControl {
 
     pub fn resume(&self) {
         *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.pause_flag.store(false, Ordering::SeqCst);
         self.resumed.notify_all();
     }
 
+    /// Checked on every exit: one atomic load, no lock.
     pub fn pause_requested(&self) -> bool {
-        *self.paused.lock().unwrap_or_else(|e| e.into_inner())
+        self.pause_flag.load(Ordering::SeqCst)
     }
 
     /// Blocks the calling vCPU thread while the VM is paused and not
@@ -361,7 +367,13 @@ impl Vcpu {
     /// Enters the guest once and handles the exit.
     fn run_once(&mut self) -> Option<Outcome> {
         let vcpu = self.index;
+        if let Some(bench) = &mut self.bench {
+            bench.entering();
+        }
         let result = self.fd.run();
+        if let Some(bench) = &mut self.bench {
+            bench.exited();
+        }
         if let Some(pmu) = &mut self.pmu {
             pmu.after_exit();
         }

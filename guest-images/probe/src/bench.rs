@@ -40,6 +40,9 @@ const MARK_CONTROL_START: u64 = 1;
 const MARK_CONTROL_END: u64 = 2;
 const MARK_PMI_START: u64 = 3;
 const MARK_PMI_END: u64 = 4;
+/// Around each timed loop of `bench_io` (variant in 23:16, round in 15:8).
+const MARK_IO_START: u64 = 5;
+const MARK_IO_END: u64 = 6;
 
 const MAX_ROUNDS: usize = 32;
 const MAX_LIST: usize = 8;
@@ -372,13 +375,15 @@ fn stop_counters(p: &Pmu, k: u32) {
 fn bench_io(params: &Params, cpu: u32, p: &Pmu, usable: bool) {
     let mut results = [const { Rounds::new() }; MAX_LIST];
     let n = params.ops;
-    for _ in 0..params.rounds {
+    for round in 0..params.rounds {
         for (j, &k) in params.counters[..params.ncounters].iter().enumerate() {
             if k > 0 && !usable {
                 continue;
             }
             let running = if usable { start_counters(p, k) } else { 0 };
+            mark(params.null_msr, MARK_IO_START, j, round);
             results[j].push(timed(|| out_loop(params.port, n)) / n);
+            mark(params.null_msr, MARK_IO_END, j, round);
             if usable {
                 stop_counters(p, running);
             }

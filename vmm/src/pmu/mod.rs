@@ -71,6 +71,8 @@ impl HostPmu {
             Ok(())
         };
         let hardware_events = PerfBackend::probe_hardware().map_err(|e| e.to_string());
+        // Checked here, once, rather than on a vCPU thread (it sleeps 2 ms).
+        PerfBackend::probe_schedule_epoch();
         let kvm_pmu = std::fs::read_to_string("/sys/module/kvm/parameters/enable_pmu")
             .map(|s| s.trim() == "Y")
             .unwrap_or(false);

@@ -142,6 +142,10 @@ impl Backend for HostBackend {
     fn set_overflow_notify(&mut self, notify: Option<OverflowNotify>) {
         self.perf.set_overflow_notify(notify)
     }
+
+    fn schedule_epoch(&mut self, handle: PerfHandle) -> Option<u32> {
+        self.perf.schedule_epoch(handle)
+    }
 }
 
 #[cfg(test)]

@@ -58,6 +58,8 @@ pub struct VcpuPmu {
     /// Counts of this vCPU's ended counter contexts, by programming id:
     /// they outlive reprogramming and vPMU resets.
     retired: EventTotals,
+    /// The counter MSRs for `mirror`, allocated once.
+    mirror_msrs: Option<Msrs>,
 }
 
 impl VcpuPmu {
@@ -89,6 +91,7 @@ impl VcpuPmu {
             last_pmi_overshoot: 0,
             switched_out: None,
             retired: EventTotals::default(),
+            mirror_msrs: None,
         })
     }
 
@@ -159,18 +162,22 @@ impl VcpuPmu {
     /// filter and programs none of KVM's own events, so guest RDPMC returns
     /// the virtual value.
     fn mirror(&mut self, vcpu: &VcpuFd) {
-        let entries: Vec<kvm_bindings::kvm_msr_entry> = self
-            .vpmu
-            .counter_values()
-            .map(|(index, data)| kvm_bindings::kvm_msr_entry {
+        if self.mirror_msrs.is_none() {
+            let counters = self.vpmu.counter_values().count();
+            self.mirror_msrs = Msrs::new(counters).ok();
+        }
+        let Some(msrs) = &mut self.mirror_msrs else {
+            return;
+        };
+        let values = self.vpmu.counter_values();
+        for (entry, (index, data)) in msrs.as_mut_slice().iter_mut().zip(values) {
+            *entry = kvm_bindings::kvm_msr_entry {
                 index,
                 data,
                 ..Default::default()
-            })
-            .collect();
-        if let Ok(msrs) = Msrs::from_entries(&entries) {
-            let _ = vcpu.set_msrs(&msrs);
+            };
         }
+        let _ = vcpu.set_msrs(msrs);
     }
 
     /// Delivers one PMI the way the guest's LVTPC asks.
@@ -187,7 +194,19 @@ impl VcpuPmu {
         let delivered = match lvtpc & LVT_DELIVERY_MODE {
             LVT_DELIVERY_NMI => {
                 self.delivery.nmi += 1;
-                vcpu.nmi().is_ok()
+                // An NMI-mode MSI to this vCPU's own APIC: a VM ioctl, a
+                // fraction of the cost of KVM_NMI, which loads the vCPU
+                // (BENCHMARKS.md, issue 6). Where no APIC takes it (APIC
+                // disabled, ID changed), KVM_NMI as before.
+                let msi = kvm_msi {
+                    address_lo: APIC_DEFAULT_BASE | (u32::from(self.apic_id) << 12),
+                    data: LVT_DELIVERY_NMI,
+                    ..Default::default()
+                };
+                match vm.signal_msi(msi) {
+                    Ok(accepted) if accepted > 0 => true,
+                    _ => vcpu.nmi().is_ok(),
+                }
             }
             LVT_DELIVERY_FIXED => {
                 self.delivery.fixed += 1;

@@ -259,7 +259,8 @@ fn create_devices(
     config: &VmConfig,
     control: &Arc<VmControl>,
 ) -> Result<(Arc<PioBus>, Arc<Mutex<SerialDevice>>), StartError> {
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(io_err("creating an eventfd"))?;
     vm_fd
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(StartError::kvm("KVM_IRQFD"))?;

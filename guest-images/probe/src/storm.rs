@@ -19,7 +19,7 @@
 //!   by `probe.storm_spin_us` of busy loop: the counter must track the
 //!   busy loops (guest time), not the time the VMM spent on the exits.
 //! - `observe`: what the guest can see of one event (`probe.storm_event`)
-//!   programmed to overflow quickly: value, select, status, PMIs. A denied
+//!   programmed to overflow quickly, for `probe.storm_ms`: value, select, status, PMIs. A denied
 //!   event and one the host cannot count must look the same.
 //!
 //! Parameters are `probe.storm_*` keys (README.md).
@@ -30,7 +30,7 @@ use crate::cmdline::{parse_u64, Config, Test};
 use crate::cpu::{rdtsc, wrmsr_safe};
 use crate::pmu::{amd, intel, Kind, Pmu, SEL_EN, SEL_INT, SEL_OS, SEL_USR};
 use crate::serial::Hex;
-use crate::{apic, out, percpu, time, MAX_CPUS};
+use crate::{apic, out, percpu, steal, time, MAX_CPUS};
 
 /// The `probe.storm_*` parameters.
 struct Params {
@@ -1031,18 +1031,21 @@ fn exits(params: &Params, cpu: u32, p: &Pmu, i: u32) {
     }
     let spin = params.spin_us.saturating_mul(time::tsc_khz()) / 1000;
     let ctl = p.ctl_msr(i);
-    let mut busy = 0u64;
+    let (mut busy, mut stolen) = (0u64, 0u64);
     let mut gp = 0u64;
     let t0 = rdtsc();
     for _ in 0..params.exits {
-        let s = rdtsc();
+        let (s, steal0) = (rdtsc(), steal::steal_ns());
         time::spin_tsc(spin);
         busy += rdtsc() - s;
+        // KVM steal time of the busy loop: the host ran something else.
+        stolen += steal::steal_ns() - steal0;
         // One exit to the VMM: reading the event select changes nothing.
         gp += crate::cpu::rdmsr_safe(ctl).is_err() as u64;
     }
     let window = rdtsc() - t0;
     let v = p.stop(i, sel).and_then(|_| p.read(i)).unwrap_or(0);
+    let busy_run = busy.saturating_sub(time::ns_to_tsc(stolen));
     out!(
         "cpu=",
         cpu,
@@ -1060,6 +1063,10 @@ fn exits(params: &Params, cpu: u32, p: &Pmu, i: u32) {
         window,
         " busy_permille=",
         v.saturating_mul(1000) / busy.max(1),
+        " busy_steal_us=",
+        stolen / 1000,
+        " busy_run_permille=",
+        v.saturating_mul(1000) / busy_run.max(1),
         " window_permille=",
         v.saturating_mul(1000) / window.max(1),
         " gp=",
@@ -1079,7 +1086,7 @@ fn observe(params: &Params, cpu: u32, p: &Pmu, i: u32) {
     arm(MODE_COUNT, i, 0);
     apic::write(apic::REG_LVT_PC, apic::LVT_DM_NMI);
     let setup = p.setup(i, sel, start).and_then(|_| p.start(i, sel));
-    time::spin_tsc(time::ms_to_tsc(20));
+    time::spin_tsc(time::ms_to_tsc(params.ms));
     let value = p.read(i).ok();
     let select = crate::cpu::rdmsr_safe(p.ctl_msr(i))
         .ok()

@@ -1,0 +1,1200 @@
+//! Robustness and security end to end (issue 7): hostile guests (the
+//! probe's `storm.rs` tests), a failing host (perf_event_open refused
+//! through the `VMM_TEST_PERF_FAULT` seam), signal storms, vanished API
+//! clients, the event policy as a boundary, guest-only counting, bad input,
+//! and resources over every exit path. While the guest misbehaves the tests
+//! watch the VMM from outside: the API must answer, CPU, memory, threads
+//! and descriptors must stay bounded.
+//!
+//! Tests that load a CPU or measure time take `common::timing_lock()`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{probe_results, result, ProbeResult};
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------
+// A running VMM seen from outside.
+
+/// A `vmm` with the probe, its API socket, and its output collected.
+struct Running {
+    child: Child,
+    pid: u32,
+    sock: PathBuf,
+    /// The serial output so far.
+    serial: Arc<Mutex<String>>,
+    stdout: Option<JoinHandle<String>>,
+    stderr: Option<JoinHandle<String>>,
+    _dir: tempfile::TempDir,
+}
+
+/// How a VMM run ended.
+struct Ended {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ended {
+    fn results(&self) -> Vec<ProbeResult> {
+        probe_results(&self.stdout)
+    }
+
+    fn assert_reset(&self) {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "the guest did not reset; stderr: {}\nstdout: {}",
+            self.stderr,
+            self.stdout
+        );
+    }
+}
+
+/// Reads `pipe` to its end, also into `sofar` as it comes.
+fn collect(mut pipe: impl Read + Send + 'static, sofar: Arc<Mutex<String>>) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+            sofar
+                .lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+        let text = sofar.lock().unwrap().clone();
+        text
+    })
+}
+
+impl Running {
+    fn start(cmdline: &str, flags: &[&str], env: &[(&str, &str)]) -> Running {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let mut child = common::vmm()
+            .args(["--vpmu", "on", "--timeout", "120", "--cmdline", cmdline])
+            .args(flags)
+            .arg("--api-socket")
+            .arg(&sock)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let serial = Arc::new(Mutex::new(String::new()));
+        let stdout = collect(child.stdout.take().unwrap(), serial.clone());
+        let stderr = collect(child.stderr.take().unwrap(), Default::default());
+        common::wait_for_api(&sock);
+        Running {
+            pid: child.id(),
+            child,
+            sock,
+            serial,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            _dir: dir,
+        }
+    }
+
+    /// Waits until the guest printed `needle`.
+    fn wait_serial(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.serial.lock().unwrap().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn vpmu(&self) -> Value {
+        let (status, body) = common::api(&self.sock, "GET", "/vpmu").expect("GET /vpmu");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn proc(&self) -> Proc {
+        Proc::of(self.pid)
+    }
+
+    /// The thread id of `name` (e.g. "vcpu0").
+    fn thread(&self, name: &str) -> i32 {
+        threads(self.pid)
+            .into_iter()
+            .find(|(_, n)| n == name)
+            .unwrap_or_else(|| panic!("no thread {name} in {:?}", threads(self.pid)))
+            .0
+    }
+
+    fn finish(mut self) -> Ended {
+        let status = self.child.wait().unwrap();
+        Ended {
+            code: status.code(),
+            stdout: self.stdout.take().unwrap().join().unwrap(),
+            stderr: self.stderr.take().unwrap().join().unwrap(),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// (tid, name) of every thread of `pid`.
+fn threads(pid: u32) -> Vec<(i32, String)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let tid = e.file_name().to_str()?.parse().ok()?;
+        let name = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        Some((tid, name.trim().to_string()))
+    })
+    .collect()
+}
+
+/// What /proc says about a VMM process.
+#[derive(Clone, Copy, Debug)]
+struct Proc {
+    fds: usize,
+    /// Threads, not counting API connection threads (one per request in
+    /// flight, gone with it).
+    threads: usize,
+    rss_kib: u64,
+    cpu: Duration,
+}
+
+impl Proc {
+    fn of(pid: u32) -> Proc {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+        let threads = threads(pid).iter().filter(|(_, n)| n != "api-conn").count();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the parenthesised name: utime and stime are 14 and 15.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<u64> = after
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+        Proc {
+            fds,
+            threads,
+            rss_kib,
+            cpu: Duration::from_millis(ticks * 1000 / hz),
+        }
+    }
+}
+
+/// Watches a running VMM from outside: GET /vpmu every `every` (its
+/// latency) and /proc, until stopped.
+struct Watch {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Watched>,
+}
+
+#[derive(Debug, Default)]
+struct Watched {
+    latencies: Vec<Duration>,
+    failures: usize,
+    samples: Vec<Proc>,
+}
+
+impl Watched {
+    fn max_latency(&self) -> Duration {
+        self.latencies.iter().copied().max().unwrap_or_default()
+    }
+
+    fn median_latency(&self) -> Duration {
+        let mut l = self.latencies.clone();
+        l.sort();
+        l.get(l.len() / 2).copied().unwrap_or_default()
+    }
+
+    fn range(&self, f: impl Fn(&Proc) -> u64) -> (u64, u64) {
+        let values: Vec<u64> = self.samples.iter().map(f).collect();
+        (
+            values.iter().copied().min().unwrap_or(0),
+            values.iter().copied().max().unwrap_or(0),
+        )
+    }
+}
+
+impl Watch {
+    fn start(vm: &Running, every: Duration) -> Watch {
+        let (sock, pid) = (vm.sock.clone(), vm.pid);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut w = Watched::default();
+            while !stopped.load(Ordering::SeqCst) {
+                let t0 = Instant::now();
+                match common::api(&sock, "GET", "/vpmu") {
+                    Ok((200, _)) => w.latencies.push(t0.elapsed()),
+                    _ => w.failures += 1,
+                }
+                w.samples.push(Proc::of(pid));
+                std::thread::sleep(every);
+            }
+            w
+        });
+        Watch { stop, thread }
+    }
+
+    fn stop(self) -> Watched {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
+/// Polls GET /vpmu until `pred` holds (at most `timeout`); returns the
+/// document that satisfied it.
+fn wait_for(vm: &Running, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let doc = vm.vpmu();
+        if pred(&doc) {
+            return doc;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {doc:#}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn counter(doc: &Value, vcpu: usize, counter: usize) -> &Value {
+    &doc["vcpus"][vcpu]["vpmu"]["counters"][counter]
+}
+
+fn stats(doc: &Value, vcpu: usize) -> &Value {
+    &doc["vcpus"][vcpu]["vpmu"]["stats"]
+}
+
+fn num(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// "host model" flags: AMD or Intel answers reserved bits differently.
+fn rsvd_mode() -> &'static str {
+    let (d, _) = common::run_probe("probe.tests=detect", &["--vpmu", "on"]);
+    match result(&d, 0, "detect").get("pmu") {
+        "amd" => "ignore",
+        _ => "gp",
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Hostile guests.
+
+#[test]
+fn a_million_msr_accesses_get_hardware_answers_and_the_vmm_stays_well() {
+    require_kvm!();
+    let _serial = common::timing_lock();
+    let vm = Running::start(
+        "probe.tests=msrstorm,detect probe.storm_n=1000000 probe.hold_ms=1500",
+        &[],
+        &[],
+    );
+    let before = vm.proc();
+    let started = Instant::now();
+    let watch = Watch::start(&vm, Duration::from_millis(100));
+    // The storm is over when the probe holds; sample the VMM at rest.
+    vm.wait_serial("probe: hold", Duration::from_secs(90));
+    let doc = vm.vpmu();
+    let watched = watch.stop();
+    let wall = started.elapsed();
+    let after = vm.proc();
+    let end = vm.finish();
+    end.assert_reset();
+    let r = end.results();
+    let s = result(&r, 0, "msrstorm");
+    assert_eq!(s.num("n"), 1_000_000.0, "{s:?}");
+    assert_eq!(
+        s.num("mismatches"),
+        0.0,
+        "the guest got what hardware gives: {s:?}"
+    );
+    let (gp, total) = s.get("outside").split_once('/').unwrap();
+    assert_eq!(gp, total, "every access outside the model faults: {s:?}");
+    assert_eq!(s.get("counts_after"), "1", "the PMU still counts: {s:?}");
+    assert_eq!(result(&r, 0, "detect").get("msr_probe"), "ok");
+
+    // The VMM stayed responsive, and bounded in CPU, memory, threads and
+    // descriptors, while it reprogrammed host events at the guest's rate.
+    let opens = num(&stats(&doc, 0)["opens"]);
+    eprintln!(
+        "msrstorm: {wall:?}, API GET /vpmu median {:?} max {:?} ({} requests, {} failed), \
+         RSS {} -> {} KiB, threads {} -> {}, fds {:?}, VMM CPU {:?}, {opens} perf_event_open",
+        watched.median_latency(),
+        watched.max_latency(),
+        watched.latencies.len(),
+        watched.failures,
+        before.rss_kib,
+        after.rss_kib,
+        before.threads,
+        after.threads,
+        watched.range(|p| p.fds as u64),
+        after.cpu.saturating_sub(before.cpu),
+    );
+    assert_eq!(watched.failures, 0);
+    assert!(watched.latencies.len() >= 20, "{watched:?}");
+    assert!(
+        watched.max_latency() < Duration::from_secs(1),
+        "API latency during the storm: {:?}",
+        watched.max_latency()
+    );
+    assert!(
+        after.rss_kib < before.rss_kib + 2048,
+        "RSS grew from {} to {} KiB",
+        before.rss_kib,
+        after.rss_kib
+    );
+    assert_eq!(
+        after.threads, before.threads,
+        "no thread appeared or vanished"
+    );
+    let (fd_min, fd_max) = watched.range(|p| p.fds as u64);
+    assert!(
+        fd_max <= before.fds as u64 + 8 && fd_min + 8 >= before.fds as u64,
+        "descriptors {fd_min}..{fd_max}, {} at start",
+        before.fds
+    );
+    assert!(
+        opens > 10_000,
+        "the storm reprogrammed host events: {opens}"
+    );
+    let cpu = after.cpu.saturating_sub(before.cpu);
+    assert!(
+        cpu.as_secs_f64() <= 1.3 * wall.as_secs_f64() + 0.5,
+        "one vCPU's worth of CPU at most: {cpu:?} in {wall:?}"
+    );
+}
+
+#[test]
+fn a_pmi_storm_of_period_one_is_throttled_and_the_guest_runs_on() {
+    require_kvm!();
+    let _serial = common::timing_lock();
+    let vm = Running::start(
+        "probe.tests=pmistorm,detect probe.storm_ms=600 probe.hold_ms=300",
+        &[],
+        &[],
+    );
+    let before = vm.proc();
+    let started = Instant::now();
+    let watch = Watch::start(&vm, Duration::from_millis(50));
+    vm.wait_serial("probe: hold", Duration::from_secs(60));
+    let end_doc = vm.vpmu();
+    let watched = watch.stop();
+    let (wall, after) = (started.elapsed(), vm.proc());
+    let end = vm.finish();
+    end.assert_reset();
+    let r = end.results();
+    let p = result(&r, 0, "pmistorm");
+    eprintln!(
+        "pmistorm: {p:?}; API max {:?}; VMM CPU {:?} in {wall:?}; {}",
+        watched.max_latency(),
+        after.cpu.saturating_sub(before.cpu),
+        stats(&end_doc, 0)
+    );
+    assert!(p.num("pmis") >= 1.0, "{p:?}");
+    assert_eq!(
+        p.num("nostatus"),
+        0.0,
+        "every PMI has an overflowed counter: {p:?}"
+    );
+    assert!(p.num("late") <= 1.0, "{p:?}");
+    assert_eq!(p.num("gp") + p.num("handler_gp"), 0.0, "{p:?}");
+    assert_eq!(p.num("unexpected_nmis"), 0.0, "{p:?}");
+    assert!(p.num("loop_iters") > 0.0, "the guest's own loop ran: {p:?}");
+    assert_eq!(result(&r, 0, "detect").get("msr_probe"), "ok");
+    // Throttled like host perf: no period below 50 us of guest time, so at
+    // most 20 000 overflow signals per second and counter.
+    let s = stats(&end_doc, 0);
+    assert!(num(&s["throttles"]) > 0, "{s}");
+    let counters = p.num("counters");
+    assert!(
+        (num(&s["overflow_signals"]) as f64) < wall.as_secs_f64() * 20_000.0 * counters,
+        "{s}"
+    );
+    assert_eq!(watched.failures, 0);
+    assert!(
+        watched.max_latency() < Duration::from_secs(1),
+        "{watched:?}"
+    );
+    let cpu = after.cpu.saturating_sub(before.cpu);
+    assert!(
+        cpu.as_secs_f64() <= 1.3 * wall.as_secs_f64() + 0.5,
+        "{cpu:?}"
+    );
+}
+
+#[test]
+fn every_reserved_bit_and_every_msr_just_outside_the_model_faults_like_hardware() {
+    require_kvm!();
+    let rsvd = rsvd_mode();
+    for model in [
+        &[][..],
+        &["--vpmu-gp-counters", "2"],
+        &["--vpmu-version", "1"],
+        &["--vpmu-version", "1", "--vpmu-gp-counters", "4"],
+    ] {
+        let mut flags = vec!["--vpmu", "on"];
+        flags.extend_from_slice(model);
+        let (r, _) = common::run_probe(
+            &format!("probe.tests=edges,detect probe.rsvd={rsvd}"),
+            &flags,
+        );
+        let e = result(&r, 0, "edges");
+        assert!(e.num("checks") > 100.0, "{model:?}: {e:?}");
+        assert_eq!(e.num("mismatches"), 0.0, "{model:?}: {e:?}");
+        assert_eq!(e.num("kept"), 0.0, "{model:?}: {e:?}");
+        let (gp, total) = e.get("outside").split_once('/').unwrap();
+        assert!(total.parse::<u32>().unwrap() >= 12, "{model:?}: {e:?}");
+        assert_eq!(gp, total, "{model:?}: {e:?}");
+        assert_eq!(result(&r, 0, "detect").get("msr_probe"), "ok");
+    }
+}
+
+#[test]
+fn programming_while_pmis_are_in_flight_invents_no_pmi() {
+    require_kvm!();
+    let _serial = common::timing_lock();
+    for model in [&[][..], &["--vpmu-version", "1", "--vpmu-gp-counters", "4"]] {
+        let mut flags = vec!["--vpmu", "on"];
+        flags.extend_from_slice(model);
+        let (r, o) = common::run_probe("probe.tests=inflight,detect probe.storm_ms=400", &flags);
+        let p = result(&r, 0, "inflight");
+        eprintln!("inflight {model:?}: {p:?}");
+        assert!(p.num("pmis") >= 10.0, "{model:?}: {p:?}");
+        assert!(p.num("rounds") >= 10.0, "{model:?}: {p:?}");
+        if p.get("global_status") == "1" {
+            assert_eq!(
+                p.num("nostatus"),
+                0.0,
+                "a PMI without its status bit: {p:?}"
+            );
+        }
+        assert!(p.num("late") <= 1.0, "{model:?}: {p:?}");
+        assert_eq!(p.num("gp") + p.num("handler_gp"), 0.0, "{model:?}: {p:?}");
+        assert_eq!(p.num("unexpected_nmis"), 0.0, "{model:?}: {p:?}");
+        assert_eq!(result(&r, 0, "detect").get("msr_probe"), "ok");
+        // Every round was a new programming: one host event each, no more.
+        assert!(
+            common::perf_opens(&o, 0) <= p.num("rounds") as u64 * 2 + 8,
+            "{}",
+            common::stderr(&o)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A failing host.
+
+#[test]
+fn refused_perf_events_are_unbacked_logged_once_and_recover() {
+    require_kvm!();
+    let _serial = common::timing_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("perf-fault");
+    std::fs::write(&fault, "ENOENT").unwrap();
+    // The guest reprograms its sampling counter about a thousand times a
+    // second: every reprogramming is an open the host refuses.
+    let vm = Running::start(
+        "probe.tests=inflight,detect probe.storm_ms=6000 probe.hold_ms=200",
+        &[],
+        &[("VMM_TEST_PERF_FAULT", fault.to_str().unwrap())],
+    );
+    let backing = |d: &Value| counter(d, 0, 0)["backing"].clone();
+    for errno in ["ENOENT", "EACCES", "EMFILE", "EBUSY"] {
+        std::fs::write(&fault, errno).unwrap();
+        let doc = wait_for(&vm, Duration::from_secs(10), "unbacked", |d| {
+            backing(d)["kind"] == "unbacked"
+                && backing(d)["reason"].as_str().unwrap().contains(errno)
+        });
+        let refused = num(&stats(&doc, 0)["open_failures"]);
+        // The guest keeps running and reprogramming: more refusals.
+        wait_for(&vm, Duration::from_secs(10), "refused again", |d| {
+            num(&stats(d, 0)["open_failures"]) > refused + 5
+        });
+        std::fs::remove_file(&fault).unwrap();
+        wait_for(&vm, Duration::from_secs(10), "backed again", |d| {
+            backing(d)["kind"] == "software_clock"
+        });
+    }
+    let doc = vm.vpmu();
+    let end = vm.finish();
+    end.assert_reset();
+    let r = end.results();
+    let p = result(&r, 0, "inflight");
+    assert!(p.num("pmis") > 0.0, "PMIs again once backed: {p:?}");
+    assert_eq!(p.num("gp") + p.num("handler_gp"), 0.0, "{p:?}");
+    assert_eq!(result(&r, 0, "detect").get("msr_probe"), "ok");
+    let s = stats(&doc, 0);
+    assert_eq!(
+        (num(&s["backing_lost"]), num(&s["backing_recovered"])),
+        (4, 4),
+        "{s}"
+    );
+    assert!(num(&s["open_failures"]) > 20, "{s}");
+    // One line when the backing is lost and one when it is back, per
+    // episode: never one per refused attempt.
+    let lost: Vec<&str> = end
+        .stderr
+        .lines()
+        .filter(|l| l.contains("lost its host backing"))
+        .collect();
+    let back: Vec<&str> = end
+        .stderr
+        .lines()
+        .filter(|l| l.contains("backed by the host again"))
+        .collect();
+    assert_eq!(lost.len(), 4, "{}", end.stderr);
+    assert_eq!(back.len(), 4, "{}", end.stderr);
+    for (line, errno) in lost.iter().zip(["ENOENT", "EACCES", "EMFILE", "EBUSY"]) {
+        assert!(line.contains(errno) && line.contains("vCPU 0"), "{line}");
+    }
+    assert!(end.stderr.contains("TEST SEAM VMM_TEST_PERF_FAULT"));
+}
+
+fn tgkill(pid: u32, tid: i32, signal: i32) -> bool {
+    // SAFETY: tgkill with plain integers; a vanished thread gives ESRCH.
+    unsafe { libc::syscall(libc::SYS_tgkill, pid as i32, tid, signal) == 0 }
+}
+
+#[test]
+fn signal_storms_on_the_vcpu_thread_change_nothing() {
+    require_kvm!();
+    let _serial = common::timing_lock();
+    let vm = Running::start(
+        "probe.tests=pmi,cycles probe.pmi_ms=600 probe.cycles_ms=600 probe.hold_ms=200",
+        &[],
+        &[],
+    );
+    let (pid, vcpu) = (vm.pid, vm.thread("vcpu0"));
+    let kick = vmm::kick::kick_signal();
+    let overflow = vmm::kick::overflow_signal();
+    // About 5 000 signals a second for 2 s: kicks and fake overflow
+    // signals at the vCPU thread, and kicks at the process.
+    let mut sent = 0;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) {
+        for signal in [kick, overflow, overflow, kick] {
+            sent += tgkill(pid, vcpu, signal) as u32;
+        }
+        // SAFETY: kill with plain integers.
+        sent += (unsafe { libc::kill(pid as i32, kick) } == 0) as u32;
+        std::thread::sleep(Duration::from_micros(900));
+    }
+    let doc = vm.vpmu();
+    let end = vm.finish();
+    end.assert_reset();
+    assert!(sent > 5_000, "{sent} signals");
+    let r = end.results();
+    let p = result(&r, 0, "pmi");
+    eprintln!("signal storm: {sent} signals; {p:?}; {}", stats(&doc, 0));
+    // Every PMI the guest got was a real overflow, none after the counter
+    // stopped, and about as many as the period asks for.
+    assert_eq!(p.num("status_ok"), p.num("pmis"), "{p:?}");
+    assert_eq!(p.num("after_disable"), 0.0, "{p:?}");
+    assert_eq!(p.num("unexpected_nmis") + p.num("handler_gp"), 0.0, "{p:?}");
+    let expected = p.num("expected_run");
+    assert!(
+        p.num("pmis") <= 1.3 * expected + 2.0 && p.num("pmis") >= 0.5 * expected,
+        "{p:?}"
+    );
+    let c = result(&r, 0, "cycles");
+    let ratio = c.num("run_ratio_permille") / 1000.0;
+    assert!(
+        (0.6..=1.15).contains(&ratio),
+        "cycles/(tsc - steal) {ratio:.3}: {c:?}"
+    );
+    assert!(
+        num(&stats(&doc, 0)["overflow_signals"]) > 1000,
+        "the signals arrived"
+    );
+}
+
+#[test]
+fn vanished_api_clients_change_nothing() {
+    require_kvm!();
+    let _serial = common::timing_lock();
+    let vm = Running::start(
+        "probe.tests=cycles probe.cycles_ms=1500 probe.hold_ms=500",
+        &[],
+        &[],
+    );
+    // Counting (its host events open) before the clients come and go.
+    wait_for(&vm, Duration::from_secs(10), "counting", |d| {
+        counter(d, 0, 0)["running"].as_bool() == Some(true)
+    });
+    let before = vm.proc();
+    let send = |raw: &[u8]| {
+        let mut s = UnixStream::connect(&vm.sock).unwrap();
+        let _ = s.write_all(raw);
+        s
+    };
+    let vanish = |rounds: usize| {
+        for round in 0..rounds {
+            // Half a request, then gone.
+            drop(send(b"GET /vpmu HTTP/1.1\r\nHost: v"));
+            // A whole request, gone before the answer (the VMM writes into
+            // a closed socket: EPIPE, never SIGPIPE).
+            drop(send(b"GET /vpmu HTTP/1.1\r\n\r\n"));
+            drop(send(b"PUT /vm/resume HTTP/1.1\r\n\r\n"));
+            // Connected, silent, gone.
+            drop(UnixStream::connect(&vm.sock).unwrap());
+            if round % 10 == 0 {
+                // A slow reader: reads one byte of the answer and vanishes.
+                let mut s = send(b"GET /metrics HTTP/1.1\r\n\r\n");
+                let _ = s.read(&mut [0u8; 1]);
+            }
+        }
+        // Every connection thread ends with its client.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while threads(vm.pid).iter().any(|(_, n)| n == "api-conn") {
+            assert!(Instant::now() < deadline, "{:?}", threads(vm.pid));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        vm.proc()
+    };
+    // The first clients warm the allocator and the thread stack cache; the
+    // next as many must not grow anything.
+    let warm = vanish(50);
+    let t0 = Instant::now();
+    let (status, _) = common::api(&vm.sock, "GET", "/vpmu").unwrap();
+    assert_eq!(status, 200);
+    let latency = t0.elapsed();
+    let after = vanish(50);
+    let doc = vm.vpmu();
+    let end = vm.finish();
+    end.assert_reset();
+    assert!(latency < Duration::from_secs(1), "{latency:?}");
+    assert_eq!(after.threads, before.threads);
+    assert_eq!(after.fds, before.fds, "{before:?} -> {after:?}");
+    assert_eq!(warm.fds, before.fds, "{before:?} -> {warm:?}");
+    assert!(
+        after.rss_kib < warm.rss_kib + 256 && after.rss_kib < before.rss_kib + 4096,
+        "RSS {before:?} -> {warm:?} -> {after:?}"
+    );
+    assert_eq!(
+        doc["vm"]["paused"], false,
+        "a vanished resume paused nothing"
+    );
+    let results = end.results();
+    let c = result(&results, 0, "cycles");
+    let ratio = c.num("run_ratio_permille") / 1000.0;
+    assert!(
+        (0.7..=1.15).contains(&ratio),
+        "cycles/(tsc - steal) {ratio:.3}: {c:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The event policy as a boundary, and guest-only counting.
+
+/// Runs `observe` for `event` under `policy`; returns its line and the
+/// final /vpmu document.
+fn observe(policy: &str, event: &str) -> (ProbeResult, Value) {
+    let vm = Running::start(
+        &format!("probe.tests=observe probe.storm_event={event} probe.storm_ms=400"),
+        &["--vpmu-events", policy],
+        &[],
+    );
+    // While the guest observes: the counter runs, and how it is backed.
+    let doc = wait_for(&vm, Duration::from_secs(30), "observing", |d| {
+        counter(d, 0, 0)["running"].as_bool() == Some(true)
+            && counter(d, 0, 0)["backing"]["kind"] != "idle"
+    });
+    let end = vm.finish();
+    end.assert_reset();
+    (result(&end.results(), 0, "observe").clone(), doc)
+}
+
+#[test]
+fn denied_events_never_reach_the_host_and_look_like_unsupported_ones() {
+    require_kvm!();
+    let (denied, denied_doc) = observe("all;deny:0x76", "0x76");
+    let (unsupported, unsupported_doc) = observe("all", "0xc0");
+    let (allowed, _) = observe("all", "0x76");
+
+    // Nothing of a denied event reaches the host: no perf_event_open at
+    // all (the vCPU's statistics count every attempt, failed or not).
+    let s = stats(&denied_doc, 0);
+    assert_eq!(num(&s["opens"]) + num(&s["open_failures"]), 0, "{s}");
+    assert_eq!(counter(&denied_doc, 0, 0)["backing"]["kind"], "denied");
+    assert_eq!(
+        counter(&unsupported_doc, 0, 0)["backing"]["kind"],
+        "unbacked"
+    );
+
+    // The guest sees the same for both: not counting, no overflow, no PMI,
+    // its own programming read back.
+    assert_eq!(denied.get("counting"), "0", "{denied:?}");
+    for key in [
+        "setup",
+        "value",
+        "counting",
+        "select_rest",
+        "status",
+        "pmis",
+    ] {
+        assert_eq!(
+            denied.get(key),
+            unsupported.get(key),
+            "{key}: {denied:?} vs {unsupported:?}"
+        );
+    }
+    // The same event allowed counts (the comparison is not vacuous).
+    assert_eq!(allowed.get("counting"), "1", "{allowed:?}");
+
+    // `none`: no event at all reaches the host.
+    let (r, o) = common::run_probe(
+        "probe.tests=cycles,pmi probe.cycles_ms=50 probe.pmi_ms=50",
+        &["--vpmu", "on", "--vpmu-events", "none"],
+    );
+    assert_eq!(result(&r, 0, "cycles").num("cycles"), 0.0);
+    assert_eq!(result(&r, 0, "pmi").num("pmis"), 0.0);
+    assert_eq!(common::perf_opens(&o, 0), 0, "{}", common::stderr(&o));
+}
+
+fn exits_run(delay_us: Option<&str>, scrape: bool) -> ProbeResult {
+    let env: Vec<(&str, &str)> = delay_us
+        .map(|d| vec![("VMM_TEST_EXIT_DELAY_US", d)])
+        .unwrap_or_default();
+    let vm = Running::start(
+        "probe.tests=exits probe.storm_exits=200 probe.storm_spin_us=1000",
+        &[],
+        &env,
+    );
+    // Heavy scraping: every request makes the vCPU publish a snapshot on
+    // its own thread, between an exit and the next entry.
+    let watch = scrape.then(|| Watch::start(&vm, Duration::from_millis(1)));
+    let end = vm.finish();
+    if let Some(w) = watch {
+        let w = w.stop();
+        eprintln!("exits: {} scrapes during the run", w.latencies.len());
+    }
+    end.assert_reset();
+    if delay_us.is_some() {
+        assert!(end.stderr.contains("TEST SEAM VMM_TEST_EXIT_DELAY_US"));
+    }
+    result(&end.results(), 0, "exits").clone()
+}
+
+#[test]
+fn vmm_time_on_exits_is_never_counted_as_guest_time() {
+    require_kvm!();
+    let _serial = common::timing_lock();
+    let plain = exits_run(None, false);
+    // 200 exits that each keep the vCPU thread busy in the VMM for 2 ms:
+    // 400 ms of host CPU time on the vCPU thread against 200 ms of guest
+    // busy loops.
+    let slow = exits_run(Some("2000"), true);
+    eprintln!("exits: plain {plain:?}\nexits: slow VMM {slow:?}");
+    let vmm_ms = (slow.num("window_tsc") - plain.num("window_tsc")) / slow.num("busy_tsc") * 200.0;
+    assert!(vmm_ms > 300.0, "the seam slowed the exits: {vmm_ms:.0} ms");
+    for r in [&plain, &slow] {
+        let busy = r.num("busy_run_permille");
+        assert!(
+            (800.0..=1200.0).contains(&busy),
+            "cycles track the busy loops: {r:?}"
+        );
+    }
+    // Counted cycles follow guest time only: the slow run's window is
+    // three times longer than its busy loops, its count is not.
+    assert!(slow.num("window_permille") < 500.0, "{slow:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Bad input.
+
+fn bad(args: &[&str], expected: &str) {
+    let o = common::run(args);
+    common::assert_bad_input(&o, expected);
+}
+
+#[test]
+fn bad_flag_values_are_one_line_errors_and_leave_nothing_behind() {
+    // Values clap refuses before anything starts.
+    bad(&["--memory", "-1"], "--memory");
+    bad(&["--memory", "1.5"], "invalid value '1.5'");
+    bad(&["--memory", "99999999999999999999"], "--memory");
+    bad(&["--vcpus", "two"], "invalid value 'two'");
+    bad(&["--vcpus", "4294967296"], "--vcpus");
+    bad(&["--timeout", "0"], "positive number of seconds");
+    bad(&["--timeout", "nan"], "positive number of seconds");
+    bad(&["--timeout", "inf"], "positive number of seconds");
+    bad(&["--timeout", "1e12"], "positive number of seconds");
+    bad(&["--serial", ""], "expected stdio, none or file:PATH");
+    bad(&["--serial", "STDIO"], "expected stdio, none or file:PATH");
+    bad(&["--vpmu", ""], "--vpmu");
+    bad(&["--vpmu-gp-counters", "-1"], "--vpmu-gp-counters");
+    bad(&["--vpmu-fixed-counters", "x"], "--vpmu-fixed-counters");
+    bad(&["--vpmu-fixed-counters", "256"], "--vpmu-fixed-counters");
+    bad(&["--vpmu-version", "-2"], "--vpmu-version");
+    bad(&["--vpmu-events", ""], "empty event policy");
+    bad(&["--vpmu-events", "ipc;arch"], "more than one preset");
+    bad(&["--vpmu-events", "deny:"], "empty entry");
+    bad(&["--vpmu-events", "allow:0x76,,0xc0"], "empty entry");
+    bad(&["--vpmu-events", "allow:0xc0/0x100"], "larger than 0xff");
+    bad(&["--vpmu-events", "allow:cycles"], "is not a number");
+    bad(&["--memory", "64", "--memory", "128"], "--memory");
+    bad(&["--kernel"], "--kernel");
+    bad(&["--api-socket"], "--api-socket");
+    bad(&["start"], "unrecognized subcommand 'start'");
+    bad(
+        &["run", "--vcpus", "1", "extra"],
+        "unexpected argument 'extra'",
+    );
+    // Not UTF-8.
+    use std::os::unix::ffi::OsStrExt;
+    let o = common::vmm()
+        .arg("--cmdline")
+        .arg(std::ffi::OsStr::from_bytes(b"probe.tests=\xff"))
+        .output()
+        .unwrap();
+    common::assert_bad_input(&o, "UTF-8");
+
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let path = |name: &str| d.join(name).to_str().unwrap().to_string();
+    bad(&["--kernel", ""], "a value is required for '--kernel");
+    bad(&["--vpmu-fixed-counters", "1"], "impossible vPMU");
+    bad(&["--cmdline", &"x".repeat(5000)], "--cmdline is 50");
+    bad(
+        &["--serial", "file:/nonexistent/dir/out"],
+        "cannot create serial output file",
+    );
+    // The API socket: a directory that does not exist, a path too long
+    // for a Unix socket, a file that is not a socket, a socket in use.
+    bad(
+        &["--api-socket", "/nonexistent/dir/api.sock"],
+        "--api-socket /nonexistent/dir/api.sock",
+    );
+    let long = d.join("x".repeat(120));
+    bad(&["--api-socket", long.to_str().unwrap()], "--api-socket");
+    std::fs::write(path("file"), "keep").unwrap();
+    bad(&["--api-socket", &path("file")], "is not a socket");
+    assert_eq!(std::fs::read_to_string(path("file")).unwrap(), "keep");
+    let busy = std::os::unix::net::UnixListener::bind(path("busy.sock")).unwrap();
+    bad(&["--api-socket", &path("busy.sock")], "already serving");
+    drop(busy);
+    std::fs::remove_file(path("busy.sock")).unwrap();
+    // Bad input found after the socket was bound (the serial file is
+    // created after it): the socket goes too.
+    let sock = path("late.sock");
+    bad(
+        &[
+            "--api-socket",
+            &sock,
+            "--serial",
+            "file:/nonexistent/dir/out",
+        ],
+        "cannot create serial output file",
+    );
+    assert!(!Path::new(&sock).exists(), "the socket was left behind");
+    let left: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("file")],
+        "nothing else was created"
+    );
+}
+
+/// One raw request; the status code, or `None` when the connection ended
+/// without one.
+fn raw_request(sock: &Path, raw: &[u8]) -> Option<u16> {
+    let mut s = UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(raw).ok()?;
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer)
+        .strip_prefix("HTTP/1.1 ")?
+        .get(..3)?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn every_api_request_with_a_bad_method_path_or_form_gets_a_4xx() {
+    require_kvm!();
+    let vm = Running::start(
+        "probe.tests=cycles probe.cycles_ms=1000 probe.hold_ms=300",
+        &[],
+        &[],
+    );
+    let mut cases: Vec<(String, Option<u16>)> = Vec::new();
+    // Every method on every resource: only GET reads, only PUT acts.
+    for method in [
+        "GET", "PUT", "POST", "DELETE", "PATCH", "HEAD", "OPTIONS", "get",
+    ] {
+        for (path, allowed) in [
+            ("/vpmu", "GET"),
+            ("/metrics", "GET"),
+            ("/vm/pause", "PUT"),
+            ("/vm/resume", "PUT"),
+        ] {
+            if method == allowed || (method, path) == ("PUT", "/vm/pause") {
+                continue; // pausing is tested below
+            }
+            cases.push((format!("{method} {path} HTTP/1.1\r\n\r\n"), Some(405)));
+        }
+    }
+    for path in [
+        "/",
+        "/vpmu/",
+        "/VPMU",
+        "/vpmu/../metrics",
+        "/vm",
+        "/vm/pause/now",
+        "/vm/reset",
+        "//vpmu",
+        "/metrics%00",
+        "*",
+    ] {
+        cases.push((format!("GET {path} HTTP/1.1\r\n\r\n"), Some(404)));
+    }
+    let long_path = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(15_000));
+    cases.extend([
+        (long_path, Some(404)),
+        ("GET /vpmu HTTP/3.0\r\n\r\n".into(), Some(400)),
+        ("GET /vpmu HTTP/1.1\r\nNo-Colon\r\n\r\n".into(), Some(400)),
+        ("GET  /vpmu HTTP/1.1\r\n\r\n".into(), Some(400)),
+        ("GET /vpmu\r\n\r\n".into(), Some(400)),
+        (
+            "PUT /vm/resume HTTP/1.1\r\nContent-Length: 1x\r\n\r\n".into(),
+            Some(400),
+        ),
+        (
+            "PUT /vm/resume HTTP/1.1\r\nContent-Length: 4097\r\n\r\n".into(),
+            Some(413),
+        ),
+    ]);
+    // Accepted forms that must not misbehave: a query string, HTTP/1.0, a
+    // small ignored body, resume without pause.
+    cases.extend([
+        ("GET /vpmu?x=1&y HTTP/1.1\r\n\r\n".into(), Some(200)),
+        ("GET /metrics HTTP/1.0\r\n\r\n".into(), Some(200)),
+        (
+            "GET /vpmu HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello".into(),
+            Some(200),
+        ),
+        ("PUT /vm/resume HTTP/1.1\r\n\r\n".into(), Some(200)),
+    ]);
+    let mut wrong = BTreeMap::new();
+    for (raw, expected) in &cases {
+        let got = raw_request(&vm.sock, raw.as_bytes());
+        if got != *expected {
+            wrong.insert(raw.chars().take(60).collect::<String>(), (got, *expected));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "unexpected answers (got, expected): {wrong:#?}"
+    );
+    // Pausing twice, resuming twice: idempotent.
+    for _ in 0..2 {
+        let (status, body) = common::api(&vm.sock, "PUT", "/vm/pause").unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(vm.vpmu()["vm"]["paused"], true);
+    for _ in 0..2 {
+        assert_eq!(common::api(&vm.sock, "PUT", "/vm/resume").unwrap().0, 200);
+    }
+    assert_eq!(vm.vpmu()["vm"]["paused"], false);
+    let end = vm.finish();
+    end.assert_reset();
+    assert!(result(&end.results(), 0, "cycles").num("cycles") > 0.0);
+}
+
+// ---------------------------------------------------------------------------
+// Resources over every exit path.
+
+/// This process's descriptors that a VM owns (KVM, perf, eventfds,
+/// sockets, epoll), by number with their target.
+fn vm_descriptors() -> BTreeMap<i32, String> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            let target = target.to_string_lossy().into_owned();
+            let owned = [
+                "kvm",
+                "perf_event",
+                "eventfd",
+                "socket:",
+                "eventpoll",
+                "/dev/kvm",
+            ];
+            owned
+                .iter()
+                .any(|k| target.contains(k))
+                .then_some((fd, target))
+        })
+        .collect()
+}
+
+/// Threads of this process a VM starts.
+fn vm_threads() -> Vec<String> {
+    threads(std::process::id())
+        .into_iter()
+        .map(|(_, n)| n)
+        .filter(|n| n.starts_with("vcpu") || n.starts_with("api"))
+        .collect()
+}
+
+/// `vmm` run in this process (`vmm::cli::main_with_args`); returns its exit
+/// code.
+fn in_process(args: &[&str]) -> i32 {
+    vmm::cli::main_with_args(std::iter::once("vmm").chain(args.iter().copied()))
+}
+
+#[test]
+fn fifty_runs_over_every_exit_path_leak_no_descriptor_thread_or_socket() {
+    require_kvm!();
+    let _serial = common::timing_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let sock_s = sock.to_str().unwrap().to_string();
+    let triple = common::build_guest("triple_fault");
+    let hang = common::build_guest("hang");
+    let (triple, hang) = (triple.to_str().unwrap(), hang.to_str().unwrap());
+    let fds_before = vm_descriptors();
+    let mut codes = BTreeMap::new();
+    for round in 0..40 {
+        let serial = ["--serial", "none", "--api-socket", &sock_s];
+        let code = match round % 8 {
+            // The guest resets (the probe, with the vPMU counting).
+            0..=2 => in_process(
+                &[
+                    &serial[..],
+                    &[
+                        "--vpmu",
+                        "on",
+                        "--cmdline",
+                        "probe.tests=cycles,pmi probe.cycles_ms=20 probe.pmi_ms=20",
+                    ],
+                ]
+                .concat(),
+            ),
+            // The guest stops abnormally (triple fault).
+            3 => in_process(&[&serial[..], &["--kernel", triple]].concat()),
+            // --timeout.
+            4 => in_process(&[&serial[..], &["--kernel", hang, "--timeout", "0.2"]].concat()),
+            // Bad input found late, after KVM, memory and the socket.
+            5 => in_process(
+                &[
+                    &serial[..2],
+                    &["--api-socket", &sock_s, "--serial", "file:/nonexistent/x"],
+                ]
+                .concat(),
+            ),
+            // Bad input found early.
+            6 => in_process(&[&serial[..], &["--vpmu-version", "9"]].concat()),
+            // SIGTERM (to this process: the VMM's handler takes it).
+            _ => {
+                let path = sock.clone();
+                let killer = std::thread::spawn(move || {
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while common::api(&path, "GET", "/vpmu").is_err() && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    // SAFETY: signals this process; the VMM's SIGTERM handler runs.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                });
+                let code = in_process(
+                    &[
+                        &serial[..],
+                        &[
+                            "--vpmu",
+                            "on",
+                            "--cmdline",
+                            "probe.tests=cycles probe.cycles_ms=5000",
+                        ],
+                    ]
+                    .concat(),
+                );
+                killer.join().unwrap();
+                code
+            }
+        };
+        *codes.entry(code).or_insert(0) += 1;
+        assert!(
+            !sock.exists(),
+            "round {round}: the API socket was left behind"
+        );
+        assert_eq!(
+            vm_threads(),
+            Vec::<String>::new(),
+            "round {round}: threads left"
+        );
+        assert_eq!(
+            vm_descriptors(),
+            fds_before,
+            "round {round} (exit {code}): descriptors left"
+        );
+    }
+    assert_eq!(codes.get(&0), Some(&15), "{codes:?}");
+    assert_eq!(codes.get(&1), Some(&5), "{codes:?}");
+    assert_eq!(codes.get(&3), Some(&5), "{codes:?}");
+    assert_eq!(codes.get(&2), Some(&10), "{codes:?}");
+    assert_eq!(codes.get(&(128 + libc::SIGTERM)), Some(&5), "{codes:?}");
+
+    // And ten real processes, ended every way, with a process-level view:
+    // each one gone (reaped), its socket removed, no child of its own.
+    for round in 0..10 {
+        let mut child = common::vmm()
+            .args(["--serial", "none", "--vpmu", "on", "--api-socket", &sock_s])
+            .args(["--cmdline", "probe.tests=cycles probe.cycles_ms=3000"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        common::wait_for_api(&sock);
+        let pid = child.id();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        assert!(
+            children.trim().is_empty(),
+            "the VMM started processes: {children}"
+        );
+        let signal = [libc::SIGTERM, libc::SIGINT][round % 2];
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(pid as i32, signal) };
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(128 + signal));
+        assert!(!sock.exists(), "socket left after signal {signal}");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} left"
+        );
+    }
+    assert_eq!(vm_descriptors(), fds_before);
+}

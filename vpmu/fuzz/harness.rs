@@ -26,7 +26,9 @@
 //!   at most one open per programming and retry, the entry/exit hooks have
 //!   work exactly while a clock-backed counter runs, a denied event never
 //!   reaches the host;
-//! - a snapshot is always consistent with the registers.
+//! - a snapshot is always consistent with the registers;
+//! - once the host allows events again, every running counter it can count
+//!   is backed at the next look (with no retry interval).
 //!
 //! [`policy`] parses any text as an event policy: no panic, and whatever
 //! parses prints back to an equal policy.
@@ -487,6 +489,33 @@ pub fn msr(data: &[u8]) {
         let kind = step(&mut input, &mut pmu, &msrs, &mut checker);
         checker.check(&mut pmu, kind);
     }
+    if retry == Duration::ZERO {
+        recovers(&mut pmu, hardware);
+    }
+}
+
+/// The host allows events again: with no retry interval, the next look at
+/// the counters backs every running counter the host can count.
+fn recovers(pmu: &mut Vpmu<FakeBackend>, hardware: bool) {
+    let backend = pmu.backend_mut();
+    backend.fail_opens = None;
+    backend.fail_next_open = None;
+    let s = pmu.snapshot();
+    // A host that said "no hardware events" is believed for a while.
+    let hardware = hardware && s.no_hardware_reason.is_none();
+    for c in s.counters.iter().filter(|c| c.running) {
+        let allowed = pmu
+            .policy()
+            .allows(s.model.vendor, evtsel::event_code(c.decoded.to_select()));
+        let clock = matches!(c.event_name.as_deref(), Some("cycles" | "ref-cycles"))
+            && evtsel::is_plain(c.decoded.to_select());
+        if allowed && (hardware || clock) {
+            assert!(
+                matches!(c.backing, Backing::HardwareRaw | Backing::SoftwareClock),
+                "not backed again once the host allows it: {c:?}"
+            );
+        }
+    }
 }
 
 fn step(
@@ -535,6 +564,12 @@ fn step(
                 pmu.handle_host_overflow();
             }
             let _ = pmu.take_pending_pmi();
+            // As the VMM does before the next KVM_RUN: the re-arms the
+            // signals asked for happen at the entry.
+            if pmu.exit_hooks_needed() {
+                pmu.on_guest_entry();
+                pmu.on_guest_exit();
+            }
         }
         10 => {
             let context = pmu.save();

@@ -11,7 +11,7 @@ mod harness;
 use std::path::Path;
 
 /// Random inputs per target on top of the corpus.
-const RANDOM_INPUTS: usize = 3000;
+const RANDOM_INPUTS: usize = 20_000;
 
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -342,6 +342,7 @@ fn a_million_msr_accesses_get_hardware_answers_and_the_vmm_stays_well() {
     // The VMM stayed responsive, and bounded in CPU, memory, threads and
     // descriptors, while it reprogrammed host events at the guest's rate.
     let opens = num(&stats(&doc, 0)["opens"]);
+    eprintln!("msrstorm: {s:?}");
     eprintln!(
         "msrstorm: {wall:?}, API GET /vpmu median {:?} max {:?} ({} requests, {} failed), \
          RSS {} -> {} KiB, threads {} -> {}, fds {:?}, VMM CPU {:?}, {opens} perf_event_open",
@@ -574,6 +575,39 @@ fn refused_perf_events_are_unbacked_logged_once_and_recover() {
         assert!(line.contains(errno) && line.contains("vCPU 0"), "{line}");
     }
     assert!(end.stderr.contains("TEST SEAM VMM_TEST_PERF_FAULT"));
+}
+
+#[test]
+fn a_panicking_vcpu_thread_stops_the_vm_instead_of_hanging_it() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("perf-fault");
+    std::fs::write(&fault, "panic").unwrap();
+    let started = Instant::now();
+    let o = common::vmm()
+        .args([
+            "--vpmu",
+            "on",
+            "--timeout",
+            "60",
+            "--cmdline",
+            "probe.tests=cycles",
+        ])
+        .env("VMM_TEST_PERF_FAULT", &fault)
+        .output()
+        .unwrap();
+    let err = common::stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.contains("vmm: internal error (a bug): test seam"),
+        "{err}"
+    );
+    assert!(err.contains("vCPU 0 stopped: its thread panicked"), "{err}");
 }
 
 fn tgkill(pid: u32, tid: i32, signal: i32) -> bool {

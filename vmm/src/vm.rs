@@ -438,6 +438,16 @@ impl Vm {
                 self.control.finish(Outcome::Timeout { seconds });
                 break;
             }
+            // A vCPU thread records why it stops before it ends; one that
+            // ended without a word panicked (a VMM bug, reported by the
+            // panic hook): stop the VM instead of waiting for it.
+            if let Some(vcpu) = threads.iter().position(|t| t.is_finished()) {
+                self.control.finish(Outcome::VcpuError {
+                    vcpu: vcpu as u8,
+                    message: "its thread panicked (a bug in the VMM)".into(),
+                });
+                break;
+            }
             main_loop.run_once(wait.map_or(event_loop::MAX_WAIT, |w| w.min(event_loop::MAX_WAIT)));
         }
 

@@ -11,6 +11,8 @@
 //!   unbacked with the reason in the export, one log line, bounded retries,
 //!   recovery once the file is gone. The file is read at each open (opens
 //!   are rare: one per programming, plus retries at most every 100 ms).
+//!   `panic` in the file makes the open panic instead: a VMM bug on the
+//!   vCPU thread, which must stop the VM, not hang it.
 //! - `VMM_TEST_EXIT_DELAY_US=N`: after handling each PMU MSR exit the vCPU
 //!   thread busy-waits N us: host CPU time on the vCPU thread between exit
 //!   and entry, which must never be counted as guest time.
@@ -101,10 +103,14 @@ impl HostBackend {
         }
     }
 
-    /// The errno the fault file names right now, if any.
+    /// The errno the fault file names right now, if any. `panic` in the
+    /// file stands for a bug in the VMM: the vCPU thread panics.
     fn injected(&self) -> Option<i32> {
         let path = self.fault?;
         let text = std::fs::read_to_string(path).ok()?;
+        if text.trim() == "panic" {
+            panic!("test seam {PERF_FAULT_VAR}: injected panic in perf_event_open");
+        }
         parse_errno(&text)
     }
 }

@@ -47,7 +47,7 @@ fn tmp_path(name: &str) -> PathBuf {
 }
 
 /// Runs vmm; panics unless the guest reset cleanly.
-// The child is reaped with wait4(), which also gives its rusage.
+// The child is reaped with waitpid().
 #[allow(clippy::zombie_processes)]
 fn run_vmm(vpmu_on: bool, vcpus: u32, cmdline: &str, trace: bool) -> Run {
     let trace_path = tmp_path("trace");
@@ -66,12 +66,28 @@ fn run_vmm(vpmu_on: bool, vcpus: u32, cmdline: &str, trace: bool) -> Run {
         cmd.arg("--bench-trace").arg(&trace_path);
     }
     let child = cmd.spawn().expect("starting vmm");
+    let pid = child.id() as i32;
+    // Peak RSS from the child's own VmHWM, polled until it exits: wait4's
+    // ru_maxrss would include this process's RSS, which a forked child
+    // inherits as its high-water mark.
+    let mut hwm_kib = 0;
     let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child; status and usage are valid pointers.
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as i32, "wait4");
+    loop {
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            let hwm = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok());
+            hwm_kib = hwm_kib.max(hwm.unwrap_or(0));
+        }
+        // SAFETY: polls our own child; status is a valid pointer.
+        let done = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        assert!(done >= 0, "waitpid");
+        if done == pid {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
     let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
     assert!(
@@ -91,7 +107,7 @@ fn run_vmm(vpmu_on: bool, vcpus: u32, cmdline: &str, trace: bool) -> Run {
         stderr,
         trace,
         tsc_khz,
-        max_rss_kib: usage.ru_maxrss,
+        max_rss_kib: hwm_kib,
     }
 }
 
@@ -446,7 +462,7 @@ fn main() {
             [true, false]
         };
         for on in order {
-            let run = run_vmm(on, 1, &format!("{base} probe.bench_msr={NULL_MSR}"), false);
+            let run = run_vmm(on, 1, &format!("{base} probe.bench_msr={NULL_MSR}"), true);
             khz = run.tsc_khz;
             if on {
                 on_runs.push(run);
@@ -551,6 +567,49 @@ fn main() {
         spread(&pair_ratios),
         Some(1.01),
     );
+    // Where the time of an exit goes: the VMM's own share (host TSC from
+    // KVM_RUN returning to the next KVM_RUN), measured by the VMM around
+    // the same loops. The rest is KVM's round trip, the same with the vPMU
+    // on or off.
+    let user = |runs: &[Run], j: u64| -> Vec<f64> {
+        runs.iter()
+            .flat_map(|r| io_user_per_exit(r.trace.as_ref().unwrap(), j))
+            .collect()
+    };
+    let user_off = spread(&user(&off_runs, 0));
+    let user_idle = spread(&user(&on_runs, 0));
+    t.us(
+        "2",
+        "  of which in the VMM (userspace), vPMU off",
+        user_off,
+        khz,
+    );
+    t.us(
+        "2",
+        "  of which in the VMM (userspace), vPMU on, idle",
+        user_idle,
+        khz,
+    );
+    let exit_off = spread(&all_rounds(&off_idle.iter().collect::<Vec<_>>())).median;
+    t.ratio(
+        "2",
+        "on, idle / off from the VMM's share: 1 + (on - off) / exit",
+        Spread {
+            median: 1.0 + (user_idle.median - user_off.median) / exit_off,
+            lo: 1.0 + (user_idle.lo - user_off.hi) / exit_off,
+            hi: 1.0 + (user_idle.hi - user_off.lo) / exit_off,
+            n: user_idle.n.min(user_off.n),
+        },
+        Some(1.01),
+    );
+    for (j, k) in [(1, "1"), (2, "4"), (3, "all")] {
+        t.us(
+            "2",
+            &format!("  of which in the VMM (userspace), {k} counters running"),
+            spread(&user(&on_runs, j)),
+            khz,
+        );
+    }
     for k in ["1", "4", "all"] {
         let running = io(&on_results, k);
         let running: Vec<&ProbeResult> = running.iter().collect();
@@ -910,6 +969,27 @@ fn lost_per_pmi(r: &ProbeResult, khz: f64) -> f64 {
     let chunk = (r.num("control_tsc") - steal("control_steal_us")) / r.num("control_chunks");
     let busy = r.num("pmi_tsc") - steal("pmi_steal_us");
     (busy - r.num("pmi_chunks") * chunk) / r.num("pmis")
+}
+
+const MARK_IO_START: u64 = 5;
+
+/// VMM userspace TSC cycles per exit in each timed `bench_io` loop of
+/// variant `j` (one value per round), from the marks around the loops.
+fn io_user_per_exit(trace: &Trace, j: u64) -> Vec<f64> {
+    let marks: Vec<&Fields> = trace.of("mark").collect();
+    marks
+        .windows(2)
+        .filter(|w| {
+            let tag = num(w[0], "tag") as u64;
+            tag >> 24 == MARK_IO_START
+                && (tag >> 16) & 0xff == j
+                && w[0].get("vcpu") == w[1].get("vcpu")
+        })
+        .map(|w| {
+            let d = |k: &str| num(w[1], k) - num(w[0], k);
+            d("user_tsc") / d("exits")
+        })
+        .collect()
 }
 
 /// The latencies of the PMI windows of rate index `rate` only (stamps and

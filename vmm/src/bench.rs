@@ -308,12 +308,12 @@ impl BenchVcpu {
         self.signal_at = self.exit_at;
     }
 
-    /// The VMM just delivered a PMI.
-    pub fn pmi_delivered(&mut self, overshoot: u64) {
+    /// The VMM delivered a PMI; `injected`: host TSC right after.
+    pub fn pmi_delivered(&mut self, injected: u64, overshoot: u64) {
         if self.log.pmis.len() < MAX_PMIS {
             self.log.pmis.push(PmiTimes {
                 signal: self.signal_at,
-                injected: host_tsc(),
+                injected,
                 first_msr: 0,
                 overshoot,
             });
@@ -384,7 +384,7 @@ pub fn write_trace(path: &Path, reports: &[VcpuReport]) -> std::io::Result<()> {
                 out,
                 "vpmu vcpu={v} opens={} open_failures={} closes={} starts={} stops={} \
                  reprograms={} contexts_ran={} reads={} clock_reads={} clock_reads_saved={} \
-                 period_updates={} rearms_deferred={} overflow_signals={} pmis={} throttles={}",
+                 period_updates={} clock_lead_ns={} overflow_signals={} pmis={} throttles={}",
                 s.opens,
                 s.open_failures,
                 s.closes,
@@ -396,7 +396,7 @@ pub fn write_trace(path: &Path, reports: &[VcpuReport]) -> std::io::Result<()> {
                 s.clock_reads,
                 s.clock_reads_saved,
                 s.period_updates,
-                s.rearms_deferred,
+                s.clock_lead_ns,
                 s.overflow_signals,
                 s.pmis,
                 s.throttles

@@ -316,11 +316,16 @@ impl Vcpu {
     }
 
     /// Publishes when a reader asked or the last view is getting old.
-    fn publish_if_due(&mut self) {
+    /// A signal exit (`kicked`) may carry a PMI: the periodic view (a
+    /// snapshot, tens of us here) waits for the next exit rather than delay
+    /// the PMI; a reader's request does not wait.
+    fn publish_if_due(&mut self, kicked: bool) {
         let Some(export) = &self.export else {
             return;
         };
-        if export.take_refresh(self.index) || self.last_publish.elapsed() >= PUBLISH_INTERVAL {
+        if export.take_refresh(self.index)
+            || (!kicked && self.last_publish.elapsed() >= PUBLISH_INTERVAL)
+        {
             self.publish(false);
         }
     }
@@ -335,13 +340,13 @@ impl Vcpu {
                 continue;
             }
             let kicked = kick::take_kicked();
-            self.publish_if_due();
+            self.publish_if_due(kicked);
             if let Some(pmu) = &mut self.pmu {
                 let delivered = pmu.delivery.nmi + pmu.delivery.fixed;
                 pmu.before_entry(kicked, &self.fd, &self.vm, self.msr_exit);
                 if let Some(bench) = &mut self.bench {
                     if pmu.delivery.nmi + pmu.delivery.fixed != delivered {
-                        bench.pmi_delivered(pmu.last_pmi_overshoot);
+                        bench.pmi_delivered(pmu.last_pmi_tsc, pmu.last_pmi_overshoot);
                     }
                 }
             }
@@ -362,6 +367,8 @@ impl Vcpu {
         if let Some(pmu) = &mut self.pmu {
             pmu.switch_in();
         }
+        // Readers serve a paused view as it is: replace it now.
+        self.publish(false);
     }
 
     /// Enters the guest once and handles the exit.

@@ -121,9 +121,9 @@ pub struct VpmuStats {
     /// Entries that needed no read of the reference: the backend showed
     /// the thread had stayed on its CPU since the exit's read.
     pub clock_reads_saved: u64,
-    /// Re-arms skipped at an overflow signal because the counter had just
-    /// wrapped (its PMI handler rewrites it).
-    pub rearms_deferred: u64,
+    /// How much earlier than their distance clock events are armed now,
+    /// ns (the host's clock events fire late by about this much more).
+    pub clock_lead_ns: u64,
     /// Sample period updates.
     pub period_updates: u64,
     /// Virtual counter overflows.

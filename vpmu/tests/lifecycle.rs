@@ -131,12 +131,14 @@ fn clock_overflow_signals_may_come_early_and_are_re_armed() {
     run_guest(&mut pmu, 400_000); // host clock reached the period: early signal
     pmu.handle_host_overflow();
     assert!(!pmu.take_pending_pmi());
+    pmu.on_guest_entry(); // re-arms happen right before the next entry
     assert_eq!(
         pmu.backend().events[handle].period,
         Some(600_000),
         "re-armed with the guest distance left"
     );
-    run_guest(&mut pmu, 600_000);
+    pmu.backend_mut().advance(false, 600_000);
+    pmu.on_guest_exit();
     pmu.handle_host_overflow();
     assert!(pmu.take_pending_pmi());
     assert_eq!(pmu.rdmsr(INTEL_GLOBAL_STATUS), Ok(1 << 33));
@@ -145,7 +147,7 @@ fn clock_overflow_signals_may_come_early_and_are_re_armed() {
 }
 
 #[test]
-fn clock_events_stay_enabled_across_stops_and_re_arm_once_per_pmi() {
+fn clock_events_stay_enabled_across_stops_and_re_arm_after_the_pmi() {
     let mut pmu = vpmu(amd_v2(6), false);
     let period = 3_000_000; // 1 ms of guest time
     pmu.wrmsr(ctr(0), M48 + 1 - period).unwrap();
@@ -170,38 +172,31 @@ fn clock_events_stay_enabled_across_stops_and_re_arm_once_per_pmi() {
     );
     assert!(pmu.backend().events[handle].running);
 
-    // The counter wraps: the signal re-arms nothing (the handler rewrites
-    // the counter, which re-arms it once).
+    // The counter wraps: the signal re-arms nothing before the PMI is
+    // delivered; the re-arm comes with the next entry.
     run_guest(&mut pmu, 1_000_000);
     let set_period = pmu.backend().calls.set_period;
     pmu.handle_host_overflow();
     assert!(pmu.take_pending_pmi());
+    assert_eq!(pmu.backend().calls.set_period, set_period, "not yet");
+    assert!(pmu.exit_hooks_needed());
+    pmu.on_guest_entry();
     assert_eq!(
         pmu.backend().calls.set_period,
-        set_period,
-        "re-arm deferred"
+        set_period + 1,
+        "at the entry"
     );
-    pmu.wrmsr(AMD_GLOBAL_CTL, 0).unwrap();
-    pmu.wrmsr(ctr(0), M48 + 1 - period).unwrap();
-    pmu.wrmsr(AMD_GLOBAL_STATUS_CLR, 1).unwrap();
-    pmu.wrmsr(AMD_GLOBAL_CTL, 0x3f).unwrap();
-    assert_eq!(pmu.backend().calls.set_period, set_period + 1);
-    assert_eq!(pmu.backend().events[handle].period, Some(1_000_000));
-    assert_eq!(pmu.stats().rearms_deferred, 1);
-
-    // A guest that leaves the counter free-running after a wrap: the next
-    // signal (early, from the stale period) re-arms it for real.
-    run_guest(&mut pmu, 1_000_000);
-    pmu.handle_host_overflow();
-    assert!(pmu.take_pending_pmi());
-    run_guest(&mut pmu, 1_000_000);
-    pmu.handle_host_overflow();
-    assert!(!pmu.take_pending_pmi());
-    assert_eq!(pmu.stats().rearms_deferred, 2);
     assert!(
         pmu.backend().events[handle].period.unwrap() > 1_000_000_000,
         "armed at the full distance to the next wrap"
     );
+    pmu.on_guest_exit();
+    // The guest's handler rewrites the counter: re-armed at its period.
+    pmu.wrmsr(AMD_GLOBAL_CTL, 0).unwrap();
+    pmu.wrmsr(ctr(0), M48 + 1 - period).unwrap();
+    pmu.wrmsr(AMD_GLOBAL_STATUS_CLR, 1).unwrap();
+    pmu.wrmsr(AMD_GLOBAL_CTL, 0x3f).unwrap();
+    assert_eq!(pmu.backend().events[handle].period, Some(1_000_000));
 
     // Stopped for good: the next signal disables the event.
     pmu.wrmsr(ctl(0), (CYCLES | INT) & !EN).unwrap();

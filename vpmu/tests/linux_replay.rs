@@ -59,7 +59,14 @@ impl Guest {
     /// An overflow signal arrives; returns whether a PMI is due.
     fn signal(&mut self) -> bool {
         self.0.handle_host_overflow();
-        self.0.take_pending_pmi()
+        let pmi = self.0.take_pending_pmi();
+        // The VMM enters the guest to deliver the PMI: re-arms the signal
+        // asked for happen right before that entry.
+        if self.0.exit_hooks_needed() {
+            self.0.on_guest_entry();
+            self.0.on_guest_exit();
+        }
+        pmi
     }
 }
 

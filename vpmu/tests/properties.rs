@@ -139,7 +139,15 @@ fn apply(pmu: &mut Vpmu<FakeBackend>, op: &Op) -> Result<(), Fault> {
         Op::CountHardware(n) => count_hw(pmu, n),
         Op::RunGuest(ns) => run_guest(pmu, ns),
         Op::RunVmm(ns) => run_vmm(pmu, ns),
-        Op::Signal => pmu.handle_host_overflow(),
+        Op::Signal => {
+            pmu.handle_host_overflow();
+            // The VMM's next entry, which does the re-arms the signal asked
+            // for (with no guest time).
+            if pmu.exit_hooks_needed() {
+                pmu.on_guest_entry();
+                pmu.on_guest_exit();
+            }
+        }
         Op::TakePmi => drop(pmu.take_pending_pmi()),
         Op::SaveRestore => {
             let context = pmu.save();

@@ -51,8 +51,10 @@ pub struct VcpuPmu {
     mask_lvtpc_on_pmi: bool,
     pub delivery: PmiDelivery,
     /// At the last PMI: events the sampling counter had counted past its
-    /// overflow (see `overshoot`); the benchmark's latency figure uses it.
+    /// overflow (see `overshoot`), and the host TSC right after the
+    /// injection; the benchmark's latency figures use them.
     pub last_pmi_overshoot: u64,
+    pub last_pmi_tsc: u64,
     /// Saved while the VMM holds the vCPU off the CPU (pause).
     switched_out: Option<VpmuContext>,
     /// Counts of this vCPU's ended counter contexts, by programming id:
@@ -89,6 +91,7 @@ impl VcpuPmu {
             mask_lvtpc_on_pmi: vendor == Vendor::Intel,
             delivery: PmiDelivery::default(),
             last_pmi_overshoot: 0,
+            last_pmi_tsc: 0,
             switched_out: None,
             retired: EventTotals::default(),
             mirror_msrs: None,
@@ -223,6 +226,7 @@ impl VcpuPmu {
                 return;
             }
         };
+        self.last_pmi_tsc = crate::bench::host_tsc();
         if !delivered {
             self.delivery.failed += 1;
         } else if self.mask_lvtpc_on_pmi {

@@ -62,6 +62,9 @@ pub(super) struct Failure {
 pub(super) struct Armed {
     pub at: u64,
     pub period: u64,
+    /// Clock events: the distance to overflow when armed, ns (the period
+    /// is shorter by the lead, or longer when raised to the minimum).
+    pub distance_ns: u64,
 }
 
 /// One virtual counter.
@@ -94,10 +97,9 @@ pub(super) struct Counter<H> {
     /// its counter stops, so that stopping and starting cost no ioctl, and
     /// is disabled at the next overflow signal if the counter still stands.
     pub host_enabled: bool,
-    /// At an overflow signal the clock event's re-arm was skipped (the
-    /// counter had just wrapped: its event fires early at worst); the next
-    /// signal re-arms it.
-    pub rearm_deferred: bool,
+    /// An overflow signal asked for a re-arm, done right before the next
+    /// entry (after the PMI is delivered).
+    pub arm_at_entry: bool,
     pub time_enabled: u64,
     pub time_running: u64,
     pub overflows: u64,
@@ -135,7 +137,7 @@ impl<H> Counter<H> {
             armed: None,
             rearm: false,
             host_enabled: false,
-            rearm_deferred: false,
+            arm_at_entry: false,
             time_enabled: 0,
             time_running: 0,
             overflows: 0,

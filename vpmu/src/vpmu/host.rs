@@ -16,6 +16,9 @@ impl<B: Backend> Vpmu<B> {
     /// Call right before `KVM_RUN` (cheap: nothing unless a clock-backed
     /// counter runs, then one host read at most; see `reference_now`).
     pub fn on_guest_entry(&mut self) {
+        if self.arms_pending {
+            self.arm_pending();
+        }
         if !self.clock_running || self.guest_time.in_guest {
             return;
         }
@@ -105,36 +108,54 @@ impl<B: Backend> Vpmu<B> {
             let overflows = self.counters[i].overflows;
             self.sync(i);
             let counter = &self.counters[i];
-            let wrapped = counter.overflows != overflows;
             let rearm = match (&counter.backing, counter.armed) {
                 (BackingState::Hardware(_), Some(armed)) => {
                     counter.host_count.wrapping_sub(armed.at) >= armed.period
                 }
-                // A counter that just wrapped is a whole range away from its
-                // next overflow: its clock event, reloaded with the last
-                // period, would only fire early. Guests rewrite a sampling
-                // counter in their PMI handler, which re-arms it anyway, so
-                // the re-arm waits for the next signal (one at most).
-                (BackingState::Clock(_), Some(armed))
-                    if wrapped
-                        && !counter.rearm_deferred
-                        && self.clock.cycles_to_ns(value::distance_to_overflow(
-                            counter.value,
-                            counter.mask,
-                        )) >= armed.period =>
-                {
-                    self.counters[i].rearm_deferred = true;
-                    self.stats.rearms_deferred += 1;
-                    false
+                (BackingState::Clock(_), Some(armed)) => {
+                    // How late the clock event fired after its period, from
+                    // how far the counter got: past its overflow by the
+                    // signal (wrapped once), or still short of it (early:
+                    // no later than the lead it was armed with, less what
+                    // is left).
+                    let ahead = armed.distance_ns as i64 - armed.period as i64;
+                    let late = if counter.overflows == overflows + 1 {
+                        Some(self.clock.cycles_to_ns(counter.value) as i64 + ahead)
+                    } else if counter.overflows == overflows && ahead > 0 {
+                        let left = self
+                            .clock
+                            .cycles_to_ns(value::distance_to_overflow(counter.value, counter.mask));
+                        Some(ahead - left as i64)
+                    } else {
+                        None
+                    };
+                    if let Some(late) = late {
+                        self.clock_lead.observe(late.max(0) as u64);
+                        self.stats.clock_lead_ns = self.clock_lead.lead_ns();
+                    }
+                    true
                 }
-                (BackingState::Clock(_), _) => true,
+                (BackingState::Clock(_), None) => true,
                 _ => false,
             };
+            // Off the PMI's path: the VMM injects the PMI first, the
+            // re-arm happens right before the next entry.
             if rearm {
-                self.arm(i);
+                self.counters[i].arm_at_entry = true;
+                self.arms_pending = true;
             }
         }
         self.refresh_hooks();
+    }
+
+    /// The re-arms [`Vpmu::handle_host_overflow`] left for the entry.
+    fn arm_pending(&mut self) {
+        self.arms_pending = false;
+        for i in 0..self.counters.len() {
+            if self.counters[i].arm_at_entry {
+                self.arm(i);
+            }
+        }
     }
 
     /// Disables counter `i`'s host event if it is enabled.
@@ -243,7 +264,7 @@ impl<B: Backend> Vpmu<B> {
         counter.armed = None;
         counter.rearm = false;
         counter.host_enabled = false;
-        counter.rearm_deferred = false;
+        counter.arm_at_entry = false;
         counter.host_count = 0;
     }
 
@@ -329,7 +350,7 @@ impl<B: Backend> Vpmu<B> {
             self.no_hardware = None;
         }
         if self.no_hardware.is_none() {
-            let period = self.period(i, true);
+            let (period, _) = self.period(i, true);
             let spec = EventSpec::hardware(
                 select & RAW_CONFIG_BITS,
                 select & USR != 0,
@@ -337,7 +358,7 @@ impl<B: Backend> Vpmu<B> {
                 period,
             );
             match self.open(&spec) {
-                Ok(handle) => return self.opened(i, BackingState::Hardware(handle), period),
+                Ok(handle) => return self.opened(i, BackingState::Hardware(handle), period, 0),
                 Err(error) if error.means_no_hardware() => {
                     self.no_hardware = Some(format!("no hardware events on the host: {error}"));
                     self.no_hardware_since = Some(Instant::now());
@@ -350,9 +371,9 @@ impl<B: Backend> Vpmu<B> {
             self.counters[i].backing = BackingState::Unbacked(Cow::Owned(reason));
             return;
         }
-        let period = self.period(i, false);
+        let (period, distance_ns) = self.period(i, false);
         match self.open(&EventSpec::clock(Some(period))) {
-            Ok(handle) => self.opened(i, BackingState::Clock(handle), period),
+            Ok(handle) => self.opened(i, BackingState::Clock(handle), period, distance_ns),
             Err(error) => self.refused(i, format!("host task-clock: {error}")),
         }
     }
@@ -366,11 +387,21 @@ impl<B: Backend> Vpmu<B> {
         result
     }
 
-    fn opened(&mut self, i: usize, backing: BackingState<B::Handle>, period: u64) {
+    fn opened(
+        &mut self,
+        i: usize,
+        backing: BackingState<B::Handle>,
+        period: u64,
+        distance_ns: u64,
+    ) {
         let counter = &mut self.counters[i];
         counter.backing = backing;
         counter.host_count = 0;
-        counter.armed = Some(Armed { at: 0, period });
+        counter.armed = Some(Armed {
+            at: 0,
+            period,
+            distance_ns,
+        });
         counter.rearm = false;
         self.backed(i);
     }
@@ -391,21 +422,28 @@ impl<B: Backend> Vpmu<B> {
 
     /// The host sample period for counter `i`'s distance to overflow, in
     /// events (`hardware`) or ns, raised to the host minimum.
-    fn period(&mut self, i: usize, hardware: bool) -> u64 {
+    ///
+    /// A clock event is armed early by the host's usual lateness (see
+    /// `ClockLead`); the second value is the distance in ns (0 for
+    /// hardware events).
+    fn period(&mut self, i: usize, hardware: bool) -> (u64, u64) {
         let counter = &self.counters[i];
         let distance = value::distance_to_overflow(counter.value, counter.mask);
-        let (period, min) = match hardware {
-            true => (distance, self.limits.min_hardware_period),
-            false => (
-                self.clock.cycles_to_ns(distance),
-                self.limits.min_clock_period_ns,
-            ),
+        let (period, min, distance_ns) = match hardware {
+            true => (distance, self.limits.min_hardware_period, 0),
+            false => {
+                let ns = self.clock.cycles_to_ns(distance);
+                // Never more than half the distance: a lead that is too
+                // large costs an early signal, not a late PMI.
+                let lead = self.clock_lead.lead_ns().min(ns / 2);
+                (ns - lead, self.limits.min_clock_period_ns, ns)
+            }
         };
         if period < min {
             self.stats.throttles += 1;
-            return min;
+            return (min, distance_ns);
         }
-        period
+        (period, distance_ns)
     }
 
     /// Re-arms counter `i`'s host event at its current distance to overflow.
@@ -414,7 +452,7 @@ impl<B: Backend> Vpmu<B> {
             return;
         };
         let hardware = matches!(self.counters[i].backing, BackingState::Hardware(_));
-        let period = self.period(i, hardware);
+        let (period, distance_ns) = self.period(i, hardware);
         match self.backend.set_period(handle, period) {
             Ok(()) => {
                 self.stats.period_updates += 1;
@@ -422,9 +460,10 @@ impl<B: Backend> Vpmu<B> {
                 counter.armed = Some(Armed {
                     at: counter.host_count,
                     period,
+                    distance_ns,
                 });
                 counter.rearm = false;
-                counter.rearm_deferred = false;
+                counter.arm_at_entry = false;
             }
             Err(error) => self.fail(i, error),
         }

@@ -104,6 +104,46 @@ struct ReferenceValue {
     estimates: u32,
 }
 
+/// How late the host's clock events fire. A task-clock event's overflow
+/// comes from a host timer, whose interrupt and signal reach the vCPU
+/// thread some time after the period elapsed (about 20-30 us on the nested
+/// development hosts, a few us on bare metal): the virtual counter has run
+/// past its overflow by then. Clock events are armed earlier by the
+/// smallest lateness seen in the last few signals, less a margin, so that
+/// they fire about on time; a lead too large only makes a signal early,
+/// which re-arms without a PMI and lowers the lead (an early signal
+/// counts as a lateness of at most the lead less the distance left).
+#[derive(Clone, Copy, Debug, Default)]
+struct ClockLead {
+    samples: [u64; CLOCK_LEAD_SAMPLES],
+    seen: usize,
+}
+
+const CLOCK_LEAD_SAMPLES: usize = 8;
+/// Kept below the smallest lateness seen.
+const CLOCK_LEAD_MARGIN_NS: u64 = 3_000;
+/// Never more, whatever the host's timers do.
+const CLOCK_LEAD_MAX_NS: u64 = 200_000;
+
+impl ClockLead {
+    /// An overflow seen `late_ns` after the clock event's period would have
+    /// elapsed without lead.
+    fn observe(&mut self, late_ns: u64) {
+        self.samples[self.seen % CLOCK_LEAD_SAMPLES] = late_ns;
+        self.seen += 1;
+    }
+
+    fn lead_ns(&self) -> u64 {
+        if self.seen < CLOCK_LEAD_SAMPLES {
+            return 0;
+        }
+        let smallest = self.samples.iter().copied().min().unwrap_or(0);
+        smallest
+            .saturating_sub(CLOCK_LEAD_MARGIN_NS)
+            .min(CLOCK_LEAD_MAX_NS)
+    }
+}
+
 /// Estimated reference values in a row before a host read anyway (bounds
 /// any drift between the wall clock and the host's task-clock).
 const MAX_ESTIMATES: u32 = 1024;
@@ -127,6 +167,9 @@ pub struct Vpmu<B: Backend> {
     guest_time: GuestTime<B::Handle>,
     /// Some clock-backed counter runs: the entry/exit hooks have work.
     clock_running: bool,
+    /// Some counter waits for its re-arm at the next entry.
+    arms_pending: bool,
+    clock_lead: ClockLead,
     pending_pmi: bool,
     /// Why hardware events cannot be opened, once the host said so.
     no_hardware: Option<String>,
@@ -194,6 +237,8 @@ impl<B: Backend> Vpmu<B> {
                 last: None,
             },
             clock_running: false,
+            arms_pending: false,
+            clock_lead: ClockLead::default(),
             pending_pmi: false,
             no_hardware: None,
             no_hardware_since: None,
@@ -269,7 +314,7 @@ impl<B: Backend> Vpmu<B> {
     /// True while a counter backed by the host clock runs: only then do
     /// [`Vpmu::on_guest_entry`] and [`Vpmu::on_guest_exit`] have work.
     pub fn exit_hooks_needed(&self) -> bool {
-        self.clock_running || self.guest_time.in_guest
+        self.clock_running || self.guest_time.in_guest || self.arms_pending
     }
 
     /// Returns (and clears) whether the VMM must deliver a PMI through the

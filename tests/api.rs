@@ -96,6 +96,14 @@ impl Vm {
         serde_json::from_str(&body).unwrap()
     }
 
+    /// Stops the VMM with SIGTERM and waits for it to end.
+    fn finish_by_signal(self) -> (Option<i32>, String, String) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success());
+        self.finish()
+    }
+
     /// Waits for the VMM to end; returns (exit code, serial output, stderr).
     fn finish(mut self) -> (Option<i32>, String, String) {
         let mut child = self.child.take().unwrap();
@@ -257,6 +265,52 @@ fn samples<'a>(families: &'a Value, family: &str) -> &'a Vec<Value> {
     families[family]["samples"]
         .as_array()
         .unwrap_or_else(|| panic!("no family {family}: {families}"))
+}
+
+#[test]
+fn totals_survive_guest_reboots() {
+    require_kvm!();
+    // Each boot counts cycles once, holds with its counters disabled, then
+    // resets; with --on-reset reboot the VM boots again and the totals
+    // carry on.
+    let vm = Vm::start(
+        "probe.tests=cycles probe.cycles_ms=50 probe.hold_ms=1500",
+        &["--on-reset", "reboot"],
+    );
+    let holds = |vm: &Vm| {
+        let lines = vm.lines.lock().unwrap();
+        lines
+            .iter()
+            .filter(|l| l.starts_with("probe: hold"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while holds(&vm) < 2 {
+        assert!(Instant::now() < deadline, "no second boot reached its hold");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The second boot holds: its reading and the first boot's are final.
+    let doc = vm.vpmu();
+    let readings: Vec<u64> = vm
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| common::probe_results(l).into_iter().next())
+        .filter(|r| r.test == "cycles")
+        .map(|r| r.num("cycles") as u64)
+        .collect();
+    assert_eq!(readings.len(), 2, "{readings:?}");
+    let total = cycles_total(&doc).unwrap_or_else(|| panic!("no cycles total: {doc}"));
+    assert_eq!(
+        num(&total["count"]),
+        readings.iter().sum::<u64>(),
+        "the VM total is both boots' readings: {total}"
+    );
+    assert_eq!(num(&total["contexts"]), 2, "{total}");
+    let (code, _, err) = vm.finish_by_signal();
+    assert_eq!(code, Some(128 + 15), "{err}");
+    assert!(err.contains("guest reset: reboot 2"), "{err}");
 }
 
 #[test]

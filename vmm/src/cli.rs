@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::bench::BenchOptions;
-use crate::config::{SerialSink, VmConfig, DEFAULT_MEMORY_MIB};
+use crate::config::{OnReset, SerialSink, VmConfig, DEFAULT_MEMORY_MIB};
 use crate::error::StartError;
 use crate::loader::ImageKind;
 use crate::pmu::{VpmuMode, VpmuOptions};
@@ -137,7 +137,12 @@ pub struct RunArgs {
     /// PUT /vm/resume) on this Unix socket, created with mode 0600.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
-    /// Stop the guest after this many seconds (exit code 3).
+    /// What a guest reset does: exit (code 0), or reboot the guest in a
+    /// fresh VM, keeping the API, the serial console and the per-VM counter
+    /// totals.
+    #[arg(long, value_name = "ACTION", value_enum, default_value_t = OnReset::Exit)]
+    on_reset: OnReset,
+    /// Stop the guest after this many seconds, over all reboots (exit code 3).
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, allow_negative_numbers = true)]
     timeout: Option<Duration>,
     /// Benchmarks only (BENCHMARKS.md): this MSR exits to the VMM, which
@@ -186,6 +191,7 @@ impl RunArgs {
                 events: self.vpmu_events.clone(),
             },
             api_socket: self.api_socket.clone(),
+            on_reset: self.on_reset,
             bench: BenchOptions {
                 msr: self.bench_msr,
                 trace: self.bench_trace.clone(),
@@ -252,7 +258,7 @@ fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
         eprintln!("vmm: {note}");
     }
     eprintln!("vmm: {}", vm.pmu);
-    if vm.kernel_kind == ImageKind::BzImage {
+    if vm.kernel_kind() == Some(ImageKind::BzImage) {
         eprintln!(
             "vmm: bzImage payload is in a format this VMM does not unpack; entering its own \
              decompressor (slow on nested hosts)"

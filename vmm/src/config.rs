@@ -29,6 +29,17 @@ impl std::str::FromStr for SerialSink {
     }
 }
 
+/// What a guest reset (i8042 reset, Linux `reboot`) does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnReset {
+    /// The VMM exits with code 0.
+    #[default]
+    Exit,
+    /// The guest boots again in a fresh VM; the API, the serial console
+    /// and the per-VM counter totals carry on.
+    Reboot,
+}
+
 /// Default guest memory.
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
 /// Smallest guest memory the boot layout fits in (the low 1 MiB holds the
@@ -51,6 +62,7 @@ pub struct VmConfig {
     pub vpmu: VpmuOptions,
     /// Where to serve the host-side API.
     pub api_socket: Option<PathBuf>,
+    pub on_reset: OnReset,
     /// Hidden benchmark instrumentation.
     pub bench: BenchOptions,
 }
@@ -67,6 +79,7 @@ impl Default for VmConfig {
             timeout: None,
             vpmu: VpmuOptions::default(),
             api_socket: None,
+            on_reset: OnReset::Exit,
             bench: BenchOptions::default(),
         }
     }

@@ -156,6 +156,17 @@ impl VmControl {
         reports
     }
 
+    /// Readies the control for the next boot after a guest reboot: no stop,
+    /// no outcome, no vCPU reports. A pause stays in force.
+    pub fn rearm(&self) {
+        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.stop.store(false, Ordering::SeqCst);
+    }
+
     /// Records why the VM stops (the first reason wins) and asks every vCPU
     /// to stop.
     pub fn finish(&self, outcome: Outcome) {
@@ -187,6 +198,8 @@ pub struct PmuSetup {
     pub plan: Arc<PmuPlan>,
     pub tsc_khz: u32,
     pub export: Arc<Export>,
+    /// The vCPU's counts from previous boots, merged into its totals.
+    pub carried: Option<vpmu::EventTotals>,
 }
 
 /// One vCPU, ready to run on its own thread.
@@ -295,12 +308,12 @@ impl Vcpu {
         let Some(setup) = self.pmu_setup.take() else {
             return Ok(());
         };
-        let pmu = VcpuPmu::new(&setup.plan, self.index, setup.tsc_khz).map_err(|message| {
-            Outcome::VcpuError {
+        let pmu = VcpuPmu::new(&setup.plan, self.index, setup.tsc_khz, setup.carried).map_err(
+            |message| Outcome::VcpuError {
                 vcpu: self.index,
                 message: format!("cannot build its vPMU: {message}"),
-            }
-        })?;
+            },
+        )?;
         self.pmu = Some(pmu);
         self.export = Some(setup.export);
         self.publish(false);

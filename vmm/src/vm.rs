@@ -1,8 +1,10 @@
 //! Building a VM from a [`VmConfig`] and running it until the guest stops.
 //!
-//! Build order, top to bottom: KVM and its capabilities, the VM with its
-//! in-kernel irqchip and PIT, guest memory, the kernel and its boot data,
-//! devices, vCPUs. Nothing runs until [`Vm::run`].
+//! Build order, top to bottom: KVM and its capabilities, the vPMU plan, the
+//! API socket, the serial console; then a boot: the VM with its in-kernel
+//! irqchip and PIT, guest memory, the kernel and its boot data, devices,
+//! vCPUs. Nothing runs until [`Vm::run`], which replaces the boot on a guest
+//! reset when asked to (`--on-reset reboot`).
 
 use std::fs::File;
 use std::io::Write;
@@ -20,7 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{self, Api};
 use crate::arch::{acpi, boot_params, cpuid, layout, mptable, regs};
-use crate::config::{SerialSink, VmConfig, DEFAULT_LINUX_CMDLINE, MIN_MEMORY_MIB};
+use crate::config::{OnReset, SerialSink, VmConfig, DEFAULT_LINUX_CMDLINE, MIN_MEMORY_MIB};
 use crate::error::{Outcome, StartError};
 use crate::event_loop::{self, MainLoop};
 use crate::export::Export;
@@ -41,22 +43,33 @@ impl devices::ResetLine for ResetToControl {
     }
 }
 
-/// A built VM, ready to run.
-pub struct Vm {
-    control: Arc<VmControl>,
+/// One boot of the guest: a KVM VM, its memory and vCPUs. A guest reboot
+/// (with `--on-reset reboot`) replaces it with a fresh one.
+struct Boot {
     vcpus: Vec<Vcpu>,
+    kernel_kind: ImageKind,
+    // Kept alive for as long as the vCPUs run.
+    _memory: GuestMemoryMmap,
+    _vm_fd: Arc<VmFd>,
+}
+
+/// A built VM, ready to run. What outlives a guest reboot lives here: the
+/// serial console, the API and its export (with the per-VM totals), the
+/// vPMU plan.
+pub struct Vm {
+    config: VmConfig,
+    kvm: Kvm,
+    control: Arc<VmControl>,
+    /// The boot to run next.
+    boot: Option<Boot>,
     serial: Arc<Mutex<SerialDevice>>,
-    timeout: Option<Duration>,
-    /// How the kernel was loaded, for the start-up report.
-    pub kernel_kind: ImageKind,
+    /// The UART's interrupt eventfd, registered as an irqfd with each boot.
+    serial_irq: EventFd,
+    vcpu_cpuid: CpuId,
     /// The guest's PMU, as decided at build time.
     pub pmu: Arc<PmuPlan>,
     export: Arc<Export>,
     api_socket: Option<api::socket::BoundSocket>,
-    // Kept alive for as long as the vCPUs run.
-    _memory: GuestMemoryMmap,
-    _vm_fd: Arc<VmFd>,
-    _kvm: Kvm,
 }
 
 /// Checks that the flags describe a VM this host can build, before anything
@@ -253,21 +266,30 @@ fn load_guest(
     Ok(kernel)
 }
 
-/// COM1 (IRQ 4 through an irqfd) and the i8042 on a port I/O bus.
-fn create_devices(
-    vm_fd: &VmFd,
-    config: &VmConfig,
-    control: &Arc<VmControl>,
-) -> Result<(Arc<PioBus>, Arc<Mutex<SerialDevice>>), StartError> {
+/// COM1, whose output sink and input queue outlive reboots; its interrupt
+/// eventfd is registered as IRQ 4 with each boot's VM.
+fn create_serial(config: &VmConfig) -> Result<(Arc<Mutex<SerialDevice>>, EventFd), StartError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
         .map_err(io_err("creating an eventfd"))?;
-    vm_fd
-        .register_irqfd(&serial_irq, COM1_IRQ)
-        .map_err(StartError::kvm("KVM_IRQFD"))?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
-        serial_irq,
+        serial_irq
+            .try_clone()
+            .map_err(io_err("cloning an eventfd"))?,
         serial_output(&config.serial)?,
     )));
+    Ok((serial, serial_irq))
+}
+
+/// A boot's port I/O bus: COM1 on its irqfd and an i8042.
+fn create_bus(
+    vm_fd: &VmFd,
+    serial: &Arc<Mutex<SerialDevice>>,
+    serial_irq: &EventFd,
+    control: &Arc<VmControl>,
+) -> Result<Arc<PioBus>, StartError> {
+    vm_fd
+        .register_irqfd(serial_irq, COM1_IRQ)
+        .map_err(StartError::kvm("KVM_IRQFD"))?;
     // The reset line stops the VM right on the vCPU that pulled it, so the
     // guest runs no further than the reset instruction.
     let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(ResetToControl(
@@ -277,7 +299,7 @@ fn create_devices(
     bus.insert(serial.clone(), COM1_BASE, 8)
         .and_then(|_| bus.insert(i8042, I8042_BASE, 5))
         .map_err(|e| StartError::Config(e.to_string()))?;
-    Ok((Arc::new(bus), serial))
+    Ok(Arc::new(bus))
 }
 
 /// Gives each vCPU its CPUID (topology, PMU leaves) and LAPIC wiring, and
@@ -320,18 +342,7 @@ impl Vm {
         let host_pmu = HostPmu::detect(&kvm, cpuid::vendor(supported.as_slice()));
         // The built-in probe reads counters with RDMSR only.
         let plan = Arc::new(pmu::plan(&config.vpmu, &host_pmu, config.kernel.is_none())?);
-
-        let vm_fd = Arc::new(create_vm(&kvm, &plan, config.bench.msr)?);
-        let memory = create_memory(&vm_fd, config.memory_mib)?;
-        // `validate` bounded the count by the MP table's limit.
-        let num_vcpus = config.vcpus as u8;
-        let vcpu_fds = (0..num_vcpus)
-            .map(|id| vm_fd.create_vcpu(u64::from(id)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(StartError::kvm("KVM_CREATE_VCPU"))?;
-        let tsc_khz = vcpu_fds[0].get_tsc_khz().ok();
-        let cmdline = guest_cmdline(config, tsc_khz, &plan);
-        let kernel = load_guest(config, &memory, num_vcpus, &cmdline)?;
+        let vcpu_cpuid = pmu_cpuid(&supported, &plan)?;
 
         // Bound now, while single-threaded (mode 0600 via the umask), so that
         // a bad path fails before anything runs.
@@ -339,27 +350,65 @@ impl Vm {
             Some(path) => Some(api::bind(path).map_err(|e| StartError::Config(e.to_string()))?),
             None => None,
         };
-        let export = Arc::new(Export::new(plan.clone(), usize::from(num_vcpus)));
-        let control = Arc::new(
-            VmControl::new(usize::from(num_vcpus)).map_err(io_err("creating an eventfd"))?,
-        );
-        let (bus, serial) = create_devices(&vm_fd, config, &control)?;
+        // `validate` bounded the count by the MP table's limit.
+        let num_vcpus = config.vcpus as usize;
+        let export = Arc::new(Export::new(plan.clone(), num_vcpus));
+        let control = Arc::new(VmControl::new(num_vcpus).map_err(io_err("creating an eventfd"))?);
+        let (serial, serial_irq) = create_serial(config)?;
+        let mut vm = Vm {
+            config: config.clone(),
+            kvm,
+            control,
+            boot: None,
+            serial,
+            serial_irq,
+            vcpu_cpuid,
+            pmu: plan,
+            export,
+            api_socket,
+        };
+        vm.boot = Some(vm.build_boot()?);
+        Ok(vm)
+    }
 
-        let vcpu_cpuid = pmu_cpuid(&supported, &plan)?;
+    /// How the kernel was loaded, for the start-up report.
+    pub fn kernel_kind(&self) -> Option<ImageKind> {
+        self.boot.as_ref().map(|b| b.kernel_kind)
+    }
+
+    /// A fresh boot: VM, memory, kernel and boot data, vCPUs. Each vCPU's
+    /// vPMU starts at power-on, carrying the counts of the previous boot
+    /// into its totals.
+    fn build_boot(&self) -> Result<Boot, StartError> {
+        let config = &self.config;
+        let plan = &self.pmu;
+        let vm_fd = Arc::new(create_vm(&self.kvm, plan, config.bench.msr)?);
+        let memory = create_memory(&vm_fd, config.memory_mib)?;
+        let num_vcpus = config.vcpus as u8;
+        let vcpu_fds = (0..num_vcpus)
+            .map(|id| vm_fd.create_vcpu(u64::from(id)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StartError::kvm("KVM_CREATE_VCPU"))?;
+        let tsc_khz = vcpu_fds[0].get_tsc_khz().ok();
+        let cmdline = guest_cmdline(config, tsc_khz, plan);
+        let kernel = load_guest(config, &memory, num_vcpus, &cmdline)?;
+        let bus = create_bus(&vm_fd, &self.serial, &self.serial_irq, &self.control)?;
+
         let mut vcpus = Vec::with_capacity(vcpu_fds.len());
         for (index, fd) in (0..num_vcpus).zip(vcpu_fds) {
             configure_vcpu(
                 &fd,
                 index,
                 num_vcpus,
-                &vcpu_cpuid,
+                &self.vcpu_cpuid,
                 kernel.entry,
                 config.kernel.is_none(),
             )?;
             let pmu_setup = plan.model.as_ref().map(|_| PmuSetup {
                 plan: plan.clone(),
                 tsc_khz: tsc_khz.unwrap_or(0),
-                export: export.clone(),
+                export: self.export.clone(),
+                carried: self.export.latest(index).map(|view| view.totals()),
             });
             vcpus.push(
                 Vcpu::new(
@@ -367,32 +416,25 @@ impl Vm {
                     fd,
                     vm_fd.clone(),
                     bus.clone(),
-                    control.clone(),
+                    self.control.clone(),
                     pmu_setup,
                 )
                 .with_bench(config.bench.msr, config.bench.trace.is_some()),
             );
         }
-
-        Ok(Vm {
-            control,
+        Ok(Boot {
             vcpus,
-            serial,
-            timeout: config.timeout,
             kernel_kind: kernel.kind,
-            pmu: plan,
-            export,
-            api_socket,
             _memory: memory,
             _vm_fd: vm_fd,
-            _kvm: kvm,
         })
     }
 
     /// Runs the guest until it stops, the timeout expires or the VMM is
     /// signalled; returns why it stopped and what each vCPU left behind.
+    /// With `--on-reset reboot` a guest reset starts a new boot instead.
     /// Every vCPU thread has ended when this returns.
-    pub fn run(self) -> Result<(Outcome, Vec<VcpuReport>), StartError> {
+    pub fn run(mut self) -> Result<(Outcome, Vec<VcpuReport>), StartError> {
         crate::kick::install().map_err(|e| StartError::Io {
             what: "installing the vCPU kick signal handler".into(),
             source: e.into(),
@@ -415,10 +457,40 @@ impl Vm {
             None => None,
         };
 
-        let started = Instant::now();
-        let deadline = self.timeout.map(|t| started + t);
-        let mut threads = Vec::with_capacity(self.vcpus.len());
-        for vcpu in self.vcpus {
+        // The timeout bounds the whole run, over every boot.
+        let deadline = self.config.timeout.map(|t| Instant::now() + t);
+        let mut boots = 1u32;
+        let outcome = loop {
+            let Some(boot) = self.boot.take() else {
+                break Outcome::Reset;
+            };
+            let outcome = self.run_boot(boot, deadline, &mut main_loop);
+            if outcome != Outcome::Reset || self.config.on_reset != OnReset::Reboot {
+                break outcome;
+            }
+            boots += 1;
+            eprintln!("vmm: guest reset: reboot {boots}");
+            self.control.rearm();
+            match self.build_boot() {
+                Ok(boot) => self.boot = Some(boot),
+                Err(e) => {
+                    break Outcome::VcpuError {
+                        vcpu: 0,
+                        message: format!("reboot failed: {e}"),
+                    }
+                }
+            }
+        };
+        drop(api_server);
+        let _ = std::io::stdout().flush();
+        Ok((outcome, self.control.reports()))
+    }
+
+    /// Runs one boot until something stops it; every vCPU thread of the
+    /// boot has ended when this returns.
+    fn run_boot(&self, boot: Boot, deadline: Option<Instant>, main_loop: &mut MainLoop) -> Outcome {
+        let mut threads = Vec::with_capacity(boot.vcpus.len());
+        for vcpu in boot.vcpus {
             match vcpu.spawn() {
                 Ok(handle) => threads.push(handle),
                 Err(e) => {
@@ -434,7 +506,7 @@ impl Vm {
         while self.control.outcome().is_none() {
             let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if wait == Some(Duration::ZERO) {
-                let seconds = self.timeout.unwrap_or_default().as_secs_f64();
+                let seconds = self.config.timeout.unwrap_or_default().as_secs_f64();
                 self.control.finish(Outcome::Timeout { seconds });
                 break;
             }
@@ -457,10 +529,7 @@ impl Vm {
         for handle in threads {
             let _ = handle.join();
         }
-        drop(api_server);
-        let _ = std::io::stdout().flush();
-        let outcome = self.control.outcome().unwrap_or(Outcome::Reset);
-        Ok((outcome, self.control.reports()))
+        self.control.outcome().unwrap_or(Outcome::Reset)
     }
 }
 

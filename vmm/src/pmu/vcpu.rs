@@ -68,7 +68,13 @@ impl VcpuPmu {
     /// Builds the vPMU of vCPU `apic_id`. Must run on the vCPU's thread:
     /// host events are opened for the calling thread, and overflow signals
     /// come back to it.
-    pub fn new(plan: &PmuPlan, apic_id: u8, tsc_khz: u32) -> Result<Self, String> {
+    /// `carried`: counts of a previous boot of this vCPU, kept in its totals.
+    pub fn new(
+        plan: &PmuPlan,
+        apic_id: u8,
+        tsc_khz: u32,
+        carried: Option<EventTotals>,
+    ) -> Result<Self, String> {
         let model = plan.model.clone().ok_or("no vPMU model")?;
         let vendor = model.vendor;
         let mut backend = HostBackend::new(PerfBackend::new(0));
@@ -93,7 +99,7 @@ impl VcpuPmu {
             last_pmi_overshoot: 0,
             last_pmi_tsc: 0,
             switched_out: None,
-            retired: EventTotals::default(),
+            retired: carried.unwrap_or_default(),
             mirror_msrs: None,
         })
     }

@@ -54,6 +54,15 @@ pub struct BenchOptions {
     pub trace: Option<PathBuf>,
 }
 
+/// Context switches of the calling thread so far (voluntary and not).
+fn context_switches() -> u64 {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: fills `usage`, which lives across the call.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    (usage.ru_nvcsw + usage.ru_nivcsw) as u64
+}
+
 /// The host's TSC.
 pub fn host_tsc() -> u64 {
     // SAFETY: RDTSC has no preconditions and touches no memory.
@@ -218,6 +227,9 @@ struct PmiTimes {
     first_msr: u64,
     /// Guest cycles the counter ran past its overflow before the VMM saw it.
     overshoot: u64,
+    /// The vCPU thread was switched out between the signal and the first
+    /// PMU MSR access (the host ran something else).
+    preempted: bool,
 }
 
 /// One vCPU's benchmark log (`--bench-trace`).
@@ -235,8 +247,10 @@ pub struct BenchLog {
 pub struct BenchVcpu {
     stats: Option<KvmStats>,
     log: BenchLog,
-    /// Host TSC when `KVM_RUN` last returned because of a signal.
+    /// Host TSC when `KVM_RUN` last returned because of a signal, and the
+    /// thread's context switches then.
     signal_at: u64,
+    signal_switches: u64,
     /// Host TSC when `KVM_RUN` last returned.
     exit_at: u64,
     user_tsc: u64,
@@ -264,6 +278,7 @@ impl BenchVcpu {
                 dropped: 0,
             },
             signal_at: 0,
+            signal_switches: 0,
             exit_at: 0,
             user_tsc: 0,
             awaiting_first: false,
@@ -306,6 +321,7 @@ impl BenchVcpu {
     /// `KVM_RUN` returned because of a signal.
     pub fn signal(&mut self) {
         self.signal_at = self.exit_at;
+        self.signal_switches = context_switches();
     }
 
     /// The VMM delivered a PMI; `injected`: host TSC right after.
@@ -316,6 +332,7 @@ impl BenchVcpu {
                 injected,
                 first_msr: 0,
                 overshoot,
+                preempted: false,
             });
             self.awaiting_first = true;
         } else {
@@ -328,6 +345,7 @@ impl BenchVcpu {
         if std::mem::take(&mut self.awaiting_first) {
             if let Some(last) = self.log.pmis.last_mut() {
                 last.first_msr = host_tsc();
+                last.preempted = context_switches() != self.signal_switches;
             }
         }
     }
@@ -368,7 +386,7 @@ impl BenchVcpu {
 /// tsc vcpu=V host_before=H host_after=H guest=G
 /// mark vcpu=V tag=T host_tsc=H user_tsc=U pmis=P exits=N msr_read=.. msr_write=.. io=.. mmio=.. signal=.. other=.. kvm_exits=.. kvm_io_exits=.. ...
 /// stamp vcpu=V guest_tsc=G
-/// pmi vcpu=V signal=H injected=H first_msr=H overshoot=CYCLES
+/// pmi vcpu=V signal=H injected=H first_msr=H overshoot=CYCLES preempted=0|1
 /// vpmu vcpu=V opens=.. closes=.. starts=.. stops=.. reprograms=.. contexts_ran=.. ...
 /// dropped vcpu=V n=N
 /// ```
@@ -444,8 +462,8 @@ pub fn write_trace(path: &Path, reports: &[VcpuReport]) -> std::io::Result<()> {
         for p in &log.pmis {
             writeln!(
                 out,
-                "pmi vcpu={v} signal={} injected={} first_msr={} overshoot={}",
-                p.signal, p.injected, p.first_msr, p.overshoot
+                "pmi vcpu={v} signal={} injected={} first_msr={} overshoot={} preempted={}",
+                p.signal, p.injected, p.first_msr, p.overshoot, p.preempted as u8
             )?;
         }
         writeln!(out, "dropped vcpu={v} n={}", log.dropped)?;

@@ -304,42 +304,26 @@ fn bench_msr(params: &Params, cpu: u32, p: &Pmu, counter: u32, usable: bool) {
     }
     for k in 0..4 {
         for (op, r) in [("rd", &rd[k]), ("wr", &wr[k])] {
-            match msrs[k] {
-                Some(msr) if values[k].is_some() => out!(
-                    "cpu=",
-                    cpu,
-                    " test=bench_msr op=",
-                    op,
-                    " msr=",
-                    MSR_KINDS[k],
-                    " index=",
-                    Hex(msr as u64),
-                    " ops=",
-                    n,
-                    " ",
-                    r
-                ),
-                Some(msr) => out!(
-                    "cpu=",
-                    cpu,
-                    " test=bench_msr op=",
-                    op,
-                    " msr=",
-                    MSR_KINDS[k],
-                    " index=",
-                    Hex(msr as u64),
-                    " skipped=gp"
-                ),
-                None => out!(
-                    "cpu=",
-                    cpu,
-                    " test=bench_msr op=",
-                    op,
-                    " msr=",
-                    MSR_KINDS[k],
-                    " skipped=no_pmu"
-                ),
+            let mut l = Line::new();
+            l.put("cpu=")
+                .put(&cpu)
+                .put(" test=bench_msr op=")
+                .put(op)
+                .put(" msr=")
+                .put(MSR_KINDS[k]);
+            match (msrs[k], values[k]) {
+                (Some(msr), value) => {
+                    l.put(" index=").put(&Hex(msr as u64));
+                    match value {
+                        Some(_) => l.put(" ops=").put(&n).put(" ").put(r),
+                        None => l.put(" skipped=gp"),
+                    };
+                }
+                (None, _) => {
+                    l.put(" skipped=no_pmu");
+                }
             }
+            l.print();
         }
     }
 }

@@ -24,7 +24,7 @@ use common::{probe_results, ProbeResult};
 /// The null MSR: in KVM's paravirtual range, unused by KVM and the VMM.
 const NULL_MSR: &str = "0x4b564df0";
 /// Alternating vPMU off/on VMM runs for figures 1 and 2.
-const PAIRS: usize = 6;
+const PAIRS: usize = 10;
 /// Repetitions of each vCPU count for figures 3 and 5.
 const GROWTH_REPS: usize = 2;
 const VCPUS: [u32; 4] = [1, 2, 4, 8];

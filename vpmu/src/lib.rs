@@ -34,9 +34,11 @@
 //!   the wall time since. [`Vpmu::exit_hooks_needed`] says whether they
 //!   have work; calling them always is fine.
 //! - `KVM_RUN` interrupted (`EINTR`) by the overflow signal, or any time:
-//!   [`Vpmu::handle_host_overflow`]. It updates the counters, sets the
-//!   status bits of those that really overflowed and re-arms host events
-//!   that fired early.
+//!   [`Vpmu::handle_host_overflow`]. It updates the counters and sets the
+//!   status bits of those that really overflowed; the host events whose
+//!   period elapsed are re-armed by the next [`Vpmu::on_guest_entry`], after
+//!   the VMM delivered the PMI (so [`Vpmu::exit_hooks_needed`] is true
+//!   until then).
 //! - After an MSR exit and after [`Vpmu::handle_host_overflow`]:
 //!   [`Vpmu::take_pending_pmi`]; when true, deliver a PMI through the
 //!   guest's LVTPC (the VMM owns the APIC side).
@@ -95,7 +97,10 @@
 //!
 //! Every counter's host event is armed with its distance to overflow;
 //! periods below [`Limits`] are raised ([`VpmuStats::throttles`]), so a
-//! guest period of 1 cannot flood the vCPU thread with signals.
+//! guest period of 1 cannot flood the vCPU thread with signals. Clock
+//! events are armed earlier by the host's usual timer lateness, learnt from
+//! how far past their overflow recent signals found counters
+//! ([`VpmuStats::clock_lead_ns`]); a signal that comes early only re-arms.
 //!
 //! # Register semantics
 //! Intel: reserved bits and writes to read-only registers fault, legacy

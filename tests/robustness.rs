@@ -306,28 +306,94 @@ fn rsvd_mode() -> &'static str {
 // ---------------------------------------------------------------------------
 // Hostile guests.
 
+/// A hostile guest run watched from outside: /proc before and after, the
+/// API polled every `every` until the probe holds, the final /vpmu.
+struct Storm {
+    end: Ended,
+    doc: Value,
+    watched: Watched,
+    before: Proc,
+    after: Proc,
+    wall: Duration,
+}
+
+impl Storm {
+    fn run(cmdline: &str, every: Duration) -> Storm {
+        let vm = Running::start(cmdline, &[], &[]);
+        let before = vm.proc();
+        let started = Instant::now();
+        let watch = Watch::start(&vm, every);
+        // The storm is over when the probe holds; sample the VMM at rest.
+        vm.wait_serial("probe: hold", Duration::from_secs(90));
+        let doc = vm.vpmu();
+        let watched = watch.stop();
+        let (wall, after) = (started.elapsed(), vm.proc());
+        let end = vm.finish();
+        end.assert_reset();
+        Storm {
+            end,
+            doc,
+            watched,
+            before,
+            after,
+            wall,
+        }
+    }
+
+    fn cpu(&self) -> Duration {
+        self.after.cpu.saturating_sub(self.before.cpu)
+    }
+
+    /// The VMM answered the API all along, used at most one vCPU's worth of
+    /// CPU, and ended with the threads it started with.
+    fn assert_vmm_stayed_well(&self) {
+        let w = &self.watched;
+        eprintln!(
+            "{:?}: API GET /vpmu median {:?} max {:?} ({} requests, {} failed), RSS {} -> {} \
+             KiB, threads {} -> {}, fds {:?}, VMM CPU {:?}",
+            self.wall,
+            w.median_latency(),
+            w.max_latency(),
+            w.latencies.len(),
+            w.failures,
+            self.before.rss_kib,
+            self.after.rss_kib,
+            self.before.threads,
+            self.after.threads,
+            w.range(|p| p.fds as u64),
+            self.cpu(),
+        );
+        assert_eq!(w.failures, 0);
+        assert!(w.latencies.len() >= 5, "{w:?}");
+        assert!(
+            w.max_latency() < Duration::from_secs(1),
+            "API latency during the storm: {:?}",
+            w.max_latency()
+        );
+        assert!(
+            self.cpu().as_secs_f64() <= 1.3 * self.wall.as_secs_f64() + 0.5,
+            "one vCPU's worth of CPU at most: {:?} in {:?}",
+            self.cpu(),
+            self.wall
+        );
+        assert_eq!(
+            self.after.threads, self.before.threads,
+            "threads came or went"
+        );
+    }
+}
+
 #[test]
 fn a_million_msr_accesses_get_hardware_answers_and_the_vmm_stays_well() {
     require_kvm!();
     let _serial = common::timing_lock();
-    let vm = Running::start(
+    let storm = Storm::run(
         "probe.tests=msrstorm,detect probe.storm_n=1000000 probe.hold_ms=1500",
-        &[],
-        &[],
+        Duration::from_millis(100),
     );
-    let before = vm.proc();
-    let started = Instant::now();
-    let watch = Watch::start(&vm, Duration::from_millis(100));
-    // The storm is over when the probe holds; sample the VMM at rest.
-    vm.wait_serial("probe: hold", Duration::from_secs(90));
-    let doc = vm.vpmu();
-    let watched = watch.stop();
-    let wall = started.elapsed();
-    let after = vm.proc();
-    let end = vm.finish();
-    end.assert_reset();
-    let r = end.results();
+    let r = storm.end.results();
     let s = result(&r, 0, "msrstorm");
+    eprintln!("msrstorm: {s:?}");
     assert_eq!(s.num("n"), 1_000_000.0, "{s:?}");
     assert_eq!(
         s.num("mismatches"),
@@ -341,53 +407,25 @@ fn a_million_msr_accesses_get_hardware_answers_and_the_vmm_stays_well() {
 
     // The VMM stayed responsive, and bounded in CPU, memory, threads and
     // descriptors, while it reprogrammed host events at the guest's rate.
-    let opens = num(&stats(&doc, 0)["opens"]);
-    eprintln!("msrstorm: {s:?}");
-    eprintln!(
-        "msrstorm: {wall:?}, API GET /vpmu median {:?} max {:?} ({} requests, {} failed), \
-         RSS {} -> {} KiB, threads {} -> {}, fds {:?}, VMM CPU {:?}, {opens} perf_event_open",
-        watched.median_latency(),
-        watched.max_latency(),
-        watched.latencies.len(),
-        watched.failures,
-        before.rss_kib,
-        after.rss_kib,
-        before.threads,
-        after.threads,
-        watched.range(|p| p.fds as u64),
-        after.cpu.saturating_sub(before.cpu),
-    );
-    assert_eq!(watched.failures, 0);
-    assert!(watched.latencies.len() >= 20, "{watched:?}");
-    assert!(
-        watched.max_latency() < Duration::from_secs(1),
-        "API latency during the storm: {:?}",
-        watched.max_latency()
-    );
+    storm.assert_vmm_stayed_well();
+    let (before, after) = (storm.before, storm.after);
     assert!(
         after.rss_kib < before.rss_kib + 2048,
         "RSS grew from {} to {} KiB",
         before.rss_kib,
         after.rss_kib
     );
-    assert_eq!(
-        after.threads, before.threads,
-        "no thread appeared or vanished"
-    );
-    let (fd_min, fd_max) = watched.range(|p| p.fds as u64);
+    let (fd_min, fd_max) = storm.watched.range(|p| p.fds as u64);
     assert!(
         fd_max <= before.fds as u64 + 8 && fd_min + 8 >= before.fds as u64,
         "descriptors {fd_min}..{fd_max}, {} at start",
         before.fds
     );
+    let opens = num(&stats(&storm.doc, 0)["opens"]);
+    eprintln!("msrstorm: {opens} perf_event_open");
     assert!(
         opens > 10_000,
         "the storm reprogrammed host events: {opens}"
-    );
-    let cpu = after.cpu.saturating_sub(before.cpu);
-    assert!(
-        cpu.as_secs_f64() <= 1.3 * wall.as_secs_f64() + 0.5,
-        "one vCPU's worth of CPU at most: {cpu:?} in {wall:?}"
     );
 }
 
@@ -395,28 +433,14 @@ fn a_million_msr_accesses_get_hardware_answers_and_the_vmm_stays_well() {
 fn a_pmi_storm_of_period_one_is_throttled_and_the_guest_runs_on() {
     require_kvm!();
     let _serial = common::timing_lock();
-    let vm = Running::start(
+    let storm = Storm::run(
         "probe.tests=pmistorm,detect probe.storm_ms=600 probe.hold_ms=300",
-        &[],
-        &[],
+        Duration::from_millis(50),
     );
-    let before = vm.proc();
-    let started = Instant::now();
-    let watch = Watch::start(&vm, Duration::from_millis(50));
-    vm.wait_serial("probe: hold", Duration::from_secs(60));
-    let end_doc = vm.vpmu();
-    let watched = watch.stop();
-    let (wall, after) = (started.elapsed(), vm.proc());
-    let end = vm.finish();
-    end.assert_reset();
-    let r = end.results();
+    let r = storm.end.results();
     let p = result(&r, 0, "pmistorm");
-    eprintln!(
-        "pmistorm: {p:?}; API max {:?}; VMM CPU {:?} in {wall:?}; {}",
-        watched.max_latency(),
-        after.cpu.saturating_sub(before.cpu),
-        stats(&end_doc, 0)
-    );
+    let s = stats(&storm.doc, 0);
+    eprintln!("pmistorm: {p:?}; {s}");
     assert!(p.num("pmis") >= 1.0, "{p:?}");
     assert_eq!(
         p.num("nostatus"),
@@ -430,23 +454,13 @@ fn a_pmi_storm_of_period_one_is_throttled_and_the_guest_runs_on() {
     assert_eq!(result(&r, 0, "detect").get("msr_probe"), "ok");
     // Throttled like host perf: no period below 50 us of guest time, so at
     // most 20 000 overflow signals per second and counter.
-    let s = stats(&end_doc, 0);
     assert!(num(&s["throttles"]) > 0, "{s}");
     let counters = p.num("counters");
     assert!(
-        (num(&s["overflow_signals"]) as f64) < wall.as_secs_f64() * 20_000.0 * counters,
+        (num(&s["overflow_signals"]) as f64) < storm.wall.as_secs_f64() * 20_000.0 * counters,
         "{s}"
     );
-    assert_eq!(watched.failures, 0);
-    assert!(
-        watched.max_latency() < Duration::from_secs(1),
-        "{watched:?}"
-    );
-    let cpu = after.cpu.saturating_sub(before.cpu);
-    assert!(
-        cpu.as_secs_f64() <= 1.3 * wall.as_secs_f64() + 0.5,
-        "{cpu:?}"
-    );
+    storm.assert_vmm_stayed_well();
 }
 
 #[test]
@@ -1123,9 +1137,9 @@ fn fifty_runs_over_every_exit_path_leak_no_descriptor_thread_or_socket() {
     let (triple, hang) = (triple.to_str().unwrap(), hang.to_str().unwrap());
     let fds_before = vm_descriptors();
     let mut codes = BTreeMap::new();
-    for round in 0..40 {
+    for round in 0..50 {
         let serial = ["--serial", "none", "--api-socket", &sock_s];
-        let code = match round % 8 {
+        let code = match round % 10 {
             // The guest resets (the probe, with the vPMU counting).
             0..=2 => in_process(
                 &[
@@ -1153,6 +1167,29 @@ fn fifty_runs_over_every_exit_path_leak_no_descriptor_thread_or_socket() {
             ),
             // Bad input found early.
             6 => in_process(&[&serial[..], &["--vpmu-version", "9"]].concat()),
+            // The guest resets and boots again in a fresh VM, again and
+            // again, until --timeout.
+            7 => in_process(
+                &[
+                    &serial[..],
+                    &["--vpmu", "on", "--on-reset", "reboot", "--timeout", "0.8"],
+                    &["--cmdline", "probe.tests=cycles probe.cycles_ms=10"],
+                ]
+                .concat(),
+            ),
+            // Two vCPUs, the guest resets.
+            8 => in_process(
+                &[
+                    &serial[..],
+                    &[
+                        "--vcpus",
+                        "2",
+                        "--cmdline",
+                        "probe.tests=detect probe.cpus=all",
+                    ],
+                ]
+                .concat(),
+            ),
             // SIGTERM (to this process: the VMM's handler takes it).
             _ => {
                 let path = sock.clone();
@@ -1196,9 +1233,9 @@ fn fifty_runs_over_every_exit_path_leak_no_descriptor_thread_or_socket() {
             "round {round} (exit {code}): descriptors left"
         );
     }
-    assert_eq!(codes.get(&0), Some(&15), "{codes:?}");
+    assert_eq!(codes.get(&0), Some(&20), "{codes:?}");
     assert_eq!(codes.get(&1), Some(&5), "{codes:?}");
-    assert_eq!(codes.get(&3), Some(&5), "{codes:?}");
+    assert_eq!(codes.get(&3), Some(&10), "{codes:?}");
     assert_eq!(codes.get(&2), Some(&10), "{codes:?}");
     assert_eq!(codes.get(&(128 + libc::SIGTERM)), Some(&5), "{codes:?}");
 
@@ -1231,4 +1268,37 @@ fn fifty_runs_over_every_exit_path_leak_no_descriptor_thread_or_socket() {
         );
     }
     assert_eq!(vm_descriptors(), fds_before);
+
+    // Within one process: reboot after reboot (a fresh VM each time), the
+    // VMM's descriptors and threads stay where they were.
+    let child = common::vmm()
+        .args(["--serial", "none", "--vpmu", "on", "--on-reset", "reboot"])
+        .args(["--cmdline", "probe.tests=cycles probe.cycles_ms=10"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    std::thread::sleep(Duration::from_millis(300));
+    let samples: Vec<Proc> = (0..30)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            Proc::of(pid)
+        })
+        .collect();
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let o = child.wait_with_output().unwrap();
+    let err = common::stderr(&o);
+    assert_eq!(o.status.code(), Some(128 + libc::SIGTERM), "{err}");
+    let reboots = err.matches("guest reset: reboot").count();
+    let fds: Vec<usize> = samples.iter().map(|p| p.fds).collect();
+    let threads: Vec<usize> = samples.iter().map(|p| p.threads).collect();
+    eprintln!("{reboots} reboots; descriptors {fds:?}; threads {threads:?}");
+    assert!(reboots >= 5, "{err}");
+    let (min, max) = (fds.iter().min().unwrap(), fds.iter().max().unwrap());
+    assert!(
+        max - min <= 10,
+        "descriptors {fds:?} over {reboots} reboots"
+    );
+    assert!(threads.iter().all(|&t| t <= 3), "threads {threads:?}");
 }

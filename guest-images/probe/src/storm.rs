@@ -177,6 +177,37 @@ fn arm(mode: u32, counter: u32, period: u64) {
     st.mode.store(mode, Ordering::Release);
 }
 
+/// What the handlers counted up to a stop, and the PMIs after it.
+struct Counts {
+    pmis: u64,
+    nostatus: u64,
+    bits: u64,
+    handler_tsc: u64,
+    handler_gp: u64,
+    late: u64,
+}
+
+/// Call right after stopping the counters (mode `MODE_COUNT`): takes the
+/// counts, then waits a quarter of the `ms` window for late PMIs (one
+/// raised before the stop may still arrive, on hardware too; more would be
+/// PMIs without an overflow) and disarms the handler.
+fn settle(ms: u64) -> Counts {
+    let st = state();
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let mut counts = Counts {
+        pmis: load(&st.pmis),
+        nostatus: load(&st.nostatus),
+        bits: load(&st.bits),
+        handler_tsc: load(&st.handler_tsc),
+        handler_gp: load(&st.handler_gp),
+        late: 0,
+    };
+    time::spin_tsc(time::ms_to_tsc(ms / 4 + 1));
+    counts.late = load(&st.pmis) - counts.pmis;
+    st.mode.store(MODE_IDLE, Ordering::Release);
+    counts
+}
+
 /// The NMI handler's entry for these tests; `false` when none is armed on
 /// this vCPU (the other handlers get the NMI).
 pub fn handle_nmi() -> bool {
@@ -719,14 +750,14 @@ fn pmi_storm(params: &Params, cpu: u32, p: &Pmu) {
     if fixed > 0 {
         wr_count(intel::FIXED_CTR_CTRL, 0, &mut gp);
     }
-    let pmis = st.pmis.load(Ordering::Relaxed);
-    let nostatus = st.nostatus.load(Ordering::Relaxed);
-    let bits = st.bits.load(Ordering::Relaxed);
-    let handler_tsc = st.handler_tsc.load(Ordering::Relaxed);
-    let handler_gp = st.handler_gp.load(Ordering::Relaxed);
-    time::spin_tsc(time::ms_to_tsc(params.ms / 4 + 1));
-    let late = st.pmis.load(Ordering::Relaxed) - pmis;
-    st.mode.store(MODE_IDLE, Ordering::Release);
+    let Counts {
+        pmis,
+        nostatus,
+        bits,
+        handler_tsc,
+        handler_gp,
+        late,
+    } = settle(params.ms);
     out!(
         "cpu=",
         cpu,
@@ -985,13 +1016,13 @@ fn inflight(params: &Params, cpu: u32, p: &Pmu, i: u32) {
     if let Some(g) = global {
         wr_count(g, 0, &mut gp);
     }
-    let pmis = st.pmis.load(Ordering::Relaxed);
-    let nostatus = st.nostatus.load(Ordering::Relaxed);
-    // A PMI raised before the stop may still arrive (hardware too); more
-    // than one would be a PMI without an overflow.
-    time::spin_tsc(time::ms_to_tsc(params.ms / 4 + 1));
-    let late = st.pmis.load(Ordering::Relaxed) - pmis;
-    st.mode.store(MODE_IDLE, Ordering::Release);
+    let Counts {
+        pmis,
+        nostatus,
+        handler_gp,
+        late,
+        ..
+    } = settle(params.ms);
     out!(
         "cpu=",
         cpu,
@@ -1014,7 +1045,7 @@ fn inflight(params: &Params, cpu: u32, p: &Pmu, i: u32) {
         " gp=",
         gp,
         " handler_gp=",
-        st.handler_gp.load(Ordering::Relaxed),
+        handler_gp,
         " unexpected_nmis=",
         percpu::this_cpu().nmis_unexpected.load(Ordering::Relaxed)
     );

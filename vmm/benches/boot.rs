@@ -4,14 +4,15 @@
 //!
 //! `cargo bench -p vmm --bench boot`
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 const ROUNDS: usize = 15;
 
 /// Runs vmm once; returns (wall ms, peak RSS KiB).
-// The child is reaped with wait4(), which also gives its rusage.
-#[allow(clippy::zombie_processes)]
 fn run_once(args: &[&str]) -> (f64, i64) {
     let start = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
@@ -21,18 +22,12 @@ fn run_once(args: &[&str]) -> (f64, i64) {
         .stderr(Stdio::null())
         .spawn()
         .expect("starting vmm");
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child; status and usage are valid pointers.
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    let wall = start.elapsed().as_secs_f64() * 1000.0;
-    assert_eq!(pid, child.id() as i32, "wait4");
+    let (status, rss, wall) = common::wait_with_peak_rss(child, start);
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "vmm {args:?} failed: {status:#x}"
     );
-    (wall, usage.ru_maxrss)
+    (wall.as_secs_f64() * 1000.0, rss)
 }
 
 fn summary(name: &str, samples: &mut [(f64, i64)]) {

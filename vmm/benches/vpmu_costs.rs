@@ -13,6 +13,9 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -47,8 +50,6 @@ fn tmp_path(name: &str) -> PathBuf {
 }
 
 /// Runs vmm; panics unless the guest reset cleanly.
-// The child is reaped with waitpid().
-#[allow(clippy::zombie_processes)]
 fn run_vmm(vpmu_on: bool, vcpus: u32, cmdline: &str, trace: bool) -> Run {
     let trace_path = tmp_path("trace");
     let out_path = tmp_path("out");
@@ -66,28 +67,7 @@ fn run_vmm(vpmu_on: bool, vcpus: u32, cmdline: &str, trace: bool) -> Run {
         cmd.arg("--bench-trace").arg(&trace_path);
     }
     let child = cmd.spawn().expect("starting vmm");
-    let pid = child.id() as i32;
-    // Peak RSS from the child's own VmHWM, polled until it exits: wait4's
-    // ru_maxrss would include this process's RSS, which a forked child
-    // inherits as its high-water mark.
-    let mut hwm_kib = 0;
-    let mut status = 0;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-            let hwm = text
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok());
-            hwm_kib = hwm_kib.max(hwm.unwrap_or(0));
-        }
-        // SAFETY: polls our own child; status is a valid pointer.
-        let done = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        assert!(done >= 0, "waitpid");
-        if done == pid {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let (status, hwm_kib, _) = common::wait_with_peak_rss(child, std::time::Instant::now());
     let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
     let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
     assert!(

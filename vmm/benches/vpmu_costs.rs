@@ -14,7 +14,7 @@
 mod common;
 
 #[path = "common/mod.rs"]
-mod common;
+mod bench_common;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -67,7 +67,7 @@ fn run_vmm(vpmu_on: bool, vcpus: u32, cmdline: &str, trace: bool) -> Run {
         cmd.arg("--bench-trace").arg(&trace_path);
     }
     let child = cmd.spawn().expect("starting vmm");
-    let (status, hwm_kib, _) = common::wait_with_peak_rss(child, std::time::Instant::now());
+    let (status, hwm_kib, _) = bench_common::wait_with_peak_rss(child, std::time::Instant::now());
     let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
     let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
     assert!(

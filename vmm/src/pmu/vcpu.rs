@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::seams::{self, HostBackend};
 use super::{PmuPlan, Rdpmc};
 use crate::arch::layout::APIC_DEFAULT_BASE;
-use crate::arch::regs::{lapic_reg, set_lapic_reg};
+use crate::arch::regs::lapic_reg;
 use crate::export::{Export, VcpuView};
 
 /// LVT performance counter register in the LAPIC page.
@@ -26,6 +26,8 @@ const LVT_DELIVERY_MODE: u32 = 0x700;
 const LVT_DELIVERY_FIXED: u32 = 0;
 const LVT_DELIVERY_NMI: u32 = 0x400;
 const LVT_VECTOR: u32 = 0xff;
+/// LVTPC as an x2APIC MSR (0x800 + 0x340 / 16).
+const X2APIC_LVTPC_MSR: u32 = 0x834;
 
 /// How PMIs reached the guest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -38,6 +40,9 @@ pub struct PmiDelivery {
     /// LVTPC in a mode a PMI cannot use (SMI, INIT, ExtINT...).
     pub unsupported_mode: u64,
     pub failed: u64,
+    /// Intel model, xAPIC mode: LVTPC was left unmasked after a PMI (see
+    /// `mask_lvtpc`).
+    pub mask_skipped: u64,
 }
 
 /// A vCPU's vPMU and how it reaches KVM.
@@ -191,7 +196,7 @@ impl VcpuPmu {
 
     /// Delivers one PMI the way the guest's LVTPC asks.
     fn deliver_pmi(&mut self, vcpu: &VcpuFd, vm: &VmFd) {
-        let Ok(mut lapic) = vcpu.get_lapic() else {
+        let Ok(lapic) = vcpu.get_lapic() else {
             self.delivery.failed += 1;
             return;
         };
@@ -236,10 +241,27 @@ impl VcpuPmu {
         if !delivered {
             self.delivery.failed += 1;
         } else if self.mask_lvtpc_on_pmi {
-            set_lapic_reg(&mut lapic.regs, APIC_LVTPC, lvtpc | LVT_MASKED);
-            if vcpu.set_lapic(&lapic).is_err() {
-                self.delivery.failed += 1;
-            }
+            self.mask_lvtpc(vcpu, lvtpc);
+        }
+    }
+
+    /// Sets LVTPC's mask bit, as Intel's LAPIC does when it delivers a PMI.
+    /// Only through the x2APIC register (a host-initiated MSR write of that
+    /// one register): rewriting the whole LAPIC page with KVM_SET_LAPIC
+    /// could drop an interrupt another vCPU sends meanwhile. In xAPIC mode
+    /// the mask is left clear (Linux's handler rewrites LVTPC anyway, and
+    /// NMIs stay blocked until the handler returns); counted as skipped.
+    fn mask_lvtpc(&mut self, vcpu: &VcpuFd, lvtpc: u32) {
+        let entry = kvm_bindings::kvm_msr_entry {
+            index: X2APIC_LVTPC_MSR,
+            data: u64::from(lvtpc | LVT_MASKED),
+            ..Default::default()
+        };
+        let written = Msrs::from_entries(&[entry])
+            .ok()
+            .and_then(|msrs| vcpu.set_msrs(&msrs).ok());
+        if written != Some(1) {
+            self.delivery.mask_skipped += 1;
         }
     }
 

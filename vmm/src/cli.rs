@@ -253,6 +253,14 @@ where
 
 fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
     let config = args.config();
+    // A trace that cannot be written is bad input: say so before the guest
+    // runs, not after.
+    if let Some(path) = &config.bench.trace {
+        std::fs::File::create(path).map_err(|source| StartError::Io {
+            what: format!("cannot create the benchmark trace {}", path.display()),
+            source,
+        })?;
+    }
     let vm = Vm::build(&config)?;
     for note in &vm.pmu.notes {
         eprintln!("vmm: {note}");

@@ -4,129 +4,27 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{Ended, Running as Vm};
 use serde_json::Value;
 
-/// A `vmm` running the probe with its API socket, its serial output
-/// collected line by line.
-struct Vm {
-    child: Option<Child>,
-    sock: PathBuf,
-    lines: Arc<Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Vm {
-    fn start(cmdline: &str, extra: &[&str]) -> Vm {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("api.sock");
-        let mut child = common::vmm()
-            .args(["--vpmu", "on", "--timeout", "120", "--cmdline", cmdline])
-            .args(extra)
-            .arg("--api-socket")
-            .arg(&sock)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().unwrap();
-        let sink = lines.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        common::wait_for_api(&sock);
-        Vm {
-            child: Some(child),
-            sock,
-            lines,
-            reader: Some(reader),
-            _dir: dir,
+/// Waits until counter 0 of each of the first `vcpus` vCPUs counted.
+fn wait_counting(vm: &Vm, vcpus: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let doc = vm.vpmu();
+        if (0..vcpus).all(|vcpu| counted(&doc, vcpu, 0) > 0) {
+            return;
         }
-    }
-
-    fn has_line(&self, needle: &str) -> bool {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(needle))
-    }
-
-    /// Waits for a serial line containing `needle`.
-    fn wait_line(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.has_line(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} line within {timeout:?}: {:?}",
-                self.lines.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Waits until counter 0 of each of the first `vcpus` vCPUs counted.
-    fn wait_counting(&self, vcpus: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let doc = self.vpmu();
-            if (0..vcpus).all(|vcpu| counted(&doc, vcpu, 0) > 0) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "the counters never ran: {doc}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// GET /vpmu, parsed.
-    fn vpmu(&self) -> Value {
-        let (status, body) = common::api(&self.sock, "GET", "/vpmu").unwrap();
-        assert_eq!(status, 200, "{body}");
-        serde_json::from_str(&body).unwrap()
-    }
-
-    /// Stops the VMM with SIGTERM and waits for it to end.
-    fn finish_by_signal(self) -> (Option<i32>, String, String) {
-        let pid = self.child.as_ref().unwrap().id().to_string();
-        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(status.success());
-        self.finish()
-    }
-
-    /// Waits for the VMM to end; returns (exit code, serial output, stderr).
-    fn finish(mut self) -> (Option<i32>, String, String) {
-        let mut child = self.child.take().unwrap();
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        let status = child.wait().unwrap();
-        self.reader.take().unwrap().join().unwrap();
-        let out = self.lines.lock().unwrap().join("\n");
-        (status.code(), out, err)
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        assert!(Instant::now() < deadline, "the counters never ran: {doc}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -158,7 +56,7 @@ fn export_grows_while_the_guest_counts_and_ends_equal_to_its_readings() {
         &["--vcpus", "2"],
     );
     let mut seen: Vec<u64> = Vec::new();
-    while !vm.has_line("probe: hold") {
+    while !vm.printed("probe: hold") {
         let doc = vm.vpmu();
         if let Some(t) = cycles_total(&doc) {
             seen.push(num(&t["count"]));
@@ -178,7 +76,11 @@ fn export_grows_while_the_guest_counts_and_ends_equal_to_its_readings() {
     // The guest holds with its counters cleared: the totals keep what
     // they counted.
     let doc = vm.vpmu();
-    let (code, out, err) = vm.finish();
+    let Ended {
+        code,
+        stdout: out,
+        stderr: err,
+    } = vm.finish();
     assert_eq!(code, Some(0), "{err}");
     let results = common::probe_results(&out);
     let total = cycles_total(&doc).unwrap_or_else(|| panic!("{doc}"));
@@ -278,8 +180,7 @@ fn totals_survive_guest_reboots() {
         &["--on-reset", "reboot"],
     );
     let holds = |vm: &Vm| {
-        let lines = vm.lines.lock().unwrap();
-        lines
+        vm.serial_lines()
             .iter()
             .filter(|l| l.starts_with("probe: hold"))
             .count()
@@ -292,9 +193,7 @@ fn totals_survive_guest_reboots() {
     // The second boot holds: its reading and the first boot's are final.
     let doc = vm.vpmu();
     let readings: Vec<u64> = vm
-        .lines
-        .lock()
-        .unwrap()
+        .serial_lines()
         .iter()
         .filter_map(|l| common::probe_results(l).into_iter().next())
         .filter(|r| r.test == "cycles")
@@ -308,7 +207,9 @@ fn totals_survive_guest_reboots() {
         "the VM total is both boots' readings: {total}"
     );
     assert_eq!(num(&total["contexts"]), 2, "{total}");
-    let (code, _, err) = vm.finish_by_signal();
+    let Ended {
+        code, stderr: err, ..
+    } = vm.terminate();
     assert_eq!(code, Some(128 + 15), "{err}");
     assert!(err.contains("guest reset: reboot 2"), "{err}");
 }
@@ -321,13 +222,17 @@ fn metrics_parse_with_a_prometheus_text_parser() {
         "probe.tests=cycles probe.cpus=all probe.cycles_ms=500 probe.hold_ms=3000",
         &["--vcpus", "2"],
     );
-    vm.wait_counting(2);
+    wait_counting(&vm, 2);
     let (status, running) = common::api(&vm.sock, "GET", "/metrics").unwrap();
     assert_eq!(status, 200);
-    vm.wait_line("probe: hold", Duration::from_secs(30));
+    vm.wait_serial("probe: hold", Duration::from_secs(30));
     let (status, held) = common::api(&vm.sock, "GET", "/metrics").unwrap();
     assert_eq!(status, 200);
-    let (code, out, err) = vm.finish();
+    let Ended {
+        code,
+        stdout: out,
+        stderr: err,
+    } = vm.finish();
     assert_eq!(code, Some(0), "{err}");
 
     for text in [&running, &held] {
@@ -409,7 +314,7 @@ fn pause_and_resume_through_the_api_stop_and_restart_counting() {
         "probe.tests=cycles probe.cycles_ms=4000 probe.hold_ms=500",
         &[],
     );
-    vm.wait_counting(1);
+    wait_counting(&vm, 1);
     std::thread::sleep(Duration::from_millis(200));
     let (status, body) = common::api(&vm.sock, "PUT", "/vm/pause").unwrap();
     assert_eq!(status, 200, "{body}");
@@ -436,7 +341,11 @@ fn pause_and_resume_through_the_api_stop_and_restart_counting() {
         "counting goes on after resume: {} vs {c1}",
         counted(&resumed, 0, 0)
     );
-    let (code, out, err) = vm.finish();
+    let Ended {
+        code,
+        stdout: out,
+        stderr: err,
+    } = vm.finish();
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("test=cycles"), "{out}");
 }
@@ -447,7 +356,7 @@ fn pause_and_resume_through_the_api_stop_and_restart_counting() {
 /// programming, the PMI period, requests, failed requests).
 fn pmi_run(scrapers: usize, scrape: Duration) -> (f64, f64, f64, u64, u64) {
     let vm = Vm::start("probe.tests=pmi probe.pmi_ms=11000 probe.hold_ms=3000", &[]);
-    vm.wait_line("probe: cpus_online", Duration::from_secs(30));
+    vm.wait_serial("probe: cpus_online", Duration::from_secs(30));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..scrapers)
@@ -472,9 +381,13 @@ fn pmi_run(scrapers: usize, scrape: Duration) -> (f64, f64, f64, u64, u64) {
     std::thread::sleep(scrape);
     stop.store(true, Ordering::Relaxed);
     clients.into_iter().for_each(|c| c.join().unwrap());
-    vm.wait_line("probe: hold", Duration::from_secs(60));
+    vm.wait_serial("probe: hold", Duration::from_secs(60));
     let doc = vm.vpmu();
-    let (code, out, err) = vm.finish();
+    let Ended {
+        code,
+        stdout: out,
+        stderr: err,
+    } = vm.finish();
     assert_eq!(code, Some(0), "{err}");
     let results = common::probe_results(&out);
     let p = common::result(&results, 0, "pmi");
@@ -663,7 +576,11 @@ fn malformed_requests_are_refused_and_the_vmm_keeps_running() {
     }
     let doc = vm.vpmu();
     assert!(doc["vcpus"][0]["vpmu"]["counters"].is_array());
-    let (code, out, err) = vm.finish();
+    let Ended {
+        code,
+        stdout: out,
+        stderr: err,
+    } = vm.finish();
     assert_eq!(code, Some(0), "{err}");
     let results = common::probe_results(&out);
     assert!(common::result(&results, 0, "cycles").num("cycles") > 0.0);
@@ -682,7 +599,7 @@ fn vmm_stat_shows_the_counters_per_vcpu_and_total() {
         &["--vcpus", "2"],
     );
     let sock = vm.sock.to_str().unwrap().to_string();
-    vm.wait_counting(2);
+    wait_counting(&vm, 2);
     let o = stat(&[
         "--api-socket",
         &sock,
@@ -727,7 +644,9 @@ fn vmm_stat_shows_the_counters_per_vcpu_and_total() {
             .any(|l| l.starts_with("total") && l.contains("cycles")),
         "{text}"
     );
-    let (code, _, err) = vm.finish();
+    let Ended {
+        code, stderr: err, ..
+    } = vm.finish();
     assert_eq!(code, Some(0), "{err}");
 }
 

@@ -13,116 +13,27 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{probe_results, result, ProbeResult};
+use common::{result, Ended, ProbeResult, Running};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------
-// A running VMM seen from outside.
+// A running VMM seen from outside (`common::Running`), and what /proc says.
 
-/// A `vmm` with the probe, its API socket, and its output collected.
-struct Running {
-    child: Child,
-    pid: u32,
-    sock: PathBuf,
-    /// The serial output so far.
-    serial: Arc<Mutex<String>>,
-    stdout: Option<JoinHandle<String>>,
-    stderr: Option<JoinHandle<String>>,
-    _dir: tempfile::TempDir,
+/// What these tests look at in a running VMM beyond its API.
+trait ProcView {
+    fn proc(&self) -> Proc;
+    fn settled(&self) -> Proc;
+    fn thread(&self, name: &str) -> i32;
 }
 
-/// How a VMM run ended.
-struct Ended {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Ended {
-    fn results(&self) -> Vec<ProbeResult> {
-        probe_results(&self.stdout)
-    }
-
-    fn assert_reset(&self) {
-        assert_eq!(
-            self.code,
-            Some(0),
-            "the guest did not reset; stderr: {}\nstdout: {}",
-            self.stderr,
-            self.stdout
-        );
-    }
-}
-
-/// Reads `pipe` to its end, also into `sofar` as it comes.
-fn collect(mut pipe: impl Read + Send + 'static, sofar: Arc<Mutex<String>>) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n @ 1..) = pipe.read(&mut chunk) {
-            sofar
-                .lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&chunk[..n]));
-        }
-        let text = sofar.lock().unwrap().clone();
-        text
-    })
-}
-
-impl Running {
-    fn start(cmdline: &str, flags: &[&str], env: &[(&str, &str)]) -> Running {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("api.sock");
-        let mut child = common::vmm()
-            .args(["--vpmu", "on", "--timeout", "120", "--cmdline", cmdline])
-            .args(flags)
-            .arg("--api-socket")
-            .arg(&sock)
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let serial = Arc::new(Mutex::new(String::new()));
-        let stdout = collect(child.stdout.take().unwrap(), serial.clone());
-        let stderr = collect(child.stderr.take().unwrap(), Default::default());
-        common::wait_for_api(&sock);
-        Running {
-            pid: child.id(),
-            child,
-            sock,
-            serial,
-            stdout: Some(stdout),
-            stderr: Some(stderr),
-            _dir: dir,
-        }
-    }
-
-    /// Waits until the guest printed `needle`.
-    fn wait_serial(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.serial.lock().unwrap().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} within {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn vpmu(&self) -> Value {
-        let (status, body) = common::api(&self.sock, "GET", "/vpmu").expect("GET /vpmu");
-        assert_eq!(status, 200, "{body}");
-        serde_json::from_str(&body).unwrap()
-    }
-
+impl ProcView for Running {
     fn proc(&self) -> Proc {
         Proc::of(self.pid)
     }
@@ -154,22 +65,6 @@ impl Running {
             .find(|(_, n)| n == name)
             .unwrap_or_else(|| panic!("no thread {name} in {:?}", threads(self.pid)))
             .0
-    }
-
-    fn finish(mut self) -> Ended {
-        let status = self.child.wait().unwrap();
-        Ended {
-            code: status.code(),
-            stdout: self.stdout.take().unwrap().join().unwrap(),
-            stderr: self.stderr.take().unwrap().join().unwrap(),
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -347,7 +242,7 @@ struct Storm {
 
 impl Storm {
     fn run(cmdline: &str, every: Duration) -> Storm {
-        let vm = Running::start(cmdline, &[], &[]);
+        let vm = Running::start_with_env(cmdline, &[], &[]);
         let before = vm.proc();
         let started = Instant::now();
         let watch = Watch::start(&vm, every);
@@ -562,7 +457,7 @@ fn refused_perf_events_are_unbacked_logged_once_and_recover() {
     std::fs::write(&fault, "ENOENT").unwrap();
     // The guest reprograms its sampling counter about a thousand times a
     // second: every reprogramming is an open the host refuses.
-    let vm = Running::start(
+    let vm = Running::start_with_env(
         "probe.tests=inflight,detect probe.storm_ms=6000 probe.hold_ms=200",
         &[],
         &[("VMM_TEST_PERF_FAULT", fault.to_str().unwrap())],
@@ -661,7 +556,7 @@ fn tgkill(pid: u32, tid: i32, signal: i32) -> bool {
 fn signal_storms_on_the_vcpu_thread_change_nothing() {
     require_kvm!();
     let _serial = common::timing_lock();
-    let vm = Running::start(
+    let vm = Running::start_with_env(
         "probe.tests=pmi,cycles probe.pmi_ms=600 probe.cycles_ms=600 probe.hold_ms=200",
         &[],
         &[],
@@ -714,7 +609,7 @@ fn signal_storms_on_the_vcpu_thread_change_nothing() {
 fn vanished_api_clients_change_nothing() {
     require_kvm!();
     let _serial = common::timing_lock();
-    let vm = Running::start(
+    let vm = Running::start_with_env(
         "probe.tests=cycles probe.cycles_ms=1500 probe.hold_ms=500",
         &[],
         &[],
@@ -790,7 +685,7 @@ fn vanished_api_clients_change_nothing() {
 /// Runs `observe` for `event` under `policy`; returns its line and the
 /// final /vpmu document.
 fn observe(policy: &str, event: &str) -> (ProbeResult, Value) {
-    let vm = Running::start(
+    let vm = Running::start_with_env(
         &format!("probe.tests=observe probe.storm_event={event} probe.storm_ms=400"),
         &["--vpmu-events", policy],
         &[],
@@ -856,7 +751,7 @@ fn exits_run(delay_us: Option<&str>, scrape: bool) -> ProbeResult {
     let env: Vec<(&str, &str)> = delay_us
         .map(|d| vec![("VMM_TEST_EXIT_DELAY_US", d)])
         .unwrap_or_default();
-    let vm = Running::start(
+    let vm = Running::start_with_env(
         "probe.tests=exits probe.storm_exits=200 probe.storm_spin_us=1000",
         &[],
         &env,
@@ -1030,7 +925,7 @@ fn raw_request(sock: &Path, raw: &[u8]) -> Option<u16> {
 #[test]
 fn every_api_request_with_a_bad_method_path_or_form_gets_a_4xx() {
     require_kvm!();
-    let vm = Running::start(
+    let vm = Running::start_with_env(
         "probe.tests=cycles probe.cycles_ms=1000 probe.hold_ms=300",
         &[],
         &[],

@@ -3,7 +3,10 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// The `vmm` binary under test.
 pub fn vmm() -> Command {
@@ -216,4 +219,155 @@ pub fn wait_for_api(path: &Path) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     panic!("API socket {} never answered", path.display());
+}
+
+/// A `vmm` running the probe with `--vpmu on` and an API socket, its output
+/// collected as it comes; killed if dropped while running.
+pub struct Running {
+    child: Child,
+    pub pid: u32,
+    pub sock: PathBuf,
+    /// The serial output so far.
+    serial: Arc<Mutex<String>>,
+    stdout: Option<JoinHandle<String>>,
+    stderr: Option<JoinHandle<String>>,
+    _dir: tempfile::TempDir,
+}
+
+/// How a VMM run ended.
+pub struct Ended {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ended {
+    pub fn results(&self) -> Vec<ProbeResult> {
+        probe_results(&self.stdout)
+    }
+
+    pub fn assert_reset(&self) {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "the guest did not reset; stderr: {}\nstdout: {}",
+            self.stderr,
+            self.stdout
+        );
+    }
+}
+
+/// Reads `pipe` to its end, also into `sofar` as it comes.
+fn collect(
+    mut pipe: impl std::io::Read + Send + 'static,
+    sofar: Arc<Mutex<String>>,
+) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+            sofar
+                .lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+        let text = sofar.lock().unwrap().clone();
+        text
+    })
+}
+
+impl Running {
+    /// Starts the probe with `cmdline`, extra `flags` and environment.
+    pub fn start_with_env(cmdline: &str, flags: &[&str], env: &[(&str, &str)]) -> Running {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let mut child = vmm()
+            .args(["--vpmu", "on", "--timeout", "120", "--cmdline", cmdline])
+            .args(flags)
+            .arg("--api-socket")
+            .arg(&sock)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let serial = Arc::new(Mutex::new(String::new()));
+        let stdout = collect(child.stdout.take().unwrap(), serial.clone());
+        let stderr = collect(child.stderr.take().unwrap(), Default::default());
+        wait_for_api(&sock);
+        Running {
+            pid: child.id(),
+            child,
+            sock,
+            serial,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            _dir: dir,
+        }
+    }
+
+    pub fn start(cmdline: &str, flags: &[&str]) -> Running {
+        Self::start_with_env(cmdline, flags, &[])
+    }
+
+    /// The serial output so far, line by line.
+    pub fn serial_lines(&self) -> Vec<String> {
+        self.serial
+            .lock()
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    /// Whether the guest printed `needle` yet.
+    pub fn printed(&self, needle: &str) -> bool {
+        self.serial.lock().unwrap().contains(needle)
+    }
+
+    /// Waits until the guest printed `needle`.
+    pub fn wait_serial(&self, needle: &str, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.serial.lock().unwrap().contains(needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {needle:?} within {timeout:?}: {}",
+                self.serial.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// GET /vpmu, parsed.
+    pub fn vpmu(&self) -> serde_json::Value {
+        let (status, body) = api(&self.sock, "GET", "/vpmu").expect("GET /vpmu");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Waits for the VMM to end.
+    pub fn finish(mut self) -> Ended {
+        let status = self.child.wait().unwrap();
+        Ended {
+            code: status.code(),
+            stdout: self.stdout.take().unwrap().join().unwrap(),
+            stderr: self.stderr.take().unwrap().join().unwrap(),
+        }
+    }
+
+    /// Stops the VMM with SIGTERM and waits for it to end.
+    pub fn terminate(self) -> Ended {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.finish()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -23,6 +23,15 @@ fn escape(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The labels that name a guest counter: `vcpu`, `counter`, `event`.
+fn counter_labels(view: &VcpuView, c: &CounterSnapshot) -> [(&'static str, String); 3] {
+    [
+        ("vcpu", view.index.to_string()),
+        ("counter", counter_label(c)),
+        ("event", event_label(c)),
+    ]
+}
+
 fn counter_label(c: &CounterSnapshot) -> String {
     match c.kind {
         CounterKind::Gp => format!("gp{}", c.index),
@@ -160,12 +169,7 @@ pub fn render(views: &[Arc<VcpuView>], export: &Export) -> String {
         f.header(name, kind, help);
         for view in views {
             for c in &view.vpmu.counters {
-                let labels = [
-                    ("vcpu", view.index.to_string()),
-                    ("counter", counter_label(c)),
-                    ("event", event_label(c)),
-                ];
-                f.sample(name, &labels, value(c));
+                f.sample(name, &counter_labels(view, c), value(c));
             }
         }
     }
@@ -176,12 +180,8 @@ pub fn render(views: &[Arc<VcpuView>], export: &Export) -> String {
     );
     for view in views {
         for c in &view.vpmu.counters {
-            let labels = [
-                ("vcpu", view.index.to_string()),
-                ("counter", counter_label(c)),
-                ("event", event_label(c)),
-                ("backing", backing_label(&c.backing).to_string()),
-            ];
+            let mut labels = counter_labels(view, c).to_vec();
+            labels.push(("backing", backing_label(&c.backing).to_string()));
             f.sample("vmm_vpmu_counter_backing", &labels, 1);
         }
     }

@@ -509,3 +509,22 @@ fn fake_backend_keeps_notifications_for_sampling_events() {
     pmu.wrmsr(ctl(0), CYCLES).unwrap();
     assert_eq!(pmu.backend().events[0].notify, Some(notify));
 }
+
+#[test]
+fn any_running_follows_the_enables_whatever_backs_the_counter() {
+    for hardware in [true, false] {
+        let mut pmu = vpmu(amd_v2(6), hardware);
+        assert!(!pmu.any_running());
+        // Instructions: hardware-backed, or unbacked without hardware.
+        pmu.wrmsr(ctl(1), 0xc0 | USR | OS | EN).unwrap();
+        assert!(pmu.any_running(), "an enabled counter runs ({hardware})");
+        pmu.wrmsr(AMD_GLOBAL_CTL, 0).unwrap();
+        assert!(
+            !pmu.any_running(),
+            "the global enable stops it ({hardware})"
+        );
+        pmu.wrmsr(AMD_GLOBAL_CTL, 0x3f).unwrap();
+        pmu.wrmsr(ctl(1), (0xc0 | USR | OS) & !EN).unwrap();
+        assert!(!pmu.any_running());
+    }
+}

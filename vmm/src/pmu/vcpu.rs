@@ -139,7 +139,7 @@ impl VcpuPmu {
         let pmi = self.vpmu.take_pending_pmi();
         // The guest may read counters with RDPMC after any PMU MSR exit,
         // in its PMI handler, or at any time while counters run.
-        if self.mirror_rdpmc && (pmi || msr_exit || self.vpmu.exit_hooks_needed()) {
+        if self.mirror_rdpmc && (pmi || msr_exit || self.vpmu.any_running()) {
             self.mirror(vcpu);
         }
         if pmi {

@@ -317,6 +317,13 @@ impl<B: Backend> Vpmu<B> {
         self.clock_running || self.guest_time.in_guest || self.arms_pending
     }
 
+    /// True while any counter runs, whatever backs it: the counters' values
+    /// change under the guest, so a VMM that mirrors them for guest RDPMC
+    /// refreshes the mirror at every exit.
+    pub fn any_running(&self) -> bool {
+        self.counters.iter().any(|c| c.running)
+    }
+
     /// Returns (and clears) whether the VMM must deliver a PMI through the
     /// guest's LVTPC.
     pub fn take_pending_pmi(&mut self) -> bool {

@@ -308,12 +308,13 @@ impl Vcpu {
         let Some(setup) = self.pmu_setup.take() else {
             return Ok(());
         };
-        let pmu = VcpuPmu::new(&setup.plan, self.index, setup.tsc_khz, setup.carried).map_err(
+        let mut pmu = VcpuPmu::new(&setup.plan, self.index, setup.tsc_khz, setup.carried).map_err(
             |message| Outcome::VcpuError {
                 vcpu: self.index,
                 message: format!("cannot build its vPMU: {message}"),
             },
         )?;
+        pmu.trace_pmis = self.bench_trace;
         self.pmu = Some(pmu);
         self.export = Some(setup.export);
         self.publish(false);

@@ -55,9 +55,11 @@ pub struct VcpuPmu {
     /// Intel's LAPIC masks LVTPC when it delivers a PMI; AMD's does not.
     mask_lvtpc_on_pmi: bool,
     pub delivery: PmiDelivery,
-    /// At the last PMI: events the sampling counter had counted past its
-    /// overflow (see `overshoot`), and the host TSC right after the
-    /// injection; the benchmark's latency figures use them.
+    /// `--bench-trace`: stamp each PMI for the latency figures.
+    pub trace_pmis: bool,
+    /// At the last PMI, when traced: events the sampling counter had
+    /// counted past its overflow (see `overshoot`), and the host TSC right
+    /// after the injection.
     pub last_pmi_overshoot: u64,
     pub last_pmi_tsc: u64,
     /// Saved while the VMM holds the vCPU off the CPU (pause).
@@ -101,6 +103,7 @@ impl VcpuPmu {
             mirror_rdpmc: plan.rdpmc == Rdpmc::Mirrored,
             mask_lvtpc_on_pmi: vendor == Vendor::Intel,
             delivery: PmiDelivery::default(),
+            trace_pmis: false,
             last_pmi_overshoot: 0,
             last_pmi_tsc: 0,
             switched_out: None,
@@ -143,7 +146,9 @@ impl VcpuPmu {
             self.mirror(vcpu);
         }
         if pmi {
-            self.last_pmi_overshoot = self.overshoot();
+            if self.trace_pmis {
+                self.last_pmi_overshoot = self.overshoot();
+            }
             self.deliver_pmi(vcpu, vm);
         }
         if self.vpmu.exit_hooks_needed() {
@@ -151,16 +156,17 @@ impl VcpuPmu {
         }
     }
 
-    /// The largest value below half its range of any counter: for a
-    /// sampling counter (armed at minus its period, so its top bit is set
-    /// until it wraps) that just overflowed, the events it counted past the
-    /// overflow before the VMM noticed. Called between exit and entry, when
-    /// reading values costs no host read.
+    /// The largest value below a quarter of its range of any counter: for
+    /// a sampling counter (armed at minus its period, so its top bits are
+    /// set until it wraps) that just overflowed, the events it counted past
+    /// the overflow before the VMM noticed. Called between exit and entry,
+    /// when reading values costs no host read.
     fn overshoot(&mut self) -> u64 {
+        let quarter = 1u64 << (self.vpmu.model().gp_width.saturating_sub(2));
         self.vpmu
             .counter_values()
             .map(|(_, value)| value)
-            .filter(|&value| value < 1 << 46)
+            .filter(|&value| value < quarter)
             .max()
             .unwrap_or(0)
     }
@@ -237,7 +243,9 @@ impl VcpuPmu {
                 return;
             }
         };
-        self.last_pmi_tsc = crate::bench::host_tsc();
+        if self.trace_pmis {
+            self.last_pmi_tsc = crate::bench::host_tsc();
+        }
         if !delivered {
             self.delivery.failed += 1;
         } else if self.mask_lvtpc_on_pmi {

@@ -43,11 +43,17 @@ pub struct VcpuView {
 }
 
 impl VcpuView {
+    /// Counters whose current programming counted (or ran): their counts
+    /// are live, not yet retired.
+    pub fn live_counters(&self) -> impl Iterator<Item = &vpmu::CounterSnapshot> {
+        self.vpmu.counters.iter().filter(|c| c.ran || c.counted > 0)
+    }
+
     /// This vCPU's totals: ended contexts plus the live ones (counters that
     /// ran with their current programming).
     pub fn totals(&self) -> EventTotals {
         let mut totals = self.retired.clone();
-        for c in self.vpmu.counters.iter().filter(|c| c.ran || c.counted > 0) {
+        for c in self.live_counters() {
             totals.add(c.programming_id, c.event_name.clone(), c.counted, 0);
         }
         totals
@@ -124,7 +130,7 @@ pub fn vm_totals(views: &[Arc<VcpuView>]) -> Vec<VmTotal> {
             r.retired = r.retired.saturating_add(e.count);
             r.contexts += e.contexts;
         }
-        for c in view.vpmu.counters.iter().filter(|c| c.ran || c.counted > 0) {
+        for c in view.live_counters() {
             let r = row(&mut rows, c.programming_id, c.event_name.as_deref());
             r.live = r.live.saturating_add(c.counted);
             r.live_counters += 1;

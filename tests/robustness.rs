@@ -375,12 +375,15 @@ fn a_pmi_storm_of_period_one_is_throttled_and_the_guest_runs_on() {
     assert_eq!(p.num("unexpected_nmis"), 0.0, "{p:?}");
     assert!(p.num("loop_iters") > 0.0, "the guest's own loop ran: {p:?}");
     assert_eq!(result(&r, 0, "detect").get("msr_probe"), "ok");
-    // Throttled like host perf: no period below 50 us of guest time, so at
-    // most 20 000 overflow signals per second and counter.
+    // Throttled like host perf: the vCPU's counters share a minimum period
+    // of 50 us of thread time, so at most about 20 000 overflow signals per
+    // second for the vCPU, however many counters storm (more once queued
+    // faster than the thread took them, until the kernel fell back on
+    // SIGIO).
     assert!(num(&s["throttles"]) > 0, "{s}");
-    let counters = p.num("counters");
+    assert!(p.num("counters") >= 2.0, "{p:?}");
     assert!(
-        (num(&s["overflow_signals"]) as f64) < storm.wall.as_secs_f64() * 20_000.0 * counters,
+        (num(&s["overflow_signals"]) as f64) < storm.wall.as_secs_f64() * 20_000.0 * 1.2,
         "{s}"
     );
     storm.assert_vmm_stayed_well();
@@ -565,11 +568,13 @@ fn signal_storms_on_the_vcpu_thread_change_nothing() {
     let kick = vmm::kick::kick_signal();
     let overflow = vmm::kick::overflow_signal();
     // About 5 000 signals a second for 2 s: kicks and fake overflow
-    // signals at the vCPU thread, and kicks at the process.
+    // signals at the vCPU thread, and kicks at the process. SIGIO too: the
+    // kernel sends it in place of an overflow signal it could not queue,
+    // and by default it would kill the VMM.
     let mut sent = 0;
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(2) {
-        for signal in [kick, overflow, overflow, kick] {
+        for signal in [kick, overflow, libc::SIGIO, kick] {
             sent += tgkill(pid, vcpu, signal) as u32;
         }
         // SAFETY: kill with plain integers.

@@ -42,10 +42,15 @@ extern "C" fn handle(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
     }
 }
 
-/// Installs the handler for both signals (once per process).
+/// Installs the handler for both signals (once per process), and for
+/// SIGIO: when the queue of real-time signals is full, the kernel sends an
+/// overflow's owner SIGIO instead, whose default action would kill the
+/// VMM. Taken as a kick, it makes the vCPU re-read every counter, which
+/// finds the overflow the lost signal meant.
 pub fn install() -> Result<(), vmm_sys_util::errno::Error> {
     register_signal_handler(kick_signal(), handle)?;
-    register_signal_handler(overflow_signal(), handle)
+    register_signal_handler(overflow_signal(), handle)?;
+    register_signal_handler(libc::SIGIO, handle)
 }
 
 /// Makes kicks of this thread stop its `KVM_RUN`.

@@ -96,8 +96,9 @@
 //! cycles use the task-clock.
 //!
 //! Every counter's host event is armed with its distance to overflow;
-//! periods below [`Limits`] are raised ([`VpmuStats::throttles`]), so a
-//! guest period of 1 cannot flood the vCPU thread with signals. Clock
+//! periods below [`Limits`] (per vCPU: shared by its running counters)
+//! are raised ([`VpmuStats::throttles`]), so a guest period of 1 on every
+//! counter cannot flood the vCPU thread with signals. Clock
 //! events are armed earlier by the host's usual timer lateness, learnt from
 //! how far past their overflow recent signals found counters
 //! ([`VpmuStats::clock_lead_ns`]); a signal that comes early only re-arms.

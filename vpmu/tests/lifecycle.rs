@@ -246,6 +246,35 @@ fn tiny_periods_are_throttled_to_the_host_minimum() {
 }
 
 #[test]
+fn the_minimum_period_is_shared_by_the_running_counters_of_a_vcpu() {
+    let limits = Limits {
+        min_hardware_period: 5_000,
+        min_clock_period_ns: 20_000,
+    };
+    let mut pmu = vpmu(amd_v2(6), true).with_limits(limits);
+    for i in 0..6 {
+        pmu.wrmsr(ctr(i), M48).unwrap();
+        pmu.wrmsr(ctl(i), CYCLES | INT).unwrap();
+    }
+    // Re-armed at a period of 1 with all six running: six times the
+    // minimum each, so that together they signal no more often than one.
+    for i in 0..6 {
+        pmu.wrmsr(ctr(i), M48).unwrap();
+    }
+    let periods: Vec<_> = pmu.backend().open_events().map(|e| e.period).collect();
+    assert_eq!(periods, vec![Some(30_000); 6]);
+    // A counter whose distance is above the shared minimum keeps it.
+    pmu.wrmsr(ctr(0), M48 - 99_999).unwrap();
+    assert_eq!(pmu.backend().events[0].period, Some(100_000));
+    // With one counter left running, the minimum is its own again.
+    for i in 1..6 {
+        pmu.wrmsr(ctl(i), (CYCLES | INT) & !EN).unwrap();
+    }
+    pmu.wrmsr(ctr(0), M48).unwrap();
+    assert_eq!(pmu.backend().events[0].period, Some(5_000));
+}
+
+#[test]
 fn denied_events_are_never_opened_and_read_as_not_counting() {
     let mut pmu = vpmu_with(amd_v2(6), true, "ipc".parse().unwrap());
     pmu.wrmsr(ctl(0), 0xC2 | USR | OS | EN).unwrap();

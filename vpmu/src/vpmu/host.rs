@@ -439,11 +439,27 @@ impl<B: Backend> Vpmu<B> {
                 (ns - lead, self.limits.min_clock_period_ns, ns)
             }
         };
+        // The minimum is per vCPU: the counters that can signal its thread
+        // share it, so that six counters at a period of 1 raise no more
+        // signals than one (each signal costs the thread an exit, which on
+        // a slow host outlasts a single counter's minimum period).
+        let min = min.saturating_mul(self.signalling_counters());
         if period < min {
             self.stats.throttles += 1;
             return (min, distance_ns);
         }
         (period, distance_ns)
+    }
+
+    /// Running counters with a host event, each of which may raise
+    /// overflow signals (at least 1).
+    fn signalling_counters(&self) -> u64 {
+        let n = self
+            .counters
+            .iter()
+            .filter(|c| c.running && c.backing.handle().is_some())
+            .count();
+        n.max(1) as u64
     }
 
     /// Re-arms counter `i`'s host event at its current distance to overflow.

@@ -56,8 +56,9 @@ pub enum Fault {
 
 /// Lower bounds on host sample periods, so that a guest programming a tiny
 /// period cannot flood its vCPU thread with signals (like perf's
-/// `perf_event_max_sample_rate`). Each clamp counts in
-/// [`VpmuStats::throttles`].
+/// `perf_event_max_sample_rate`). The bounds are per vCPU: with n counters
+/// running, each is armed at no less than n times the bound. Each clamp
+/// counts in [`VpmuStats::throttles`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Smallest period of a hardware event, in events.
@@ -68,7 +69,7 @@ pub struct Limits {
 
 impl Default for Limits {
     /// 100 000 events (about 30 us at 3 GHz) and 50 us: at most about
-    /// 20 000-30 000 overflow signals per second and counter.
+    /// 20 000-30 000 overflow signals per second and vCPU.
     fn default() -> Self {
         Self {
             min_hardware_period: 100_000,

@@ -290,8 +290,11 @@ fn a_thread_that_left_its_cpu_reads_the_reference_again() {
     spin(5 * MS); // guest
     pmu.on_guest_exit();
     let value = pmu.rdmsr(AMD_PERF_CTL0 + 1).unwrap();
+    // 2% below: the task clock and the thread CPU clock `spin` reads are
+    // kept by different kernel code and differ by microseconds once the
+    // thread is preempted (5.9995 ms seen with two busy loops on the two cores).
     assert!(
-        value >= cycles_of(6 * MS) && value < cycles_of(8 * MS),
+        value >= cycles_of(6 * MS) * 98 / 100 && value < cycles_of(8 * MS),
         "{value} cycles for 6 ms of guest time"
     );
 }

@@ -204,16 +204,6 @@ fn work_chunk() {
     }
 }
 
-/// Runs `f` and returns the TSC cycles it took, less the KVM steal time
-/// of that interval.
-fn timed(f: impl FnOnce()) -> u64 {
-    let s0 = steal::steal_ns();
-    let t0 = rdtsc();
-    f();
-    let t = rdtsc() - t0;
-    t.saturating_sub(time::ns_to_tsc(steal::steal_ns() - s0))
-}
-
 /// Per-op cycles of each round, and their median.
 struct Rounds {
     v: [u64; MAX_ROUNDS],
@@ -293,12 +283,12 @@ fn bench_msr(params: &Params, cpu: u32, p: &Pmu, counter: u32, usable: bool) {
     for _ in 0..params.rounds {
         for k in 0..4 {
             if let (Some(msr), Some(_)) = (msrs[k], values[k]) {
-                rd[k].push(timed(|| rdmsr_loop(msr, n)) / n);
+                rd[k].push(steal::run_tsc(|| rdmsr_loop(msr, n)) / n);
             }
         }
         for k in 0..4 {
             if let (Some(msr), Some(v)) = (msrs[k], values[k]) {
-                wr[k].push(timed(|| wrmsr_loop(msr, v, n)) / n);
+                wr[k].push(steal::run_tsc(|| wrmsr_loop(msr, v, n)) / n);
             }
         }
     }
@@ -366,7 +356,7 @@ fn bench_io(params: &Params, cpu: u32, p: &Pmu, usable: bool) {
             }
             let running = if usable { start_counters(p, k) } else { 0 };
             mark(params.null_msr, MARK_IO_START, j, round);
-            results[j].push(timed(|| out_loop(params.port, n)) / n);
+            results[j].push(steal::run_tsc(|| out_loop(params.port, n)) / n);
             mark(params.null_msr, MARK_IO_END, j, round);
             if usable {
                 stop_counters(p, running);

@@ -88,3 +88,13 @@ pub fn steal_ns() -> u64 {
         core::hint::spin_loop();
     }
 }
+
+/// Runs `f` and returns the TSC cycles it took less the KVM steal time of
+/// that interval: the time this vCPU actually ran.
+pub fn run_tsc(f: impl FnOnce()) -> u64 {
+    let s0 = steal_ns();
+    let t0 = crate::cpu::rdtsc();
+    f();
+    let t = crate::cpu::rdtsc() - t0;
+    t.saturating_sub(crate::time::ns_to_tsc(steal_ns() - s0))
+}

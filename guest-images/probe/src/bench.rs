@@ -72,6 +72,9 @@ struct Params {
     ms: u64,
     pmi_rounds: usize,
     stamps: usize,
+    /// `bench_pmi`'s handler: `basic` (no freeze, one status read) instead
+    /// of Linux's.
+    basic_handler: bool,
 }
 
 impl Params {
@@ -89,6 +92,7 @@ impl Params {
             ms: 200,
             pmi_rounds: 2,
             stamps: 256,
+            basic_handler: false,
         };
         for tok in raw.split(|b| b.is_ascii_whitespace()) {
             let Some(i) = tok.iter().position(|&b| b == b'=') else {
@@ -107,6 +111,7 @@ impl Params {
                     p.pmi_rounds = (n.unwrap_or(1) as usize).clamp(1, MAX_ROUNDS)
                 }
                 b"probe.bench_stamps" => p.stamps = (n.unwrap_or(0) as usize).min(MAX_STAMPS),
+                b"probe.bench_handler" => p.basic_handler = val == b"basic",
                 b"probe.bench_counters" => {
                     p.ncounters = 0;
                     for part in val.split(|&b| b == b',') {
@@ -139,13 +144,22 @@ impl Params {
 /// Whether `key` (with `value`) is a `probe.bench_*` parameter this module
 /// reads; the command-line parser asks, so that they get no warning.
 pub fn known_key(key: &[u8], value: &[u8]) -> bool {
-    let list = |v: &[u8]| v.split(|&b| b == b',').all(|p| p == b"all" || parse_u64(p).is_some());
+    let list = |v: &[u8]| {
+        v.split(|&b| b == b',')
+            .all(|p| p == b"all" || parse_u64(p).is_some())
+    };
     match key {
         b"probe.bench_counters" => list(value),
         b"probe.bench_rates" => list(value) && !value.split(|&b| b == b',').any(|p| p == b"all"),
-        b"probe.bench_msr" | b"probe.bench_kmsr" | b"probe.bench_port" | b"probe.bench_ops"
-        | b"probe.bench_rounds" | b"probe.bench_ms" | b"probe.bench_pmi_rounds"
+        b"probe.bench_msr"
+        | b"probe.bench_kmsr"
+        | b"probe.bench_port"
+        | b"probe.bench_ops"
+        | b"probe.bench_rounds"
+        | b"probe.bench_ms"
+        | b"probe.bench_pmi_rounds"
         | b"probe.bench_stamps" => parse_u64(value).is_some(),
+        b"probe.bench_handler" => value == b"linux" || value == b"basic",
         _ => false,
     }
 }
@@ -414,6 +428,8 @@ struct BenchCpu {
     status_ok: AtomicU64,
     /// Read the counter with RDPMC instead of RDMSR.
     rdpmc: AtomicBool,
+    /// The basic handler instead of Linux's.
+    basic: AtomicBool,
     /// A self-NMI times the entry path: the handler only stamps.
     calibrating: AtomicBool,
     calibration_stamp: AtomicU64,
@@ -431,6 +447,7 @@ static STATE: [BenchCpu; MAX_CPUS] = [const {
         gps: AtomicU64::new(0),
         status_ok: AtomicU64::new(0),
         rdpmc: AtomicBool::new(false),
+        basic: AtomicBool::new(false),
         calibrating: AtomicBool::new(false),
         calibration_stamp: AtomicU64::new(0),
     }
@@ -473,7 +490,11 @@ pub fn handle_nmi() -> bool {
     }
     let i = st.counter.load(Ordering::Relaxed);
     let period = st.period.load(Ordering::Relaxed);
-    let (accesses, gps, ok) = linux_like_handler(&p, i, period, st.rdpmc.load(Ordering::Relaxed));
+    let handler = Handler {
+        rdpmc: st.rdpmc.load(Ordering::Relaxed),
+        basic: st.basic.load(Ordering::Relaxed),
+    };
+    let (accesses, gps, ok) = handler.run(&p, i, period);
     st.msr_accesses.fetch_add(accesses, Ordering::Relaxed);
     st.gps.fetch_add(gps, Ordering::Relaxed);
     st.status_ok.fetch_add(ok as u64, Ordering::Relaxed);
@@ -482,44 +503,62 @@ pub fn handle_nmi() -> bool {
     true
 }
 
-/// What Linux's PMI handler does for one overflowed counter `i`
-/// (`amd_pmu_v2_handle_irq`, `intel_pmu_handle_irq`, `x86_pmu_handle_irq`
-/// for models without global registers), with RDMSR where Linux uses
-/// RDPMC unless `rdpmc`. Returns (PMU MSR accesses, #GPs, overflow seen).
-fn linux_like_handler(p: &Pmu, i: u32, period: u64, rdpmc: bool) -> (u64, u64, bool) {
-    let mut acc = Access { n: 0, gp: 0 };
-    let bit = 1u64 << i;
-    let rearm = period.wrapping_neg() & p.gp_mask();
-    let (Some(ctl), Some(status), Some(ack)) =
-        (p.global_ctl_msr(), p.global_status_msr(), p.global_ack_msr())
-    else {
-        // Legacy: LVTPC unmasked, the counter read, re-armed if its top
-        // bit is clear (it wrapped).
-        apic::write(apic::REG_LVT_PC, apic::LVT_DM_NMI);
-        let v = read_counter(p, i, rdpmc, &mut acc);
-        let overflowed = v & (1 << (p.gp_width - 1)) == 0;
-        if overflowed {
+/// The benchmark's PMI handler.
+struct Handler {
+    /// Read the counter with RDPMC, as Linux does, instead of RDMSR.
+    rdpmc: bool,
+    /// Only read status, read the counter, write the period, ack and
+    /// re-enable (the handler issue 6 names): no freeze first, no second
+    /// status read on Intel.
+    basic: bool,
+}
+
+impl Handler {
+    /// What Linux's PMI handler does for one overflowed counter `i`
+    /// (`amd_pmu_v2_handle_irq`, `intel_pmu_handle_irq`, `x86_pmu_handle_irq`
+    /// for models without global registers), or the basic handler. Returns
+    /// (PMU MSR accesses, #GPs, overflow seen).
+    fn run(&self, p: &Pmu, i: u32, period: u64) -> (u64, u64, bool) {
+        let rdpmc = self.rdpmc;
+        let mut acc = Access { n: 0, gp: 0 };
+        let bit = 1u64 << i;
+        let rearm = period.wrapping_neg() & p.gp_mask();
+        let (Some(ctl), Some(status), Some(ack)) = (
+            p.global_ctl_msr(),
+            p.global_status_msr(),
+            p.global_ack_msr(),
+        ) else {
+            // Legacy: LVTPC unmasked, the counter read, re-armed if its top
+            // bit is clear (it wrapped).
+            apic::write(apic::REG_LVT_PC, apic::LVT_DM_NMI);
+            let v = read_counter(p, i, rdpmc, &mut acc);
+            let overflowed = v & (1 << (p.gp_width - 1)) == 0;
+            if overflowed {
+                acc.wr(p.ctr_msr(i), rearm);
+            }
+            return (acc.n, acc.gp, overflowed);
+        };
+        if p.kind == Kind::Intel {
+            // Intel: LVTPC unmasked first (the LAPIC masked it on delivery).
+            apic::write(apic::REG_LVT_PC, apic::LVT_DM_NMI);
+        }
+        if !self.basic {
+            // Freeze: Linux stops every counter before looking at them.
+            acc.wr(ctl, 0);
+        }
+        let s = acc.rd(status);
+        read_counter(p, i, rdpmc, &mut acc);
+        if s & bit != 0 {
             acc.wr(p.ctr_msr(i), rearm);
         }
-        return (acc.n, acc.gp, overflowed);
-    };
-    if p.kind == Kind::Intel {
-        // Intel: LVTPC unmasked first (the LAPIC masked it on delivery).
-        apic::write(apic::REG_LVT_PC, apic::LVT_DM_NMI);
+        acc.wr(ack, s);
+        if p.kind == Kind::Intel && !self.basic {
+            // Intel reads the status again for overflows that came meanwhile.
+            acc.rd(status);
+        }
+        acc.wr(ctl, bit);
+        (acc.n, acc.gp, s & bit != 0)
     }
-    acc.wr(ctl, 0);
-    let s = acc.rd(status);
-    read_counter(p, i, rdpmc, &mut acc);
-    if s & bit != 0 {
-        acc.wr(p.ctr_msr(i), rearm);
-    }
-    acc.wr(ack, s);
-    if p.kind == Kind::Intel {
-        // Intel reads the status again for overflows that came meanwhile.
-        acc.rd(status);
-    }
-    acc.wr(ctl, bit);
-    (acc.n, acc.gp, s & bit != 0)
 }
 
 /// PMU MSR accesses of the handler and how many faulted.
@@ -615,6 +654,7 @@ fn bench_pmi(params: &Params, cfg: &Config, cpu: u32, p: &Pmu, usable: bool) {
     let null = params.null_msr;
     st.counter.store(i, Ordering::Relaxed);
     st.rdpmc.store(cfg.rdpmc, Ordering::Relaxed);
+    st.basic.store(params.basic_handler, Ordering::Relaxed);
     for (ri, &rate) in params.rates[..params.nrates].iter().enumerate() {
         let period = (time::tsc_khz() * 1000 / rate).clamp(1, p.max_period());
         st.period.store(period, Ordering::Relaxed);
@@ -690,7 +730,13 @@ fn bench_pmi(params: &Params, cfg: &Config, cpu: u32, p: &Pmu, usable: bool) {
                 " stamps=",
                 stamps,
                 " rdpmc=",
-                cfg.rdpmc
+                cfg.rdpmc,
+                " handler=",
+                if params.basic_handler {
+                    "basic"
+                } else {
+                    "linux"
+                }
             );
         }
     }

@@ -27,9 +27,14 @@ pub fn kick_signal() -> c_int {
     SIGRTMIN()
 }
 
-/// The signal host perf events raise on overflow.
+/// The signal host perf events raise on overflow: SIGIO, a standard
+/// signal, so that overflows the thread has not taken yet merge into one
+/// pending signal (the vCPU re-reads every counter anyway). A real-time
+/// signal would queue one entry per overflow; under a storm that outruns
+/// the thread the per-user queue fills, and the kernel then sends SIGIO
+/// regardless.
 pub fn overflow_signal() -> c_int {
-    SIGRTMIN() + 1
+    libc::SIGIO
 }
 
 extern "C" fn handle(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
@@ -42,15 +47,11 @@ extern "C" fn handle(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
     }
 }
 
-/// Installs the handler for both signals (once per process), and for
-/// SIGIO: when the queue of real-time signals is full, the kernel sends an
-/// overflow's owner SIGIO instead, whose default action would kill the
-/// VMM. Taken as a kick, it makes the vCPU re-read every counter, which
-/// finds the overflow the lost signal meant.
+/// Installs the handler for both signals (once per process). SIGIO's
+/// default action would kill the VMM: from now on it is a kick.
 pub fn install() -> Result<(), vmm_sys_util::errno::Error> {
     register_signal_handler(kick_signal(), handle)?;
-    register_signal_handler(overflow_signal(), handle)?;
-    register_signal_handler(libc::SIGIO, handle)
+    register_signal_handler(overflow_signal(), handle)
 }
 
 /// Makes kicks of this thread stop its `KVM_RUN`.

@@ -391,12 +391,15 @@ impl Table {
     }
 
     fn plain(&mut self, fig: &str, name: &str, s: Spread, unit: &str, target: Option<(f64, &str)>) {
+        // A figure held against a target shows enough digits to see why it
+        // is met or not.
+        let digits = if target.is_some() { 3 } else { 2 };
         let target = target.map_or(String::new(), |(max, what)| {
             self.target(fig, name, s.median, max, what)
         });
         let (value, spread) = (
-            format!("{:.2}{unit}", s.median),
-            format!("{:.2}..{:.2}", s.lo, s.hi),
+            format!("{:.digits$}{unit}", s.median),
+            format!("{:.digits$}..{:.digits$}", s.lo, s.hi),
         );
         self.row(fig, name, value, spread, s.n, &target);
     }

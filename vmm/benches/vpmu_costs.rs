@@ -32,6 +32,9 @@ const PAIRS: usize = 10;
 const GROWTH_REPS: usize = 2;
 const VCPUS: [u32; 4] = [1, 2, 4, 8];
 const RATES: [u64; 3] = [100, 1000, 10000];
+/// Figure 3's rate, 1 000 PMIs/s, as an index into `RATES`.
+const FIG3_RATE: usize = 1;
+const _: () = assert!(RATES[FIG3_RATE] == 1000);
 /// Length of each PMI window (and of its control window), ms.
 const PMI_WINDOW_MS: u64 = 300;
 const RSS_RUNS: usize = 3;
@@ -235,6 +238,20 @@ fn pmi_windows(trace: &Trace, results: &[ProbeResult]) -> BTreeMap<(u64, u64), V
         }
     }
     out
+}
+
+/// The PMI windows of every vCPU of `runs` at rate index `rate`.
+fn windows_at<'a>(runs: impl IntoIterator<Item = &'a Run>, rate: usize) -> Vec<PmiWindow> {
+    runs.into_iter()
+        .flat_map(|run| pmi_windows(run.trace.as_ref().unwrap(), &run.results))
+        .filter(|((_, r), _)| *r == rate as u64)
+        .flat_map(|(_, w)| w)
+        .collect()
+}
+
+/// The spread of one per-PMI figure over `windows`.
+fn per_pmi(windows: &[PmiWindow], f: impl Fn(&PmiWindow) -> f64) -> Spread {
+    spread(&windows.iter().map(f).collect::<Vec<_>>())
 }
 
 /// PMI delivery latencies of a trace, in TSC cycles: (signal to handler
@@ -656,24 +673,16 @@ fn main() {
             .map(|k| format!("{:.1}", med(io(&results, k))))
             .collect();
         for (ri, &rate) in RATES.iter().enumerate() {
-            let mut windows = Vec::new();
+            let windows = windows_at(runs, ri);
             let mut latency = Latencies::default();
             for run in runs {
-                let trace = run.trace.as_ref().unwrap();
-                for ((_, r), w) in pmi_windows(trace, &run.results) {
-                    if r == ri as u64 {
-                        windows.extend(w);
-                    }
-                }
-                latency.absorb(latencies_for_rate(trace, ri as u64));
+                latency.absorb(latencies_for_rate(run.trace.as_ref().unwrap(), ri as u64));
             }
             let pmi_lines: Vec<&ProbeResult> = results
                 .iter()
                 .filter(|r| r.test == "bench_pmi" && r.get("rate") == rate.to_string())
                 .collect();
-            let per = |f: &dyn Fn(&PmiWindow) -> f64| {
-                spread(&windows.iter().map(f).collect::<Vec<_>>()).median
-            };
+            let per = |f: fn(&PmiWindow) -> f64| per_pmi(&windows, f).median;
             let handler: Vec<f64> = pmi_lines.iter().map(|r| handler_per_pmi(r)).collect();
             let lost: Vec<f64> = pmi_lines.iter().map(|r| lost_per_pmi(r, khz)).collect();
             let pmis = spread(&pmi_lines.iter().map(|r| r.num("pmis")).collect::<Vec<_>>());
@@ -685,9 +694,9 @@ fn main() {
                 "| {n} | {rate} | {exit_off:.1} | {exit_idle:.1} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} / {:.0} | {:.0} / {:.0} ({:.0}%) |",
                 exit_run.join(" / "),
                 pmis.median,
-                per(&|w| w.user_exits),
-                per(&|w| w.kvm_exits),
-                per(&|w| w.emulated),
+                per(|w| w.user_exits),
+                per(|w| w.kvm_exits),
+                per(|w| w.emulated),
                 us(spread(&handler).median),
                 us(spread(&lost).median),
                 us(percentile(&latency, 0.5)),
@@ -701,15 +710,7 @@ fn main() {
 
     // Figure 3 (1 vCPU, 1000 PMIs/s): the detailed rows.
     let one = &growth[&1];
-    let mut w3 = Vec::new();
-    for run in one {
-        for ((_, r), w) in pmi_windows(run.trace.as_ref().unwrap(), &run.results) {
-            if RATES[r as usize] == 1000 {
-                w3.extend(w);
-            }
-        }
-    }
-    let per = |f: &dyn Fn(&PmiWindow) -> f64| spread(&w3.iter().map(f).collect::<Vec<_>>());
+    let w3 = windows_at(one, FIG3_RATE);
     // The handler issue 6 names (read status, read counter, write period,
     // ack, re-enable), in a session of its own; then Linux's, which also
     // freezes the counters first.
@@ -723,65 +724,60 @@ fn main() {
         ),
         true,
     );
-    let wb: Vec<PmiWindow> = pmi_windows(basic.trace.as_ref().unwrap(), &basic.results)
-        .into_iter()
-        .filter(|((_, r), _)| RATES[*r as usize] == 1000)
-        .flat_map(|(_, w)| w)
-        .collect();
-    let per_basic = |f: &dyn Fn(&PmiWindow) -> f64| spread(&wb.iter().map(f).collect::<Vec<_>>());
+    let wb = windows_at([&basic], FIG3_RATE);
     t.plain(
         "3",
         "exits to the VMM per PMI, basic handler: status, counter, period, ack, re-enable (1 vCPU, 1000/s)",
-        per_basic(&|w| w.user_exits),
+        per_pmi(&wb, |w| w.user_exits),
         "",
         Some((6.0, "<= 6")),
     );
     t.plain(
         "3",
         "  of which PMU MSR exits",
-        per_basic(&|w| w.msr_exits),
+        per_pmi(&wb, |w| w.msr_exits),
         "",
         None,
     );
     t.plain(
         "3",
         "exits to the VMM per PMI, Linux's AMD v2 handler: freeze + the same (1 vCPU, 1000/s)",
-        per(&|w| w.user_exits),
+        per_pmi(&w3, |w| w.user_exits),
         "",
         Some((6.0, "<= 6")),
     );
     t.plain(
         "3",
         "  of which PMU MSR exits",
-        per(&|w| w.msr_exits),
+        per_pmi(&w3, |w| w.msr_exits),
         "",
         None,
     );
     t.plain(
         "3",
         "  of which overflow-signal exits",
-        per(&|w| w.signal_exits),
+        per_pmi(&w3, |w| w.signal_exits),
         "",
         None,
     );
     t.plain(
         "3",
         "all KVM exits per PMI (incl. in-kernel)",
-        per(&|w| w.kvm_exits),
+        per_pmi(&w3, |w| w.kvm_exits),
         "",
         None,
     );
     t.plain(
         "3",
         "NMIs injected per PMI",
-        per(&|w| w.nmi_injections),
+        per_pmi(&w3, |w| w.nmi_injections),
         "",
         None,
     );
     t.plain(
         "3",
         "guest instructions KVM emulated per PMI",
-        per(&|w| w.emulated),
+        per_pmi(&w3, |w| w.emulated),
         "",
         None,
     );
@@ -809,7 +805,7 @@ fn main() {
     let lines: Vec<&ProbeResult> = one
         .iter()
         .flat_map(|r| r.results.iter())
-        .filter(|r| r.test == "bench_pmi" && r.get("rate") == "1000")
+        .filter(|r| r.test == "bench_pmi" && r.get("rate") == RATES[FIG3_RATE].to_string())
         .collect();
     let handler: Vec<f64> = lines.iter().map(|r| handler_per_pmi(r)).collect();
     t.us(
@@ -827,7 +823,10 @@ fn main() {
     );
     let mut l1 = Latencies::default();
     for run in one {
-        l1.absorb(latencies_for_rate(run.trace.as_ref().unwrap(), 1));
+        l1.absorb(latencies_for_rate(
+            run.trace.as_ref().unwrap(),
+            FIG3_RATE as u64,
+        ));
     }
     let lat = |v: &[f64]| {
         let s = sorted(v);

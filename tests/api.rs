@@ -76,13 +76,9 @@ fn export_grows_while_the_guest_counts_and_ends_equal_to_its_readings() {
     // The guest holds with its counters cleared: the totals keep what
     // they counted.
     let doc = vm.vpmu();
-    let Ended {
-        code,
-        stdout: out,
-        stderr: err,
-    } = vm.finish();
-    assert_eq!(code, Some(0), "{err}");
-    let results = common::probe_results(&out);
+    let end = vm.finish();
+    end.assert_reset();
+    let results = end.results();
     let total = cycles_total(&doc).unwrap_or_else(|| panic!("{doc}"));
     let mut sum = 0;
     for cpu in 0..2u32 {
@@ -91,7 +87,7 @@ fn export_grows_while_the_guest_counts_and_ends_equal_to_its_readings() {
             .filter(|r| r.cpu == cpu && r.test == "cycles")
             .map(|r| r.num("cycles") as u64)
             .collect();
-        assert_eq!(readings.len(), 2, "{out}");
+        assert_eq!(readings.len(), 2, "{}", end.stdout);
         assert!(readings.iter().all(|&c| c > 0), "{readings:?}");
         let of_vcpu = total["vcpus"]
             .as_array()
@@ -228,12 +224,8 @@ fn metrics_parse_with_a_prometheus_text_parser() {
     vm.wait_serial("probe: hold", Duration::from_secs(30));
     let (status, held) = common::api(&vm.sock, "GET", "/metrics").unwrap();
     assert_eq!(status, 200);
-    let Ended {
-        code,
-        stdout: out,
-        stderr: err,
-    } = vm.finish();
-    assert_eq!(code, Some(0), "{err}");
+    let end = vm.finish();
+    end.assert_reset();
 
     for text in [&running, &held] {
         let families = parse_prometheus(text);
@@ -291,7 +283,8 @@ fn metrics_parse_with_a_prometheus_text_parser() {
         .find(|s| s["labels"]["event"] == "cycles")
         .unwrap_or_else(|| panic!("{families}"));
     assert!(vm_total["labels"]["id"].as_str().unwrap().starts_with("0x"));
-    let guest: f64 = common::probe_results(&out)
+    let guest: f64 = end
+        .results()
         .iter()
         .filter(|r| r.test == "cycles")
         .map(|r| r.num("cycles"))
@@ -341,13 +334,9 @@ fn pause_and_resume_through_the_api_stop_and_restart_counting() {
         "counting goes on after resume: {} vs {c1}",
         counted(&resumed, 0, 0)
     );
-    let Ended {
-        code,
-        stdout: out,
-        stderr: err,
-    } = vm.finish();
-    assert_eq!(code, Some(0), "{err}");
-    assert!(out.contains("test=cycles"), "{out}");
+    let end = vm.finish();
+    end.assert_reset();
+    assert!(end.stdout.contains("test=cycles"), "{}", end.stdout);
 }
 
 /// One run of the probe's pmi test, optionally with `scrapers` clients
@@ -383,13 +372,9 @@ fn pmi_run(scrapers: usize, scrape: Duration) -> (f64, f64, f64, u64, u64) {
     clients.into_iter().for_each(|c| c.join().unwrap());
     vm.wait_serial("probe: hold", Duration::from_secs(60));
     let doc = vm.vpmu();
-    let Ended {
-        code,
-        stdout: out,
-        stderr: err,
-    } = vm.finish();
-    assert_eq!(code, Some(0), "{err}");
-    let results = common::probe_results(&out);
+    let end = vm.finish();
+    end.assert_reset();
+    let results = end.results();
     let p = common::result(&results, 0, "pmi");
     assert_eq!(p.num("after_disable"), 0.0, "{p:?}");
     assert_eq!(p.num("status_ok"), p.num("pmis"), "{p:?}");
@@ -576,13 +561,9 @@ fn malformed_requests_are_refused_and_the_vmm_keeps_running() {
     }
     let doc = vm.vpmu();
     assert!(doc["vcpus"][0]["vpmu"]["counters"].is_array());
-    let Ended {
-        code,
-        stdout: out,
-        stderr: err,
-    } = vm.finish();
-    assert_eq!(code, Some(0), "{err}");
-    let results = common::probe_results(&out);
+    let end = vm.finish();
+    end.assert_reset();
+    let results = end.results();
     assert!(common::result(&results, 0, "cycles").num("cycles") > 0.0);
 }
 
@@ -644,10 +625,7 @@ fn vmm_stat_shows_the_counters_per_vcpu_and_total() {
             .any(|l| l.starts_with("total") && l.contains("cycles")),
         "{text}"
     );
-    let Ended {
-        code, stderr: err, ..
-    } = vm.finish();
-    assert_eq!(code, Some(0), "{err}");
+    vm.finish().assert_reset();
 }
 
 #[test]

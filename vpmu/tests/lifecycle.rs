@@ -5,21 +5,12 @@
 mod common;
 
 use common::*;
+use common::{amd_ctl as ctl, amd_ctr as ctr};
 use vpmu::backend::fake::FakeBackend;
 use vpmu::backend::EventSource;
 use vpmu::evtsel::{EN, INT, OS, USR};
 use vpmu::msr::*;
 use vpmu::{Backend, BackendError, Backing, ContextError, CounterKind, Limits, Vpmu};
-
-const CYCLES: u64 = 0x76 | USR | OS | EN;
-
-fn ctl(n: u32) -> u32 {
-    AMD_PERF_CTL0 + 2 * n
-}
-
-fn ctr(n: u32) -> u32 {
-    AMD_PERF_CTL0 + 2 * n + 1
-}
 
 #[test]
 fn enable_toggles_writes_pmis_and_hooks_never_reopen() {

@@ -10,21 +10,11 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use common::{amd_ctl as ctl, amd_ctr as ctr};
 use vpmu::backend::fake::FakeBackend;
 use vpmu::evtsel::{EN, INT, OS, USR};
 use vpmu::msr::*;
 use vpmu::{Backend, BackendError, Backing, BackingNotice, CounterKind, Vpmu, MAX_NOTICES};
-
-const CYCLES: u64 = 0x76 | USR | OS | EN;
-const INSTRUCTIONS: u64 = 0xC0 | USR | OS | EN;
-
-fn ctl(n: u32) -> u32 {
-    AMD_PERF_CTL0 + 2 * n
-}
-
-fn ctr(n: u32) -> u32 {
-    AMD_PERF_CTL0 + 2 * n + 1
-}
 
 fn refuse(errno: i32) -> Option<BackendError> {
     Some(BackendError::from_errno("perf_event_open", errno))

@@ -8,9 +8,6 @@ use vpmu::evtsel::{EN, INT, OS, USR};
 use vpmu::msr::*;
 use vpmu::{EventTotals, ProgrammingId, Retired};
 
-const CYCLES: u64 = 0x76 | USR | OS | EN;
-const INSTRUCTIONS: u64 = 0xC0 | USR | OS | EN;
-
 fn id(select: u64) -> ProgrammingId {
     ProgrammingId::of_select(select)
 }

@@ -2,11 +2,17 @@
 #![allow(dead_code)]
 
 use vpmu::backend::fake::FakeBackend;
+use vpmu::evtsel::{EN, OS, USR};
 use vpmu::{EventPolicy, GuestClock, PmuModel, Vendor, Vpmu};
 
 /// 3 GHz guest TSC.
 pub const TSC_KHZ: u32 = 3_000_000;
 pub const M48: u64 = (1 << 48) - 1;
+
+/// Core cycles (AMD event 0x76), user and kernel, enabled.
+pub const CYCLES: u64 = 0x76 | USR | OS | EN;
+/// Retired instructions (AMD event 0xC0), user and kernel, enabled.
+pub const INSTRUCTIONS: u64 = 0xC0 | USR | OS | EN;
 
 pub fn amd_legacy() -> PmuModel {
     PmuModel::new(Vendor::Amd, 1, 4, 48)

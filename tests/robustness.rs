@@ -225,15 +225,6 @@ fn num(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
-/// "host model" flags: AMD or Intel answers reserved bits differently.
-fn rsvd_mode() -> &'static str {
-    let (d, _) = common::run_probe("probe.tests=detect", &["--vpmu", "on"]);
-    match result(&d, 0, "detect").get("pmu") {
-        "amd" => "ignore",
-        _ => "gp",
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Hostile guests.
 
@@ -405,7 +396,7 @@ fn a_pmi_storm_of_period_one_is_throttled_and_the_guest_runs_on() {
 #[test]
 fn every_reserved_bit_and_every_msr_just_outside_the_model_faults_like_hardware() {
     require_kvm!();
-    let rsvd = rsvd_mode();
+    let rsvd = common::rsvd_mode();
     for model in [
         &[][..],
         &["--vpmu-gp-counters", "2"],

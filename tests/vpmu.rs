@@ -84,11 +84,7 @@ fn reserved_bits_and_out_of_model_msrs_get_what_hardware_gives() {
     // Intel faults on every reserved bit; AMD hardware (and KVM's svm/pmu.c)
     // drops reserved event-select and global-register bits instead. MSRs
     // outside the model fault on both.
-    let (d, _) = run_probe("probe.tests=detect", &["--vpmu", "on"]);
-    let rsvd = match result(&d, 0, "detect").get("pmu") {
-        "amd" => "ignore",
-        _ => "gp",
-    };
+    let rsvd = common::rsvd_mode();
     for model in [
         &["--vpmu", "on"][..],
         &["--vpmu-version", "1", "--vpmu-gp-counters", "4"],
@@ -181,12 +177,7 @@ fn paused_time_is_not_counted() {
     let r = common::probe_results(&common::stdout(&o));
     let c = result(&r, 0, "cycles");
     // The guest's TSC ran on while paused; its counter must not have.
-    let tsc_khz: f64 = common::stdout(&o)
-        .split("tsc_khz=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.trim_matches('"').parse().ok())
-        .expect("tsc_khz on the command line");
+    let tsc_khz = common::tsc_khz(&common::stdout(&o));
     let paused_tsc = paused.as_secs_f64() * tsc_khz * 1000.0;
     let steal_tsc = c.num("steal_us") * tsc_khz / 1000.0;
     let running_tsc = c.num("tsc") - paused_tsc - steal_tsc;
@@ -217,14 +208,8 @@ fn a_tiny_sampling_period_is_throttled_not_a_stall() {
     assert_eq!(p.num("status_ok"), p.num("pmis"), "{p:?}");
     // At most one PMI per 50 us of guest time (the clock-backing minimum).
     assert!(p.num("pmis") <= 200_000.0 / 50.0, "{p:?}");
-    let err = common::stderr(&o);
-    let throttled: u64 = err
-        .split(" throttled")
-        .next()
-        .and_then(|s| s.rsplit(' ').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no throttle count in {err}"));
-    assert!(throttled > 0, "{err}");
+    let throttled = common::vpmu_summary(&o, 0, " throttled");
+    assert!(throttled > 0, "{}", common::stderr(&o));
     // The guest carried on after the storm.
     assert_eq!(result(&r, 0, "detect").get("msr_probe"), "ok");
 }

@@ -170,20 +170,45 @@ pub fn result<'a>(results: &'a [ProbeResult], cpu: u32, test: &str) -> &'a Probe
         .unwrap_or_else(|| panic!("no result for test {test} on cpu {cpu} in {results:?}"))
 }
 
-/// `perf_event_open` calls of vCPU `vcpu`, from the VMM's exit summary.
-pub fn perf_opens(o: &Output, vcpu: u32) -> u64 {
+/// The count before `label` (as in "3 perf_event_open") in vCPU `vcpu`'s
+/// vPMU line of the VMM's exit summary.
+pub fn vpmu_summary(o: &Output, vcpu: u32, label: &str) -> u64 {
     let err = stderr(o);
     let prefix = format!("vmm: vCPU {vcpu} vPMU:");
     let line = err
         .lines()
         .find(|l| l.starts_with(&prefix))
         .unwrap_or_else(|| panic!("no vPMU summary for vCPU {vcpu}: {err}"));
-    let before = line
-        .split(" perf_event_open")
+    line.split(label)
         .next()
         .and_then(|s| s.rsplit(' ').next())
-        .unwrap();
-    before.parse().unwrap()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no '{label}' count in {line}"))
+}
+
+/// `perf_event_open` calls of vCPU `vcpu`, from the VMM's exit summary.
+pub fn perf_opens(o: &Output, vcpu: u32) -> u64 {
+    vpmu_summary(o, vcpu, " perf_event_open")
+}
+
+/// The guest TSC rate the probe reports (`probe: tsc_khz=...`), in kHz.
+pub fn tsc_khz(stdout: &str) -> f64 {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("probe: tsc_khz="))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no 'probe: tsc_khz=' line in {stdout}"))
+}
+
+/// The probe's `probe.rsvd` for this host's model: AMD drops reserved
+/// bits (as AMD hardware and KVM's svm/pmu.c do), Intel faults on them.
+pub fn rsvd_mode() -> &'static str {
+    let (d, _) = run_probe("probe.tests=detect", &["--vpmu", "on"]);
+    match result(&d, 0, "detect").get("pmu") {
+        "amd" => "ignore",
+        _ => "gp",
+    }
 }
 
 /// One HTTP/1.1 request over the VMM's API socket: (status, body).

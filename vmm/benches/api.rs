@@ -180,12 +180,7 @@ fn slowdown_run(vcpus: u32, scraped: bool) -> (f64, f64, u64) {
     }
     assert!(status.success(), "vmm failed: {status}");
     let out = out.join("\n");
-    let tsc_khz: f64 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("probe: tsc_khz="))
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .expect("tsc_khz line");
+    let tsc_khz = common::tsc_khz(&out);
     let results = common::probe_results(&out);
     let (mut per_tsc, mut per_run) = (0.0, 0.0);
     for cpu in 0..vcpus {

@@ -77,12 +77,7 @@ fn run_vmm(vpmu_on: bool, vcpus: u32, cmdline: &str, trace: bool) -> Run {
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "vmm failed ({status:#x}) with {cmdline:?}:\n{stderr}\n{stdout}"
     );
-    let tsc_khz = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("probe: tsc_khz="))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("the probe reports its TSC rate");
+    let tsc_khz = common::tsc_khz(&stdout);
     let trace = trace.then(|| Trace::parse(&std::fs::read_to_string(&trace_path).unwrap()));
     let _ = std::fs::remove_file(&trace_path);
     Run {

@@ -119,17 +119,22 @@ pub fn load_kernel(
         memory_mib: mem_size >> 20,
     };
 
-    if is_elf(&image) {
-        let end = elf_extent(&image).map_err(invalid)?;
+    // An ELF image, checked against the memory size before it is copied in.
+    let load_checked_elf = |elf: &[u8], kind: ImageKind, header: Option<setup_header>| {
+        let end = elf_extent(elf).map_err(&invalid)?;
         if end >= mem_size {
             return Err(too_small(end));
         }
-        let entry = load_elf(mem, &image).map_err(invalid)?;
-        return Ok(LoadedKernel {
-            kind: ImageKind::Elf,
+        let entry = load_elf(mem, elf).map_err(&invalid)?;
+        Ok(LoadedKernel {
+            kind,
             entry,
-            header: None,
-        });
+            header,
+        })
+    };
+
+    if is_elf(&image) {
+        return load_checked_elf(&image, ImageKind::Elf, None);
     }
     if !is_bzimage(&image) {
         return Err(LoadError::UnknownFormat { path });
@@ -139,16 +144,7 @@ pub fn load_kernel(
     let (code32_start, init_size) = (header.code32_start, header.init_size);
     if let Some(vmlinux) = unpack_payload(&image, &header).map_err(&invalid)? {
         if is_elf(&vmlinux) {
-            let end = elf_extent(&vmlinux).map_err(&invalid)?;
-            if end >= mem_size {
-                return Err(too_small(end));
-            }
-            let entry = load_elf(mem, &vmlinux).map_err(&invalid)?;
-            return Ok(LoadedKernel {
-                kind: ImageKind::BzImagePayload,
-                entry,
-                header: Some(header),
-            });
+            return load_checked_elf(&vmlinux, ImageKind::BzImagePayload, Some(header));
         }
     }
     // The kernel decompresses itself in place: it needs init_size bytes from

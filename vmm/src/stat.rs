@@ -21,10 +21,9 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::json;
-use vpmu::{Backing, CounterKind, CounterSnapshot, ProgrammingId, VpmuSnapshot};
+use vpmu::{Backing, CounterSnapshot, ProgrammingId, VpmuSnapshot};
 
-use crate::api::metrics::backing_label;
-use crate::export::event_label;
+use crate::api::metrics::{backing_label, counter_label, event_label};
 
 /// How long one request may take.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -202,13 +201,6 @@ pub struct Refresh {
     pub elapsed: Option<Duration>,
 }
 
-fn counter_label(c: &CounterSnapshot) -> String {
-    match c.kind {
-        CounterKind::Gp => format!("gp{}", c.index),
-        CounterKind::Fixed => format!("fixed{}", c.index),
-    }
-}
-
 /// A counter is shown once the guest programmed it.
 fn shown(c: &CounterSnapshot) -> bool {
     c.running || c.ran || c.counted > 0 || c.control != 0
@@ -249,7 +241,7 @@ pub fn refresh(now: &Doc, before: Option<&Doc>, elapsed: Option<Duration>) -> Re
             counters.push(CounterRow {
                 vcpu: v.index,
                 counter: counter_label(c),
-                event: event_label(c.event_name.as_deref(), &c.decoded),
+                event: event_label(c),
                 id: c.programming_id,
                 usr: c.decoded.usr,
                 os: c.decoded.os,
@@ -489,6 +481,7 @@ pub fn run(opts: &StatOptions) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vpmu::CounterKind;
 
     fn doc(counted: u64, generation: u64, total: u64) -> Doc {
         let model = vpmu::PmuModel::new(vpmu::Vendor::Amd, 1, 4, 48);

@@ -534,7 +534,8 @@ impl Vm {
 }
 
 /// KVM's supported CPUID with the PMU leaves saying exactly the plan's
-/// model (or no PMU), adding the leaves the model needs where KVM has none.
+/// model (or no PMU), adding the leaves the model needs where KVM has none
+/// (`vpmu::cpuid::apply` raises the maximum leaf to reach them).
 fn pmu_cpuid(supported: &CpuId, plan: &PmuPlan) -> Result<CpuId, StartError> {
     let mut entries = supported.as_slice().to_vec();
     for &(function, index) in vpmu::cpuid::leaves_required(plan.model.as_ref()) {
@@ -549,7 +550,6 @@ fn pmu_cpuid(supported: &CpuId, plan: &PmuPlan) -> Result<CpuId, StartError> {
             });
         }
     }
-    raise_max_leaves(&mut entries);
     for e in &mut entries {
         let mut regs = vpmu::CpuidRegs {
             eax: e.eax,
@@ -562,19 +562,4 @@ fn pmu_cpuid(supported: &CpuId, plan: &PmuPlan) -> Result<CpuId, StartError> {
     }
     CpuId::from_entries(&entries)
         .map_err(|_| StartError::Config("too many CPUID entries for KVM".into()))
-}
-
-/// Makes leaves 0 and 0x80000000 report every leaf present.
-fn raise_max_leaves(entries: &mut [kvm_cpuid_entry2]) {
-    for base in [0u32, 0x8000_0000] {
-        let max = entries
-            .iter()
-            .filter(|e| e.function & 0x8000_0000 == base && e.function < base + 0x1000)
-            .map(|e| e.function)
-            .max()
-            .unwrap_or(base);
-        if let Some(e) = entries.iter_mut().find(|e| e.function == base) {
-            e.eax = e.eax.max(max);
-        }
-    }
 }

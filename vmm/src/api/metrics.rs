@@ -32,7 +32,8 @@ fn counter_labels(view: &VcpuView, c: &CounterSnapshot) -> [(&'static str, Strin
     ]
 }
 
-fn counter_label(c: &CounterSnapshot) -> String {
+/// A counter's name: `gp0`, `fixed1`.
+pub fn counter_label(c: &CounterSnapshot) -> String {
     match c.kind {
         CounterKind::Gp => format!("gp{}", c.index),
         CounterKind::Fixed => format!("fixed{}", c.index),

@@ -35,10 +35,9 @@ pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// Local APIC and I/O APIC default addresses.
 pub const APIC_DEFAULT_BASE: u32 = 0xfee0_0000;
 pub const IOAPIC_DEFAULT_BASE: u32 = 0xfec0_0000;
-/// The KVM TSS and identity-map pages live just below the LAPIC (Intel
-/// needs them; harmless elsewhere).
+/// The KVM TSS pages live just below the LAPIC (Intel needs them; harmless
+/// elsewhere), above KVM's default identity-map page (0xfffb_c000).
 pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
-pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
 /// Guest RAM ranges for `size` bytes of memory: everything from 0, split
 /// around the MMIO gap.

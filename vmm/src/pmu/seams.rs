@@ -119,7 +119,7 @@ impl Backend for HostBackend {
     type Handle = PerfHandle;
 
     fn open(&mut self, spec: &EventSpec) -> Result<PerfHandle, BackendError> {
-        if let Some(errno) = self.fault.and_then(|_| self.injected()) {
+        if let Some(errno) = self.injected() {
             return Err(BackendError::from_errno("perf_event_open", errno));
         }
         self.perf.open(spec)

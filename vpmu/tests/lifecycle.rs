@@ -234,6 +234,10 @@ fn tiny_periods_are_throttled_to_the_host_minimum() {
         .find_map(|e| e.period)
         .unwrap();
     assert_eq!(armed, 20_000);
+    // One throttle for the one period the host took, though the hardware
+    // event was tried first.
+    assert_eq!(clock.stats().open_failures, 1);
+    assert_eq!(clock.stats().throttles, 1);
 }
 
 #[test]

@@ -67,6 +67,17 @@ pub(super) struct Armed {
     pub distance_ns: u64,
 }
 
+/// A host sample period for a counter's distance to overflow.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct HostPeriod {
+    /// In events (hardware) or ns (clock), raised to the host minimum.
+    pub period: u64,
+    /// Clock events: the distance to overflow, ns (0 for hardware).
+    pub distance_ns: u64,
+    /// Raised to the minimum: a throttle, counted once the host takes it.
+    pub throttled: bool,
+}
+
 /// One virtual counter.
 #[derive(Clone, Debug)]
 pub(super) struct Counter<H> {

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::time::Instant;
 
-use super::counter::{Armed, BackingState, Failure};
+use super::counter::{Armed, BackingState, Failure, HostPeriod};
 use super::{ReferenceValue, Vpmu, HARDWARE_RECHECK, MAX_ESTIMATES, MAX_NOTICES};
 use crate::backend::{Backend, BackendError, EventSpec};
 use crate::evtsel::{self, INT, OS, RAW_CONFIG_BITS, USR};
@@ -350,15 +350,15 @@ impl<B: Backend> Vpmu<B> {
             self.no_hardware = None;
         }
         if self.no_hardware.is_none() {
-            let (period, _) = self.period(i, true);
+            let period = self.period(i, true);
             let spec = EventSpec::hardware(
                 select & RAW_CONFIG_BITS,
                 select & USR != 0,
                 select & OS != 0,
-                period,
+                period.period,
             );
             match self.open(&spec) {
-                Ok(handle) => return self.opened(i, BackingState::Hardware(handle), period, 0),
+                Ok(handle) => return self.opened(i, BackingState::Hardware(handle), period),
                 Err(error) if error.means_no_hardware() => {
                     self.no_hardware = Some(format!("no hardware events on the host: {error}"));
                     self.no_hardware_since = Some(Instant::now());
@@ -371,9 +371,9 @@ impl<B: Backend> Vpmu<B> {
             self.counters[i].backing = BackingState::Unbacked(Cow::Owned(reason));
             return;
         }
-        let (period, distance_ns) = self.period(i, false);
-        match self.open(&EventSpec::clock(Some(period))) {
-            Ok(handle) => self.opened(i, BackingState::Clock(handle), period, distance_ns),
+        let period = self.period(i, false);
+        match self.open(&EventSpec::clock(Some(period.period))) {
+            Ok(handle) => self.opened(i, BackingState::Clock(handle), period),
             Err(error) => self.refused(i, format!("host task-clock: {error}")),
         }
     }
@@ -387,23 +387,24 @@ impl<B: Backend> Vpmu<B> {
         result
     }
 
-    fn opened(
-        &mut self,
-        i: usize,
-        backing: BackingState<B::Handle>,
-        period: u64,
-        distance_ns: u64,
-    ) {
+    fn opened(&mut self, i: usize, backing: BackingState<B::Handle>, period: HostPeriod) {
         let counter = &mut self.counters[i];
         counter.backing = backing;
         counter.host_count = 0;
+        self.armed(i, 0, period);
+        self.backed(i);
+    }
+
+    /// Counter `i`'s host event now runs with `period` from host count `at`.
+    fn armed(&mut self, i: usize, at: u64, period: HostPeriod) {
+        let counter = &mut self.counters[i];
         counter.armed = Some(Armed {
-            at: 0,
-            period,
-            distance_ns,
+            at,
+            period: period.period,
+            distance_ns: period.distance_ns,
         });
         counter.rearm = false;
-        self.backed(i);
+        self.stats.throttles += period.throttled as u64;
     }
 
     /// Opens the per-vCPU guest-time reference on first use.
@@ -424,9 +425,8 @@ impl<B: Backend> Vpmu<B> {
     /// events (`hardware`) or ns, raised to the host minimum.
     ///
     /// A clock event is armed early by the host's usual lateness (see
-    /// `ClockLead`); the second value is the distance in ns (0 for
-    /// hardware events).
-    fn period(&mut self, i: usize, hardware: bool) -> (u64, u64) {
+    /// `ClockLead`).
+    fn period(&self, i: usize, hardware: bool) -> HostPeriod {
         let counter = &self.counters[i];
         let distance = value::distance_to_overflow(counter.value, counter.mask);
         let (period, min, distance_ns) = match hardware {
@@ -444,11 +444,11 @@ impl<B: Backend> Vpmu<B> {
         // signals than one (each signal costs the thread an exit, which on
         // a slow host outlasts a single counter's minimum period).
         let min = min.saturating_mul(self.signalling_counters());
-        if period < min {
-            self.stats.throttles += 1;
-            return (min, distance_ns);
+        HostPeriod {
+            period: period.max(min),
+            distance_ns,
+            throttled: period < min,
         }
-        (period, distance_ns)
     }
 
     /// Running counters with a host event, each of which may raise
@@ -468,18 +468,12 @@ impl<B: Backend> Vpmu<B> {
             return;
         };
         let hardware = matches!(self.counters[i].backing, BackingState::Hardware(_));
-        let (period, distance_ns) = self.period(i, hardware);
-        match self.backend.set_period(handle, period) {
+        let period = self.period(i, hardware);
+        match self.backend.set_period(handle, period.period) {
             Ok(()) => {
                 self.stats.period_updates += 1;
-                let counter = &mut self.counters[i];
-                counter.armed = Some(Armed {
-                    at: counter.host_count,
-                    period,
-                    distance_ns,
-                });
-                counter.rearm = false;
-                counter.arm_at_entry = false;
+                self.armed(i, self.counters[i].host_count, period);
+                self.counters[i].arm_at_entry = false;
             }
             Err(error) => self.fail(i, error),
         }

@@ -103,8 +103,10 @@ pub fn id() -> u32 {
 /// Sends an NMI to this vCPU through the ICR (physical destination = own
 /// APIC ID; the "self" shorthand is not valid with NMI delivery).
 pub fn send_nmi_to_self() {
+    // The APIC ID the entry code took as this CPU's id: no LAPIC read in
+    // the interval `bench_pmi` times.
+    let me = crate::percpu::this_cpu_id();
     let icr_lo = LVT_DM_NMI | (1 << 14); // NMI, level assert
-    let me = id();
     if is_x2apic() {
         // SAFETY: x2APIC ICR MSR; sending an IPI has no memory effects.
         unsafe { wrmsr(0x830, ((me as u64) << 32) | icr_lo as u64) };

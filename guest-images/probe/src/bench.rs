@@ -25,7 +25,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::cmdline::{parse_u64, Config, Test};
-use crate::cpu::{rdmsr_safe, rdpmc_safe, rdtsc, wrmsr_safe};
+use crate::cpu::{rdmsr_loop, rdmsr_safe, rdpmc_safe, rdtsc, wrmsr_safe};
 use crate::pmu::{self, Kind, Pmu, SEL_EN, SEL_INT};
 use crate::serial::{Hex, Line, Put};
 use crate::{apic, out, percpu, steal, time, MAX_CPUS};
@@ -99,20 +99,21 @@ impl Params {
                 continue;
             };
             let (key, val) = (&tok[..i], &tok[i + 1..]);
-            let n = parse_u64(val);
-            match key {
-                b"probe.bench_msr" => p.null_msr = n.unwrap_or(0) as u32,
-                b"probe.bench_kmsr" => p.kernel_msr = n.unwrap_or(0) as u32,
-                b"probe.bench_port" => p.port = n.unwrap_or(0x80) as u16,
-                b"probe.bench_ops" => p.ops = n.unwrap_or(1).max(1),
-                b"probe.bench_rounds" => p.rounds = (n.unwrap_or(1) as usize).clamp(1, MAX_ROUNDS),
-                b"probe.bench_ms" => p.ms = n.unwrap_or(1).max(1),
-                b"probe.bench_pmi_rounds" => {
-                    p.pmi_rounds = (n.unwrap_or(1) as usize).clamp(1, MAX_ROUNDS)
+            // A malformed number leaves the default (the command-line
+            // parser warns about it), as for every other parameter.
+            match (key, parse_u64(val)) {
+                (b"probe.bench_msr", Some(n)) => p.null_msr = n as u32,
+                (b"probe.bench_kmsr", Some(n)) => p.kernel_msr = n as u32,
+                (b"probe.bench_port", Some(n)) => p.port = n as u16,
+                (b"probe.bench_ops", Some(n)) => p.ops = n.max(1),
+                (b"probe.bench_rounds", Some(n)) => p.rounds = (n as usize).clamp(1, MAX_ROUNDS),
+                (b"probe.bench_ms", Some(n)) => p.ms = n.max(1),
+                (b"probe.bench_pmi_rounds", Some(n)) => {
+                    p.pmi_rounds = (n as usize).clamp(1, MAX_ROUNDS)
                 }
-                b"probe.bench_stamps" => p.stamps = (n.unwrap_or(0) as usize).min(MAX_STAMPS),
-                b"probe.bench_handler" => p.basic_handler = val == b"basic",
-                b"probe.bench_counters" => {
+                (b"probe.bench_stamps", Some(n)) => p.stamps = (n as usize).min(MAX_STAMPS),
+                (b"probe.bench_handler", _) => p.basic_handler = val == b"basic",
+                (b"probe.bench_counters", _) => {
                     p.ncounters = 0;
                     for part in val.split(|&b| b == b',') {
                         let k = match part {
@@ -125,7 +126,7 @@ impl Params {
                         }
                     }
                 }
-                b"probe.bench_rates" => {
+                (b"probe.bench_rates", _) => {
                     p.nrates = 0;
                     for part in val.split(|&b| b == b',') {
                         if let (Some(r), true) = (parse_u64(part), p.nrates < MAX_LIST) {
@@ -183,15 +184,6 @@ pub fn run(t: Test, cfg: &Config, cpu: u32, p: &Pmu, usable: bool) {
 
 // ---------------------------------------------------------------------------
 // Loops. Each runs `n` (> 0) iterations of one exiting instruction.
-
-fn rdmsr_loop(msr: u32, n: u64) {
-    // SAFETY: the MSR was read with `rdmsr_safe` first and did not fault;
-    // RDMSR of it has no side effect.
-    unsafe {
-        asm!("2:", "rdmsr", "dec {n}", "jnz 2b", n = inout(reg) n => _, in("ecx") msr,
-             out("eax") _, out("edx") _, options(nomem, nostack));
-    }
-}
 
 fn wrmsr_loop(msr: u32, value: u64, n: u64) {
     // SAFETY: `value` was read from the MSR (or written to it) without a

@@ -150,6 +150,18 @@ pub fn rdmsr_safe(msr: u32) -> Result<u64, ()> {
     }
 }
 
+/// `n` RDMSRs of `msr` in a tight loop (a benchmark body). Only for an MSR
+/// that was read once without a fault: these reads have no fixup.
+pub fn rdmsr_loop(msr: u32, n: u64) {
+    // SAFETY: callers pass an MSR that reads without #GP (checked first
+    // with `rdmsr_safe`, or a register of the model); RDMSR only writes
+    // EAX/EDX and touches no memory.
+    unsafe {
+        core::arch::asm!("2:", "rdmsr", "dec {n}", "jnz 2b", n = inout(reg) n => _,
+            in("ecx") msr, out("eax") _, out("edx") _, options(nomem, nostack));
+    }
+}
+
 /// WRMSR that survives a #GP: `Err(())` if the access faulted.
 ///
 /// Only used for PMU and LAPIC MSRs, whose writes cannot break memory safety.

@@ -27,7 +27,7 @@
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::cmdline::{parse_u64, Config, Test};
-use crate::cpu::{rdtsc, wrmsr_safe};
+use crate::cpu::{rdmsr_loop, rdtsc, wrmsr_safe};
 use crate::pmu::{amd, intel, Kind, Pmu, SEL_EN, SEL_INT, SEL_OS, SEL_USR};
 use crate::serial::Hex;
 use crate::{apic, out, percpu, steal, time, MAX_CPUS};
@@ -661,15 +661,6 @@ fn storm_loops(p: &Pmu, l: &MsrList, budget: u64) -> u64 {
         }
     }
     done
-}
-
-fn rdmsr_loop(msr: u32, n: u64) {
-    // SAFETY: `msr` is a register of the model (reads never fault) and
-    // PMU MSR reads have no side effect on guest memory.
-    unsafe {
-        core::arch::asm!("2:", "rdmsr", "dec {n}", "jnz 2b", n = inout(reg) n => _,
-            in("ecx") msr, out("eax") _, out("edx") _, options(nomem, nostack));
-    }
 }
 
 /// `n` WRMSRs to `msr`: `a`, then `a ^ toggle`, and so on.

@@ -40,7 +40,6 @@ pub fn detect(p: &mut Pmu, ecx1: u32) {
     p.version = version;
     p.num_gp = (eax >> 8) & 0xff;
     p.gp_width = (eax >> 16) & 0xff;
-    p.intel_events_len = (eax >> 24) & 0xff;
     p.intel_unavail = ebx;
     if version >= 2 {
         p.num_fixed = edx & 0x1f;

@@ -83,8 +83,6 @@ pub struct Pmu {
     pub intel_full_width: bool,
     /// Intel CPUID.0xA EBX: architectural events NOT available.
     pub intel_unavail: u32,
-    /// Intel CPUID.0xA EAX[31:24]: length of the EBX bit vector.
-    pub intel_events_len: u32,
 }
 
 fn vendor_bytes(b: u32, c: u32, d: u32) -> [u8; 12] {
@@ -126,7 +124,6 @@ impl Pmu {
             amd_v2: false,
             intel_full_width: false,
             intel_unavail: 0,
-            intel_events_len: 0,
         };
         match &vendor {
             b"AuthenticAMD" | b"HygonGenuine" => amd::detect(&mut p),
@@ -285,10 +282,7 @@ impl Pmu {
     /// means firmware uses it), then flip the low 16 bits of a free counter
     /// and read it back. Emulators that accept but ignore PMU MSRs fail here.
     pub fn msr_probe(&self) -> Result<ProbeResult, ProbeFail> {
-        let mut r = ProbeResult {
-            bios_enabled: 0,
-            counter: 0,
-        };
+        let mut r = ProbeResult { bios_enabled: 0 };
         let mut safe = None;
         for i in 0..self.num_gp {
             let msr = self.ctl_msr(i);
@@ -309,7 +303,6 @@ impl Pmu {
             }
         }
         let i = safe.ok_or(ProbeFail::AllBusy)?;
-        r.counter = i;
         let msr = self.ctr_msr(i);
         let old = rdmsr_safe(msr).map_err(|_| ProbeFail::Gp(msr))?;
         let val = old ^ 0xffff;
@@ -330,8 +323,6 @@ impl Pmu {
 pub struct ProbeResult {
     /// Bit i (gp) / 32+i (fixed): enabled before we touched the PMU.
     pub bios_enabled: u64,
-    /// Counter used for the write/read-back test.
-    pub counter: u32,
 }
 
 pub enum ProbeFail {

@@ -28,7 +28,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::cmdline::{parse_u64, Config, Test};
 use crate::cpu::{rdmsr_loop, rdtsc, wrmsr_safe};
-use crate::pmu::{amd, intel, Kind, Pmu, SEL_EN, SEL_INT, SEL_OS, SEL_USR};
+use crate::pmu::{amd, intel, low_bits, Kind, Pmu, SEL_EN, SEL_INT, SEL_OS, SEL_USR};
 use crate::serial::Hex;
 use crate::{apic, out, percpu, steal, time, MAX_CPUS};
 
@@ -257,12 +257,7 @@ fn counter_msr(p: &Pmu, b: u32) -> u32 {
 }
 
 fn width_mask(p: &Pmu, b: u32) -> u64 {
-    let width = if b >= 32 { p.fixed_width } else { p.gp_width };
-    if width >= 64 {
-        u64::MAX
-    } else {
-        (1u64 << width) - 1
-    }
+    low_bits(if b >= 32 { p.fixed_width } else { p.gp_width })
 }
 
 /// Like Linux's PMI handlers: freeze (global control off), find the
@@ -361,14 +356,6 @@ impl MsrList {
             self.valid[self.n] = valid;
             self.n += 1;
         }
-    }
-}
-
-fn low_bits(n: u32) -> u64 {
-    if n >= 64 {
-        u64::MAX
-    } else {
-        (1u64 << n) - 1
     }
 }
 

@@ -9,7 +9,8 @@ use crate::cmdline::{Config, Test};
 use crate::cpu::{rdpmc_safe, rdtsc, sti_hlt_cli};
 use crate::percpu::{self, PMI_DISABLED, PMI_IDLE, PMI_RUNNING};
 use crate::pmu::{
-    self, amd, intel, Fault, Kind, Pmu, ProbeFail, ProbeResult, VendorStr, SEL_EN, SEL_INT,
+    self, amd, intel, low_bits, Fault, Kind, Pmu, ProbeFail, ProbeResult, VendorStr, SEL_EN,
+    SEL_INT,
 };
 use crate::serial::{Hex, Line, Put};
 use crate::{apic, out, steal, time};
@@ -678,14 +679,6 @@ fn gp(cfg: &Config, cpu: u32, p: &Pmu) -> Result<(), Fault> {
         MismatchList(&t.first)
     );
     Ok(())
-}
-
-fn low_bits(n: u32) -> u64 {
-    if n >= 64 {
-        u64::MAX
-    } else {
-        (1u64 << n) - 1
-    }
 }
 
 fn gp_amd(t: &mut Tally, p: &Pmu) {

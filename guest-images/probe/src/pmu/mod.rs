@@ -157,11 +157,7 @@ impl Pmu {
 
     /// Mask of the valid bits of a general-purpose counter.
     pub fn gp_mask(&self) -> u64 {
-        if self.gp_width >= 64 {
-            u64::MAX
-        } else {
-            (1u64 << self.gp_width) - 1
-        }
+        low_bits(self.gp_width)
     }
 
     /// Largest sampling period a counter write can express.
@@ -265,17 +261,12 @@ impl Pmu {
 
     /// All counter bits of the global status/control registers.
     pub fn status_bits(&self) -> u64 {
-        let gp = if self.num_gp >= 64 {
-            u64::MAX
-        } else {
-            (1u64 << self.num_gp) - 1
-        };
         let fixed = if self.kind == Kind::Intel {
-            ((1u64 << self.num_fixed) - 1) << 32
+            low_bits(self.num_fixed) << 32
         } else {
             0
         };
-        gp | fixed
+        low_bits(self.num_gp) | fixed
     }
 
     /// Linux's `check_hw_exists()`: read every event select (an enabled one
@@ -317,6 +308,15 @@ impl Pmu {
             });
         }
         Ok(r)
+    }
+}
+
+/// The low `n` bits set.
+pub fn low_bits(n: u32) -> u64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
     }
 }
 

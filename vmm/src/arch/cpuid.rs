@@ -3,28 +3,19 @@
 //! PMU leaves are left to the caller (the vPMU decides what they say).
 
 use kvm_bindings::kvm_cpuid_entry2;
+use vpmu::Vendor;
 
-/// CPU vendor, from leaf 0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Vendor {
-    Amd,
-    Intel,
-    Other,
-}
-
-/// The vendor KVM reports in leaf 0 (it is the host's).
-pub fn vendor(entries: &[kvm_cpuid_entry2]) -> Vendor {
-    let Some(e) = entries.iter().find(|e| e.function == 0) else {
-        return Vendor::Other;
-    };
+/// The vendor KVM reports in leaf 0 (it is the host's), if AMD or Intel.
+pub fn vendor(entries: &[kvm_cpuid_entry2]) -> Option<Vendor> {
+    let e = entries.iter().find(|e| e.function == 0)?;
     let mut id = [0u8; 12];
     id[..4].copy_from_slice(&e.ebx.to_le_bytes());
     id[4..8].copy_from_slice(&e.edx.to_le_bytes());
     id[8..].copy_from_slice(&e.ecx.to_le_bytes());
     match &id {
-        b"AuthenticAMD" => Vendor::Amd,
-        b"GenuineIntel" => Vendor::Intel,
-        _ => Vendor::Other,
+        b"AuthenticAMD" => Some(Vendor::Amd),
+        b"GenuineIntel" => Some(Vendor::Intel),
+        _ => None,
     }
 }
 

@@ -14,7 +14,6 @@ use kvm_ioctls::{Cap, Kvm};
 use vpmu::backend::perf::PerfBackend;
 use vpmu::{EventPolicy, HostCpuid, HostFacts, PmuModel, Vendor};
 
-use crate::arch::cpuid;
 use crate::error::StartError;
 
 /// `--vpmu`.
@@ -62,7 +61,7 @@ pub struct HostPmu {
 
 impl HostPmu {
     /// Looks at the host: KVM capabilities, perf, and KVM's module settings.
-    pub fn detect(kvm: &Kvm, vendor: cpuid::Vendor) -> Self {
+    pub fn detect(kvm: &Kvm, vendor: Option<Vendor>) -> Self {
         let msr_exits = if !kvm.check_extension(Cap::X86UserSpaceMsr) {
             Err("KVM lacks KVM_CAP_X86_USER_SPACE_MSR".to_string())
         } else if !kvm.check_extension(Cap::X86MsrFilter) {
@@ -84,11 +83,6 @@ impl HostPmu {
             (Err(e), true) => {
                 Rdpmc::Unavailable(format!("the host has no hardware PMU for KVM ({e})"))
             }
-        };
-        let vendor = match vendor {
-            cpuid::Vendor::Amd => Some(Vendor::Amd),
-            cpuid::Vendor::Intel => Some(Vendor::Intel),
-            cpuid::Vendor::Other => None,
         };
         Self {
             msr_exits,

@@ -463,7 +463,7 @@ impl<B: Backend> Vpmu<B> {
     }
 
     /// Re-arms counter `i`'s host event at its current distance to overflow.
-    fn arm(&mut self, i: usize) {
+    pub(super) fn arm(&mut self, i: usize) {
         let Some(handle) = self.counters[i].backing.handle() else {
             return;
         };

@@ -224,7 +224,7 @@ impl<B: Backend> Vpmu<B> {
             layout,
             policy,
             backend,
-            clock: GuestClock::new(clock.tsc_khz),
+            clock,
             limits: Limits::default(),
             fixed_ctrl: 0,
             global_ctrl: layout.global_ctrl_reset,

@@ -204,8 +204,9 @@ impl<B: Backend> Vpmu<B> {
             counter.generation = counter
                 .generation
                 .max(context.generations[i] + moved as u64);
-            if counter.running && counter.rearm && counter.backing.handle().is_some() {
-                self.set_value(i, context.values[i]);
+            // The value moved: re-arm its host event (if it has one).
+            if counter.running && counter.rearm {
+                self.arm(i);
             }
         }
         self.refresh_hooks();

@@ -186,10 +186,12 @@ impl Export {
     }
 
     /// Whether a reader asked vCPU `index` for a fresh view; clears it.
+    /// Called at every exit: a plain load first, so that the cache line
+    /// (shared with other vCPUs' slots) is only written when asked.
     pub fn take_refresh(&self, index: u8) -> bool {
-        self.slots
-            .get(usize::from(index))
-            .is_some_and(|s| s.refresh.swap(false, Ordering::SeqCst))
+        self.slots.get(usize::from(index)).is_some_and(|s| {
+            s.refresh.load(Ordering::Relaxed) && s.refresh.swap(false, Ordering::SeqCst)
+        })
     }
 
     pub fn request_refresh(&self, index: u8) {

@@ -113,9 +113,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "SINK", default_value = "stdio")]
     serial: SerialSink,
     /// The guest's virtual PMU: auto (on where the host can serve the guest
-    /// fully; for the built-in probe also where guest RDPMC cannot be
-    /// served, since it reads counters with RDMSR), on (forced, with a
-    /// warning where RDPMC faults), off (no PMU in CPUID).
+    /// fully; where guest RDPMC cannot be served, on only for guests that
+    /// read counters with RDMSR: the built-in probe, or a kernel with
+    /// "perf_read_msr" on its command line), on (forced, with a warning
+    /// where RDPMC faults), off (no PMU in CPUID).
     #[arg(long, value_name = "MODE", value_enum, default_value_t = VpmuMode::Auto)]
     vpmu: VpmuMode,
     /// General-purpose counters of the vPMU (default: the best the host backs).

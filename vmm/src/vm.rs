@@ -340,8 +340,9 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(StartError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
         let host_pmu = HostPmu::detect(&kvm, cpuid::vendor(supported.as_slice()));
-        // The built-in probe reads counters with RDMSR only.
-        let plan = Arc::new(pmu::plan(&config.vpmu, &host_pmu, config.kernel.is_none())?);
+        let rdmsr_guest =
+            pmu::reads_counters_with_rdmsr(config.kernel.is_some(), config.cmdline.as_deref());
+        let plan = Arc::new(pmu::plan(&config.vpmu, &host_pmu, rdmsr_guest)?);
         let vcpu_cpuid = pmu_cpuid(&supported, &plan)?;
 
         // Bound now, while single-threaded (mode 0600 via the umask), so that

@@ -507,8 +507,13 @@ fn recovers(pmu: &mut Vpmu<FakeBackend>, hardware: bool) {
         let allowed = pmu
             .policy()
             .allows(s.model.vendor, evtsel::event_code(c.decoded.to_select()));
+        // The task clock backs plain cycle events counting both user and
+        // kernel time; a privilege filter needs hardware events.
+        let select = c.decoded.to_select();
         let clock = matches!(c.event_name.as_deref(), Some("cycles" | "ref-cycles"))
-            && evtsel::is_plain(c.decoded.to_select());
+            && evtsel::is_plain(select)
+            && select & evtsel::USR != 0
+            && select & evtsel::OS != 0;
         if allowed && (hardware || clock) {
             assert!(
                 matches!(c.backing, Backing::HardwareRaw | Backing::SoftwareClock),
@@ -659,6 +664,7 @@ pub fn policy(data: &[u8]) {
                 let _ = policy.allows(vendor, evtsel::EventCode::new(event, 0));
             }
         }
-        let _ = policy.intel_unavailable_events();
+        let _ = policy.intel_unavailable_events(true);
+        let _ = policy.intel_unavailable_events(false);
     }
 }

@@ -138,12 +138,18 @@ impl EventPolicy {
         }
     }
 
-    /// The Intel CPUID.0AH:EBX mask ("event not available") this policy
-    /// implies, for [`crate::PmuModel::with_intel_unavailable_events`].
-    pub fn intel_unavailable_events(&self) -> u8 {
+    /// The Intel CPUID.0AH:EBX mask ("event not available") for
+    /// [`crate::PmuModel::with_intel_unavailable_events`]: the events this
+    /// policy denies and, on a host without hardware events, the events
+    /// the task-clock cannot stand in for. Linux's perf then reports them
+    /// as not supported instead of counting nothing.
+    pub fn intel_unavailable_events(&self, hardware_events: bool) -> u8 {
         let events = vendor::ops(Vendor::Intel).named_events();
         (0..7)
-            .filter(|&bit| !self.allows(Vendor::Intel, events[bit].code))
+            .filter(|&bit| {
+                !self.allows(Vendor::Intel, events[bit].code)
+                    || !(hardware_events || events[bit].clock)
+            })
             .fold(0, |mask, bit| mask | 1 << bit)
     }
 }
@@ -318,8 +324,19 @@ mod tests {
 
     #[test]
     fn intel_cpuid_mask_follows_the_policy() {
-        assert_eq!(parse("all").intel_unavailable_events(), 0);
-        assert_eq!(parse("ipc").intel_unavailable_events(), 0b111_1100);
-        assert_eq!(parse("none").intel_unavailable_events(), 0b111_1111);
+        assert_eq!(parse("all").intel_unavailable_events(true), 0);
+        assert_eq!(parse("ipc").intel_unavailable_events(true), 0b111_1100);
+        assert_eq!(parse("none").intel_unavailable_events(true), 0b111_1111);
+    }
+
+    #[test]
+    fn intel_cpuid_mask_hides_what_the_task_clock_cannot_back() {
+        // Only core cycles (bit 0) and reference cycles (bit 2) can be
+        // backed by the task clock.
+        assert_eq!(parse("all").intel_unavailable_events(false), 0b111_1010);
+        assert_eq!(
+            parse("deny:0x3c/0x01").intel_unavailable_events(false),
+            0b111_1110
+        );
     }
 }

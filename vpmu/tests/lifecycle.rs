@@ -60,6 +60,34 @@ fn generations_move_only_with_the_programming() {
 }
 
 #[test]
+fn a_privilege_filter_the_task_clock_cannot_honour_is_unbacked_not_miscounted() {
+    let mut pmu = vpmu(amd_v2(6), false);
+    pmu.wrmsr(ctl(0), 0x76 | USR | EN).unwrap(); // cycles:u
+    pmu.wrmsr(ctl(1), 0x76 | OS | EN).unwrap(); // cycles:k
+    pmu.wrmsr(ctl(2), CYCLES).unwrap();
+    run_guest(&mut pmu, 1_000_000);
+    assert_eq!(
+        pmu.rdmsr(ctr(0)),
+        Ok(0),
+        "cycles:u would count kernel time too"
+    );
+    assert_eq!(
+        pmu.rdmsr(ctr(1)),
+        Ok(0),
+        "cycles:k would count user time too"
+    );
+    assert_eq!(pmu.rdmsr(ctr(2)), Ok(3_000_000), "plain cycles still count");
+    let snapshot = pmu.snapshot();
+    for c in &snapshot.counters[..2] {
+        let Backing::Unbacked { reason } = &c.backing else {
+            panic!("{c:?}")
+        };
+        assert!(reason.contains("user from kernel"), "{reason}");
+    }
+    assert_eq!(snapshot.counters[2].backing, Backing::SoftwareClock);
+}
+
+#[test]
 fn clock_events_count_guest_time_only_and_idle_hooks_cost_nothing() {
     let mut pmu = vpmu(amd_v2(6), false);
     assert!(!pmu.exit_hooks_needed());

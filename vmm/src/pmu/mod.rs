@@ -123,9 +123,24 @@ impl fmt::Display for PmuPlan {
     }
 }
 
+/// The kernel parameter with which the guest kernel built for these hosts
+/// (guest-images/linux/kernel) reads counters with RDMSR instead of RDPMC.
+pub const LINUX_READS_COUNTERS_WITH_RDMSR: &str = "perf_read_msr";
+
+/// Whether the guest is known to read counters with RDMSR only: the
+/// built-in probe, or a kernel told so by [`LINUX_READS_COUNTERS_WITH_RDMSR`]
+/// on its command line.
+pub fn reads_counters_with_rdmsr(external_kernel: bool, cmdline: Option<&str>) -> bool {
+    !external_kernel
+        || cmdline.is_some_and(|c| {
+            c.split_ascii_whitespace()
+                .any(|word| word == LINUX_READS_COUNTERS_WITH_RDMSR)
+        })
+}
+
 /// Decides the guest's PMU. `rdmsr_guest` is true for guests known to read
-/// counters with RDMSR only (the built-in probe), which `auto` serves even
-/// where RDPMC cannot be.
+/// counters with RDMSR only ([`reads_counters_with_rdmsr`]), which `auto`
+/// serves even where RDPMC cannot be.
 pub fn plan(opts: &VpmuOptions, host: &HostPmu, rdmsr_guest: bool) -> Result<PmuPlan, StartError> {
     let shaped =
         opts.gp_counters.is_some() || opts.fixed_counters.is_some() || opts.version.is_some();
@@ -164,7 +179,8 @@ pub fn plan(opts: &VpmuOptions, host: &HostPmu, rdmsr_guest: bool) -> Result<Pmu
             (VpmuMode::Auto, false) => {
                 return Ok(off(format!(
                     "vPMU off: guest RDPMC cannot be served ({why}), so a Linux guest's perf \
-                     would fault; --vpmu on forces it for guests that read counters with RDMSR"
+                     would fault; a kernel that reads counters with RDMSR says so with \
+                     '{LINUX_READS_COUNTERS_WITH_RDMSR}' on its command line (--vpmu on forces it)"
                 )))
             }
             (VpmuMode::On, false) => notes.push(format!(
@@ -172,7 +188,7 @@ pub fn plan(opts: &VpmuOptions, host: &HostPmu, rdmsr_guest: bool) -> Result<Pmu
                  RDMSR work"
             )),
             _ => notes.push(format!(
-                "guest RDPMC raises #GP: {why}; the probe reads counters with RDMSR"
+                "guest RDPMC raises #GP: {why}; this guest reads counters with RDMSR"
             )),
         }
     }
@@ -204,7 +220,10 @@ pub fn plan(opts: &VpmuOptions, host: &HostPmu, rdmsr_guest: bool) -> Result<Pmu
         model = model.with_fixed_counters(n);
     }
     if vendor == Vendor::Intel {
-        model = model.with_intel_unavailable_events(opts.events.intel_unavailable_events());
+        model = model.with_intel_unavailable_events(
+            opts.events
+                .intel_unavailable_events(host.hardware_events.is_ok()),
+        );
     }
     model
         .validate()
@@ -255,6 +274,21 @@ mod tests {
             .unwrap()
             .model
             .is_some());
+    }
+
+    #[test]
+    fn the_probe_and_kernels_told_to_read_msrs_are_rdmsr_guests() {
+        assert!(reads_counters_with_rdmsr(false, None));
+        assert!(reads_counters_with_rdmsr(false, Some("probe.tests=cycles")));
+        assert!(!reads_counters_with_rdmsr(true, None));
+        assert!(!reads_counters_with_rdmsr(true, Some("console=ttyS0")));
+        assert!(reads_counters_with_rdmsr(
+            true,
+            Some("console=ttyS0 perf_read_msr panic=-1")
+        ));
+        // Only the parameter itself, not a word that contains it.
+        assert!(!reads_counters_with_rdmsr(true, Some("noperf_read_msr")));
+        assert!(!reads_counters_with_rdmsr(true, Some("perf_read_msr=0")));
     }
 
     #[test]

@@ -371,6 +371,14 @@ impl<B: Backend> Vpmu<B> {
             self.counters[i].backing = BackingState::Unbacked(Cow::Owned(reason));
             return;
         }
+        if select & USR == 0 || select & OS == 0 {
+            // Counting both would be a silent wrong number.
+            self.counters[i].backing = BackingState::Unbacked(Cow::Borrowed(
+                "a user-only or kernel-only count needs hardware events: the host \
+                 task-clock cannot tell guest user from kernel time",
+            ));
+            return;
+        }
         let period = self.period(i, false);
         match self.open(&EventSpec::clock(Some(period.period))) {
             Ok(handle) => self.opened(i, BackingState::Clock(handle), period),

@@ -1,0 +1,508 @@
+#!/usr/bin/env python3
+"""Linux perf acceptance: Linux's own perf inside a Linux guest on vmm's vPMU.
+
+Boots the guest that build.sh makes (out/vmlinux, out/initramfs.cpio,
+out/cmdline) three times, side by side:
+
+  main  --vpmu auto (on: the kernel reads counters with RDMSR), running
+        /bin/perf-checks (detect, stat, unbacked, privilege, record,
+        multiplex, api, watchdog) while this script reads GET /vpmu at
+        each step's BEGIN and END marker and while the api step runs;
+  off   --vpmu off: no PMU driver, perf says cycles is not supported;
+  deny  --vpmu-events deny:0x76: cycles counts nothing, no host event.
+
+then judges what perf printed against run time, the guest's TSC rate and
+what the VMM exported, and prints a table. Started by acceptance.sh, which
+builds what is missing first. Standard library only.
+
+Exit codes: 0 every check passed, 1 a check failed, 2 set-up error,
+5 Linux did not reach /init in time, 6 no usable /dev/kvm.
+"""
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+AMD_CYCLES = 0x76
+USR, OS = 1 << 16, 1 << 17
+
+
+# ----------------------------------------------------------------- running --
+def api_get(sock_path, path, timeout=5.0):
+    """GET path on the VMM's Unix socket; the decoded JSON, or None."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(sock_path)
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            return None
+        return json.loads(body)
+    except (OSError, ValueError):
+        return None
+
+
+class Guest:
+    """One `vmm run` of the guest, its serial log read as it grows."""
+
+    def __init__(self, name, args, steps, workdir, timeout, extra_cmdline, env_vmm):
+        self.name = name
+        self.serial = os.path.join(workdir, f"{name}.serial")
+        self.stderr_path = os.path.join(workdir, f"{name}.vmm")
+        self.socket = os.path.join(workdir, f"{name}.sock")
+        cmdline = open(os.path.join(args.out, "cmdline")).read().strip()
+        cmdline += f' vmm.cmd="perf-checks {" ".join(steps)}"'
+        if extra_cmdline:
+            cmdline += " " + extra_cmdline
+        self.argv = [env_vmm, "run",
+                     "--kernel", os.path.join(args.out, "vmlinux"),
+                     "--initrd", os.path.join(args.out, "initramfs.cpio"),
+                     "--memory", str(args.memory),
+                     "--serial", f"file:{self.serial}",
+                     "--api-socket", self.socket,
+                     "--timeout", str(timeout),
+                     "--cmdline", cmdline] + self.vmm_flags()
+        self.timeout = timeout
+        self.snapshots = {}  # "step BEGIN|END" -> GET /vpmu
+        self.during = {}     # step -> [GET /vpmu while it ran]
+        self.rc = None
+        self.elapsed = None
+        self.proc = None
+        self.thread = None
+
+    def vmm_flags(self):
+        return {"main": [], "off": ["--vpmu", "off"],
+                "deny": ["--vpmu-events", "deny:0x76"]}[self.name]
+
+    def start(self):
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=open(self.stderr_path, "w"))
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+
+    def watch(self):
+        """Follow the serial log; read the API at step markers."""
+        seen = 0
+        running_step = None
+        deadline = self.started + self.timeout + 60
+        while True:
+            done = self.proc.poll() is not None
+            try:
+                with open(self.serial, "rb") as f:
+                    f.seek(seen)
+                    data = f.read()
+            except FileNotFoundError:
+                data = b""
+            # whole lines only
+            cut = data.rfind(b"\n") + 1
+            for line in data[:cut].decode("utf-8", "replace").splitlines():
+                m = re.match(r"VMM-STEP (\w+) (BEGIN|END)", line.strip())
+                if m:
+                    key = f"{m.group(1)} {m.group(2)}"
+                    self.snapshots[key] = api_get(self.socket, "/vpmu")
+                    running_step = m.group(1) if m.group(2) == "BEGIN" else None
+            seen += cut
+            if running_step == "api":
+                snap = api_get(self.socket, "/vpmu")
+                if snap:
+                    self.during.setdefault("api", []).append(snap)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait()
+                break
+            time.sleep(0.3)
+        self.rc = self.proc.returncode
+        self.elapsed = time.monotonic() - self.started
+
+    def wait(self):
+        self.thread.join()
+
+    def text(self):
+        try:
+            return open(self.serial, encoding="utf-8", errors="replace").read()
+        except FileNotFoundError:
+            return ""
+
+    def vmm_stderr(self):
+        try:
+            return open(self.stderr_path, encoding="utf-8", errors="replace").read()
+        except FileNotFoundError:
+            return ""
+
+    def step(self, name):
+        """(output lines of the step, its rc) or (None, None) if it never ended."""
+        m = re.search(rf"VMM-STEP {name} BEGIN\r?\n(.*?)VMM-STEP {name} END rc=(\d+)",
+                      self.text(), re.S)
+        if not m:
+            return None, None
+        return m.group(1).splitlines(), int(m.group(2))
+
+
+# ----------------------------------------------------------------- parsing --
+def facts(lines):
+    out = {}
+    for line in lines:
+        m = re.match(r"^(\w+)=(.*)$", line.strip())
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def perf_csv(lines):
+    """perf stat -x, rows: [(value or None, text, event, run_ns, pct_running)]."""
+    rows = []
+    for line in lines:
+        f = line.strip().split(",")
+        if len(f) < 4 or f[0].startswith("busy:"):
+            continue
+        value, unit, event = f[0], f[1], f[2]
+        if not re.match(r"^[\w:.-]+$", event):
+            continue
+        try:
+            num = float(value)
+        except ValueError:
+            num = None  # <not counted>, <not supported>
+        run = float(f[3]) if len(f) > 3 and f[3].replace(".", "").isdigit() else None
+        pct = float(f[4]) if len(f) > 4 and re.match(r"^[\d.]+$", f[4]) else None
+        rows.append((num, value, event, run, pct))
+    return rows
+
+
+def busy_line(lines):
+    for line in lines:
+        m = re.search(r"busy: mode=(\w+) cpu_ms=(\d+) user_ms=(\d+) sys_ms=(\d+)", line)
+        if m:
+            return {"cpu_ms": int(m.group(2)), "user_ms": int(m.group(3)),
+                    "sys_ms": int(m.group(4))}
+    return None
+
+
+def counters(snapshot):
+    """Every counter of every vCPU in a GET /vpmu answer."""
+    if not snapshot:
+        return []
+    return [c for v in snapshot.get("vcpus", []) for c in v["vpmu"]["counters"]]
+
+
+def total_for(snapshot, pid):
+    for t in (snapshot or {}).get("totals", []):
+        if t["id"] == pid:
+            return t["count"]
+    return 0
+
+
+def event_of(counter):
+    d = counter.get("decoded", {})
+    return d.get("event")
+
+
+def select_of(counter):
+    return counter.get("control", 0)
+
+
+# ------------------------------------------------------------------ checks --
+class Report:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, name, ok, detail):
+        self.rows.append({"check": name, "result": "PASS" if ok else "FAIL", "detail": detail})
+
+    def skip(self, name, why):
+        self.rows.append({"check": name, "result": "NOT RUN", "detail": why})
+
+    def ok(self):
+        return all(r["result"] == "PASS" for r in self.rows)
+
+    def print(self):
+        width = max(len(r["check"]) for r in self.rows)
+        print(f"{'check':<{width}}  result   detail")
+        for r in self.rows:
+            print(f"{r['check']:<{width}}  {r['result']:<7}  {r['detail']}")
+
+
+def within(a, b, frac):
+    return b > 0 and abs(a - b) <= frac * b
+
+
+def judge_main(g, r):
+    out, rc = g.step("detect")
+    if out is None:
+        for name in ["detect", "stat", "unbacked", "privilege", "record", "multiplex",
+                     "api-live", "api-count", "watchdog"]:
+            r.skip(f"main.{name}", "the guest never ran the step")
+        return
+    text = "\n".join(out)
+    f = facts(out)
+    drv = re.search(r"Performance Events: (.*)", text)
+    version = re.search(r"version:\s+(\d+)", text)
+    regs = re.search(r"generic registers:\s+(\d+)", text)
+    width = re.search(r"bit width:\s+(\d+)", text)
+    model = ((g.snapshots.get("detect BEGIN") or {}).get("vm") or {}).get("model") or {}
+    want = (model.get("version"), model.get("gp_counters"), model.get("gp_width"))
+    got = tuple(int(m.group(1)) if m else None for m in (version, regs, width))
+    r.add("main.detect", bool(drv) and "PMU driver" in drv.group(1) and got == want
+          and "perf_read_msr" in text,
+          f"driver '{drv.group(1) if drv else None}', (version, counters, width) {got}, "
+          f"model {want}")
+    tsc_khz = float(f.get("tsc_khz", 0) or 0)
+
+    out, rc = g.step("stat")
+    rows = perf_csv(out or [])
+    cyc = next((x for x in rows if x[2] == "cycles"), None)
+    clk = next((x for x in rows if x[2] == "task-clock"), None)
+    sf = facts(out or [])
+    if cyc and clk and cyc[0] and clk[0] and tsc_khz:
+        expect = clk[0] * tsc_khz  # task-clock ms x kHz = cycles
+        ratio = cyc[0] / expect
+        steal = ""
+        try:
+            s0, t0 = map(int, sf["before"].split())
+            s1, t1 = map(int, sf["after"].split())
+            steal = f", guest saw {(s1 - s0) * 10} ms of steal"
+        except (KeyError, ValueError):
+            pass
+        r.add("main.stat-cycles", rc == 0 and abs(ratio - 1) <= 0.10,
+              f"{cyc[0]:.0f} cycles over {clk[0]:.1f} ms task-clock at {tsc_khz:.0f} kHz: "
+              f"ratio {ratio:.3f} (within 10%){steal}")
+    else:
+        r.add("main.stat-cycles", False, f"perf stat gave no cycles/task-clock: {rows}")
+
+    out, rc = g.step("unbacked")
+    rows = perf_csv(out or [])
+    ins = next((x for x in rows if x[2] == "instructions"), None)
+    cyc = next((x for x in rows if x[2] == "cycles"), None)
+    host = [c for c in counters(g.snapshots.get("unbacked END")) if event_of(c) == 0xC0]
+    reasons = [c["backing"].get("reason", "") for c in host if c["backing"]["kind"] == "unbacked"]
+    # AMD has no way to tell the guest an event is unavailable: perf shows 0
+    # there (never a made-up count), and the host export says why.
+    shown = ins[1] if ins else None
+    honest = ins is not None and (ins[0] is None or ins[0] == 0)
+    r.add("main.unbacked", honest and bool(cyc and cyc[0]) and bool(reasons),
+          f"perf: instructions '{shown}', cycles {cyc[1] if cyc else None}; host: "
+          f"{'unbacked: ' + reasons[0] if reasons else 'no unbacked instructions counter'}")
+
+    out, rc = g.step("privilege")
+    rows = {x[2]: x for x in perf_csv(out or [])}
+    host = counters(g.snapshots.get("privilege END"))
+    filtered = [c for c in host if event_of(c) == AMD_CYCLES
+                and bool(select_of(c) & USR) != bool(select_of(c) & OS)]
+    flagged = [c for c in filtered if c["backing"]["kind"] == "unbacked"
+               and "user from kernel" in c["backing"].get("reason", "")]
+    u, k, both = rows.get("cycles:u"), rows.get("cycles:k"), rows.get("cycles")
+    r.add("main.privilege", bool(u and k and both) and (u[0] or 0) == 0 and (k[0] or 0) == 0
+          and (both[0] or 0) > 0 and len(filtered) == 2 and len(flagged) == 2,
+          f"perf: cycles:u '{u[1] if u else None}', cycles:k '{k[1] if k else None}', "
+          f"cycles '{both[1] if both else None}'; host flags {len(flagged)} of "
+          f"{len(filtered)} filtered counters as unbacked")
+
+    out, rc = g.step("record")
+    judge_record(out or [], rc, tsc_khz, r)
+
+    out, rc = g.step("multiplex")
+    rows = [x for x in perf_csv(out or []) if x[2] == "cycles"]
+    vals = [x[0] for x in rows if x[0]]
+    pcts = [x[4] for x in rows if x[4] is not None]
+    if len(vals) == 8 and pcts:
+        mean = sum(vals) / len(vals)
+        spread = max(abs(v - mean) / mean for v in vals)
+        r.add("main.multiplex", rc == 0 and max(pcts) < 100 and spread <= 0.15,
+              f"8 cycles events on 6 counters: running {min(pcts):.0f}-{max(pcts):.0f}% "
+              f"of enabled, scaled counts within {spread * 100:.1f}% of their mean (15%)")
+    else:
+        r.add("main.multiplex", False, f"expected 8 scaled cycles counts: {rows}")
+
+    out, rc = g.step("api")
+    rows = perf_csv(out or [])
+    cyc = next((x for x in rows if x[2] == "cycles"), None)
+    live = [c for s in g.during.get("api", []) for c in counters(s)
+            if c.get("running") and event_of(c) == AMD_CYCLES]
+    r.add("main.api-live", bool(live),
+          f"{len(g.during.get('api', []))} reads of GET /vpmu during perf stat, "
+          f"{len(live)} showed a running cycles counter"
+          + (f" (select {select_of(live[0]):#x}, backing {live[0]['backing']['kind']})"
+             if live else ""))
+    pid = (0x76 | USR | OS)
+    before = total_for(g.snapshots.get("api BEGIN"), pid)
+    after = total_for(g.snapshots.get("api END"), pid)
+    host_count = after - before
+    if cyc and cyc[0]:
+        r.add("main.api-count", within(host_count, cyc[0], 0.05),
+              f"perf {cyc[0]:.0f} cycles, host total for programming {pid:#x} grew by "
+              f"{host_count} ({(host_count / cyc[0] - 1) * 100:+.2f}%, within 5%)")
+    else:
+        r.add("main.api-count", False, f"perf stat gave no cycles count: {rows}")
+
+    out, rc = g.step("watchdog")
+    f = facts(out or [])
+    try:
+        before, after = int(f["pmi_before"]), int(f["pmi_after"])
+    except (KeyError, ValueError):
+        before = after = None
+    host = counters(g.snapshots.get("watchdog END"))
+    wd = [c for c in host if c.get("running") and event_of(c) == AMD_CYCLES and c.get("pmis", 0) > 0]
+    r.add("main.watchdog", rc == 0 and before is not None and after > before and bool(wd),
+          f"PMIs {before} -> {after} over 4 s of busy; host: "
+          + (f"counter {wd[0]['index']} running with {wd[0]['pmis']} PMIs" if wd else "no counter with PMIs"))
+
+
+def judge_record(out, rc, tsc_khz, r):
+    text = "\n".join(out)
+    f = facts(out)
+    busy = busy_line(out)
+    samples = re.search(r"# Samples: (\d+)", text)
+    period = int(f.get("period", 0) or 0)
+    if rc != 0 or not samples or not busy or not period:
+        r.add("main.record-samples", False, f"perf record/report failed (rc {rc}): {text[-300:]}")
+        r.add("main.record-modes", False, "no report")
+        r.add("main.record-symbol", False, "no report")
+        return
+    n = int(samples.group(1))
+    expect = busy["cpu_ms"] * tsc_khz / period
+    r.add("main.record-samples", within(n, expect, 0.30),
+          f"{n} samples, expected {expect:.0f} ({busy['cpu_ms']} ms of run time / period "
+          f"{period}), within 30%")
+    kernel = user = 0.0
+    for line in out:
+        m = re.match(r"^\s*([\d.]+)%\s+\d+\s+(\S+)", line)
+        if m:
+            if m.group(2) == "[kernel.kallsyms]":
+                kernel += float(m.group(1))
+            elif m.group(2) == "busy":
+                user += float(m.group(1))
+    sys_pct = 100.0 * busy["sys_ms"] / max(1, busy["user_ms"] + busy["sys_ms"])
+    r.add("main.record-modes", kernel + user > 0 and abs(kernel - sys_pct) <= 15,
+          f"samples {kernel:.1f}% kernel / {user:.1f}% user; busy's own time "
+          f"{sys_pct:.1f}% system (user {busy['user_ms']} ms, sys {busy['sys_ms']} ms), "
+          f"within 15 points")
+    top = None
+    after = text.split("top-user-symbols:", 1)[-1]
+    m = re.search(r"^\s*[\d.]+%\s+\[\.\]\s+(\S+)", after, re.M)
+    if m:
+        top = m.group(1)
+    r.add("main.record-symbol", top == "spin_user", f"top user-mode symbol: {top}")
+
+
+def judge_off(g, r):
+    out, rc = g.step("nopmu")
+    if out is None:
+        r.skip("off.no-pmu", "the guest never ran the step")
+        return
+    text = "\n".join(out)
+    rows = perf_csv(out)
+    cyc = next((x for x in rows if x[2] == "cycles"), None)
+    r.add("off.no-pmu", "no PMU driver" in text and bool(cyc) and cyc[1] == "<not supported>",
+          f"driver line '{(re.search(r'Performance Events: (.*)', text) or [None, None])[1]}', "
+          f"perf stat cycles '{cyc[1] if cyc else None}'")
+
+
+def judge_deny(g, r):
+    out, rc = g.step("deny")
+    if out is None:
+        r.skip("deny.cycles", "the guest never ran the step")
+        return
+    rows = perf_csv(out)
+    cyc = next((x for x in rows if x[2] == "cycles"), None)
+    host = [c for c in counters(g.snapshots.get("deny END")) if event_of(c) == AMD_CYCLES]
+    denied = [c for c in host if c["backing"]["kind"] == "denied"]
+    opens = re.search(r"(\d+) perf_event_open", g.vmm_stderr())
+    r.add("deny.cycles", bool(cyc) and (cyc[0] or 0) == 0 and bool(denied)
+          and opens is not None and int(opens.group(1)) == 0,
+          f"perf stat cycles '{cyc[1] if cyc else None}'; host: {len(denied)} counter(s) "
+          f"denied, {opens.group(1) if opens else '?'} perf_event_open")
+
+
+def judge_run(g, r):
+    """The run itself: /init ran, every step ended, the VMM ended by the reboot."""
+    text = g.text()
+    done = re.search(r"VMM-GUEST-DONE rc=(\d+)", text)
+    r.add(f"{g.name}.run", g.rc == 0 and done is not None,
+          f"vmm exit {g.rc} after {g.elapsed:.0f} s; /init "
+          + (f"finished, perf-checks rc={done.group(1)}" if done else "did not finish"))
+
+
+# -------------------------------------------------------------------- main --
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--vmm", default=os.environ.get("VMM", os.path.join(REPO, "target/release/vmm")))
+    p.add_argument("--out", default=os.path.join(HERE, "out"))
+    p.add_argument("--timeout", type=int, default=int(os.environ.get("ACCEPT_TIMEOUT", 900)),
+                   help="seconds each guest may run (vmm --timeout)")
+    p.add_argument("--memory", type=int, default=512)
+    p.add_argument("--only", default="main,off,deny", help="which runs (main,off,deny)")
+    p.add_argument("--sequential", action="store_true", help="one guest at a time")
+    p.add_argument("--keep", help="keep serial logs and VMM output in this directory")
+    p.add_argument("--json", help="also write the table as JSON to this file")
+    args = p.parse_args()
+
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        print("acceptance: CANNOT RUN HERE: /dev/kvm is missing or not usable")
+        return 6
+    for f in ["vmlinux", "initramfs.cpio", "cmdline"]:
+        if not os.path.exists(os.path.join(args.out, f)):
+            print(f"acceptance: SETUP ERROR: {args.out}/{f} missing (run build.sh)")
+            return 2
+    if not os.access(args.vmm, os.X_OK):
+        print(f"acceptance: SETUP ERROR: no vmm at {args.vmm}")
+        return 2
+    runs = [x for x in args.only.split(",") if x]
+    if not runs or any(x not in ("main", "off", "deny") for x in runs):
+        print("acceptance: SETUP ERROR: --only takes main,off,deny")
+        return 2
+
+    workdir = args.keep or tempfile.mkdtemp(prefix="vmm-accept-")
+    os.makedirs(workdir, exist_ok=True)
+    steps = {"main": ["detect", "stat", "unbacked", "privilege", "record", "multiplex", "api",
+                      "watchdog"],
+             "off": ["nopmu"], "deny": ["deny"]}
+    guests = [Guest(n, args, steps[n], workdir, args.timeout, "", args.vmm) for n in runs]
+    t0 = time.monotonic()
+    for g in guests:
+        print(f"acceptance: booting '{g.name}' (perf-checks {' '.join(steps[g.name])})", flush=True)
+        g.start()
+        if args.sequential:
+            g.wait()
+    for g in guests:
+        g.wait()
+
+    r = Report()
+    for g in guests:
+        judge_run(g, r)
+        {"main": judge_main, "off": judge_off, "deny": judge_deny}[g.name](g, r)
+    print(f"acceptance: {len(guests)} guest(s) in {time.monotonic() - t0:.0f} s; "
+          f"logs in {workdir}")
+    r.print()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": r.rows, "workdir": workdir}, f, indent=1)
+    if not any("VMM-GUEST-START" in g.text() for g in guests):
+        tail = "\n".join(guests[0].text().splitlines()[-10:])
+        print(f"acceptance: CANNOT RUN HERE: Linux did not reach /init; last serial lines:\n{tail}")
+        return 5
+    print("acceptance: PASS" if r.ok() else "acceptance: FAIL")
+    return 0 if r.ok() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,11 @@ then judges what perf printed against run time, the guest's TSC rate and
 what the VMM exported, and prints a table. Started by acceptance.sh, which
 builds what is missing first. Standard library only.
 
+With --bench it boots one guest that runs perf-checks' bench step instead
+and prints the figures of BENCHMARKS.md's Linux section: boot to /init,
+perf stat and perf record overheads on fixed work, and per sample the
+exits to the VMM, the VMM's own CPU time and the guest time lost.
+
 Exit codes: 0 every check passed, 1 a check failed, 2 set-up error,
 5 Linux did not reach /init in time, 6 no usable /dev/kvm.
 """
@@ -81,6 +86,8 @@ class Guest:
                      "--cmdline", cmdline] + self.vmm_flags()
         self.timeout = timeout
         self.snapshots = {}  # "step BEGIN|END" -> GET /vpmu
+        self.bench = []      # (marker line, GET /vpmu, vCPU thread ms)
+        self.init_after = None  # host seconds until /init printed its start
         self.during = {}     # step -> [GET /vpmu while it ran]
         self.rc = None
         self.elapsed = None
@@ -88,8 +95,24 @@ class Guest:
         self.thread = None
 
     def vmm_flags(self):
-        return {"main": [], "off": ["--vpmu", "off"],
+        return {"main": [], "bench": [], "off": ["--vpmu", "off"],
                 "deny": ["--vpmu-events", "deny:0x76"]}[self.name]
+
+    def thread_ms(self):
+        """(user, system) CPU ms of the VMM's vCPU threads, from /proc."""
+        user = system = 0
+        tick = os.sysconf("SC_CLK_TCK")
+        try:
+            for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+                base = f"/proc/{self.proc.pid}/task/{tid}"
+                if not open(f"{base}/comm").read().startswith("vcpu"):
+                    continue
+                fields = open(f"{base}/stat").read().rsplit(")", 1)[1].split()
+                user += int(fields[11]) * 1000 // tick
+                system += int(fields[12]) * 1000 // tick
+        except (OSError, ValueError, IndexError):
+            return None
+        return user, system
 
     def start(self):
         self.started = time.monotonic()
@@ -115,6 +138,11 @@ class Guest:
             # whole lines only
             cut = data.rfind(b"\n") + 1
             for line in data[:cut].decode("utf-8", "replace").splitlines():
+                if self.init_after is None and "VMM-GUEST-START" in line:
+                    self.init_after = time.monotonic() - self.started
+                if line.startswith("VMM-BENCH "):
+                    self.bench.append((line.strip(), api_get(self.socket, "/vpmu"),
+                                       self.thread_ms()))
                 m = re.match(r"VMM-STEP (\w+) (BEGIN|END)", line.strip())
                 if m:
                     key = f"{m.group(1)} {m.group(2)}"
@@ -442,6 +470,76 @@ def judge_run(g, r):
           + (f"finished, perf-checks rc={done.group(1)}" if done else "did not finish"))
 
 
+# ------------------------------------------------------------------- bench --
+def vpmu_totals(snapshot):
+    """Sums over the vCPUs of (PMIs, PMU MSR exits, overflow signals)."""
+    pmis = msrs = signals = 0
+    for v in (snapshot or {}).get("vcpus", []):
+        st = v["vpmu"]["stats"]
+        pmis += st["pmis"]
+        msrs += sum(st["rdmsr"].values()) + sum(st["wrmsr"].values())
+        signals += st["overflow_signals"]
+    return pmis, msrs, signals
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+def bench_report(g):
+    """Figures from the bench guest's VMM-BENCH runs."""
+    text = g.text()
+    runs = {}
+    marks = {}
+    for line, snap, threads in g.bench:
+        m = re.match(r"VMM-BENCH (BEGIN|END) round=(\d+) mode=(\w+)", line)
+        if m:
+            marks[(m.group(2), m.group(3), m.group(1))] = (snap, threads)
+    for m in re.finditer(r"VMM-BENCH BEGIN round=(\d+) mode=(\w+)\r?\n(.*?)VMM-BENCH END", text, re.S):
+        key = (m.group(1), m.group(2))
+        busy = busy_line(m.group(3).splitlines())
+        wall = re.search(r"wall_ms=(\d+)", m.group(3))
+        b, e = marks.get(key + ("BEGIN",)), marks.get(key + ("END",))
+        if not busy or not b or not e or not b[0] or not e[0]:
+            continue
+        p0, x0, s0 = vpmu_totals(b[0])
+        p1, x1, s1 = vpmu_totals(e[0])
+        vmm_user = (e[1][0] - b[1][0]) if b[1] and e[1] else float("nan")
+        runs.setdefault(m.group(2), []).append({
+            "cpu_ms": busy["cpu_ms"], "wall_ms": int(wall.group(1)) if wall else None,
+            "pmis": p1 - p0, "msr_exits": x1 - x0, "signals": s1 - s0,
+            "vmm_user_ms": vmm_user})
+    lines = []
+    init = re.search(r"\[\s*([\d.]+)\] Run /init", text)
+    lines.append(f"boot to /init: {g.init_after:.0f} s on the host clock"
+                 + (f", {float(init.group(1)):.0f} s on the guest's" if init else ""))
+    if "plain" not in runs:
+        lines.append("no plain runs: nothing to compare")
+        return lines, runs
+    base = median([r["cpu_ms"] for r in runs["plain"]])
+    lines.append(f"plain: busy work {len(runs['plain'])} runs, median {base:.0f} ms of guest "
+                 f"CPU time")
+    for mode in ["stat", "f1000", "f4000"]:
+        rs = runs.get(mode, [])
+        if not rs:
+            continue
+        cpu = median([r["cpu_ms"] for r in rs])
+        line = f"{mode}: {len(rs)} runs, median {cpu:.0f} ms ({(cpu / base - 1) * 100:+.1f}%)"
+        samples = median([r["pmis"] for r in rs])
+        if mode.startswith("f") and samples > 0:
+            lost_us = (cpu - base) * 1000 / samples
+            exits = median([(r["msr_exits"] + r["signals"]) / max(1, r["pmis"]) for r in rs])
+            vmm_us = median([r["vmm_user_ms"] * 1000 / max(1, r["pmis"]) for r in rs])
+            rate = samples / (cpu / 1000)
+            line += (f"; {samples:.0f} samples ({rate:.0f}/s of guest CPU time), "
+                     f"{exits:.2f} exits to the VMM per sample, {vmm_us:.0f} us of VMM "
+                     f"(vCPU thread, user mode) per sample, {lost_us:.0f} us of guest time "
+                     f"lost per sample")
+        lines.append(line)
+    return lines, runs
+
+
 # -------------------------------------------------------------------- main --
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -454,6 +552,8 @@ def main():
     p.add_argument("--sequential", action="store_true", help="one guest at a time")
     p.add_argument("--keep", help="keep serial logs and VMM output in this directory")
     p.add_argument("--json", help="also write the table as JSON to this file")
+    p.add_argument("--bench", action="store_true",
+                   help="run the benchmark guest instead of the checks")
     args = p.parse_args()
 
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -470,12 +570,14 @@ def main():
     if not runs or any(x not in ("main", "off", "deny") for x in runs):
         print("acceptance: SETUP ERROR: --only takes main,off,deny")
         return 2
+    if args.bench:
+        runs = ["bench"]
 
     workdir = args.keep or tempfile.mkdtemp(prefix="vmm-accept-")
     os.makedirs(workdir, exist_ok=True)
     steps = {"main": ["detect", "stat", "unbacked", "privilege", "record", "multiplex", "api",
                       "watchdog"],
-             "off": ["nopmu"], "deny": ["deny"]}
+             "off": ["nopmu"], "deny": ["deny"], "bench": ["bench"]}
     guests = [Guest(n, args, steps[n], workdir, args.timeout, "", args.vmm) for n in runs]
     t0 = time.monotonic()
     for g in guests:
@@ -485,6 +587,18 @@ def main():
             g.wait()
     for g in guests:
         g.wait()
+
+    if args.bench:
+        g = guests[0]
+        lines, runs = bench_report(g)
+        print(f"acceptance: bench guest ended with vmm exit {g.rc} after {g.elapsed:.0f} s; "
+              f"logs in {workdir}")
+        for line in lines:
+            print("  " + line)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"figures": lines, "runs": runs}, f, indent=1)
+        return 0 if g.rc == 0 and "plain" in runs else 1
 
     r = Report()
     for g in guests:

@@ -442,6 +442,11 @@ install -m 0755 "$HERE/init" "$ROOT/init"
 gcc -static -O2 -fno-omit-frame-pointer -o "$ROOT/bin/busy" "$HERE/busy.c" ||
     die "cannot build busy.c (gcc -static needs libc6-dev)"
 install -m 0755 "$HERE/perf-checks" "$ROOT/bin/perf-checks"
+# The kernel's symbols for perf report --kallsyms: reading /proc/kallsyms is
+# emulated kernel code on the development hosts (minutes); System.map has
+# the same format and, without KASLR, the same addresses.
+mkdir -p "$ROOT/boot"
+install -m 0644 "$KOBJ/System.map" "$ROOT/boot/System.map"
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$ROOT/etc/passwd"
 printf 'root:x:0:\n' >"$ROOT/etc/group"
 printf 'vmm-guest\n' >"$ROOT/etc/hostname"

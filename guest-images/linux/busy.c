@@ -2,13 +2,16 @@
  * busy: a workload of known length for perf inside the guest.
  *
  *   busy [user|kernel|mixed] [MILLISECONDS]   (default: user 500)
+ *   busy work CHUNKS                          (fixed work, for overheads)
  *
  * user:   spins in spin_user(), a named function perf report can show;
  * kernel: makes system calls (getppid) in a loop, so its time is kernel time;
- * mixed:  alternates the two, about half and half.
- * It spins until MILLISECONDS of its own CPU time (user + system) have
- * passed, then prints
- *   busy: mode=MODE cpu_ms=MS user_ms=U sys_ms=S loops=N
+ * mixed:  alternates the two, about half and half;
+ * work:   CHUNKS calls of spin_user (about 10 ms each natively), however
+ *         long they take: what sampling costs shows in cpu_ms and wall_ms.
+ * The first three spin until MILLISECONDS of their own CPU time (user +
+ * system) have passed. All print
+ *   busy: mode=MODE cpu_ms=MS user_ms=U sys_ms=S loops=N wall_ms=W
  * with the user and system time the kernel accounted to it.
  *
  * Built static by build.sh and kept unstripped, so its symbols reach perf.
@@ -21,12 +24,17 @@
 #include <sys/resource.h>
 #include <sys/syscall.h>
 
-static double cpu_ms(void)
+static double clock_ms(clockid_t clock)
 {
 	struct timespec ts;
 
-	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+	clock_gettime(clock, &ts);
 	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static double cpu_ms(void)
+{
+	return clock_ms(CLOCK_PROCESS_CPUTIME_ID);
 }
 
 /* Never inlined: it must be the top user-mode symbol of a profile. */
@@ -50,20 +58,25 @@ int main(int argc, char **argv)
 	const char *mode = argc > 1 ? argv[1] : "user";
 	double ms = argc > 2 ? atof(argv[2]) : 500;
 	int user = !strcmp(mode, "user"), kernel = !strcmp(mode, "kernel");
+	int work = !strcmp(mode, "work");
 	unsigned long loops = 0;
 	struct rusage ru;
-	double start;
+	double start, wall;
 
-	if ((!user && !kernel && strcmp(mode, "mixed")) || ms <= 0) {
-		fprintf(stderr, "usage: busy [user|kernel|mixed] [MILLISECONDS]\n");
+	if ((!user && !kernel && !work && strcmp(mode, "mixed")) || ms <= 0) {
+		fprintf(stderr, "usage: busy [user|kernel|mixed] [MILLISECONDS] | busy work CHUNKS\n");
 		return 2;
 	}
+	wall = clock_ms(CLOCK_MONOTONIC);
 	start = cpu_ms();
+	if (work)
+		for (; loops < (unsigned long)ms; loops++)
+			spin_user(10000000);
 	/*
 	 * Chunks of about 10 ms each: reading the clock is a system call, which
 	 * costs far more in a guest whose kernel code is emulated than here.
 	 */
-	while (cpu_ms() - start < ms) {
+	while (!work && cpu_ms() - start < ms) {
 		if (!kernel)
 			spin_user(10000000);
 		if (!user)
@@ -71,9 +84,10 @@ int main(int argc, char **argv)
 		loops++;
 	}
 	getrusage(RUSAGE_SELF, &ru);
-	printf("busy: mode=%s cpu_ms=%.0f user_ms=%ld sys_ms=%ld loops=%lu\n", mode,
-	       cpu_ms() - start,
+	printf("busy: mode=%s cpu_ms=%.0f user_ms=%ld sys_ms=%ld loops=%lu wall_ms=%.0f\n",
+	       mode, cpu_ms() - start,
 	       ru.ru_utime.tv_sec * 1000 + ru.ru_utime.tv_usec / 1000,
-	       ru.ru_stime.tv_sec * 1000 + ru.ru_stime.tv_usec / 1000, loops);
+	       ru.ru_stime.tv_sec * 1000 + ru.ru_stime.tv_usec / 1000, loops,
+	       clock_ms(CLOCK_MONOTONIC) - wall);
 	return 0;
 }

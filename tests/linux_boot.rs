@@ -422,7 +422,10 @@ fn linux_perf_acceptance_passes_every_check() {
         took.as_secs_f64(),
         keep.display()
     );
-    assert!(!killed, "acceptance.sh did not finish in {ACCEPTANCE_LIMIT_S} s");
+    assert!(
+        !killed,
+        "acceptance.sh did not finish in {ACCEPTANCE_LIMIT_S} s"
+    );
     let table: serde_json::Value = serde_json::from_str(
         &fs::read_to_string(&json).unwrap_or_else(|e| panic!("no JSON table ({e}):\n{text}")),
     )
@@ -433,11 +436,7 @@ fn linux_perf_acceptance_passes_every_check() {
             .iter()
             .find(|r| r["check"] == *check)
             .unwrap_or_else(|| panic!("acceptance.py reported no '{check}' row"));
-        assert_eq!(
-            row["result"], "PASS",
-            "{check}: {}\n{text}",
-            row["detail"]
-        );
+        assert_eq!(row["result"], "PASS", "{check}: {}\n{text}", row["detail"]);
     }
     assert_eq!(code, Some(0), "acceptance.sh failed:\n{text}");
     let _ = fs::remove_dir_all(&keep);

@@ -20,6 +20,7 @@ pub mod kick;
 pub mod loader;
 pub mod pmu;
 pub mod probe_image;
+pub mod signals;
 pub mod stat;
 pub mod vcpu;
 pub mod vm;

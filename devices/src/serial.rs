@@ -180,7 +180,7 @@ mod tests {
         }
         assert!(dev.input_full());
         // The buffer plus what the UART's FIFO took.
-        assert!(kept >= INPUT_BUFFER && kept <= INPUT_BUFFER + 64, "{kept}");
+        assert!((INPUT_BUFFER..=INPUT_BUFFER + 64).contains(&kept), "{kept}");
         assert!(dev.pending_input() <= INPUT_BUFFER);
         assert_eq!(dev.input_dropped(), 1_000_000 - kept as u64);
         // Once the guest reads, input is taken again.

@@ -109,17 +109,17 @@ pub fn fetch(path: &Path) -> Result<Doc, StatError> {
     let io = |e: std::io::Error| not_vmm(e.to_string());
     stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
     stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
-    stream
-        .write_all(b"GET /vpmu HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n")
-        .map_err(io)?;
+    // A server with no free connection answers 503 and closes at once,
+    // maybe before our request is written or read: the write can fail and
+    // the read end in a reset, after the answer. Keep what came.
+    let written = stream.write_all(b"GET /vpmu HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n");
     let mut raw = Vec::new();
-    stream
-        .take(MAX_RESPONSE)
-        .read_to_end(&mut raw)
-        .map_err(io)?;
+    let read = (&mut stream).take(MAX_RESPONSE).read_to_end(&mut raw);
     if let Some(busy) = busy_status(&raw) {
         return Err(StatError::Busy(path.to_path_buf(), busy));
     }
+    written.map_err(io)?;
+    read.map_err(io)?;
     let body = response_body(&raw).map_err(not_vmm)?;
     parse_doc(body).map_err(not_vmm)
 }

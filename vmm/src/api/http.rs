@@ -414,6 +414,17 @@ fn accept_loop(
             continue;
         };
         let Some(id) = slots.admit(&stream) else {
+            // Take what the client sent already (without waiting), so that
+            // closing does not reset the connection before it reads the 503.
+            let mut unread = [0u8; 4096];
+            if stream.set_nonblocking(true).is_ok() {
+                for _ in 0..4 {
+                    if !matches!(stream.read(&mut unread), Ok(1..)) {
+                        break;
+                    }
+                }
+                let _ = stream.set_nonblocking(false);
+            }
             write_response_by(
                 &mut stream,
                 &Response::error(503, "too many connections"),

@@ -434,7 +434,7 @@ fn endless_huge_and_odd_files_are_refused_before_they_are_read() {
         ),
         (
             vec!["--kernel", huge],
-            format!("kernel {huge} is larger than --memory 64 MiB can hold (1073741824 bytes)"),
+            format!("kernel {huge} (1073741824 bytes) does not fit in --memory 64 MiB"),
         ),
         (
             vec!["--kernel", hello, "--initrd", "/dev/zero"],
@@ -446,7 +446,7 @@ fn endless_huge_and_odd_files_are_refused_before_they_are_read() {
         ),
         (
             vec!["--kernel", hello, "--initrd", huge],
-            format!("initrd {huge} is larger than --memory 64 MiB can hold"),
+            format!("initrd {huge} (1073741824 bytes) does not fit in --memory 64 MiB"),
         ),
     ];
     for (args, expected) in &cases {

@@ -47,14 +47,20 @@ pub enum StartError {
 }
 
 impl StartError {
-    /// 128+N for a termination signal, else 2.
-    pub fn exit_code(&self) -> i32 {
+    /// The termination signal that stopped the start, if that is what
+    /// stopped it.
+    pub fn signal(&self) -> Option<i32> {
         match self {
             StartError::Signalled(signal) | StartError::Load(LoadError::Signalled(signal)) => {
-                128 + signal
+                Some(*signal)
             }
-            _ => 2,
+            _ => None,
         }
+    }
+
+    /// 128+N for a termination signal, else 2.
+    pub fn exit_code(&self) -> i32 {
+        self.signal().map_or(2, |signal| 128 + signal)
     }
 
     pub fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StartError {

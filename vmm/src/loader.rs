@@ -59,7 +59,7 @@ pub enum LoadError {
         path: PathBuf,
         kind: &'static str,
     },
-    #[error("{what} {path} is larger than --memory {memory_mib} MiB can hold ({size})")]
+    #[error("{what} {path} ({size}) does not fit in --memory {memory_mib} MiB")]
     FileTooLarge {
         what: &'static str,
         path: PathBuf,
@@ -141,7 +141,7 @@ pub fn read_regular_file(what: &'static str, path: &Path, max: u64) -> Result<Ve
         .read_to_end(&mut data)
         .map_err(read_err)?;
     if data.len() as u64 > max {
-        return Err(too_large("it grew while it was read".into()));
+        return Err(too_large(format!("more than {max} bytes as it was read")));
     }
     Ok(data)
 }
@@ -668,7 +668,10 @@ mod tests {
         let e = read_regular_file("kernel", &file, 99)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("is larger than --memory"), "{e}");
+        assert!(
+            e.ends_with("(100 bytes) does not fit in --memory 0 MiB"),
+            "{e}"
+        );
         let e = read_regular_file("kernel", dir.path(), 1 << 20)
             .unwrap_err()
             .to_string();

@@ -158,13 +158,12 @@ fn create_memory(vm_fd: &VmFd, mib: u64) -> Result<GuestMemoryMmap, StartError> 
 fn serial_sink(sink: &SerialSink) -> Result<Option<File>, StartError> {
     match sink {
         SerialSink::None => Ok(None),
-        SerialSink::Stdio => {
-            let fd = std::io::stdout()
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(io_err("duplicating stdout"))?;
-            Ok(Some(File::from(fd)))
-        }
+        SerialSink::Stdio => match std::io::stdout().as_fd().try_clone_to_owned() {
+            Ok(fd) => Ok(Some(File::from(fd))),
+            // No stdout at all (closed): the output goes nowhere.
+            Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(None),
+            Err(e) => Err(io_err("duplicating stdout")(e)),
+        },
         SerialSink::File(path) => open_serial_file(path).map(Some),
     }
 }
@@ -556,6 +555,11 @@ impl Vm {
             self.control.rearm();
             match self.build_boot() {
                 Ok(boot) => self.boot = Some(boot),
+                Err(e) if e.signal().is_some() => {
+                    break Outcome::Terminated {
+                        signal: e.signal().unwrap_or_default(),
+                    }
+                }
                 Err(e) => {
                     break Outcome::VcpuError {
                         vcpu: 0,

@@ -56,7 +56,7 @@ fn unusable_images_are_refused() {
     );
     assert_bad_input(
         &run(&["--kernel", dir.path().to_str().unwrap()]),
-        "Is a directory",
+        "is a directory, not a regular file",
     );
     assert_bad_input(
         &run(&["--kernel", junk]),

@@ -2,13 +2,18 @@
 //! guest (or the built-in probe) needs to boot and report: an 8250 UART and
 //! the i8042 controller's reset line.
 //!
+//! Guest console output goes through [`console`]: a bounded buffer and a
+//! writer thread, so that a sink nobody reads never blocks a vCPU.
+//!
 //! Nothing here knows KVM: devices see port accesses and signal the VMM
 //! through event file descriptors.
 
 pub mod bus;
+pub mod console;
 pub mod i8042;
 pub mod serial;
 
 pub use bus::{PioBus, PioDevice};
+pub use console::{Console, ConsoleOutput, ConsoleStats};
 pub use i8042::{ResetLine, I8042};
-pub use serial::{SerialDevice, SerialOutput};
+pub use serial::{SerialDevice, SerialOutput, INPUT_BUFFER};

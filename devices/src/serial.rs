@@ -1,8 +1,11 @@
 //! The 8250/16550 UART at COM1, on `vm-superio`'s register model.
 //!
-//! Output goes to a sink chosen by the user; input bytes from the host are
-//! queued here and fed to the guest as its receive FIFO drains, so nothing
-//! typed is dropped when the guest reads slowly.
+//! Output goes to a sink chosen by the user (through [`crate::console`],
+//! which never blocks). Input bytes from the host are queued here, up to
+//! [`INPUT_BUFFER`] bytes, and fed to the guest as its receive FIFO drains:
+//! nothing is lost while the guest reads, however slowly, as long as it
+//! keeps within the buffer; input beyond it (the guest does not read) is
+//! dropped and counted, so host input can never grow the VMM.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -24,6 +27,10 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// Host input kept for the guest at most (beyond the UART's own 64-byte
+/// FIFO); more is dropped.
+pub const INPUT_BUFFER: usize = 64 * 1024;
+
 /// Where the guest's serial output goes.
 pub type SerialOutput = Box<dyn Write + Send>;
 
@@ -31,6 +38,7 @@ pub type SerialOutput = Box<dyn Write + Send>;
 pub struct SerialDevice {
     uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, SerialOutput>,
     pending_input: VecDeque<u8>,
+    input_dropped: u64,
 }
 
 impl SerialDevice {
@@ -38,14 +46,31 @@ impl SerialDevice {
         Self {
             uart: Serial::new(IrqTrigger(irq), output),
             pending_input: VecDeque::new(),
+            input_dropped: 0,
         }
     }
 
     /// Queues host input for the guest. It reaches the guest's FIFO as
-    /// space frees up.
-    pub fn queue_input(&mut self, bytes: &[u8]) {
-        self.pending_input.extend(bytes);
+    /// space frees up. What does not fit in [`INPUT_BUFFER`] is dropped
+    /// (and counted); returns how many bytes were kept.
+    pub fn queue_input(&mut self, bytes: &[u8]) -> usize {
         self.feed_input();
+        let room = INPUT_BUFFER.saturating_sub(self.pending_input.len());
+        let kept = room.min(bytes.len());
+        self.pending_input.extend(&bytes[..kept]);
+        self.input_dropped += (bytes.len() - kept) as u64;
+        self.feed_input();
+        kept
+    }
+
+    /// Whether the input buffer is full (more input would be dropped).
+    pub fn input_full(&self) -> bool {
+        self.pending_input.len() >= INPUT_BUFFER
+    }
+
+    /// Host input bytes dropped because the buffer was full.
+    pub fn input_dropped(&self) -> u64 {
+        self.input_dropped
     }
 
     /// Bytes of host input not yet in the guest's FIFO.
@@ -142,5 +167,27 @@ mod tests {
         }
         assert_eq!(received, input);
         assert_eq!(irq.read().map(|n| n > 0).ok(), Some(true));
+    }
+
+    #[test]
+    fn input_the_guest_does_not_read_is_bounded_and_counted() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq, Box::new(io::sink()));
+        let chunk = vec![b'y'; 10_000];
+        let mut kept = 0;
+        for _ in 0..100 {
+            kept += dev.queue_input(&chunk);
+        }
+        assert!(dev.input_full());
+        // The buffer plus what the UART's FIFO took.
+        assert!((INPUT_BUFFER..=INPUT_BUFFER + 64).contains(&kept), "{kept}");
+        assert!(dev.pending_input() <= INPUT_BUFFER);
+        assert_eq!(dev.input_dropped(), 1_000_000 - kept as u64);
+        // Once the guest reads, input is taken again.
+        let mut b = [0];
+        dev.read(0, &mut b);
+        assert_eq!(b[0], b'y');
+        assert!(!dev.input_full());
+        assert_eq!(dev.queue_input(b"z"), 1);
     }
 }

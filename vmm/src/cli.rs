@@ -23,7 +23,8 @@ Exit codes:
      failed entry or a vCPU error (the reason and guest RIP are printed)
   2  bad input, or a host that cannot run the VM (nothing was started)
   3  --timeout expired
-  128+N  stopped by signal N (SIGINT, SIGTERM)";
+  128+N  stopped by signal N (SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1,
+     SIGUSR2), also during start-up";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,8 +58,9 @@ enum Command {
 const STAT_EXIT_CODES: &str = "\
 Exit codes:
   0  done (--count refreshes printed, or the VM went away)
-  1  the VM went away before --count refreshes
-  2  bad flags, no such socket, or not a vmm API socket (one line on stderr)";
+  1  the VM went away (or its API stayed busy) before --count refreshes
+  2  bad flags, no such socket, not a vmm API socket, or its API busy (503)
+     for 5 s at the start (one line on stderr)";
 
 #[derive(Debug, Args)]
 pub struct StatArgs {
@@ -243,11 +245,17 @@ where
         Some(Command::Stat(stat)) => return crate::stat::run(&stat.options()),
         None => &cli.run,
     };
+    // First thing: from here on every termination signal ends the VMM
+    // cleanly (128+N, socket removed), also while it starts.
+    if let Err(e) = crate::signals::install() {
+        eprintln!("vmm: installing the signal handlers: {e}");
+        return 2;
+    }
     match run_vm(run) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("vmm: {e}");
-            2
+            e.exit_code()
         }
     }
 }

@@ -1,10 +1,15 @@
 //! The VMM's main thread: an `event-manager` loop over host-side file
 //! descriptors (stdin for the serial console, stop notifications from vCPUs
-//! and devices, SIGINT/SIGTERM), never touching a vCPU.
+//! and devices, the termination signals of [`crate::signals`]), never
+//! touching a vCPU.
+//!
+//! Console input is bounded: the serial device keeps at most
+//! [`devices::INPUT_BUFFER`] bytes the guest has not read and drops the
+//! rest. While that buffer is full, stdin is read at most every
+//! [`INPUT_PAUSE`], so an endless stdin costs neither memory nor a core.
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,37 +17,66 @@ use devices::SerialDevice;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::error::Outcome;
+use crate::signals;
 use crate::vcpu::VmControl;
 
 /// Longest single wait, so that a deadline is checked often enough.
 pub const MAX_WAIT: Duration = Duration::from_millis(500);
+/// How long stdin rests while the guest's input buffer is full.
+pub const INPUT_PAUSE: Duration = Duration::from_millis(50);
+/// Largest read from stdin.
+const INPUT_CHUNK: usize = 16 * 1024;
 
 const TAG_WAKE: u32 = 1;
 const TAG_STDIN: u32 = 3;
 const TAG_TERMINATE: u32 = 4;
-
-// The eventfd SIGINT/SIGTERM write to, and which signal came.
-static TERMINATE_FD: AtomicI32 = AtomicI32::new(-1);
-static TERMINATE_SIGNAL: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn on_terminate(signal: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    TERMINATE_SIGNAL.store(signal, Ordering::SeqCst);
-    let fd = TERMINATE_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let one = 1u64;
-        // SAFETY: write(2) is async-signal-safe; the buffer is a live u64 and
-        // the fd is an eventfd that lives as long as the main loop.
-        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
-    }
-}
+const TAG_INPUT_TIMER: u32 = 5;
 
 /// Handles every host-side event source.
 struct Controller {
     control: Arc<VmControl>,
     serial: Arc<Mutex<SerialDevice>>,
     terminate_evt: EventFd,
+    /// Ends an input pause.
+    input_timer: TimerFd,
+    /// Stdin is registered (not at its end, not paused).
+    stdin_registered: bool,
+}
+
+impl Controller {
+    fn stdin_events() -> Events {
+        Events::with_data_raw(libc::STDIN_FILENO, TAG_STDIN, EventSet::IN)
+    }
+
+    fn read_stdin(&mut self, ops: &mut EventOps) {
+        let mut buf = [0u8; INPUT_CHUNK];
+        match std::io::stdin().lock().read(&mut buf) {
+            Ok(0) => self.drop_stdin(ops),
+            Ok(n) => {
+                let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+                serial.queue_input(&buf[..n]);
+                if serial.input_full() {
+                    drop(serial);
+                    // The guest does not read: rest, then read (and drop)
+                    // again, instead of spinning on an endless stdin.
+                    if self.input_timer.reset(INPUT_PAUSE, None).is_ok() {
+                        let _ = ops.remove(Self::stdin_events());
+                        self.stdin_registered = false;
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => self.drop_stdin(ops),
+        }
+    }
+
+    fn drop_stdin(&mut self, ops: &mut EventOps) {
+        let _ = ops.remove(Self::stdin_events());
+        self.stdin_registered = false;
+    }
 }
 
 impl MutEventSubscriber for Controller {
@@ -51,15 +85,16 @@ impl MutEventSubscriber for Controller {
         let sources = [
             (self.control.wake.as_raw_fd(), TAG_WAKE),
             (self.terminate_evt.as_raw_fd(), TAG_TERMINATE),
+            (self.input_timer.as_raw_fd(), TAG_INPUT_TIMER),
         ];
         for (fd, tag) in sources {
-            // These are our own eventfds: adding them cannot fail short of
+            // These are our own descriptors: adding them cannot fail short of
             // running out of memory, and then the timeouts still run the loop.
             let _ = ops.add(Events::with_data_raw(fd, tag, input));
         }
         // Stdin may be a file or /dev/null, which epoll refuses: then the
         // guest simply gets no input.
-        let _ = ops.add(Events::with_data_raw(libc::STDIN_FILENO, TAG_STDIN, input));
+        self.stdin_registered = ops.add(Self::stdin_events()).is_ok();
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -69,24 +104,15 @@ impl MutEventSubscriber for Controller {
             }
             TAG_TERMINATE => {
                 let _ = self.terminate_evt.read();
-                let signal = TERMINATE_SIGNAL.load(Ordering::SeqCst);
-                self.control.finish(Outcome::Terminated { signal });
+                if let Some(signal) = signals::pending() {
+                    self.control.finish(Outcome::Terminated { signal });
+                }
             }
-            TAG_STDIN => {
-                let mut buf = [0u8; 1024];
-                match std::io::stdin().lock().read(&mut buf) {
-                    Ok(0) => {
-                        let _ = ops.remove(events);
-                    }
-                    Ok(n) => self
-                        .serial
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .queue_input(&buf[..n]),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        let _ = ops.remove(events);
-                    }
+            TAG_STDIN => self.read_stdin(ops),
+            TAG_INPUT_TIMER => {
+                let _ = self.input_timer.wait();
+                if !self.stdin_registered {
+                    self.stdin_registered = ops.add(Self::stdin_events()).is_ok();
                 }
             }
             _ => {}
@@ -100,18 +126,19 @@ pub struct MainLoop {
 }
 
 impl MainLoop {
+    /// The loop, with the termination signals waking it (a signal that
+    /// came during start-up is seen at its first round).
     pub fn new(control: Arc<VmControl>, serial: Arc<Mutex<SerialDevice>>) -> std::io::Result<Self> {
         let terminate_evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
-        TERMINATE_FD.store(terminate_evt.as_raw_fd(), Ordering::SeqCst);
-        for signal in [libc::SIGINT, libc::SIGTERM] {
-            vmm_sys_util::signal::register_signal_handler(signal, on_terminate)
-                .map_err(std::io::Error::from)?;
-        }
+        let input_timer = TimerFd::new().map_err(std::io::Error::from)?;
         let mut manager = EventManager::new().map_err(|e| std::io::Error::other(e.to_string()))?;
+        signals::set_wake_fd(terminate_evt.as_raw_fd());
         let controller: Box<dyn MutEventSubscriber> = Box::new(Controller {
             control,
             serial,
             terminate_evt,
+            input_timer,
+            stdin_registered: false,
         });
         manager.add_subscriber(controller);
         Ok(Self { manager })
@@ -129,6 +156,6 @@ impl Drop for MainLoop {
     fn drop(&mut self) {
         // The eventfd closes with the manager; late signals must not write
         // to whatever reuses its number.
-        TERMINATE_FD.store(-1, Ordering::SeqCst);
+        signals::clear_wake_fd();
     }
 }

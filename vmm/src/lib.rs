@@ -6,7 +6,8 @@
 //! [`vm::Vm::run`] starts one thread per vCPU ([`vcpu`]) and runs the host
 //! event loop ([`event_loop`]) until the guest stops. [`arch`] holds the
 //! x86-64 boot set-up, [`loader`] the kernel formats, [`pmu`] the glue
-//! between KVM and each vCPU's virtual PMU (the `vpmu` crate).
+//! between KVM and each vCPU's virtual PMU (the `vpmu` crate), [`signals`]
+//! the termination signals, taken over first thing.
 
 pub mod api;
 pub mod arch;
@@ -20,6 +21,7 @@ pub mod kick;
 pub mod loader;
 pub mod pmu;
 pub mod probe_image;
+pub mod signals;
 pub mod stat;
 pub mod vcpu;
 pub mod vm;

@@ -6,16 +6,26 @@
 //! hosts, so when the payload is lz4 or gzip we unpack it here and boot the
 //! ELF with the bzImage's setup header. Other payloads enter the bzImage's
 //! 64-bit entry and let the kernel decompress itself.
+//!
+//! Input files are hostile until checked: a kernel or initrd must be a
+//! regular file (a FIFO, device or directory is refused before it is read,
+//! so nothing here waits on a writer or reads an endless device) of at most
+//! the guest's memory size; a payload may unpack to at most the guest's
+//! memory size; and every kernel segment and the initrd must lie in guest
+//! RAM, apart from each other and from the VMM's own boot structures
+//! ([`layout::boot_structures`]). Each refusal is one line naming the file
+//! and what is wrong (exit code 2).
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::arch::layout::HIMEM_START;
+use crate::arch::layout::{self, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
 
 /// Errors loading guest images. All are the user's input being unusable.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +53,152 @@ pub enum LoadError {
         size: u64,
         memory_mib: u64,
     },
+    #[error("{what} {path} is {kind}, not a regular file")]
+    NotAFile {
+        what: &'static str,
+        path: PathBuf,
+        kind: &'static str,
+    },
+    #[error("{what} {path} ({size}) does not fit in --memory {memory_mib} MiB")]
+    FileTooLarge {
+        what: &'static str,
+        path: PathBuf,
+        size: String,
+        memory_mib: u64,
+    },
+    #[error("{path}: the bzImage payload unpacks to more than --memory {memory_mib} MiB can hold")]
+    PayloadTooLarge { path: PathBuf, memory_mib: u64 },
+    /// A placement conflict, described in full ("kernel X: ELF segment 1
+    /// [a, b) overlaps the zero page [c, d)").
+    #[error("{0}")]
+    Overlap(String),
+    #[error("stopped by signal {0} while loading the guest")]
+    Signalled(i32),
+}
+
+/// What a file that is not a regular file is, for messages.
+pub fn file_kind(kind: &std::fs::FileType) -> &'static str {
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_symlink() {
+        "a symbolic link"
+    } else if kind.is_file() {
+        "a regular file"
+    } else {
+        "an unknown kind of file"
+    }
+}
+
+/// Reads `path`, which must be a regular file of at most `max` bytes. Its
+/// kind is checked before it is opened (nothing with side effects on open
+/// is opened) and again on the opened file (it may have been replaced in
+/// between); it is opened non-blocking, so even a FIFO put there in
+/// between never waits for a writer; it is read to at most `max` bytes,
+/// even if it grows.
+pub fn read_regular_file(what: &'static str, path: &Path, max: u64) -> Result<Vec<u8>, LoadError> {
+    let read_err = |source| LoadError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let check = |meta: &std::fs::Metadata| {
+        if !meta.is_file() {
+            return Err(LoadError::NotAFile {
+                what,
+                path: path.to_path_buf(),
+                kind: file_kind(&meta.file_type()),
+            });
+        }
+        Ok(())
+    };
+    let too_large = |size: String| LoadError::FileTooLarge {
+        what,
+        path: path.to_path_buf(),
+        size,
+        memory_mib: max >> 20,
+    };
+    check(&std::fs::metadata(path).map_err(read_err)?)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    check(&meta)?;
+    if meta.len() > max {
+        return Err(too_large(format!("{} bytes", meta.len())));
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    file.take(max + 1)
+        .read_to_end(&mut data)
+        .map_err(read_err)?;
+    if data.len() as u64 > max {
+        return Err(too_large(format!("more than {max} bytes as it was read")));
+    }
+    Ok(data)
+}
+
+/// A guest-physical range `[start, end)`, for messages.
+fn range(start: u64, end: u64) -> String {
+    format!("[{start:#x}, {end:#x})")
+}
+
+/// Whether `[start, end)` lies in the guest's RAM of `mem_size` bytes.
+fn in_ram(mem_size: u64, start: u64, end: u64) -> bool {
+    layout::ram_ranges(mem_size)
+        .into_iter()
+        .any(|(base, len)| start >= base && end <= base + len)
+}
+
+/// Checks that `regions` (named, `[start, end)`) lie in guest RAM, apart
+/// from each other and from the VMM's boot structures.
+fn check_placement(mem_size: u64, regions: &[(String, u64, u64)]) -> Result<(), LoadError> {
+    for (what, start, end) in regions {
+        if !in_ram(mem_size, *start, *end) {
+            let hole = *end > MMIO_GAP_START && *start < MMIO_GAP_END;
+            return Err(LoadError::Overlap(format!(
+                "{what} {} {}",
+                range(*start, *end),
+                match hole {
+                    true => format!(
+                        "overlaps the MMIO hole {}",
+                        range(MMIO_GAP_START, MMIO_GAP_END)
+                    ),
+                    false => format!("lies outside guest RAM (--memory {} MiB)", mem_size >> 20),
+                }
+            )));
+        }
+        for (name, s, e) in layout::boot_structures() {
+            if *start < e && s < *end {
+                return Err(LoadError::Overlap(format!(
+                    "{what} {} overlaps {name} {}",
+                    range(*start, *end),
+                    range(s, e)
+                )));
+            }
+        }
+    }
+    let mut sorted: Vec<&(String, u64, u64)> = regions.iter().collect();
+    sorted.sort_by_key(|r| (r.1, r.2));
+    for pair in sorted.windows(2) {
+        let ((a, a_start, a_end), (b, b_start, b_end)) = (pair[0], pair[1]);
+        if *b_start < *a_end {
+            return Err(LoadError::Overlap(format!(
+                "{a} {} overlaps {b} {}",
+                range(*a_start, *a_end),
+                range(*b_start, *b_end)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// How the kernel image was recognised and booted.
@@ -56,11 +212,14 @@ pub enum ImageKind {
 }
 
 /// A kernel in guest memory.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadedKernel {
     pub kind: ImageKind,
     pub entry: u64,
     pub header: Option<setup_header>,
+    /// What it occupies in guest memory, named for messages ("kernel X:
+    /// ELF segment 0"), `[start, end)`.
+    pub regions: Vec<(String, u64, u64)>,
 }
 
 /// Where a kernel image comes from.
@@ -90,14 +249,12 @@ const ELF_CLASS_64: u8 = 2;
 const EM_X86_64: u16 = 62;
 const PT_LOAD: u32 = 1;
 
-fn read_all(source: &KernelSource) -> Result<Vec<u8>, LoadError> {
+fn read_all(source: &KernelSource, mem_size: u64) -> Result<Vec<u8>, LoadError> {
     match source {
         KernelSource::Embedded { bytes, .. } => Ok(bytes.to_vec()),
-        KernelSource::File(path) => std::fs::read(path).map_err(|source| LoadError::Read {
-            what: "kernel",
-            path: path.to_path_buf(),
-            source,
-        }),
+        // A kernel file larger than guest memory cannot be booted whatever
+        // its format.
+        KernelSource::File(path) => read_regular_file("kernel", path, mem_size),
     }
 }
 
@@ -108,7 +265,7 @@ pub fn load_kernel(
     source: KernelSource,
 ) -> Result<LoadedKernel, LoadError> {
     let path = source.name();
-    let image = read_all(&source)?;
+    let image = read_all(&source, mem_size)?;
     let invalid = |reason: String| LoadError::Invalid {
         path: path.clone(),
         reason,
@@ -119,17 +276,35 @@ pub fn load_kernel(
         memory_mib: mem_size >> 20,
     };
 
-    // An ELF image, checked against the memory size before it is copied in.
+    // An ELF image, its segments checked against guest memory, each other
+    // and the boot structures before it is copied in.
     let load_checked_elf = |elf: &[u8], kind: ImageKind, header: Option<setup_header>| {
-        let end = elf_extent(elf).map_err(&invalid)?;
+        let segments = elf_segments(elf).map_err(&invalid)?;
+        let end = segments.iter().map(|s| s.1).max().unwrap_or(0);
         if end >= mem_size {
             return Err(too_small(end));
         }
+        let what = match kind {
+            ImageKind::Elf => "ELF segment",
+            _ => "bzImage payload ELF segment",
+        };
+        let regions: Vec<(String, u64, u64)> = segments
+            .iter()
+            .map(|&(index, start, end)| {
+                (
+                    format!("kernel {}: {what} {index}", path.display()),
+                    start,
+                    end,
+                )
+            })
+            .collect();
+        check_placement(mem_size, &regions)?;
         let entry = load_elf(mem, elf).map_err(&invalid)?;
         Ok(LoadedKernel {
             kind,
             entry,
             header,
+            regions,
         })
     };
 
@@ -142,17 +317,36 @@ pub fn load_kernel(
 
     let header = read_setup_header(&image);
     let (code32_start, init_size) = (header.code32_start, header.init_size);
-    if let Some(vmlinux) = unpack_payload(&image, &header).map_err(&invalid)? {
+    // The unpacked kernel must fit in guest memory: unpacking stops there.
+    let unpacked = unpack_payload(&image, &header, mem_size).map_err(|e| match e {
+        Unpack::Invalid(reason) => invalid(reason),
+        Unpack::TooLarge => LoadError::PayloadTooLarge {
+            path: path.clone(),
+            memory_mib: mem_size >> 20,
+        },
+        Unpack::Signalled(signal) => LoadError::Signalled(signal),
+    })?;
+    if let Some(vmlinux) = unpacked {
         if is_elf(&vmlinux) {
             return load_checked_elf(&vmlinux, ImageKind::BzImagePayload, Some(header));
         }
     }
     // The kernel decompresses itself in place: it needs init_size bytes from
     // its load address.
-    let end = u64::from(code32_start) + u64::from(init_size);
+    let start = u64::from(code32_start);
+    let end = start + u64::from(init_size).max(1);
     if end >= mem_size {
         return Err(too_small(end));
     }
+    let regions = vec![(
+        format!(
+            "kernel {}: bzImage (code32_start + init_size)",
+            path.display()
+        ),
+        start,
+        end,
+    )];
+    check_placement(mem_size, &regions)?;
     let mut file = memfd_with(&image).map_err(|e| invalid(e.to_string()))?;
     let loaded = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
         .map_err(|e| invalid(e.to_string()))?;
@@ -160,6 +354,7 @@ pub fn load_kernel(
         kind: ImageKind::BzImage,
         entry: loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
         header: loaded.setup_header,
+        regions,
     })
 }
 
@@ -181,9 +376,9 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
-/// The end of the highest loadable segment, checking the image is an
-/// x86-64 ELF executable along the way.
-fn elf_extent(image: &[u8]) -> Result<u64, String> {
+/// The loadable segments `(index, start, end)` (physical addresses, memory
+/// size), checking the image is an x86-64 ELF executable along the way.
+fn elf_segments(image: &[u8]) -> Result<Vec<(usize, u64, u64)>, String> {
     if image[4] != ELF_CLASS_64 || u16_at(image, 18) != Some(EM_X86_64) {
         return Err("not a 64-bit x86-64 ELF image".into());
     }
@@ -191,7 +386,7 @@ fn elf_extent(image: &[u8]) -> Result<u64, String> {
     let phoff = u64_at(image, 32).ok_or_else(bad)? as usize;
     let phentsize = usize::from(u16_at(image, 54).ok_or_else(bad)?);
     let phnum = usize::from(u16_at(image, 56).ok_or_else(bad)?);
-    let mut end = 0u64;
+    let mut segments = Vec::new();
     for i in 0..phnum {
         let ph = phoff
             .checked_add(i.checked_mul(phentsize).ok_or_else(bad)?)
@@ -200,13 +395,19 @@ fn elf_extent(image: &[u8]) -> Result<u64, String> {
             continue;
         }
         let paddr = u64_at(image, ph + 24).ok_or_else(bad)?;
+        let filesz = u64_at(image, ph + 32).ok_or_else(bad)?;
         let memsz = u64_at(image, ph + 40).ok_or_else(bad)?;
-        end = end.max(paddr.checked_add(memsz).ok_or_else(bad)?);
+        if filesz > memsz {
+            return Err(format!("ELF segment {i} has more file than memory bytes"));
+        }
+        if memsz > 0 {
+            segments.push((i, paddr, paddr.checked_add(memsz).ok_or_else(bad)?));
+        }
     }
-    if end == 0 {
+    if segments.is_empty() {
         return Err("ELF image has no loadable segment".into());
     }
-    Ok(end)
+    Ok(segments)
 }
 
 fn load_elf(mem: &GuestMemoryMmap, image: &[u8]) -> Result<u64, String> {
@@ -241,52 +442,114 @@ fn read_setup_header(image: &[u8]) -> setup_header {
     header
 }
 
+/// Why a payload was not unpacked.
+#[derive(Debug, PartialEq)]
+enum Unpack {
+    Invalid(String),
+    /// It unpacks to more than the limit.
+    TooLarge,
+    /// A termination signal came while unpacking.
+    Signalled(i32),
+}
+
+impl From<String> for Unpack {
+    fn from(reason: String) -> Self {
+        Unpack::Invalid(reason)
+    }
+}
+
+impl From<&str> for Unpack {
+    fn from(reason: &str) -> Self {
+        Unpack::Invalid(reason.into())
+    }
+}
+
 /// The decompressed payload of a bzImage, when it is compressed in a format
-/// we unpack (lz4 legacy frames, gzip). `Ok(None)` for other formats.
-fn unpack_payload(image: &[u8], header: &setup_header) -> Result<Option<Vec<u8>>, String> {
+/// we unpack (lz4 legacy frames, gzip), of at most `limit` bytes.
+/// `Ok(None)` for other formats.
+fn unpack_payload(
+    image: &[u8],
+    header: &setup_header,
+    limit: u64,
+) -> Result<Option<Vec<u8>>, Unpack> {
     let setup_sects = match header.setup_sects {
         0 => 4,
         n => usize::from(n),
     };
     let (offset, length) = (header.payload_offset, header.payload_length);
     let start = (setup_sects + 1) * 512 + offset as usize;
-    let Some(payload) = image.get(start..start + length as usize) else {
+    let Some(payload) = image.get(start..start.saturating_add(length as usize)) else {
         return Err("bzImage payload lies outside the file".into());
     };
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     match payload {
-        [0x02, 0x21, 0x4c, 0x18, ..] => lz4_legacy(payload).map(Some),
-        [0x1f, 0x8b, ..] => {
-            let mut out = Vec::new();
-            flate2::read::GzDecoder::new(payload)
-                .read_to_end(&mut out)
-                .map_err(|e| format!("gzip payload: {e}"))?;
-            Ok(Some(out))
-        }
+        [0x02, 0x21, 0x4c, 0x18, ..] => lz4_legacy(payload, limit).map(Some),
+        [0x1f, 0x8b, ..] => gunzip(payload, limit).map(Some),
         _ => Ok(None),
+    }
+}
+
+/// Unpacks a gzip stream of at most `limit` bytes, a MiB at a time,
+/// stopping for termination signals.
+fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, Unpack> {
+    let mut decoder = flate2::read::GzDecoder::new(data);
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        crate::signals::check().map_err(Unpack::Signalled)?;
+        let n = match decoder.read(&mut chunk) {
+            Ok(0) => return Ok(out),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("gzip payload: {e}").into()),
+        };
+        if out.len() + n > limit {
+            return Err(Unpack::TooLarge);
+        }
+        out.extend_from_slice(&chunk[..n]);
     }
 }
 
 /// Decodes lz4's legacy frame format (`lz4 -l`, used by the kernel): a magic
 /// number, then blocks of at most 8 MiB each preceded by their compressed
 /// size. The kernel appends the decompressed size as a 4-byte trailer.
-fn lz4_legacy(data: &[u8]) -> Result<Vec<u8>, String> {
+fn lz4_legacy(data: &[u8], limit: usize) -> Result<Vec<u8>, Unpack> {
     const MAGIC: u32 = 0x184c_2102;
     const BLOCK_MAX: usize = 8 << 20;
+    // The trailer says the size up front: a payload that claims more than
+    // fits is refused before anything is unpacked.
+    if let Some(claimed) = data.len().checked_sub(4).and_then(|at| u32_at(data, at)) {
+        if claimed as usize > limit {
+            return Err(Unpack::TooLarge);
+        }
+    }
     let mut out = Vec::new();
     let mut at = 4;
-    while data.len() - at > 4 {
+    while data.len().saturating_sub(at) > 4 {
+        crate::signals::check().map_err(Unpack::Signalled)?;
         let size = u32_at(data, at).ok_or("lz4: truncated block size")?;
         at += 4;
         if size == MAGIC {
             continue; // a concatenated stream starts
         }
         let block = data
-            .get(at..at + size as usize)
+            .get(at..at.saturating_add(size as usize))
             .ok_or("lz4: block runs past the payload")?;
         let start = out.len();
-        out.resize(start + BLOCK_MAX, 0);
-        let n = lz4_flex::block::decompress_into(block, &mut out[start..])
-            .map_err(|e| format!("lz4: {e}"))?;
+        // Room for one more block, but never beyond the limit.
+        let room = BLOCK_MAX.min(limit - start);
+        if room == 0 {
+            return Err(Unpack::TooLarge);
+        }
+        out.resize(start + room, 0);
+        let n = match lz4_flex::block::decompress_into(block, &mut out[start..]) {
+            Ok(n) => n,
+            // The block would unpack past the limit.
+            Err(lz4_flex::block::DecompressError::OutputTooSmall { .. }) if room < BLOCK_MAX => {
+                return Err(Unpack::TooLarge)
+            }
+            Err(e) => return Err(format!("lz4: {e}").into()),
+        };
         out.truncate(start + n);
         at += size as usize;
     }
@@ -295,24 +558,23 @@ fn lz4_legacy(data: &[u8]) -> Result<Vec<u8>, String> {
             return Err(format!(
                 "lz4: payload unpacked to {} bytes, header says {expected}",
                 out.len()
-            ));
+            )
+            .into());
         }
     }
     Ok(out)
 }
 
-/// Loads an initrd as high as the kernel allows; returns where it went.
+/// Loads an initrd as high as the kernel allows; returns where it went. It
+/// must not overlap the `kernel`'s regions.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     mem_size: u64,
     path: &Path,
-    initrd_addr_max: u32,
+    kernel: &LoadedKernel,
 ) -> Result<crate::arch::boot_params::InitrdPlacement, LoadError> {
-    let data = std::fs::read(path).map_err(|source| LoadError::Read {
-        what: "initrd",
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let initrd_addr_max = kernel.header.map_or(0, |h| h.initrd_addr_max);
+    let data = read_regular_file("initrd", path, mem_size)?;
     let size = data.len() as u64;
     let too_large = || LoadError::InitrdTooLarge {
         path: path.to_path_buf(),
@@ -321,6 +583,13 @@ pub fn load_initrd(
     };
     let address = crate::arch::boot_params::initrd_address(mem_size, size, initrd_addr_max)
         .ok_or_else(too_large)?;
+    let mut regions = kernel.regions.clone();
+    regions.push((
+        format!("initrd {}", path.display()),
+        address,
+        address + size.max(1),
+    ));
+    check_placement(mem_size, &regions)?;
     mem.write_slice(&data, GuestAddress(address))
         .map_err(|_| too_large())?;
     Ok(crate::arch::boot_params::InitrdPlacement { address, size })
@@ -338,11 +607,82 @@ mod tests {
         frame.extend_from_slice(&(block.len() as u32).to_le_bytes());
         frame.extend_from_slice(&block);
         frame.extend_from_slice(&(original.len() as u32).to_le_bytes());
-        assert_eq!(lz4_legacy(&frame).unwrap(), original);
-        // A wrong trailer is caught.
+        assert_eq!(lz4_legacy(&frame, 1 << 20).unwrap(), original);
+        // Not beyond the limit, whether the trailer says so or the blocks do.
+        assert_eq!(lz4_legacy(&frame, 99_999), Err(Unpack::TooLarge));
         let n = frame.len();
         frame[n - 4..].copy_from_slice(&7u32.to_le_bytes());
-        assert!(lz4_legacy(&frame).is_err());
+        assert_eq!(lz4_legacy(&frame, 99_999), Err(Unpack::TooLarge));
+        // A wrong trailer is caught.
+        assert!(matches!(
+            lz4_legacy(&frame, 1 << 20),
+            Err(Unpack::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn gzip_unpacks_up_to_the_limit_only() {
+        use flate2::write::GzEncoder;
+        let mut enc = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&vec![0u8; 5 << 20]).unwrap();
+        let gz = enc.finish().unwrap();
+        assert_eq!(gunzip(&gz, 5 << 20).unwrap().len(), 5 << 20);
+        assert_eq!(gunzip(&gz, (5 << 20) - 1), Err(Unpack::TooLarge));
+    }
+
+    #[test]
+    fn placement_is_checked_against_ram_structures_and_each_other() {
+        let mem = 64 << 20;
+        let r = |what: &str, s: u64, e: u64| (what.to_string(), s, e);
+        assert!(
+            check_placement(mem, &[r("a", 1 << 20, 2 << 20), r("b", 2 << 20, 3 << 20)]).is_ok()
+        );
+        let err =
+            |regions: &[(String, u64, u64)]| check_placement(mem, regions).unwrap_err().to_string();
+        assert_eq!(
+            err(&[r("seg 0", 0x7800, 0x7900)]),
+            "seg 0 [0x7800, 0x7900) overlaps the zero page [0x7000, 0x8000)"
+        );
+        assert!(err(&[r("seg 0", 0xf0010, 0x100010)]).contains("overlaps the MP table"));
+        assert!(err(&[r("seg 0", 0xe0000, 0xe0001)]).contains("overlaps the ACPI tables"));
+        assert!(err(&[r("seg 0", 0x20010, 0x20020)]).contains("the kernel command line"));
+        assert!(err(&[r("seg 0", 0x9000, 0xa000)]).contains("the boot page tables"));
+        assert_eq!(
+            err(&[r("b", 3 << 20, 5 << 20), r("a", 1 << 20, 4 << 20)]),
+            "a [0x100000, 0x400000) overlaps b [0x300000, 0x500000)"
+        );
+        assert!(err(&[r("x", 60 << 20, 65 << 20)]).contains("lies outside guest RAM"));
+        let big = 5u64 << 30;
+        assert!(check_placement(big, &[r("x", 0xbff0_0000, 0xc000_1000)])
+            .unwrap_err()
+            .to_string()
+            .contains("overlaps the MMIO hole"));
+    }
+
+    #[test]
+    fn only_regular_files_of_bounded_size_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k");
+        std::fs::write(&file, [1u8; 100]).unwrap();
+        assert_eq!(read_regular_file("kernel", &file, 100).unwrap().len(), 100);
+        let e = read_regular_file("kernel", &file, 99)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with("(100 bytes) does not fit in --memory 0 MiB"),
+            "{e}"
+        );
+        let e = read_regular_file("kernel", dir.path(), 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("is a directory, not a regular file"), "{e}");
+        let e = read_regular_file("initrd", Path::new("/dev/zero"), 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "initrd /dev/zero is a character device, not a regular file"
+        );
     }
 
     #[test]
@@ -354,6 +694,6 @@ mod tests {
         bz[HDRS_OFFSET..HDRS_OFFSET + 4].copy_from_slice(b"HdrS");
         assert!(is_bzimage(&bz) && !is_elf(&bz));
         elf[4] = 1; // 32-bit class
-        assert!(elf_extent(&elf).is_err());
+        assert!(elf_segments(&elf).is_err());
     }
 }

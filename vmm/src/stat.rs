@@ -53,7 +53,12 @@ pub enum StatError {
     Connect(PathBuf, std::io::Error),
     #[error("--api-socket {0}: not a vmm API socket ({1})")]
     NotVmm(PathBuf, String),
+    #[error("--api-socket {0}: the VMM's API is busy: it answered {1} (all its connections are taken; try again)")]
+    Busy(PathBuf, String),
 }
+
+/// How long `vmm stat` keeps trying a busy API (503) before giving up.
+const BUSY_RETRY: Duration = Duration::from_secs(5);
 
 /// The parts of `GET /vpmu` the view uses.
 #[derive(Clone, Debug, Deserialize)]
@@ -104,16 +109,51 @@ pub fn fetch(path: &Path) -> Result<Doc, StatError> {
     let io = |e: std::io::Error| not_vmm(e.to_string());
     stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
     stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
-    stream
-        .write_all(b"GET /vpmu HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n")
-        .map_err(io)?;
+    // A server with no free connection answers 503 and closes at once,
+    // maybe before our request is written or read: the write can fail and
+    // the read end in a reset, after the answer. Keep what came.
+    let written = stream.write_all(b"GET /vpmu HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n");
     let mut raw = Vec::new();
-    stream
-        .take(MAX_RESPONSE)
-        .read_to_end(&mut raw)
-        .map_err(io)?;
+    let read = (&mut stream).take(MAX_RESPONSE).read_to_end(&mut raw);
+    if let Some(busy) = busy_status(&raw) {
+        return Err(StatError::Busy(path.to_path_buf(), busy));
+    }
+    written.map_err(io)?;
+    read.map_err(io)?;
     let body = response_body(&raw).map_err(not_vmm)?;
     parse_doc(body).map_err(not_vmm)
+}
+
+/// The status line of a `503` answer (the server is ours but has no free
+/// connection), with its error message if it gave one.
+pub fn busy_status(raw: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(raw);
+    let status_line = text.lines().next()?;
+    let mut words = status_line.split_whitespace();
+    if !words.next()?.starts_with("HTTP/1.") || words.next()? != "503" {
+        return None;
+    }
+    let message = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(body).ok())
+        .and_then(|v| v["error"].as_str().map(String::from));
+    Some(match message {
+        Some(m) => format!("503 Service Unavailable: {m}"),
+        None => "503 Service Unavailable".into(),
+    })
+}
+
+/// [`fetch`], trying again for up to [`BUSY_RETRY`] while the API is busy.
+fn fetch_patiently(path: &Path) -> Result<Doc, StatError> {
+    let start = Instant::now();
+    loop {
+        match fetch(path) {
+            Err(StatError::Busy(..)) if start.elapsed() < BUSY_RETRY => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The body of a `200` HTTP/1.1 answer read to its end.
@@ -436,7 +476,7 @@ pub fn json(r: &Refresh) -> serde_json::Value {
 /// Runs `vmm stat`; returns the exit code: 0 done, 1 the VM went away
 /// before `--count` refreshes, 2 the socket is missing or not a vmm API.
 pub fn run(opts: &StatOptions) -> i32 {
-    let mut before = match fetch(&opts.socket) {
+    let mut before = match fetch_patiently(&opts.socket) {
         Ok(doc) => doc,
         Err(e) => {
             eprintln!("vmm stat: {e}");
@@ -448,8 +488,12 @@ pub fn run(opts: &StatOptions) -> i32 {
     let mut stdout = std::io::stdout().lock();
     while opts.count.is_none_or(|n| printed < n) {
         std::thread::sleep(opts.interval.saturating_sub(taken.elapsed()));
-        let now = match fetch(&opts.socket) {
+        let now = match fetch_patiently(&opts.socket) {
             Ok(doc) => doc,
+            Err(e @ StatError::Busy(..)) => {
+                eprintln!("vmm stat: {e}");
+                return 1;
+            }
             Err(_) => {
                 eprintln!(
                     "vmm stat: the VM at {} went away after {printed} refreshes",
@@ -562,6 +606,17 @@ mod tests {
         assert_eq!(thousands(123456), "123,456");
         assert_eq!(si(2.4e9), "2.40 G");
         assert_eq!(si(12.0), "12.00  ");
+    }
+
+    #[test]
+    fn a_busy_answer_is_told_apart() {
+        let raw = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 36\r\n\r\n{\"error\": \"too many connections\"}\n";
+        assert_eq!(
+            busy_status(raw).as_deref(),
+            Some("503 Service Unavailable: too many connections")
+        );
+        assert_eq!(busy_status(b"HTTP/1.1 200 OK\r\n\r\n{}"), None);
+        assert_eq!(busy_status(b"SSH-2.0-OpenSSH 503"), None);
     }
 
     #[test]

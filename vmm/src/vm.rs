@@ -6,12 +6,14 @@
 //! vCPUs. Nothing runs until [`Vm::run`], which replaces the boot on a guest
 //! reset when asked to (`--on-reset reboot`).
 
-use std::fs::File;
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::{PioBus, SerialDevice, I8042};
+use devices::{Console, PioBus, SerialDevice, I8042};
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region, CpuId,
     KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
@@ -33,6 +35,10 @@ use crate::vcpu::{PmuSetup, Vcpu, VcpuReport, VmControl};
 const COM1_BASE: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
 const I8042_BASE: u16 = 0x60;
+/// When the VM ends, the console writer gets this long without progress...
+const CONSOLE_STALL: Duration = Duration::from_secs(1);
+/// ...and this long in all to write what the guest left buffered.
+const CONSOLE_DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
 /// The i8042's reset line: the guest's reset ends the run.
 struct ResetToControl(Arc<VmControl>);
@@ -65,6 +71,9 @@ pub struct Vm {
     serial: Arc<Mutex<SerialDevice>>,
     /// The UART's interrupt eventfd, registered as an irqfd with each boot.
     serial_irq: EventFd,
+    /// The thread writing the guest's console output (none for `--serial
+    /// none`).
+    console: Option<Console>,
     vcpu_cpuid: CpuId,
     /// The guest's PMU, as decided at build time.
     pub pmu: Arc<PmuPlan>,
@@ -143,17 +152,65 @@ fn create_memory(vm_fd: &VmFd, mib: u64) -> Result<GuestMemoryMmap, StartError> 
     Ok(memory)
 }
 
-fn serial_output(sink: &SerialSink) -> Result<devices::SerialOutput, StartError> {
-    Ok(match sink {
-        SerialSink::Stdio => Box::new(std::io::stdout()),
-        SerialSink::None => Box::new(std::io::sink()),
-        SerialSink::File(path) => {
-            Box::new(File::create(path).map_err(|source| StartError::Io {
-                what: format!("cannot create serial output file {}", path.display()),
-                source,
-            })?)
+/// The descriptor the console writer writes the guest's output to: our own
+/// copy of stdout (the writer never takes std's stdout lock, so nothing
+/// else waits on a stalled stdout), or the serial file.
+fn serial_sink(sink: &SerialSink) -> Result<Option<File>, StartError> {
+    match sink {
+        SerialSink::None => Ok(None),
+        SerialSink::Stdio => match std::io::stdout().as_fd().try_clone_to_owned() {
+            Ok(fd) => Ok(Some(File::from(fd))),
+            // No stdout at all (closed): the output goes nowhere.
+            Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(None),
+            Err(e) => Err(io_err("duplicating stdout")(e)),
+        },
+        SerialSink::File(path) => open_serial_file(path).map(Some),
+    }
+}
+
+/// Opens (creates, truncates) the serial file: a regular file or a
+/// character device (`/dev/null`, a terminal). A FIFO, socket, directory
+/// or block device is refused; the open never waits (O_NONBLOCK), and the
+/// kind is checked on the opened file too.
+fn open_serial_file(path: &Path) -> Result<File, StartError> {
+    let refuse = |kind: &std::fs::FileType| {
+        StartError::Config(format!(
+            "--serial file:{} is {}; it must be a regular file or a character device",
+            path.display(),
+            loader::file_kind(kind)
+        ))
+    };
+    let acceptable = |kind: &std::fs::FileType| kind.is_file() || kind.is_char_device();
+    if let Ok(meta) = std::fs::metadata(path) {
+        if !acceptable(&meta.file_type()) {
+            return Err(refuse(&meta.file_type()));
         }
-    })
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o666)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|source| StartError::Io {
+            what: format!("cannot create serial output file {}", path.display()),
+            source,
+        })?;
+    let meta = file
+        .metadata()
+        .map_err(io_err("reading the serial file's metadata"))?;
+    if !acceptable(&meta.file_type()) {
+        return Err(refuse(&meta.file_type()));
+    }
+    // Writes may block now: they happen on the console thread.
+    // SAFETY: F_SETFL on a descriptor this File owns; no memory is passed.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, 0) } < 0 {
+        return Err(io_err("setting the serial file's flags")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(file)
 }
 
 /// The command line the guest gets.
@@ -233,11 +290,9 @@ fn load_guest(
         },
     };
     let kernel = loader::load_kernel(memory, mem_size, source)?;
+    crate::signals::check().map_err(StartError::Signalled)?;
     let initrd = match &config.initrd {
-        Some(path) => {
-            let max = kernel.header.map_or(0, |h| h.initrd_addr_max);
-            Some(loader::load_initrd(memory, mem_size, path, max)?)
-        }
+        Some(path) => Some(loader::load_initrd(memory, mem_size, path, &kernel)?),
         None => None,
     };
 
@@ -266,18 +321,40 @@ fn load_guest(
     Ok(kernel)
 }
 
-/// COM1, whose output sink and input queue outlive reboots; its interrupt
-/// eventfd is registered as IRQ 4 with each boot's VM.
-fn create_serial(config: &VmConfig) -> Result<(Arc<Mutex<SerialDevice>>, EventFd), StartError> {
+/// COM1, with its console (output sink and writer thread) and input queue,
+/// all of which outlive reboots; its interrupt eventfd is registered as
+/// IRQ 4 with each boot's VM.
+fn create_serial(config: &VmConfig) -> Result<Serial, StartError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
         .map_err(io_err("creating an eventfd"))?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
+    let (console, output): (Option<Console>, devices::SerialOutput) =
+        match serial_sink(&config.serial)? {
+            Some(file) => {
+                let (console, output) =
+                    Console::spawn(Box::new(file), devices::console::OUTPUT_BUFFER)
+                        .map_err(io_err("starting the console thread"))?;
+                (Some(console), Box::new(output))
+            }
+            None => (None, Box::new(std::io::sink())),
+        };
+    let device = Arc::new(Mutex::new(SerialDevice::new(
         serial_irq
             .try_clone()
             .map_err(io_err("cloning an eventfd"))?,
-        serial_output(&config.serial)?,
+        output,
     )));
-    Ok((serial, serial_irq))
+    Ok(Serial {
+        device,
+        irq: serial_irq,
+        console,
+    })
+}
+
+/// COM1 and what serves it on the host.
+struct Serial {
+    device: Arc<Mutex<SerialDevice>>,
+    irq: EventFd,
+    console: Option<Console>,
 }
 
 /// A boot's port I/O bus: COM1 on its irqfd and an i8042.
@@ -334,8 +411,10 @@ fn configure_vcpu(
 impl Vm {
     /// Builds the VM described by `config`.
     pub fn build(config: &VmConfig) -> Result<Vm, StartError> {
+        let stage = || crate::signals::check().map_err(StartError::Signalled);
         let kvm = Kvm::new().map_err(StartError::KvmOpen)?;
         validate(config, &kvm)?;
+        stage()?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(StartError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
@@ -351,24 +430,27 @@ impl Vm {
             Some(path) => Some(api::bind(path).map_err(|e| StartError::Config(e.to_string()))?),
             None => None,
         };
+        stage()?;
         // `validate` bounded the count by the MP table's limit.
         let num_vcpus = config.vcpus as usize;
         let export = Arc::new(Export::new(plan.clone(), num_vcpus));
         let control = Arc::new(VmControl::new(num_vcpus).map_err(io_err("creating an eventfd"))?);
-        let (serial, serial_irq) = create_serial(config)?;
+        let serial = create_serial(config)?;
         let mut vm = Vm {
             config: config.clone(),
             kvm,
             control,
             boot: None,
-            serial,
-            serial_irq,
+            serial: serial.device,
+            serial_irq: serial.irq,
+            console: serial.console,
             vcpu_cpuid,
             pmu: plan,
             export,
             api_socket,
         };
         vm.boot = Some(vm.build_boot()?);
+        stage()?;
         Ok(vm)
     }
 
@@ -474,6 +556,11 @@ impl Vm {
             self.control.rearm();
             match self.build_boot() {
                 Ok(boot) => self.boot = Some(boot),
+                Err(e) if e.signal().is_some() => {
+                    break Outcome::Terminated {
+                        signal: e.signal().unwrap_or_default(),
+                    }
+                }
                 Err(e) => {
                     break Outcome::VcpuError {
                         vcpu: 0,
@@ -483,15 +570,47 @@ impl Vm {
             }
         };
         drop(api_server);
-        let _ = std::io::stdout().flush();
+        self.finish_console();
         Ok((outcome, self.control.reports()))
+    }
+
+    /// Gives the console writer a bounded time to write what the guest left
+    /// in its buffer (it must not hold up the exit when nobody reads), and
+    /// reports what was dropped.
+    fn finish_console(&mut self) {
+        if let Some(console) = self.console.take() {
+            let stats = console.finish(CONSOLE_STALL, CONSOLE_DRAIN_LIMIT);
+            if stats.dropped > 0 {
+                eprintln!(
+                    "vmm: console: {} bytes of guest output dropped (its sink was not being read)",
+                    stats.dropped
+                );
+            }
+        }
+        let input_dropped = self
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .input_dropped();
+        if input_dropped > 0 {
+            eprintln!(
+                "vmm: console: {input_dropped} bytes of host input dropped (the guest did not read them)"
+            );
+        }
     }
 
     /// Runs one boot until something stops it; every vCPU thread of the
     /// boot has ended when this returns.
     fn run_boot(&self, boot: Boot, deadline: Option<Instant>, main_loop: &mut MainLoop) -> Outcome {
+        // A signal during start-up: not one guest instruction runs.
+        if let Some(signal) = crate::signals::pending() {
+            self.control.finish(Outcome::Terminated { signal });
+        }
         let mut threads = Vec::with_capacity(boot.vcpus.len());
         for vcpu in boot.vcpus {
+            if self.control.stopping() {
+                break;
+            }
             match vcpu.spawn() {
                 Ok(handle) => threads.push(handle),
                 Err(e) => {

@@ -1,26 +1,40 @@
 //! A small HTTP/1.1 server on a Unix socket, parsing with `httparse`.
 //!
 //! Built for a host-side API that must never be stopped by what a client
-//! sends: bounded header size, bounded bodies, read/write timeouts, a cap
-//! on concurrent connections, and one thread per connection so a slow
-//! client holds up nobody else.
+//! sends: bounded header size, bounded bodies, a cap on concurrent
+//! connections, and one thread per connection so a slow client holds up
+//! nobody else. Time is bounded per request, not per read: a request (head
+//! and body) must arrive within [`REQUEST_DEADLINE`] of the server starting
+//! to wait for it, and an answer must be taken within as long, however the
+//! client trickles its bytes. When all [`MAX_CONNECTIONS`] slots are taken,
+//! a new client takes the slot of the one that has waited longest for its
+//! request, if that has waited [`EVICT_AFTER`] or more (a slow or idle
+//! client); otherwise it gets 503. So slow clients can never lock a prompt
+//! one out.
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Largest request head (request line and headers).
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Largest request body (the API takes none; small ones are read and
 /// ignored).
 pub const MAX_BODY: usize = 4 * 1024;
-/// Connections served at once; more are answered 503 and closed.
+/// Connections served at once; more are answered 503 and closed (unless
+/// they can take a slow client's slot).
 pub const MAX_CONNECTIONS: usize = 64;
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time for a whole request to arrive, and for an answer to be taken.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// A client that has waited this long without a complete request loses its
+/// slot to a new client when every slot is taken.
+pub const EVICT_AFTER: Duration = Duration::from_millis(500);
+/// Most time spent draining a rejected client's input before closing.
+const LINGER: Duration = Duration::from_secs(1);
 const MAX_HEADERS: usize = 64;
 
 /// A parsed request.
@@ -89,7 +103,42 @@ enum ReadOutcome {
     Closed,
 }
 
-fn read_request(stream: &mut UnixStream, buf: &mut Vec<u8>) -> ReadOutcome {
+/// One read that ends by `deadline`: `None` when the client closed, failed
+/// or ran out of time.
+fn read_by(stream: &mut UnixStream, chunk: &mut [u8], deadline: Instant) -> Option<usize> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return None;
+        }
+        match stream.read(chunk) {
+            Ok(0) => return None,
+            Ok(n) => return Some(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Writes all of `data` by `deadline`.
+fn write_by(stream: &mut UnixStream, mut data: &[u8], deadline: Instant) -> bool {
+    while !data.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
+            return false;
+        }
+        match stream.write(data) {
+            Ok(0) => return false,
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// Reads one request, which must be complete by `deadline`.
+fn read_request(stream: &mut UnixStream, buf: &mut Vec<u8>, deadline: Instant) -> ReadOutcome {
     let mut chunk = [0u8; 2048];
     loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -130,9 +179,9 @@ fn read_request(stream: &mut UnixStream, buf: &mut Vec<u8>) -> ReadOutcome {
                 // Read (and drop) the body so that the next request starts
                 // where it should.
                 while buf.len() < head_len + body_len {
-                    match stream.read(&mut chunk) {
-                        Ok(0) | Err(_) => return ReadOutcome::Closed,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    match read_by(stream, &mut chunk, deadline) {
+                        None => return ReadOutcome::Closed,
+                        Some(n) => buf.extend_from_slice(&chunk[..n]),
                     }
                 }
                 buf.drain(..head_len + body_len);
@@ -150,15 +199,23 @@ fn read_request(stream: &mut UnixStream, buf: &mut Vec<u8>) -> ReadOutcome {
                 ))
             }
         }
-        match stream.read(&mut chunk) {
-            Ok(0) => return ReadOutcome::Closed,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(_) => return ReadOutcome::Closed,
+        match read_by(stream, &mut chunk, deadline) {
+            None => return ReadOutcome::Closed,
+            Some(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
 }
 
 fn write_response(stream: &mut UnixStream, response: &Response, close: bool) -> bool {
+    write_response_by(stream, response, close, Instant::now() + REQUEST_DEADLINE)
+}
+
+fn write_response_by(
+    stream: &mut UnixStream,
+    response: &Response,
+    close: bool,
+    deadline: Instant,
+) -> bool {
     let head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
         response.status,
@@ -167,7 +224,7 @@ fn write_response(stream: &mut UnixStream, response: &Response, close: bool) -> 
         response.body.len(),
         if close { "close" } else { "keep-alive" }
     );
-    stream.write_all(head.as_bytes()).is_ok() && stream.write_all(&response.body).is_ok()
+    write_by(stream, head.as_bytes(), deadline) && write_by(stream, &response.body, deadline)
 }
 
 /// Closing with unread input makes the kernel reset the connection, which
@@ -175,32 +232,125 @@ fn write_response(stream: &mut UnixStream, response: &Response, close: bool) -> 
 /// what the client still sends.
 fn linger(stream: &mut UnixStream) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+    let deadline = Instant::now() + LINGER;
     let mut sink = [0u8; 4096];
     let mut drained = 0;
     while drained < (1 << 20) {
-        match stream.read(&mut sink) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => drained += n,
+        match read_by(
+            stream,
+            &mut sink,
+            deadline.min(Instant::now() + Duration::from_millis(100)),
+        ) {
+            None => break,
+            Some(n) => drained += n,
         }
     }
 }
 
+/// The connections being served, and how long each has waited for its
+/// current request.
+#[derive(Default)]
+struct Slots {
+    list: Mutex<Vec<Slot>>,
+    next_id: AtomicU64,
+}
+
+struct Slot {
+    id: u64,
+    /// A handle on the connection, to cut it off when it is evicted.
+    stream: UnixStream,
+    /// Since when it has been waiting for a request (`None`: one is being
+    /// answered).
+    waiting_since: Option<Instant>,
+}
+
+impl Slots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot for `stream`: a free one, or the one of the client that has
+    /// waited longest for its request, if that is [`EVICT_AFTER`] or more
+    /// (its connection is shut down). `None`: all are busy.
+    fn admit(&self, stream: &UnixStream) -> Option<u64> {
+        let handle = stream.try_clone().ok()?;
+        let mut list = self.lock();
+        if list.len() >= MAX_CONNECTIONS {
+            let now = Instant::now();
+            let (victim, _) = list
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| Some((i, s.waiting_since?)))
+                .filter(|(_, since)| now.saturating_duration_since(*since) >= EVICT_AFTER)
+                .min_by_key(|(_, since)| *since)?;
+            let evicted = list.swap_remove(victim);
+            let _ = evicted.stream.shutdown(std::net::Shutdown::Both);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        list.push(Slot {
+            id,
+            stream: handle,
+            waiting_since: Some(Instant::now()),
+        });
+        Some(id)
+    }
+
+    fn set_waiting(&self, id: u64, since: Option<Instant>) {
+        if let Some(slot) = self.lock().iter_mut().find(|s| s.id == id) {
+            slot.waiting_since = since;
+        }
+    }
+
+    fn release(&self, id: u64) {
+        self.lock().retain(|s| s.id != id);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Serves one connection outside any slot (the unit tests' way in).
+#[cfg(test)]
 fn serve_connection(mut stream: UnixStream, handler: &Handler) {
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    serve_in_slot(&mut stream, handler, None);
+}
+
+/// Serves one connection in slot `id` of `slots` (if any) until it closes.
+fn serve_in_slot(stream: &mut UnixStream, handler: &Handler, slot: Option<(&Slots, u64)>) {
     let mut buf = Vec::new();
     loop {
-        match read_request(&mut stream, &mut buf) {
+        let waiting_since = Instant::now();
+        if let Some((slots, id)) = slot {
+            slots.set_waiting(id, Some(waiting_since));
+        }
+        let deadline = waiting_since + REQUEST_DEADLINE;
+        match read_request(stream, &mut buf, deadline) {
             ReadOutcome::Request(request, close) => {
+                if let Some((slots, id)) = slot {
+                    slots.set_waiting(id, None);
+                }
                 let response = handler(&request);
-                if !write_response(&mut stream, &response, close) || close {
+                let deadline = Instant::now() + REQUEST_DEADLINE;
+                if !write_response_by(stream, &response, close, deadline) || close {
                     return;
                 }
             }
             ReadOutcome::Reject(response) => {
-                write_response(&mut stream, &response, true);
-                linger(&mut stream);
+                write_response(stream, &response, true);
+                linger(stream);
+                return;
+            }
+            // Out of time with part of a request: say so.
+            ReadOutcome::Closed if !buf.is_empty() && Instant::now() >= deadline => {
+                let response = Response::error(408, "the request took too long");
+                write_response_by(
+                    stream,
+                    &response,
+                    true,
+                    Instant::now() + Duration::from_millis(100),
+                );
                 return;
             }
             ReadOutcome::Closed => return,
@@ -218,11 +368,11 @@ impl Server {
     /// Serves `listener` until dropped.
     pub fn start(listener: UnixListener, handler: Arc<Handler>) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let active = Arc::new(AtomicUsize::new(0));
+        let slots = Arc::new(Slots::default());
         let stop_flag = stop.clone();
         let accept_thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || accept_loop(listener, handler, stop_flag, active))?;
+            .spawn(move || accept_loop(listener, handler, stop_flag, slots))?;
         Ok(Self {
             stop,
             accept_thread: Some(accept_thread),
@@ -254,7 +404,7 @@ fn accept_loop(
     listener: UnixListener,
     handler: Arc<Handler>,
     stop: Arc<AtomicBool>,
-    active: Arc<AtomicUsize>,
+    slots: Arc<Slots>,
 ) {
     while !stop.load(Ordering::SeqCst) {
         if !poll_readable(listener.as_raw_fd(), 100) {
@@ -263,25 +413,35 @@ fn accept_loop(
         let Ok((mut stream, _)) = listener.accept() else {
             continue;
         };
-        if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-            write_response(
+        let Some(id) = slots.admit(&stream) else {
+            // Take what the client sent already (without waiting), so that
+            // closing does not reset the connection before it reads the 503.
+            let mut unread = [0u8; 4096];
+            if stream.set_nonblocking(true).is_ok() {
+                for _ in 0..4 {
+                    if !matches!(stream.read(&mut unread), Ok(1..)) {
+                        break;
+                    }
+                }
+                let _ = stream.set_nonblocking(false);
+            }
+            write_response_by(
                 &mut stream,
                 &Response::error(503, "too many connections"),
                 true,
+                Instant::now() + Duration::from_millis(100),
             );
             continue;
-        }
-        active.fetch_add(1, Ordering::SeqCst);
-        let (handler, done) = (handler.clone(), active.clone());
+        };
+        let (handler, done) = (handler.clone(), slots.clone());
         let spawned = std::thread::Builder::new()
             .name("api-conn".into())
             .spawn(move || {
-                serve_connection(stream, &*handler);
-                done.fetch_sub(1, Ordering::SeqCst);
+                serve_in_slot(&mut stream, &*handler, Some((&done, id)));
+                done.release(id);
             });
         if spawned.is_err() {
-            active.fetch_sub(1, Ordering::SeqCst);
+            slots.release(id);
         }
     }
 }
@@ -320,5 +480,66 @@ mod tests {
         assert!(exchange(big_body.as_bytes()).starts_with("HTTP/1.1 413"));
         // A half-sent request is simply dropped.
         assert_eq!(exchange(b"GET / HTT"), "");
+    }
+
+    #[test]
+    fn a_trickling_client_gets_408_by_the_request_deadline_not_per_read() {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let handler = |_: &Request| Response::text(200, "text/plain", String::new());
+        let start = Instant::now();
+        let t = std::thread::spawn(move || serve_connection(server, &handler));
+        // One byte every 400 ms: each read is quick, the request never ends.
+        let trickle = std::thread::spawn(move || {
+            let mut answer = String::new();
+            for b in b"GET /vpmu HTTP/1.1\r\nX-Slow: ".iter().cycle() {
+                if client.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(400));
+                if start.elapsed() > REQUEST_DEADLINE * 3 {
+                    break;
+                }
+            }
+            let _ = client.read_to_string(&mut answer);
+            answer
+        });
+        t.join().unwrap();
+        let took = start.elapsed();
+        assert!(
+            took >= REQUEST_DEADLINE && took < REQUEST_DEADLINE * 2,
+            "{took:?}"
+        );
+        let answer = trickle.join().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    }
+
+    #[test]
+    fn a_full_house_gives_the_longest_waiting_slot_to_a_new_client() {
+        let slots = Slots::default();
+        let mut held = Vec::new();
+        let mut ids = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let (a, b) = UnixStream::pair().unwrap();
+            ids.push(slots.admit(&b).unwrap());
+            held.push((a, b));
+        }
+        let (_c, newcomer) = UnixStream::pair().unwrap();
+        // Nobody has waited long enough yet.
+        assert_eq!(slots.admit(&newcomer), None);
+        // One is being answered (not evictable), another waited longest.
+        slots.set_waiting(ids[0], None);
+        let long_ago = Instant::now() - EVICT_AFTER * 4;
+        slots.set_waiting(ids[1], Some(long_ago));
+        slots.set_waiting(ids[2], Some(long_ago + EVICT_AFTER));
+        assert!(slots.admit(&newcomer).is_some());
+        assert_eq!(slots.len(), MAX_CONNECTIONS);
+        // The evicted connection was cut off: its peer sees the end.
+        let mut byte = [0u8; 1];
+        held[1]
+            .0
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(held[1].0.read(&mut byte).unwrap(), 0);
+        assert!(slots.lock().iter().all(|s| s.id != ids[1]));
     }
 }

@@ -39,6 +39,29 @@ pub const IOAPIC_DEFAULT_BASE: u32 = 0xfec0_0000;
 /// elsewhere), above KVM's default identity-map page (0xfffb_c000).
 pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
+/// Where the VMM writes its own boot structures, named for messages: no
+/// kernel segment or initrd may overlap them (`loader` checks). The ACPI
+/// and MP tables get their whole 64 KiB areas.
+pub fn boot_structures() -> [(&'static str, u64, u64); 7] {
+    [
+        ("the boot GDT and IDT", GDT_START, IDT_START + 8),
+        ("the zero page", ZERO_PAGE_START, ZERO_PAGE_START + 0x1000),
+        ("the boot stack", ZERO_PAGE_START + 0x1000, PML4_START),
+        (
+            "the boot page tables",
+            PML4_START,
+            PD_START + PD_COUNT * 0x1000,
+        ),
+        (
+            "the kernel command line",
+            CMDLINE_START,
+            CMDLINE_START + CMDLINE_MAX_SIZE as u64,
+        ),
+        ("the ACPI tables", ACPI_START, MPTABLE_START),
+        ("the MP table", MPTABLE_START, HIMEM_START),
+    ]
+}
+
 /// Guest RAM ranges for `size` bytes of memory: everything from 0, split
 /// around the MMIO gap.
 pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
@@ -52,6 +75,16 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boot_structures_are_in_order_and_apart() {
+        let s = boot_structures();
+        for pair in s.windows(2) {
+            assert!(pair[0].1 < pair[0].2 && pair[0].2 <= pair[1].1, "{pair:?}");
+        }
+        assert!(BOOT_STACK_TOP > s[2].1 && BOOT_STACK_TOP <= s[2].2);
+        assert!(s[6].2 <= HIMEM_START);
+    }
 
     #[test]
     fn ram_above_the_gap_moves_past_4g() {

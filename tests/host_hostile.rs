@@ -1,0 +1,931 @@
+//! The host side is hostile too (issue 12): stalled consoles, endless
+//! input, odd and oversized files, other users' sockets, slow API clients,
+//! signals at any time and images that overlap. Each test drives the VMM
+//! the way an attacker or an unlucky operator would and checks that it
+//! ends cleanly, within bounds, touching nothing that is not its own.
+//!
+//! Every run here is bounded by the test itself (`Bounded`): a VMM that
+//! hangs is killed and the test fails, it never hangs the suite.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::Running;
+
+// ---------------------------------------------------------------------------
+// Bounded runs, watched from outside.
+
+/// How a bounded run ended.
+#[derive(Debug)]
+struct Ended {
+    /// Exit code; `None` when killed by a signal (or by the bound).
+    code: Option<i32>,
+    /// The run outlived its bound and was killed.
+    hung: bool,
+    stderr: String,
+    /// Peak resident memory of the process (kernel's ru_maxrss), KiB.
+    max_rss_kib: u64,
+    took: Duration,
+}
+
+impl Ended {
+    fn assert_code(&self, code: i32) {
+        assert!(
+            !self.hung,
+            "the VMM hung (killed after {:?}): {}",
+            self.took, self.stderr
+        );
+        assert_eq!(self.code, Some(code), "stderr: {}", self.stderr);
+    }
+
+    /// Exit code 2 with one line on stderr containing `expected`.
+    fn assert_bad_input(&self, expected: &str) {
+        self.assert_code(2);
+        assert_eq!(
+            self.stderr.lines().count(),
+            1,
+            "one line: {:?}",
+            self.stderr
+        );
+        assert!(
+            self.stderr.contains(expected),
+            "stderr {:?} should contain {expected:?}",
+            self.stderr
+        );
+    }
+}
+
+/// A spawned VMM with its stderr collected; waited for with a bound.
+struct Bounded {
+    child: Child,
+    stderr: Option<JoinHandle<String>>,
+    started: Instant,
+}
+
+impl Bounded {
+    fn spawn(mut cmd: Command) -> Bounded {
+        let mut child = cmd.stderr(Stdio::piped()).spawn().expect("spawning vmm");
+        let mut pipe = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        });
+        Bounded {
+            child,
+            stderr: Some(stderr),
+            started: Instant::now(),
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: signals our own child, which has not been reaped yet.
+        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0);
+    }
+
+    /// Waits up to `bound` for the process to end (killing it after that),
+    /// with its peak RSS from wait4.
+    fn wait(mut self, bound: Duration) -> Ended {
+        let mut hung = false;
+        let (status, rusage) = loop {
+            let mut status = 0;
+            // SAFETY: a zeroed rusage is valid for wait4 to fill.
+            let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: wait4 on our own child with valid out-pointers.
+            let rc = unsafe { libc::wait4(self.pid(), &mut status, libc::WNOHANG, &mut rusage) };
+            if rc == self.pid() {
+                break (status, rusage);
+            }
+            assert!(rc == 0, "wait4: {}", std::io::Error::last_os_error());
+            if self.started.elapsed() > bound && !hung {
+                hung = true;
+                let _ = self.child.kill();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let took = self.started.elapsed();
+        let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+        Ended {
+            code,
+            hung,
+            stderr: self.stderr.take().unwrap().join().unwrap(),
+            max_rss_kib: rusage.ru_maxrss as u64,
+            took,
+        }
+    }
+}
+
+fn vmm_cmd(args: &[&str]) -> Command {
+    let mut cmd = common::vmm();
+    cmd.args(args).stdout(Stdio::null());
+    cmd
+}
+
+/// Runs `vmm args` to its end (at most `bound`).
+fn run_bounded(args: &[&str], bound: Duration) -> Ended {
+    Bounded::spawn(vmm_cmd(args)).wait(bound)
+}
+
+/// Resident memory of a running process, KiB.
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether `pid` (our child, not yet reaped) still runs: not a zombie.
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(')')?.1.trim_start().starts_with('Z')))
+        == Some(false)
+}
+
+/// Names of the threads of `pid`.
+fn thread_names(pid: u32) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success());
+    assert!(std::fs::metadata(path).unwrap().file_type().is_fifo());
+}
+
+/// Bytes waiting in the pipe whose read end is `fd`.
+fn pipe_bytes(fd: i32) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through a valid pointer.
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    assert_eq!(rc, 0);
+    n as usize
+}
+
+// ---------------------------------------------------------------------------
+// 1. Console output nobody reads.
+
+/// The flood guest with stdout going to a pipe the test never reads:
+/// returns the running VMM and the pipe (kept open, undrained).
+fn flood_into_a_stalled_pipe(extra: &[&str]) -> (Bounded, std::process::ChildStdout) {
+    let flood = common::build_guest("flood");
+    let mut cmd = common::vmm();
+    cmd.arg("--kernel")
+        .arg(&flood)
+        .args(extra)
+        .stdout(Stdio::piped());
+    let mut vm = Bounded::spawn(cmd);
+    let stdout = vm.child.stdout.take().unwrap();
+    // Wait until the pipe is full: from here on a write(2) to it blocks.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pipe_bytes(stdout.as_raw_fd()) < 60 * 1024 {
+        assert!(Instant::now() < deadline, "the guest never filled the pipe");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (vm, stdout)
+}
+
+#[test]
+fn a_console_nobody_reads_never_blocks_timeout_or_sigterm() {
+    require_kvm!();
+    // --timeout: the guest floods for 5 s into a pipe that fills in about
+    // one; the VMM still ends at its timeout.
+    let flood = common::build_guest("flood");
+    let mut cmd = common::vmm();
+    cmd.arg("--kernel")
+        .arg(&flood)
+        .args(["--timeout", "5"])
+        .stdout(Stdio::piped());
+    let mut vm = Bounded::spawn(cmd);
+    let stdout = vm.child.stdout.take().unwrap();
+    let end = vm.wait(Duration::from_secs(60));
+    end.assert_code(3);
+    assert!(
+        pipe_bytes(stdout.as_raw_fd()) >= 60 * 1024,
+        "the pipe never filled: the test proves nothing"
+    );
+    assert!(
+        end.took < Duration::from_secs(30),
+        "took {:?} to end",
+        end.took
+    );
+    assert!(
+        end.stderr.contains("bytes of guest output dropped"),
+        "{}",
+        end.stderr
+    );
+    drop(stdout);
+
+    // SIGTERM while the pipe is full.
+    let (vm, stdout) = flood_into_a_stalled_pipe(&[]);
+    let signalled = Instant::now();
+    vm.signal(libc::SIGTERM);
+    let end = vm.wait(Duration::from_secs(60));
+    end.assert_code(128 + libc::SIGTERM);
+    assert!(
+        signalled.elapsed() < Duration::from_secs(30),
+        "SIGTERM took {:?}",
+        signalled.elapsed()
+    );
+    // The guest's output kept flowing until the pipe filled, in order.
+    let mut head = vec![0u8; 4096];
+    let mut stdout = stdout;
+    stdout.read_exact(&mut head).unwrap();
+    let text = String::from_utf8_lossy(&head);
+    assert!(
+        text.starts_with("flood: the guest writes to COM1"),
+        "{text}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 2. Console input the guest does not read.
+
+#[test]
+fn endless_stdin_the_guest_never_reads_keeps_memory_bounded() {
+    require_kvm!();
+    let hang = common::build_guest("hang");
+    let mut cmd = common::vmm();
+    cmd.arg("--kernel")
+        .arg(&hang)
+        .args(["--memory", "64", "--timeout", "8"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    let mut vm = Bounded::spawn(cmd);
+    let pid = vm.pid();
+    let mut stdin = vm.child.stdin.take().unwrap();
+    let fed = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let fed = fed.clone();
+        std::thread::spawn(move || {
+            let chunk = vec![b'y'; 64 * 1024];
+            // Until the VMM is gone (EPIPE).
+            while stdin.write_all(&chunk).is_ok() {
+                fed.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    // VmRSS as it runs (ru_maxrss below is the peak the kernel saw).
+    let mut samples = Vec::new();
+    while running(pid) && vm.started.elapsed() < Duration::from_secs(60) {
+        samples.push(rss_kib(pid));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let end = vm.wait(Duration::from_secs(60));
+    writer.join().unwrap();
+    let fed = fed.load(Ordering::Relaxed);
+    let max = samples.iter().copied().max().unwrap_or(0);
+    eprintln!(
+        "endless stdin: {} MiB fed, VmRSS max {max} KiB over {} samples, ru_maxrss {} KiB",
+        fed >> 20,
+        samples.len(),
+        end.max_rss_kib
+    );
+    end.assert_code(3);
+    // The VMM kept taking input (and dropping it) past its buffer and the
+    // pipe, not just stopping to read...
+    assert!(fed > 512 << 10, "only {fed} bytes taken");
+    assert!(
+        end.stderr.contains("bytes of host input dropped"),
+        "{}",
+        end.stderr
+    );
+    // ...and its memory stayed flat: the binary, its threads and whatever
+    // the guest touched, nothing per byte of input.
+    assert!(
+        end.max_rss_kib < 64 * 1024,
+        "peak RSS {} KiB",
+        end.max_rss_kib
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 3. and 7. Kernel, initrd and serial files: kind, size, unpacking.
+
+/// A bzImage whose payload is `payload`.
+fn bzimage(payload: &[u8]) -> Vec<u8> {
+    let setup_sects = 1u8;
+    let mut image = vec![0u8; (usize::from(setup_sects) + 1) * 512];
+    image[0x1f1] = setup_sects;
+    image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    image[0x211] = 1; // LOADED_HIGH
+    image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+    image[0x248..0x24c].copy_from_slice(&0u32.to_le_bytes());
+    image[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    image[0x260..0x264].copy_from_slice(&0x40_0000u32.to_le_bytes());
+    image.extend_from_slice(payload);
+    image
+}
+
+/// 1 GiB of zeros, gzip-compressed (about 1 MiB).
+fn gzip_bomb() -> Vec<u8> {
+    use flate2::write::GzEncoder;
+    let mut enc = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..1024 {
+        enc.write_all(&zeros).unwrap();
+    }
+    enc.finish().unwrap()
+}
+
+/// 1 GiB of zeros in lz4 legacy blocks, with a trailer that lies (4 KiB).
+fn lz4_bomb() -> Vec<u8> {
+    let block = lz4_flex::block::compress(&vec![0u8; 8 << 20]);
+    let mut frame = vec![0x02, 0x21, 0x4c, 0x18];
+    for _ in 0..128 {
+        frame.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&block);
+    }
+    frame.extend_from_slice(&4096u32.to_le_bytes());
+    frame
+}
+
+/// Peak RSS allowed for a refused image with `--memory 64`: the binary,
+/// the file, and at most one guest memory's worth of unpacked payload.
+const BOUNDED_KIB: u64 = 200 * 1024;
+
+#[test]
+fn decompression_bombs_are_refused_with_bounded_memory() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, payload) in [("gzip", gzip_bomb()), ("lz4", lz4_bomb())] {
+        let path = dir.path().join(format!("{name}.bzImage"));
+        std::fs::write(&path, bzimage(&payload)).unwrap();
+        let p = path.to_str().unwrap();
+        let end = run_bounded(
+            &["--kernel", p, "--memory", "64", "--timeout", "20"],
+            Duration::from_secs(120),
+        );
+        eprintln!(
+            "{name} bomb ({} KiB file, 1 GiB unpacked): exit {:?} in {:?}, peak RSS {} KiB",
+            payload.len() >> 10,
+            end.code,
+            end.took,
+            end.max_rss_kib
+        );
+        end.assert_bad_input(&format!(
+            "{p}: the bzImage payload unpacks to more than --memory 64 MiB can hold"
+        ));
+        assert!(
+            end.max_rss_kib < BOUNDED_KIB,
+            "{name}: peak RSS {} KiB",
+            end.max_rss_kib
+        );
+    }
+}
+
+#[test]
+fn endless_huge_and_odd_files_are_refused_before_they_are_read() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let hello = common::build_guest("hello");
+    let hello = hello.to_str().unwrap();
+    let fifo = d.join("fifo");
+    mkfifo(&fifo);
+    let fifo = fifo.to_str().unwrap();
+    // A sparse file of 1 GiB: larger than the guest's memory.
+    let huge = d.join("huge");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let huge = huge.to_str().unwrap();
+    let dir_s = d.to_str().unwrap();
+    let bound = Duration::from_secs(60);
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        // An endless device, a FIFO nobody writes, a directory, a file
+        // larger than the guest.
+        (
+            vec!["--kernel", "/dev/zero"],
+            "kernel /dev/zero is a character device, not a regular file".into(),
+        ),
+        (
+            vec!["--kernel", fifo],
+            format!("kernel {fifo} is a FIFO, not a regular file"),
+        ),
+        (
+            vec!["--kernel", dir_s],
+            format!("kernel {dir_s} is a directory, not a regular file"),
+        ),
+        (
+            vec!["--kernel", huge],
+            format!("kernel {huge} (1073741824 bytes) does not fit in --memory 64 MiB"),
+        ),
+        (
+            vec!["--kernel", hello, "--initrd", "/dev/zero"],
+            "initrd /dev/zero is a character device, not a regular file".into(),
+        ),
+        (
+            vec!["--kernel", hello, "--initrd", fifo],
+            format!("initrd {fifo} is a FIFO, not a regular file"),
+        ),
+        (
+            vec!["--kernel", hello, "--initrd", huge],
+            format!("initrd {huge} (1073741824 bytes) does not fit in --memory 64 MiB"),
+        ),
+    ];
+    for (args, expected) in &cases {
+        let mut all = args.clone();
+        all.extend(["--memory", "64", "--timeout", "20"]);
+        let end = run_bounded(&all, bound);
+        end.assert_bad_input(expected);
+        assert!(
+            end.max_rss_kib < BOUNDED_KIB,
+            "{args:?}: peak RSS {} KiB",
+            end.max_rss_kib
+        );
+    }
+    // A FIFO as the serial file: refused, not waited on for a reader.
+    let serial = format!("file:{fifo}");
+    let end = run_bounded(&["--kernel", hello, "--serial", &serial], bound);
+    end.assert_bad_input(&format!(
+        "--serial file:{fifo} is a FIFO; it must be a regular file or a character device"
+    ));
+    // A character device is fine (and a regular file, as always).
+    let end = run_bounded(&["--kernel", hello, "--serial", "file:/dev/null"], bound);
+    end.assert_code(0);
+}
+
+// ---------------------------------------------------------------------------
+// 4. and 5. The API socket: never someone else's.
+
+#[test]
+fn another_users_live_socket_survives() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("theirs.sock");
+    // Someone else's VMM: a live socket owned by nobody (65534), mode 0600.
+    let theirs = UnixListener::bind(&path).unwrap();
+    std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let before = std::fs::symlink_metadata(&path).unwrap();
+    // Our VMM runs as root but without CAP_DAC_OVERRIDE (and
+    // CAP_DAC_READ_SEARCH): connecting to that socket is EACCES, as for
+    // any other user.
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--inh-caps=-all",
+        "--bounding-set=-dac_override,-dac_read_search",
+        "--",
+    ])
+    .arg(env!("CARGO_BIN_EXE_vmm"))
+    .args(["--timeout", "20", "--api-socket"])
+    .arg(&path)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null());
+    let end = Bounded::spawn(cmd).wait(Duration::from_secs(60));
+    end.assert_bad_input("permission denied");
+    assert!(
+        end.stderr.contains("refusing to replace it"),
+        "{}",
+        end.stderr
+    );
+    let after = std::fs::symlink_metadata(&path).expect("their socket was removed");
+    assert_eq!((after.dev(), after.ino()), (before.dev(), before.ino()));
+    // And it still works for them.
+    let _client = UnixStream::connect(&path).unwrap();
+    theirs.set_nonblocking(false).unwrap();
+    assert!(theirs.accept().is_ok());
+}
+
+/// A probe that idles with an API socket at `sock`, ready.
+fn serving(sock: &Path) -> Bounded {
+    let mut cmd = vmm_cmd(&["--cmdline", "probe.tests=none probe.hold_ms=60000"]);
+    cmd.arg("--timeout")
+        .arg("120")
+        .arg("--api-socket")
+        .arg(sock);
+    let vm = Bounded::spawn(cmd);
+    common::wait_for_api(sock);
+    vm
+}
+
+#[test]
+fn a_socket_path_replaced_while_running_survives_the_vmms_exit() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    // Replaced by another VMM's socket.
+    let vm = serving(&sock);
+    std::fs::remove_file(&sock).unwrap();
+    let other = UnixListener::bind(&sock).unwrap();
+    let before = std::fs::symlink_metadata(&sock).unwrap();
+    vm.signal(libc::SIGTERM);
+    let end = vm.wait(Duration::from_secs(60));
+    end.assert_code(128 + libc::SIGTERM);
+    assert!(
+        end.stderr.contains("was replaced while the VMM ran"),
+        "{}",
+        end.stderr
+    );
+    let after = std::fs::symlink_metadata(&sock).expect("the other socket was removed");
+    assert_eq!((after.dev(), after.ino()), (before.dev(), before.ino()));
+    let _client = UnixStream::connect(&sock).unwrap();
+    assert!(other.accept().is_ok());
+    drop(other);
+    std::fs::remove_file(&sock).unwrap();
+
+    // Replaced by a regular file.
+    let vm = serving(&sock);
+    std::fs::remove_file(&sock).unwrap();
+    std::fs::write(&sock, "not yours").unwrap();
+    vm.signal(libc::SIGTERM);
+    let end = vm.wait(Duration::from_secs(60));
+    end.assert_code(128 + libc::SIGTERM);
+    assert_eq!(std::fs::read_to_string(&sock).unwrap(), "not yours");
+    std::fs::remove_file(&sock).unwrap();
+
+    // Not replaced: removed as always.
+    let vm = serving(&sock);
+    vm.signal(libc::SIGTERM);
+    vm.wait(Duration::from_secs(60))
+        .assert_code(128 + libc::SIGTERM);
+    assert!(!sock.exists(), "our own socket was left behind");
+}
+
+// ---------------------------------------------------------------------------
+// 6. Slow API clients.
+
+/// A client that opens a connection and sends a never-ending request head
+/// a byte per second, reconnecting whenever the server drops it.
+fn slow_client(sock: PathBuf, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            let Ok(mut s) = UnixStream::connect(&sock) else {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            };
+            let _ = s.set_nonblocking(true);
+            let head = b"GET /vpmu HTTP/1.1\r\nX-Slow: ";
+            for b in head.iter().chain(std::iter::repeat(&b'a')) {
+                if stop.load(Ordering::SeqCst) || s.write_all(&[*b]).is_err() {
+                    break;
+                }
+                // A 503 or a cut-off: start over.
+                let mut byte = [0u8; 64];
+                match s.read(&mut byte) {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+                for _ in 0..10 {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    })
+}
+
+#[test]
+fn slow_clients_holding_every_slot_cannot_lock_out_a_prompt_one() {
+    require_kvm!();
+    let vm = Running::start("probe.tests=none probe.hold_ms=100000", &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let slow: Vec<JoinHandle<()>> = (0..80)
+        .map(|_| slow_client(vm.sock.clone(), stop.clone()))
+        .collect();
+    // Every one of the 64 connection slots is held by a slow client.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let conns = thread_names(vm.pid)
+            .iter()
+            .filter(|n| *n == "api-conn")
+            .count();
+        if conns >= 64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {conns} slow connections held"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Let them all trickle for longer than the eviction age (and, on the
+    // old server, than its per-read timeout would ever matter).
+    std::thread::sleep(Duration::from_secs(2));
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let start = Instant::now();
+        let (status, body) = common::api(&vm.sock, "GET", "/vpmu").expect("GET /vpmu");
+        took.push(start.elapsed());
+        assert_eq!(status, 200, "a prompt client was refused: {body}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    eprintln!("prompt client among 80 slow ones: {took:?}");
+    assert!(took.iter().all(|t| *t < Duration::from_secs(2)), "{took:?}");
+    // `vmm stat` gets through too.
+    let start = Instant::now();
+    let o = common::vmm()
+        .arg("stat")
+        .arg("--api-socket")
+        .arg(&vm.sock)
+        .args(["--count", "1", "--interval", "100", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    stop.store(true, Ordering::SeqCst);
+    for t in slow {
+        t.join().unwrap();
+    }
+    let end = vm.terminate();
+    assert_eq!(end.code, Some(128 + libc::SIGTERM), "{}", end.stderr);
+}
+
+#[test]
+fn vmm_stat_reports_a_busy_api_as_busy() {
+    // A server that answers 503 as the VMM does when it has no free slot.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("busy.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let server = std::thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        let until = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < until {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    let body = "{\"error\": \"too many connections\"}\n";
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    let o = common::vmm()
+        .arg("stat")
+        .arg("--api-socket")
+        .arg(&sock)
+        .args(["--count", "1"])
+        .output()
+        .unwrap();
+    let err = common::stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("API is busy") && err.contains("503"), "{err}");
+    assert!(!err.contains("not a vmm API"), "{err}");
+    drop(server);
+}
+
+// ---------------------------------------------------------------------------
+// 6. Signals.
+
+#[test]
+fn every_common_termination_signal_ends_the_vmm_cleanly() {
+    require_kvm!();
+    for signal in [
+        libc::SIGHUP,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGQUIT,
+        libc::SIGINT,
+        libc::SIGTERM,
+    ] {
+        let vm = Running::start("probe.tests=none probe.hold_ms=60000", &[]);
+        let sock = vm.sock.clone();
+        // SAFETY: signals our own child, which is running.
+        unsafe { libc::kill(vm.pid as i32, signal) };
+        let end = vm.finish();
+        assert_eq!(
+            end.code,
+            Some(128 + signal),
+            "signal {signal}: {}",
+            end.stderr
+        );
+        assert!(
+            end.stderr.contains(&format!("stopped by signal {signal}")),
+            "{}",
+            end.stderr
+        );
+        assert!(
+            !sock.exists(),
+            "signal {signal}: the socket was left behind"
+        );
+    }
+    // SIGPIPE (a closed stdout) does not end it: the output is dropped.
+    let vm = Running::start("probe.tests=none probe.hold_ms=60000", &[]);
+    // SAFETY: signals our own child, which is running.
+    unsafe { libc::kill(vm.pid as i32, libc::SIGPIPE) };
+    assert_eq!(common::api(&vm.sock, "GET", "/vpmu").unwrap().0, 200);
+    let end = vm.terminate();
+    assert_eq!(end.code, Some(128 + libc::SIGTERM), "{}", end.stderr);
+}
+
+#[test]
+fn a_signal_during_start_up_ends_cleanly_before_the_guest_runs() {
+    require_kvm!();
+    let hang = common::build_guest("hang");
+    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1] {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let mut cmd = common::vmm();
+        cmd.arg("--kernel")
+            .arg(&hang)
+            .args(["--timeout", "30", "--api-socket"])
+            .arg(&sock)
+            .stdout(Stdio::null());
+        // The signal is blocked from before exec, so it arrives while the
+        // VMM starts: pending from its first instruction until it takes
+        // the signals over.
+        // SAFETY: the closure only calls async-signal-safe sigprocmask
+        // functions between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, signal);
+                libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        let vm = Bounded::spawn(cmd);
+        vm.signal(signal);
+        let end = vm.wait(Duration::from_secs(60));
+        end.assert_code(128 + signal);
+        assert!(
+            end.stderr
+                .contains(&format!("stopped by signal {signal} during start-up")),
+            "{}",
+            end.stderr
+        );
+        assert_eq!(end.stderr.lines().count(), 1, "{}", end.stderr);
+        assert!(end.took < Duration::from_secs(20), "{:?}", end.took);
+        assert!(!sock.exists(), "the socket was left behind");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 8. Image placement.
+
+/// A minimal x86-64 ELF executable: `segments` are (physical address,
+/// contents, memory size); the entry is `entry`.
+fn elf(segments: &[(u64, Vec<u8>, u64)], entry: u64) -> Vec<u8> {
+    let phoff = 64u64;
+    let mut data_at = phoff + 56 * segments.len() as u64;
+    let mut out = Vec::new();
+    out.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    out.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    out.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&entry.to_le_bytes());
+    out.extend_from_slice(&phoff.to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes()); // no sections
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&64u16.to_le_bytes());
+    out.extend_from_slice(&56u16.to_le_bytes());
+    out.extend_from_slice(&(segments.len() as u16).to_le_bytes());
+    out.extend_from_slice(&[0u8; 6]);
+    for (paddr, bytes, memsz) in segments {
+        out.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        out.extend_from_slice(&7u32.to_le_bytes()); // RWX
+        out.extend_from_slice(&data_at.to_le_bytes());
+        out.extend_from_slice(&paddr.to_le_bytes());
+        out.extend_from_slice(&paddr.to_le_bytes());
+        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        out.extend_from_slice(&memsz.to_le_bytes());
+        out.extend_from_slice(&0x1000u64.to_le_bytes());
+        data_at += bytes.len() as u64;
+    }
+    for (_, bytes, _) in segments {
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// `cli; hlt; jmp .-1`: a kernel that just sits there.
+fn halt_code() -> Vec<u8> {
+    vec![0xfa, 0xf4, 0xeb, 0xfd]
+}
+
+#[test]
+fn overlapping_images_are_refused_naming_the_overlap() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: Vec<u8>| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let code = (0x20_0000, halt_code(), 0x1000);
+    let data = |at: u64| (at, vec![0x55u8; 0x100], 0x100);
+    let cases = [
+        (
+            write(
+                "zero_page.elf",
+                elf(&[code.clone(), data(0x7000)], 0x20_0000),
+            ),
+            "ELF segment 1 [0x7000, 0x7100) overlaps the zero page [0x7000, 0x8000)",
+        ),
+        (
+            write(
+                "mptable.elf",
+                elf(&[code.clone(), data(0xf0000)], 0x20_0000),
+            ),
+            "ELF segment 1 [0xf0000, 0xf0100) overlaps the MP table [0xf0000, 0x100000)",
+        ),
+        (
+            write("acpi.elf", elf(&[code.clone(), data(0xe0040)], 0x20_0000)),
+            "ELF segment 1 [0xe0040, 0xe0140) overlaps the ACPI tables [0xe0000, 0xf0000)",
+        ),
+        (
+            write(
+                "page_tables.elf",
+                elf(&[code.clone(), data(0xa800)], 0x20_0000),
+            ),
+            "overlaps the boot page tables [0x9000, 0xf000)",
+        ),
+        (
+            write(
+                "each_other.elf",
+                elf(&[code.clone(), (0x20_0800, vec![1; 16], 0x1000)], 0x20_0000),
+            ),
+            "ELF segment 0 [0x200000, 0x201000) overlaps kernel",
+        ),
+    ];
+    for (path, expected) in &cases {
+        let end = run_bounded(
+            &["--kernel", path, "--memory", "16", "--timeout", "5"],
+            Duration::from_secs(60),
+        );
+        end.assert_bad_input(expected);
+        assert!(
+            end.stderr.contains(&format!("kernel {path}: ")),
+            "{}",
+            end.stderr
+        );
+    }
+    // An initrd that would land over the kernel: 16 MiB of memory, the
+    // kernel at 14 MiB, a 4 MiB initrd placed as high as it goes (12 MiB).
+    let kernel = write(
+        "high.elf",
+        elf(&[(0xe0_0000, halt_code(), 0x10_0000)], 0xe0_0000),
+    );
+    let initrd = write("initrd", vec![0u8; 4 << 20]);
+    let end = run_bounded(
+        &[
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &initrd,
+            "--memory",
+            "16",
+            "--timeout",
+            "5",
+        ],
+        Duration::from_secs(60),
+    );
+    end.assert_bad_input(&format!(
+        "initrd {initrd} [0xc00000, 0x1000000) overlaps kernel {kernel}: ELF segment 0 [0xe00000, 0xf00000)"
+    ));
+    // The same images with room to spare boot (and just sit there).
+    let end = run_bounded(
+        &[
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &initrd,
+            "--memory",
+            "32",
+            "--timeout",
+            "1",
+        ],
+        Duration::from_secs(60),
+    );
+    end.assert_code(3);
+}

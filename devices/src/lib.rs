@@ -13,6 +13,27 @@ pub mod console;
 pub mod i8042;
 pub mod serial;
 
+/// Helpers for this crate's unit tests.
+#[cfg(test)]
+mod test_util {
+    use std::io::{self, Write};
+    use std::sync::{Arc, Mutex};
+
+    /// A sink whose bytes the test can read back (clones share them).
+    #[derive(Clone, Default)]
+    pub struct SharedSink(pub Arc<Mutex<Vec<u8>>>);
+
+    impl Write for SharedSink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+}
+
 pub use bus::{PioBus, PioDevice};
 pub use console::{Console, ConsoleOutput, ConsoleStats};
 pub use i8042::{ResetLine, I8042};

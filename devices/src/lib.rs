@@ -13,6 +13,11 @@ pub mod console;
 pub mod i8042;
 pub mod serial;
 
+pub use bus::{PioBus, PioDevice};
+pub use console::{Console, ConsoleOutput, ConsoleStats};
+pub use i8042::{ResetLine, I8042};
+pub use serial::{SerialDevice, SerialOutput, INPUT_BUFFER};
+
 /// Helpers for this crate's unit tests.
 #[cfg(test)]
 mod test_util {
@@ -33,8 +38,3 @@ mod test_util {
         }
     }
 }
-
-pub use bus::{PioBus, PioDevice};
-pub use console::{Console, ConsoleOutput, ConsoleStats};
-pub use i8042::{ResetLine, I8042};
-pub use serial::{SerialDevice, SerialOutput, INPUT_BUFFER};

@@ -119,6 +119,20 @@ fn image() -> &'static Image {
             let meta = fs::metadata(out.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
             assert!(meta.len() > 1 << 20, "{f} is only {} bytes", meta.len());
         }
+        // Cached: with unchanged inputs a second run builds nothing.
+        let (code, took, _) = run_bounded(
+            Command::new("bash").arg(&script).arg("--out").arg(&out),
+            &log,
+            Duration::from_secs(BUILD_LIMIT_S),
+        );
+        let again = fs::read_to_string(&log).unwrap_or_default();
+        let _ = fs::remove_file(&log);
+        assert_eq!(code, Some(0), "build.sh failed the second time:\n{again}");
+        assert!(
+            again.contains("up to date") && !again.contains("building the kernel"),
+            "a second build.sh with unchanged inputs rebuilt:\n{again}"
+        );
+        eprintln!("build.sh again: {:.1} s, up to date", took.as_secs_f64());
         Image { out }
     })
 }

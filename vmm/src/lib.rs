@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod arch;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod cli;
 pub mod config;
@@ -24,4 +25,5 @@ pub mod probe_image;
 pub mod signals;
 pub mod stat;
 pub mod vcpu;
+pub mod vcpu_types;
 pub mod vm;

@@ -9,29 +9,18 @@ use std::time::Instant;
 use devices::PioBus;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
-use vpmu::VpmuSnapshot;
 
-use crate::bench::{BenchLog, BenchVcpu, ExitCounts};
 use crate::error::Outcome;
 use crate::export::{Export, PUBLISH_INTERVAL};
 use crate::kick;
-use crate::pmu::vcpu::{PmiDelivery, VcpuPmu};
+use crate::pmu::vcpu::VcpuPmu;
 use crate::pmu::PmuPlan;
+pub use crate::vcpu_types::VcpuReport;
+use crate::vcpu_types::{interrupted, DeliveredPmi, ExitCounts, ExitObserver};
 
 /// KVM_SYSTEM_EVENT types (uapi/linux/kvm.h).
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
-
-/// What a vCPU leaves behind when its thread ends.
-#[derive(Clone, Debug)]
-pub struct VcpuReport {
-    pub index: u8,
-    pub vpmu: Option<(VpmuSnapshot, PmiDelivery)>,
-    /// Userspace exits by reason.
-    pub exits: ExitCounts,
-    /// The `--bench-trace` log.
-    pub bench: Option<Arc<BenchLog>>,
-}
 
 /// What the vCPU threads and the VMM's main loop share: whether to stop or
 /// pause, and the first reason anything stopped.
@@ -216,18 +205,13 @@ pub struct Vcpu {
     /// The last exit was a PMU MSR access.
     msr_exit: bool,
     exits: ExitCounts,
-    /// `--bench-msr`: exits to userspace, reads as 0 (see [`crate::bench`]).
-    bench_msr: Option<u32>,
-    /// `--bench-trace`: made on the vCPU thread.
-    bench_trace: bool,
-    bench: Option<BenchVcpu>,
+    /// Instrumentation (the benchmark trace): normally none.
+    observer: Option<Box<dyn ExitObserver>>,
 }
 
 /// What an exit asks of the loop, decided while `kvm_run` is borrowed.
 enum Step {
     Continue,
-    /// The guest wrote this (non-zero) value to the bench MSR.
-    BenchMessage(u64),
     Stop(Outcome),
     Shutdown,
     InternalError,
@@ -255,17 +239,13 @@ impl Vcpu {
             last_publish: Instant::now(),
             msr_exit: false,
             exits: ExitCounts::default(),
-            bench_msr: None,
-            bench_trace: false,
-            bench: None,
+            observer: None,
         }
     }
 
-    /// The hidden benchmark instrumentation: the null MSR, and whether to
-    /// keep a trace (see [`crate::bench`]).
-    pub fn with_bench(mut self, msr: Option<u32>, trace: bool) -> Self {
-        self.bench_msr = msr;
-        self.bench_trace = trace;
+    /// Instruments the vCPU (see [`ExitObserver`]).
+    pub fn with_observer(mut self, observer: Option<Box<dyn ExitObserver>>) -> Self {
+        self.observer = observer;
         self
     }
 
@@ -280,8 +260,8 @@ impl Vcpu {
         let index = usize::from(self.index);
         kick::arm(self.fd.get_kvm_run());
         self.control.register_thread(index, true);
-        if self.bench_trace {
-            self.bench = Some(BenchVcpu::new(&self.fd));
+        if let Some(observer) = &mut self.observer {
+            observer.start(&self.fd);
         }
         let outcome = self.start_pmu().err().or_else(|| self.run_loop());
         self.control.register_thread(index, false);
@@ -291,7 +271,7 @@ impl Vcpu {
             index: self.index,
             vpmu: self.pmu.as_mut().map(|p| (p.snapshot(), p.delivery)),
             exits: self.exits,
-            bench: self.bench.take().map(|b| Arc::new(b.finish(&self.fd))),
+            observer_log: self.observer.take().and_then(|o| o.finish(&self.fd)),
         };
         self.control
             .reports
@@ -314,7 +294,7 @@ impl Vcpu {
                 message: format!("cannot build its vPMU: {message}"),
             },
         )?;
-        pmu.trace_pmis = self.bench_trace;
+        pmu.trace_pmis = self.observer.as_ref().is_some_and(|o| o.traces_pmis());
         self.pmu = Some(pmu);
         self.export = Some(setup.export);
         self.publish(false);
@@ -358,9 +338,12 @@ impl Vcpu {
             if let Some(pmu) = &mut self.pmu {
                 let delivered = pmu.delivery.nmi + pmu.delivery.fixed;
                 pmu.before_entry(kicked, &self.fd, &self.vm, self.msr_exit);
-                if let Some(bench) = &mut self.bench {
+                if let Some(observer) = &mut self.observer {
                     if pmu.delivery.nmi + pmu.delivery.fixed != delivered {
-                        bench.pmi_delivered(pmu.last_pmi_tsc, pmu.last_pmi_overshoot);
+                        observer.pmi_delivered(DeliveredPmi {
+                            injected_tsc: pmu.last_pmi_tsc,
+                            overshoot: pmu.last_pmi_overshoot,
+                        });
                     }
                 }
             }
@@ -388,12 +371,12 @@ impl Vcpu {
     /// Enters the guest once and handles the exit.
     fn run_once(&mut self) -> Option<Outcome> {
         let vcpu = self.index;
-        if let Some(bench) = &mut self.bench {
-            bench.entering();
+        if let Some(observer) = &mut self.observer {
+            observer.entering();
         }
         let result = self.fd.run();
-        if let Some(bench) = &mut self.bench {
-            bench.exited();
+        if let Some(observer) = &mut self.observer {
+            observer.exited(matches!(&result, Err(e) if interrupted(e)));
         }
         if let Some(pmu) = &mut self.pmu {
             pmu.after_exit();
@@ -401,14 +384,30 @@ impl Vcpu {
         self.exits.count(&result);
         self.msr_exit = false;
         let step = match result {
-            Ok(VcpuExit::X86Rdmsr(exit)) if Some(exit.index) == self.bench_msr => {
+            Ok(VcpuExit::X86Rdmsr(exit))
+                if self
+                    .observer
+                    .as_ref()
+                    .is_some_and(|o| o.owns_msr(exit.index)) =>
+            {
                 *exit.data = 0;
                 Step::Continue
             }
-            Ok(VcpuExit::X86Wrmsr(exit)) if Some(exit.index) == self.bench_msr => match exit.data {
-                0 => Step::Continue,
-                value => Step::BenchMessage(value),
-            },
+            Ok(VcpuExit::X86Wrmsr(exit))
+                if self
+                    .observer
+                    .as_ref()
+                    .is_some_and(|o| o.owns_msr(exit.index)) =>
+            {
+                if let Some(observer) = &mut self.observer {
+                    let pmis = self
+                        .pmu
+                        .as_ref()
+                        .map_or(0, |p| p.delivery.nmi + p.delivery.fixed);
+                    observer.msr_written(exit.data, &self.fd, self.exits, pmis);
+                }
+                Step::Continue
+            }
             Ok(VcpuExit::X86Rdmsr(exit)) => {
                 self.msr_exit = true;
                 match self.pmu.as_mut().map(|p| p.rdmsr(exit.index)) {
@@ -449,12 +448,9 @@ impl Vcpu {
                 vcpu,
                 message: format!("unhandled KVM exit {exit:?}"),
             }),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            Err(e) if interrupted(&e) => {
                 // The kick flag stays set for the next entry to act on.
                 self.fd.set_kvm_immediate_exit(0);
-                if let Some(bench) = &mut self.bench {
-                    bench.signal();
-                }
                 Step::Continue
             }
             Err(e) => Step::Stop(Outcome::VcpuError {
@@ -463,22 +459,12 @@ impl Vcpu {
             }),
         };
         if self.msr_exit {
-            if let Some(bench) = &mut self.bench {
-                bench.pmu_msr();
+            if let Some(observer) = &mut self.observer {
+                observer.pmu_msr();
             }
         }
         match step {
             Step::Continue => None,
-            Step::BenchMessage(value) => {
-                if let Some(bench) = &mut self.bench {
-                    let pmis = self
-                        .pmu
-                        .as_ref()
-                        .map_or(0, |p| p.delivery.nmi + p.delivery.fixed);
-                    bench.message(value, &self.fd, self.exits, pmis);
-                }
-                None
-            }
             Step::Stop(outcome) => Some(outcome),
             Step::Shutdown => Some(Outcome::Shutdown {
                 vcpu,

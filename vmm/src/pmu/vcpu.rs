@@ -11,13 +11,14 @@ use vpmu::{
     VpmuSnapshot,
 };
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::seams::{self, HostBackend};
+use super::seams::{self, ExitDelay, HostBackend};
 use super::{PmuPlan, Rdpmc};
 use crate::arch::layout::APIC_DEFAULT_BASE;
 use crate::arch::regs::lapic_reg;
 use crate::export::{Export, VcpuView};
+use crate::vcpu_types::{host_tsc, PmiDelivery};
 
 /// LVT performance counter register in the LAPIC page.
 const APIC_LVTPC: usize = 0x340;
@@ -29,28 +30,12 @@ const LVT_VECTOR: u32 = 0xff;
 /// LVTPC as an x2APIC MSR (0x800 + 0x340 / 16).
 const X2APIC_LVTPC_MSR: u32 = 0x834;
 
-/// How PMIs reached the guest.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct PmiDelivery {
-    pub nmi: u64,
-    pub fixed: u64,
-    /// Dropped: LVTPC was masked (hardware loses them too; the status bit
-    /// stays set).
-    pub masked: u64,
-    /// LVTPC in a mode a PMI cannot use (SMI, INIT, ExtINT...).
-    pub unsupported_mode: u64,
-    pub failed: u64,
-    /// Intel model, xAPIC mode: LVTPC was left unmasked after a PMI (see
-    /// `mask_lvtpc`).
-    pub mask_skipped: u64,
-}
-
 /// A vCPU's vPMU and how it reaches KVM.
 pub struct VcpuPmu {
     vpmu: Vpmu<HostBackend>,
     apic_id: u8,
-    /// Test seam: extra VMM time per PMU MSR exit (normally `None`).
-    exit_delay: Option<Duration>,
+    /// Test seam: extra VMM time per PMU MSR exit (normally none).
+    exit_delay: ExitDelay,
     mirror_rdpmc: bool,
     /// Intel's LAPIC masks LVTPC when it delivers a PMI; AMD's does not.
     mask_lvtpc_on_pmi: bool,
@@ -84,7 +69,7 @@ impl VcpuPmu {
     ) -> Result<Self, String> {
         let model = plan.model.clone().ok_or("no vPMU model")?;
         let vendor = model.vendor;
-        let mut backend = HostBackend::new(PerfBackend::new(0));
+        let mut backend = seams::host_backend(PerfBackend::new(0));
         backend.set_overflow_notify(Some(OverflowNotify {
             tid: PerfBackend::current_tid(),
             signal: crate::kick::overflow_signal(),
@@ -99,7 +84,7 @@ impl VcpuPmu {
         Ok(Self {
             vpmu,
             apic_id,
-            exit_delay: seams::seams().exit_delay,
+            exit_delay: ExitDelay::from_env(),
             mirror_rdpmc: plan.rdpmc == Rdpmc::Mirrored,
             mask_lvtpc_on_pmi: vendor == Vendor::Intel,
             delivery: PmiDelivery::default(),
@@ -114,14 +99,14 @@ impl VcpuPmu {
 
     pub fn rdmsr(&mut self, index: u32) -> Result<u64, Fault> {
         let result = self.vpmu.rdmsr(index);
-        seams::exit_delay(self.exit_delay);
+        self.exit_delay.wait();
         result
     }
 
     pub fn wrmsr(&mut self, index: u32, value: u64) -> Result<(), Fault> {
         let result = self.vpmu.wrmsr(index, value);
         self.take_retired();
-        seams::exit_delay(self.exit_delay);
+        self.exit_delay.wait();
         result
     }
 
@@ -244,7 +229,7 @@ impl VcpuPmu {
             }
         };
         if self.trace_pmis {
-            self.last_pmi_tsc = crate::bench::host_tsc();
+            self.last_pmi_tsc = host_tsc();
         }
         if !delivered {
             self.delivery.failed += 1;

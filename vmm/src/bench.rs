@@ -29,7 +29,6 @@ use std::sync::Arc;
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
 
-use crate::config::VmConfig;
 use crate::error::StartError;
 use crate::vcpu_types::{
     host_tsc, DeliveredPmi, ExitCounts, ExitObserver, ObserverLog, VcpuReport,
@@ -423,8 +422,8 @@ impl ExitObserver for BenchVcpu {
 
 /// Before the VM starts: a trace that cannot be written is bad input, said
 /// before the guest runs, not after.
-pub fn prepare(config: &VmConfig) -> Result<(), StartError> {
-    if let Some(path) = &config.bench.trace {
+pub fn prepare(options: &BenchOptions) -> Result<(), StartError> {
+    if let Some(path) = &options.trace {
         File::create(path).map_err(|source| StartError::Io {
             what: format!("cannot create the benchmark trace {}", path.display()),
             source,
@@ -434,8 +433,8 @@ pub fn prepare(config: &VmConfig) -> Result<(), StartError> {
 }
 
 /// After the VM ended: writes the trace, if asked for.
-pub fn finish(config: &VmConfig, reports: &[VcpuReport]) -> Result<(), StartError> {
-    if let Some(path) = &config.bench.trace {
+pub fn finish(options: &BenchOptions, reports: &[VcpuReport]) -> Result<(), StartError> {
+    if let Some(path) = &options.trace {
         write_trace(path, reports).map_err(|source| StartError::Io {
             what: format!("writing the benchmark trace {}", path.display()),
             source,

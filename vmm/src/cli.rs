@@ -266,7 +266,7 @@ where
 fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
     let config = args.config();
     #[cfg(feature = "bench")]
-    crate::bench::prepare(&config)?;
+    crate::bench::prepare(&config.bench)?;
     let vm = Vm::build(&config)?;
     for note in &vm.pmu.notes {
         eprintln!("vmm: {note}");
@@ -304,7 +304,7 @@ fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
         }
     }
     #[cfg(feature = "bench")]
-    crate::bench::finish(&config, &reports)?;
+    crate::bench::finish(&config.bench, &reports)?;
     eprintln!("vmm: {outcome}");
     Ok(outcome.exit_code())
 }

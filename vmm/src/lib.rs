@@ -15,6 +15,7 @@ pub mod arch;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod event_loop;
 pub mod export;

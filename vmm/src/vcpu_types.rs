@@ -62,8 +62,8 @@ pub struct DeliveredPmi {
 }
 
 /// An observer of one vCPU's exits: the vCPU's single optional hook for
-/// instrumentation (the benchmark trace, `crate::bench`, built with the
-/// `bench` feature). Every method runs on the vCPU thread; without an
+/// instrumentation (the benchmark trace of the `bench` module, built with
+/// the `bench` feature). Every method runs on the vCPU thread; without an
 /// observer each call site costs one branch.
 pub trait ExitObserver: Send {
     /// Before the first entry.

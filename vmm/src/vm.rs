@@ -25,12 +25,14 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::{self, Api};
 use crate::arch::{acpi, boot_params, cpuid, layout, mptable, regs};
 use crate::config::{OnReset, SerialSink, VmConfig, DEFAULT_LINUX_CMDLINE, MIN_MEMORY_MIB};
+use crate::control::VmControl;
 use crate::error::{Outcome, StartError};
 use crate::event_loop::{self, MainLoop};
 use crate::export::Export;
 use crate::loader::{self, ImageKind, KernelSource, LoadedKernel};
 use crate::pmu::{self, HostPmu, PmuPlan, Rdpmc};
-use crate::vcpu::{PmuSetup, Vcpu, VcpuReport, VmControl};
+use crate::vcpu::{PmuSetup, Vcpu};
+use crate::vcpu_types::VcpuReport;
 
 const COM1_BASE: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;

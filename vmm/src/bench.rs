@@ -224,6 +224,8 @@ struct Tracer {
     user_tsc: u64,
     /// The last PMI waits for the guest's first PMU MSR access.
     awaiting_first: bool,
+    /// A mark wants a TSC pair, read before the next entry.
+    pair_due: bool,
 }
 
 impl std::fmt::Debug for KvmStats {
@@ -250,6 +252,7 @@ impl Tracer {
             exit_at: 0,
             user_tsc: 0,
             awaiting_first: false,
+            pair_due: false,
         };
         bench.tsc_pair(fd);
         bench
@@ -274,8 +277,11 @@ impl Tracer {
         }
     }
 
-    /// Right before `KVM_RUN`.
-    fn entering(&mut self) {
+    /// Right before `KVM_RUN`: first the TSC pair a mark asked for.
+    fn entering(&mut self, fd: &VcpuFd) {
+        if std::mem::take(&mut self.pair_due) {
+            self.tsc_pair(fd);
+        }
         if self.exit_at != 0 {
             self.user_tsc += host_tsc().wrapping_sub(self.exit_at);
         }
@@ -319,7 +325,7 @@ impl Tracer {
     }
 
     /// The guest wrote `value` (not 0) to the bench MSR.
-    fn message(&mut self, value: u64, fd: &VcpuFd, exits: ExitCounts, pmis: u64) {
+    fn message(&mut self, value: u64, exits: ExitCounts, pmis: u64) {
         match value & KIND_MASK {
             MARK if self.log.marks.len() < MAX_MARKS => {
                 let kvm = self.stats.as_ref().map(KvmStats::read).unwrap_or_default();
@@ -331,7 +337,7 @@ impl Tracer {
                     kvm,
                     pmis,
                 });
-                self.tsc_pair(fd);
+                self.pair_due = true;
             }
             STAMP if self.log.stamps.len() < MAX_STAMPS => {
                 self.log.stamps.push(value & !KIND_MASK);
@@ -373,9 +379,9 @@ impl ExitObserver for BenchVcpu {
         }
     }
 
-    fn entering(&mut self) {
+    fn entering(&mut self, fd: &VcpuFd) {
         if let Some(tracer) = &mut self.tracer {
-            tracer.entering();
+            tracer.entering(fd);
         }
     }
 
@@ -392,9 +398,9 @@ impl ExitObserver for BenchVcpu {
         self.msr == Some(index)
     }
 
-    fn msr_written(&mut self, value: u64, fd: &VcpuFd, exits: ExitCounts, pmis: u64) {
+    fn msr_written(&mut self, value: u64, exits: ExitCounts, pmis: u64) {
         if let (Some(tracer), true) = (&mut self.tracer, value != 0) {
-            tracer.message(value, fd, exits, pmis);
+            tracer.message(value, exits, pmis);
         }
     }
 

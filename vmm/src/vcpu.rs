@@ -6,7 +6,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use devices::PioBus;
-use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{ReadMsrExit, VcpuExit, VcpuFd, VmFd, WriteMsrExit};
 
 use crate::control::VmControl;
 use crate::error::Outcome;
@@ -14,7 +14,7 @@ use crate::export::{Export, PUBLISH_INTERVAL};
 use crate::kick;
 use crate::pmu::vcpu::VcpuPmu;
 use crate::pmu::PmuPlan;
-use crate::vcpu_types::{interrupted, DeliveredPmi, ExitCounts, ExitObserver, VcpuReport};
+use crate::vcpu_types::{interrupted, ExitCounts, ExitObserver, VcpuReport};
 
 /// KVM_SYSTEM_EVENT types (uapi/linux/kvm.h).
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -40,20 +40,32 @@ pub struct Vcpu {
     pmu: Option<VcpuPmu>,
     export: Option<Arc<Export>>,
     last_publish: Instant,
-    /// The last exit was a PMU MSR access.
-    msr_exit: bool,
     exits: ExitCounts,
     /// Instrumentation (the benchmark trace): normally none.
     observer: Option<Box<dyn ExitObserver>>,
 }
 
-/// What an exit asks of the loop, decided while `kvm_run` is borrowed.
+/// What one exit asks of the run loop.
 enum Step {
-    Continue,
-    Stop(Outcome),
+    /// Enter the guest again. `pmu_msr`: the exit was a vPMU MSR access
+    /// (after which the guest may read counters with RDPMC).
+    Enter {
+        pmu_msr: bool,
+    },
+    Stop(Stop),
+}
+
+/// Why the guest stops. The last three report the guest's RIP, read once
+/// `kvm_run` is no longer borrowed by the exit.
+enum Stop {
+    Outcome(Outcome),
     Shutdown,
     InternalError,
     FailEntry(u64),
+}
+
+impl Step {
+    const ENTER: Step = Step::Enter { pmu_msr: false };
 }
 
 impl Vcpu {
@@ -75,7 +87,6 @@ impl Vcpu {
             pmu: None,
             export: None,
             last_publish: Instant::now(),
-            msr_exit: false,
             exits: ExitCounts::default(),
             observer: None,
         }
@@ -159,6 +170,7 @@ impl Vcpu {
     }
 
     fn run_loop(&mut self) -> Option<Outcome> {
+        let mut pmu_msr = false;
         loop {
             if self.control.stopping() {
                 return None;
@@ -169,21 +181,22 @@ impl Vcpu {
             }
             let kicked = kick::take_kicked();
             self.publish_if_due(kicked);
-            if let Some(pmu) = &mut self.pmu {
-                let delivered = pmu.delivery.nmi + pmu.delivery.fixed;
-                pmu.before_entry(kicked, &self.fd, &self.vm, self.msr_exit);
-                if let Some(observer) = &mut self.observer {
-                    if pmu.delivery.nmi + pmu.delivery.fixed != delivered {
-                        observer.pmi_delivered(DeliveredPmi {
-                            injected_tsc: pmu.last_pmi_tsc,
-                            overshoot: pmu.last_pmi_overshoot,
-                        });
-                    }
-                }
-            }
-            if let Some(outcome) = self.run_once() {
-                return Some(outcome);
-            }
+            self.before_entry(kicked, pmu_msr);
+            pmu_msr = match self.run_once() {
+                Step::Enter { pmu_msr } => pmu_msr,
+                Step::Stop(stop) => return Some(self.outcome(stop)),
+            };
+        }
+    }
+
+    /// The vPMU's work before an entry (see [`VcpuPmu::before_entry`]).
+    fn before_entry(&mut self, kicked: bool, pmu_msr: bool) {
+        let Some(pmu) = &mut self.pmu else {
+            return;
+        };
+        let delivered = pmu.before_entry(kicked, &self.fd, &self.vm, pmu_msr);
+        if let (Some(pmi), Some(observer)) = (delivered, &mut self.observer) {
+            observer.pmi_delivered(pmi);
         }
     }
 
@@ -202,11 +215,10 @@ impl Vcpu {
         self.publish(false);
     }
 
-    /// Enters the guest once and handles the exit.
-    fn run_once(&mut self) -> Option<Outcome> {
-        let vcpu = self.index;
+    /// Enters the guest once and hands the exit to its handler.
+    fn run_once(&mut self) -> Step {
         if let Some(observer) = &mut self.observer {
-            observer.entering();
+            observer.entering(&self.fd);
         }
         let result = self.fd.run();
         if let Some(observer) = &mut self.observer {
@@ -216,113 +228,130 @@ impl Vcpu {
             pmu.after_exit();
         }
         self.exits.count(&result);
-        self.msr_exit = false;
-        let step = match result {
-            Ok(VcpuExit::X86Rdmsr(exit))
-                if self
-                    .observer
-                    .as_ref()
-                    .is_some_and(|o| o.owns_msr(exit.index)) =>
-            {
-                *exit.data = 0;
-                Step::Continue
-            }
-            Ok(VcpuExit::X86Wrmsr(exit))
-                if self
-                    .observer
-                    .as_ref()
-                    .is_some_and(|o| o.owns_msr(exit.index)) =>
-            {
-                if let Some(observer) = &mut self.observer {
-                    let pmis = self
-                        .pmu
-                        .as_ref()
-                        .map_or(0, |p| p.delivery.nmi + p.delivery.fixed);
-                    observer.msr_written(exit.data, &self.fd, self.exits, pmis);
-                }
-                Step::Continue
-            }
-            Ok(VcpuExit::X86Rdmsr(exit)) => {
-                self.msr_exit = true;
-                match self.pmu.as_mut().map(|p| p.rdmsr(exit.index)) {
-                    Some(Ok(value)) => *exit.data = value,
-                    _ => *exit.error = 1,
-                }
-                Step::Continue
-            }
-            Ok(VcpuExit::X86Wrmsr(exit)) => {
-                self.msr_exit = true;
-                match self.pmu.as_mut().map(|p| p.wrmsr(exit.index, exit.data)) {
-                    Some(Ok(())) => {}
-                    _ => *exit.error = 1,
-                }
-                Step::Continue
-            }
+        let vcpu = self.index;
+        let observer = self.observer.as_mut();
+        match result {
+            Ok(VcpuExit::X86Rdmsr(exit)) => rdmsr(exit, self.pmu.as_mut(), observer),
+            Ok(VcpuExit::X86Wrmsr(exit)) => wrmsr(exit, self.pmu.as_mut(), observer, self.exits),
             Ok(VcpuExit::IoIn(port, data)) => {
                 self.bus.read(port, data);
-                Step::Continue
+                Step::ENTER
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 self.bus.write(port, data);
-                Step::Continue
+                Step::ENTER
             }
             // Nothing is mapped for MMIO: reads float high, writes vanish.
             Ok(VcpuExit::MmioRead(_, data)) => {
                 data.fill(0xff);
-                Step::Continue
+                Step::ENTER
             }
-            Ok(VcpuExit::MmioWrite(..)) => Step::Continue,
-            Ok(VcpuExit::Intr) => Step::Continue,
-            Ok(VcpuExit::Shutdown) => Step::Shutdown,
-            Ok(VcpuExit::InternalError) => Step::InternalError,
-            Ok(VcpuExit::FailEntry(reason, _)) => Step::FailEntry(reason),
-            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => Step::Stop(Outcome::Reset),
-            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => Step::Shutdown,
-            Ok(exit) => Step::Stop(Outcome::VcpuError {
-                vcpu,
-                message: format!("unhandled KVM exit {exit:?}"),
+            Ok(VcpuExit::MmioWrite(..) | VcpuExit::Intr) => Step::ENTER,
+            Ok(VcpuExit::Shutdown) => Step::Stop(Stop::Shutdown),
+            Ok(VcpuExit::InternalError) => Step::Stop(Stop::InternalError),
+            Ok(VcpuExit::FailEntry(reason, _)) => Step::Stop(Stop::FailEntry(reason)),
+            Ok(VcpuExit::SystemEvent(kind, data)) => system_event(kind).unwrap_or_else(|| {
+                let exit = VcpuExit::SystemEvent(kind, data);
+                vcpu_error(vcpu, format!("unhandled KVM exit {exit:?}"))
             }),
+            Ok(exit) => vcpu_error(vcpu, format!("unhandled KVM exit {exit:?}")),
             Err(e) if interrupted(&e) => {
                 // The kick flag stays set for the next entry to act on.
                 self.fd.set_kvm_immediate_exit(0);
-                Step::Continue
+                Step::ENTER
             }
-            Err(e) => Step::Stop(Outcome::VcpuError {
-                vcpu,
-                message: format!("KVM_RUN failed: {e}"),
-            }),
-        };
-        if self.msr_exit {
-            if let Some(observer) = &mut self.observer {
-                observer.pmu_msr();
-            }
+            Err(e) => vcpu_error(vcpu, format!("KVM_RUN failed: {e}")),
         }
-        match step {
-            Step::Continue => None,
-            Step::Stop(outcome) => Some(outcome),
-            Step::Shutdown => Some(Outcome::Shutdown {
+    }
+
+    /// Why the guest stopped, for a step that stops it.
+    fn outcome(&mut self, stop: Stop) -> Outcome {
+        let vcpu = self.index;
+        match stop {
+            Stop::Outcome(outcome) => outcome,
+            Stop::Shutdown => Outcome::Shutdown {
                 vcpu,
                 rip: self.rip(),
-            }),
-            Step::InternalError => {
+            },
+            Stop::InternalError => {
                 // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member
                 // of the exit union is the valid one.
                 let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                Some(Outcome::InternalError {
+                Outcome::InternalError {
                     vcpu,
                     suberror,
                     rip: self.rip(),
-                })
+                }
             }
-            Step::FailEntry(reason) => Some(Outcome::FailEntry {
+            Stop::FailEntry(reason) => Outcome::FailEntry {
                 vcpu,
                 reason,
                 rip: self.rip(),
-            }),
+            },
         }
     }
 
     fn rip(&self) -> Option<u64> {
         self.fd.get_regs().ok().map(|r| r.rip)
     }
+}
+
+/// A guest RDMSR the MSR filter sent here: the observer's own MSR reads as
+/// 0; any other goes to the vPMU, and a fault (or no vPMU) is a #GP.
+fn rdmsr(
+    exit: ReadMsrExit<'_>,
+    pmu: Option<&mut VcpuPmu>,
+    observer: Option<&mut Box<dyn ExitObserver>>,
+) -> Step {
+    if observer.as_ref().is_some_and(|o| o.owns_msr(exit.index)) {
+        *exit.data = 0;
+        return Step::ENTER;
+    }
+    match pmu.map(|p| p.rdmsr(exit.index)) {
+        Some(Ok(value)) => *exit.data = value,
+        _ => *exit.error = 1,
+    }
+    pmu_msr_done(observer)
+}
+
+/// A guest WRMSR the MSR filter sent here: the observer's own MSR goes to
+/// the observer, any other to the vPMU, and a fault (or no vPMU) is a #GP.
+fn wrmsr(
+    exit: WriteMsrExit<'_>,
+    pmu: Option<&mut VcpuPmu>,
+    mut observer: Option<&mut Box<dyn ExitObserver>>,
+    exits: ExitCounts,
+) -> Step {
+    if let Some(observer) = observer.as_mut().filter(|o| o.owns_msr(exit.index)) {
+        let pmis = pmu.map_or(0, |p| p.pmis_delivered());
+        observer.msr_written(exit.data, exits, pmis);
+        return Step::ENTER;
+    }
+    match pmu.map(|p| p.wrmsr(exit.index, exit.data)) {
+        Some(Ok(())) => {}
+        _ => *exit.error = 1,
+    }
+    pmu_msr_done(observer)
+}
+
+/// After a vPMU MSR exit was handled.
+fn pmu_msr_done(observer: Option<&mut Box<dyn ExitObserver>>) -> Step {
+    if let Some(observer) = observer {
+        observer.pmu_msr();
+    }
+    Step::Enter { pmu_msr: true }
+}
+
+/// `KVM_EXIT_SYSTEM_EVENT`: the guest reset or powered off (None: another
+/// event, which the VMM does not handle).
+fn system_event(kind: u32) -> Option<Step> {
+    match kind {
+        KVM_SYSTEM_EVENT_RESET => Some(Step::Stop(Stop::Outcome(Outcome::Reset))),
+        KVM_SYSTEM_EVENT_SHUTDOWN => Some(Step::Stop(Stop::Shutdown)),
+        _ => None,
+    }
+}
+
+fn vcpu_error(vcpu: u8, message: String) -> Step {
+    Step::Stop(Stop::Outcome(Outcome::VcpuError { vcpu, message }))
 }

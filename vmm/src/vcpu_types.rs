@@ -69,7 +69,7 @@ pub trait ExitObserver: Send {
     /// Before the first entry.
     fn start(&mut self, fd: &VcpuFd);
     /// Right before `KVM_RUN`.
-    fn entering(&mut self);
+    fn entering(&mut self, fd: &VcpuFd);
     /// Right after `KVM_RUN` returned; `signal`: it returned because of a
     /// signal.
     fn exited(&mut self, signal: bool);
@@ -77,8 +77,9 @@ pub trait ExitObserver: Send {
     /// as 0 and its writes go to [`ExitObserver::msr_written`].
     fn owns_msr(&self, index: u32) -> bool;
     /// The guest wrote `value` to the observer's MSR. `exits` and `pmis`:
-    /// the vCPU's counts so far.
-    fn msr_written(&mut self, value: u64, fd: &VcpuFd, exits: ExitCounts, pmis: u64);
+    /// the vCPU's counts so far. (The vCPU's fd is busy with the exit: work
+    /// that needs it waits for [`ExitObserver::entering`].)
+    fn msr_written(&mut self, value: u64, exits: ExitCounts, pmis: u64);
     /// A vPMU MSR exit reached the VMM.
     fn pmu_msr(&mut self);
     /// Whether PMIs should carry their times ([`DeliveredPmi`]).

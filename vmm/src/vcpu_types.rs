@@ -119,3 +119,59 @@ pub struct VcpuReport {
     /// What its [`ExitObserver`] left, if it had one.
     pub observer_log: Option<ObserverLog>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_ioctls::{MsrExitReason, ReadMsrExit, WriteMsrExit};
+
+    #[test]
+    fn exits_are_counted_by_reason() {
+        let mut counts = ExitCounts::default();
+        let (mut data, mut error, mut io) = (0u64, 0u8, [0u8; 1]);
+        counts.count(&Ok(VcpuExit::X86Rdmsr(ReadMsrExit {
+            error: &mut error,
+            reason: MsrExitReason::Filter,
+            index: 0xc001_0000,
+            data: &mut data,
+        })));
+        for _ in 0..2 {
+            counts.count(&Ok(VcpuExit::X86Wrmsr(WriteMsrExit {
+                error: &mut error,
+                reason: MsrExitReason::Filter,
+                index: 0xc001_0000,
+                data: 1,
+            })));
+        }
+        counts.count(&Ok(VcpuExit::IoIn(0x3f8, &mut io)));
+        counts.count(&Ok(VcpuExit::IoOut(0x3f8, &[0])));
+        counts.count(&Ok(VcpuExit::MmioRead(0xfee0_0000, &mut io)));
+        counts.count(&Ok(VcpuExit::MmioWrite(0xfee0_0000, &[0])));
+        counts.count(&Ok(VcpuExit::Intr));
+        counts.count(&Err(kvm_ioctls::Error::new(libc::EINTR)));
+        counts.count(&Err(kvm_ioctls::Error::new(libc::EAGAIN)));
+        counts.count(&Ok(VcpuExit::Shutdown));
+        counts.count(&Ok(VcpuExit::Hlt));
+        counts.count(&Err(kvm_ioctls::Error::new(libc::EFAULT)));
+        assert_eq!(
+            counts,
+            ExitCounts {
+                msr_read: 1,
+                msr_write: 2,
+                io: 2,
+                mmio: 2,
+                signal: 3,
+                other: 3,
+            }
+        );
+        assert_eq!(counts.total(), 13);
+    }
+
+    #[test]
+    fn only_eintr_and_eagain_mean_a_signal() {
+        assert!(interrupted(&kvm_ioctls::Error::new(libc::EINTR)));
+        assert!(interrupted(&kvm_ioctls::Error::new(libc::EAGAIN)));
+        assert!(!interrupted(&kvm_ioctls::Error::new(libc::EFAULT)));
+        assert!(!interrupted(&kvm_ioctls::Error::new(libc::ENXIO)));
+    }
+}

@@ -332,3 +332,28 @@ impl VcpuPmu {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pmi_takes_the_route_lvtpc_asks_for() {
+        // Fixed mode (000), vector 0xfe: Linux's LOCAL_PERF_VECTOR-style.
+        assert_eq!(pmi_route(0xfe), PmiRoute::Fixed { vector: 0xfe });
+        assert_eq!(pmi_route(0x20), PmiRoute::Fixed { vector: 0x20 });
+        // NMI mode (100): the vector is ignored.
+        assert_eq!(pmi_route(0x400), PmiRoute::Nmi);
+        assert_eq!(pmi_route(0x4fe), PmiRoute::Nmi);
+        // The delivery-status and other high bits do not matter.
+        assert_eq!(pmi_route(0x400 | 1 << 12), PmiRoute::Nmi);
+        // Masked wins over every mode.
+        assert_eq!(pmi_route(LVT_MASKED), PmiRoute::Masked);
+        assert_eq!(pmi_route(LVT_MASKED | 0x400), PmiRoute::Masked);
+        assert_eq!(pmi_route(LVT_MASKED | 0xfe), PmiRoute::Masked);
+        // SMI (010), INIT (101), ExtINT (111) and the reserved modes.
+        for mode in [0x100, 0x200, 0x300, 0x500, 0x600, 0x700] {
+            assert_eq!(pmi_route(mode | 0xfe), PmiRoute::Unsupported, "{mode:#x}");
+        }
+    }
+}

@@ -208,11 +208,27 @@ impl Export {
     }
 }
 
+/// A fresh snapshot of an AMD v1 vPMU (4 counters, 48 bits) with these
+/// counters, for tests of what readers make of views.
+#[cfg(test)]
+pub(crate) fn snapshot(counters: Vec<vpmu::CounterSnapshot>) -> VpmuSnapshot {
+    VpmuSnapshot {
+        model: vpmu::PmuModel::new(vpmu::Vendor::Amd, 1, 4, 48),
+        counters,
+        global_ctrl: 0,
+        global_status: 0,
+        pending_pmi: false,
+        guest_time_ns: 0,
+        no_hardware_reason: None,
+        stats: Default::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use vpmu::evtsel::{EN, OS, USR};
-    use vpmu::{Backing, CounterKind, CounterSnapshot, PmuModel, Vendor};
+    use vpmu::{Backing, CounterKind, CounterSnapshot};
 
     const CYCLES: u64 = 0x76 | USR | OS | EN;
     const INSTRUCTIONS: u64 = 0xc0 | USR | OS | EN;
@@ -250,16 +266,7 @@ mod tests {
             index,
             taken: Instant::now(),
             paused: false,
-            vpmu: VpmuSnapshot {
-                model: PmuModel::new(Vendor::Amd, 1, 4, 48),
-                counters,
-                global_ctrl: 0,
-                global_status: 0,
-                pending_pmi: false,
-                guest_time_ns: 0,
-                no_hardware_reason: None,
-                stats: Default::default(),
-            },
+            vpmu: snapshot(counters),
             pmi_delivery: PmiDelivery::default(),
             retired: totals,
         }

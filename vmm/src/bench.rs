@@ -1,5 +1,7 @@
 //! Instrumentation for the vPMU cost benchmark (`vmm/benches/vpmu_costs.rs`,
-//! BENCHMARKS.md): hidden flags that ordinary users never need.
+//! BENCHMARKS.md): hidden flags that ordinary users never need, compiled
+//! only with the `bench` feature (which `cargo bench` and `cargo test`
+//! turn on; see `vmm/Cargo.toml`).
 //!
 //! - `--bench-msr INDEX`: MSR INDEX joins the MSR filter, so that every
 //!   guest access exits to userspace; the VMM answers RDMSR with 0 and
@@ -14,19 +16,23 @@
 //!   of (host TSC, guest TSC) read with `KVM_GET_MSRS(IA32_TSC)` so that
 //!   guest TSC values can be put on the host's time line.
 //!
-//! Nothing here runs per exit but [`ExitCounts::count`] (a few
-//! increments), and per PMI one TSC read when tracing.
+//! The vCPU sees all this as its [`ExitObserver`] ([`observer`]); without
+//! either flag it has none. Per exit a trace costs two TSC reads, and per
+//! PMI one more.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use kvm_bindings::{kvm_msr_entry, Msrs};
-use kvm_ioctls::{VcpuExit, VcpuFd};
-use serde::Serialize;
+use kvm_ioctls::VcpuFd;
 
-use crate::vcpu::VcpuReport;
+use crate::error::StartError;
+use crate::vcpu_types::{
+    host_tsc, DeliveredPmi, ExitCounts, ExitObserver, ObserverLog, VcpuReport,
+};
 
 /// A guest WRMSR of `MARK | tag` to the bench MSR records a mark: the
 /// vCPU's exit and PMI counts right now, under `tag` (low 32 bits).
@@ -61,44 +67,6 @@ fn context_switches() -> u64 {
     // SAFETY: fills `usage`, which lives across the call.
     unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
     (usage.ru_nvcsw + usage.ru_nivcsw) as u64
-}
-
-/// The host's TSC.
-pub fn host_tsc() -> u64 {
-    // SAFETY: RDTSC has no preconditions and touches no memory.
-    unsafe { core::arch::x86_64::_rdtsc() }
-}
-
-/// Userspace exits of one vCPU (`KVM_RUN` returning), by reason.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct ExitCounts {
-    pub msr_read: u64,
-    pub msr_write: u64,
-    pub io: u64,
-    pub mmio: u64,
-    /// `KVM_RUN` interrupted by a signal: kicks and host overflow signals.
-    pub signal: u64,
-    pub other: u64,
-}
-
-impl ExitCounts {
-    /// Counts one return of `KVM_RUN`.
-    pub fn count(&mut self, result: &Result<VcpuExit<'_>, kvm_ioctls::Error>) {
-        let slot = match result {
-            Ok(VcpuExit::X86Rdmsr(_)) => &mut self.msr_read,
-            Ok(VcpuExit::X86Wrmsr(_)) => &mut self.msr_write,
-            Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => &mut self.io,
-            Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)) => &mut self.mmio,
-            Ok(VcpuExit::Intr) => &mut self.signal,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => &mut self.signal,
-            _ => &mut self.other,
-        };
-        *slot += 1;
-    }
-
-    pub fn total(&self) -> u64 {
-        self.msr_read + self.msr_write + self.io + self.mmio + self.signal + self.other
-    }
 }
 
 /// KVM's per-vCPU statistics that say where exits went (binary stats fd).
@@ -243,8 +211,8 @@ pub struct BenchLog {
     dropped: u64,
 }
 
-/// What the vCPU thread keeps while it runs.
-pub struct BenchVcpu {
+/// What a traced vCPU thread keeps while it runs.
+struct Tracer {
     stats: Option<KvmStats>,
     log: BenchLog,
     /// Host TSC when `KVM_RUN` last returned because of a signal, and the
@@ -256,6 +224,8 @@ pub struct BenchVcpu {
     user_tsc: u64,
     /// The last PMI waits for the guest's first PMU MSR access.
     awaiting_first: bool,
+    /// A mark wants a TSC pair, read before the next entry.
+    pair_due: bool,
 }
 
 impl std::fmt::Debug for KvmStats {
@@ -264,9 +234,9 @@ impl std::fmt::Debug for KvmStats {
     }
 }
 
-impl BenchVcpu {
+impl Tracer {
     /// Called on the vCPU thread before it first runs.
-    pub fn new(fd: &VcpuFd) -> Self {
+    fn new(fd: &VcpuFd) -> Self {
         let mut bench = Self {
             stats: KvmStats::open(fd),
             log: BenchLog {
@@ -282,6 +252,7 @@ impl BenchVcpu {
             exit_at: 0,
             user_tsc: 0,
             awaiting_first: false,
+            pair_due: false,
         };
         bench.tsc_pair(fd);
         bench
@@ -306,26 +277,29 @@ impl BenchVcpu {
         }
     }
 
-    /// Right before `KVM_RUN`.
-    pub fn entering(&mut self) {
+    /// Right before `KVM_RUN`: first the TSC pair a mark asked for.
+    fn entering(&mut self, fd: &VcpuFd) {
+        if std::mem::take(&mut self.pair_due) {
+            self.tsc_pair(fd);
+        }
         if self.exit_at != 0 {
             self.user_tsc += host_tsc().wrapping_sub(self.exit_at);
         }
     }
 
     /// Right after `KVM_RUN` returned.
-    pub fn exited(&mut self) {
+    fn exited(&mut self) {
         self.exit_at = host_tsc();
     }
 
     /// `KVM_RUN` returned because of a signal.
-    pub fn signal(&mut self) {
+    fn signal(&mut self) {
         self.signal_at = self.exit_at;
         self.signal_switches = context_switches();
     }
 
     /// The VMM delivered a PMI; `injected`: host TSC right after.
-    pub fn pmi_delivered(&mut self, injected: u64, overshoot: u64) {
+    fn pmi_delivered(&mut self, injected: u64, overshoot: u64) {
         if self.log.pmis.len() < MAX_PMIS {
             self.log.pmis.push(PmiTimes {
                 signal: self.signal_at,
@@ -341,7 +315,7 @@ impl BenchVcpu {
     }
 
     /// A PMU MSR exit reached the VMM.
-    pub fn pmu_msr(&mut self) {
+    fn pmu_msr(&mut self) {
         if std::mem::take(&mut self.awaiting_first) {
             if let Some(last) = self.log.pmis.last_mut() {
                 last.first_msr = host_tsc();
@@ -351,7 +325,7 @@ impl BenchVcpu {
     }
 
     /// The guest wrote `value` (not 0) to the bench MSR.
-    pub fn message(&mut self, value: u64, fd: &VcpuFd, exits: ExitCounts, pmis: u64) {
+    fn message(&mut self, value: u64, exits: ExitCounts, pmis: u64) {
         match value & KIND_MASK {
             MARK if self.log.marks.len() < MAX_MARKS => {
                 let kvm = self.stats.as_ref().map(KvmStats::read).unwrap_or_default();
@@ -363,7 +337,7 @@ impl BenchVcpu {
                     kvm,
                     pmis,
                 });
-                self.tsc_pair(fd);
+                self.pair_due = true;
             }
             STAMP if self.log.stamps.len() < MAX_STAMPS => {
                 self.log.stamps.push(value & !KIND_MASK);
@@ -373,10 +347,106 @@ impl BenchVcpu {
     }
 
     /// The log, when the vCPU thread ends.
-    pub fn finish(mut self, fd: &VcpuFd) -> BenchLog {
+    fn finish(mut self, fd: &VcpuFd) -> BenchLog {
         self.tsc_pair(fd);
         self.log
     }
+}
+
+/// A vCPU's observer for the benchmark flags, if any is set.
+pub fn observer(options: &BenchOptions) -> Option<Box<dyn ExitObserver>> {
+    (options.msr.is_some() || options.trace.is_some()).then(|| {
+        Box::new(BenchVcpu {
+            msr: options.msr,
+            trace: options.trace.is_some(),
+            tracer: None,
+        }) as Box<dyn ExitObserver>
+    })
+}
+
+/// A vCPU's benchmark instrumentation: the null MSR, and the trace.
+struct BenchVcpu {
+    msr: Option<u32>,
+    /// `--bench-trace`: a [`Tracer`] is made on the vCPU thread.
+    trace: bool,
+    tracer: Option<Tracer>,
+}
+
+impl ExitObserver for BenchVcpu {
+    fn start(&mut self, fd: &VcpuFd) {
+        if self.trace {
+            self.tracer = Some(Tracer::new(fd));
+        }
+    }
+
+    fn entering(&mut self, fd: &VcpuFd) {
+        if let Some(tracer) = &mut self.tracer {
+            tracer.entering(fd);
+        }
+    }
+
+    fn exited(&mut self, signal: bool) {
+        if let Some(tracer) = &mut self.tracer {
+            tracer.exited();
+            if signal {
+                tracer.signal();
+            }
+        }
+    }
+
+    fn owns_msr(&self, index: u32) -> bool {
+        self.msr == Some(index)
+    }
+
+    fn msr_written(&mut self, value: u64, exits: ExitCounts, pmis: u64) {
+        if let (Some(tracer), true) = (&mut self.tracer, value != 0) {
+            tracer.message(value, exits, pmis);
+        }
+    }
+
+    fn pmu_msr(&mut self) {
+        if let Some(tracer) = &mut self.tracer {
+            tracer.pmu_msr();
+        }
+    }
+
+    fn traces_pmis(&self) -> bool {
+        self.trace
+    }
+
+    fn pmi_delivered(&mut self, pmi: DeliveredPmi) {
+        if let Some(tracer) = &mut self.tracer {
+            tracer.pmi_delivered(pmi.injected_tsc, pmi.overshoot);
+        }
+    }
+
+    fn finish(self: Box<Self>, fd: &VcpuFd) -> Option<ObserverLog> {
+        let log: ObserverLog = Arc::new(self.tracer?.finish(fd));
+        Some(log)
+    }
+}
+
+/// Before the VM starts: a trace that cannot be written is bad input, said
+/// before the guest runs, not after.
+pub fn prepare(options: &BenchOptions) -> Result<(), StartError> {
+    if let Some(path) = &options.trace {
+        File::create(path).map_err(|source| StartError::Io {
+            what: format!("cannot create the benchmark trace {}", path.display()),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// After the VM ended: writes the trace, if asked for.
+pub fn finish(options: &BenchOptions, reports: &[VcpuReport]) -> Result<(), StartError> {
+    if let Some(path) = &options.trace {
+        write_trace(path, reports).map_err(|source| StartError::Io {
+            what: format!("writing the benchmark trace {}", path.display()),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// Writes every vCPU's log to `path`, one record per line:
@@ -390,7 +460,7 @@ impl BenchVcpu {
 /// vpmu vcpu=V opens=.. closes=.. starts=.. stops=.. reprograms=.. contexts_ran=.. ...
 /// dropped vcpu=V n=N
 /// ```
-pub fn write_trace(path: &Path, reports: &[VcpuReport]) -> std::io::Result<()> {
+fn write_trace(path: &Path, reports: &[VcpuReport]) -> std::io::Result<()> {
     let mut out = BufWriter::new(File::create(path)?);
     for report in reports {
         let v = report.index;
@@ -420,7 +490,11 @@ pub fn write_trace(path: &Path, reports: &[VcpuReport]) -> std::io::Result<()> {
                 s.throttles
             )?;
         }
-        let Some(log) = &report.bench else {
+        let Some(log) = report
+            .observer_log
+            .as_ref()
+            .and_then(|log| log.downcast_ref::<BenchLog>())
+        else {
             continue;
         };
         if let Some(offset) = log.tsc_offset {

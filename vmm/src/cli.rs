@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::bench::BenchOptions;
 use crate::config::{OnReset, SerialSink, VmConfig, DEFAULT_MEMORY_MIB};
 use crate::error::StartError;
 use crate::loader::ImageKind;
@@ -150,14 +149,17 @@ pub struct RunArgs {
     timeout: Option<Duration>,
     /// Benchmarks only (BENCHMARKS.md): this MSR exits to the VMM, which
     /// answers reads with 0 (a null userspace MSR exit).
+    #[cfg(feature = "bench")]
     #[arg(long, value_name = "INDEX", value_parser = parse_msr, hide = true)]
     bench_msr: Option<u32>,
     /// Benchmarks only: write each vCPU's exit counts at guest marks, PMI
     /// times and TSC pairs to this file when the VM ends.
+    #[cfg(feature = "bench")]
     #[arg(long, value_name = "PATH", hide = true)]
     bench_trace: Option<PathBuf>,
 }
 
+#[cfg(feature = "bench")]
 fn parse_msr(s: &str) -> Result<u32, String> {
     let parsed = match s.strip_prefix("0x") {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -195,7 +197,8 @@ impl RunArgs {
             },
             api_socket: self.api_socket.clone(),
             on_reset: self.on_reset,
-            bench: BenchOptions {
+            #[cfg(feature = "bench")]
+            bench: crate::bench::BenchOptions {
                 msr: self.bench_msr,
                 trace: self.bench_trace.clone(),
             },
@@ -262,14 +265,8 @@ where
 
 fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
     let config = args.config();
-    // A trace that cannot be written is bad input: say so before the guest
-    // runs, not after.
-    if let Some(path) = &config.bench.trace {
-        std::fs::File::create(path).map_err(|source| StartError::Io {
-            what: format!("cannot create the benchmark trace {}", path.display()),
-            source,
-        })?;
-    }
+    #[cfg(feature = "bench")]
+    crate::bench::prepare(&config.bench)?;
     let vm = Vm::build(&config)?;
     for note in &vm.pmu.notes {
         eprintln!("vmm: {note}");
@@ -306,12 +303,8 @@ fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
             );
         }
     }
-    if let Some(path) = &config.bench.trace {
-        crate::bench::write_trace(path, &reports).map_err(|source| StartError::Io {
-            what: format!("writing the benchmark trace {}", path.display()),
-            source,
-        })?;
-    }
+    #[cfg(feature = "bench")]
+    crate::bench::finish(&config.bench, &reports)?;
     eprintln!("vmm: {outcome}");
     Ok(outcome.exit_code())
 }

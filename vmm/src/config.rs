@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::bench::BenchOptions;
 use crate::pmu::VpmuOptions;
 
 /// Where the guest's serial console goes.
@@ -64,7 +63,8 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     pub on_reset: OnReset,
     /// Hidden benchmark instrumentation.
-    pub bench: BenchOptions,
+    #[cfg(feature = "bench")]
+    pub bench: crate::bench::BenchOptions,
 }
 
 impl Default for VmConfig {
@@ -80,7 +80,8 @@ impl Default for VmConfig {
             vpmu: VpmuOptions::default(),
             api_socket: None,
             on_reset: OnReset::Exit,
-            bench: BenchOptions::default(),
+            #[cfg(feature = "bench")]
+            bench: Default::default(),
         }
     }
 }

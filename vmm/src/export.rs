@@ -22,8 +22,8 @@ use serde::Serialize;
 use vpmu::evtsel::DecodedSelect;
 use vpmu::{EventTotals, ProgrammingId, VpmuSnapshot};
 
-use crate::pmu::vcpu::PmiDelivery;
 use crate::pmu::PmuPlan;
+use crate::vcpu_types::PmiDelivery;
 
 /// How often a vCPU republishes on its own (at its next exit).
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(50);
@@ -205,5 +205,168 @@ impl Export {
         let slot = self.slots.get(usize::from(index))?;
         let latest = slot.latest.lock().unwrap_or_else(|e| e.into_inner());
         latest.clone()
+    }
+}
+
+/// A fresh snapshot of an AMD v1 vPMU (4 counters, 48 bits) with these
+/// counters, for tests of what readers make of views.
+#[cfg(test)]
+pub(crate) fn snapshot(counters: Vec<vpmu::CounterSnapshot>) -> VpmuSnapshot {
+    VpmuSnapshot {
+        model: vpmu::PmuModel::new(vpmu::Vendor::Amd, 1, 4, 48),
+        counters,
+        global_ctrl: 0,
+        global_status: 0,
+        pending_pmi: false,
+        guest_time_ns: 0,
+        no_hardware_reason: None,
+        stats: Default::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vpmu::evtsel::{EN, OS, USR};
+    use vpmu::{Backing, CounterKind, CounterSnapshot};
+
+    const CYCLES: u64 = 0x76 | USR | OS | EN;
+    const INSTRUCTIONS: u64 = 0xc0 | USR | OS | EN;
+
+    fn counter(index: usize, select: u64, counted: u64, ran: bool) -> CounterSnapshot {
+        CounterSnapshot {
+            kind: CounterKind::Gp,
+            index,
+            msr: 0xC001_0004 + 2 * index as u32,
+            control: select,
+            decoded: DecodedSelect::decode(select),
+            event_name: None,
+            value: counted,
+            running: ran,
+            backing: Backing::SoftwareClock,
+            generation: 1,
+            host_time_enabled_ns: 0,
+            host_time_running_ns: 0,
+            overflows: 0,
+            pmis: 0,
+            programming_id: ProgrammingId::of_select(select),
+            counted,
+            ran,
+        }
+    }
+
+    /// vCPU `index` with these live counters and retired `(select, count,
+    /// contexts)`.
+    fn view(index: u8, counters: Vec<CounterSnapshot>, retired: &[(u64, u64, u64)]) -> VcpuView {
+        let mut totals = EventTotals::default();
+        for &(select, count, contexts) in retired {
+            totals.add(ProgrammingId::of_select(select), None, count, contexts);
+        }
+        VcpuView {
+            index,
+            taken: Instant::now(),
+            paused: false,
+            vpmu: snapshot(counters),
+            pmi_delivery: PmiDelivery::default(),
+            retired: totals,
+        }
+    }
+
+    fn total(totals: &[VmTotal], select: u64) -> &VmTotal {
+        let id = ProgrammingId::of_select(select);
+        totals
+            .iter()
+            .find(|t| t.id == id)
+            .expect("a row for the id")
+    }
+
+    #[test]
+    fn vm_totals_add_retired_and_live_counts_of_every_vcpu_per_programming() {
+        let views = [
+            view(
+                0,
+                vec![
+                    counter(0, CYCLES, 50, true),
+                    counter(1, INSTRUCTIONS, 7, true),
+                ],
+                &[(CYCLES, 100, 2)],
+            ),
+            view(
+                1,
+                // An idle counter that never ran is not a live context.
+                vec![counter(0, CYCLES, 5, true), counter(1, 0, 0, false)],
+                &[(INSTRUCTIONS, 30, 1)],
+            ),
+        ]
+        .map(Arc::new);
+        let totals = vm_totals(&views);
+        assert_eq!(totals.len(), 2, "{totals:#?}");
+        assert!(totals.windows(2).all(|w| w[0].id < w[1].id), "in id order");
+
+        let cycles = total(&totals, CYCLES);
+        assert_eq!((cycles.count, cycles.retired, cycles.live), (155, 100, 55));
+        assert_eq!((cycles.contexts, cycles.live_counters), (2, 2));
+        assert_eq!(
+            cycles.vcpus,
+            [
+                VcpuCount {
+                    vcpu: 0,
+                    count: 150
+                },
+                VcpuCount { vcpu: 1, count: 5 }
+            ]
+        );
+        assert_eq!(
+            cycles.id_hex,
+            format!("{:#x}", ProgrammingId::of_select(CYCLES).0)
+        );
+        assert_eq!(cycles.event, "raw:0x76/0x00", "no name: the raw code");
+
+        let instructions = total(&totals, INSTRUCTIONS);
+        assert_eq!(
+            (instructions.count, instructions.retired, instructions.live),
+            (37, 30, 7)
+        );
+        assert_eq!((instructions.contexts, instructions.live_counters), (1, 1));
+        assert_eq!(
+            instructions.vcpus,
+            [
+                VcpuCount { vcpu: 0, count: 7 },
+                VcpuCount { vcpu: 1, count: 30 }
+            ]
+        );
+        assert!(vm_totals(&[]).is_empty());
+    }
+
+    #[test]
+    fn vm_totals_carry_a_vcpus_counts_over_a_reboot_once() {
+        // Boot 1 ends with a retired and a live context.
+        let boot1 = view(0, vec![counter(0, CYCLES, 40, true)], &[(CYCLES, 60, 1)]);
+        let carried = boot1.totals();
+        assert_eq!(
+            carried.get(ProgrammingId::of_select(CYCLES)).unwrap().count,
+            100
+        );
+        // Boot 2's fresh vPMU starts from the carried totals (`VcpuPmu::new`)
+        // and counts 25 more with the same programming.
+        let mut boot2 = view(0, vec![counter(0, CYCLES, 25, true)], &[]);
+        boot2.retired = carried;
+        let totals = vm_totals(&[Arc::new(boot2)]);
+        let cycles = total(&totals, CYCLES);
+        assert_eq!((cycles.count, cycles.retired, cycles.live), (125, 100, 25));
+        assert_eq!(
+            cycles.vcpus,
+            [VcpuCount {
+                vcpu: 0,
+                count: 125
+            }]
+        );
+    }
+
+    #[test]
+    fn event_labels_prefer_the_name() {
+        let decoded = DecodedSelect::decode(0xc0 | (0x01 << 8));
+        assert_eq!(event_label(Some("instructions"), &decoded), "instructions");
+        assert_eq!(event_label(None, &decoded), "raw:0xc0/0x01");
     }
 }

@@ -11,9 +11,11 @@
 
 pub mod api;
 pub mod arch;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod event_loop;
 pub mod export;
@@ -24,4 +26,5 @@ pub mod probe_image;
 pub mod signals;
 pub mod stat;
 pub mod vcpu;
+pub mod vcpu_types;
 pub mod vm;

@@ -528,7 +528,6 @@ mod tests {
     use vpmu::CounterKind;
 
     fn doc(counted: u64, generation: u64, total: u64) -> Doc {
-        let model = vpmu::PmuModel::new(vpmu::Vendor::Amd, 1, 4, 48);
         let select = 0x76 | vpmu::evtsel::USR | vpmu::evtsel::OS | vpmu::evtsel::EN;
         let counter = CounterSnapshot {
             kind: CounterKind::Gp,
@@ -557,16 +556,7 @@ mod tests {
             vcpus: vec![VcpuDoc {
                 index: 0,
                 paused: false,
-                vpmu: VpmuSnapshot {
-                    model,
-                    counters: vec![counter],
-                    global_ctrl: 0,
-                    global_status: 0,
-                    pending_pmi: false,
-                    guest_time_ns: 0,
-                    no_hardware_reason: None,
-                    stats: Default::default(),
-                },
+                vpmu: crate::export::snapshot(vec![counter]),
             }],
             totals: vec![TotalDoc {
                 id: ProgrammingId::of_select(select),

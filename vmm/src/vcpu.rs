@@ -1,197 +1,24 @@
 //! A vCPU thread and its run loop: enter the guest, handle the exit, repeat,
 //! until the guest stops or the VMM asks the vCPU to.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use devices::PioBus;
-use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use vmm_sys_util::eventfd::EventFd;
-use vpmu::VpmuSnapshot;
+use kvm_ioctls::{ReadMsrExit, VcpuExit, VcpuFd, VmFd, WriteMsrExit};
 
-use crate::bench::{BenchLog, BenchVcpu, ExitCounts};
+use crate::control::VmControl;
 use crate::error::Outcome;
 use crate::export::{Export, PUBLISH_INTERVAL};
 use crate::kick;
-use crate::pmu::vcpu::{PmiDelivery, VcpuPmu};
+use crate::pmu::vcpu::VcpuPmu;
 use crate::pmu::PmuPlan;
+use crate::vcpu_types::{interrupted, ExitCounts, ExitObserver, VcpuReport};
 
 /// KVM_SYSTEM_EVENT types (uapi/linux/kvm.h).
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
-
-/// What a vCPU leaves behind when its thread ends.
-#[derive(Clone, Debug)]
-pub struct VcpuReport {
-    pub index: u8,
-    pub vpmu: Option<(VpmuSnapshot, PmiDelivery)>,
-    /// Userspace exits by reason.
-    pub exits: ExitCounts,
-    /// The `--bench-trace` log.
-    pub bench: Option<Arc<BenchLog>>,
-}
-
-/// What the vCPU threads and the VMM's main loop share: whether to stop or
-/// pause, and the first reason anything stopped.
-pub struct VmControl {
-    stop: AtomicBool,
-    /// vCPU threads, by index, while they run: where kicks go.
-    threads: Mutex<Vec<Option<libc::pthread_t>>>,
-    /// vCPUs parked by a pause.
-    parked: Mutex<usize>,
-    parked_changed: Condvar,
-    outcome: Mutex<Option<Outcome>>,
-    paused: Mutex<bool>,
-    /// `paused`, readable without the lock on every exit.
-    pause_flag: AtomicBool,
-    resumed: Condvar,
-    /// Written when an outcome is recorded, to wake the main loop.
-    pub wake: EventFd,
-    reports: Mutex<Vec<VcpuReport>>,
-}
-
-impl VmControl {
-    pub fn new(vcpus: usize) -> std::io::Result<Self> {
-        Ok(Self {
-            stop: AtomicBool::new(false),
-            threads: Mutex::new(vec![None; vcpus]),
-            parked: Mutex::new(0),
-            parked_changed: Condvar::new(),
-            outcome: Mutex::new(None),
-            paused: Mutex::new(false),
-            pause_flag: AtomicBool::new(false),
-            resumed: Condvar::new(),
-            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
-            reports: Mutex::new(Vec::new()),
-        })
-    }
-
-    /// Pauses the VM: every running vCPU leaves the CPU and parks. Returns
-    /// once they all have (or after `timeout`), with whether they did.
-    pub fn pause(&self, timeout: std::time::Duration) -> bool {
-        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.pause_flag.store(true, Ordering::SeqCst);
-        self.kick_all();
-        let running = self.running_vcpus();
-        let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        let (parked, _) = self
-            .parked_changed
-            .wait_timeout_while(parked, timeout, |p| *p < running && !self.stopping())
-            .unwrap_or_else(|e| e.into_inner());
-        *parked >= running
-    }
-
-    fn running_vcpus(&self) -> usize {
-        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
-        threads.iter().flatten().count()
-    }
-
-    /// Gets vCPU `index` out of `KVM_RUN` (it will look at its flags).
-    pub fn kick(&self, index: usize) {
-        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(Some(thread)) = threads.get(index) {
-            // SAFETY: the pthread_t is registered only while its thread runs
-            // (under this lock), so it names a live thread.
-            unsafe { libc::pthread_kill(*thread, kick::kick_signal()) };
-        }
-    }
-
-    pub fn kick_all(&self) {
-        let count = self.threads.lock().unwrap_or_else(|e| e.into_inner()).len();
-        for index in 0..count {
-            self.kick(index);
-        }
-    }
-
-    fn register_thread(&self, index: usize, running: bool) {
-        let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = threads.get_mut(index) {
-            // SAFETY: pthread_self has no preconditions.
-            *slot = running.then(|| unsafe { libc::pthread_self() });
-        }
-    }
-
-    pub fn resume(&self) {
-        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = false;
-        self.pause_flag.store(false, Ordering::SeqCst);
-        self.resumed.notify_all();
-    }
-
-    /// Checked on every exit: one atomic load, no lock.
-    pub fn pause_requested(&self) -> bool {
-        self.pause_flag.load(Ordering::SeqCst)
-    }
-
-    /// Blocks the calling vCPU thread while the VM is paused and not
-    /// stopping.
-    fn wait_while_paused(&self) {
-        self.count_parked(1);
-        self.wait_for_resume();
-        self.count_parked(-1);
-    }
-
-    fn count_parked(&self, delta: isize) {
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        *parked = parked.saturating_add_signed(delta);
-        self.parked_changed.notify_all();
-    }
-
-    fn wait_for_resume(&self) {
-        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
-        while *paused && !self.stopping() {
-            paused = self.resumed.wait(paused).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    /// The reports of every vCPU thread that has ended, by vCPU index.
-    pub fn reports(&self) -> Vec<VcpuReport> {
-        let mut reports = self
-            .reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        reports.sort_by_key(|r| r.index);
-        reports
-    }
-
-    /// Readies the control for the next boot after a guest reboot: no stop,
-    /// no outcome, no vCPU reports. A pause stays in force.
-    pub fn rearm(&self) {
-        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        self.stop.store(false, Ordering::SeqCst);
-    }
-
-    /// Records why the VM stops (the first reason wins) and asks every vCPU
-    /// to stop.
-    pub fn finish(&self, outcome: Outcome) {
-        let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() {
-            *slot = Some(outcome);
-        }
-        self.stop.store(true, Ordering::SeqCst);
-        self.resumed.notify_all();
-        // The eventfd cannot overflow in practice; a failed wake only delays
-        // the main loop to its next timeout.
-        let _ = self.wake.write(1);
-    }
-
-    pub fn outcome(&self) -> Option<Outcome> {
-        self.outcome
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    pub fn stopping(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-}
 
 /// What a vCPU needs of its vPMU to build it on its own thread.
 pub struct PmuSetup {
@@ -213,25 +40,32 @@ pub struct Vcpu {
     pmu: Option<VcpuPmu>,
     export: Option<Arc<Export>>,
     last_publish: Instant,
-    /// The last exit was a PMU MSR access.
-    msr_exit: bool,
     exits: ExitCounts,
-    /// `--bench-msr`: exits to userspace, reads as 0 (see [`crate::bench`]).
-    bench_msr: Option<u32>,
-    /// `--bench-trace`: made on the vCPU thread.
-    bench_trace: bool,
-    bench: Option<BenchVcpu>,
+    /// Instrumentation (the benchmark trace): normally none.
+    observer: Option<Box<dyn ExitObserver>>,
 }
 
-/// What an exit asks of the loop, decided while `kvm_run` is borrowed.
+/// What one exit asks of the run loop.
 enum Step {
-    Continue,
-    /// The guest wrote this (non-zero) value to the bench MSR.
-    BenchMessage(u64),
-    Stop(Outcome),
+    /// Enter the guest again. `pmu_msr`: the exit was a vPMU MSR access
+    /// (after which the guest may read counters with RDPMC).
+    Enter {
+        pmu_msr: bool,
+    },
+    Stop(Stop),
+}
+
+/// Why the guest stops. The last three report the guest's RIP, read once
+/// `kvm_run` is no longer borrowed by the exit.
+enum Stop {
+    Outcome(Outcome),
     Shutdown,
     InternalError,
     FailEntry(u64),
+}
+
+impl Step {
+    const ENTER: Step = Step::Enter { pmu_msr: false };
 }
 
 impl Vcpu {
@@ -253,19 +87,14 @@ impl Vcpu {
             pmu: None,
             export: None,
             last_publish: Instant::now(),
-            msr_exit: false,
             exits: ExitCounts::default(),
-            bench_msr: None,
-            bench_trace: false,
-            bench: None,
+            observer: None,
         }
     }
 
-    /// The hidden benchmark instrumentation: the null MSR, and whether to
-    /// keep a trace (see [`crate::bench`]).
-    pub fn with_bench(mut self, msr: Option<u32>, trace: bool) -> Self {
-        self.bench_msr = msr;
-        self.bench_trace = trace;
+    /// Instruments the vCPU (see [`ExitObserver`]).
+    pub fn with_observer(mut self, observer: Option<Box<dyn ExitObserver>>) -> Self {
+        self.observer = observer;
         self
     }
 
@@ -280,8 +109,8 @@ impl Vcpu {
         let index = usize::from(self.index);
         kick::arm(self.fd.get_kvm_run());
         self.control.register_thread(index, true);
-        if self.bench_trace {
-            self.bench = Some(BenchVcpu::new(&self.fd));
+        if let Some(observer) = &mut self.observer {
+            observer.start(&self.fd);
         }
         let outcome = self.start_pmu().err().or_else(|| self.run_loop());
         self.control.register_thread(index, false);
@@ -291,13 +120,9 @@ impl Vcpu {
             index: self.index,
             vpmu: self.pmu.as_mut().map(|p| (p.snapshot(), p.delivery)),
             exits: self.exits,
-            bench: self.bench.take().map(|b| Arc::new(b.finish(&self.fd))),
+            observer_log: self.observer.take().and_then(|o| o.finish(&self.fd)),
         };
-        self.control
-            .reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(report);
+        self.control.add_report(report);
         if let Some(outcome) = outcome {
             self.control.finish(outcome);
         }
@@ -314,7 +139,7 @@ impl Vcpu {
                 message: format!("cannot build its vPMU: {message}"),
             },
         )?;
-        pmu.trace_pmis = self.bench_trace;
+        pmu.trace_pmis = self.observer.as_ref().is_some_and(|o| o.traces_pmis());
         self.pmu = Some(pmu);
         self.export = Some(setup.export);
         self.publish(false);
@@ -345,6 +170,7 @@ impl Vcpu {
     }
 
     fn run_loop(&mut self) -> Option<Outcome> {
+        let mut pmu_msr = false;
         loop {
             if self.control.stopping() {
                 return None;
@@ -355,18 +181,22 @@ impl Vcpu {
             }
             let kicked = kick::take_kicked();
             self.publish_if_due(kicked);
-            if let Some(pmu) = &mut self.pmu {
-                let delivered = pmu.delivery.nmi + pmu.delivery.fixed;
-                pmu.before_entry(kicked, &self.fd, &self.vm, self.msr_exit);
-                if let Some(bench) = &mut self.bench {
-                    if pmu.delivery.nmi + pmu.delivery.fixed != delivered {
-                        bench.pmi_delivered(pmu.last_pmi_tsc, pmu.last_pmi_overshoot);
-                    }
-                }
-            }
-            if let Some(outcome) = self.run_once() {
-                return Some(outcome);
-            }
+            self.before_entry(kicked, pmu_msr);
+            pmu_msr = match self.run_once() {
+                Step::Enter { pmu_msr } => pmu_msr,
+                Step::Stop(stop) => return Some(self.outcome(stop)),
+            };
+        }
+    }
+
+    /// The vPMU's work before an entry (see [`VcpuPmu::before_entry`]).
+    fn before_entry(&mut self, kicked: bool, pmu_msr: bool) {
+        let Some(pmu) = &mut self.pmu else {
+            return;
+        };
+        let delivered = pmu.before_entry(kicked, &self.fd, &self.vm, pmu_msr);
+        if let (Some(pmi), Some(observer)) = (delivered, &mut self.observer) {
+            observer.pmi_delivered(pmi);
         }
     }
 
@@ -385,124 +215,143 @@ impl Vcpu {
         self.publish(false);
     }
 
-    /// Enters the guest once and handles the exit.
-    fn run_once(&mut self) -> Option<Outcome> {
-        let vcpu = self.index;
-        if let Some(bench) = &mut self.bench {
-            bench.entering();
+    /// Enters the guest once and hands the exit to its handler.
+    fn run_once(&mut self) -> Step {
+        if let Some(observer) = &mut self.observer {
+            observer.entering(&self.fd);
         }
         let result = self.fd.run();
-        if let Some(bench) = &mut self.bench {
-            bench.exited();
+        if let Some(observer) = &mut self.observer {
+            observer.exited(matches!(&result, Err(e) if interrupted(e)));
         }
         if let Some(pmu) = &mut self.pmu {
             pmu.after_exit();
         }
         self.exits.count(&result);
-        self.msr_exit = false;
-        let step = match result {
-            Ok(VcpuExit::X86Rdmsr(exit)) if Some(exit.index) == self.bench_msr => {
-                *exit.data = 0;
-                Step::Continue
-            }
-            Ok(VcpuExit::X86Wrmsr(exit)) if Some(exit.index) == self.bench_msr => match exit.data {
-                0 => Step::Continue,
-                value => Step::BenchMessage(value),
-            },
-            Ok(VcpuExit::X86Rdmsr(exit)) => {
-                self.msr_exit = true;
-                match self.pmu.as_mut().map(|p| p.rdmsr(exit.index)) {
-                    Some(Ok(value)) => *exit.data = value,
-                    _ => *exit.error = 1,
-                }
-                Step::Continue
-            }
-            Ok(VcpuExit::X86Wrmsr(exit)) => {
-                self.msr_exit = true;
-                match self.pmu.as_mut().map(|p| p.wrmsr(exit.index, exit.data)) {
-                    Some(Ok(())) => {}
-                    _ => *exit.error = 1,
-                }
-                Step::Continue
-            }
+        let vcpu = self.index;
+        let observer = self.observer.as_mut();
+        match result {
+            Ok(VcpuExit::X86Rdmsr(exit)) => rdmsr(exit, self.pmu.as_mut(), observer),
+            Ok(VcpuExit::X86Wrmsr(exit)) => wrmsr(exit, self.pmu.as_mut(), observer, self.exits),
             Ok(VcpuExit::IoIn(port, data)) => {
                 self.bus.read(port, data);
-                Step::Continue
+                Step::ENTER
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 self.bus.write(port, data);
-                Step::Continue
+                Step::ENTER
             }
             // Nothing is mapped for MMIO: reads float high, writes vanish.
             Ok(VcpuExit::MmioRead(_, data)) => {
                 data.fill(0xff);
-                Step::Continue
+                Step::ENTER
             }
-            Ok(VcpuExit::MmioWrite(..)) => Step::Continue,
-            Ok(VcpuExit::Intr) => Step::Continue,
-            Ok(VcpuExit::Shutdown) => Step::Shutdown,
-            Ok(VcpuExit::InternalError) => Step::InternalError,
-            Ok(VcpuExit::FailEntry(reason, _)) => Step::FailEntry(reason),
-            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => Step::Stop(Outcome::Reset),
-            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => Step::Shutdown,
-            Ok(exit) => Step::Stop(Outcome::VcpuError {
-                vcpu,
-                message: format!("unhandled KVM exit {exit:?}"),
+            Ok(VcpuExit::MmioWrite(..) | VcpuExit::Intr) => Step::ENTER,
+            Ok(VcpuExit::Shutdown) => Step::Stop(Stop::Shutdown),
+            Ok(VcpuExit::InternalError) => Step::Stop(Stop::InternalError),
+            Ok(VcpuExit::FailEntry(reason, _)) => Step::Stop(Stop::FailEntry(reason)),
+            Ok(VcpuExit::SystemEvent(kind, data)) => system_event(kind).unwrap_or_else(|| {
+                let exit = VcpuExit::SystemEvent(kind, data);
+                vcpu_error(vcpu, format!("unhandled KVM exit {exit:?}"))
             }),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            Ok(exit) => vcpu_error(vcpu, format!("unhandled KVM exit {exit:?}")),
+            Err(e) if interrupted(&e) => {
                 // The kick flag stays set for the next entry to act on.
                 self.fd.set_kvm_immediate_exit(0);
-                if let Some(bench) = &mut self.bench {
-                    bench.signal();
-                }
-                Step::Continue
+                Step::ENTER
             }
-            Err(e) => Step::Stop(Outcome::VcpuError {
-                vcpu,
-                message: format!("KVM_RUN failed: {e}"),
-            }),
-        };
-        if self.msr_exit {
-            if let Some(bench) = &mut self.bench {
-                bench.pmu_msr();
-            }
+            Err(e) => vcpu_error(vcpu, format!("KVM_RUN failed: {e}")),
         }
-        match step {
-            Step::Continue => None,
-            Step::BenchMessage(value) => {
-                if let Some(bench) = &mut self.bench {
-                    let pmis = self
-                        .pmu
-                        .as_ref()
-                        .map_or(0, |p| p.delivery.nmi + p.delivery.fixed);
-                    bench.message(value, &self.fd, self.exits, pmis);
-                }
-                None
-            }
-            Step::Stop(outcome) => Some(outcome),
-            Step::Shutdown => Some(Outcome::Shutdown {
+    }
+
+    /// Why the guest stopped, for a step that stops it.
+    fn outcome(&mut self, stop: Stop) -> Outcome {
+        let vcpu = self.index;
+        match stop {
+            Stop::Outcome(outcome) => outcome,
+            Stop::Shutdown => Outcome::Shutdown {
                 vcpu,
                 rip: self.rip(),
-            }),
-            Step::InternalError => {
+            },
+            Stop::InternalError => {
                 // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member
                 // of the exit union is the valid one.
                 let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                Some(Outcome::InternalError {
+                Outcome::InternalError {
                     vcpu,
                     suberror,
                     rip: self.rip(),
-                })
+                }
             }
-            Step::FailEntry(reason) => Some(Outcome::FailEntry {
+            Stop::FailEntry(reason) => Outcome::FailEntry {
                 vcpu,
                 reason,
                 rip: self.rip(),
-            }),
+            },
         }
     }
 
     fn rip(&self) -> Option<u64> {
         self.fd.get_regs().ok().map(|r| r.rip)
     }
+}
+
+/// A guest RDMSR the MSR filter sent here: the observer's own MSR reads as
+/// 0; any other goes to the vPMU, and a fault (or no vPMU) is a #GP.
+fn rdmsr(
+    exit: ReadMsrExit<'_>,
+    pmu: Option<&mut VcpuPmu>,
+    observer: Option<&mut Box<dyn ExitObserver>>,
+) -> Step {
+    if observer.as_ref().is_some_and(|o| o.owns_msr(exit.index)) {
+        *exit.data = 0;
+        return Step::ENTER;
+    }
+    match pmu.map(|p| p.rdmsr(exit.index)) {
+        Some(Ok(value)) => *exit.data = value,
+        _ => *exit.error = 1,
+    }
+    pmu_msr_done(observer)
+}
+
+/// A guest WRMSR the MSR filter sent here: the observer's own MSR goes to
+/// the observer, any other to the vPMU, and a fault (or no vPMU) is a #GP.
+fn wrmsr(
+    exit: WriteMsrExit<'_>,
+    pmu: Option<&mut VcpuPmu>,
+    mut observer: Option<&mut Box<dyn ExitObserver>>,
+    exits: ExitCounts,
+) -> Step {
+    if let Some(observer) = observer.as_mut().filter(|o| o.owns_msr(exit.index)) {
+        let pmis = pmu.map_or(0, |p| p.pmis_delivered());
+        observer.msr_written(exit.data, exits, pmis);
+        return Step::ENTER;
+    }
+    match pmu.map(|p| p.wrmsr(exit.index, exit.data)) {
+        Some(Ok(())) => {}
+        _ => *exit.error = 1,
+    }
+    pmu_msr_done(observer)
+}
+
+/// After a vPMU MSR exit was handled.
+fn pmu_msr_done(observer: Option<&mut Box<dyn ExitObserver>>) -> Step {
+    if let Some(observer) = observer {
+        observer.pmu_msr();
+    }
+    Step::Enter { pmu_msr: true }
+}
+
+/// `KVM_EXIT_SYSTEM_EVENT`: the guest reset or powered off (None: another
+/// event, which the VMM does not handle).
+fn system_event(kind: u32) -> Option<Step> {
+    match kind {
+        KVM_SYSTEM_EVENT_RESET => Some(Step::Stop(Stop::Outcome(Outcome::Reset))),
+        KVM_SYSTEM_EVENT_SHUTDOWN => Some(Step::Stop(Stop::Shutdown)),
+        _ => None,
+    }
+}
+
+fn vcpu_error(vcpu: u8, message: String) -> Step {
+    Step::Stop(Stop::Outcome(Outcome::VcpuError { vcpu, message }))
 }

@@ -25,12 +25,14 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::{self, Api};
 use crate::arch::{acpi, boot_params, cpuid, layout, mptable, regs};
 use crate::config::{OnReset, SerialSink, VmConfig, DEFAULT_LINUX_CMDLINE, MIN_MEMORY_MIB};
+use crate::control::VmControl;
 use crate::error::{Outcome, StartError};
 use crate::event_loop::{self, MainLoop};
 use crate::export::Export;
 use crate::loader::{self, ImageKind, KernelSource, LoadedKernel};
 use crate::pmu::{self, HostPmu, PmuPlan, Rdpmc};
-use crate::vcpu::{PmuSetup, Vcpu, VcpuReport, VmControl};
+use crate::vcpu::{PmuSetup, Vcpu};
+use crate::vcpu_types::VcpuReport;
 
 const COM1_BASE: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
@@ -465,7 +467,11 @@ impl Vm {
     fn build_boot(&self) -> Result<Boot, StartError> {
         let config = &self.config;
         let plan = &self.pmu;
-        let vm_fd = Arc::new(create_vm(&self.kvm, plan, config.bench.msr)?);
+        #[cfg(feature = "bench")]
+        let bench_msr = config.bench.msr;
+        #[cfg(not(feature = "bench"))]
+        let bench_msr = None;
+        let vm_fd = Arc::new(create_vm(&self.kvm, plan, bench_msr)?);
         let memory = create_memory(&vm_fd, config.memory_mib)?;
         let num_vcpus = config.vcpus as u8;
         let vcpu_fds = (0..num_vcpus)
@@ -493,17 +499,17 @@ impl Vm {
                 export: self.export.clone(),
                 carried: self.export.latest(index).map(|view| view.totals()),
             });
-            vcpus.push(
-                Vcpu::new(
-                    index,
-                    fd,
-                    vm_fd.clone(),
-                    bus.clone(),
-                    self.control.clone(),
-                    pmu_setup,
-                )
-                .with_bench(config.bench.msr, config.bench.trace.is_some()),
+            let vcpu = Vcpu::new(
+                index,
+                fd,
+                vm_fd.clone(),
+                bus.clone(),
+                self.control.clone(),
+                pmu_setup,
             );
+            #[cfg(feature = "bench")]
+            let vcpu = vcpu.with_observer(crate::bench::observer(&config.bench));
+            vcpus.push(vcpu);
         }
         Ok(Boot {
             vcpus,

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::control::VmControl;
 use crate::export::Export;
-use crate::vcpu::VmControl;
 use http::{Request, Response};
 pub use socket::{bind, SocketError};
 

@@ -5,6 +5,10 @@
 //! this module only knows KVM.
 
 pub mod filter;
+#[cfg(feature = "test-seams")]
+pub mod seams;
+#[cfg(not(feature = "test-seams"))]
+#[path = "no_seams.rs"]
 pub mod seams;
 pub mod vcpu;
 

@@ -1,7 +1,10 @@
 //! Test-only seams for the robustness tests (`tests/robustness.rs`): host
-//! faults injected where the real ones would come from. Read once from the
-//! environment when the first vPMU is built; never set in normal use, and
-//! when one is set the VMM says so on stderr.
+//! faults injected where the real ones would come from. Compiled only with
+//! the `test-seams` feature, which `cargo test` turns on (see
+//! `vmm/Cargo.toml`); other builds get the inert stand-ins of
+//! `no_seams.rs`. Read once from the environment when the first vPMU is
+//! built; never set in normal use, and when one is set the VMM says so on
+//! stderr.
 //!
 //! - `VMM_TEST_PERF_FAULT=PATH`: while the file PATH exists and names an
 //!   errno (`ENOENT`, `EACCES`, `EPERM`, `EMFILE`, `EBUSY`, `ENOSPC`,
@@ -63,14 +66,29 @@ pub fn seams() -> &'static Seams {
     })
 }
 
-/// Busy-waits `delay` after a PMU MSR exit (the exit delay seam).
-pub fn exit_delay(delay: Option<Duration>) {
-    if let Some(delay) = delay {
-        let start = Instant::now();
-        while start.elapsed() < delay {
-            std::hint::spin_loop();
+/// The exit delay seam of one vCPU.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExitDelay(Option<Duration>);
+
+impl ExitDelay {
+    pub fn from_env() -> Self {
+        Self(seams().exit_delay)
+    }
+
+    /// Busy-waits the delay after a PMU MSR exit.
+    pub fn wait(self) {
+        if let Some(delay) = self.0 {
+            let start = Instant::now();
+            while start.elapsed() < delay {
+                std::hint::spin_loop();
+            }
         }
     }
+}
+
+/// The host backend of a vCPU.
+pub fn host_backend(perf: PerfBackend) -> HostBackend {
+    HostBackend::new(perf)
 }
 
 /// The errno named in `text`: a name or a number.
@@ -96,7 +114,7 @@ pub struct HostBackend {
 }
 
 impl HostBackend {
-    pub fn new(perf: PerfBackend) -> Self {
+    fn new(perf: PerfBackend) -> Self {
         Self {
             perf,
             fault: seams().perf_fault.as_deref(),

@@ -11,13 +11,14 @@ use vpmu::{
     VpmuSnapshot,
 };
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::seams::{self, HostBackend};
+use super::seams::{self, ExitDelay, HostBackend};
 use super::{PmuPlan, Rdpmc};
 use crate::arch::layout::APIC_DEFAULT_BASE;
 use crate::arch::regs::lapic_reg;
 use crate::export::{Export, VcpuView};
+use crate::vcpu_types::{host_tsc, DeliveredPmi, PmiDelivery};
 
 /// LVT performance counter register in the LAPIC page.
 const APIC_LVTPC: usize = 0x340;
@@ -29,44 +30,49 @@ const LVT_VECTOR: u32 = 0xff;
 /// LVTPC as an x2APIC MSR (0x800 + 0x340 / 16).
 const X2APIC_LVTPC_MSR: u32 = 0x834;
 
-/// How PMIs reached the guest.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct PmiDelivery {
-    pub nmi: u64,
-    pub fixed: u64,
-    /// Dropped: LVTPC was masked (hardware loses them too; the status bit
-    /// stays set).
-    pub masked: u64,
-    /// LVTPC in a mode a PMI cannot use (SMI, INIT, ExtINT...).
-    pub unsupported_mode: u64,
-    pub failed: u64,
-    /// Intel model, xAPIC mode: LVTPC was left unmasked after a PMI (see
-    /// `mask_lvtpc`).
-    pub mask_skipped: u64,
+/// Where a PMI goes, by the guest's LVTPC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PmiRoute {
+    /// Dropped (the status bit stays set).
+    Masked,
+    Nmi,
+    /// A fixed-mode interrupt with this vector.
+    Fixed {
+        vector: u8,
+    },
+    /// A delivery mode a PMI cannot use (SMI, INIT, ExtINT...).
+    Unsupported,
+}
+
+/// The route a PMI takes with LVTPC = `lvtpc`.
+pub fn pmi_route(lvtpc: u32) -> PmiRoute {
+    if lvtpc & LVT_MASKED != 0 {
+        return PmiRoute::Masked;
+    }
+    match lvtpc & LVT_DELIVERY_MODE {
+        LVT_DELIVERY_NMI => PmiRoute::Nmi,
+        LVT_DELIVERY_FIXED => PmiRoute::Fixed {
+            vector: (lvtpc & LVT_VECTOR) as u8,
+        },
+        _ => PmiRoute::Unsupported,
+    }
 }
 
 /// A vCPU's vPMU and how it reaches KVM.
 pub struct VcpuPmu {
     vpmu: Vpmu<HostBackend>,
     apic_id: u8,
-    /// Test seam: extra VMM time per PMU MSR exit (normally `None`).
-    exit_delay: Option<Duration>,
+    /// Test seam: extra VMM time per PMU MSR exit (normally none).
+    exit_delay: ExitDelay,
     mirror_rdpmc: bool,
     /// Intel's LAPIC masks LVTPC when it delivers a PMI; AMD's does not.
     mask_lvtpc_on_pmi: bool,
     pub delivery: PmiDelivery,
-    /// `--bench-trace`: stamp each PMI for the latency figures.
+    /// Stamp each PMI for the benchmark's latency figures
+    /// ([`DeliveredPmi`]'s times).
     pub trace_pmis: bool,
-    /// At the last PMI, when traced: events the sampling counter had
-    /// counted past its overflow (see `overshoot`), and the host TSC right
-    /// after the injection.
-    pub last_pmi_overshoot: u64,
-    pub last_pmi_tsc: u64,
     /// Saved while the VMM holds the vCPU off the CPU (pause).
     switched_out: Option<VpmuContext>,
-    /// Counts of this vCPU's ended counter contexts, by programming id:
-    /// they outlive reprogramming and vPMU resets.
-    retired: EventTotals,
     /// The counter MSRs for `mirror`, allocated once.
     mirror_msrs: Option<Msrs>,
 }
@@ -84,76 +90,88 @@ impl VcpuPmu {
     ) -> Result<Self, String> {
         let model = plan.model.clone().ok_or("no vPMU model")?;
         let vendor = model.vendor;
-        let mut backend = HostBackend::new(PerfBackend::new(0));
+        let mut backend = seams::host_backend(PerfBackend::new(0));
         backend.set_overflow_notify(Some(OverflowNotify {
             tid: PerfBackend::current_tid(),
             signal: crate::kick::overflow_signal(),
         }));
-        let vpmu = Vpmu::new(
+        let mut vpmu = Vpmu::new(
             model,
             plan.policy.clone(),
             backend,
             GuestClock::new(tsc_khz),
         )
         .map_err(|e| e.to_string())?;
+        if let Some(carried) = &carried {
+            vpmu.carry_totals(carried);
+        }
         Ok(Self {
             vpmu,
             apic_id,
-            exit_delay: seams::seams().exit_delay,
+            exit_delay: ExitDelay::from_env(),
             mirror_rdpmc: plan.rdpmc == Rdpmc::Mirrored,
             mask_lvtpc_on_pmi: vendor == Vendor::Intel,
             delivery: PmiDelivery::default(),
             trace_pmis: false,
-            last_pmi_overshoot: 0,
-            last_pmi_tsc: 0,
             switched_out: None,
-            retired: carried.unwrap_or_default(),
             mirror_msrs: None,
         })
     }
 
     pub fn rdmsr(&mut self, index: u32) -> Result<u64, Fault> {
         let result = self.vpmu.rdmsr(index);
-        seams::exit_delay(self.exit_delay);
+        self.exit_delay.wait();
         result
     }
 
     pub fn wrmsr(&mut self, index: u32, value: u64) -> Result<(), Fault> {
         let result = self.vpmu.wrmsr(index, value);
-        self.take_retired();
-        seams::exit_delay(self.exit_delay);
+        self.exit_delay.wait();
         result
-    }
-
-    /// Merges the counter contexts that ended into this vCPU's totals.
-    fn take_retired(&mut self) {
-        if self.vpmu.has_retired() {
-            self.retired.absorb(self.vpmu.take_retired());
-        }
     }
 
     /// Right before `KVM_RUN`: turns host overflows into PMIs, keeps KVM's
     /// RDPMC view in step, and starts the guest-time window of clock-backed
-    /// counters. `kicked`: a signal (overflow or kick) arrived.
-    pub fn before_entry(&mut self, kicked: bool, vcpu: &VcpuFd, vm: &VmFd, msr_exit: bool) {
+    /// counters. `kicked`: a signal (overflow or kick) arrived; `pmu_msr`:
+    /// the last exit was a vPMU MSR access. Returns the PMI it sent the
+    /// guest, if it sent one (as an NMI or a fixed interrupt; a masked
+    /// LVTPC drops it).
+    pub fn before_entry(
+        &mut self,
+        kicked: bool,
+        vcpu: &VcpuFd,
+        vm: &VmFd,
+        pmu_msr: bool,
+    ) -> Option<DeliveredPmi> {
         if kicked {
             self.vpmu.handle_host_overflow();
         }
         let pmi = self.vpmu.take_pending_pmi();
         // The guest may read counters with RDPMC after any PMU MSR exit,
         // in its PMI handler, or at any time while counters run.
-        if self.mirror_rdpmc && (pmi || msr_exit || self.vpmu.any_running()) {
+        if self.mirror_rdpmc && (pmi || pmu_msr || self.vpmu.any_running()) {
             self.mirror(vcpu);
         }
-        if pmi {
-            if self.trace_pmis {
-                self.last_pmi_overshoot = self.overshoot();
-            }
-            self.deliver_pmi(vcpu, vm);
-        }
+        let delivered = pmi.then(|| self.pmi(vcpu, vm)).flatten();
         if self.vpmu.exit_hooks_needed() {
             self.vpmu.on_guest_entry();
         }
+        delivered
+    }
+
+    /// PMIs sent to the guest so far.
+    pub fn pmis_delivered(&self) -> u64 {
+        self.delivery.nmi + self.delivery.fixed
+    }
+
+    /// Delivers a pending PMI; stamps it when traced.
+    fn pmi(&mut self, vcpu: &VcpuFd, vm: &VmFd) -> Option<DeliveredPmi> {
+        let overshoot = if self.trace_pmis { self.overshoot() } else { 0 };
+        self.deliver_pmi(vcpu, vm)?;
+        Some(DeliveredPmi {
+            injected_tsc: if self.trace_pmis { host_tsc() } else { 0 },
+            overshoot,
+        })
     }
 
     /// The largest value below a quarter of its range of any counter: for
@@ -200,57 +218,51 @@ impl VcpuPmu {
         let _ = vcpu.set_msrs(msrs);
     }
 
-    /// Delivers one PMI the way the guest's LVTPC asks.
-    fn deliver_pmi(&mut self, vcpu: &VcpuFd, vm: &VmFd) {
+    /// Delivers one PMI the way the guest's LVTPC asks. Some when it was
+    /// sent as an NMI or a fixed interrupt (whether or not KVM took it).
+    fn deliver_pmi(&mut self, vcpu: &VcpuFd, vm: &VmFd) -> Option<()> {
         let Ok(lapic) = vcpu.get_lapic() else {
             self.delivery.failed += 1;
-            return;
+            return None;
         };
         let lvtpc = lapic_reg(&lapic.regs, APIC_LVTPC);
-        if lvtpc & LVT_MASKED != 0 {
-            self.delivery.masked += 1;
-            return;
-        }
-        let delivered = match lvtpc & LVT_DELIVERY_MODE {
-            LVT_DELIVERY_NMI => {
+        // An MSI to this vCPU's own APIC: edge, physical.
+        let msi = |data| kvm_msi {
+            address_lo: APIC_DEFAULT_BASE | (u32::from(self.apic_id) << 12),
+            data,
+            ..Default::default()
+        };
+        let delivered = match pmi_route(lvtpc) {
+            PmiRoute::Masked => {
+                self.delivery.masked += 1;
+                return None;
+            }
+            PmiRoute::Unsupported => {
+                self.delivery.unsupported_mode += 1;
+                return None;
+            }
+            PmiRoute::Nmi => {
                 self.delivery.nmi += 1;
-                // An NMI-mode MSI to this vCPU's own APIC: a VM ioctl, a
-                // fraction of the cost of KVM_NMI, which loads the vCPU
-                // (BENCHMARKS.md, issue 6). Where no APIC takes it (APIC
-                // disabled, ID changed), KVM_NMI as before.
-                let msi = kvm_msi {
-                    address_lo: APIC_DEFAULT_BASE | (u32::from(self.apic_id) << 12),
-                    data: LVT_DELIVERY_NMI,
-                    ..Default::default()
-                };
-                match vm.signal_msi(msi) {
+                // NMI mode: a VM ioctl, a fraction of the cost of KVM_NMI,
+                // which loads the vCPU (BENCHMARKS.md, issue 6). Where no
+                // APIC takes it (APIC disabled, ID changed), KVM_NMI as
+                // before.
+                match vm.signal_msi(msi(LVT_DELIVERY_NMI)) {
                     Ok(accepted) if accepted > 0 => true,
                     _ => vcpu.nmi().is_ok(),
                 }
             }
-            LVT_DELIVERY_FIXED => {
+            PmiRoute::Fixed { vector } => {
                 self.delivery.fixed += 1;
-                // An MSI to this vCPU's own APIC: fixed mode, edge, physical.
-                let msi = kvm_msi {
-                    address_lo: APIC_DEFAULT_BASE | (u32::from(self.apic_id) << 12),
-                    data: lvtpc & LVT_VECTOR,
-                    ..Default::default()
-                };
-                vm.signal_msi(msi).is_ok()
-            }
-            _ => {
-                self.delivery.unsupported_mode += 1;
-                return;
+                vm.signal_msi(msi(u32::from(vector))).is_ok()
             }
         };
-        if self.trace_pmis {
-            self.last_pmi_tsc = crate::bench::host_tsc();
-        }
         if !delivered {
             self.delivery.failed += 1;
         } else if self.mask_lvtpc_on_pmi {
             self.mask_lvtpc(vcpu, lvtpc);
         }
+        Some(())
     }
 
     /// Sets LVTPC's mask bit, as Intel's LAPIC does when it delivers a PMI.
@@ -284,7 +296,6 @@ impl VcpuPmu {
         if let Some(context) = self.switched_out.take() {
             // The context came from this vPMU: it always matches its model.
             let _ = self.vpmu.restore(&context);
-            self.take_retired();
         }
     }
 
@@ -307,7 +318,32 @@ impl VcpuPmu {
             paused,
             vpmu,
             pmi_delivery: self.delivery,
-            retired: self.retired.clone(),
+            retired: self.vpmu.totals().clone(),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pmi_takes_the_route_lvtpc_asks_for() {
+        // Fixed mode (000), vector 0xfe: Linux's LOCAL_PERF_VECTOR-style.
+        assert_eq!(pmi_route(0xfe), PmiRoute::Fixed { vector: 0xfe });
+        assert_eq!(pmi_route(0x20), PmiRoute::Fixed { vector: 0x20 });
+        // NMI mode (100): the vector is ignored.
+        assert_eq!(pmi_route(0x400), PmiRoute::Nmi);
+        assert_eq!(pmi_route(0x4fe), PmiRoute::Nmi);
+        // The delivery-status and other high bits do not matter.
+        assert_eq!(pmi_route(0x400 | 1 << 12), PmiRoute::Nmi);
+        // Masked wins over every mode.
+        assert_eq!(pmi_route(LVT_MASKED), PmiRoute::Masked);
+        assert_eq!(pmi_route(LVT_MASKED | 0x400), PmiRoute::Masked);
+        assert_eq!(pmi_route(LVT_MASKED | 0xfe), PmiRoute::Masked);
+        // SMI (010), INIT (101), ExtINT (111) and the reserved modes.
+        for mode in [0x100, 0x200, 0x300, 0x500, 0x600, 0x700] {
+            assert_eq!(pmi_route(mode | 0xfe), PmiRoute::Unsupported, "{mode:#x}");
+        }
     }
 }

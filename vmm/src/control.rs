@@ -1,0 +1,179 @@
+//! What the vCPU threads, the VMM's main loop and the API share about the
+//! VM's run: stop, pause, kicks and the vCPUs' reports ([`VmControl`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::error::Outcome;
+use crate::kick;
+use crate::vcpu_types::VcpuReport;
+
+/// What the vCPU threads and the VMM's main loop share: whether to stop or
+/// pause, and the first reason anything stopped.
+pub struct VmControl {
+    stop: AtomicBool,
+    /// vCPU threads, by index, while they run: where kicks go.
+    threads: Mutex<Vec<Option<libc::pthread_t>>>,
+    /// vCPUs parked by a pause.
+    parked: Mutex<usize>,
+    parked_changed: Condvar,
+    outcome: Mutex<Option<Outcome>>,
+    paused: Mutex<bool>,
+    /// `paused`, readable without the lock on every exit.
+    pause_flag: AtomicBool,
+    resumed: Condvar,
+    /// Written when an outcome is recorded, to wake the main loop.
+    pub wake: EventFd,
+    reports: Mutex<Vec<VcpuReport>>,
+}
+
+impl VmControl {
+    pub fn new(vcpus: usize) -> std::io::Result<Self> {
+        Ok(Self {
+            stop: AtomicBool::new(false),
+            threads: Mutex::new(vec![None; vcpus]),
+            parked: Mutex::new(0),
+            parked_changed: Condvar::new(),
+            outcome: Mutex::new(None),
+            paused: Mutex::new(false),
+            pause_flag: AtomicBool::new(false),
+            resumed: Condvar::new(),
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            reports: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Pauses the VM: every running vCPU leaves the CPU and parks. Returns
+    /// once they all have (or after `timeout`), with whether they did.
+    pub fn pause(&self, timeout: std::time::Duration) -> bool {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.pause_flag.store(true, Ordering::SeqCst);
+        self.kick_all();
+        let running = self.running_vcpus();
+        let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let (parked, _) = self
+            .parked_changed
+            .wait_timeout_while(parked, timeout, |p| *p < running && !self.stopping())
+            .unwrap_or_else(|e| e.into_inner());
+        *parked >= running
+    }
+
+    fn running_vcpus(&self) -> usize {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        threads.iter().flatten().count()
+    }
+
+    /// Gets vCPU `index` out of `KVM_RUN` (it will look at its flags).
+    pub fn kick(&self, index: usize) {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Some(thread)) = threads.get(index) {
+            // SAFETY: the pthread_t is registered only while its thread runs
+            // (under this lock), so it names a live thread.
+            unsafe { libc::pthread_kill(*thread, kick::kick_signal()) };
+        }
+    }
+
+    pub fn kick_all(&self) {
+        let count = self.threads.lock().unwrap_or_else(|e| e.into_inner()).len();
+        for index in 0..count {
+            self.kick(index);
+        }
+    }
+
+    pub(crate) fn register_thread(&self, index: usize, running: bool) {
+        let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = threads.get_mut(index) {
+            // SAFETY: pthread_self has no preconditions.
+            *slot = running.then(|| unsafe { libc::pthread_self() });
+        }
+    }
+
+    pub fn resume(&self) {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.pause_flag.store(false, Ordering::SeqCst);
+        self.resumed.notify_all();
+    }
+
+    /// Checked on every exit: one atomic load, no lock.
+    pub fn pause_requested(&self) -> bool {
+        self.pause_flag.load(Ordering::SeqCst)
+    }
+
+    /// Blocks the calling vCPU thread while the VM is paused and not
+    /// stopping.
+    pub(crate) fn wait_while_paused(&self) {
+        self.count_parked(1);
+        self.wait_for_resume();
+        self.count_parked(-1);
+    }
+
+    fn count_parked(&self, delta: isize) {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        *parked = parked.saturating_add_signed(delta);
+        self.parked_changed.notify_all();
+    }
+
+    fn wait_for_resume(&self) {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        while *paused && !self.stopping() {
+            paused = self.resumed.wait(paused).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Called by a vCPU thread as it ends.
+    pub(crate) fn add_report(&self, report: VcpuReport) {
+        self.reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(report);
+    }
+
+    /// The reports of every vCPU thread that has ended, by vCPU index.
+    pub fn reports(&self) -> Vec<VcpuReport> {
+        let mut reports = self
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        reports.sort_by_key(|r| r.index);
+        reports
+    }
+
+    /// Readies the control for the next boot after a guest reboot: no stop,
+    /// no outcome, no vCPU reports. A pause stays in force.
+    pub fn rearm(&self) {
+        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.stop.store(false, Ordering::SeqCst);
+    }
+
+    /// Records why the VM stops (the first reason wins) and asks every vCPU
+    /// to stop.
+    pub fn finish(&self, outcome: Outcome) {
+        let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(outcome);
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        self.resumed.notify_all();
+        // The eventfd cannot overflow in practice; a failed wake only delays
+        // the main loop to its next timeout.
+        let _ = self.wake.write(1);
+    }
+
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}

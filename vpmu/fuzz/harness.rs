@@ -410,7 +410,7 @@ impl Checker {
                 assert!(policy.allows(model.vendor, code), "denied {code:?} opened");
             }
         }
-        assert!(pmu.totals().entries.len() <= vpmu::EventTotals::MAX_IDS);
+        assert!(pmu.take_retired().len() <= vpmu::MAX_RETIRED);
         assert!(pmu.take_notices().len() <= vpmu::MAX_NOTICES);
     }
 }

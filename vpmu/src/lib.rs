@@ -58,10 +58,9 @@
 //! - Totals that outlive contexts: each counter counts per programming
 //!   (`counted` in its snapshot, unchanged by guest writes of the value).
 //!   When a programming ends (new programming, reset, restore of another
-//!   one) the vPMU adds its final count to [`Vpmu::totals`], an
-//!   [`EventTotals`] by [`ProgrammingId`] (module [`totals`]), which outlives
-//!   reprogramming, restores and resets; [`Vpmu::carry_totals`] adds a
-//!   previous vPMU's.
+//!   one) its final count is queued as a [`Retired`] entry; drain them with
+//!   [`Vpmu::take_retired`] after `wrmsr`, `restore` and `reset` and merge
+//!   them into [`EventTotals`] by [`ProgrammingId`] (module [`totals`]).
 //! - [`Vpmu::snapshot`] gives a [`VpmuSnapshot`] for the export: every
 //!   counter decoded, valued, and how it is backed ([`Backing`]), with the
 //!   host's enabled/running times and [`VpmuStats`].
@@ -139,5 +138,7 @@ pub use model::{HostCpuid, HostFacts, ModelError, MsrRange, PmuModel, Vendor};
 pub use policy::{EventPolicy, PolicyError, Preset};
 pub use snapshot::{Backing, BackingNotice, CounterKind, CounterSnapshot, VpmuSnapshot};
 pub use stats::{MsrAccessCounts, RegisterKind, VpmuStats};
-pub use totals::{EventTotal, EventTotals, ProgrammingId};
-pub use vpmu::{Fault, Limits, Vpmu, DEFAULT_RETRY_INTERVAL, HARDWARE_RECHECK, MAX_NOTICES};
+pub use totals::{EventTotal, EventTotals, ProgrammingId, Retired};
+pub use vpmu::{
+    Fault, Limits, Vpmu, DEFAULT_RETRY_INTERVAL, HARDWARE_RECHECK, MAX_NOTICES, MAX_RETIRED,
+};

@@ -154,9 +154,9 @@ pub struct VpmuStats {
     /// Resets to the power-on state.
     pub resets: u64,
     /// Counter contexts that ended (programming changed) after running;
-    /// each one's count went to [`crate::Vpmu::totals`].
+    /// each one's count went to [`crate::Vpmu::take_retired`].
     pub retired_contexts: u64,
-    /// Ended contexts of ids beyond [`crate::EventTotals::MAX_IDS`]: their
-    /// counts went to the totals' `other_count`, under no id.
+    /// Ended contexts dropped because the VMM did not take them in time
+    /// (more than [`crate::MAX_RETIRED`] ids waiting).
     pub retired_dropped: u64,
 }

@@ -5,8 +5,9 @@
 //! it counts, whatever the guest writes into its value (a sampling guest
 //! rewrites it at every PMI). When the context ends, because the guest
 //! programs the counter differently or the vPMU is reset or restored to
-//! another programming, [`crate::Vpmu`] adds its final count to its
-//! [`EventTotals`] ([`crate::Vpmu::totals`]) under the programming's id, the
+//! another programming, [`crate::Vpmu`] records a [`Retired`] entry: the
+//! programming's id and its final count. The VMM drains them with
+//! [`crate::Vpmu::take_retired`] and merges them into [`EventTotals`], the
 //! way perf merges an inherited counter into its parent's when the child
 //! exits: same programming id, same total; any other id is kept apart.
 
@@ -44,6 +45,20 @@ impl ProgrammingId {
     pub fn event_name(self, vendor: Vendor) -> Option<&'static str> {
         vendor::named_event(vendor, self.0).map(|e| e.name)
     }
+}
+
+/// A counter context that ended: what it counted under one programming.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retired {
+    /// The programming.
+    pub id: ProgrammingId,
+    /// Its event's well-known name, if any.
+    pub event_name: Option<Cow<'static, str>>,
+    /// Events counted while it lasted.
+    pub counted: u64,
+    /// How many contexts this entry merges (entries with the same id that
+    /// ended before the VMM drained them are merged).
+    pub contexts: u64,
 }
 
 /// The total of one programming id.
@@ -106,6 +121,13 @@ impl EventTotals {
                     contexts,
                 },
             ),
+        }
+    }
+
+    /// Merges retired contexts.
+    pub fn absorb(&mut self, retired: impl IntoIterator<Item = Retired>) {
+        for r in retired {
+            self.add(r.id, r.event_name, r.counted, r.contexts);
         }
     }
 

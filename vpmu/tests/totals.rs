@@ -6,17 +6,16 @@ mod common;
 use common::*;
 use vpmu::evtsel::{EN, INT, OS, USR};
 use vpmu::msr::*;
-use vpmu::{EventTotals, ProgrammingId};
+use vpmu::{EventTotals, ProgrammingId, Retired};
 
 fn id(select: u64) -> ProgrammingId {
     ProgrammingId::of_select(select)
 }
 
-fn counts(totals: &EventTotals) -> Vec<(ProgrammingId, u64, u64)> {
-    totals
-        .entries
+fn counts(retired: &[Retired]) -> Vec<(ProgrammingId, u64, u64)> {
+    retired
         .iter()
-        .map(|e| (e.id, e.count, e.contexts))
+        .map(|r| (r.id, r.counted, r.contexts))
         .collect()
 }
 
@@ -33,18 +32,17 @@ fn a_new_programming_retires_the_final_count_whatever_the_guest_wrote() {
     pmu.wrmsr(amd_ctl(0), CYCLES & !EN).unwrap();
     pmu.wrmsr(amd_ctl(0), CYCLES).unwrap();
     count_hw(&mut pmu, 5);
-    assert_eq!(pmu.totals(), &EventTotals::default());
+    assert!(!pmu.has_retired());
     let snapshot = pmu.snapshot();
     assert_eq!(snapshot.counters[0].counted, 135);
     assert_eq!(snapshot.counters[0].programming_id, id(CYCLES));
     assert!(snapshot.counters[0].ran);
 
     pmu.wrmsr(amd_ctl(0), INSTRUCTIONS).unwrap();
-    assert_eq!(counts(pmu.totals()), [(id(CYCLES), 135, 1)]);
-    assert_eq!(
-        pmu.totals().entries[0].event_name.as_deref(),
-        Some("cycles")
-    );
+    let retired = pmu.take_retired();
+    assert_eq!(counts(&retired), [(id(CYCLES), 135, 1)]);
+    assert_eq!(retired[0].event_name.as_deref(), Some("cycles"));
+    assert!(pmu.take_retired().is_empty(), "taken once");
     assert_eq!(pmu.snapshot().counters[0].counted, 0, "a new context");
     assert_eq!(pmu.stats().retired_contexts, 1);
 }
@@ -56,13 +54,13 @@ fn contexts_that_never_ran_retire_nothing() {
     pmu.wrmsr(amd_ctr(1), 1234).unwrap();
     pmu.wrmsr(amd_ctl(1), INSTRUCTIONS & !EN).unwrap();
     pmu.wrmsr(amd_ctl(1), 0).unwrap();
-    assert_eq!(pmu.totals(), &EventTotals::default());
+    assert!(!pmu.has_retired());
     // A context that ran but counted nothing (say, an unbacked event) is
     // reported with 0: the guest did count it.
     let mut bare = vpmu(amd_v2(6), false);
     bare.wrmsr(amd_ctl(0), INSTRUCTIONS).unwrap();
     bare.wrmsr(amd_ctl(0), 0).unwrap();
-    assert_eq!(counts(bare.totals()), [(id(INSTRUCTIONS), 0, 1)]);
+    assert_eq!(counts(&bare.take_retired()), [(id(INSTRUCTIONS), 0, 1)]);
 }
 
 #[test]
@@ -79,7 +77,8 @@ fn same_ids_merge_and_other_ids_are_kept_apart_across_counters_and_resets() {
     pmu.wrmsr(INTEL_PMC0, 0).unwrap();
     count_hw(&mut pmu, 2);
     pmu.reset();
-    let totals = pmu.totals();
+    let mut totals = EventTotals::default();
+    totals.absorb(pmu.take_retired());
     let cycles = totals.get(id(core_cycles)).unwrap();
     assert_eq!((cycles.count, cycles.contexts), (84, 2));
     assert_eq!(cycles.event_name.as_deref(), Some("cycles"));
@@ -96,7 +95,7 @@ fn same_ids_merge_and_other_ids_are_kept_apart_across_counters_and_resets() {
     pmu.wrmsr(INTEL_GLOBAL_CTRL, 1).unwrap();
     count_hw(&mut pmu, 8);
     pmu.reset();
-    let totals = pmu.totals();
+    totals.absorb(pmu.take_retired());
     assert_eq!(totals.get(id(core_cycles)).unwrap().count, 92);
     assert_eq!(pmu.stats().retired_contexts, 4);
 }
@@ -108,47 +107,22 @@ fn restores_retire_only_what_they_reprogram() {
     count_hw(&mut pmu, 10);
     let cycles = pmu.save();
     pmu.restore(&cycles).unwrap();
-    assert_eq!(
-        pmu.totals(),
-        &EventTotals::default(),
-        "an equivalent restore ends no context"
-    );
+    assert!(!pmu.has_retired(), "an equivalent restore ends no context");
     count_hw(&mut pmu, 5);
     let mut other = cycles.clone();
     other.event_selects[0] = INSTRUCTIONS;
     pmu.restore(&other).unwrap();
-    assert_eq!(counts(pmu.totals()), [(id(CYCLES), 15, 1)]);
+    assert_eq!(counts(&pmu.take_retired()), [(id(CYCLES), 15, 1)]);
 }
 
 #[test]
-fn totals_keep_ids_apart_up_to_their_limit_and_the_rest_under_other() {
+fn the_pending_list_is_bounded() {
     let mut pmu = vpmu(amd_v2(6), true);
-    let extra = 5;
-    let n = (EventTotals::MAX_IDS + extra) as u64;
-    for select in 0..n {
-        // Distinct ids: event codes 0x00..=0xff, then unit masks.
-        let (event, umask) = (select & 0xff, select >> 8);
-        pmu.wrmsr(amd_ctl(0), umask << 8 | event | USR | EN)
-            .unwrap();
+    let n = vpmu::MAX_RETIRED as u64 + 5;
+    for umask in 0..n {
+        pmu.wrmsr(amd_ctl(0), umask << 8 | 0xC0 | USR | EN).unwrap();
     }
     pmu.wrmsr(amd_ctl(0), 0).unwrap();
-    let totals = pmu.totals();
-    assert_eq!(totals.entries.len(), EventTotals::MAX_IDS);
-    assert_eq!(totals.other_contexts, extra as u64);
-    assert_eq!(pmu.stats().retired_dropped, extra as u64);
-    assert_eq!(pmu.stats().retired_contexts, n);
-}
-
-#[test]
-fn carried_totals_merge_with_the_new_vpmus_own() {
-    let mut old = vpmu(amd_v2(6), true);
-    old.wrmsr(amd_ctl(0), CYCLES).unwrap();
-    count_hw(&mut old, 10);
-    old.wrmsr(amd_ctl(0), 0).unwrap();
-    let mut new = vpmu(amd_v2(6), true);
-    new.carry_totals(old.totals());
-    new.wrmsr(amd_ctl(0), CYCLES).unwrap();
-    count_hw(&mut new, 4);
-    new.wrmsr(amd_ctl(0), INSTRUCTIONS).unwrap();
-    assert_eq!(counts(new.totals()), [(id(CYCLES), 14, 2)]);
+    assert_eq!(pmu.take_retired().len(), vpmu::MAX_RETIRED);
+    assert_eq!(pmu.stats().retired_dropped, 5);
 }

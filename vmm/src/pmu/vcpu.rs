@@ -73,6 +73,9 @@ pub struct VcpuPmu {
     pub trace_pmis: bool,
     /// Saved while the VMM holds the vCPU off the CPU (pause).
     switched_out: Option<VpmuContext>,
+    /// Counts of this vCPU's ended counter contexts, by programming id:
+    /// they outlive reprogramming and vPMU resets.
+    retired: EventTotals,
     /// The counter MSRs for `mirror`, allocated once.
     mirror_msrs: Option<Msrs>,
 }
@@ -95,16 +98,13 @@ impl VcpuPmu {
             tid: PerfBackend::current_tid(),
             signal: crate::kick::overflow_signal(),
         }));
-        let mut vpmu = Vpmu::new(
+        let vpmu = Vpmu::new(
             model,
             plan.policy.clone(),
             backend,
             GuestClock::new(tsc_khz),
         )
         .map_err(|e| e.to_string())?;
-        if let Some(carried) = &carried {
-            vpmu.carry_totals(carried);
-        }
         Ok(Self {
             vpmu,
             apic_id,
@@ -114,6 +114,7 @@ impl VcpuPmu {
             delivery: PmiDelivery::default(),
             trace_pmis: false,
             switched_out: None,
+            retired: carried.unwrap_or_default(),
             mirror_msrs: None,
         })
     }
@@ -126,8 +127,16 @@ impl VcpuPmu {
 
     pub fn wrmsr(&mut self, index: u32, value: u64) -> Result<(), Fault> {
         let result = self.vpmu.wrmsr(index, value);
+        self.take_retired();
         self.exit_delay.wait();
         result
+    }
+
+    /// Merges the counter contexts that ended into this vCPU's totals.
+    fn take_retired(&mut self) {
+        if self.vpmu.has_retired() {
+            self.retired.absorb(self.vpmu.take_retired());
+        }
     }
 
     /// Right before `KVM_RUN`: turns host overflows into PMIs, keeps KVM's
@@ -296,6 +305,7 @@ impl VcpuPmu {
         if let Some(context) = self.switched_out.take() {
             // The context came from this vPMU: it always matches its model.
             let _ = self.vpmu.restore(&context);
+            self.take_retired();
         }
     }
 
@@ -318,7 +328,7 @@ impl VcpuPmu {
             paused,
             vpmu,
             pmi_delivery: self.delivery,
-            retired: self.vpmu.totals().clone(),
+            retired: self.retired.clone(),
         });
     }
 }

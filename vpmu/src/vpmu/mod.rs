@@ -16,7 +16,7 @@ use crate::model::{ModelError, PmuModel};
 use crate::policy::EventPolicy;
 use crate::snapshot::{BackingNotice, CounterKind};
 use crate::stats::VpmuStats;
-use crate::totals::{EventTotals, ProgrammingId};
+use crate::totals::{ProgrammingId, Retired};
 use crate::vendor::{self, Layout, VendorOps};
 
 use counter::Counter;
@@ -177,9 +177,8 @@ pub struct Vpmu<B: Backend> {
     /// When the host said so (the verdict is checked again after
     /// [`HARDWARE_RECHECK`]).
     no_hardware_since: Option<Instant>,
-    /// What the counter contexts that ended counted, by programming id,
-    /// plus the totals the VMM carried in ([`Vpmu::carry_totals`]).
-    totals: EventTotals,
+    /// Ended counter contexts the VMM has not taken yet, one per id.
+    retired: Vec<Retired>,
     /// Shortest time between two attempts to open a refused programming.
     retry_interval: Duration,
     /// Backing changes the VMM has not taken yet.
@@ -197,6 +196,10 @@ pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_millis(100);
 /// Notices [`Vpmu::take_notices`] holds between two calls; more are
 /// dropped (and counted in [`VpmuStats::notices_dropped`]).
 pub const MAX_NOTICES: usize = 64;
+
+/// Distinct programming ids [`Vpmu::take_retired`] holds between two
+/// calls; contexts of further ids are dropped (and counted).
+pub const MAX_RETIRED: usize = 64;
 
 impl<B: Backend> Vpmu<B> {
     /// A vPMU in its power-on state. Fails when the model is invalid.
@@ -240,7 +243,7 @@ impl<B: Backend> Vpmu<B> {
             pending_pmi: false,
             no_hardware: None,
             no_hardware_since: None,
-            totals: EventTotals::default(),
+            retired: Vec::new(),
             retry_interval: DEFAULT_RETRY_INTERVAL,
             notices: Vec::new(),
             stats: VpmuStats::default(),
@@ -330,18 +333,20 @@ impl<B: Backend> Vpmu<B> {
         pending
     }
 
-    /// What every counter context that ended (a new programming, a reset,
-    /// a restore of another programming) counted, merged by programming
-    /// id, plus the carried totals. Contexts that never ran are not in it;
-    /// live contexts are the snapshot's `counted`.
-    pub fn totals(&self) -> &EventTotals {
-        &self.totals
+    /// Takes the counter contexts that ended since the last call (a new
+    /// programming, a reset, a restore of another programming), each with
+    /// its programming id and what it counted; contexts of the same id are
+    /// merged. Contexts that never ran are not reported. The VMM merges
+    /// them into its [`crate::EventTotals`]; call it after every
+    /// [`Vpmu::wrmsr`], [`Vpmu::restore`] and [`Vpmu::reset`] (at most
+    /// [`MAX_RETIRED`] ids are held in between).
+    pub fn take_retired(&mut self) -> Vec<Retired> {
+        std::mem::take(&mut self.retired)
     }
 
-    /// Adds totals from before this vPMU existed (a previous boot of the
-    /// vCPU) to [`Vpmu::totals`].
-    pub fn carry_totals(&mut self, carried: &EventTotals) {
-        self.totals.merge(carried);
+    /// Whether [`Vpmu::take_retired`] has anything (cheap).
+    pub fn has_retired(&self) -> bool {
+        !self.retired.is_empty()
     }
 
     /// Counter `i`'s context ends (its programming is about to change):
@@ -356,10 +361,19 @@ impl<B: Backend> Vpmu<B> {
         }
         self.stats.retired_contexts += 1;
         let id = ProgrammingId(counter.programming);
-        let beyond = self.totals.other_contexts;
-        let name = id.event_name(self.model.vendor).map(Into::into);
-        self.totals.add(id, name, counted, 1);
-        self.stats.retired_dropped += self.totals.other_contexts - beyond;
+        if let Some(entry) = self.retired.iter_mut().find(|r| r.id == id) {
+            entry.counted = entry.counted.saturating_add(counted);
+            entry.contexts += 1;
+        } else if self.retired.len() < MAX_RETIRED {
+            self.retired.push(Retired {
+                id,
+                event_name: id.event_name(self.model.vendor).map(Into::into),
+                counted,
+                contexts: 1,
+            });
+        } else {
+            self.stats.retired_dropped += 1;
+        }
     }
 
     /// Current value of every counter with its canonical MSR, general-purpose

@@ -154,7 +154,8 @@ impl Vcpu {
         }
     }
 
-    /// Publishes when a reader asked or the last view is getting old.
+    /// Publishes when a reader asked, a counter context ended (rare: only
+    /// on reprogramming) or the last view is getting old.
     /// A signal exit (`kicked`) may carry a PMI: the periodic view (a
     /// snapshot, tens of us here) waits for the next exit rather than delay
     /// the PMI; a reader's request does not wait.
@@ -162,7 +163,9 @@ impl Vcpu {
         let Some(export) = &self.export else {
             return;
         };
+        let retired = self.pmu.as_ref().is_some_and(|p| p.publish_due());
         if export.take_refresh(self.index)
+            || retired
             || (!kicked && self.last_publish.elapsed() >= PUBLISH_INTERVAL)
         {
             self.publish(false);

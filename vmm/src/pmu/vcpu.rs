@@ -76,6 +76,9 @@ pub struct VcpuPmu {
     /// Counts of this vCPU's ended counter contexts, by programming id:
     /// they outlive reprogramming and vPMU resets.
     retired: EventTotals,
+    /// A context ended since the last published view: the next view is due
+    /// now, so that a reader never sees a programming the guest already left.
+    retired_unpublished: bool,
     /// The counter MSRs for `mirror`, allocated once.
     mirror_msrs: Option<Msrs>,
 }
@@ -115,6 +118,7 @@ impl VcpuPmu {
             trace_pmis: false,
             switched_out: None,
             retired: carried.unwrap_or_default(),
+            retired_unpublished: false,
             mirror_msrs: None,
         })
     }
@@ -136,7 +140,13 @@ impl VcpuPmu {
     fn take_retired(&mut self) {
         if self.vpmu.has_retired() {
             self.retired.absorb(self.vpmu.take_retired());
+            self.retired_unpublished = true;
         }
+    }
+
+    /// Whether a counter context ended since the last published view.
+    pub fn publish_due(&self) -> bool {
+        self.retired_unpublished
     }
 
     /// Right before `KVM_RUN`: turns host overflows into PMIs, keeps KVM's
@@ -316,6 +326,7 @@ impl VcpuPmu {
 
     /// Publishes a fresh view for the host.
     pub fn publish(&mut self, export: &Export, paused: bool) {
+        self.retired_unpublished = false;
         let vpmu = self.vpmu.snapshot();
         // Host backing lost or regained: one line per change, never one
         // per attempt (the vPMU retries refused events by itself).

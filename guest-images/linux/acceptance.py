@@ -217,6 +217,11 @@ def perf_csv(lines):
     return rows
 
 
+def perf_row(rows, event):
+    """The perf_csv row of `event`, or None."""
+    return next((x for x in rows if x[2] == event), None)
+
+
 def busy_line(lines):
     for line in lines:
         m = re.search(r"busy: mode=(\w+) cpu_ms=(\d+) user_ms=(\d+) sys_ms=(\d+)", line)
@@ -298,8 +303,8 @@ def judge_main(g, r):
 
     out, rc = g.step("stat")
     rows = perf_csv(out or [])
-    cyc = next((x for x in rows if x[2] == "cycles"), None)
-    clk = next((x for x in rows if x[2] == "task-clock"), None)
+    cyc = perf_row(rows, "cycles")
+    clk = perf_row(rows, "task-clock")
     sf = facts(out or [])
     if cyc and clk and cyc[0] and clk[0] and tsc_khz:
         # perf's task-clock is the task's time on its (virtual) CPU, steal
@@ -325,8 +330,8 @@ def judge_main(g, r):
 
     out, rc = g.step("unbacked")
     rows = perf_csv(out or [])
-    ins = next((x for x in rows if x[2] == "instructions"), None)
-    cyc = next((x for x in rows if x[2] == "cycles"), None)
+    ins = perf_row(rows, "instructions")
+    cyc = perf_row(rows, "cycles")
     host = [c for c in counters(g.snapshots.get("unbacked END")) if event_of(c) == 0xC0]
     reasons = [c["backing"].get("reason", "") for c in host if c["backing"]["kind"] == "unbacked"]
     # AMD has no way to tell the guest an event is unavailable: perf shows 0
@@ -369,7 +374,7 @@ def judge_main(g, r):
 
     out, rc = g.step("api")
     rows = perf_csv(out or [])
-    cyc = next((x for x in rows if x[2] == "cycles"), None)
+    cyc = perf_row(rows, "cycles")
     live = [c for s in g.during.get("api", []) for c in counters(s)
             if c.get("running") and event_of(c) == AMD_CYCLES]
     r.add("main.api-live", bool(live),
@@ -451,7 +456,7 @@ def judge_off(g, r):
         return
     text = "\n".join(out)
     rows = perf_csv(out)
-    cyc = next((x for x in rows if x[2] == "cycles"), None)
+    cyc = perf_row(rows, "cycles")
     # "no PMU driver, software events only." or, as a guest (CPUID's
     # hypervisor bit), "PMU not available due to virtualization, using
     # software events only."
@@ -467,7 +472,7 @@ def judge_deny(g, r):
         r.skip("deny.cycles", "the guest never ran the step")
         return
     rows = perf_csv(out)
-    cyc = next((x for x in rows if x[2] == "cycles"), None)
+    cyc = perf_row(rows, "cycles")
     host = [c for c in counters(g.snapshots.get("deny END")) if event_of(c) == AMD_CYCLES]
     denied = [c for c in host if c["backing"]["kind"] == "denied"]
     opens = re.search(r"(\d+) perf_event_open", g.vmm_stderr())

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::cpuid::CpuidRegs;
+use crate::policy::EventPolicy;
 use crate::vendor;
 
 /// Version of the serialized [`PmuModel`] format.
@@ -18,6 +19,15 @@ pub enum Vendor {
     Amd,
     /// GenuineIntel.
     Intel,
+}
+
+impl Vendor {
+    /// Whether this vendor's local APIC masks LVTPC when it delivers a PMI
+    /// (Intel; the guest's handler unmasks it), so a VMM delivering PMIs
+    /// must mask it too.
+    pub fn masks_lvtpc_on_pmi(self) -> bool {
+        vendor::ops(self).masks_lvtpc_on_pmi()
+    }
 }
 
 /// One guest-visible PMU.
@@ -255,6 +265,32 @@ impl PmuModel {
         self
     }
 
+    /// The model with a user's overrides of version and counter counts,
+    /// under the vendor's rules for what they imply (e.g. AMD's 4 legacy
+    /// counters).
+    pub fn shaped(self, version: Option<u8>, gp_counters: Option<u8>, fixed: Option<u8>) -> Self {
+        let mut model = self;
+        if let Some(v) = version {
+            model = model.with_version(v);
+        }
+        if let Some(n) = gp_counters {
+            model = vendor::ops(model.vendor).with_gp_counters(model, n);
+        }
+        if let Some(n) = fixed {
+            model = model.with_fixed_counters(n);
+        }
+        model
+    }
+
+    /// The model telling the guest, where the vendor has a way (Intel's
+    /// CPUID.0AH:EBX; AMD has none), which architectural events it cannot
+    /// count: those `policy` denies and, without `hardware_events` on the
+    /// host, those the task clock cannot stand in for.
+    pub fn with_unavailable_events(self, policy: &EventPolicy, hardware_events: bool) -> Self {
+        let unavailable = policy.intel_unavailable_events(hardware_events);
+        vendor::ops(self.vendor).with_unavailable_events(self, unavailable)
+    }
+
     /// Checks that real hardware of this vendor could look like this.
     pub fn validate(&self) -> Result<(), ModelError> {
         if self.format != MODEL_FORMAT {
@@ -321,6 +357,35 @@ fn merge_ranges(mut ranges: Vec<MsrRange>) -> Vec<MsrRange> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vendor_rules_shape_the_users_overrides() {
+        // AMD: 4 or fewer counters at version 1 are the legacy PMU, 6 keep
+        // PerfCtrExtCore.
+        let amd = PmuModel::new(Vendor::Amd, 2, 6, 48).with_amd_perfctr_core(true);
+        let legacy = amd.clone().shaped(Some(1), Some(4), None);
+        assert!(!legacy.amd_perfctr_core);
+        assert!(legacy.validate().is_ok(), "{legacy:?}");
+        let ext = amd.shaped(Some(1), Some(6), None);
+        assert!(ext.amd_perfctr_core && ext.gp_counters == 6);
+        // Intel: counts are taken as given.
+        let intel = PmuModel::new(Vendor::Intel, 4, 8, 48).shaped(Some(2), Some(2), Some(3));
+        assert_eq!(
+            (intel.version, intel.gp_counters, intel.fixed_counters),
+            (2, 2, 3)
+        );
+    }
+
+    #[test]
+    fn only_intel_can_tell_the_guest_what_it_cannot_count() {
+        let policy: EventPolicy = "all".parse().unwrap();
+        let intel = PmuModel::new(Vendor::Intel, 2, 4, 48).with_unavailable_events(&policy, false);
+        assert_eq!(intel.intel_unavailable_events, 0b111_1010);
+        let amd = PmuModel::new(Vendor::Amd, 2, 6, 48).with_unavailable_events(&policy, false);
+        assert_eq!(amd.intel_unavailable_events, 0, "AMD has no such field");
+        assert!(Vendor::Intel.masks_lvtpc_on_pmi());
+        assert!(!Vendor::Amd.masks_lvtpc_on_pmi());
+    }
 
     #[test]
     fn adjacent_ranges_merge() {

@@ -208,27 +208,9 @@ pub fn plan(opts: &VpmuOptions, host: &HostPmu, rdmsr_guest: bool) -> Result<Pmu
         cpuid: Some(HostCpuid::detect()),
         intel_full_width_writes: false,
     };
-    let mut model = PmuModel::best_for_host(vendor, &facts);
-    if let Some(v) = opts.version {
-        model = model.with_version(v);
-    }
-    if let Some(n) = opts.gp_counters {
-        model = model.with_gp_counters(n);
-        // AMD's 4 legacy counters are the version-1 model without
-        // PerfCtrExtCore; with it, version 1 has exactly 6.
-        if vendor == Vendor::Amd && model.version == 1 && n <= 4 {
-            model = model.with_amd_perfctr_core(false);
-        }
-    }
-    if let Some(n) = opts.fixed_counters {
-        model = model.with_fixed_counters(n);
-    }
-    if vendor == Vendor::Intel {
-        model = model.with_intel_unavailable_events(
-            opts.events
-                .intel_unavailable_events(host.hardware_events.is_ok()),
-        );
-    }
+    let model = PmuModel::best_for_host(vendor, &facts)
+        .shaped(opts.version, opts.gp_counters, opts.fixed_counters)
+        .with_unavailable_events(&opts.events, host.hardware_events.is_ok());
     model
         .validate()
         .map_err(|e| StartError::Config(format!("impossible vPMU: {e}")))?;

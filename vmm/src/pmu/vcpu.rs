@@ -7,8 +7,7 @@ use kvm_bindings::{kvm_msi, Msrs};
 use kvm_ioctls::{VcpuFd, VmFd};
 use vpmu::backend::perf::PerfBackend;
 use vpmu::{
-    Backend, EventTotals, Fault, GuestClock, OverflowNotify, Vendor, Vpmu, VpmuContext,
-    VpmuSnapshot,
+    Backend, EventTotals, Fault, GuestClock, OverflowNotify, Vpmu, VpmuContext, VpmuSnapshot,
 };
 
 use std::time::Instant;
@@ -113,7 +112,7 @@ impl VcpuPmu {
             apic_id,
             exit_delay: ExitDelay::from_env(),
             mirror_rdpmc: plan.rdpmc == Rdpmc::Mirrored,
-            mask_lvtpc_on_pmi: vendor == Vendor::Intel,
+            mask_lvtpc_on_pmi: vendor.masks_lvtpc_on_pmi(),
             delivery: PmiDelivery::default(),
             trace_pmis: false,
             switched_out: None,

@@ -206,6 +206,21 @@ impl VendorOps for Amd {
         }
     }
 
+    /// AMD's 4 legacy counters are the version-1 model without
+    /// PerfCtrExtCore; with it, version 1 has exactly 6.
+    fn with_gp_counters(&self, model: PmuModel, count: u8) -> PmuModel {
+        let model = model.with_gp_counters(count);
+        if model.version == 1 && count <= 4 {
+            model.with_amd_perfctr_core(false)
+        } else {
+            model
+        }
+    }
+
+    fn masks_lvtpc_on_pmi(&self) -> bool {
+        false
+    }
+
     fn required_leaves(&self, m: &PmuModel) -> &'static [Leaf] {
         if m.has_amd_perfmon_v2() {
             &[

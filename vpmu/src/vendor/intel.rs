@@ -289,4 +289,15 @@ impl VendorOps for Intel {
     fn required_leaves(&self, _m: &PmuModel) -> &'static [Leaf] {
         &[(0, 0), (1, 0), (LEAF_ARCH_PERFMON, 0)]
     }
+
+    /// CPUID.0AH:EBX: one "not available" bit per architectural event.
+    fn with_unavailable_events(&self, model: PmuModel, unavailable: u8) -> PmuModel {
+        model.with_intel_unavailable_events(unavailable)
+    }
+
+    /// SDM: the LVT performance counter entry's mask bit is set when a PMI
+    /// is delivered; the handler unmasks it.
+    fn masks_lvtpc_on_pmi(&self) -> bool {
+        true
+    }
 }

@@ -100,6 +100,19 @@ pub(crate) trait VendorOps: Sync {
     fn named_events(&self) -> &'static [NamedEvent];
     fn advertise(&self, model: &PmuModel, leaf: u32, subleaf: u32, regs: &mut CpuidRegs);
     fn required_leaves(&self, model: &PmuModel) -> &'static [Leaf];
+    /// `model` with `count` general-purpose counters, under this vendor's
+    /// rules for what that count implies.
+    fn with_gp_counters(&self, model: PmuModel, count: u8) -> PmuModel {
+        model.with_gp_counters(count)
+    }
+    /// `model` telling the guest which named events it cannot count
+    /// (`unavailable`: those the policy denies or the host cannot back),
+    /// where the vendor has a way to say so.
+    fn with_unavailable_events(&self, model: PmuModel, _unavailable: u8) -> PmuModel {
+        model
+    }
+    /// Whether the local APIC masks LVTPC when it delivers a PMI.
+    fn masks_lvtpc_on_pmi(&self) -> bool;
 }
 
 /// The operations of `vendor`.

@@ -12,7 +12,7 @@
 #
 # Needs a Debian 12 (bookworm) host with apt; installs the tools it needs
 # (cpio, binutils, make, flex, bison, libelf-dev ...) with apt-get when they
-# are missing. Downloads go to cache/ (about 190 MB the first time), the
+# are missing. Downloads go to cache/ (154 MiB the first time), the
 # kernel's source and object trees too (incremental: seconds after a patch
 # changes one file), so later runs are offline and fast; when the outputs
 # are up to date (same packages, same scripts, config and patches) it does

@@ -522,7 +522,13 @@ def bench_report(g):
         busy = busy_line(m.group(3).splitlines())
         wall = re.search(r"wall_ms=(\d+)", m.group(3))
         b, e = marks.get(key + ("BEGIN",)), marks.get(key + ("END",))
-        if not busy or not b or not e or not b[0] or not e[0]:
+        if not b or not e or not b[0] or not e[0]:
+            continue
+        if not busy:
+            # The work did not finish (a bounded run): what it cost so far.
+            p0, _, _ = vpmu_totals(b[0])
+            p1, _, _ = vpmu_totals(e[0])
+            runs.setdefault(m.group(2) + " (unfinished)", []).append({"pmis": p1 - p0})
             continue
         p0, x0, s0 = vpmu_totals(b[0])
         p1, x1, s1 = vpmu_totals(e[0])
@@ -541,6 +547,10 @@ def bench_report(g):
     base = median([r["cpu_ms"] for r in runs["plain"]])
     lines.append(f"plain: busy work {len(runs['plain'])} runs, median {base:.0f} ms of guest "
                  f"CPU time")
+    for mode, rs in runs.items():
+        if mode.endswith("(unfinished)"):
+            lines.append(f"{mode}: {len(rs)} runs stopped by their time limit after "
+                         f"{median([r['pmis'] for r in rs]):.0f} samples (median)")
     for mode in ["stat", "f1000", "f4000"]:
         rs = runs.get(mode, [])
         if not rs:

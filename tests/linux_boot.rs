@@ -102,13 +102,18 @@ fn image() -> &'static Image {
         let script = repo().join("guest-images/linux/build.sh");
         let out = repo().join("guest-images/linux/out");
         let log = std::env::temp_dir().join(format!("vmm-linux-build-{}.log", std::process::id()));
-        let (code, took, killed) = run_bounded(
-            Command::new("bash").arg(&script).arg("--out").arg(&out),
-            &log,
-            Duration::from_secs(BUILD_LIMIT_S),
-        );
-        let text = fs::read_to_string(&log).unwrap_or_default();
-        let _ = fs::remove_file(&log);
+        // build.sh's exit code, time, whether it was killed, and its output.
+        let build = || {
+            let (code, took, killed) = run_bounded(
+                Command::new("bash").arg(&script).arg("--out").arg(&out),
+                &log,
+                Duration::from_secs(BUILD_LIMIT_S),
+            );
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            let _ = fs::remove_file(&log);
+            (code, took, killed, text)
+        };
+        let (code, took, killed, text) = build();
         assert!(
             !killed,
             "build.sh did not finish in {BUILD_LIMIT_S} s:\n{text}"
@@ -120,13 +125,7 @@ fn image() -> &'static Image {
             assert!(meta.len() > 1 << 20, "{f} is only {} bytes", meta.len());
         }
         // Cached: with unchanged inputs a second run builds nothing.
-        let (code, took, _) = run_bounded(
-            Command::new("bash").arg(&script).arg("--out").arg(&out),
-            &log,
-            Duration::from_secs(BUILD_LIMIT_S),
-        );
-        let again = fs::read_to_string(&log).unwrap_or_default();
-        let _ = fs::remove_file(&log);
+        let (code, took, _, again) = build();
         assert_eq!(code, Some(0), "build.sh failed the second time:\n{again}");
         assert!(
             again.contains("up to date") && !again.contains("building the kernel"),

@@ -40,6 +40,13 @@ fn help_tells_the_flags_and_exit_codes() {
     ] {
         assert!(help.contains(flag), "help lacks {flag}: {help}");
     }
+    // The testing aid is in the long help only.
+    assert!(help.contains("--cpu-vendor"), "{help}");
+    let short = common::stdout(&run(&["run", "-h"]));
+    assert!(
+        short.contains("--kernel") && !short.contains("--cpu-vendor"),
+        "{short}"
+    );
 }
 
 #[test]
@@ -146,4 +153,25 @@ fn impossible_vpmu_flags_are_refused() {
     assert_bad_input(&run(&["--vpmu-gp-counters", "40"]), "impossible vPMU");
     // AMD has no fixed counters, Intel has at most a few.
     assert_bad_input(&run(&["--vpmu-fixed-counters", "9"]), "impossible vPMU");
+    // Flags mean what they mean for the vendor the guest sees.
+    assert_bad_input(
+        &run(&["--cpu-vendor", "amd", "--vpmu-fixed-counters", "1"]),
+        "impossible vPMU",
+    );
+    assert_bad_input(
+        &run(&["--cpu-vendor", "intel", "--vpmu-version", "5"]),
+        "Intel PMU version 5",
+    );
+    assert_bad_input(
+        &run(&[
+            "--cpu-vendor",
+            "intel",
+            "--vpmu-version",
+            "1",
+            "--vpmu-fixed-counters",
+            "2",
+        ]),
+        "fixed counters need version 2",
+    );
+    assert_bad_input(&run(&["--cpu-vendor", "via"]), "invalid value 'via'");
 }

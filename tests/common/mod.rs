@@ -196,6 +196,11 @@ pub fn perf_opens(o: &Output, vcpu: u32) -> u64 {
     vpmu_summary(o, vcpu, " perf_event_open")
 }
 
+/// Whether the host CPU is AMD's (its vPMU model, by default, is AMD's).
+pub fn host_is_amd() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains("AuthenticAMD"))
+}
+
 /// The guest TSC rate the probe reports (`probe: tsc_khz=...`), in kHz.
 pub fn tsc_khz(stdout: &str) -> f64 {
     stdout

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{OnReset, SerialSink, VmConfig, DEFAULT_MEMORY_MIB};
+use crate::config::{CpuVendor, OnReset, SerialSink, VmConfig, DEFAULT_MEMORY_MIB};
 use crate::error::StartError;
 use crate::loader::ImageKind;
 use crate::pmu::{VpmuMode, VpmuOptions};
@@ -144,6 +144,14 @@ pub struct RunArgs {
     /// totals.
     #[arg(long, value_name = "ACTION", value_enum, default_value_t = OnReset::Exit)]
     on_reset: OnReset,
+    /// Testing aid: the CPU vendor the guest sees in CPUID (host, amd,
+    /// intel), and so the vendor of its vPMU model, with every --vpmu-*
+    /// flag meaning what it means for that vendor. The guest still runs on
+    /// the host's CPU: under a foreign vendor host perf cannot count the
+    /// guest's events, so core cycles are counted by task-clock and other
+    /// events are unbacked (reported as such), and guest RDPMC faults.
+    #[arg(long, value_name = "VENDOR", value_enum, default_value_t = CpuVendor::Host, hide_short_help = true)]
+    cpu_vendor: CpuVendor,
     /// Stop the guest after this many seconds, over all reboots (exit code 3).
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, allow_negative_numbers = true)]
     timeout: Option<Duration>,
@@ -197,6 +205,7 @@ impl RunArgs {
             },
             api_socket: self.api_socket.clone(),
             on_reset: self.on_reset,
+            cpu_vendor: self.cpu_vendor,
             #[cfg(feature = "bench")]
             bench: crate::bench::BenchOptions {
                 msr: self.bench_msr,

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use vpmu::Vendor;
+
 use crate::pmu::VpmuOptions;
 
 /// Where the guest's serial console goes.
@@ -39,6 +41,39 @@ pub enum OnReset {
     Reboot,
 }
 
+/// `--cpu-vendor`: the CPU vendor the guest sees in CPUID, and so the
+/// vendor of its vPMU model. A testing aid: it lets these AMD hosts drive
+/// the Intel model through KVM (and an Intel host the AMD one).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CpuVendor {
+    /// The host's vendor.
+    #[default]
+    Host,
+    /// AuthenticAMD.
+    Amd,
+    /// GenuineIntel.
+    Intel,
+}
+
+impl CpuVendor {
+    /// The guest's vendor on a host of `host` vendor (`None`: neither AMD
+    /// nor Intel). `Err` when another vendor is asked of such a host.
+    pub fn resolve(self, host: Option<Vendor>) -> Result<Option<Vendor>, String> {
+        let wanted = match self {
+            CpuVendor::Host => return Ok(host),
+            CpuVendor::Amd => Vendor::Amd,
+            CpuVendor::Intel => Vendor::Intel,
+        };
+        match host {
+            Some(_) => Ok(Some(wanted)),
+            None => Err(format!(
+                "--cpu-vendor: the host CPU is neither AMD nor Intel, so it cannot be \
+                 presented as {wanted:?}"
+            )),
+        }
+    }
+}
+
 /// Default guest memory.
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
 /// Smallest guest memory the boot layout fits in (the low 1 MiB holds the
@@ -62,6 +97,7 @@ pub struct VmConfig {
     /// Where to serve the host-side API.
     pub api_socket: Option<PathBuf>,
     pub on_reset: OnReset,
+    pub cpu_vendor: CpuVendor,
     /// Hidden benchmark instrumentation.
     #[cfg(feature = "bench")]
     pub bench: crate::bench::BenchOptions,
@@ -80,6 +116,7 @@ impl Default for VmConfig {
             vpmu: VpmuOptions::default(),
             api_socket: None,
             on_reset: OnReset::Exit,
+            cpu_vendor: CpuVendor::Host,
             #[cfg(feature = "bench")]
             bench: Default::default(),
         }

@@ -420,10 +420,24 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(StartError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-        let host_pmu = HostPmu::detect(&kvm, cpuid::vendor(supported.as_slice()));
+        let host_vendor = cpuid::vendor(supported.as_slice());
+        let guest_vendor = config
+            .cpu_vendor
+            .resolve(host_vendor)
+            .map_err(StartError::Config)?;
+        let mut supported = supported;
+        if let Some(vendor) = guest_vendor.filter(|&v| Some(v) != host_vendor) {
+            cpuid::set_vendor(supported.as_mut_slice(), vendor);
+        }
+        let host_pmu = HostPmu::detect(&kvm, host_vendor);
         let rdmsr_guest =
             pmu::reads_counters_with_rdmsr(config.kernel.is_some(), config.cmdline.as_deref());
-        let plan = Arc::new(pmu::plan(&config.vpmu, &host_pmu, rdmsr_guest)?);
+        let plan = Arc::new(pmu::plan(
+            &config.vpmu,
+            &host_pmu,
+            guest_vendor,
+            rdmsr_guest,
+        )?);
         let vcpu_cpuid = pmu_cpuid(&supported, &plan)?;
 
         // Bound now, while single-threaded (mode 0600 via the umask), so that

@@ -11,7 +11,7 @@ use crate::vendor;
 /// Version of the serialized [`PmuModel`] format.
 pub const MODEL_FORMAT: u32 = 1;
 
-/// CPU vendor of the guest (KVM requires it to equal the host's).
+/// CPU vendor of the guest: the host's, unless the VMM presents another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Vendor {
@@ -272,6 +272,11 @@ impl PmuModel {
         let mut model = self;
         if let Some(v) = version {
             model = model.with_version(v);
+            // Fixed counters came with Intel's version 2: an older model
+            // has none unless they are asked for (which `validate` refuses).
+            if v < 2 {
+                model = model.with_fixed_counters(0);
+            }
         }
         if let Some(n) = gp_counters {
             model = vendor::ops(model.vendor).with_gp_counters(model, n);
@@ -374,6 +379,12 @@ mod tests {
             (intel.version, intel.gp_counters, intel.fixed_counters),
             (2, 2, 3)
         );
+        // Version 1 drops the fixed counters it cannot have, unless asked.
+        let v4 = PmuModel::new(Vendor::Intel, 4, 4, 48).with_fixed_counters(3);
+        let v1 = v4.clone().shaped(Some(1), None, None);
+        assert_eq!(v1.fixed_counters, 0);
+        assert!(v1.validate().is_ok(), "{v1:?}");
+        assert!(v4.shaped(Some(1), None, Some(3)).validate().is_err());
     }
 
     #[test]

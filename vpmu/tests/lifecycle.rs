@@ -316,6 +316,39 @@ fn denied_events_are_never_opened_and_read_as_not_counting() {
 }
 
 #[test]
+fn a_model_of_another_vendor_never_opens_raw_events_on_a_hardware_host() {
+    // An Intel model on a host with an AMD PMU (`--cpu-vendor intel`):
+    // event 0xC0 is instructions on Intel but not on AMD.
+    let mut pmu = vpmu(intel(4), true).with_host_vendor(Some(vpmu::Vendor::Amd));
+    pmu.wrmsr(INTEL_PERFEVTSEL0, 0x3C | USR | OS | EN).unwrap(); // cycles
+    pmu.wrmsr(INTEL_PERFEVTSEL0 + 1, 0xC0 | USR | OS | EN)
+        .unwrap(); // instructions
+    pmu.wrmsr(INTEL_GLOBAL_CTRL, 0b11).unwrap();
+    run_guest(&mut pmu, 1_000_000);
+    assert!(
+        pmu.backend()
+            .events
+            .iter()
+            .all(|e| !matches!(e.spec.source, EventSource::HardwareRaw { .. })),
+        "no raw event was opened"
+    );
+    assert!(pmu.rdmsr(INTEL_PMC0).unwrap() > 0, "cycles still count");
+    assert_eq!(pmu.rdmsr(INTEL_PMC0 + 1), Ok(0));
+    let snapshot = pmu.snapshot();
+    assert_eq!(snapshot.counters[0].backing, Backing::SoftwareClock);
+    let Backing::Unbacked { reason } = &snapshot.counters[1].backing else {
+        panic!("{:?}", snapshot.counters[1])
+    };
+    assert!(reason.contains("Intel event codes"), "{reason}");
+    // The same model on its own vendor's host counts in hardware.
+    let mut pmu = vpmu(intel(4), true).with_host_vendor(Some(vpmu::Vendor::Intel));
+    pmu.wrmsr(INTEL_PERFEVTSEL0 + 1, 0xC0 | USR | OS | EN)
+        .unwrap();
+    pmu.wrmsr(INTEL_GLOBAL_CTRL, 0b10).unwrap();
+    assert_eq!(pmu.snapshot().counters[1].backing, Backing::HardwareRaw);
+}
+
+#[test]
 fn hardware_events_carry_the_guest_programming() {
     let mut pmu = vpmu(amd_v2(6), true);
     pmu.wrmsr(

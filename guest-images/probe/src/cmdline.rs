@@ -10,6 +10,7 @@
 //! Unknown `probe.*` keys and malformed values produce `probe: warning ...`
 //! lines and are otherwise ignored.
 
+use crate::pmu::FIXED_BASE;
 use crate::serial::{Hex2, Line, Put};
 use crate::MAX_CPUS;
 
@@ -262,8 +263,13 @@ pub fn parse(raw: &'static [u8]) -> Config {
             b"probe.toggles" => num.map(|v| c.toggles = v).is_some(),
             b"probe.nmis" => num.map(|v| c.nmis = v).is_some(),
             b"probe.counter" => num
-                .filter(|&v| v < 32)
+                .filter(|&v| v < u64::from(FIXED_BASE))
                 .map(|v| c.counter = v as u32)
+                .is_some(),
+            // Intel fixed counter N instead of a general-purpose one.
+            b"probe.fixed" => num
+                .filter(|&v| v < 32)
+                .map(|v| c.counter = FIXED_BASE + v as u32)
                 .is_some(),
             b"probe.timeout_ms" => num.map(|v| c.timeout_ms = v).is_some(),
             b"probe.hold_ms" => num.map(|v| c.hold_ms = v).is_some(),

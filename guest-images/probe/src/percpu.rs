@@ -48,6 +48,8 @@ pub struct PerCpu {
     pub pmi_handler_gp: AtomicU64,
     /// Status value seen by the first PMI whose bit was missing (debug aid).
     pub pmi_first_bad_status: AtomicU64,
+    /// PMIs whose handler found LVTPC masked.
+    pub pmi_lvt_masked: AtomicU64,
 }
 
 impl PerCpu {
@@ -68,6 +70,7 @@ impl PerCpu {
             pmi_after_disable: AtomicU64::new(0),
             pmi_handler_gp: AtomicU64::new(0),
             pmi_first_bad_status: AtomicU64::new(0),
+            pmi_lvt_masked: AtomicU64::new(0),
         }
     }
 }

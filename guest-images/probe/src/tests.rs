@@ -9,8 +9,8 @@ use crate::cmdline::{Config, Test};
 use crate::cpu::{rdpmc_safe, rdtsc, sti_hlt_cli};
 use crate::percpu::{self, PMI_DISABLED, PMI_IDLE, PMI_RUNNING};
 use crate::pmu::{
-    self, amd, intel, low_bits, Fault, Kind, Pmu, ProbeFail, ProbeResult, VendorStr, SEL_EN,
-    SEL_INT,
+    self, amd, fixed_index, intel, low_bits, CounterName, Fault, Kind, Pmu, ProbeFail,
+    ProbeResult, VendorStr, SEL_EN, SEL_INT,
 };
 use crate::serial::{Hex, Line, Put};
 use crate::{apic, out, steal, time};
@@ -54,17 +54,23 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
             continue;
         }
         let i = cfg.counter;
-        if i >= pmu.num_gp {
+        if !pmu.has_counter(i) {
             out!(
                 "cpu=",
                 cpu,
                 " test=",
                 name,
                 " skipped=no_counter counter=",
-                i,
+                CounterName(i),
                 " gp=",
-                pmu.num_gp
+                pmu.num_gp,
+                " fixed=",
+                pmu.num_fixed
             );
+            continue;
+        }
+        if fixed_index(i).is_some() && !matches!(t, Test::Cycles | Test::Halt | Test::Pmi) {
+            out!("cpu=", cpu, " test=", name, " skipped=gp_counters_only");
             continue;
         }
         let r = match t {
@@ -197,7 +203,7 @@ fn cycles(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
         "cpu=",
         cpu,
         " test=cycles counter=",
-        i,
+        CounterName(i),
         " cycles=",
         v,
         " tsc=",
@@ -245,7 +251,7 @@ fn halt(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
         "cpu=",
         cpu,
         " test=halt counter=",
-        i,
+        CounterName(i),
         " cycles=",
         v,
         " tsc=",
@@ -282,6 +288,7 @@ fn pmi(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
     pc.pmi_after_disable.store(0, Ordering::Relaxed);
     pc.pmi_handler_gp.store(0, Ordering::Relaxed);
     pc.pmi_first_bad_status.store(0, Ordering::Relaxed);
+    pc.pmi_lvt_masked.store(0, Ordering::Relaxed);
     pc.pmi_counter.store(i, Ordering::Relaxed);
     pc.pmi_period.store(period, Ordering::Relaxed);
     let nmis0 = pc.nmis.load(Ordering::Relaxed);
@@ -300,7 +307,7 @@ fn pmi(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
     let tsc = rdtsc() - t0;
     let stolen = steal::steal_ns() - s0;
     // Stop: EN off first (the counter stops), read it, then global off.
-    pmu::wr(p.ctl_msr(i), sel & !SEL_EN)?;
+    p.disable(i, sel)?;
     let run = tsc.saturating_sub(time::ns_to_tsc(stolen));
     let last = p.read(i)?;
     if let Some(g) = p.global_ctl_msr() {
@@ -316,15 +323,15 @@ fn pmi(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
     apic::write(apic::REG_LVT_PC, apic::LVT_MASKED | apic::LVT_DM_NMI);
     let after = pc.pmi_after_disable.load(Ordering::Relaxed);
 
-    let start = period.wrapping_neg() & p.gp_mask();
-    let partial = last.wrapping_sub(start) & p.gp_mask();
+    let start = period.wrapping_neg() & p.mask(i);
+    let partial = last.wrapping_sub(start) & p.mask(i);
     let counted = pmis.saturating_mul(period).saturating_add(partial);
     let bad = pc.pmi_first_bad_status.load(Ordering::Relaxed);
     out!(
         "cpu=",
         cpu,
         " test=pmi counter=",
-        i,
+        CounterName(i),
         " period=",
         period,
         " ms=",
@@ -351,6 +358,8 @@ fn pmi(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
         pc.nmis_unexpected.load(Ordering::Relaxed) - unexpected0,
         " handler_gp=",
         pc.pmi_handler_gp.load(Ordering::Relaxed),
+        " lvt_masked=",
+        pc.pmi_lvt_masked.load(Ordering::Relaxed),
         " first_bad_status=",
         (bad != 0).then_some(Hex(bad & !(1 << 63)))
     );
@@ -445,6 +454,8 @@ enum Miss {
     Gp,
     /// Reserved bit accepted and kept (reads back set) in `ignore` mode.
     Kept,
+    /// A counter write read back another value.
+    Value,
 }
 
 #[derive(Clone, Copy)]
@@ -587,6 +598,23 @@ impl Tally {
         self.write(Cat::Outside, msr, 0, true);
     }
 
+    /// A defined counter MSR: writing `val` must work and read back as
+    /// `expect`.
+    fn reads_back(&mut self, msr: u32, val: u64, expect: u64) {
+        let old = self.read(Cat::Defined, msr, false).unwrap_or(0);
+        if self.write(Cat::Defined, msr, val, false)
+            && self.read(Cat::Defined, msr, false) != Some(expect)
+        {
+            self.miss(Mismatch {
+                write: true,
+                msr,
+                val,
+                miss: Miss::Value,
+            });
+        }
+        let _ = pmu::wr(msr, old);
+    }
+
     /// A defined counter MSR: read and write of 0 must work.
     fn counter(&mut self, msr: u32) {
         let old = self.read(Cat::Defined, msr, false).unwrap_or(0);
@@ -609,6 +637,7 @@ impl Put for MismatchList<'_> {
                 Miss::NoGp => "nogp",
                 Miss::Gp => "gp",
                 Miss::Kept => "kept",
+                Miss::Value => "value",
             };
             if m.write {
                 l.put("w:")
@@ -734,6 +763,18 @@ fn gp_amd(t: &mut Tally, p: &Pmu) {
 }
 
 fn gp_intel(t: &mut Tally, p: &Pmu) {
+    // IA32_PMCx writes sign-extend bit 31 into the upper bits; the
+    // full-width aliases take the value as written (SDM 20.2.6).
+    let top = 1u64 << 31;
+    let extended = (p.gp_mask() & !(top - 1)) | top;
+    for i in 0..p.num_gp {
+        t.reads_back(intel::PMC0 + i, top, extended);
+        t.reads_back(intel::PMC0 + i, top - 1, top - 1);
+        if p.intel_full_width {
+            t.reads_back(intel::A_PMC0 + i, top, top);
+            t.reads_back(intel::A_PMC0 + i, extended, extended);
+        }
+    }
     for i in 0..p.num_gp {
         t.reserved_bits(
             Cat::EvtselRsvd,
@@ -770,16 +811,17 @@ fn gp_intel(t: &mut Tally, p: &Pmu) {
         }
         let counters = low_bits(p.num_gp) | (low_bits(p.num_fixed) << 32);
         t.reserved_bits(Cat::GlobalRsvd, intel::GLOBAL_CTRL, counters, 0);
-        // OVF_CTRL bits 61-63 (uncore, DS buffer, CondChgd) depend on the
-        // version and are not tested.
-        t.reserved_bits(
-            Cat::GlobalRsvd,
-            intel::GLOBAL_OVF_CTRL,
-            counters,
-            0b111 << 61,
-        );
+        // The version's non-counter status flags are valid in OVF_CTRL
+        // (and, v4, STATUS_SET); which of them a CPU really has varies, so
+        // they are not tested.
+        let flags = intel::status_flags(p.version);
+        t.reserved_bits(Cat::GlobalRsvd, intel::GLOBAL_OVF_CTRL, counters, flags);
         t.read_only(intel::GLOBAL_STATUS);
-        if p.version < 4 {
+        if p.version >= 4 {
+            // Reserved bits only: a valid one would raise an overflow.
+            t.reserved_bits(Cat::GlobalRsvd, intel::GLOBAL_STATUS_SET, 0, counters | flags);
+            t.read_only(intel::GLOBAL_INUSE);
+        } else {
             t.outside(intel::GLOBAL_STATUS_SET);
             t.outside(intel::GLOBAL_INUSE);
         }

@@ -5,6 +5,9 @@
 use kvm_bindings::kvm_cpuid_entry2;
 use vpmu::Vendor;
 
+const AMD_ID: &[u8; 12] = b"AuthenticAMD";
+const INTEL_ID: &[u8; 12] = b"GenuineIntel";
+
 /// The vendor KVM reports in leaf 0 (it is the host's), if AMD or Intel.
 pub fn vendor(entries: &[kvm_cpuid_entry2]) -> Option<Vendor> {
     let e = entries.iter().find(|e| e.function == 0)?;
@@ -13,9 +16,28 @@ pub fn vendor(entries: &[kvm_cpuid_entry2]) -> Option<Vendor> {
     id[4..8].copy_from_slice(&e.edx.to_le_bytes());
     id[8..].copy_from_slice(&e.ecx.to_le_bytes());
     match &id {
-        b"AuthenticAMD" => Some(Vendor::Amd),
-        b"GenuineIntel" => Some(Vendor::Intel),
+        AMD_ID => Some(Vendor::Amd),
+        INTEL_ID => Some(Vendor::Intel),
         _ => None,
+    }
+}
+
+/// Presents `vendor` in leaf 0 (EBX, EDX, ECX), and in leaf 0x8000_0000,
+/// which AMD fills with the same string and Intel leaves zero. Only the
+/// name changes: features stay the host's, since the guest runs on it.
+pub fn set_vendor(entries: &mut [kvm_cpuid_entry2], vendor: Vendor) {
+    let id = match vendor {
+        Vendor::Amd => AMD_ID,
+        Vendor::Intel => INTEL_ID,
+    };
+    let word = |i: usize| u32::from_le_bytes([id[i], id[i + 1], id[i + 2], id[i + 3]]);
+    for e in entries.iter_mut() {
+        let (ebx, edx, ecx) = match (e.function, vendor) {
+            (0, _) | (0x8000_0000, Vendor::Amd) => (word(0), word(4), word(8)),
+            (0x8000_0000, Vendor::Intel) => (0, 0, 0),
+            _ => continue,
+        };
+        (e.ebx, e.edx, e.ecx) = (ebx, edx, ecx);
     }
 }
 
@@ -92,6 +114,22 @@ mod tests {
             ebx: 0x0001_0800,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_presented_vendor_reads_back_and_only_names_change() {
+        let mut entries = [entry(0, 0), entry(1, 0), entry(0x8000_0000, 0)];
+        entries[0].eax = 0x10;
+        entries[2].eax = 0x8000_0022;
+        set_vendor(&mut entries, Vendor::Amd);
+        assert_eq!(vendor(&entries), Some(Vendor::Amd));
+        assert_eq!(entries[2].ebx, entries[0].ebx);
+        set_vendor(&mut entries, Vendor::Intel);
+        assert_eq!(vendor(&entries), Some(Vendor::Intel));
+        assert_eq!((entries[2].ebx, entries[2].ecx, entries[2].edx), (0, 0, 0));
+        // Maximum leaves stay the host's; other leaves are untouched.
+        assert_eq!((entries[0].eax, entries[2].eax), (0x10, 0x8000_0022));
+        assert_eq!(entries[1], entry(1, 0));
     }
 
     #[test]

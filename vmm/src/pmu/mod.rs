@@ -97,6 +97,30 @@ impl HostPmu {
     }
 }
 
+impl HostPmu {
+    /// What this host offers a guest that sees a CPU of `guest`: all of it
+    /// for the host's own vendor. For another vendor (`--cpu-vendor`) host
+    /// perf cannot count the guest's events (its event codes mean other
+    /// events on the host's PMU) and KVM's in-kernel PMU, which would
+    /// answer RDPMC, models the host's vendor.
+    fn for_guest_vendor(&self, guest: Vendor) -> HostPmu {
+        if self.vendor == Some(guest) {
+            return self.clone();
+        }
+        let why = format!(
+            "the guest's CPU vendor ({guest:?}, --cpu-vendor) is not the host's ({})",
+            self.vendor
+                .map_or("neither AMD nor Intel".into(), |v| format!("{v:?}"))
+        );
+        HostPmu {
+            msr_exits: self.msr_exits.clone(),
+            hardware_events: Err(why.clone()),
+            rdpmc: Rdpmc::Unavailable(why),
+            vendor: self.vendor,
+        }
+    }
+}
+
 /// The decided vPMU of a VM.
 #[derive(Clone, Debug)]
 pub struct PmuPlan {
@@ -106,6 +130,9 @@ pub struct PmuPlan {
     pub rdpmc: Rdpmc,
     /// Lines for the start-up report (why off, what degrades).
     pub notes: Vec<String>,
+    /// The vendor of the PMU host perf drives (the model's may differ:
+    /// `--cpu-vendor`).
+    pub host_vendor: Option<Vendor>,
 }
 
 impl fmt::Display for PmuPlan {
@@ -142,10 +169,16 @@ pub fn reads_counters_with_rdmsr(external_kernel: bool, cmdline: Option<&str>) -
         })
 }
 
-/// Decides the guest's PMU. `rdmsr_guest` is true for guests known to read
-/// counters with RDMSR only ([`reads_counters_with_rdmsr`]), which `auto`
-/// serves even where RDPMC cannot be.
-pub fn plan(opts: &VpmuOptions, host: &HostPmu, rdmsr_guest: bool) -> Result<PmuPlan, StartError> {
+/// Decides the PMU of a guest that sees a CPU of `guest_vendor`.
+/// `rdmsr_guest` is true for guests known to read counters with RDMSR only
+/// ([`reads_counters_with_rdmsr`]), which `auto` serves even where RDPMC
+/// cannot be.
+pub fn plan(
+    opts: &VpmuOptions,
+    host: &HostPmu,
+    guest_vendor: Option<Vendor>,
+    rdmsr_guest: bool,
+) -> Result<PmuPlan, StartError> {
     let shaped =
         opts.gp_counters.is_some() || opts.fixed_counters.is_some() || opts.version.is_some();
     let off = |note: String| PmuPlan {
@@ -153,6 +186,7 @@ pub fn plan(opts: &VpmuOptions, host: &HostPmu, rdmsr_guest: bool) -> Result<Pmu
         policy: opts.events.clone(),
         rdpmc: host.rdpmc.clone(),
         notes: vec![note],
+        host_vendor: host.vendor,
     };
     if opts.mode == VpmuMode::Off {
         if shaped {
@@ -170,12 +204,13 @@ pub fn plan(opts: &VpmuOptions, host: &HostPmu, rdmsr_guest: bool) -> Result<Pmu
             _ => Ok(off(format!("vPMU off: {why}"))),
         }
     };
-    let Some(vendor) = host.vendor else {
+    let Some(vendor) = guest_vendor else {
         return cannot("the host CPU is neither AMD nor Intel".into());
     };
     if let Err(why) = &host.msr_exits {
         return cannot(why.clone());
     }
+    let host = &host.for_guest_vendor(vendor);
 
     let mut notes = Vec::new();
     if let Rdpmc::Unavailable(why) = &host.rdpmc {
@@ -198,14 +233,15 @@ pub fn plan(opts: &VpmuOptions, host: &HostPmu, rdmsr_guest: bool) -> Result<Pmu
     }
     if let Err(why) = &host.hardware_events {
         notes.push(format!(
-            "host perf has no hardware events ({why}): core cycles are backed by task-clock, \
+            "host perf cannot count the guest's events ({why}): core cycles are backed by task-clock, \
              other events are unbacked and read as not counting"
         ));
     }
 
     let facts = HostFacts {
         hardware_events: host.hardware_events.is_ok(),
-        cpuid: Some(HostCpuid::detect()),
+        // The host's PMU leaves describe a model of the guest's vendor only.
+        cpuid: (host.vendor == Some(vendor)).then(HostCpuid::detect),
         intel_full_width_writes: false,
     };
     let model = PmuModel::best_for_host(vendor, &facts)
@@ -219,6 +255,7 @@ pub fn plan(opts: &VpmuOptions, host: &HostPmu, rdmsr_guest: bool) -> Result<Pmu
         policy: opts.events.clone(),
         rdpmc: host.rdpmc.clone(),
         notes,
+        host_vendor: host.vendor,
     })
 }
 
@@ -245,18 +282,18 @@ mod tests {
     #[test]
     fn auto_serves_the_probe_but_not_linux_without_rdpmc() {
         let h = host(Rdpmc::Unavailable("off".into()));
-        assert!(plan(&opts(VpmuMode::Auto), &h, true)
+        assert!(plan(&opts(VpmuMode::Auto), &h, Some(Vendor::Amd), true)
             .unwrap()
             .model
             .is_some());
-        let p = plan(&opts(VpmuMode::Auto), &h, false).unwrap();
+        let p = plan(&opts(VpmuMode::Auto), &h, Some(Vendor::Amd), false).unwrap();
         assert!(p.model.is_none());
         assert!(p.notes[0].contains("RDPMC"));
-        let p = plan(&opts(VpmuMode::On), &h, false).unwrap();
+        let p = plan(&opts(VpmuMode::On), &h, Some(Vendor::Amd), false).unwrap();
         assert!(p.model.is_some());
         assert!(p.notes.iter().any(|n| n.starts_with("warning")));
         let h = host(Rdpmc::Mirrored);
-        assert!(plan(&opts(VpmuMode::Auto), &h, false)
+        assert!(plan(&opts(VpmuMode::Auto), &h, Some(Vendor::Amd), false)
             .unwrap()
             .model
             .is_some());
@@ -278,18 +315,49 @@ mod tests {
     }
 
     #[test]
+    fn a_foreign_vendor_gets_its_own_model_emulated_and_no_rdpmc() {
+        let mut h = host(Rdpmc::Mirrored);
+        h.hardware_events = Ok(());
+        let p = plan(&opts(VpmuMode::Auto), &h, Some(Vendor::Intel), true).unwrap();
+        let model = p.model.as_ref().expect("the probe is served");
+        assert_eq!(model.vendor, Vendor::Intel);
+        assert!(model.fixed_counters > 0, "{model:?}");
+        assert_eq!(p.host_vendor, Some(Vendor::Amd));
+        assert!(matches!(&p.rdpmc, Rdpmc::Unavailable(why) if why.contains("--cpu-vendor")));
+        assert!(p
+            .notes
+            .iter()
+            .any(|n| n.contains("cannot count the guest's events")));
+        // Linux would use RDPMC: auto leaves it without a PMU.
+        let p = plan(&opts(VpmuMode::Auto), &h, Some(Vendor::Intel), false).unwrap();
+        assert!(p.model.is_none());
+        // The host's own vendor keeps what the host offers.
+        let p = plan(&opts(VpmuMode::Auto), &h, Some(Vendor::Amd), false).unwrap();
+        assert_eq!(p.rdpmc, Rdpmc::Mirrored);
+        // Vendor rules follow the guest's vendor: fixed counters on Intel only.
+        let mut o = opts(VpmuMode::On);
+        o.fixed_counters = Some(3);
+        o.version = Some(2);
+        assert!(plan(&o, &h, Some(Vendor::Intel), true).is_ok());
+        assert!(plan(&o, &h, Some(Vendor::Amd), true).is_err());
+    }
+
+    #[test]
     fn impossible_shapes_and_missing_caps_are_refused() {
         let h = host(Rdpmc::Mirrored);
         let mut o = opts(VpmuMode::On);
         o.fixed_counters = Some(3);
-        assert!(plan(&o, &h, true).is_err(), "AMD has no fixed counters");
+        assert!(
+            plan(&o, &h, Some(Vendor::Amd), true).is_err(),
+            "AMD has no fixed counters"
+        );
         let mut o = opts(VpmuMode::Off);
         o.gp_counters = Some(2);
-        assert!(plan(&o, &h, true).is_err());
+        assert!(plan(&o, &h, Some(Vendor::Amd), true).is_err());
         let mut h = host(Rdpmc::Mirrored);
         h.msr_exits = Err("no filter".into());
-        assert!(plan(&opts(VpmuMode::On), &h, true).is_err());
-        assert!(plan(&opts(VpmuMode::Auto), &h, true)
+        assert!(plan(&opts(VpmuMode::On), &h, Some(Vendor::Amd), true).is_err());
+        assert!(plan(&opts(VpmuMode::Auto), &h, Some(Vendor::Amd), true)
             .unwrap()
             .model
             .is_none());

@@ -106,7 +106,8 @@ impl VcpuPmu {
             backend,
             GuestClock::new(tsc_khz),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .with_host_vendor(plan.host_vendor);
         Ok(Self {
             vpmu,
             apic_id,

@@ -12,7 +12,7 @@ use thiserror::Error;
 use crate::backend::Backend;
 use crate::clock::GuestClock;
 use crate::evtsel::{self, ANY, EN, INT, OS, USR};
-use crate::model::{ModelError, PmuModel};
+use crate::model::{ModelError, PmuModel, Vendor};
 use crate::policy::EventPolicy;
 use crate::snapshot::{BackingNotice, CounterKind};
 use crate::stats::VpmuStats;
@@ -254,6 +254,24 @@ impl<B: Backend> Vpmu<B> {
             vpmu.counters[i].programming = programming(select, 0);
         }
         Ok(vpmu)
+    }
+
+    /// Tells the vPMU the vendor of the PMU host perf drives (`None`:
+    /// neither AMD nor Intel). A model of another vendor never opens raw
+    /// hardware events, whose codes mean other events on the host's PMU: its
+    /// clock events are counted by the host task-clock, the rest is
+    /// unbacked with the reason. Without this call the host is taken to
+    /// be of the model's vendor.
+    pub fn with_host_vendor(mut self, host: Option<Vendor>) -> Self {
+        if host != Some(self.model.vendor) {
+            self.no_hardware = Some(format!(
+                "the guest's {:?} event codes mean other events on this host's PMU",
+                self.model.vendor
+            ));
+            // Never rechecked: the vendors will not change.
+            self.no_hardware_since = None;
+        }
+        self
     }
 
     /// Replaces the sample period limits.

@@ -53,6 +53,26 @@ pub fn detect(p: &mut Pmu, ecx1: u32) {
     }
 }
 
+/// FIXED_CTR_CTRL field bits of one fixed counter (shifted by 4i).
+pub const FIXED_OS: u64 = 1 << 0;
+pub const FIXED_USR: u64 = 1 << 1;
+pub const FIXED_PMI: u64 = 1 << 3;
+
+/// Non-counter GLOBAL_STATUS flags of `version` (SDM 20.2.2-20.2.4), which
+/// GLOBAL_OVF_CTRL may clear and GLOBAL_STATUS_SET may set: v2 OvfBuf(62)
+/// and CondChgd(63), v3 Ovf_Uncore(61), v4 Trace_ToPA_PMI(55), LBR_Frz(58),
+/// CTR_Frz(59), ASCI(60).
+pub fn status_flags(version: u32) -> u64 {
+    let v2 = (1 << 62) | (1 << 63);
+    let v3 = v2 | (1 << 61);
+    match version {
+        0 | 1 => 0,
+        2 => v2,
+        3 => v3,
+        _ => v3 | (1 << 55) | (0b111 << 58),
+    }
+}
+
 /// FIXED_CTR_CTRL bits defined for `n` fixed counters: OS, USR and PMI of
 /// each 4-bit field (the ANY bit, 4i+2, is version dependent and not tested).
 pub fn fixed_ctrl_valid(n: u32) -> u64 {

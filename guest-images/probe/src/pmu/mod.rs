@@ -145,13 +145,31 @@ impl Pmu {
         }
     }
 
-    /// Counter MSR of general-purpose counter `i` (the full-width alias on
-    /// Intel when available).
+    /// Counter MSR of counter `i` (the full-width alias of a
+    /// general-purpose counter on Intel when available).
     pub fn ctr_msr(&self, i: u32) -> u32 {
-        match self.kind {
-            Kind::Intel if self.intel_full_width => intel::A_PMC0 + i,
-            Kind::Intel => intel::PMC0 + i,
+        match (self.kind, fixed_index(i)) {
+            (Kind::Intel, Some(f)) => intel::FIXED_CTR0 + f,
+            (Kind::Intel, None) if self.intel_full_width => intel::A_PMC0 + i,
+            (Kind::Intel, None) => intel::PMC0 + i,
             _ => amd::ctr_msr(self, i),
+        }
+    }
+
+    /// Whether counter `i` (general-purpose, or fixed from [`FIXED_BASE`])
+    /// exists in this model.
+    pub fn has_counter(&self, i: u32) -> bool {
+        match fixed_index(i) {
+            Some(f) => self.kind == Kind::Intel && self.version >= 2 && f < self.num_fixed,
+            None => i < self.num_gp,
+        }
+    }
+
+    /// Mask of the valid bits of counter `i`.
+    pub fn mask(&self, i: u32) -> u64 {
+        match fixed_index(i) {
+            Some(_) => low_bits(self.fixed_width),
+            None => low_bits(self.gp_width),
         }
     }
 
@@ -213,23 +231,45 @@ impl Pmu {
     }
 
     /// Puts counter `i` into a known stopped state: event select `sel`
-    /// without EN, counter value `value`.
+    /// without EN (a fixed counter's control field cleared), counter value
+    /// `value`.
     pub fn setup(&self, i: u32, sel: u64, value: u64) -> Result<(), Fault> {
-        wr(self.ctl_msr(i), sel & !SEL_EN)?;
-        wr(self.ctr_msr(i), value & self.gp_mask())
+        self.disable(i, sel)?;
+        wr(self.ctr_msr(i), value & self.mask(i))
     }
 
-    /// Starts counter `i`: its global enable bit (if any), then EN.
+    /// Starts counter `i`: its global enable bit (if any), then EN (a fixed
+    /// counter: OS and USR in its control field, PMI if `sel` has INT).
     pub fn start(&self, i: u32, sel: u64) -> Result<(), Fault> {
         if let Some(g) = self.global_ctl_msr() {
             wr(g, 1 << i)?;
         }
-        wr(self.ctl_msr(i), sel | SEL_EN)
+        match fixed_index(i) {
+            Some(f) => {
+                let pmi = if sel & SEL_INT != 0 {
+                    intel::FIXED_PMI
+                } else {
+                    0
+                };
+                let field = intel::FIXED_OS | intel::FIXED_USR | pmi;
+                wr(intel::FIXED_CTR_CTRL, field << (4 * f))
+            }
+            None => wr(self.ctl_msr(i), sel | SEL_EN),
+        }
+    }
+
+    /// Stops counter `i` without touching the global enable: clears EN (a
+    /// fixed counter's control field).
+    pub fn disable(&self, i: u32, sel: u64) -> Result<(), Fault> {
+        match fixed_index(i) {
+            Some(_) => wr(intel::FIXED_CTR_CTRL, 0),
+            None => wr(self.ctl_msr(i), sel & !SEL_EN),
+        }
     }
 
     /// Stops counter `i`: clear EN, then its global enable.
     pub fn stop(&self, i: u32, sel: u64) -> Result<(), Fault> {
-        wr(self.ctl_msr(i), sel & !SEL_EN)?;
+        self.disable(i, sel)?;
         if let Some(g) = self.global_ctl_msr() {
             wr(g, 0)?;
         }
@@ -308,6 +348,27 @@ impl Pmu {
             });
         }
         Ok(r)
+    }
+}
+
+/// Counter numbers from here on are Intel fixed counters (`FIXED_BASE + i`
+/// is fixed counter i), matching their bits in the global registers.
+pub const FIXED_BASE: u32 = 32;
+
+/// The fixed counter index of counter number `i`, if it is one.
+pub fn fixed_index(i: u32) -> Option<u32> {
+    i.checked_sub(FIXED_BASE)
+}
+
+/// A counter number as the tests print it: `3`, or `fixed1`.
+pub struct CounterName(pub u32);
+
+impl Put for CounterName {
+    fn put(&self, l: &mut Line) {
+        match fixed_index(self.0) {
+            Some(f) => l.put("fixed").put(&f),
+            None => l.put(&self.0),
+        };
     }
 }
 

@@ -55,7 +55,7 @@ pub fn handle_nmi() {
         None => match rdmsr_safe(pmu.ctr_msr(i)) {
             // Armed at -period, the counter has its top bit set until it
             // wraps past zero.
-            Ok(v) => v & (1 << (pmu.gp_width - 1)) == 0,
+            Ok(v) => v & !(pmu.mask(i) >> 1) & pmu.mask(i) == 0,
             Err(_) => {
                 gp += 1;
                 false
@@ -77,11 +77,16 @@ pub fn handle_nmi() {
     }
     if phase == PMI_RUNNING {
         let period = pc.pmi_period.load(Ordering::Relaxed);
-        let v = period.wrapping_neg() & pmu.gp_mask();
+        let v = period.wrapping_neg() & pmu.mask(i);
         gp += wrmsr_safe(pmu.ctr_msr(i), v).is_err() as u64;
         if let Some(g) = global {
             gp += wrmsr_safe(g, bit).is_err() as u64;
         }
+    }
+    // Intel's LAPIC masks LVTPC when it delivers a PMI; Linux's handler
+    // unmasks it at the end, and so does this one.
+    if apic::read(apic::REG_LVT_PC) & apic::LVT_MASKED != 0 {
+        pc.pmi_lvt_masked.fetch_add(1, Ordering::Relaxed);
     }
     apic::write(apic::REG_LVT_PC, apic::LVT_DM_NMI);
     if gp != 0 {

@@ -1,21 +1,27 @@
 //! Device models of the `vmm`: a port I/O bus and the legacy devices a Linux
 //! guest (or the built-in probe) needs to boot and report: an 8250 UART and
-//! the i8042 controller's reset line.
+//! the i8042 controller's reset line; and one MMIO device, the ACPI
+//! multiprocessor wakeup mailbox that starts secondary vCPUs.
 //!
 //! Guest console output goes through [`console`]: a bounded buffer and a
 //! writer thread, so that a sink nobody reads never blocks a vCPU.
 //!
-//! Nothing here knows KVM: devices see port accesses and signal the VMM
-//! through event file descriptors.
+//! Nothing here knows KVM: devices see port and MMIO accesses and signal the
+//! VMM through event file descriptors or narrow traits ([`ResetLine`],
+//! [`ApStarter`]).
 
 pub mod bus;
 pub mod console;
 pub mod i8042;
+pub mod mmio;
+pub mod mp_wakeup;
 pub mod serial;
 
 pub use bus::{PioBus, PioDevice};
 pub use console::{Console, ConsoleOutput, ConsoleStats};
 pub use i8042::{ResetLine, I8042};
+pub use mmio::{MmioBus, MmioDevice};
+pub use mp_wakeup::{ApStartError, ApStarter, MpWakeupMailbox};
 pub use serial::{SerialDevice, SerialOutput, INPUT_BUFFER};
 
 /// Helpers for this crate's unit tests.

@@ -9,6 +9,7 @@
 //! between KVM and each vCPU's virtual PMU (the `vpmu` crate), [`signals`]
 //! the termination signals, taken over first thing.
 
+pub mod ap_start;
 pub mod api;
 pub mod arch;
 #[cfg(feature = "bench")]

@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use devices::PioBus;
+use devices::{MmioBus, PioBus};
 use kvm_ioctls::{ReadMsrExit, VcpuExit, VcpuFd, VmFd, WriteMsrExit};
 
+use crate::ap_start::ApGate;
+use crate::arch::regs;
 use crate::control::VmControl;
 use crate::error::Outcome;
 use crate::export::{Export, PUBLISH_INTERVAL};
@@ -35,6 +37,9 @@ pub struct Vcpu {
     fd: VcpuFd,
     vm: Arc<VmFd>,
     bus: Arc<PioBus>,
+    mmio: Arc<MmioBus>,
+    /// A secondary vCPU waits here until the guest wakes it.
+    gate: Option<Arc<ApGate>>,
     control: Arc<VmControl>,
     pmu_setup: Option<PmuSetup>,
     pmu: Option<VcpuPmu>,
@@ -82,6 +87,8 @@ impl Vcpu {
             fd,
             vm,
             bus,
+            mmio: Arc::new(MmioBus::new()),
+            gate: None,
             control,
             pmu_setup,
             pmu: None,
@@ -98,6 +105,18 @@ impl Vcpu {
         self
     }
 
+    /// Gives the vCPU the VM's MMIO devices (none: reads float high).
+    pub fn with_mmio(mut self, mmio: Arc<MmioBus>) -> Self {
+        self.mmio = mmio;
+        self
+    }
+
+    /// Parks the vCPU at `gate` until the guest wakes it (secondary vCPUs).
+    pub fn parked(mut self, gate: Arc<ApGate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
     /// Starts the vCPU's thread.
     pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
         std::thread::Builder::new()
@@ -108,11 +127,14 @@ impl Vcpu {
     fn run(mut self) {
         let index = usize::from(self.index);
         kick::arm(self.fd.get_kvm_run());
+        // A parked vCPU is not running: it takes no kicks and a pause does
+        // not wait for it.
+        let mut outcome = self.start_pmu().err().or_else(|| self.wait_for_wakeup());
         self.control.register_thread(index, true);
         if let Some(observer) = &mut self.observer {
             observer.start(&self.fd);
         }
-        let outcome = self.start_pmu().err().or_else(|| self.run_loop());
+        outcome = outcome.or_else(|| self.run_loop());
         self.control.register_thread(index, false);
         kick::disarm();
         self.publish(false);
@@ -144,6 +166,23 @@ impl Vcpu {
         self.export = Some(setup.export);
         self.publish(false);
         Ok(())
+    }
+
+    /// A secondary vCPU: blocks until the guest wakes it through the MP
+    /// wakeup mailbox, then starts at the wakeup vector. Its view reads as
+    /// paused meanwhile, so readers do not wait for it. Returns an outcome
+    /// only if the start failed; a stop while parked leaves `run_loop` to
+    /// see the stop flag.
+    fn wait_for_wakeup(&mut self) -> Option<Outcome> {
+        let gate = self.gate.take()?;
+        self.publish(true);
+        let vector = gate.wait(usize::from(self.index))?;
+        let started = regs::start_ap(&self.fd, vector).map_err(|e| Outcome::VcpuError {
+            vcpu: self.index,
+            message: format!("cannot start at wakeup vector {vector:#x}: {e}"),
+        });
+        self.publish(false);
+        started.err()
     }
 
     /// Publishes this vCPU's vPMU for the host.
@@ -244,12 +283,15 @@ impl Vcpu {
                 self.bus.write(port, data);
                 Step::ENTER
             }
-            // Nothing is mapped for MMIO: reads float high, writes vanish.
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.mmio.read(addr, data);
                 Step::ENTER
             }
-            Ok(VcpuExit::MmioWrite(..) | VcpuExit::Intr) => Step::ENTER,
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.mmio.write(addr, data);
+                Step::ENTER
+            }
+            Ok(VcpuExit::Intr) => Step::ENTER,
             Ok(VcpuExit::Shutdown) => Step::Stop(Stop::Shutdown),
             Ok(VcpuExit::InternalError) => Step::Stop(Stop::InternalError),
             Ok(VcpuExit::FailEntry(reason, _)) => Step::Stop(Stop::FailEntry(reason)),

@@ -13,15 +13,16 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::{Console, PioBus, SerialDevice, I8042};
+use devices::{Console, MmioBus, MpWakeupMailbox, PioBus, SerialDevice, I8042};
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region, CpuId,
-    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::ap_start::ApGate;
 use crate::api::{self, Api};
 use crate::arch::{acpi, boot_params, cpuid, layout, mptable, regs};
 use crate::config::{OnReset, SerialSink, VmConfig, DEFAULT_LINUX_CMDLINE, MIN_MEMORY_MIB};
@@ -55,6 +56,8 @@ impl devices::ResetLine for ResetToControl {
 /// (with `--on-reset reboot`) replaces it with a fresh one.
 struct Boot {
     vcpus: Vec<Vcpu>,
+    /// Where the secondary vCPUs wait for their wakeup.
+    gate: Arc<ApGate>,
     kernel_kind: ImageKind,
     // Kept alive for as long as the vCPUs run.
     _memory: GuestMemoryMmap,
@@ -382,16 +385,15 @@ fn create_bus(
 }
 
 /// Gives each vCPU its CPUID (topology, PMU leaves) and LAPIC wiring, and
-/// puts the boot vCPU at the kernel's entry. The built-in probe cannot take
-/// the real-mode INIT/SIPI path these hosts lack, so all its vCPUs start at
-/// the entry point; a Linux kernel starts its other CPUs itself.
+/// puts the boot vCPU at the kernel's entry. The others wait, parked, for
+/// the guest to wake them through the MP wakeup mailbox (these hosts cannot
+/// run the real-mode INIT/SIPI start-up).
 fn configure_vcpu(
     fd: &VcpuFd,
     index: u8,
     num_vcpus: u8,
     cpuid: &CpuId,
     entry: u64,
-    direct_ap_start: bool,
 ) -> Result<(), StartError> {
     let mut cpuid = cpuid.clone();
     cpuid::apply_topology(cpuid.as_mut_slice(), index, num_vcpus);
@@ -399,15 +401,28 @@ fn configure_vcpu(
         .map_err(StartError::kvm("KVM_SET_CPUID2"))?;
     regs::setup_lint(fd)?;
     if index == 0 {
-        regs::setup_long_mode(fd, entry, layout::BOOT_STACK_TOP, layout::ZERO_PAGE_START)?;
-    } else if direct_ap_start {
-        regs::setup_long_mode(fd, entry, 0, layout::ZERO_PAGE_START)?;
-        fd.set_mp_state(kvm_mp_state {
-            mp_state: KVM_MP_STATE_RUNNABLE,
-        })
-        .map_err(StartError::kvm("KVM_SET_MP_STATE"))?;
+        regs::setup_boot_cpu(fd, entry)?;
     }
     Ok(())
+}
+
+/// The MMIO devices of a boot: the MP wakeup mailbox, through which the
+/// guest starts the secondary vCPUs parked at `gate`.
+fn create_mmio(num_vcpus: u8, gate: &Arc<ApGate>) -> Result<Arc<MmioBus>, StartError> {
+    let mut mmio = MmioBus::new();
+    if num_vcpus > 1 {
+        let mailbox = MpWakeupMailbox::new(
+            (1..u32::from(num_vcpus)).collect::<Vec<_>>(),
+            gate.starter(),
+        );
+        mmio.insert(
+            Arc::new(Mutex::new(mailbox)),
+            layout::MP_WAKEUP_MAILBOX,
+            devices::mp_wakeup::MAILBOX_SIZE,
+        )
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    }
+    Ok(Arc::new(mmio))
 }
 
 impl Vm {
@@ -496,17 +511,12 @@ impl Vm {
         let cmdline = guest_cmdline(config, tsc_khz, plan);
         let kernel = load_guest(config, &memory, num_vcpus, &cmdline)?;
         let bus = create_bus(&vm_fd, &self.serial, &self.serial_irq, &self.control)?;
+        let gate = ApGate::new(usize::from(num_vcpus));
+        let mmio = create_mmio(num_vcpus, &gate)?;
 
         let mut vcpus = Vec::with_capacity(vcpu_fds.len());
         for (index, fd) in (0..num_vcpus).zip(vcpu_fds) {
-            configure_vcpu(
-                &fd,
-                index,
-                num_vcpus,
-                &self.vcpu_cpuid,
-                kernel.entry,
-                config.kernel.is_none(),
-            )?;
+            configure_vcpu(&fd, index, num_vcpus, &self.vcpu_cpuid, kernel.entry)?;
             let pmu_setup = plan.model.as_ref().map(|_| PmuSetup {
                 plan: plan.clone(),
                 tsc_khz: tsc_khz.unwrap_or(0),
@@ -520,13 +530,20 @@ impl Vm {
                 bus.clone(),
                 self.control.clone(),
                 pmu_setup,
-            );
+            )
+            .with_mmio(mmio.clone());
+            let vcpu = if index == 0 {
+                vcpu
+            } else {
+                vcpu.parked(gate.clone())
+            };
             #[cfg(feature = "bench")]
             let vcpu = vcpu.with_observer(crate::bench::observer(&config.bench));
             vcpus.push(vcpu);
         }
         Ok(Boot {
             vcpus,
+            gate,
             kernel_kind: kernel.kind,
             _memory: memory,
             _vm_fd: vm_fd,
@@ -626,6 +643,7 @@ impl Vm {
         if let Some(signal) = crate::signals::pending() {
             self.control.finish(Outcome::Terminated { signal });
         }
+        let gate = boot.gate;
         let mut threads = Vec::with_capacity(boot.vcpus.len());
         for vcpu in boot.vcpus {
             if self.control.stopping() {
@@ -664,8 +682,9 @@ impl Vm {
         }
 
         // Every vCPU sees the stop flag at its next exit; the kick makes that
-        // exit happen now.
+        // exit happen now. Parked vCPUs leave their gate.
         self.control.kick_all();
+        gate.stop();
         for handle in threads {
             let _ = handle.join();
         }

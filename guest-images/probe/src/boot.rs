@@ -8,7 +8,9 @@ use crate::cmdline::{self, Config, Quoted, Token, WarningKind};
 use crate::cpu::{self, outb};
 use crate::mptable::{self, IdList};
 use crate::serial::{Hex, Line, Put};
-use crate::{apic, out, percpu, serial, smp, steal, tests, time, trap, MAX_CPUS, PROBE_VERSION};
+use crate::{
+    apic, out, percpu, serial, smp, steal, tests, time, trap, wakeup, MAX_CPUS, PROBE_VERSION,
+};
 
 /// Offsets in Linux's `struct boot_params` (the "zero page").
 const BP_EXT_CMD_LINE_PTR: u64 = 0x0c8;
@@ -130,8 +132,10 @@ fn bsp_main(bp: u64) -> ! {
         out!("warning ", kind, "=", Token(w.token));
     }
 
+    let mut ap_ids = 0u64;
     let vcpus = match mptable::find() {
         Some(mp) => {
+            ap_ids = mp.apic_ids & !(1 << mp.bsp.unwrap_or(0)) & ((1 << MAX_CPUS) - 1);
             out!(
                 "vcpus=",
                 mp.cpus,
@@ -169,6 +173,9 @@ fn bsp_main(bp: u64) -> ! {
     );
 
     let expected_aps = vcpus.min(MAX_CPUS as u32) - 1;
+    if expected_aps > 0 {
+        wake_aps(bp, ap_ids);
+    }
     let online = smp::bsp_wait_online(expected_aps, 2000);
     if online < expected_aps {
         out!(
@@ -210,6 +217,34 @@ fn bsp_main(bp: u64) -> ! {
     }
     out!("reset");
     cpu::reset()
+}
+
+/// Starts each AP in `ap_ids` through the ACPI MP wakeup mailbox at
+/// `_start`: `probe: mp_wakeup mailbox=ADDR woken=IDS failed=IDS`.
+fn wake_aps(bp: u64, ap_ids: u64) {
+    extern "C" {
+        fn _start();
+    }
+    let Some(mailbox) = wakeup::find_mailbox(bp) else {
+        out!("warning mp_wakeup mailbox=none aps=", IdList(ap_ids));
+        return;
+    };
+    let (mut woken, mut failed) = (0u64, 0u64);
+    for id in (0..64u32).filter(|&i| ap_ids & (1 << i) != 0) {
+        if wakeup::wake(mailbox, id, _start as *const () as u64, 1000) {
+            woken |= 1 << id;
+        } else {
+            failed |= 1 << id;
+        }
+    }
+    out!(
+        "mp_wakeup mailbox=",
+        Hex(mailbox),
+        " woken=",
+        IdList(woken),
+        " failed=",
+        IdList(failed)
+    );
 }
 
 /// `probe.hold_ms`: idles in HLT (woken by the LAPIC timer) with every

@@ -32,6 +32,7 @@ mod storm;
 mod tests;
 mod time;
 mod trap;
+mod wakeup;
 
 use core::arch::global_asm;
 

@@ -5,20 +5,20 @@
 
 use crate::serial::{Line, Put};
 
-fn read_u8(addr: u64) -> u8 {
+pub(crate) fn read_u8(addr: u64) -> u8 {
     // SAFETY: low physical memory is identity-mapped guest RAM/ROM.
     unsafe { core::ptr::read_volatile(addr as *const u8) }
 }
 
-fn read_u16(addr: u64) -> u16 {
+pub(crate) fn read_u16(addr: u64) -> u16 {
     read_u8(addr) as u16 | (read_u8(addr + 1) as u16) << 8
 }
 
-fn read_u32(addr: u64) -> u32 {
+pub(crate) fn read_u32(addr: u64) -> u32 {
     read_u16(addr) as u32 | (read_u16(addr + 2) as u32) << 16
 }
 
-fn checksum_ok(addr: u64, len: u64) -> bool {
+pub(crate) fn checksum_ok(addr: u64, len: u64) -> bool {
     (0..len).fold(0u8, |s, i| s.wrapping_add(read_u8(addr + i))) == 0
 }
 

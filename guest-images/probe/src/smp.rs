@@ -1,4 +1,5 @@
-//! Coordination between the BSP and the APs (all vCPUs enter at `_start`):
+//! Coordination between the BSP and the APs (all vCPUs enter at `_start`,
+//! the APs when the BSP wakes them through the ACPI MP wakeup mailbox):
 //! APs report online, wait for the BSP to publish the configuration ("go"),
 //! run their tests and report done; the BSP resets only after every online
 //! AP is done, or after a timeout.

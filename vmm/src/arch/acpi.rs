@@ -1,11 +1,15 @@
 //! Minimal ACPI tables: what a Linux kernel built without MP-table support
 //! (Debian's cloud kernel, for one) needs to find its CPUs and I/O APIC.
 //! RSDP -> XSDT -> {FADT (hardware-reduced) -> DSDT (empty), MADT}.
+//! With more than one vCPU the MADT also holds the multiprocessor wakeup
+//! structure (ACPI 6.4, type 0x10) naming the mailbox at
+//! [`MP_WAKEUP_MAILBOX`]: these hosts cannot run the real-mode INIT/SIPI
+//! start-up, so the guest starts its other CPUs through it.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::checksum;
-use super::layout::{ACPI_START, APIC_DEFAULT_BASE, IOAPIC_DEFAULT_BASE};
+use super::layout::{ACPI_START, APIC_DEFAULT_BASE, IOAPIC_DEFAULT_BASE, MP_WAKEUP_MAILBOX};
 
 const OEM_ID: &[u8; 6] = b"VMM   ";
 const OEM_TABLE_ID: &[u8; 8] = b"VPMU    ";
@@ -16,6 +20,8 @@ const MADT_FLAG_PCAT_COMPAT: u32 = 1;
 const MADT_LOCAL_APIC: u8 = 0;
 const MADT_IO_APIC: u8 = 1;
 const MADT_LOCAL_APIC_NMI: u8 = 4;
+const MADT_MP_WAKEUP: u8 = 0x10;
+const MADT_MP_WAKEUP_LEN: u8 = 16;
 
 /// A system description table: header plus body, checksummed.
 fn sdt(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
@@ -49,6 +55,12 @@ fn madt(num_cpus: u8) -> Vec<u8> {
     body.extend_from_slice(&0u32.to_le_bytes()); // GSI base
                                                  // LINT1 of every CPU is NMI.
     body.extend_from_slice(&[MADT_LOCAL_APIC_NMI, 6, 0xff, 0, 0, 1]);
+    if num_cpus > 1 {
+        body.extend_from_slice(&[MADT_MP_WAKEUP, MADT_MP_WAKEUP_LEN]);
+        body.extend_from_slice(&devices::mp_wakeup::MAILBOX_VERSION.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes()); // reserved
+        body.extend_from_slice(&MP_WAKEUP_MAILBOX.to_le_bytes());
+    }
     sdt(b"APIC", 5, &body)
 }
 
@@ -150,5 +162,15 @@ mod tests {
             })
             .collect();
         assert_eq!(cpus, vec![0, 1]);
+        // The last entry is the MP wakeup structure naming the mailbox.
+        let wake = &madt[madt.len() - 16..];
+        assert_eq!((wake[0], wake[1]), (MADT_MP_WAKEUP, 16));
+        assert_eq!(
+            u64::from_le_bytes(wake[8..].try_into().unwrap()),
+            MP_WAKEUP_MAILBOX
+        );
+        // One CPU: nothing to wake, no structure.
+        let one = madt(1);
+        assert_eq!(one.len(), madt.len() - 16 - 8);
     }
 }

@@ -1,7 +1,8 @@
 //! Register state for a 64-bit entry: the boot protocol's long-mode start
 //! (paging on with the first 4 GiB identity-mapped, flat 64-bit segments,
 //! interrupts off, RSI = zero page). These hosts cannot run real mode, so
-//! every vCPU starts here.
+//! every vCPU starts here: the boot vCPU at the kernel's entry, the others
+//! at the vector the guest gives the MP wakeup mailbox ([`start_ap`]).
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
@@ -79,25 +80,55 @@ fn segment(entry: u64, selector: u16) -> kvm_segment {
     }
 }
 
-/// Writes the boot GDT and identity-mapping page tables. Shared by all
-/// vCPUs; call once.
+/// Where one set of start-up tables lives: GDT, (empty) IDT, and the
+/// identity map (PML4, then PDPT and page directories in the next pages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootTables {
+    pub gdt: u64,
+    pub idt: u64,
+    pub pml4: u64,
+}
+
+/// The boot vCPU's tables, in low RAM (the kernel replaces them early).
+pub const BSP_TABLES: BootTables = BootTables {
+    gdt: GDT_START,
+    idt: IDT_START,
+    pml4: PML4_START,
+};
+
+/// The secondary vCPUs' tables, in reserved memory the guest leaves alone.
+pub const AP_TABLES: BootTables = BootTables {
+    gdt: AP_GDT_START,
+    idt: AP_IDT_START,
+    pml4: AP_PML4_START,
+};
+
+/// Writes both sets of start-up tables (GDT, IDT, identity-mapping page
+/// tables). Call once per boot.
 pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
+    write_tables(mem, &BSP_TABLES)?;
+    write_tables(mem, &AP_TABLES)
+}
+
+fn write_tables(mem: &GuestMemoryMmap, at: &BootTables) -> Result<(), RegsError> {
     let gdt = boot_gdt();
     for (i, entry) in gdt.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(GDT_START + 8 * i as u64))
+        mem.write_obj(*entry, GuestAddress(at.gdt + 8 * i as u64))
             .map_err(|_| RegsError::GuestMemory)?;
     }
-    mem.write_obj(0u64, GuestAddress(IDT_START))
+    mem.write_obj(0u64, GuestAddress(at.idt))
         .map_err(|_| RegsError::GuestMemory)?;
 
     // PML4[0] -> PDPT; PDPT[i] -> PD i; each PD maps 1 GiB with 2 MiB pages.
     const PRESENT_RW: u64 = 0x3;
     const PAGE_SIZE_2M: u64 = 0x80;
-    mem.write_obj(PDPT_START | PRESENT_RW, GuestAddress(PML4_START))
+    let pdpt = at.pml4 + 0x1000;
+    let pd_start = at.pml4 + 0x2000;
+    mem.write_obj(pdpt | PRESENT_RW, GuestAddress(at.pml4))
         .map_err(|_| RegsError::GuestMemory)?;
     for pd in 0..PD_COUNT {
-        let pd_addr = PD_START + pd * 0x1000;
-        mem.write_obj(pd_addr | PRESENT_RW, GuestAddress(PDPT_START + pd * 8))
+        let pd_addr = pd_start + pd * 0x1000;
+        mem.write_obj(pd_addr | PRESENT_RW, GuestAddress(pdpt + pd * 8))
             .map_err(|_| RegsError::GuestMemory)?;
         for i in 0..512u64 {
             let phys = (pd << 30) | (i << 21);
@@ -120,20 +151,37 @@ fn boot_gdt() -> [u64; 4] {
     ]
 }
 
-/// Puts a vCPU at a 64-bit entry point.
-pub fn setup_long_mode(
+/// Puts the boot vCPU at the kernel's 64-bit entry point.
+pub fn setup_boot_cpu(vcpu: &VcpuFd, entry: u64) -> Result<(), RegsError> {
+    setup_long_mode(vcpu, entry, BOOT_STACK_TOP, ZERO_PAGE_START, &BSP_TABLES)
+}
+
+/// Starts a parked secondary vCPU at `vector`, in the state the ACPI MP
+/// wakeup structure promises: 64-bit mode, paging on with the vector
+/// identity-mapped, flat selectors, interrupts off. Then it is runnable.
+pub fn start_ap(vcpu: &VcpuFd, vector: u64) -> Result<(), RegsError> {
+    setup_long_mode(vcpu, vector, 0, 0, &AP_TABLES)?;
+    vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
+        mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+    })
+    .map_err(kvm("KVM_SET_MP_STATE"))
+}
+
+/// Puts a vCPU at a 64-bit entry point, with the tables at `tables`.
+fn setup_long_mode(
     vcpu: &VcpuFd,
     entry: u64,
     stack_top: u64,
     zero_page: u64,
+    tables: &BootTables,
 ) -> Result<(), RegsError> {
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     let gdt = boot_gdt();
     let code = segment(gdt[1], SELECTOR_CODE);
     let data = segment(gdt[2], SELECTOR_DATA);
-    sregs.gdt.base = GDT_START;
+    sregs.gdt.base = tables.gdt;
     sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
-    sregs.idt.base = IDT_START;
+    sregs.idt.base = tables.idt;
     sregs.idt.limit = 7;
     sregs.cs = code;
     sregs.ds = data;
@@ -142,7 +190,7 @@ pub fn setup_long_mode(
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = segment(gdt[3], SELECTOR_TSS);
-    sregs.cr3 = PML4_START;
+    sregs.cr3 = tables.pml4;
     sregs.cr4 |= X86_CR4_PAE | X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT;
     sregs.cr0 |= X86_CR0_PE | X86_CR0_MP | X86_CR0_ET | X86_CR0_NE | X86_CR0_WP | X86_CR0_PG;
     sregs.efer |= EFER_LME | EFER_LMA;

@@ -103,7 +103,10 @@ mod tests {
         assert_eq!(b, [7, 7]);
         bus.read(0xfe00_0010, &mut b);
         assert_eq!(b, [0xff, 0xff]);
-        assert_eq!(page.lock().unwrap().0.iter().filter(|&&x| x != 0).count(), 1);
+        assert_eq!(
+            page.lock().unwrap().0.iter().filter(|&&x| x != 0).count(),
+            1
+        );
         let other = || Arc::new(Mutex::new(Page([0; 16])));
         assert!(bus.insert(other(), 0xfe00_000f, 1).is_err());
         assert!(bus.insert(other(), u64::MAX, 2).is_err());

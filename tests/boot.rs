@@ -114,3 +114,47 @@ fn host_stdin_reaches_the_guest_uart() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stdout(&o).contains("echo: Z"), "{}", stdout(&o));
 }
+
+#[test]
+fn probe_wakes_its_aps_through_the_mp_wakeup_mailbox() {
+    require_kvm!();
+    let o = run(&["--vcpus", "4", "--cmdline", "probe.tests=none"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert!(
+        out.contains("probe: mp_wakeup mailbox=0xfe000000 woken=1,2,3 failed=none"),
+        "{out}"
+    );
+    assert!(out.contains("probe: cpus_online=4 ids=0,1,2,3"), "{out}");
+    for cpu in 1..4 {
+        assert!(out.contains(&format!("probe: done cpu={cpu} ")), "{out}");
+    }
+}
+
+#[test]
+fn mailbox_answers_bad_and_repeated_commands_as_the_spec_says() {
+    require_kvm!();
+    let guest = build_guest("mailbox");
+    let o = run(&[
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--vcpus",
+        "2",
+        "--timeout",
+        "20",
+    ]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    // Unknown APIC ID and a repeated wakeup stay pending (1), a reserved
+    // command reads back as written, the good wakeup clears it, the AP
+    // entered exactly once, the firmware half ignores writes.
+    assert!(
+        out.contains("mailbox: unknown=1 reserved=5 woke=0 repeat=1 entries=1 fw=0"),
+        "{out}"
+    );
+    assert!(
+        stderr(&o).contains("command not acted on"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{CpuVendor, OnReset, SerialSink, VmConfig, DEFAULT_MEMORY_MIB};
-use crate::error::StartError;
+use crate::error::{Outcome, StartError};
 use crate::loader::ImageKind;
 use crate::pmu::{VpmuMode, VpmuOptions};
 use crate::stat::StatOptions;
@@ -310,6 +310,17 @@ fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
                 report.exits.io,
                 report.exits.signal
             );
+        }
+    }
+    if matches!(
+        outcome,
+        Outcome::Timeout { .. } | Outcome::Terminated { .. }
+    ) {
+        // Where a guest that did not stop by itself was (a hang's address).
+        for report in &reports {
+            if let Some(rip) = report.rip {
+                eprintln!("vmm: vCPU {} was at RIP {rip:#x}", report.index);
+            }
         }
     }
     #[cfg(feature = "bench")]

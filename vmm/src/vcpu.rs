@@ -46,6 +46,8 @@ pub struct Vcpu {
     export: Option<Arc<Export>>,
     last_publish: Instant,
     exits: ExitCounts,
+    /// The vCPU has entered the guest (a parked one has not).
+    started: bool,
     /// Instrumentation (the benchmark trace): normally none.
     observer: Option<Box<dyn ExitObserver>>,
 }
@@ -95,6 +97,7 @@ impl Vcpu {
             export: None,
             last_publish: Instant::now(),
             exits: ExitCounts::default(),
+            started: false,
             observer: None,
         }
     }
@@ -134,6 +137,7 @@ impl Vcpu {
         if let Some(observer) = &mut self.observer {
             observer.start(&self.fd);
         }
+        self.started = !self.control.stopping();
         outcome = outcome.or_else(|| self.run_loop());
         self.control.register_thread(index, false);
         kick::disarm();
@@ -143,6 +147,7 @@ impl Vcpu {
             vpmu: self.pmu.as_mut().map(|p| (p.snapshot(), p.delivery)),
             exits: self.exits,
             observer_log: self.observer.take().and_then(|o| o.finish(&self.fd)),
+            rip: self.started.then(|| self.rip()).flatten(),
         };
         self.control.add_report(report);
         if let Some(outcome) = outcome {

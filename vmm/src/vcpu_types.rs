@@ -118,6 +118,9 @@ pub struct VcpuReport {
     pub exits: ExitCounts,
     /// What its [`ExitObserver`] left, if it had one.
     pub observer_log: Option<ObserverLog>,
+    /// Where the guest was when the thread ended (None: never started, or
+    /// KVM would not say): for guests stopped by a timeout or a signal.
+    pub rip: Option<u64>,
 }
 
 #[cfg(test)]

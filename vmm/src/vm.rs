@@ -453,6 +453,7 @@ impl Vm {
             guest_vendor,
             rdmsr_guest,
         )?);
+        cpuid::hide_kvm_hypercalls(supported.as_mut_slice());
         let vcpu_cpuid = pmu_cpuid(&supported, &plan)?;
 
         // Bound now, while single-threaded (mode 0600 via the umask), so that

@@ -170,7 +170,7 @@ mod tests {
             MP_WAKEUP_MAILBOX
         );
         // One CPU: nothing to wake, no structure.
-        let one = madt(1);
+        let one = super::madt(1);
         assert_eq!(one.len(), madt.len() - 16 - 8);
     }
 }

@@ -41,6 +41,29 @@ pub fn set_vendor(entries: &mut [kvm_cpuid_entry2], vendor: Vendor) {
     }
 }
 
+/// KVM's paravirtual feature leaf (EAX: `KVM_FEATURE_*` bits).
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// `KVM_FEATURE_PV_SEND_IPI` and `KVM_FEATURE_PV_SCHED_YIELD`: IPIs and
+/// yields by hypercall (`KVM_HC_SEND_IPI`, `KVM_HC_SCHED_YIELD`).
+const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
+
+/// Hides the paravirtual features that work by hypercall from guest kernel
+/// code. On the development hosts (nested kvm-pvm) a Linux guest's
+/// `KVM_HC_SEND_IPI` never completes: with 2 vCPUs the woken CPU stopped at
+/// the hypercall instruction in `kvm_hypercall4` (called by
+/// `__send_ipi_mask`) while CPU 0 spun on a lock it held. Without the
+/// feature Linux sends IPIs through the (in-kernel) local APIC, which works
+/// everywhere; the yield hypercall takes the same path and goes too.
+pub fn hide_kvm_hypercalls(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries
+        .iter_mut()
+        .filter(|e| e.function == KVM_CPUID_FEATURES)
+    {
+        e.eax &= !(KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD);
+    }
+}
+
 /// Bits needed to number `n` items.
 fn bits_for(n: u32) -> u32 {
     32 - n.saturating_sub(1).leading_zeros()
@@ -130,6 +153,17 @@ mod tests {
         // Maximum leaves stay the host's; other leaves are untouched.
         assert_eq!((entries[0].eax, entries[2].eax), (0x10, 0x8000_0022));
         assert_eq!(entries[1], entry(1, 0));
+    }
+
+    #[test]
+    fn hypercall_features_are_hidden_and_the_rest_kept() {
+        // What the development hosts' KVM offers.
+        let mut entries = [entry(KVM_CPUID_FEATURES, 0), entry(1, 0)];
+        entries[0].eax = 0x0100_7efb;
+        entries[1].eax = 0x0100_7efb;
+        hide_kvm_hypercalls(&mut entries);
+        assert_eq!(entries[0].eax, 0x0100_5efb & !KVM_FEATURE_PV_SEND_IPI);
+        assert_eq!(entries[1].eax, 0x0100_7efb);
     }
 
     #[test]

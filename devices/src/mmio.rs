@@ -17,11 +17,14 @@ pub struct MmioRangeError {
     pub len: u64,
 }
 
+/// One device's range: base, length, device.
+type Range = (u64, u64, Arc<Mutex<dyn MmioDevice>>);
+
 /// MMIO ranges and their devices. Elsewhere reads float high (all ones) and
 /// writes vanish, as where nothing answers on a PC.
 #[derive(Default)]
 pub struct MmioBus {
-    ranges: Vec<(u64, u64, Arc<Mutex<dyn MmioDevice>>)>,
+    ranges: Vec<Range>,
 }
 
 impl MmioBus {

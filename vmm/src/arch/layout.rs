@@ -51,6 +51,8 @@ pub const IOAPIC_DEFAULT_BASE: u32 = 0xfec0_0000;
 /// The ACPI multiprocessor wakeup mailbox (one 4 KiB page): in the MMIO
 /// gap, never RAM, so every guest access reaches the VMM.
 pub const MP_WAKEUP_MAILBOX: u64 = 0xfe00_0000;
+const _: () =
+    assert!(MP_WAKEUP_MAILBOX >= MMIO_GAP_START && MP_WAKEUP_MAILBOX.is_multiple_of(4096));
 /// The KVM TSS pages live just below the LAPIC (Intel needs them; harmless
 /// elsewhere), above KVM's default identity-map page (0xfffb_c000).
 pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -107,7 +109,6 @@ mod tests {
         assert!(s[7].2 <= HIMEM_START);
         // The AP tables are in the e820 reserved area.
         assert!(s[5].1 >= EBDA_START && s[5].2 <= ACPI_START);
-        assert!(MP_WAKEUP_MAILBOX >= MMIO_GAP_START && MP_WAKEUP_MAILBOX % 4096 == 0);
     }
 
     #[test]

@@ -1,6 +1,12 @@
 //! Minimal ACPI tables: what a Linux kernel built without MP-table support
 //! (Debian's cloud kernel, for one) needs to find its CPUs and I/O APIC.
-//! RSDP -> XSDT -> {FADT (hardware-reduced) -> DSDT (empty), MADT}.
+//! RSDP -> XSDT -> {FADT -> DSDT (empty), MADT}. The FADT is not
+//! hardware-reduced: on a hardware-reduced platform Linux drops the legacy
+//! PIC and with it the ISA IRQs, and COM1 (IRQ 4, not described in the
+//! empty DSDT) would get no interrupt. Its PM1 blocks are ports nothing
+//! answers (they read as all ones: SCI_EN set, so always in ACPI mode; no
+//! SMI command port), and its SCI (IRQ 9, level, active high by an
+//! interrupt source override) never fires.
 //! With more than one vCPU the MADT also holds the multiprocessor wakeup
 //! structure (ACPI 6.4, type 0x10) naming the mailbox at
 //! [`MP_WAKEUP_MAILBOX`]: these hosts cannot run the real-mode INIT/SIPI
@@ -15,7 +21,17 @@ const OEM_ID: &[u8; 6] = b"VMM   ";
 const OEM_TABLE_ID: &[u8; 8] = b"VPMU    ";
 const HEADER_LEN: usize = 36;
 const FADT_LEN: usize = 276; // revision 6
-const FADT_FLAG_HW_REDUCED_ACPI: u32 = 1 << 20;
+/// FADT flags: WBINVD works; no fixed power or sleep button.
+const FADT_FLAGS: u32 = 1 | (1 << 4) | (1 << 5);
+/// IA-PC boot architecture flags: legacy (ISA) devices present.
+const FADT_BOOT_LEGACY_DEVICES: u16 = 1;
+const SCI_IRQ: u8 = 9;
+/// PM1a event (4 bytes) and control (2 bytes) blocks: free ports.
+const PM1A_EVT_BLK: u32 = 0x600;
+const PM1A_CNT_BLK: u32 = 0x604;
+const MADT_INT_SRC_OVERRIDE: u8 = 2;
+/// MPS INTI flags: active high (01), level triggered (11 << 2).
+const INTI_LEVEL_HIGH: u16 = 0x000d;
 const MADT_FLAG_PCAT_COMPAT: u32 = 1;
 const MADT_LOCAL_APIC: u8 = 0;
 const MADT_IO_APIC: u8 = 1;
@@ -53,7 +69,11 @@ fn madt(num_cpus: u8) -> Vec<u8> {
     body.extend_from_slice(&[MADT_IO_APIC, 12, num_cpus, 0]);
     body.extend_from_slice(&IOAPIC_DEFAULT_BASE.to_le_bytes());
     body.extend_from_slice(&0u32.to_le_bytes()); // GSI base
-                                                 // LINT1 of every CPU is NMI.
+    // ISA IRQs map to the same I/O APIC pins; the SCI is level, active high.
+    body.extend_from_slice(&[MADT_INT_SRC_OVERRIDE, 10, 0, SCI_IRQ]);
+    body.extend_from_slice(&u32::from(SCI_IRQ).to_le_bytes());
+    body.extend_from_slice(&INTI_LEVEL_HIGH.to_le_bytes());
+    // LINT1 of every CPU is NMI.
     body.extend_from_slice(&[MADT_LOCAL_APIC_NMI, 6, 0xff, 0, 0, 1]);
     if num_cpus > 1 {
         body.extend_from_slice(&[MADT_MP_WAKEUP, MADT_MP_WAKEUP_LEN]);
@@ -68,7 +88,13 @@ fn fadt(dsdt: u64) -> Vec<u8> {
     let mut body = vec![0u8; FADT_LEN - HEADER_LEN];
     let at = |offset: usize| offset - HEADER_LEN;
     body[at(40)..at(44)].copy_from_slice(&(dsdt as u32).to_le_bytes());
-    body[at(112)..at(116)].copy_from_slice(&FADT_FLAG_HW_REDUCED_ACPI.to_le_bytes());
+    body[at(46)..at(48)].copy_from_slice(&u16::from(SCI_IRQ).to_le_bytes());
+    body[at(56)..at(60)].copy_from_slice(&PM1A_EVT_BLK.to_le_bytes());
+    body[at(64)..at(68)].copy_from_slice(&PM1A_CNT_BLK.to_le_bytes());
+    body[at(88)] = 4; // PM1_EVT_LEN
+    body[at(89)] = 2; // PM1_CNT_LEN
+    body[at(109)..at(111)].copy_from_slice(&FADT_BOOT_LEGACY_DEVICES.to_le_bytes());
+    body[at(112)..at(116)].copy_from_slice(&FADT_FLAGS.to_le_bytes());
     body[at(131)] = 3; // FADT minor version (6.3)
     body[at(140)..at(148)].copy_from_slice(&dsdt.to_le_bytes());
     body[at(268)..at(276)].copy_from_slice(b"VMMVPMU ");

@@ -68,7 +68,8 @@ fn madt(num_cpus: u8) -> Vec<u8> {
     // The I/O APIC takes the ID after the CPUs, as in the MP table.
     body.extend_from_slice(&[MADT_IO_APIC, 12, num_cpus, 0]);
     body.extend_from_slice(&IOAPIC_DEFAULT_BASE.to_le_bytes());
-    body.extend_from_slice(&0u32.to_le_bytes()); // GSI base
+    // GSI base 0.
+    body.extend_from_slice(&0u32.to_le_bytes());
     // ISA IRQs map to the same I/O APIC pins; the SCI is level, active high.
     body.extend_from_slice(&[MADT_INT_SRC_OVERRIDE, 10, 0, SCI_IRQ]);
     body.extend_from_slice(&u32::from(SCI_IRQ).to_le_bytes());

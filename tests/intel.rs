@@ -166,6 +166,11 @@ fn every_reserved_bit_faults_and_legacy_counter_writes_sign_extend() {
             got, total,
             "{what}: every out-of-model access faults: {g:?}"
         );
+        // Full-width writes beyond the 48-bit width: 16 bits x 4 counters.
+        assert_eq!(g.get("counter_rsvd"), "64/64", "{what}: {g:?}");
+        // PERF_CAPABILITIES (and GLOBAL_STATUS, INUSE) take no writes.
+        let (got, total) = g.get("ro_write").split_once('/').unwrap();
+        assert_eq!(got, total, "{what}: {g:?}");
         if version >= 2 {
             let (got, total) = g.get("global_rsvd").split_once('/').unwrap();
             assert_eq!(got, total, "{what}: {g:?}");

@@ -479,14 +479,17 @@ enum Cat {
     RoWrite,
     /// MSRs outside the model: all #GP.
     Outside,
+    /// Bits above the width in full-width counter writes.
+    CounterRsvd,
 }
-const CATS: usize = 5;
+const CATS: usize = 6;
 const CAT_NAMES: [&str; CATS] = [
     "defined",
     "evtsel_rsvd",
     "global_rsvd",
     "ro_write",
     "outside",
+    "counter_rsvd",
 ];
 
 struct Tally {
@@ -773,7 +776,11 @@ fn gp_intel(t: &mut Tally, p: &Pmu) {
         if p.intel_full_width {
             t.reads_back(intel::A_PMC0 + i, top, top);
             t.reads_back(intel::A_PMC0 + i, extended, extended);
+            t.reserved_bits(Cat::CounterRsvd, intel::A_PMC0 + i, p.gp_mask(), 0);
         }
+    }
+    if p.intel_pdcm {
+        t.read_only(intel::PERF_CAPABILITIES);
     }
     for i in 0..p.num_gp {
         t.reserved_bits(

@@ -116,10 +116,18 @@ impl fmt::Display for PmuPlan {
                 write!(
                     f,
                     "vPMU on: {:?} v{}, {} general-purpose counters ({} bits)",
-                    m.vendor, m.version, m.gp_counters, m.gp_width
+                    m.vendor(),
+                    m.version,
+                    m.gp_counters,
+                    m.gp_width
                 )?;
-                if m.fixed_counters > 0 {
-                    write!(f, ", {} fixed ({} bits)", m.fixed_counters, m.fixed_width)?;
+                if m.fixed_counters() > 0 {
+                    write!(
+                        f,
+                        ", {} fixed ({} bits)",
+                        m.fixed_counters(),
+                        m.fixed_width()
+                    )?;
                 }
                 write!(f, ", events: {}", self.policy)
             }
@@ -208,12 +216,12 @@ pub fn plan(opts: &VpmuOptions, host: &HostPmu, rdmsr_guest: bool) -> Result<Pmu
         cpuid: Some(HostCpuid::detect()),
         intel_full_width_writes: false,
     };
+    let impossible = |e: vpmu::ModelError| StartError::Config(format!("impossible vPMU: {e}"));
     let model = PmuModel::best_for_host(vendor, &facts)
         .shaped(opts.version, opts.gp_counters, opts.fixed_counters)
+        .map_err(impossible)?
         .with_unavailable_events(&opts.events, host.hardware_events.is_ok());
-    model
-        .validate()
-        .map_err(|e| StartError::Config(format!("impossible vPMU: {e}")))?;
+    model.validate().map_err(impossible)?;
     Ok(PmuPlan {
         model: Some(model),
         policy: opts.events.clone(),
@@ -282,7 +290,11 @@ mod tests {
         let h = host(Rdpmc::Mirrored);
         let mut o = opts(VpmuMode::On);
         o.fixed_counters = Some(3);
-        assert!(plan(&o, &h, true).is_err(), "AMD has no fixed counters");
+        let error = plan(&o, &h, true).unwrap_err().to_string();
+        assert!(error.contains("AMD has no fixed counters"), "{error}");
+        o.fixed_counters = Some(0);
+        let model = plan(&o, &h, true).unwrap().model.unwrap();
+        assert_eq!(model.fixed_counters(), 0, "0 fixed counters is no override");
         let mut o = opts(VpmuMode::Off);
         o.gp_counters = Some(2);
         assert!(plan(&o, &h, true).is_err());

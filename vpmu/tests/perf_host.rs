@@ -10,12 +10,13 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use common::TSC_KHZ;
-use vpmu::backend::perf::{PerfBackend, PerfHandle};
+use vpmu::backend::gate::{Gated, OpenGate};
+use vpmu::backend::perf::PerfBackend;
 use vpmu::evtsel::{EN, INT, OS, USR};
 use vpmu::msr::*;
 use vpmu::{
     Backend, BackendError, Backing, EventPolicy, EventSource, EventSpec, GuestClock,
-    OverflowNotify, PmuModel, Reading, Vendor, Vpmu,
+    OverflowNotify, PmuModel, Vendor, Vpmu,
 };
 
 const MS: u64 = 1_000_000;
@@ -160,63 +161,28 @@ fn hardware_events_open_or_fail_with_a_clear_error() {
 
 /// The host's perf as a host without hardware events sees it: where the
 /// host has them, hardware opens fail with ENOENT as they do where it has
-/// none (elsewhere the kernel's own ENOENT comes through). Everything else
-/// is the real perf backend.
-#[derive(Debug)]
+/// none (elsewhere the kernel's own ENOENT comes through).
 struct NoHardware {
-    perf: PerfBackend,
     /// The host has hardware events: hide them.
     hide: bool,
 }
 
-impl Backend for NoHardware {
-    type Handle = PerfHandle;
-
-    fn open(&mut self, spec: &EventSpec) -> Result<PerfHandle, BackendError> {
-        match spec.source {
-            EventSource::HardwareRaw { .. } if self.hide => {
-                Err(BackendError::from_errno("perf_event_open", libc::ENOENT))
-            }
-            _ => self.perf.open(spec),
-        }
-    }
-
-    fn start(&mut self, handle: PerfHandle) -> Result<(), BackendError> {
-        self.perf.start(handle)
-    }
-
-    fn stop(&mut self, handle: PerfHandle) -> Result<(), BackendError> {
-        self.perf.stop(handle)
-    }
-
-    fn read(&mut self, handle: PerfHandle) -> Result<Reading, BackendError> {
-        self.perf.read(handle)
-    }
-
-    fn set_period(&mut self, handle: PerfHandle, period: u64) -> Result<(), BackendError> {
-        self.perf.set_period(handle, period)
-    }
-
-    fn close(&mut self, handle: PerfHandle) {
-        self.perf.close(handle)
-    }
-
-    fn schedule_epoch(&mut self, handle: PerfHandle) -> Option<u32> {
-        self.perf.schedule_epoch(handle)
-    }
-
-    fn set_overflow_notify(&mut self, notify: Option<OverflowNotify>) {
-        self.perf.set_overflow_notify(notify)
+impl OpenGate for NoHardware {
+    fn refusal(&mut self, spec: &EventSpec) -> Option<BackendError> {
+        let hardware = matches!(spec.source, EventSource::HardwareRaw { .. });
+        (self.hide && hardware).then(|| BackendError::from_errno("perf_event_open", libc::ENOENT))
     }
 }
 
 /// An AMD vPMU on this thread's perf, hardware events hidden: its cycles
 /// counters are backed by task-clock whatever the host.
-fn amd_vpmu() -> Vpmu<NoHardware> {
+fn amd_vpmu() -> Vpmu<Gated<PerfBackend, NoHardware>> {
     let model = PmuModel::best_for_host(Vendor::Amd, &Default::default());
-    let mut backend = NoHardware {
-        perf: PerfBackend::new(PerfBackend::current_tid()),
-        hide: PerfBackend::probe_hardware().is_ok(),
+    let mut backend = Gated {
+        inner: PerfBackend::new(PerfBackend::current_tid()),
+        gate: NoHardware {
+            hide: PerfBackend::probe_hardware().is_ok(),
+        },
     };
     backend.set_overflow_notify(Some(notify_here()));
     Vpmu::new(
@@ -272,7 +238,7 @@ fn vpmu_counts_guest_time_only_and_never_reopens() {
         stats.starts, 1,
         "a clock event stays enabled while its counter stops: the 20 toggles cost no ioctl"
     );
-    assert_eq!(pmu.backend().perf.open_events(), 2);
+    assert_eq!(pmu.backend().inner.open_events(), 2);
     assert_eq!(
         pmu.rdmsr(AMD_PERF_CTL0 + 1).unwrap(),
         value,

@@ -3,9 +3,11 @@
 //! A [`Backend`] opens one host event per (virtual counter, programming)
 //! and then only starts, stops, reads and re-arms it; [`crate::Vpmu`]
 //! decides when. [`perf::PerfBackend`] is the real one (`perf_event_open`
-//! on the vCPU thread), [`fake::FakeBackend`] a scriptable one for tests.
+//! on the vCPU thread), [`fake::FakeBackend`] a scriptable one for tests,
+//! and [`gate::Gated`] one whose opens a test may refuse first.
 
 pub mod fake;
+pub mod gate;
 pub mod perf;
 
 use std::fmt::Debug;

@@ -26,6 +26,8 @@ pub enum ClientError {
     Connect(PathBuf, std::io::Error),
     #[error("--api-socket {0}: not a vmm API socket ({1})")]
     NotVmm(PathBuf, String),
+    #[error("--api-socket {0}: the VMM closed the connection without an answer (did it end?)")]
+    Closed(PathBuf),
     #[error("--api-socket {0}: the VMM's API is busy: it answered {1} (all its connections are taken; try again)")]
     Busy(PathBuf, String),
     /// The API answered with an error of its own (a JSON `error`).
@@ -70,6 +72,9 @@ pub fn get(socket: &Path, uri: &str, timeout: Duration) -> Result<Vec<u8>, Clien
     }
     written.map_err(io)?;
     read.map_err(io)?;
+    if raw.is_empty() {
+        return Err(ClientError::Closed(socket.to_path_buf()));
+    }
     match response_body(&raw) {
         Ok(body) => Ok(body.to_vec()),
         Err(Answer::Status(status, status_line, body)) => {

@@ -57,7 +57,9 @@ impl Failure {
     fn exit_code(&self) -> i32 {
         match self {
             Failure::Api(ClientError::Refused { status: 400, .. }) => 2,
-            Failure::Api(ClientError::Refused { .. } | ClientError::Busy(..)) => 1,
+            Failure::Api(
+                ClientError::Refused { .. } | ClientError::Busy(..) | ClientError::Closed(_),
+            ) => 1,
             Failure::Symbols(_) | Failure::Api(_) => 2,
             Failure::Draw(_) | Failure::Write(..) | Failure::Stdout(_) => 1,
         }

@@ -15,9 +15,10 @@ then judges what perf printed against run time, the guest's TSC rate and
 what the VMM exported, and prints a table. Started by acceptance.sh, which
 builds what is missing first. Standard library only.
 
-While the main guest's record step runs, the host takes its own profile
-of the guest (vmm profile, GET /profile) and holds its top kernel symbols
-and its user-mode share against what the guest's perf report says.
+While the main guest's record step runs its workload, the host takes its
+own profile of the guest (vmm profile, GET /profile) and holds its top
+kernel symbols and its user-mode share against what the guest's perf
+report says.
 
 With --bench it boots one guest that runs perf-checks' bench step instead
 and prints the figures of BENCHMARKS.md's Linux section: boot to /init,
@@ -44,11 +45,11 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 
 AMD_CYCLES = 0x76
 USR, OS = 1 << 16, 1 << 17
-# The host-side profile of the record step: from this long after its BEGIN
-# marker (the guest's own pause, then perf starting up) for this long, at
-# this rate per second of vCPU time.
-PROFILE_DELAY_S = 3.0
-PROFILE_SECONDS = 4
+# The host-side profile of the record step: from this long after busy says
+# it started (under perf record: 3 s of its CPU time, about 3.5 s here) for
+# this long, at this rate per second of vCPU time.
+PROFILE_DELAY_S = 0.2
+PROFILE_SECONDS = 2.5
 PROFILE_HZ = 199
 
 
@@ -162,10 +163,11 @@ class Guest:
                     key = f"{m.group(1)} {m.group(2)}"
                     self.snapshots[key] = api_get(self.socket, "/vpmu")
                     running_step = m.group(1) if m.group(2) == "BEGIN" else None
-                    if key == "record BEGIN" and self.name == "main":
-                        self.profile_thread = threading.Thread(target=self.take_profile,
-                                                               daemon=True)
-                        self.profile_thread.start()
+                if (running_step == "record" and self.name == "main"
+                        and line.startswith("busy: start") and not self.profile_thread):
+                    self.profile_thread = threading.Thread(target=self.take_profile,
+                                                           daemon=True)
+                    self.profile_thread.start()
             seen += cut
             if running_step == "api":
                 snap = api_get(self.socket, "/vpmu")

@@ -442,7 +442,7 @@ impl Hub {
 
     /// Runs a profile of `request` and returns it: every vCPU samples
     /// until the deadline, then hands in its samples (waiting at most
-    /// [`COLLECT_WAIT`] more for them). Blocks the calling (API) thread.
+    /// 2 s more for them). Blocks the calling (API) thread.
     pub fn run(&self, request: Request, control: &VmControl) -> Result<Profile, ProfileError> {
         if control.stopping() {
             return Err(ProfileError::Stopping);

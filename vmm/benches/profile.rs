@@ -63,7 +63,15 @@ fn main() {
          probe.spin_depth={DEPTH}"
     );
     let mut child = common::vmm()
-        .args(["--vpmu", "off", "--timeout", "900", "--cmdline", &cmdline, "--api-socket"])
+        .args([
+            "--vpmu",
+            "off",
+            "--timeout",
+            "900",
+            "--cmdline",
+            &cmdline,
+            "--api-socket",
+        ])
         .arg(&sock)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -393,16 +393,19 @@ fn median(mut xs: Vec<f64>) -> f64 {
 fn a_profile_leaves_the_guests_own_cycle_count_alone() {
     require_kvm!();
     let _serial = common::timing_lock();
-    // Alternating runs: the host's load drifts.
+    // Alternating runs: the host's load drifts. At 199 Hz: each sample is
+    // an exit, and the in-kernel part of an exit and re-entry (inside
+    // KVM_RUN) is in the vPMU's guest-time window; at 999 Hz that adds a
+    // systematic 1-7% here (BENCHMARKS.md).
     let (mut plain, mut profiled) = (Vec::new(), Vec::new());
     for _ in 0..2 {
         plain.extend(fixed_work_cycles(None));
-        profiled.extend(fixed_work_cycles(Some(999)));
+        profiled.extend(fixed_work_cycles(Some(199)));
     }
     let (plain, profiled) = (median(plain), median(profiled));
     let change = profiled / plain - 1.0;
     eprintln!(
-        "fixed work: {plain:.0} cycles plain, {profiled:.0} profiled at 999 Hz ({:+.1}%)",
+        "fixed work: {plain:.0} cycles plain, {profiled:.0} profiled at 199 Hz ({:+.1}%)",
         change * 100.0
     );
     assert!(change.abs() < 0.10, "{plain} vs {profiled}");

@@ -331,10 +331,19 @@ fn collect(
 impl Running {
     /// Starts the probe with `cmdline`, extra `flags` and environment.
     pub fn start_with_env(cmdline: &str, flags: &[&str], env: &[(&str, &str)]) -> Running {
+        Self::spawn(cmdline, &[&["--vpmu", "on"], flags].concat(), env)
+    }
+
+    /// Starts the probe with `cmdline` and `flags` only (no `--vpmu on`).
+    pub fn start_plain(cmdline: &str, flags: &[&str]) -> Running {
+        Self::spawn(cmdline, flags, &[])
+    }
+
+    fn spawn(cmdline: &str, flags: &[&str], env: &[(&str, &str)]) -> Running {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("api.sock");
         let mut child = vmm()
-            .args(["--vpmu", "on", "--timeout", "120", "--cmdline", cmdline])
+            .args(["--timeout", "120", "--cmdline", cmdline])
             .args(flags)
             .arg("--api-socket")
             .arg(&sock)

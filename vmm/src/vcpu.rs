@@ -14,7 +14,7 @@ use crate::export::{Export, PUBLISH_INTERVAL};
 use crate::kick;
 use crate::pmu::vcpu::VcpuPmu;
 use crate::pmu::PmuPlan;
-use crate::vcpu_types::{interrupted, ExitCounts, ExitObserver, VcpuReport};
+use crate::vcpu_types::{interrupted, ExitCounts, ExitObserver, GuestSampler, VcpuReport};
 
 /// KVM_SYSTEM_EVENT types (uapi/linux/kvm.h).
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -43,6 +43,8 @@ pub struct Vcpu {
     exits: ExitCounts,
     /// Instrumentation (the benchmark trace): normally none.
     observer: Option<Box<dyn ExitObserver>>,
+    /// The host-side profiler's sampler.
+    sampler: Option<Box<dyn GuestSampler>>,
 }
 
 /// What one exit asks of the run loop.
@@ -89,12 +91,19 @@ impl Vcpu {
             last_publish: Instant::now(),
             exits: ExitCounts::default(),
             observer: None,
+            sampler: None,
         }
     }
 
     /// Instruments the vCPU (see [`ExitObserver`]).
     pub fn with_observer(mut self, observer: Option<Box<dyn ExitObserver>>) -> Self {
         self.observer = observer;
+        self
+    }
+
+    /// Gives the vCPU a sampler (see [`GuestSampler`]).
+    pub fn with_sampler(mut self, sampler: Option<Box<dyn GuestSampler>>) -> Self {
+        self.sampler = sampler;
         self
     }
 
@@ -113,6 +122,9 @@ impl Vcpu {
             observer.start(&self.fd);
         }
         let outcome = self.start_pmu().err().or_else(|| self.run_loop());
+        if let Some(sampler) = &mut self.sampler {
+            sampler.finish(&self.fd);
+        }
         self.control.register_thread(index, false);
         kick::disarm();
         self.publish(false);
@@ -192,8 +204,12 @@ impl Vcpu {
         }
     }
 
-    /// The vPMU's work before an entry (see [`VcpuPmu::before_entry`]).
+    /// The sampler's and the vPMU's work before an entry (see
+    /// [`GuestSampler::before_entry`], [`VcpuPmu::before_entry`]).
     fn before_entry(&mut self, kicked: bool, pmu_msr: bool) {
+        if let Some(sampler) = &mut self.sampler {
+            sampler.before_entry(kicked, &self.fd);
+        }
         let Some(pmu) = &mut self.pmu else {
             return;
         };

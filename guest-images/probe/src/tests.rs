@@ -43,6 +43,10 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
             crate::storm::run(t, cfg, cpu, &pmu, usable);
             continue;
         }
+        if Test::PROFILE.contains(&t) {
+            crate::profile::run(t, cfg, cpu, &pmu, usable);
+            continue;
+        }
         let name = t.name();
         if !usable {
             let why = if pmu.has_counters() {
@@ -80,7 +84,9 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
             | Test::Edges
             | Test::Inflight
             | Test::Exits
-            | Test::Observe => Ok(()),
+            | Test::Observe
+            | Test::Spin
+            | Test::BadStack => Ok(()),
             Test::Cycles => cycles(cfg, cpu, &pmu, i),
             Test::Halt => halt(cfg, cpu, &pmu, i),
             Test::Pmi => pmi(cfg, cpu, &pmu, i),

@@ -25,6 +25,10 @@ pub enum EventSource {
     },
     /// Host task-clock of the vCPU thread, in nanoseconds.
     SoftwareClock,
+    /// The host's generic core cycles (`PERF_TYPE_HARDWARE` cycles), for a
+    /// sampler that needs no particular vendor's event (the VMM's guest
+    /// profiler).
+    HardwareCycles,
 }
 
 /// Everything needed to open one host event.
@@ -53,6 +57,19 @@ impl EventSpec {
             exclude_kernel: !os,
             exclude_host: true,
             pinned: true,
+            sample_period: Some(sample_period),
+        }
+    }
+
+    /// Core cycles of the guest only (host time excluded), sampled every
+    /// `sample_period` cycles.
+    pub fn guest_cycles(sample_period: u64) -> Self {
+        Self {
+            source: EventSource::HardwareCycles,
+            exclude_user: false,
+            exclude_kernel: false,
+            exclude_host: true,
+            pinned: false,
             sample_period: Some(sample_period),
         }
     }

@@ -288,7 +288,11 @@ fn assert_responsive((latencies, failures): (Vec<Duration>, usize)) {
 fn hostile_stacks_and_page_tables_end_walks_marked_truncated() {
     require_kvm!();
     let _serial = common::timing_lock();
-    let vm = Running::start("probe.tests=badstack probe.spin_ms=600", &[]);
+    let vm = Running::start(
+        // Held after its phases so the VM outlives the profile.
+        "probe.tests=badstack probe.spin_ms=600 probe.hold_ms=3000",
+        &[],
+    );
     vm.wait_serial("phase=outside_memory", Duration::from_secs(30));
     let stop = Arc::new(AtomicBool::new(false));
     let poller = poll_api(&vm.sock, stop.clone());

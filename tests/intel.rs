@@ -108,7 +108,9 @@ fn cycles_and_pmis(version: u8, counter_key: &str) {
     );
     let p = result(&r, 0, "pmi");
     let (pmis, expected) = (p.num("pmis"), p.num("expected_run"));
-    assert!(expected >= 100.0, "{p:?}");
+    // At least 50 periods of run time, even when other processes steal
+    // most of the 300 ms window from the vCPU.
+    assert!(expected >= 50.0, "{p:?}");
     assert!(
         (pmis - expected).abs() <= 0.3 * expected,
         "{what}: {pmis} PMIs, expected {expected} within 30%: {p:?}"
@@ -166,6 +168,11 @@ fn every_reserved_bit_faults_and_legacy_counter_writes_sign_extend() {
             got, total,
             "{what}: every out-of-model access faults: {g:?}"
         );
+        // Full-width writes beyond the 48-bit width: 16 bits x 4 counters.
+        assert_eq!(g.get("counter_rsvd"), "64/64", "{what}: {g:?}");
+        // PERF_CAPABILITIES (and GLOBAL_STATUS, INUSE) take no writes.
+        let (got, total) = g.get("ro_write").split_once('/').unwrap();
+        assert_eq!(got, total, "{what}: {g:?}");
         if version >= 2 {
             let (got, total) = g.get("global_rsvd").split_once('/').unwrap();
             assert_eq!(got, total, "{what}: {g:?}");
@@ -231,4 +238,81 @@ fn the_api_names_intel_counters_and_fixed_counters() {
             && metrics.contains(r#"counter="fixed2",event="ref-cycles"}"#),
         "{metrics}"
     );
+}
+
+#[test]
+fn halt_two_vcpus_and_throttling_behave_on_the_intel_model_as_on_amd() {
+    require_kvm!();
+    let _serial = timing_lock();
+    // On each of two vCPUs, with its own host events: a halted window
+    // counts (almost) nothing, a busy one its run time.
+    let (r, err) = run_intel(
+        "probe.tests=halt,cycles probe.halt_ms=200 probe.cycles_ms=200 probe.cpus=all",
+        4,
+        &["--vcpus", "2"],
+    );
+    for cpu in 0..2 {
+        let h = result(&r, cpu, "halt");
+        assert!(h.num("timer_irqs") >= 1.0, "vCPU {cpu}: {h:?}");
+        let halted = h.num("cycles") / h.num("tsc");
+        assert!(
+            halted < 0.05,
+            "vCPU {cpu}: halted cycles/tsc = {halted:.3}: {h:?}"
+        );
+        let c = result(&r, cpu, "cycles");
+        let ratio = c.num("run_ratio_permille") / 1000.0;
+        assert!(
+            (0.85..=1.15).contains(&ratio),
+            "vCPU {cpu}: cycles/(tsc - steal) = {ratio:.3}: {c:?}"
+        );
+        assert!(
+            common::vpmu_summary_text(&err, cpu, " perf_event_open") >= 1,
+            "vCPU {cpu} has its own host events: {err}"
+        );
+    }
+    // Period 16 on a fixed counter: throttled to the host minimum, every
+    // PMI with its status bit, and the guest carries on.
+    let start = std::time::Instant::now();
+    let (r, err) = run_intel(
+        "probe.tests=pmi,detect probe.pmi_period=16 probe.pmi_ms=200 probe.fixed=1",
+        4,
+        &[],
+    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(30));
+    let p = result(&r, 0, "pmi");
+    assert!(p.num("pmis") >= 1.0, "{p:?}");
+    assert_eq!(p.num("status_ok"), p.num("pmis"), "{p:?}");
+    assert_eq!(p.num("lvt_masked"), p.num("pmis"), "{p:?}");
+    assert!(p.num("pmis") <= 200_000.0 / 50.0, "{p:?}");
+    assert!(
+        common::vpmu_summary_text(&err, 0, " throttled") > 0,
+        "{err}"
+    );
+    assert_eq!(result(&r, 0, "detect").get("msr_probe"), "ok");
+}
+
+#[test]
+fn msr_and_pmi_storms_get_hardware_answers_on_the_intel_model() {
+    require_kvm!();
+    let _serial = timing_lock();
+    let (r, err) = run_intel(
+        "probe.tests=msrstorm,pmistorm,detect probe.storm_n=100000 probe.storm_ms=600",
+        4,
+        &[],
+    );
+    let s = result(&r, 0, "msrstorm");
+    common::assert_msr_storm_answered(s, 100_000.0);
+    let p = result(&r, 0, "pmistorm");
+    // Four general-purpose and three fixed counters at period one.
+    assert_eq!(p.num("counters"), 7.0, "{p:?}");
+    assert!(p.num("pmis") >= 1.0, "{p:?}");
+    assert_eq!(p.num("nostatus"), 0.0, "{p:?}");
+    assert!(p.num("late") <= 1.0, "{p:?}");
+    assert_eq!(p.num("gp") + p.num("handler_gp"), 0.0, "{p:?}");
+    assert_eq!(p.num("unexpected_nmis"), 0.0, "{p:?}");
+    assert!(
+        common::vpmu_summary_text(&err, 0, " throttled") > 0,
+        "{err}"
+    );
+    assert_eq!(result(&r, 0, "detect").get("msr_probe"), "ok");
 }

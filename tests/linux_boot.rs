@@ -9,9 +9,10 @@
 //!   Linux's own perf, and every row of its table (driver detection, cycles
 //!   vs run time, unbacked events, privilege filters, sampling rate,
 //!   user/kernel split and hot symbol, multiplexing, the API live and after,
-//!   the NMI watchdog, no PMU, a denied event; on 2 vCPUs: both online,
-//!   `perf stat -a` and per CPU, `perf record -a`, a migrating task, per-vCPU
-//!   totals) must pass.
+//!   the NMI watchdog, the host's own `vmm profile` of the workload against
+//!   the guest's `perf report`, no PMU, a denied event; on 2 vCPUs: both
+//!   online, `perf stat -a` and per CPU, `perf record -a`, a migrating task,
+//!   per-vCPU totals) must pass.
 //! - `bzimage_boots_to_its_banner` boots the same kernel as a bzImage (the
 //!   VMM unpacks its gzip payload) until its banner and command line.
 //! - `initramfs_holds_init_busybox_perf_and_its_loader` checks the image.

@@ -63,7 +63,9 @@ fn pmis_arrive_at_the_programmed_period_and_stop_when_disabled() {
     let p = result(&r, 0, "pmi");
     // Expected from the window's TSC length less steal time (see above).
     let (pmis, expected) = (p.num("pmis"), p.num("expected_run"));
-    assert!(expected >= 100.0, "{p:?}");
+    // At least 50 periods of run time, even when other processes steal
+    // most of the window from the vCPU.
+    assert!(expected >= 50.0, "{p:?}");
     assert!(
         (pmis - expected).abs() <= 0.3 * expected,
         "{pmis} PMIs, expected {expected} within 30%: {p:?}"

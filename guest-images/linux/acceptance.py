@@ -15,6 +15,11 @@ then judges what perf printed against run time, the guest's TSC rate and
 what the VMM exported, and prints a table. Started by acceptance.sh, which
 builds what is missing first. Standard library only.
 
+While the main guest's record step runs its workload, the host takes its
+own profile of the guest (vmm profile, GET /profile) and holds its top
+kernel symbols and its user-mode share against what the guest's perf
+report says.
+
 With --bench it boots one guest that runs perf-checks' bench step instead
 and prints the figures of BENCHMARKS.md's Linux section: boot to /init,
 perf stat and perf record overheads on fixed work, and per sample the
@@ -40,6 +45,12 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 
 AMD_CYCLES = 0x76
 USR, OS = 1 << 16, 1 << 17
+# The host-side profile of the record step: from this long after busy says
+# it started (under perf record: 3 s of its CPU time, about 3.5 s here) for
+# this long, at this rate per second of vCPU time.
+PROFILE_DELAY_S = 0.2
+PROFILE_SECONDS = 2.5
+PROFILE_HZ = 199
 
 
 # ----------------------------------------------------------------- running --
@@ -93,6 +104,10 @@ class Guest:
         self.elapsed = None
         self.proc = None
         self.thread = None
+        self.vmm = env_vmm
+        self.workdir = workdir
+        self.profile = None  # (vmm profile's exit code, stderr, folded stacks)
+        self.profile_thread = None
 
     def vmm_flags(self):
         return {"main": [], "bench": [], "off": ["--vpmu", "off"],
@@ -148,6 +163,11 @@ class Guest:
                     key = f"{m.group(1)} {m.group(2)}"
                     self.snapshots[key] = api_get(self.socket, "/vpmu")
                     running_step = m.group(1) if m.group(2) == "BEGIN" else None
+                if (running_step == "record" and self.name == "main"
+                        and line.startswith("busy: start") and not self.profile_thread):
+                    self.profile_thread = threading.Thread(target=self.take_profile,
+                                                           daemon=True)
+                    self.profile_thread.start()
             seen += cut
             if running_step == "api":
                 snap = api_get(self.socket, "/vpmu")
@@ -163,8 +183,25 @@ class Guest:
         self.rc = self.proc.returncode
         self.elapsed = time.monotonic() - self.started
 
+    def take_profile(self):
+        """vmm profile of the record step, as folded stacks."""
+        time.sleep(PROFILE_DELAY_S)
+        out = os.path.join(self.workdir, f"{self.name}.profile.folded")
+        argv = [self.vmm, "profile", "--api-socket", self.socket,
+                "--seconds", str(PROFILE_SECONDS), "--frequency", str(PROFILE_HZ),
+                "--format", "folded", "-o", out]
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                  text=True, timeout=PROFILE_SECONDS + 60)
+            folded = open(out).read() if done.returncode == 0 else ""
+            self.profile = (done.returncode, done.stderr.strip(), folded)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            self.profile = (None, str(e), "")
+
     def wait(self):
         self.thread.join()
+        if self.profile_thread:
+            self.profile_thread.join()
 
     def text(self):
         try:
@@ -356,7 +393,7 @@ def judge_main(g, r):
     out, rc = g.step("detect")
     if out is None:
         for name in ["detect", "stat", "unbacked", "privilege", "record", "multiplex",
-                     "api-live", "api-count", "watchdog"]:
+                     "api-live", "api-count", "watchdog", "profile-kernel", "profile-user"]:
             r.skip(f"main.{name}", "the guest never ran the step")
         return
     text = "\n".join(out)
@@ -431,6 +468,7 @@ def judge_main(g, r):
 
     out, rc = g.step("record")
     judge_record(out or [], rc, tsc_khz, r)
+    judge_profile(out or [], g.profile, r)
 
     out, rc = g.step("multiplex")
     rows = [x for x in perf_csv(out or []) if x[2] == "cycles"]
@@ -520,6 +558,69 @@ def judge_record(out, rc, tsc_khz, r):
     if m:
         top = m.group(1)
     r.add("main.record-symbol", top == "spin_user", f"top user-mode symbol: {top}")
+
+
+def folded_stacks(text):
+    """Folded stacks: [(frames outermost first, count)]."""
+    stacks = []
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            stacks.append((stack.split(";"), int(count)))
+    return stacks
+
+
+def perf_symbols(out, section):
+    """(percent, symbol) rows of one of the record step's top-N lists."""
+    rows, inside = [], False
+    for line in out:
+        if line.strip() == f"{section}:":
+            inside = True
+            continue
+        m = re.match(r"^\s*([\d.]+)%\s+\[[.k]\]\s+(\S+)", line)
+        if inside and m:
+            rows.append((float(m.group(1)), m.group(2)))
+        elif inside and line.strip():
+            break
+    return rows
+
+
+def judge_profile(out, profile, r):
+    """The host's profile of the record step against the guest's perf report:
+    the guest's top kernel symbol among the host's top kernel symbols, and
+    the user-mode share of samples in proportion."""
+    if profile is None or profile[0] != 0:
+        why = "never taken" if profile is None else f"vmm profile exit {profile[0]}: {profile[1]}"
+        r.add("main.profile-kernel", False, f"no host profile: {why}")
+        r.add("main.profile-user", False, f"no host profile: {why}")
+        return
+    stacks = folded_stacks(profile[2])
+    total = sum(c for _, c in stacks)
+    user = sum(c for f, c in stacks if f and f[-1].startswith("[user"))
+    leaves = {}
+    for frames, count in stacks:
+        leaf = frames[-1] if frames else ""
+        if not leaf.startswith("["):
+            leaves[leaf] = leaves.get(leaf, 0) + count
+    host_top = [name for name, _ in sorted(leaves.items(), key=lambda x: -x[1])[:10]]
+    guest_kernel = perf_symbols(out, "top-kernel-symbols")
+    want = guest_kernel[0][1] if guest_kernel else None
+    rank = host_top.index(want) + 1 if want in host_top else None
+    r.add("main.profile-kernel", total > 0 and rank is not None and rank <= 5,
+          f"guest perf's top kernel symbol {want} is #{rank} of the host profile's kernel "
+          f"symbols (top 5 wanted; host top: {', '.join(host_top[:5])}; {total} samples)")
+    kernel_pct = user_pct = 0.0
+    for line in out:
+        m = re.match(r"^\s*([\d.]+)%\s+\d+\s+(\S+)", line)
+        if m and m.group(2) == "[kernel.kallsyms]":
+            kernel_pct += float(m.group(1))
+        elif m and m.group(2) == "busy":
+            user_pct += float(m.group(1))
+    host_user = 100.0 * user / max(1, total)
+    guest_user = 100.0 * user_pct / max(1e-9, user_pct + kernel_pct)
+    r.add("main.profile-user", total > 0 and abs(host_user - guest_user) <= 20,
+          f"host profile {host_user:.1f}% [user] ({user} of {total} samples), guest perf "
+          f"{guest_user:.1f}% user (busy's dso), within 20 points")
 
 
 def judge_off(g, r):

@@ -144,6 +144,8 @@ int main(int argc, char **argv)
 		fprintf(stderr, "usage: busy [user|kernel|mixed] [MILLISECONDS] | busy work CHUNKS\n");
 		return 2;
 	}
+	printf("busy: start mode=%s\n", mode);
+	fflush(stdout);
 	zero_fd = open("/dev/zero", O_RDONLY);
 	getrusage(RUSAGE_SELF, &ru0);
 	wall = clock_ms(CLOCK_MONOTONIC);

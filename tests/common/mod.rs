@@ -175,10 +175,28 @@ pub fn result<'a>(results: &'a [ProbeResult], cpu: u32, test: &str) -> &'a Probe
         .unwrap_or_else(|| panic!("no result for test {test} on cpu {cpu} in {results:?}"))
 }
 
+/// A `msrstorm` result of `n` accesses: each got what hardware gives, each
+/// outside the model faulted, and the PMU still counts after it.
+pub fn assert_msr_storm_answered(s: &ProbeResult, n: f64) {
+    assert_eq!(s.num("n"), n, "{s:?}");
+    assert_eq!(
+        s.num("mismatches"),
+        0.0,
+        "the guest got what hardware gives: {s:?}"
+    );
+    let (gp, total) = s.get("outside").split_once('/').unwrap();
+    assert_eq!(gp, total, "every access outside the model faults: {s:?}");
+    assert_eq!(s.get("counts_after"), "1", "the PMU still counts: {s:?}");
+}
+
 /// The count before `label` (as in "3 perf_event_open") in vCPU `vcpu`'s
 /// vPMU line of the VMM's exit summary.
 pub fn vpmu_summary(o: &Output, vcpu: u32, label: &str) -> u64 {
-    let err = stderr(o);
+    vpmu_summary_text(&stderr(o), vcpu, label)
+}
+
+/// [`vpmu_summary`] of the VMM's stderr text `err`.
+pub fn vpmu_summary_text(err: &str, vcpu: u32, label: &str) -> u64 {
     let prefix = format!("vmm: vCPU {vcpu} vPMU:");
     let line = err
         .lines()
@@ -313,10 +331,19 @@ fn collect(
 impl Running {
     /// Starts the probe with `cmdline`, extra `flags` and environment.
     pub fn start_with_env(cmdline: &str, flags: &[&str], env: &[(&str, &str)]) -> Running {
+        Self::spawn(cmdline, &[&["--vpmu", "on"], flags].concat(), env)
+    }
+
+    /// Starts the probe with `cmdline` and `flags` only (no `--vpmu on`).
+    pub fn start_plain(cmdline: &str, flags: &[&str]) -> Running {
+        Self::spawn(cmdline, flags, &[])
+    }
+
+    fn spawn(cmdline: &str, flags: &[&str], env: &[(&str, &str)]) -> Running {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("api.sock");
         let mut child = vmm()
-            .args(["--vpmu", "on", "--timeout", "120", "--cmdline", cmdline])
+            .args(["--timeout", "120", "--cmdline", cmdline])
             .args(flags)
             .arg("--api-socket")
             .arg(&sock)

@@ -12,6 +12,8 @@ use crate::config::{CpuVendor, OnReset, SerialSink, VmConfig, DEFAULT_MEMORY_MIB
 use crate::error::{Outcome, StartError};
 use crate::loader::ImageKind;
 use crate::pmu::{VpmuMode, VpmuOptions};
+use crate::profile;
+use crate::profile::client::{Format, ProfileOptions};
 use crate::stat::StatOptions;
 use crate::vm::Vm;
 
@@ -52,6 +54,60 @@ enum Command {
     /// (per vCPU and total, with rates), through its --api-socket.
     #[command(after_help = STAT_EXIT_CODES)]
     Stat(StatArgs),
+    /// Sample where a running VM's guest spends its time, from the host
+    /// (guest RIP and kernel stack per vCPU), through its --api-socket:
+    /// folded stacks, an SVG flame graph or a table.
+    #[command(after_help = PROFILE_EXIT_CODES)]
+    Profile(ProfileArgs),
+}
+
+const PROFILE_EXIT_CODES: &str = "\
+Exit codes:
+  0  the profile was written
+  1  it could not be taken (another profile running, the VM paused or gone)
+     or written
+  2  bad flags, an unreadable --symbols file, no such socket, not a vmm API
+     socket (one line on stderr)";
+
+#[derive(Debug, Args)]
+pub struct ProfileArgs {
+    /// The API socket of the running vmm (its --api-socket).
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    /// How long to sample (up to 300).
+    #[arg(long, value_name = "N", default_value_t = profile::DEFAULT_SECONDS,
+          value_parser = |s: &str| profile::parse_seconds(s).map_err(|e| e.to_string()))]
+    seconds: f64,
+    /// Samples per second of each vCPU's time (1 to 10000).
+    #[arg(long, value_name = "HZ", default_value_t = profile::DEFAULT_HZ,
+          value_parser = |s: &str| profile::parse_hz(s).map_err(|e| e.to_string()))]
+    frequency: u32,
+    /// Name kernel frames from this vmlinux or System.map instead of the
+    /// VMM's own (the --kernel ELF's symbol table, or the probe's).
+    #[arg(long, value_name = "FILE")]
+    symbols: Option<PathBuf>,
+    /// Output: folded stacks, an SVG flame graph, or a perf-report-like
+    /// table.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Write here instead of stdout.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+impl ProfileArgs {
+    fn options(&self) -> ProfileOptions {
+        ProfileOptions {
+            socket: self.api_socket.clone(),
+            request: profile::Request {
+                seconds: self.seconds,
+                hz: self.frequency,
+            },
+            symbols: self.symbols.clone(),
+            format: self.format,
+            output: self.output.clone(),
+        }
+    }
 }
 
 const STAT_EXIT_CODES: &str = "\
@@ -135,8 +191,9 @@ pub struct RunArgs {
     /// read as not counting.
     #[arg(long, value_name = "POLICY", default_value = "all")]
     vpmu_events: vpmu::EventPolicy,
-    /// Serve the host-side API (GET /vpmu, GET /metrics, PUT /vm/pause,
-    /// PUT /vm/resume) on this Unix socket, created with mode 0600.
+    /// Serve the host-side API (GET /vpmu, GET /metrics, GET /profile,
+    /// PUT /vm/pause, PUT /vm/resume) on this Unix socket, created with mode
+    /// 0600.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
     /// What a guest reset does: exit (code 0), or reboot the guest in a
@@ -255,6 +312,7 @@ where
     let run = match &cli.command {
         Some(Command::Run(run)) => run,
         Some(Command::Stat(stat)) => return crate::stat::run(&stat.options()),
+        Some(Command::Profile(args)) => return profile::client::run(&args.options()),
         None => &cli.run,
     };
     // First thing: from here on every termination signal ends the VMM

@@ -213,7 +213,7 @@ impl Export {
 #[cfg(test)]
 pub(crate) fn snapshot(counters: Vec<vpmu::CounterSnapshot>) -> VpmuSnapshot {
     VpmuSnapshot {
-        model: vpmu::PmuModel::new(vpmu::Vendor::Amd, 1, 4, 48),
+        model: vpmu::PmuModel::new(1, 4, 48, vpmu::AmdFeatures::default()),
         counters,
         global_ctrl: 0,
         global_status: 0,

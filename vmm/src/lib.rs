@@ -7,7 +7,8 @@
 //! event loop ([`event_loop`]) until the guest stops. [`arch`] holds the
 //! x86-64 boot set-up, [`loader`] the kernel formats, [`pmu`] the glue
 //! between KVM and each vCPU's virtual PMU (the `vpmu` crate), [`signals`]
-//! the termination signals, taken over first thing.
+//! the termination signals, taken over first thing, [`profile`] the
+//! host-side profiler of the guest (`vmm profile`, `GET /profile`).
 
 pub mod ap_start;
 pub mod api;
@@ -24,6 +25,7 @@ pub mod kick;
 pub mod loader;
 pub mod pmu;
 pub mod probe_image;
+pub mod profile;
 pub mod signals;
 pub mod stat;
 pub mod vcpu;

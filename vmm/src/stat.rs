@@ -8,14 +8,10 @@
 //! VM's totals per programming id with their rates. `--json` prints one
 //! JSON object per refresh (one line each) instead.
 //!
-//! The client is a few lines of HTTP/1.1 over a `UnixStream`: one
-//! `GET /vpmu` with `Connection: close` per refresh, the answer read to
-//! its end.
+//! Each refresh is one `GET /vpmu` through [`crate::api::client`].
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -23,12 +19,11 @@ use serde::Deserialize;
 use serde_json::json;
 use vpmu::{Backing, CounterSnapshot, ProgrammingId, VpmuSnapshot};
 
+use crate::api::client;
 use crate::api::metrics::{backing_label, counter_label, event_label};
 
 /// How long one request may take.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest answer accepted.
-const MAX_RESPONSE: u64 = 64 << 20;
 
 /// What `vmm stat` was asked.
 #[derive(Clone, Debug)]
@@ -41,24 +36,7 @@ pub struct StatOptions {
 }
 
 /// Why `vmm stat` cannot read the VM.
-#[derive(Debug, thiserror::Error)]
-pub enum StatError {
-    #[error("--api-socket {0}: no such socket")]
-    NoSocket(PathBuf),
-    #[error("--api-socket {0}: not a socket")]
-    NotASocket(PathBuf),
-    #[error("--api-socket {0}: nothing listens on it (a stale socket of a VMM that ended?)")]
-    Stale(PathBuf),
-    #[error("--api-socket {0}: {1}")]
-    Connect(PathBuf, std::io::Error),
-    #[error("--api-socket {0}: not a vmm API socket ({1})")]
-    NotVmm(PathBuf, String),
-    #[error("--api-socket {0}: the VMM's API is busy: it answered {1} (all its connections are taken; try again)")]
-    Busy(PathBuf, String),
-}
-
-/// How long `vmm stat` keeps trying a busy API (503) before giving up.
-const BUSY_RETRY: Duration = Duration::from_secs(5);
+pub use crate::api::client::ClientError as StatError;
 
 /// The parts of `GET /vpmu` the view uses.
 #[derive(Clone, Debug, Deserialize)]
@@ -91,100 +69,14 @@ pub struct TotalDoc {
 
 /// Reads `GET /vpmu` from the socket at `path`.
 pub fn fetch(path: &Path) -> Result<Doc, StatError> {
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(StatError::NoSocket(path.to_path_buf()))
-        }
-        Err(e) => return Err(StatError::Connect(path.to_path_buf(), e)),
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(StatError::NotASocket(path.to_path_buf()))
-        }
-        Ok(_) => {}
-    }
-    let not_vmm = |why: String| StatError::NotVmm(path.to_path_buf(), why);
-    let mut stream = UnixStream::connect(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::ConnectionRefused => StatError::Stale(path.to_path_buf()),
-        _ => StatError::Connect(path.to_path_buf(), e),
-    })?;
-    let io = |e: std::io::Error| not_vmm(e.to_string());
-    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
-    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
-    // A server with no free connection answers 503 and closes at once,
-    // maybe before our request is written or read: the write can fail and
-    // the read end in a reset, after the answer. Keep what came.
-    let written = stream.write_all(b"GET /vpmu HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n");
-    let mut raw = Vec::new();
-    let read = (&mut stream).take(MAX_RESPONSE).read_to_end(&mut raw);
-    if let Some(busy) = busy_status(&raw) {
-        return Err(StatError::Busy(path.to_path_buf(), busy));
-    }
-    written.map_err(io)?;
-    read.map_err(io)?;
-    let body = response_body(&raw).map_err(not_vmm)?;
-    parse_doc(body).map_err(not_vmm)
+    let body = client::get(path, "/vpmu", IO_TIMEOUT)?;
+    parse_doc(&body).map_err(|why| StatError::NotVmm(path.to_path_buf(), why))
 }
 
-/// The status line of a `503` answer (the server is ours but has no free
-/// connection), with its error message if it gave one.
-pub fn busy_status(raw: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(raw);
-    let status_line = text.lines().next()?;
-    let mut words = status_line.split_whitespace();
-    if !words.next()?.starts_with("HTTP/1.") || words.next()? != "503" {
-        return None;
-    }
-    let message = text
-        .split_once("\r\n\r\n")
-        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(body).ok())
-        .and_then(|v| v["error"].as_str().map(String::from));
-    Some(match message {
-        Some(m) => format!("503 Service Unavailable: {m}"),
-        None => "503 Service Unavailable".into(),
-    })
-}
-
-/// [`fetch`], trying again for up to [`BUSY_RETRY`] while the API is busy.
+/// [`fetch`], trying again for up to 5 s while the API is busy.
 fn fetch_patiently(path: &Path) -> Result<Doc, StatError> {
-    let start = Instant::now();
-    loop {
-        match fetch(path) {
-            Err(StatError::Busy(..)) if start.elapsed() < BUSY_RETRY => {
-                std::thread::sleep(Duration::from_millis(100))
-            }
-            other => return other,
-        }
-    }
-}
-
-/// The body of a `200` HTTP/1.1 answer read to its end.
-pub fn response_body(raw: &[u8]) -> Result<&[u8], String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no HTTP answer")?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let mut lines = head.lines();
-    let status_line = lines.next().unwrap_or_default();
-    let mut words = status_line.split_whitespace();
-    if !words.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
-        return Err("no HTTP answer".into());
-    }
-    let status = words.next().unwrap_or_default();
-    if status != "200" {
-        return Err(format!("GET /vpmu answered {status_line:?}"));
-    }
-    let body = &raw[split + 4..];
-    let length = lines.find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse::<usize>().ok())?
-    });
-    match length {
-        Some(n) if n > body.len() => Err("the answer was cut short".into()),
-        Some(n) => Ok(&body[..n]),
-        None => Ok(body),
-    }
+    let body = client::get_patiently(path, "/vpmu", IO_TIMEOUT)?;
+    parse_doc(&body).map_err(|why| StatError::NotVmm(path.to_path_buf(), why))
 }
 
 /// The export document, checked to be one.
@@ -599,25 +491,7 @@ mod tests {
     }
 
     #[test]
-    fn a_busy_answer_is_told_apart() {
-        let raw = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 36\r\n\r\n{\"error\": \"too many connections\"}\n";
-        assert_eq!(
-            busy_status(raw).as_deref(),
-            Some("503 Service Unavailable: too many connections")
-        );
-        assert_eq!(busy_status(b"HTTP/1.1 200 OK\r\n\r\n{}"), None);
-        assert_eq!(busy_status(b"SSH-2.0-OpenSSH 503"), None);
-    }
-
-    #[test]
     fn answers_that_are_not_the_export_are_refused() {
-        assert!(response_body(b"garbage").is_err());
-        assert!(response_body(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
-        let e = response_body(b"HTTP/1.1 404 Not Found\r\n\r\n{}").unwrap_err();
-        assert!(e.contains("404"), "{e}");
-        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}extra";
-        assert_eq!(response_body(ok).unwrap(), b"{}");
-        assert!(response_body(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}").is_err());
         assert!(parse_doc(b"{}").is_err());
         assert!(parse_doc(b"[1,2]").is_err());
     }

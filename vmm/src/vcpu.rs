@@ -16,7 +16,7 @@ use crate::export::{Export, PUBLISH_INTERVAL};
 use crate::kick;
 use crate::pmu::vcpu::VcpuPmu;
 use crate::pmu::PmuPlan;
-use crate::vcpu_types::{interrupted, ExitCounts, ExitObserver, VcpuReport};
+use crate::vcpu_types::{interrupted, ExitCounts, ExitObserver, GuestSampler, VcpuReport};
 
 /// KVM_SYSTEM_EVENT types (uapi/linux/kvm.h).
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -50,6 +50,8 @@ pub struct Vcpu {
     started: bool,
     /// Instrumentation (the benchmark trace): normally none.
     observer: Option<Box<dyn ExitObserver>>,
+    /// The host-side profiler's sampler.
+    sampler: Option<Box<dyn GuestSampler>>,
 }
 
 /// What one exit asks of the run loop.
@@ -99,6 +101,7 @@ impl Vcpu {
             exits: ExitCounts::default(),
             started: false,
             observer: None,
+            sampler: None,
         }
     }
 
@@ -117,6 +120,12 @@ impl Vcpu {
     /// Parks the vCPU at `gate` until the guest wakes it (secondary vCPUs).
     pub fn parked(mut self, gate: Arc<ApGate>) -> Self {
         self.gate = Some(gate);
+        self
+    }
+
+    /// Gives the vCPU a sampler (see [`GuestSampler`]).
+    pub fn with_sampler(mut self, sampler: Option<Box<dyn GuestSampler>>) -> Self {
+        self.sampler = sampler;
         self
     }
 
@@ -139,6 +148,9 @@ impl Vcpu {
         }
         self.started = !self.control.stopping();
         outcome = outcome.or_else(|| self.run_loop());
+        if let Some(sampler) = &mut self.sampler {
+            sampler.finish(&self.fd);
+        }
         self.control.register_thread(index, false);
         kick::disarm();
         self.publish(false);
@@ -236,8 +248,12 @@ impl Vcpu {
         }
     }
 
-    /// The vPMU's work before an entry (see [`VcpuPmu::before_entry`]).
+    /// The sampler's and the vPMU's work before an entry (see
+    /// [`GuestSampler::before_entry`], [`VcpuPmu::before_entry`]).
     fn before_entry(&mut self, kicked: bool, pmu_msr: bool) {
+        if let Some(sampler) = &mut self.sampler {
+            sampler.before_entry(kicked, &self.fd);
+        }
         let Some(pmu) = &mut self.pmu else {
             return;
         };

@@ -90,6 +90,17 @@ pub trait ExitObserver: Send {
     fn finish(self: Box<Self>, fd: &VcpuFd) -> Option<ObserverLog>;
 }
 
+/// A sampler of the guest's state: the vCPU's hook for the host-side
+/// profiler (`profile`), present in every build. Both methods run on the
+/// vCPU thread, between an exit and the next entry.
+pub trait GuestSampler: Send {
+    /// Before an entry. `kicked`: a signal brought the vCPU out since the
+    /// last entry (a sampling event's overflow, among others).
+    fn before_entry(&mut self, kicked: bool, fd: &VcpuFd);
+    /// The vCPU thread ends: hand in whatever is in progress.
+    fn finish(&mut self, fd: &VcpuFd);
+}
+
 /// What an observer leaves behind, for whoever created it to downcast.
 pub type ObserverLog = std::sync::Arc<dyn std::any::Any + Send + Sync>;
 

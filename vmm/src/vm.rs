@@ -32,6 +32,8 @@ use crate::event_loop::{self, MainLoop};
 use crate::export::Export;
 use crate::loader::{self, ImageKind, KernelSource, LoadedKernel};
 use crate::pmu::{self, HostPmu, PmuPlan, Rdpmc};
+use crate::profile::vcpu::VcpuProfiler;
+use crate::profile::{Hub, KernelImage};
 use crate::vcpu::{PmuSetup, Vcpu};
 use crate::vcpu_types::VcpuReport;
 
@@ -83,6 +85,8 @@ pub struct Vm {
     /// The guest's PMU, as decided at build time.
     pub pmu: Arc<PmuPlan>,
     export: Arc<Export>,
+    /// The profiles the API runs (`GET /profile`), across reboots.
+    profiles: Arc<Hub>,
     api_socket: Option<api::socket::BoundSocket>,
 }
 
@@ -489,6 +493,11 @@ impl Vm {
         let export = Arc::new(Export::new(plan.clone(), num_vcpus));
         let control = Arc::new(VmControl::new(num_vcpus).map_err(io_err("creating an eventfd"))?);
         let serial = create_serial(config)?;
+        let kernel_image = match &config.kernel {
+            Some(path) => KernelImage::File(path.clone()),
+            None => KernelImage::Probe,
+        };
+        let profiles = Arc::new(Hub::new(num_vcpus, kernel_image));
         let mut vm = Vm {
             config: config.clone(),
             kvm,
@@ -500,6 +509,7 @@ impl Vm {
             vcpu_cpuid,
             pmu: plan,
             export,
+            profiles,
             api_socket,
         };
         vm.boot = Some(vm.build_boot()?);
@@ -545,6 +555,12 @@ impl Vm {
                 export: self.export.clone(),
                 carried: self.export.latest(index).map(|view| view.totals()),
             });
+            let sampler = VcpuProfiler::new(
+                index,
+                self.profiles.clone(),
+                memory.clone(),
+                tsc_khz.unwrap_or(0),
+            );
             let vcpu = Vcpu::new(
                 index,
                 fd,
@@ -553,7 +569,8 @@ impl Vm {
                 self.control.clone(),
                 pmu_setup,
             )
-            .with_mmio(mmio.clone());
+            .with_mmio(mmio.clone())
+            .with_sampler(Some(Box::new(sampler)));
             let vcpu = if index == 0 {
                 vcpu
             } else {
@@ -586,7 +603,11 @@ impl Vm {
 
         let api_server = match &self.api_socket {
             Some(socket) => {
-                let api = Api::new(self.export.clone(), self.control.clone());
+                let api = Api::new(
+                    self.export.clone(),
+                    self.control.clone(),
+                    self.profiles.clone(),
+                );
                 let listener = socket
                     .listener
                     .try_clone()

@@ -39,8 +39,8 @@ use vpmu::backend::fake::FakeBackend;
 use vpmu::evtsel::{self, EN, INT, OS, PROGRAMMING_BITS, USR};
 use vpmu::msr::*;
 use vpmu::{
-    Backend, BackendError, Backing, CounterKind, EventPolicy, GuestClock, Limits, PmuModel, Vendor,
-    Vpmu, VpmuContext,
+    AmdFeatures, Backend, BackendError, Backing, CounterKind, EventPolicy, GuestClock,
+    IntelFeatures, Limits, PmuModel, Vendor, VendorFeatures, Vpmu, VpmuContext,
 };
 
 /// The input, read front to back; reads past the end give zeros.
@@ -118,53 +118,55 @@ fn model(input: &mut Input) -> PmuModel {
     let a = input.u8();
     let b = input.u8();
     if selector & 0x80 != 0 {
-        let mut raw = PmuModel::new(
-            if a & 1 == 0 {
-                Vendor::Amd
-            } else {
-                Vendor::Intel
-            },
-            (a >> 1) & 7,
-            b & 0xF,
-            input.u8() & 0x3F,
-        );
-        raw.fixed_counters = (b >> 4) & 7;
-        raw.fixed_width = input.u8() & 0x3F;
+        let gp_width = input.u8() & 0x3F;
+        let fixed_width = input.u8() & 0x3F;
         let flags = input.u8();
-        raw.amd_perfctr_core = flags & 1 != 0;
-        raw.intel_pdcm = flags & 2 != 0;
-        raw.intel_full_width_writes = flags & 4 != 0;
-        raw.intel_unavailable_events = flags >> 3;
+        let features: VendorFeatures = if a & 1 == 0 {
+            AmdFeatures {
+                perfctr_core: flags & 1 != 0,
+            }
+            .into()
+        } else {
+            IntelFeatures {
+                fixed_counters: (b >> 4) & 7,
+                fixed_width,
+                pdcm: flags & 2 != 0,
+                full_width_writes: flags & 4 != 0,
+                unavailable_events: flags >> 3,
+            }
+            .into()
+        };
+        let raw = PmuModel::new((a >> 1) & 7, b & 0xF, gp_width, features);
         if raw.validate().is_ok() {
             return raw;
         }
     }
     if selector & 1 == 0 {
-        let legacy = PmuModel::new(Vendor::Amd, 1, 4, 48);
+        let legacy = PmuModel::new(1, 4, 48, AmdFeatures::default());
+        let core = PmuModel::new(1, 6, 48, AmdFeatures { perfctr_core: true });
         match (selector >> 1) % 3 {
             0 => legacy,
-            1 => legacy.with_amd_perfctr_core(true).with_gp_counters(6),
-            _ => legacy
-                .with_amd_perfctr_core(true)
-                .with_version(2)
-                .with_gp_counters(1 + a % 6),
+            1 => core,
+            _ => core.with_version(2).with_gp_counters(1 + a % 6),
         }
     } else {
         let version = 1 + (selector >> 1) % 4;
         let width = [32, 36, 40, 48][(a >> 3) as usize % 4];
-        let model = PmuModel::new(Vendor::Intel, version, 1 + a % 8, width);
-        if version == 1 {
-            return model;
-        }
-        let full_width = b & 0x10 != 0;
-        let mut model = model
-            .with_fixed_counters(b % 4)
-            .with_intel_full_width_writes(full_width || b & 0x20 != 0, full_width)
-            .with_intel_unavailable_events(b >> 1 & 0x7F);
-        if model.fixed_counters > 0 {
-            model.fixed_width = [32, 40, 48][(b >> 6) as usize % 3];
-        }
-        model
+        let features = match version {
+            1 => IntelFeatures::default(),
+            _ => {
+                let full_width = b & 0x10 != 0;
+                IntelFeatures {
+                    fixed_width: [32, 40, 48][(b >> 6) as usize % 3],
+                    pdcm: full_width || b & 0x20 != 0,
+                    full_width_writes: full_width,
+                    unavailable_events: b >> 1 & 0x7F,
+                    ..IntelFeatures::default()
+                }
+                .with_fixed_counters(b % 4)
+            }
+        };
+        PmuModel::new(version, 1 + a % 8, width, features)
     }
 }
 
@@ -282,7 +284,7 @@ impl Checker {
             .iter()
             .map(|c| match c.kind {
                 CounterKind::Gp => mask(model.gp_width),
-                CounterKind::Fixed => mask(model.fixed_width),
+                CounterKind::Fixed => mask(model.fixed_width()),
             })
             .collect();
         let status_bits: Vec<u64> = snapshot
@@ -364,7 +366,7 @@ impl Checker {
             if host
                 && !pmu
                     .policy()
-                    .allows(model.vendor, evtsel::event_code(c.decoded.to_select()))
+                    .allows(model.vendor(), evtsel::event_code(c.decoded.to_select()))
             {
                 self.denied_opened = true;
             }
@@ -407,7 +409,10 @@ impl Checker {
         for event in &pmu.backend().events {
             if let vpmu::EventSource::HardwareRaw { config } = event.spec.source {
                 let code = evtsel::event_code(config);
-                assert!(policy.allows(model.vendor, code), "denied {code:?} opened");
+                assert!(
+                    policy.allows(model.vendor(), code),
+                    "denied {code:?} opened"
+                );
             }
         }
         assert!(pmu.take_retired().len() <= vpmu::MAX_RETIRED);
@@ -506,7 +511,7 @@ fn recovers(pmu: &mut Vpmu<FakeBackend>, hardware: bool) {
     for c in s.counters.iter().filter(|c| c.running) {
         let allowed = pmu
             .policy()
-            .allows(s.model.vendor, evtsel::event_code(c.decoded.to_select()));
+            .allows(s.model.vendor(), evtsel::event_code(c.decoded.to_select()));
         // The task clock backs plain cycle events counting both user and
         // kernel time; a privilege filter needs hardware events.
         let select = c.decoded.to_select();
@@ -529,7 +534,7 @@ fn step(
     msrs: &[u32],
     checker: &mut Checker,
 ) -> Kind {
-    let vendor = pmu.model().vendor;
+    let vendor = pmu.model().vendor();
     match input.u8() % 16 {
         0 | 1 => {
             let m = pick_msr(input, msrs);

@@ -6,8 +6,9 @@ use thiserror::Error;
 
 use crate::model::PmuModel;
 
-/// Version of the serialized [`VpmuContext`] format.
-pub const CONTEXT_FORMAT: u32 = 1;
+/// Version of the serialized [`VpmuContext`] format (2: its model is
+/// [`crate::model::MODEL_FORMAT`] 2).
+pub const CONTEXT_FORMAT: u32 = 2;
 
 /// Every virtual MSR, every counter value and every generation.
 ///

@@ -56,7 +56,7 @@ pub const LEAF_EXT_PERFMON: u32 = 0x8000_0022;
 pub fn apply(model: Option<&PmuModel>, leaf: u32, subleaf: u32, regs: &mut CpuidRegs) {
     clear_pmu(leaf, regs);
     if let Some(model) = model {
-        vendor::ops(model.vendor).advertise(model, leaf, subleaf, regs);
+        vendor::ops(model.vendor()).advertise(model, leaf, subleaf, regs);
     }
 }
 
@@ -64,7 +64,7 @@ pub fn apply(model: Option<&PmuModel>, leaf: u32, subleaf: u32, regs: &mut Cpuid
 /// absence): add them, zeroed, when the host's list lacks them.
 pub fn leaves_required(model: Option<&PmuModel>) -> &'static [Leaf] {
     match model {
-        Some(model) => vendor::ops(model.vendor).required_leaves(model),
+        Some(model) => vendor::ops(model.vendor()).required_leaves(model),
         None => &[],
     }
 }

@@ -8,8 +8,9 @@ use crate::cpuid::CpuidRegs;
 use crate::policy::EventPolicy;
 use crate::vendor;
 
-/// Version of the serialized [`PmuModel`] format.
-pub const MODEL_FORMAT: u32 = 1;
+/// Version of the serialized [`PmuModel`] format (2: the vendor's own
+/// features under `features`, keyed by `vendor`).
+pub const MODEL_FORMAT: u32 = 2;
 
 /// CPU vendor of the guest: the host's, unless the VMM presents another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -33,31 +34,103 @@ impl Vendor {
 /// One guest-visible PMU.
 ///
 /// `version` is the Intel architectural perfmon version (1 to 4) or, on AMD,
-/// 1 (legacy or PerfCtrExtCore) or 2 (PerfMonV2).
+/// 1 (legacy or PerfCtrExtCore) or 2 (PerfMonV2). What only one vendor has
+/// is in [`PmuModel::features`], whose variant is the vendor. In JSON:
+/// `{"format": 2, "vendor": "amd", "features": {"perfctr_core": true},
+/// "version": 2, "gp_counters": 6, "gp_width": 48}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PmuModel {
     /// Serialized format version, [`MODEL_FORMAT`].
     pub format: u32,
-    /// Vendor whose registers the guest sees.
-    pub vendor: Vendor,
+    /// The vendor whose registers the guest sees, with its own features.
+    #[serde(flatten)]
+    pub features: VendorFeatures,
     /// Perfmon version (see the type's docs).
     pub version: u8,
     /// General-purpose counters.
     pub gp_counters: u8,
     /// Bit width of the general-purpose counters.
     pub gp_width: u8,
-    /// Intel fixed counters (0 on AMD).
+}
+
+/// What only one vendor's PMU has; the variant is the vendor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "vendor", content = "features", rename_all = "lowercase")]
+pub enum VendorFeatures {
+    /// An AMD PMU.
+    Amd(AmdFeatures),
+    /// An Intel PMU.
+    Intel(IntelFeatures),
+}
+
+/// AMD's own PMU features (APM vol. 2 ch. 13).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmdFeatures {
+    /// PerfCtrExtCore: 6 counters at `0xC001_0200`, legacy MSRs alias 0-3.
+    pub perfctr_core: bool,
+}
+
+/// Intel's own PMU features (SDM vol. 3 ch. 20).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntelFeatures {
+    /// Fixed counters (version 2 and later).
     pub fixed_counters: u8,
     /// Bit width of the fixed counters (0 when there are none).
     pub fixed_width: u8,
-    /// AMD PerfCtrExtCore: 6 counters at `0xC001_0200`, legacy MSRs alias 0-3.
-    pub amd_perfctr_core: bool,
-    /// Intel PDCM: `IA32_PERF_CAPABILITIES` exists.
-    pub intel_pdcm: bool,
-    /// Intel full-width counter writes through `IA32_A_PMCx` (needs PDCM).
-    pub intel_full_width_writes: bool,
-    /// Intel CPUID.0AH:EBX: architectural events reported as *not* available.
-    pub intel_unavailable_events: u8,
+    /// PDCM: `IA32_PERF_CAPABILITIES` exists.
+    pub pdcm: bool,
+    /// Full-width counter writes through `IA32_A_PMCx` (needs PDCM).
+    pub full_width_writes: bool,
+    /// CPUID.0AH:EBX: architectural events reported as *not* available.
+    pub unavailable_events: u8,
+}
+
+impl IntelFeatures {
+    /// With `count` fixed counters: width 48 unless one is set, 0 with none.
+    pub fn with_fixed_counters(self, count: u8) -> Self {
+        let fixed_width = match (count, self.fixed_width) {
+            (0, _) => 0,
+            (_, 0) => 48,
+            (_, width) => width,
+        };
+        Self {
+            fixed_counters: count,
+            fixed_width,
+            ..self
+        }
+    }
+}
+
+impl VendorFeatures {
+    /// `vendor`'s features, all absent.
+    pub fn none(vendor: Vendor) -> Self {
+        match vendor {
+            Vendor::Amd => Self::Amd(AmdFeatures::default()),
+            Vendor::Intel => Self::Intel(IntelFeatures::default()),
+        }
+    }
+
+    /// The vendor.
+    pub fn vendor(&self) -> Vendor {
+        match self {
+            Self::Amd(_) => Vendor::Amd,
+            Self::Intel(_) => Vendor::Intel,
+        }
+    }
+}
+
+impl From<AmdFeatures> for VendorFeatures {
+    fn from(features: AmdFeatures) -> Self {
+        Self::Amd(features)
+    }
+}
+
+impl From<IntelFeatures> for VendorFeatures {
+    fn from(features: IntelFeatures) -> Self {
+        Self::Intel(features)
+    }
 }
 
 /// Why a [`PmuModel`] cannot exist.
@@ -108,7 +181,7 @@ pub enum ModelError {
         /// What is supported.
         supported: &'static str,
     },
-    /// A feature that needs another one, or belongs to the other vendor.
+    /// A feature that needs another one, or has a value it cannot have.
     #[error("{feature} {why}")]
     Feature {
         /// The feature.
@@ -204,39 +277,57 @@ impl PmuModel {
         vendor::ops(vendor).best_for_host(host)
     }
 
-    /// A model with every field given; check it with [`PmuModel::validate`].
-    pub fn new(vendor: Vendor, version: u8, gp_counters: u8, gp_width: u8) -> Self {
+    /// A model of the vendor of `features`; check it with
+    /// [`PmuModel::validate`].
+    pub fn new(
+        version: u8,
+        gp_counters: u8,
+        gp_width: u8,
+        features: impl Into<VendorFeatures>,
+    ) -> Self {
         Self {
             format: MODEL_FORMAT,
-            vendor,
+            features: features.into(),
             version,
             gp_counters,
             gp_width,
-            fixed_counters: 0,
-            fixed_width: 0,
-            amd_perfctr_core: false,
-            intel_pdcm: false,
-            intel_full_width_writes: false,
-            intel_unavailable_events: 0,
         }
+    }
+
+    /// The vendor whose registers the guest sees.
+    pub fn vendor(&self) -> Vendor {
+        self.features.vendor()
+    }
+
+    /// The AMD features, on an AMD model.
+    pub fn amd(&self) -> Option<&AmdFeatures> {
+        match &self.features {
+            VendorFeatures::Amd(features) => Some(features),
+            VendorFeatures::Intel(_) => None,
+        }
+    }
+
+    /// The Intel features, on an Intel model.
+    pub fn intel(&self) -> Option<&IntelFeatures> {
+        match &self.features {
+            VendorFeatures::Intel(features) => Some(features),
+            VendorFeatures::Amd(_) => None,
+        }
+    }
+
+    /// Fixed counters (Intel; 0 on AMD, which has none).
+    pub fn fixed_counters(&self) -> u8 {
+        self.intel().map_or(0, |f| f.fixed_counters)
+    }
+
+    /// Bit width of the fixed counters (0 when there are none).
+    pub fn fixed_width(&self) -> u8 {
+        self.intel().map_or(0, |f| f.fixed_width)
     }
 
     /// Overrides the number of general-purpose counters.
     pub fn with_gp_counters(mut self, count: u8) -> Self {
         self.gp_counters = count;
-        self
-    }
-
-    /// Overrides the number of fixed counters (width 48, or 0 with none).
-    pub fn with_fixed_counters(mut self, count: u8) -> Self {
-        self.fixed_counters = count;
-        self.fixed_width = if count == 0 {
-            0
-        } else if self.fixed_width == 0 {
-            48
-        } else {
-            self.fixed_width
-        };
         self
     }
 
@@ -246,54 +337,54 @@ impl PmuModel {
         self
     }
 
-    /// Overrides AMD PerfCtrExtCore.
-    pub fn with_amd_perfctr_core(mut self, on: bool) -> Self {
-        self.amd_perfctr_core = on;
-        self
-    }
-
-    /// Overrides Intel PDCM and full-width writes (full width needs PDCM).
-    pub fn with_intel_full_width_writes(mut self, pdcm: bool, full_width: bool) -> Self {
-        self.intel_pdcm = pdcm;
-        self.intel_full_width_writes = full_width;
-        self
-    }
-
-    /// Overrides the Intel CPUID.0AH:EBX "event not available" mask.
-    pub fn with_intel_unavailable_events(mut self, mask: u8) -> Self {
-        self.intel_unavailable_events = mask;
-        self
-    }
-
     /// The model with a user's overrides of version and counter counts,
     /// under the vendor's rules for what they imply (e.g. AMD's 4 legacy
-    /// counters).
-    pub fn shaped(self, version: Option<u8>, gp_counters: Option<u8>, fixed: Option<u8>) -> Self {
+    /// counters). Fixed counters on AMD are an error (0 is no override);
+    /// check the result with [`PmuModel::validate`].
+    pub fn shaped(
+        self,
+        version: Option<u8>,
+        gp_counters: Option<u8>,
+        fixed_counters: Option<u8>,
+    ) -> Result<Self, ModelError> {
         let mut model = self;
         if let Some(v) = version {
             model = model.with_version(v);
             // Fixed counters came with Intel's version 2: an older model
             // has none unless they are asked for (which `validate` refuses).
-            if v < 2 {
-                model = model.with_fixed_counters(0);
+            if let (VendorFeatures::Intel(features), true) = (&mut model.features, v < 2) {
+                *features = features.with_fixed_counters(0);
             }
         }
         if let Some(n) = gp_counters {
-            model = vendor::ops(model.vendor).with_gp_counters(model, n);
+            model = vendor::ops(model.vendor()).with_gp_counters(model, n);
         }
-        if let Some(n) = fixed {
-            model = model.with_fixed_counters(n);
+        match (&mut model.features, fixed_counters) {
+            (_, None) | (VendorFeatures::Amd(_), Some(0)) => {}
+            (VendorFeatures::Intel(features), Some(n)) => {
+                *features = features.with_fixed_counters(n)
+            }
+            (VendorFeatures::Amd(_), Some(count)) => {
+                return Err(ModelError::FixedCounters {
+                    vendor: Vendor::Amd,
+                    version: model.version,
+                    count,
+                    why: "AMD has no fixed counters",
+                })
+            }
         }
-        model
+        Ok(model)
     }
 
     /// The model telling the guest, where the vendor has a way (Intel's
     /// CPUID.0AH:EBX; AMD has none), which architectural events it cannot
     /// count: those `policy` denies and, without `hardware_events` on the
     /// host, those the task clock cannot stand in for.
-    pub fn with_unavailable_events(self, policy: &EventPolicy, hardware_events: bool) -> Self {
-        let unavailable = policy.intel_unavailable_events(hardware_events);
-        vendor::ops(self.vendor).with_unavailable_events(self, unavailable)
+    pub fn with_unavailable_events(mut self, policy: &EventPolicy, hardware_events: bool) -> Self {
+        if let VendorFeatures::Intel(features) = &mut self.features {
+            features.unavailable_events = policy.intel_unavailable_events(hardware_events);
+        }
+        self
     }
 
     /// Checks that real hardware of this vendor could look like this.
@@ -301,12 +392,12 @@ impl PmuModel {
         if self.format != MODEL_FORMAT {
             return Err(ModelError::Format(self.format));
         }
-        vendor::ops(self.vendor).validate(self)
+        vendor::ops(self.vendor()).validate(self)
     }
 
     /// AMD PerfMonV2 (global control and status registers).
     pub fn has_amd_perfmon_v2(&self) -> bool {
-        self.vendor == Vendor::Amd && self.version >= 2
+        self.amd().is_some() && self.version >= 2
     }
 
     /// Whether the model has global control/status registers (Intel v2+,
@@ -318,12 +409,12 @@ impl PmuModel {
     /// The MSR ranges this model owns: trap them all (KVM MSR filter) and
     /// route their exits to [`crate::Vpmu::rdmsr`]/[`crate::Vpmu::wrmsr`].
     pub fn msr_ranges(&self) -> Vec<MsrRange> {
-        merge_ranges(vendor::ops(self.vendor).msr_ranges(self))
+        merge_ranges(vendor::ops(self.vendor()).msr_ranges(self))
     }
 
     /// Total number of counters (general-purpose, then fixed).
     pub fn counters(&self) -> usize {
-        self.gp_counters as usize + self.fixed_counters as usize
+        self.gp_counters as usize + self.fixed_counters() as usize
     }
 }
 
@@ -363,39 +454,83 @@ fn merge_ranges(mut ranges: Vec<MsrRange>) -> Vec<MsrRange> {
 mod tests {
     use super::*;
 
+    const CORE: AmdFeatures = AmdFeatures { perfctr_core: true };
+
     #[test]
     fn vendor_rules_shape_the_users_overrides() {
         // AMD: 4 or fewer counters at version 1 are the legacy PMU, 6 keep
         // PerfCtrExtCore.
-        let amd = PmuModel::new(Vendor::Amd, 2, 6, 48).with_amd_perfctr_core(true);
-        let legacy = amd.clone().shaped(Some(1), Some(4), None);
-        assert!(!legacy.amd_perfctr_core);
+        let amd = PmuModel::new(2, 6, 48, CORE);
+        let legacy = amd.clone().shaped(Some(1), Some(4), None).unwrap();
+        assert_eq!(legacy.amd(), Some(&AmdFeatures::default()));
         assert!(legacy.validate().is_ok(), "{legacy:?}");
-        let ext = amd.shaped(Some(1), Some(6), None);
-        assert!(ext.amd_perfctr_core && ext.gp_counters == 6);
+        let ext = amd.clone().shaped(Some(1), Some(6), Some(0)).unwrap();
+        assert_eq!((ext.amd(), ext.gp_counters), (Some(&CORE), 6));
+        // AMD has no fixed counters to give.
+        let error = amd.shaped(None, None, Some(1)).unwrap_err();
+        assert!(error.to_string().contains("no fixed counters"), "{error}");
         // Intel: counts are taken as given.
-        let intel = PmuModel::new(Vendor::Intel, 4, 8, 48).shaped(Some(2), Some(2), Some(3));
+        let intel = PmuModel::new(4, 8, 48, IntelFeatures::default())
+            .shaped(Some(2), Some(2), Some(3))
+            .unwrap();
         assert_eq!(
-            (intel.version, intel.gp_counters, intel.fixed_counters),
+            (intel.version, intel.gp_counters, intel.fixed_counters()),
             (2, 2, 3)
         );
+        assert_eq!(intel.fixed_width(), 48);
         // Version 1 drops the fixed counters it cannot have, unless asked.
-        let v4 = PmuModel::new(Vendor::Intel, 4, 4, 48).with_fixed_counters(3);
-        let v1 = v4.clone().shaped(Some(1), None, None);
-        assert_eq!(v1.fixed_counters, 0);
+        let v4 = PmuModel::new(4, 4, 48, IntelFeatures::default().with_fixed_counters(3));
+        let v1 = v4.clone().shaped(Some(1), None, None).unwrap();
+        assert_eq!(v1.fixed_counters(), 0);
         assert!(v1.validate().is_ok(), "{v1:?}");
-        assert!(v4.shaped(Some(1), None, Some(3)).validate().is_err());
+        assert!(v4
+            .shaped(Some(1), None, Some(3))
+            .unwrap()
+            .validate()
+            .is_err());
     }
 
     #[test]
     fn only_intel_can_tell_the_guest_what_it_cannot_count() {
         let policy: EventPolicy = "all".parse().unwrap();
-        let intel = PmuModel::new(Vendor::Intel, 2, 4, 48).with_unavailable_events(&policy, false);
-        assert_eq!(intel.intel_unavailable_events, 0b111_1010);
-        let amd = PmuModel::new(Vendor::Amd, 2, 6, 48).with_unavailable_events(&policy, false);
-        assert_eq!(amd.intel_unavailable_events, 0, "AMD has no such field");
+        let intel = PmuModel::new(2, 4, 48, IntelFeatures::default())
+            .with_unavailable_events(&policy, false);
+        assert_eq!(intel.intel().unwrap().unavailable_events, 0b111_1010);
+        let amd = PmuModel::new(2, 6, 48, CORE);
+        assert_eq!(
+            amd.clone().with_unavailable_events(&policy, false),
+            amd,
+            "AMD has no such field"
+        );
         assert!(Vendor::Intel.masks_lvtpc_on_pmi());
         assert!(!Vendor::Amd.masks_lvtpc_on_pmi());
+    }
+
+    #[test]
+    fn the_vendor_is_the_variant_of_its_features() {
+        let amd = PmuModel::new(1, 4, 48, AmdFeatures::default());
+        assert_eq!(
+            (amd.vendor(), amd.intel(), amd.fixed_counters()),
+            (Vendor::Amd, None, 0)
+        );
+        let intel = PmuModel::new(2, 4, 48, IntelFeatures::default().with_fixed_counters(2));
+        assert_eq!((intel.vendor(), intel.amd()), (Vendor::Intel, None));
+        assert_eq!((intel.fixed_counters(), intel.fixed_width()), (2, 48));
+        assert_eq!(
+            VendorFeatures::none(Vendor::Amd),
+            AmdFeatures::default().into()
+        );
+        assert_eq!(VendorFeatures::none(Vendor::Intel).vendor(), Vendor::Intel);
+        let none = IntelFeatures {
+            fixed_width: 40,
+            ..Default::default()
+        };
+        assert_eq!(
+            none.with_fixed_counters(3).fixed_width,
+            40,
+            "a set width stays"
+        );
+        assert_eq!(none.with_fixed_counters(0).fixed_width, 0);
     }
 
     #[test]

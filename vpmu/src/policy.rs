@@ -139,7 +139,8 @@ impl EventPolicy {
     }
 
     /// The Intel CPUID.0AH:EBX mask ("event not available") for
-    /// [`crate::PmuModel::with_intel_unavailable_events`]: the events this
+    /// [`crate::IntelFeatures::unavailable_events`] (see
+    /// [`crate::PmuModel::with_unavailable_events`]): the events this
     /// policy denies and, on a host without hardware events, the events
     /// the task-clock cannot stand in for. Linux's perf then reports them
     /// as not supported instead of counting nothing.

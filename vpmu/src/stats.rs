@@ -3,35 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Kinds of PMU registers, for access statistics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RegisterKind {
-    /// General-purpose counter (any alias).
-    GpCounter,
-    /// Event select.
-    EventSelect,
-    /// Fixed counter.
-    FixedCounter,
-    /// `IA32_FIXED_CTR_CTRL`.
-    FixedCtrl,
-    /// Global status.
-    GlobalStatus,
-    /// Global control.
-    GlobalCtrl,
-    /// Intel `GLOBAL_OVF_CTRL`/`STATUS_RESET`, AMD `GLOBAL_STATUS_CLR`.
-    GlobalStatusReset,
-    /// `GLOBAL_STATUS_SET`.
-    GlobalStatusSet,
-    /// Intel `GLOBAL_INUSE`.
-    GlobalInUse,
-    /// Intel `PERF_CAPABILITIES`.
-    PerfCapabilities,
-    /// An MSR outside the model (the access faulted).
-    Unknown,
-}
+use crate::vendor::Register;
 
-/// Accesses per register kind.
+/// Accesses per kind of register.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsrAccessCounts {
     /// General-purpose counters.
@@ -59,20 +33,20 @@ pub struct MsrAccessCounts {
 }
 
 impl MsrAccessCounts {
-    /// Counts one access to `kind`.
-    pub fn bump(&mut self, kind: RegisterKind) {
-        let slot = match kind {
-            RegisterKind::GpCounter => &mut self.gp_counter,
-            RegisterKind::EventSelect => &mut self.event_select,
-            RegisterKind::FixedCounter => &mut self.fixed_counter,
-            RegisterKind::FixedCtrl => &mut self.fixed_ctrl,
-            RegisterKind::GlobalStatus => &mut self.global_status,
-            RegisterKind::GlobalCtrl => &mut self.global_ctrl,
-            RegisterKind::GlobalStatusReset => &mut self.global_status_reset,
-            RegisterKind::GlobalStatusSet => &mut self.global_status_set,
-            RegisterKind::GlobalInUse => &mut self.global_inuse,
-            RegisterKind::PerfCapabilities => &mut self.perf_capabilities,
-            RegisterKind::Unknown => &mut self.unknown,
+    /// Counts one access to `register`, `None` for an MSR outside the model.
+    pub(crate) fn count(&mut self, register: Option<Register>) {
+        let slot = match register {
+            Some(Register::GpCounter(..)) => &mut self.gp_counter,
+            Some(Register::EventSelect(_)) => &mut self.event_select,
+            Some(Register::FixedCounter(_)) => &mut self.fixed_counter,
+            Some(Register::FixedCtrl) => &mut self.fixed_ctrl,
+            Some(Register::GlobalStatus) => &mut self.global_status,
+            Some(Register::GlobalCtrl) => &mut self.global_ctrl,
+            Some(Register::GlobalStatusReset) => &mut self.global_status_reset,
+            Some(Register::GlobalStatusSet) => &mut self.global_status_set,
+            Some(Register::GlobalInUse) => &mut self.global_inuse,
+            Some(Register::PerfCapabilities) => &mut self.perf_capabilities,
+            None => &mut self.unknown,
         };
         *slot += 1;
     }

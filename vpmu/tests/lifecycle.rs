@@ -489,8 +489,10 @@ fn bad_contexts_are_refused() {
         })
     ));
     let mut format = good;
-    format.format = 2;
-    assert_eq!(pmu.restore(&format), Err(ContextError::Format(2)));
+    format.format = 1; // before the model's vendor features
+    assert_eq!(pmu.restore(&format), Err(ContextError::Format(1)));
+    format.format = 3;
+    assert_eq!(pmu.restore(&format), Err(ContextError::Format(3)));
     assert_eq!(pmu.stats().restores, 0);
 }
 

@@ -9,7 +9,7 @@ use common::*;
 use vpmu::backend::fake::FakeBackend;
 use vpmu::evtsel::{EN, INT, OS, USR};
 use vpmu::msr::*;
-use vpmu::Vpmu;
+use vpmu::{IntelFeatures, Vpmu};
 
 /// A guest CPU: every access must succeed, as Linux's non-`_safe` MSR
 /// accessors require.
@@ -202,7 +202,7 @@ fn intel_probe_program_fixed_and_gp_pmi_and_disable() {
 #[test]
 fn intel_legacy_pmc_writes_program_a_period_below_2_pow_31() {
     let mut g = Guest(vpmu(
-        intel(2).with_intel_full_width_writes(false, false),
+        intel_with(2, IntelFeatures::default().with_fixed_counters(3)),
         true,
     ));
     // Without full-width writes Linux caps periods at 2^31 - 1 and writes

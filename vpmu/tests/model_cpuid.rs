@@ -4,7 +4,9 @@ mod common;
 
 use common::*;
 use vpmu::cpuid::{self, CpuidRegs};
-use vpmu::{HostCpuid, HostFacts, ModelError, MsrRange, PmuModel, Vendor};
+use vpmu::{
+    AmdFeatures, HostCpuid, HostFacts, IntelFeatures, ModelError, MsrRange, PmuModel, Vendor,
+};
 
 fn regs(eax: u32, ebx: u32, ecx: u32, edx: u32) -> CpuidRegs {
     CpuidRegs { eax, ebx, ecx, edx }
@@ -13,31 +15,56 @@ fn regs(eax: u32, ebx: u32, ecx: u32, edx: u32) -> CpuidRegs {
 #[test]
 fn impossible_models_are_rejected_with_the_rule() {
     let cases: Vec<(PmuModel, &str)> = vec![
-        (amd_v2(6).with_fixed_counters(1), "no fixed counters"),
         (amd_legacy().with_version(2), "needs PerfCtrExtCore"),
         (amd_v2(7), "1 to 6"),
         (amd_v2(0), "1 to 6"),
         (amd_core().with_gp_counters(4), "exactly 6"),
         (amd_legacy().with_gp_counters(6), "exactly 4"),
         (amd_legacy().with_version(3), "PerfMonV2"),
-        (PmuModel::new(Vendor::Amd, 1, 4, 40), "48"),
-        (
-            amd_legacy().with_intel_full_width_writes(true, true),
-            "Intel features",
-        ),
+        (PmuModel::new(1, 4, 40, AmdFeatures::default()), "48"),
         (intel(2).with_version(0), "for no PMU give no model"),
         (intel(2).with_version(5), "1 to 4"),
-        (intel(1).with_fixed_counters(2), "need version 2"),
-        (intel(2).with_fixed_counters(4), "at most 3"),
-        (intel(2).with_gp_counters(9), "1 to 8"),
-        (PmuModel::new(Vendor::Intel, 2, 4, 31), "32 to 48"),
         (
-            intel(2).with_intel_full_width_writes(false, true),
+            intel_with(1, IntelFeatures::default().with_fixed_counters(2)),
+            "need version 2",
+        ),
+        (
+            intel_with(2, intel_features(2).with_fixed_counters(4)),
+            "at most 3",
+        ),
+        (intel(2).with_gp_counters(9), "1 to 8"),
+        (
+            PmuModel::new(2, 4, 31, IntelFeatures::default()),
+            "32 to 48",
+        ),
+        (
+            intel_with(
+                2,
+                IntelFeatures {
+                    fixed_width: 49,
+                    ..intel_features(2)
+                },
+            ),
+            "or 0 without fixed counters",
+        ),
+        (
+            intel_with(
+                2,
+                IntelFeatures {
+                    pdcm: false,
+                    ..intel_features(2)
+                },
+            ),
             "need PDCM",
         ),
-        (intel(2).with_amd_perfctr_core(true), "AMD feature"),
         (
-            intel(2).with_intel_unavailable_events(0x80),
+            intel_with(
+                2,
+                IntelFeatures {
+                    unavailable_events: 0x80,
+                    ..intel_features(2)
+                },
+            ),
             "7 architectural",
         ),
     ];
@@ -48,6 +75,28 @@ fn impossible_models_are_rejected_with_the_rule() {
     let mut old = intel(2);
     old.format = 9;
     assert_eq!(old.validate(), Err(ModelError::Format(9)));
+    // A user's shape cannot give AMD fixed counters.
+    let error = amd_v2(6).shaped(None, None, Some(1)).unwrap_err();
+    assert!(error.to_string().contains("no fixed counters"), "{error:?}");
+}
+
+#[test]
+fn one_vendors_features_cannot_be_given_to_the_other() {
+    // The vendor is the variant of the features: a model of one vendor
+    // with the other's features does not even deserialize.
+    let amd_with_pdcm = r#"{"format": 2, "vendor": "amd", "version": 1, "gp_counters": 4,
+        "gp_width": 48, "features": {"perfctr_core": false, "pdcm": true}}"#;
+    let intel_with_core = r#"{"format": 2, "vendor": "intel", "version": 2, "gp_counters": 4,
+        "gp_width": 48, "features": {"perfctr_core": true}}"#;
+    for (json, field) in [(amd_with_pdcm, "pdcm"), (intel_with_core, "perfctr_core")] {
+        let error = serde_json::from_str::<PmuModel>(json).unwrap_err();
+        assert!(error.to_string().contains(field), "{error}");
+    }
+    // Format 1 (flat, with amd_/intel_ fields) is refused, not misread.
+    let format_1 = r#"{"format": 1, "vendor": "amd", "version": 2, "gp_counters": 6,
+        "gp_width": 48, "fixed_counters": 0, "fixed_width": 0, "amd_perfctr_core": true,
+        "intel_pdcm": false, "intel_full_width_writes": false, "intel_unavailable_events": 0}"#;
+    assert!(serde_json::from_str::<PmuModel>(format_1).is_err());
 }
 
 #[test]
@@ -67,11 +116,11 @@ fn without_hardware_events_the_best_model_is_fully_emulated() {
         (
             intel_model.version,
             intel_model.gp_counters,
-            intel_model.fixed_counters
+            intel_model.fixed_counters()
         ),
         (4, 4, 3)
     );
-    assert!(intel_model.intel_full_width_writes);
+    assert!(intel_model.intel().unwrap().full_width_writes);
     intel_model.validate().unwrap();
 }
 
@@ -116,9 +165,17 @@ fn with_hardware_events_the_host_pmu_is_mirrored_and_clamped() {
         (model.version, model.gp_counters, model.gp_width),
         (4, 8, 48)
     );
-    assert_eq!((model.fixed_counters, model.fixed_width), (3, 48));
-    assert_eq!(model.intel_unavailable_events, 0x4);
-    assert!(model.intel_pdcm && model.intel_full_width_writes);
+    assert_eq!(
+        model.features,
+        IntelFeatures {
+            fixed_counters: 3,
+            fixed_width: 48,
+            pdcm: true,
+            full_width_writes: true,
+            unavailable_events: 0x4,
+        }
+        .into()
+    );
     model.validate().unwrap();
 }
 
@@ -135,7 +192,7 @@ fn msr_ranges_cover_exactly_the_model() {
         vec![r(0xC000_0300, 4), r(0xC001_0000, 8), r(0xC001_0200, 12)]
     );
     assert_eq!(intel(1).msr_ranges(), vec![r(0xC1, 4), r(0x186, 4)]);
-    let no_pdcm = PmuModel::new(Vendor::Intel, 2, 2, 48).with_fixed_counters(3);
+    let no_pdcm = PmuModel::new(2, 2, 48, IntelFeatures::default().with_fixed_counters(3));
     assert_eq!(
         no_pdcm.msr_ranges(),
         vec![r(0xC1, 2), r(0x186, 2), r(0x309, 3), r(0x38D, 4)]
@@ -197,7 +254,13 @@ fn every_msr_of_the_ranges_decodes_or_faults_consistently() {
 
 #[test]
 fn intel_cpuid_advertises_the_model() {
-    let model = intel(4).with_intel_unavailable_events(0b100);
+    let model = intel_with(
+        4,
+        IntelFeatures {
+            unavailable_events: 0b100,
+            ..intel_features(4)
+        },
+    );
     let mut leaf_a = regs(0x0730_0805, 0, 0xF, 0x8604);
     cpuid::apply(Some(&model), 0xA, 0, &mut leaf_a);
     assert_eq!(leaf_a, regs(0x0730_0404, 0b100, 0, 0x0603));
@@ -283,11 +346,23 @@ fn no_model_advertises_no_pmu() {
 
 #[test]
 fn models_round_trip_through_json() {
-    for model in [amd_v2(4), intel(4)] {
+    for model in [amd_legacy(), amd_v2(4), intel(1), intel(4)] {
         let json = serde_json::to_string(&model).unwrap();
         assert_eq!(serde_json::from_str::<PmuModel>(&json).unwrap(), model);
     }
-    assert!(serde_json::to_string(&amd_v2(4))
-        .unwrap()
-        .contains("\"vendor\":\"amd\""));
+    assert_eq!(
+        serde_json::to_value(amd_v2(4)).unwrap(),
+        serde_json::json!({
+            "format": 2, "vendor": "amd", "version": 2, "gp_counters": 4, "gp_width": 48,
+            "features": {"perfctr_core": true}
+        })
+    );
+    assert_eq!(
+        serde_json::to_value(intel(4)).unwrap(),
+        serde_json::json!({
+            "format": 2, "vendor": "intel", "version": 4, "gp_counters": 4, "gp_width": 48,
+            "features": {"fixed_counters": 3, "fixed_width": 48, "pdcm": true,
+                         "full_width_writes": true, "unavailable_events": 0}
+        })
+    );
 }

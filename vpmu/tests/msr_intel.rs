@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use vpmu::evtsel::{ANY, EN, INT, OS, USR};
 use vpmu::msr::*;
-use vpmu::{Fault, PmuModel, Vendor};
+use vpmu::{Fault, IntelFeatures, PmuModel};
 
 /// Valid EVTSEL bits before v3 (no AnyThread).
 const EVTSEL_VALID_V2: u64 = 0xFFDF_FFFF;
@@ -89,7 +89,7 @@ fn legacy_pmc_writes_sign_extend_bit_31() {
 
 #[test]
 fn narrow_counters_sign_extend_to_their_width() {
-    let model = PmuModel::new(Vendor::Intel, 2, 2, 40);
+    let model = PmuModel::new(2, 2, 40, IntelFeatures::default());
     let mut pmu = vpmu(model, true);
     pmu.wrmsr(INTEL_PMC0, 0x8000_0000).unwrap();
     assert_eq!(pmu.rdmsr(INTEL_PMC0), Ok(0xFF_8000_0000));
@@ -110,7 +110,11 @@ fn full_width_writes_take_the_width_and_fault_above_it() {
         Ok(0xFFFF_0000_0001),
         "a faulting write changes nothing"
     );
-    let mut no_fw = vpmu(intel(2).with_intel_full_width_writes(true, false), true);
+    let pdcm_only = IntelFeatures {
+        full_width_writes: false,
+        ..intel_features(2)
+    };
+    let mut no_fw = vpmu(intel_with(2, pdcm_only), true);
     assert_eq!(
         no_fw.wrmsr(INTEL_A_PMC0, 1),
         Err(Fault::NotInModel(INTEL_A_PMC0))
@@ -129,7 +133,7 @@ fn perf_capabilities_is_read_only_and_needs_pdcm() {
         pmu.wrmsr(INTEL_PERF_CAPABILITIES, 0),
         Err(Fault::ReadOnly(INTEL_PERF_CAPABILITIES))
     );
-    let mut no_pdcm = vpmu(PmuModel::new(Vendor::Intel, 2, 4, 48), true);
+    let mut no_pdcm = vpmu(intel_with(2, IntelFeatures::default()), true);
     assert_eq!(
         no_pdcm.rdmsr(INTEL_PERF_CAPABILITIES),
         Err(Fault::NotInModel(INTEL_PERF_CAPABILITIES))
@@ -161,7 +165,7 @@ fn fixed_counters_truncate_and_wrap() {
 #[test]
 fn every_reserved_fixed_ctrl_bit_faults() {
     for version in [2, 3] {
-        let model = PmuModel::new(Vendor::Intel, version, 4, 48).with_fixed_counters(2);
+        let model = intel_with(version, IntelFeatures::default().with_fixed_counters(2));
         let mut pmu = vpmu(model, true);
         let field = if version >= 3 { 0xF } else { 0xB };
         let valid = field | field << 4;

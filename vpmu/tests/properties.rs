@@ -7,7 +7,7 @@ use common::*;
 use proptest::prelude::*;
 use vpmu::backend::fake::FakeBackend;
 use vpmu::evtsel::{OS, PROGRAMMING_BITS, USR};
-use vpmu::{CounterKind, Fault, PmuModel, Vendor, Vpmu};
+use vpmu::{CounterKind, Fault, IntelFeatures, PmuModel, VendorFeatures, Vpmu};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -26,7 +26,12 @@ enum Op {
 
 fn models() -> Vec<PmuModel> {
     let mut models = all_models();
-    models.push(PmuModel::new(Vendor::Intel, 2, 3, 32).with_fixed_counters(2));
+    models.push(PmuModel::new(
+        2,
+        3,
+        32,
+        IntelFeatures::default().with_fixed_counters(2),
+    ));
     models
 }
 
@@ -70,14 +75,14 @@ fn value() -> impl Strategy<Value = u64> {
 fn counters_of(model: &PmuModel) -> Vec<(u32, u64, u32)> {
     use vpmu::msr::*;
     let running = 0x76 | USR | OS | 1 << 20 | 1 << 22;
-    let mut list: Vec<(u32, u64, u32)> = match model.vendor {
-        Vendor::Amd if model.amd_perfctr_core => (0..model.gp_counters as u32)
+    let mut list: Vec<(u32, u64, u32)> = match model.features {
+        VendorFeatures::Amd(f) if f.perfctr_core => (0..model.gp_counters as u32)
             .map(|n| (AMD_PERF_CTL0 + 2 * n, running, AMD_PERF_CTL0 + 2 * n + 1))
             .collect(),
-        Vendor::Amd => (0..4)
+        VendorFeatures::Amd(_) => (0..4)
             .map(|n| (AMD_K7_PERF_CTL0 + n, running, AMD_K7_PERF_CTR0 + n))
             .collect(),
-        Vendor::Intel => (0..model.gp_counters as u32)
+        VendorFeatures::Intel(_) => (0..model.gp_counters as u32)
             .map(|n| {
                 (
                     INTEL_PERFEVTSEL0 + n,
@@ -87,7 +92,7 @@ fn counters_of(model: &PmuModel) -> Vec<(u32, u64, u32)> {
             })
             .collect(),
     };
-    list.extend((0..model.fixed_counters as u32).map(|n| {
+    list.extend((0..model.fixed_counters() as u32).map(|n| {
         (
             INTEL_FIXED_CTR_CTRL,
             0xBu64 << (4 * n),
@@ -170,8 +175,8 @@ proptest! {
         let mut pmu = vpmu(model.clone(), hardware);
         let counters = model.counters();
         let gp_mask = (1u64 << model.gp_width) - 1;
-        let fixed_mask = (1u64 << model.fixed_width) - 1;
-        let counter_bits = ((1u64 << model.gp_counters) - 1) | (((1u64 << model.fixed_counters) - 1) << 32);
+        let fixed_mask = (1u64 << model.fixed_width()) - 1;
+        let counter_bits = ((1u64 << model.gp_counters) - 1) | (((1u64 << model.fixed_counters()) - 1) << 32);
         let mut before = pmu.snapshot();
         let mut may_be_set = 0u64; // status bits explained by overflows or STATUS_SET
         let mut selects: Vec<u64> = before.counters.iter().map(|c| c.decoded.to_select()).collect();

@@ -34,6 +34,8 @@ pub enum Test {
     Inflight,
     Exits,
     Observe,
+    Spin,
+    BadStack,
 }
 
 impl Test {
@@ -59,6 +61,10 @@ impl Test {
         Test::Observe,
     ];
 
+    /// The targets of the host-side profiler (`profile.rs`), run only
+    /// when named.
+    pub const PROFILE: [Test; 2] = [Test::Spin, Test::BadStack];
+
     pub fn name(self) -> &'static str {
         match self {
             Test::Detect => "detect",
@@ -78,6 +84,8 @@ impl Test {
             Test::Inflight => "inflight",
             Test::Exits => "exits",
             Test::Observe => "observe",
+            Test::Spin => "spin",
+            Test::BadStack => "badstack",
         }
     }
 
@@ -87,6 +95,7 @@ impl Test {
             .copied()
             .chain([Test::Nmi, Test::BenchMsr, Test::BenchIo, Test::BenchPmi])
             .chain(Test::STORM)
+            .chain(Test::PROFILE)
             .find(|t| t.name().as_bytes() == s)
     }
 }
@@ -299,6 +308,7 @@ pub fn parse(raw: &'static [u8]) -> Config {
             },
             k if k.starts_with(b"probe.bench_") => crate::bench::known_key(k, val),
             k if k.starts_with(b"probe.storm_") => crate::storm::known_key(k, val),
+            k if k.starts_with(b"probe.spin_") => crate::profile::known_key(k, val),
             k if k.starts_with(b"probe.") => {
                 c.warn(WarningKind::UnknownKey, tok);
                 true

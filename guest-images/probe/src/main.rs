@@ -25,6 +25,7 @@ mod mem;
 mod mptable;
 mod percpu;
 mod pmu;
+mod profile;
 mod serial;
 mod smp;
 mod steal;

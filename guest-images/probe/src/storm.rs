@@ -919,10 +919,11 @@ fn edges(cfg: &Config, cpu: u32, p: &Pmu) {
                     intel::fixed_ctrl_any(p.num_fixed),
                 );
                 e.every_reserved_bit(intel::GLOBAL_CTRL, all, 0);
-                e.every_reserved_bit(intel::GLOBAL_OVF_CTRL, all, 0b111 << 61);
+                // The version's non-counter status flags (v4: 55, 58-63).
+                let flags = intel::status_flags(p.version);
+                e.every_reserved_bit(intel::GLOBAL_OVF_CTRL, all, flags);
                 if p.version >= 4 {
-                    // Flags 55 and 58-63 are defined in v4.
-                    e.every_reserved_bit(intel::GLOBAL_STATUS_SET, all, 0x1F9 << 55);
+                    e.every_reserved_bit(intel::GLOBAL_STATUS_SET, all, flags);
                 }
             }
         }

@@ -43,6 +43,10 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
             crate::storm::run(t, cfg, cpu, &pmu, usable);
             continue;
         }
+        if Test::PROFILE.contains(&t) {
+            crate::profile::run(t, cfg, cpu, &pmu, usable);
+            continue;
+        }
         let name = t.name();
         if !usable {
             let why = if pmu.has_counters() {
@@ -80,7 +84,9 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
             | Test::Edges
             | Test::Inflight
             | Test::Exits
-            | Test::Observe => Ok(()),
+            | Test::Observe
+            | Test::Spin
+            | Test::BadStack => Ok(()),
             Test::Cycles => cycles(cfg, cpu, &pmu, i),
             Test::Halt => halt(cfg, cpu, &pmu, i),
             Test::Pmi => pmi(cfg, cpu, &pmu, i),
@@ -479,14 +485,17 @@ enum Cat {
     RoWrite,
     /// MSRs outside the model: all #GP.
     Outside,
+    /// Bits above the width in full-width counter writes.
+    CounterRsvd,
 }
-const CATS: usize = 5;
+const CATS: usize = 6;
 const CAT_NAMES: [&str; CATS] = [
     "defined",
     "evtsel_rsvd",
     "global_rsvd",
     "ro_write",
     "outside",
+    "counter_rsvd",
 ];
 
 struct Tally {
@@ -773,7 +782,11 @@ fn gp_intel(t: &mut Tally, p: &Pmu) {
         if p.intel_full_width {
             t.reads_back(intel::A_PMC0 + i, top, top);
             t.reads_back(intel::A_PMC0 + i, extended, extended);
+            t.reserved_bits(Cat::CounterRsvd, intel::A_PMC0 + i, p.gp_mask(), 0);
         }
+    }
+    if p.intel_pdcm {
+        t.read_only(intel::PERF_CAPABILITIES);
     }
     for i in 0..p.num_gp {
         t.reserved_bits(

@@ -33,6 +33,9 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 /// A client that has waited this long without a complete request loses its
 /// slot to a new client when every slot is taken.
 pub const EVICT_AFTER: Duration = Duration::from_millis(500);
+/// When the server stops, answers being made or written get this long to
+/// go out (a profile cut short by the VM's end is still answered).
+pub const FINISH_ANSWERS: Duration = Duration::from_secs(3);
 /// Most time spent draining a rejected client's input before closing.
 const LINGER: Duration = Duration::from_secs(1);
 const MAX_HEADERS: usize = 64;
@@ -87,6 +90,7 @@ fn reason(status: u16) -> &'static str {
         409 => "Conflict",
         413 => "Payload Too Large",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "Unknown",
     }
@@ -305,6 +309,11 @@ impl Slots {
         self.lock().retain(|s| s.id != id);
     }
 
+    /// Whether a request is being answered.
+    fn answering(&self) -> bool {
+        self.lock().iter().any(|s| s.waiting_since.is_none())
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.lock().len()
@@ -358,7 +367,9 @@ fn serve_in_slot(stream: &mut UnixStream, handler: &Handler, slot: Option<(&Slot
     }
 }
 
-/// A running server; stops (and joins its accept thread) on drop.
+/// A running server; stops on drop: no new connection is taken, answers
+/// under way get [`FINISH_ANSWERS`] to go out, and the accept thread is
+/// joined.
 pub struct Server {
     stop: Arc<AtomicBool>,
     accept_thread: Option<JoinHandle<()>>,
@@ -443,6 +454,10 @@ fn accept_loop(
         if spawned.is_err() {
             slots.release(id);
         }
+    }
+    let until = Instant::now() + FINISH_ANSWERS;
+    while slots.answering() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

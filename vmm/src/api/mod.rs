@@ -1,8 +1,11 @@
 //! The host-side API on a Unix socket: the guest's counters as JSON
-//! (`GET /vpmu`) and Prometheus text (`GET /metrics`), and the VM-level
+//! (`GET /vpmu`) and Prometheus text (`GET /metrics`), a profile of where
+//! the guest spends its time (`GET /profile`), and the VM-level
 //! operations the vPMU context switch hangs off (`PUT /vm/pause`,
-//! `PUT /vm/resume`).
+//! `PUT /vm/resume`). [`client`] is the other end, for `vmm stat` and
+//! `vmm profile`.
 
+pub mod client;
 pub mod http;
 pub mod metrics;
 pub mod socket;
@@ -14,6 +17,7 @@ use serde_json::json;
 
 use crate::control::VmControl;
 use crate::export::Export;
+use crate::profile::{self, Hub, ProfileError};
 use http::{Request, Response};
 pub use socket::{bind, SocketError};
 
@@ -28,15 +32,23 @@ const PAUSE_WAIT: Duration = Duration::from_secs(2);
 pub struct Api {
     export: Arc<Export>,
     control: Arc<VmControl>,
+    profiles: Arc<Hub>,
 }
 
 impl Api {
-    pub fn new(export: Arc<Export>, control: Arc<VmControl>) -> Self {
-        Self { export, control }
+    pub fn new(export: Arc<Export>, control: Arc<VmControl>, profiles: Arc<Hub>) -> Self {
+        Self {
+            export,
+            control,
+            profiles,
+        }
     }
 
     pub fn handle(&self, request: &Request) -> Response {
-        let path = request.path.split('?').next().unwrap_or_default();
+        let (path, query) = request
+            .path
+            .split_once('?')
+            .unwrap_or((request.path.as_str(), ""));
         let method = request.method.as_str();
         match (method, path) {
             ("GET", "/vpmu") => Response::json(200, &self.vpmu_json()),
@@ -45,14 +57,33 @@ impl Api {
                 "text/plain; version=0.0.4; charset=utf-8",
                 metrics::render(&self.fresh_views(), &self.export),
             ),
+            ("GET", "/profile") => self.profile(query),
             ("PUT", "/vm/pause") => self.pause(),
             ("PUT", "/vm/resume") => {
                 self.control.resume();
                 Response::json(200, &json!({ "paused": false }))
             }
-            (_, "/vpmu" | "/metrics") => Response::error(405, "use GET"),
+            (_, "/vpmu" | "/metrics" | "/profile") => Response::error(405, "use GET"),
             (_, "/vm/pause" | "/vm/resume") => Response::error(405, "use PUT"),
             _ => Response::error(404, &format!("no such resource: {path}")),
+        }
+    }
+
+    /// Samples the guest for the asked seconds (this connection waits),
+    /// then answers with the profile.
+    fn profile(&self, query: &str) -> Response {
+        let request = match profile::Request::from_query(query) {
+            Ok(request) => request,
+            Err(e) => return Response::error(400, &e.to_string()),
+        };
+        match self.profiles.run(request, &self.control) {
+            Ok(profile) => match serde_json::to_value(&profile) {
+                Ok(value) => Response::json(200, &value),
+                Err(e) => Response::error(500, &format!("encoding the profile: {e}")),
+            },
+            Err(e @ (ProfileError::Busy | ProfileError::Paused | ProfileError::Stopping)) => {
+                Response::error(409, &e.to_string())
+            }
         }
     }
 

@@ -143,10 +143,18 @@ impl fmt::Display for PmuPlan {
                 write!(
                     f,
                     "vPMU on: {:?} v{}, {} general-purpose counters ({} bits)",
-                    m.vendor, m.version, m.gp_counters, m.gp_width
+                    m.vendor(),
+                    m.version,
+                    m.gp_counters,
+                    m.gp_width
                 )?;
-                if m.fixed_counters > 0 {
-                    write!(f, ", {} fixed ({} bits)", m.fixed_counters, m.fixed_width)?;
+                if m.fixed_counters() > 0 {
+                    write!(
+                        f,
+                        ", {} fixed ({} bits)",
+                        m.fixed_counters(),
+                        m.fixed_width()
+                    )?;
                 }
                 write!(f, ", events: {}", self.policy)
             }
@@ -244,12 +252,12 @@ pub fn plan(
         cpuid: (host.vendor == Some(vendor)).then(HostCpuid::detect),
         intel_full_width_writes: false,
     };
+    let impossible = |e: vpmu::ModelError| StartError::Config(format!("impossible vPMU: {e}"));
     let model = PmuModel::best_for_host(vendor, &facts)
         .shaped(opts.version, opts.gp_counters, opts.fixed_counters)
+        .map_err(impossible)?
         .with_unavailable_events(&opts.events, host.hardware_events.is_ok());
-    model
-        .validate()
-        .map_err(|e| StartError::Config(format!("impossible vPMU: {e}")))?;
+    model.validate().map_err(impossible)?;
     Ok(PmuPlan {
         model: Some(model),
         policy: opts.events.clone(),
@@ -320,8 +328,8 @@ mod tests {
         h.hardware_events = Ok(());
         let p = plan(&opts(VpmuMode::Auto), &h, Some(Vendor::Intel), true).unwrap();
         let model = p.model.as_ref().expect("the probe is served");
-        assert_eq!(model.vendor, Vendor::Intel);
-        assert!(model.fixed_counters > 0, "{model:?}");
+        assert_eq!(model.vendor(), Vendor::Intel);
+        assert!(model.fixed_counters() > 0, "{model:?}");
         assert_eq!(p.host_vendor, Some(Vendor::Amd));
         assert!(matches!(&p.rdpmc, Rdpmc::Unavailable(why) if why.contains("--cpu-vendor")));
         assert!(p
@@ -347,10 +355,16 @@ mod tests {
         let h = host(Rdpmc::Mirrored);
         let mut o = opts(VpmuMode::On);
         o.fixed_counters = Some(3);
-        assert!(
-            plan(&o, &h, Some(Vendor::Amd), true).is_err(),
-            "AMD has no fixed counters"
-        );
+        let error = plan(&o, &h, Some(Vendor::Amd), true)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("AMD has no fixed counters"), "{error}");
+        o.fixed_counters = Some(0);
+        let model = plan(&o, &h, Some(Vendor::Amd), true)
+            .unwrap()
+            .model
+            .unwrap();
+        assert_eq!(model.fixed_counters(), 0, "0 fixed counters is no override");
         let mut o = opts(VpmuMode::Off);
         o.gp_counters = Some(2);
         assert!(plan(&o, &h, Some(Vendor::Amd), true).is_err());

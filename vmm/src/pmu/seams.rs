@@ -23,12 +23,13 @@
 //! Without either variable [`HostBackend`] is [`PerfBackend`] with one
 //! branch per open, and no exit waits.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use vpmu::backend::perf::{PerfBackend, PerfHandle};
-use vpmu::{Backend, BackendError, EventSpec, OverflowNotify, Reading};
+use vpmu::backend::gate::{Gated, OpenGate};
+use vpmu::backend::perf::PerfBackend;
+use vpmu::{BackendError, EventSpec};
 
 pub const PERF_FAULT_VAR: &str = "VMM_TEST_PERF_FAULT";
 pub const EXIT_DELAY_VAR: &str = "VMM_TEST_EXIT_DELAY_US";
@@ -88,7 +89,10 @@ impl ExitDelay {
 
 /// The host backend of a vCPU.
 pub fn host_backend(perf: PerfBackend) -> HostBackend {
-    HostBackend::new(perf)
+    Gated {
+        inner: perf,
+        gate: FaultFile(seams().perf_fault.as_deref()),
+    }
 }
 
 /// The errno named in `text`: a name or a number.
@@ -106,25 +110,15 @@ fn parse_errno(text: &str) -> Option<i32> {
     })
 }
 
-/// The host backend of a vCPU: perf, plus the fault seam when it is set.
+/// The `VMM_TEST_PERF_FAULT` file, the gate of [`HostBackend`]'s opens.
 #[derive(Debug)]
-pub struct HostBackend {
-    perf: PerfBackend,
-    fault: Option<&'static std::path::Path>,
-}
+pub struct FaultFile(Option<&'static Path>);
 
-impl HostBackend {
-    fn new(perf: PerfBackend) -> Self {
-        Self {
-            perf,
-            fault: seams().perf_fault.as_deref(),
-        }
-    }
-
+impl FaultFile {
     /// The errno the fault file names right now, if any. `panic` in the
     /// file stands for a bug in the VMM: the vCPU thread panics.
     fn injected(&self) -> Option<i32> {
-        let path = self.fault?;
+        let path = self.0?;
         let text = std::fs::read_to_string(path).ok()?;
         if text.trim() == "panic" {
             panic!("test seam {PERF_FAULT_VAR}: injected panic in perf_event_open");
@@ -133,48 +127,20 @@ impl HostBackend {
     }
 }
 
-impl Backend for HostBackend {
-    type Handle = PerfHandle;
-
-    fn open(&mut self, spec: &EventSpec) -> Result<PerfHandle, BackendError> {
-        if let Some(errno) = self.injected() {
-            return Err(BackendError::from_errno("perf_event_open", errno));
-        }
-        self.perf.open(spec)
-    }
-
-    fn start(&mut self, handle: PerfHandle) -> Result<(), BackendError> {
-        self.perf.start(handle)
-    }
-
-    fn stop(&mut self, handle: PerfHandle) -> Result<(), BackendError> {
-        self.perf.stop(handle)
-    }
-
-    fn read(&mut self, handle: PerfHandle) -> Result<Reading, BackendError> {
-        self.perf.read(handle)
-    }
-
-    fn set_period(&mut self, handle: PerfHandle, period: u64) -> Result<(), BackendError> {
-        self.perf.set_period(handle, period)
-    }
-
-    fn close(&mut self, handle: PerfHandle) {
-        self.perf.close(handle)
-    }
-
-    fn set_overflow_notify(&mut self, notify: Option<OverflowNotify>) {
-        self.perf.set_overflow_notify(notify)
-    }
-
-    fn schedule_epoch(&mut self, handle: PerfHandle) -> Option<u32> {
-        self.perf.schedule_epoch(handle)
+impl OpenGate for FaultFile {
+    fn refusal(&mut self, _spec: &EventSpec) -> Option<BackendError> {
+        let errno = self.injected()?;
+        Some(BackendError::from_errno("perf_event_open", errno))
     }
 }
+
+/// The host backend of a vCPU: perf, plus the fault seam when it is set.
+pub type HostBackend = Gated<PerfBackend, FaultFile>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vpmu::Backend;
 
     #[test]
     fn errno_names_and_numbers_parse() {
@@ -189,9 +155,9 @@ mod tests {
     fn the_fault_file_refuses_opens_while_it_names_an_errno() {
         let dir = tempfile::tempdir().unwrap();
         let path: &'static std::path::Path = Box::leak(dir.path().join("fault").into_boxed_path());
-        let mut backend = HostBackend {
-            perf: PerfBackend::new(0),
-            fault: Some(path),
+        let mut backend = Gated {
+            inner: PerfBackend::new(0),
+            gate: FaultFile(Some(path)),
         };
         let clock = EventSpec::clock(None);
         std::fs::write(path, "EACCES").unwrap();

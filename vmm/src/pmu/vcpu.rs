@@ -94,7 +94,7 @@ impl VcpuPmu {
         carried: Option<EventTotals>,
     ) -> Result<Self, String> {
         let model = plan.model.clone().ok_or("no vPMU model")?;
-        let vendor = model.vendor;
+        let vendor = model.vendor();
         let mut backend = seams::host_backend(PerfBackend::new(0));
         backend.set_overflow_notify(Some(OverflowNotify {
             tid: PerfBackend::current_tid(),

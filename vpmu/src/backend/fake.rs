@@ -84,7 +84,7 @@ impl FakeBackend {
     pub fn advance(&mut self, hardware: bool, delta: u64) -> Vec<u32> {
         let mut fired = Vec::new();
         for (handle, event) in self.events.iter_mut().enumerate() {
-            let is_hw = matches!(event.spec.source, EventSource::HardwareRaw { .. });
+            let is_hw = !matches!(event.spec.source, EventSource::SoftwareClock);
             if event.closed || !event.running || is_hw != hardware {
                 continue;
             }
@@ -121,7 +121,7 @@ impl Backend for FakeBackend {
             return Err(error);
         }
         let available = match spec.source {
-            EventSource::HardwareRaw { .. } => self.hardware,
+            EventSource::HardwareRaw { .. } | EventSource::HardwareCycles => self.hardware,
             EventSource::SoftwareClock => self.software,
         };
         if !available {

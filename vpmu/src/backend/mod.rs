@@ -3,9 +3,11 @@
 //! A [`Backend`] opens one host event per (virtual counter, programming)
 //! and then only starts, stops, reads and re-arms it; [`crate::Vpmu`]
 //! decides when. [`perf::PerfBackend`] is the real one (`perf_event_open`
-//! on the vCPU thread), [`fake::FakeBackend`] a scriptable one for tests.
+//! on the vCPU thread), [`fake::FakeBackend`] a scriptable one for tests,
+//! and [`gate::Gated`] one whose opens a test may refuse first.
 
 pub mod fake;
+pub mod gate;
 pub mod perf;
 
 use std::fmt::Debug;
@@ -23,6 +25,10 @@ pub enum EventSource {
     },
     /// Host task-clock of the vCPU thread, in nanoseconds.
     SoftwareClock,
+    /// The host's generic core cycles (`PERF_TYPE_HARDWARE` cycles), for a
+    /// sampler that needs no particular vendor's event (the VMM's guest
+    /// profiler).
+    HardwareCycles,
 }
 
 /// Everything needed to open one host event.
@@ -51,6 +57,19 @@ impl EventSpec {
             exclude_kernel: !os,
             exclude_host: true,
             pinned: true,
+            sample_period: Some(sample_period),
+        }
+    }
+
+    /// Core cycles of the guest only (host time excluded), sampled every
+    /// `sample_period` cycles.
+    pub fn guest_cycles(sample_period: u64) -> Self {
+        Self {
+            source: EventSource::HardwareCycles,
+            exclude_user: false,
+            exclude_kernel: false,
+            exclude_host: true,
+            pinned: false,
             sample_period: Some(sample_period),
         }
     }

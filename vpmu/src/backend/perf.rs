@@ -253,6 +253,10 @@ impl Backend for PerfBackend {
                 attr.type_ = PERF_TYPE_SOFTWARE;
                 attr.config = PERF_COUNT_SW_TASK_CLOCK as u64;
             }
+            EventSource::HardwareCycles => {
+                attr.type_ = PERF_TYPE_HARDWARE;
+                attr.config = PERF_COUNT_HW_CPU_CYCLES as u64;
+            }
         }
         attr.set_exclude_user(spec.exclude_user as u64);
         attr.set_exclude_kernel(spec.exclude_kernel as u64);

@@ -7,7 +7,9 @@ use crate::cpuid::{
     self, CpuidRegs, Leaf, EXT_ECX_PERFCTR_CORE, LEAF_EXT_FEATURES, LEAF_EXT_PERFMON,
 };
 use crate::evtsel::*;
-use crate::model::{HostFacts, ModelError, MsrRange, PmuModel, Vendor};
+use crate::model::{
+    AmdFeatures, HostFacts, ModelError, MsrRange, PmuModel, Vendor, VendorFeatures,
+};
 use crate::msr::*;
 
 pub(crate) struct Amd;
@@ -24,6 +26,12 @@ static NAMED: [NamedEvent; 4] = [
     NamedEvent::new(0xC2, 0, "branches", false, false),
     NamedEvent::new(0xC3, 0, "branch-misses", false, false),
 ];
+
+/// Whether `m` has PerfCtrExtCore ([`super::ops`] gives this vendor only
+/// AMD models).
+fn perfctr_core(m: &PmuModel) -> bool {
+    m.amd().is_some_and(|f| f.perfctr_core)
+}
 
 fn gp_error(count: u8, why: &'static str) -> ModelError {
     ModelError::GpCounters {
@@ -42,14 +50,6 @@ impl VendorOps for Amd {
                 supported: "1 = legacy or PerfCtrExtCore, 2 = PerfMonV2",
             });
         }
-        if m.fixed_counters != 0 || m.fixed_width != 0 {
-            return Err(ModelError::FixedCounters {
-                vendor: Vendor::Amd,
-                version: m.version,
-                count: m.fixed_counters,
-                why: "AMD has no fixed counters",
-            });
-        }
         if m.gp_width != WIDTH {
             return Err(ModelError::Width {
                 what: "AMD counter",
@@ -57,19 +57,14 @@ impl VendorOps for Amd {
                 supported: "48",
             });
         }
-        if m.intel_pdcm || m.intel_full_width_writes || m.intel_unavailable_events != 0 {
-            return Err(ModelError::Feature {
-                feature: "PDCM, full-width writes and the event availability mask",
-                why: "are Intel features",
-            });
-        }
-        if m.version == 2 && !m.amd_perfctr_core {
+        let perfctr_core = perfctr_core(m);
+        if m.version == 2 && !perfctr_core {
             return Err(ModelError::Feature {
                 feature: "AMD PerfMonV2",
                 why: "needs PerfCtrExtCore",
             });
         }
-        match (m.version, m.amd_perfctr_core) {
+        match (m.version, perfctr_core) {
             (2, _) if !(1..=CORE_COUNTERS).contains(&m.gp_counters) => Err(gp_error(
                 m.gp_counters,
                 "PerfMonV2 has 1 to 6 core counters",
@@ -87,7 +82,7 @@ impl VendorOps for Amd {
     }
 
     fn best_for_host(&self, host: &HostFacts) -> PmuModel {
-        let v2 = PmuModel::new(Vendor::Amd, 2, CORE_COUNTERS, WIDTH).with_amd_perfctr_core(true);
+        let v2 = PmuModel::new(2, CORE_COUNTERS, WIDTH, AmdFeatures { perfctr_core: true });
         let Some(cpuid) = host.cpuid.filter(|_| host.hardware_events) else {
             return v2;
         };
@@ -97,7 +92,7 @@ impl VendorOps for Amd {
         } else if cpuid.ext_features_ecx & EXT_ECX_PERFCTR_CORE != 0 {
             v2.with_version(1)
         } else {
-            PmuModel::new(Vendor::Amd, 1, LEGACY_COUNTERS, WIDTH)
+            PmuModel::new(1, LEGACY_COUNTERS, WIDTH, AmdFeatures::default())
         }
     }
 
@@ -108,7 +103,7 @@ impl VendorOps for Amd {
             base: AMD_K7_PERF_CTL0,
             count: AMD_K7_BLOCK_LEN,
         }];
-        if m.amd_perfctr_core {
+        if perfctr_core(m) {
             ranges.push(MsrRange {
                 base: AMD_PERF_CTL0,
                 count: AMD_CORE_BLOCK_LEN,
@@ -131,7 +126,7 @@ impl VendorOps for Amd {
         if let Some(i) = index_in(msr, AMD_K7_PERF_CTR0, n.min(4)) {
             return Some(Register::GpCounter(i, CounterWrite::Truncate));
         }
-        if m.amd_perfctr_core {
+        if perfctr_core(m) {
             if let Some(offset) = index_in(msr, AMD_PERF_CTL0, 2 * n) {
                 return Some(match offset % 2 {
                     0 => Register::EventSelect(offset / 2),
@@ -178,16 +173,11 @@ impl VendorOps for Amd {
     }
 
     fn counter_msr(&self, m: &PmuModel, _fixed: bool, index: usize) -> u32 {
-        if m.amd_perfctr_core {
+        if perfctr_core(m) {
             AMD_PERF_CTL0 + 2 * index as u32 + 1
         } else {
             AMD_K7_PERF_CTR0 + index as u32
         }
-    }
-
-    fn fixed_event(&self, _index: usize) -> crate::evtsel::EventCode {
-        // AMD models have no fixed counters (validate() guarantees it).
-        crate::evtsel::EventCode::new(0, 0)
     }
 
     fn named_events(&self) -> &'static [NamedEvent] {
@@ -197,7 +187,7 @@ impl VendorOps for Amd {
     fn advertise(&self, m: &PmuModel, leaf: u32, _subleaf: u32, regs: &mut CpuidRegs) {
         match leaf {
             0x8000_0000 if m.has_amd_perfmon_v2() => cpuid::raise_max_leaf(regs, LEAF_EXT_PERFMON),
-            LEAF_EXT_FEATURES if m.amd_perfctr_core => regs.ecx |= EXT_ECX_PERFCTR_CORE,
+            LEAF_EXT_FEATURES if perfctr_core(m) => regs.ecx |= EXT_ECX_PERFCTR_CORE,
             LEAF_EXT_PERFMON if m.has_amd_perfmon_v2() => {
                 regs.eax = 1;
                 regs.ebx = m.gp_counters as u32 & 0xF;
@@ -209,12 +199,14 @@ impl VendorOps for Amd {
     /// AMD's 4 legacy counters are the version-1 model without
     /// PerfCtrExtCore; with it, version 1 has exactly 6.
     fn with_gp_counters(&self, model: PmuModel, count: u8) -> PmuModel {
-        let model = model.with_gp_counters(count);
-        if model.version == 1 && count <= 4 {
-            model.with_amd_perfctr_core(false)
-        } else {
-            model
+        let mut model = model.with_gp_counters(count);
+        match &mut model.features {
+            VendorFeatures::Amd(features) if model.version == 1 && count <= LEGACY_COUNTERS => {
+                features.perfctr_core = false
+            }
+            _ => {}
         }
+        model
     }
 
     fn masks_lvtpc_on_pmi(&self) -> bool {

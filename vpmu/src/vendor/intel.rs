@@ -6,7 +6,7 @@ use super::{
 };
 use crate::cpuid::{self, CpuidRegs, Leaf, LEAF1_ECX_PDCM, LEAF_ARCH_PERFMON};
 use crate::evtsel::*;
-use crate::model::{HostFacts, ModelError, MsrRange, PmuModel, Vendor};
+use crate::model::{HostFacts, IntelFeatures, ModelError, MsrRange, PmuModel, Vendor};
 use crate::msr::*;
 
 pub(crate) struct Intel;
@@ -32,11 +32,22 @@ static NAMED: [NamedEvent; 8] = [
 ];
 
 /// Fixed counters: instructions retired, core cycles, reference cycles.
-const FIXED_EVENTS: [EventCode; 3] = [
+const FIXED_EVENTS: [EventCode; MAX_FIXED as usize] = [
     EventCode::new(0xC0, 0x00),
     EventCode::new(0x3C, 0x00),
     EventCode::new(0x00, 0x03),
 ];
+
+/// The events of the fixed counters `f` has, in counter order.
+pub(super) fn fixed_events(f: &IntelFeatures) -> &'static [EventCode] {
+    &FIXED_EVENTS[..FIXED_EVENTS.len().min(f.fixed_counters as usize)]
+}
+
+/// The Intel part of `m` ([`super::ops`] gives this vendor only Intel
+/// models; an AMD model has none of these features).
+fn features(m: &PmuModel) -> IntelFeatures {
+    m.intel().copied().unwrap_or_default()
+}
 
 /// Non-counter GLOBAL_STATUS flags each version defines (SDM 20.2.2-20.2.4):
 /// v2 OvfBuf(62) and CondChgd(63); v3 adds Ovf_Uncore(61); v4 adds
@@ -76,42 +87,37 @@ impl VendorOps for Intel {
                 supported: "32 to 48",
             });
         }
+        let f = features(m);
         let fixed_error = |why| ModelError::FixedCounters {
             vendor: Vendor::Intel,
             version: m.version,
-            count: m.fixed_counters,
+            count: f.fixed_counters,
             why,
         };
-        if m.version == 1 && m.fixed_counters > 0 {
+        if m.version == 1 && f.fixed_counters > 0 {
             return Err(fixed_error("fixed counters need version 2"));
         }
-        if m.fixed_counters > MAX_FIXED {
+        if f.fixed_counters > MAX_FIXED {
             return Err(fixed_error("at most 3 are modelled"));
         }
-        let width_ok = match m.fixed_counters {
-            0 => m.fixed_width == 0,
-            _ => WIDTHS.contains(&m.fixed_width),
+        let width_ok = match f.fixed_counters {
+            0 => f.fixed_width == 0,
+            _ => WIDTHS.contains(&f.fixed_width),
         };
         if !width_ok {
             return Err(ModelError::Width {
                 what: "Intel fixed counter",
-                width: m.fixed_width,
+                width: f.fixed_width,
                 supported: "32 to 48, or 0 without fixed counters",
             });
         }
-        if m.intel_full_width_writes && !m.intel_pdcm {
+        if f.full_width_writes && !f.pdcm {
             return Err(ModelError::Feature {
                 feature: "Intel full-width writes",
                 why: "need PDCM (IA32_PERF_CAPABILITIES advertises them)",
             });
         }
-        if m.amd_perfctr_core {
-            return Err(ModelError::Feature {
-                feature: "PerfCtrExtCore",
-                why: "is an AMD feature",
-            });
-        }
-        if u32::from(m.intel_unavailable_events) >> ARCH_EVENTS != 0 {
+        if u32::from(f.unavailable_events) >> ARCH_EVENTS != 0 {
             return Err(ModelError::Feature {
                 feature: "the event availability mask",
                 why: "has bits beyond the 7 architectural events",
@@ -121,9 +127,18 @@ impl VendorOps for Intel {
     }
 
     fn best_for_host(&self, host: &HostFacts) -> PmuModel {
-        let emulated = PmuModel::new(Vendor::Intel, MAX_VERSION, 4, 48)
-            .with_fixed_counters(MAX_FIXED)
-            .with_intel_full_width_writes(true, true);
+        let emulated = PmuModel::new(
+            MAX_VERSION,
+            4,
+            48,
+            IntelFeatures {
+                fixed_counters: MAX_FIXED,
+                fixed_width: 48,
+                pdcm: true,
+                full_width_writes: true,
+                unavailable_events: 0,
+            },
+        );
         let Some(leaf) = host
             .cpuid
             .map(|c| c.leaf_0xa)
@@ -132,22 +147,27 @@ impl VendorOps for Intel {
             return emulated;
         };
         let version = ((leaf.eax & 0xFF) as u8).min(MAX_VERSION);
-        let mut model = PmuModel::new(
-            Vendor::Intel,
+        let width = |bits: u32| (bits as u8).clamp(*WIDTHS.start(), *WIDTHS.end());
+        let fixed = match ((leaf.edx & 0x1F) as u8).min(MAX_FIXED) {
+            count if version >= 2 && count > 0 => (count, width(leaf.edx >> 5)),
+            _ => (0, 0),
+        };
+        PmuModel::new(
             version,
             ((leaf.eax >> 8) as u8).clamp(1, MAX_GP),
-            ((leaf.eax >> 16) as u8).clamp(*WIDTHS.start(), *WIDTHS.end()),
+            width(leaf.eax >> 16),
+            IntelFeatures {
+                fixed_counters: fixed.0,
+                fixed_width: fixed.1,
+                pdcm: host.intel_full_width_writes,
+                full_width_writes: host.intel_full_width_writes,
+                unavailable_events: (leaf.ebx & low_bits(ARCH_EVENTS) as u32) as u8,
+            },
         )
-        .with_intel_full_width_writes(host.intel_full_width_writes, host.intel_full_width_writes)
-        .with_intel_unavailable_events((leaf.ebx & low_bits(ARCH_EVENTS) as u32) as u8);
-        if version >= 2 && leaf.edx & 0x1F != 0 {
-            model = model.with_fixed_counters(((leaf.edx & 0x1F) as u8).min(MAX_FIXED));
-            model.fixed_width = ((leaf.edx >> 5) as u8).clamp(*WIDTHS.start(), *WIDTHS.end());
-        }
-        model
     }
 
     fn msr_ranges(&self, m: &PmuModel) -> Vec<MsrRange> {
+        let f = features(m);
         let gp = m.gp_counters as u32;
         let mut ranges = vec![
             MsrRange {
@@ -162,7 +182,7 @@ impl VendorOps for Intel {
         if m.version >= 2 {
             ranges.push(MsrRange {
                 base: INTEL_FIXED_CTR0,
-                count: m.fixed_counters as u32,
+                count: f.fixed_counters as u32,
             });
             ranges.push(MsrRange {
                 base: INTEL_FIXED_CTR_CTRL,
@@ -175,13 +195,13 @@ impl VendorOps for Intel {
                 count: 2,
             });
         }
-        if m.intel_pdcm {
+        if f.pdcm {
             ranges.push(MsrRange {
                 base: INTEL_PERF_CAPABILITIES,
                 count: 1,
             });
         }
-        if m.intel_full_width_writes {
+        if f.full_width_writes {
             ranges.push(MsrRange {
                 base: INTEL_A_PMC0,
                 count: gp,
@@ -191,6 +211,7 @@ impl VendorOps for Intel {
     }
 
     fn decode(&self, m: &PmuModel, msr: u32) -> Option<Register> {
+        let f = features(m);
         let gp = m.gp_counters as usize;
         if let Some(i) = index_in(msr, INTEL_PMC0, gp) {
             return Some(Register::GpCounter(i, CounterWrite::SignExtend32));
@@ -198,18 +219,18 @@ impl VendorOps for Intel {
         if let Some(i) = index_in(msr, INTEL_PERFEVTSEL0, gp) {
             return Some(Register::EventSelect(i));
         }
-        if m.intel_full_width_writes {
+        if f.full_width_writes {
             if let Some(i) = index_in(msr, INTEL_A_PMC0, gp) {
                 return Some(Register::GpCounter(i, CounterWrite::FullWidth));
             }
         }
-        if m.intel_pdcm && msr == INTEL_PERF_CAPABILITIES {
+        if f.pdcm && msr == INTEL_PERF_CAPABILITIES {
             return Some(Register::PerfCapabilities);
         }
         if m.version < 2 {
             return None;
         }
-        if let Some(i) = index_in(msr, INTEL_FIXED_CTR0, m.fixed_counters as usize) {
+        if let Some(i) = index_in(msr, INTEL_FIXED_CTR0, f.fixed_counters as usize) {
             return Some(Register::FixedCounter(i));
         }
         match msr {
@@ -224,13 +245,14 @@ impl VendorOps for Intel {
     }
 
     fn layout(&self, m: &PmuModel) -> Layout {
+        let f = features(m);
         let any = if m.version >= 3 { ANY } else { 0 };
         // Per fixed counter: OS(0), USR(1), AnyThread(2, v3+), PMI(3).
         let field = 0b1011 | if m.version >= 3 { 0b0100 } else { 0 };
         let fixed_ctrl_valid =
-            (0..m.fixed_counters as u32).fold(0, |acc, i| acc | (field << (4 * i)));
+            (0..f.fixed_counters as u32).fold(0, |acc, i| acc | (field << (4 * i)));
         let gp = low_bits(m.gp_counters as u32);
-        let counters = gp | (low_bits(m.fixed_counters as u32) << 32);
+        let counters = gp | (low_bits(f.fixed_counters as u32) << 32);
         let global = m.version >= 2;
         Layout {
             evtsel_valid: EVENT_LOW | UMASK | USR | OS | EDGE | PC | INT | any | EN | INV | CMASK,
@@ -244,7 +266,7 @@ impl VendorOps for Intel {
                 0
             },
             reserved_writes: ReservedWrites::Fault,
-            perf_capabilities: if m.intel_full_width_writes {
+            perf_capabilities: if f.full_width_writes {
                 PERF_CAP_FULL_WIDTH_WRITE
             } else {
                 0
@@ -257,29 +279,23 @@ impl VendorOps for Intel {
         base + index as u32
     }
 
-    fn fixed_event(&self, index: usize) -> EventCode {
-        FIXED_EVENTS
-            .get(index)
-            .copied()
-            .unwrap_or(EventCode::new(0, 0))
-    }
-
     fn named_events(&self) -> &'static [NamedEvent] {
         &NAMED
     }
 
     fn advertise(&self, m: &PmuModel, leaf: u32, _subleaf: u32, regs: &mut CpuidRegs) {
+        let f = features(m);
         match leaf {
             0 => cpuid::raise_max_leaf(regs, LEAF_ARCH_PERFMON),
-            1 if m.intel_pdcm => regs.ecx |= LEAF1_ECX_PDCM,
+            1 if f.pdcm => regs.ecx |= LEAF1_ECX_PDCM,
             LEAF_ARCH_PERFMON => {
                 regs.eax = m.version as u32
                     | (m.gp_counters as u32) << 8
                     | (m.gp_width as u32) << 16
                     | ARCH_EVENTS << 24;
-                regs.ebx = m.intel_unavailable_events as u32;
+                regs.ebx = f.unavailable_events as u32;
                 if m.version >= 2 {
-                    regs.edx = m.fixed_counters as u32 | (m.fixed_width as u32) << 5;
+                    regs.edx = f.fixed_counters as u32 | (f.fixed_width as u32) << 5;
                 }
             }
             _ => {}
@@ -288,11 +304,6 @@ impl VendorOps for Intel {
 
     fn required_leaves(&self, _m: &PmuModel) -> &'static [Leaf] {
         &[(0, 0), (1, 0), (LEAF_ARCH_PERFMON, 0)]
-    }
-
-    /// CPUID.0AH:EBX: one "not available" bit per architectural event.
-    fn with_unavailable_events(&self, model: PmuModel, unavailable: u8) -> PmuModel {
-        model.with_intel_unavailable_events(unavailable)
     }
 
     /// SDM: the LVT performance counter entry's mask bit is set when a PMI

@@ -10,7 +10,7 @@ mod intel;
 
 use crate::cpuid::{CpuidRegs, Leaf};
 use crate::evtsel::{self, EventCode};
-use crate::model::{HostFacts, ModelError, MsrRange, PmuModel, Vendor};
+use crate::model::{HostFacts, ModelError, MsrRange, PmuModel, Vendor, VendorFeatures};
 
 /// How a counter MSR write turns the written value into a counter value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,8 +95,6 @@ pub(crate) trait VendorOps: Sync {
     /// The MSR that holds gp counter `index` (`fixed == false`) or fixed
     /// counter `index`, for export and for mirroring values.
     fn counter_msr(&self, model: &PmuModel, fixed: bool, index: usize) -> u32;
-    /// The event a fixed counter counts (Intel).
-    fn fixed_event(&self, index: usize) -> EventCode;
     fn named_events(&self) -> &'static [NamedEvent];
     fn advertise(&self, model: &PmuModel, leaf: u32, subleaf: u32, regs: &mut CpuidRegs);
     fn required_leaves(&self, model: &PmuModel) -> &'static [Leaf];
@@ -104,12 +102,6 @@ pub(crate) trait VendorOps: Sync {
     /// rules for what that count implies.
     fn with_gp_counters(&self, model: PmuModel, count: u8) -> PmuModel {
         model.with_gp_counters(count)
-    }
-    /// `model` telling the guest which named events it cannot count
-    /// (`unavailable`: those the policy denies or the host cannot back),
-    /// where the vendor has a way to say so.
-    fn with_unavailable_events(&self, model: PmuModel, _unavailable: u8) -> PmuModel {
-        model
     }
     /// Whether the local APIC masks LVTPC when it delivers a PMI.
     fn masks_lvtpc_on_pmi(&self) -> bool;
@@ -120,6 +112,15 @@ pub(crate) fn ops(vendor: Vendor) -> &'static dyn VendorOps {
     match vendor {
         Vendor::Amd => &amd::Amd,
         Vendor::Intel => &intel::Intel,
+    }
+}
+
+/// The events `model`'s fixed counters count, in counter order. Only
+/// Intel has fixed counters.
+pub(crate) fn fixed_events(model: &PmuModel) -> &'static [EventCode] {
+    match &model.features {
+        VendorFeatures::Intel(features) => intel::fixed_events(features),
+        VendorFeatures::Amd(_) => &[],
     }
 }
 

@@ -337,7 +337,7 @@ impl<B: Backend> Vpmu<B> {
         let select = self.counters[i].select;
         if !self
             .policy
-            .allows(self.model.vendor, evtsel::event_code(select))
+            .allows(self.model.vendor(), evtsel::event_code(select))
         {
             self.counters[i].backing = BackingState::Denied;
             return;
@@ -366,7 +366,7 @@ impl<B: Backend> Vpmu<B> {
                 Err(error) => return self.refused(i, error.to_string()),
             }
         }
-        if !vendor::is_clock_event(self.model.vendor, select) {
+        if !vendor::is_clock_event(self.model.vendor(), select) {
             let reason = self.no_hardware.clone().unwrap_or_default();
             self.counters[i].backing = BackingState::Unbacked(Cow::Owned(reason));
             return;

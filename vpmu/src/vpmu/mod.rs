@@ -11,7 +11,7 @@ use thiserror::Error;
 
 use crate::backend::Backend;
 use crate::clock::GuestClock;
-use crate::evtsel::{self, ANY, EN, INT, OS, USR};
+use crate::evtsel::{self, EventCode, ANY, EN, INT, OS, USR};
 use crate::model::{ModelError, PmuModel, Vendor};
 use crate::policy::EventPolicy;
 use crate::snapshot::{BackingNotice, CounterKind};
@@ -156,6 +156,8 @@ pub struct Vpmu<B: Backend> {
     model: PmuModel,
     ops: &'static dyn VendorOps,
     layout: Layout,
+    /// What each fixed counter counts.
+    fixed_events: &'static [EventCode],
     policy: EventPolicy,
     backend: B,
     clock: GuestClock,
@@ -210,18 +212,20 @@ impl<B: Backend> Vpmu<B> {
         clock: GuestClock,
     ) -> Result<Self, ModelError> {
         model.validate()?;
-        let ops = vendor::ops(model.vendor);
+        let ops = vendor::ops(model.vendor());
         let layout = ops.layout(&model);
+        let fixed_events = vendor::fixed_events(&model);
         let gp = (0..model.gp_counters as usize)
             .map(|i| Counter::new(CounterKind::Gp, i, model.gp_width));
-        let fixed = (0..model.fixed_counters as usize)
-            .map(|i| Counter::new(CounterKind::Fixed, i, model.fixed_width));
+        let fixed = (0..fixed_events.len())
+            .map(|i| Counter::new(CounterKind::Fixed, i, model.fixed_width()));
         let counters = gp.chain(fixed).collect();
         let mut vpmu = Self {
             event_selects: vec![0; model.gp_counters as usize],
             model,
             ops,
             layout,
+            fixed_events,
             policy,
             backend,
             clock,
@@ -263,10 +267,10 @@ impl<B: Backend> Vpmu<B> {
     /// unbacked with the reason. Without this call the host is taken to
     /// be of the model's vendor.
     pub fn with_host_vendor(mut self, host: Option<Vendor>) -> Self {
-        if host != Some(self.model.vendor) {
+        if host != Some(self.model.vendor()) {
             self.no_hardware = Some(format!(
                 "the guest's {:?} event codes mean other events on this host's PMU",
-                self.model.vendor
+                self.model.vendor()
             ));
             // Never rechecked: the vendors will not change.
             self.no_hardware_since = None;
@@ -385,7 +389,7 @@ impl<B: Backend> Vpmu<B> {
         } else if self.retired.len() < MAX_RETIRED {
             self.retired.push(Retired {
                 id,
-                event_name: id.event_name(self.model.vendor).map(Into::into),
+                event_name: id.event_name(self.model.vendor()).map(Into::into),
                 counted,
                 contexts: 1,
             });
@@ -424,7 +428,7 @@ impl<B: Backend> Vpmu<B> {
             (0b0011, EN),
         ];
         flags.iter().filter(|(bits, _)| field & bits != 0).fold(
-            self.ops.fixed_event(counter.index).to_select(),
+            self.fixed_events[counter.index].to_select(),
             |sel, (_, flag)| sel | flag,
         )
     }

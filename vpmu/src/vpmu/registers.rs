@@ -4,26 +4,8 @@ use super::{Fault, Vpmu};
 use crate::backend::Backend;
 use crate::evtsel::INT;
 use crate::snapshot::CounterKind;
-use crate::stats::RegisterKind;
 use crate::value;
 use crate::vendor::{CounterWrite, Register, ReservedWrites};
-
-impl Register {
-    fn kind(self) -> RegisterKind {
-        match self {
-            Register::GpCounter(..) => RegisterKind::GpCounter,
-            Register::FixedCounter(_) => RegisterKind::FixedCounter,
-            Register::EventSelect(_) => RegisterKind::EventSelect,
-            Register::FixedCtrl => RegisterKind::FixedCtrl,
-            Register::GlobalStatus => RegisterKind::GlobalStatus,
-            Register::GlobalCtrl => RegisterKind::GlobalCtrl,
-            Register::GlobalStatusReset => RegisterKind::GlobalStatusReset,
-            Register::GlobalStatusSet => RegisterKind::GlobalStatusSet,
-            Register::GlobalInUse => RegisterKind::GlobalInUse,
-            Register::PerfCapabilities => RegisterKind::PerfCapabilities,
-        }
-    }
-}
 
 impl<B: Backend> Vpmu<B> {
     /// Guest RDMSR of `msr`. `Err` is a #GP for the guest.
@@ -57,10 +39,9 @@ impl<B: Backend> Vpmu<B> {
 
     fn decode(&mut self, msr: u32, write: bool) -> Result<Register, Fault> {
         let reg = self.ops.decode(&self.model, msr);
-        let kind = reg.map_or(RegisterKind::Unknown, Register::kind);
         match write {
-            true => self.stats.wrmsr.bump(kind),
-            false => self.stats.rdmsr.bump(kind),
+            true => self.stats.wrmsr.count(reg),
+            false => self.stats.rdmsr.count(reg),
         }
         reg.ok_or_else(|| {
             self.stats.faults += 1;

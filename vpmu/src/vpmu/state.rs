@@ -93,7 +93,7 @@ impl<B: Backend> Vpmu<B> {
                     CounterKind::Fixed => self.fixed_field(c.index),
                 },
                 decoded: DecodedSelect::decode(c.select),
-                event_name: vendor::named_event(model.vendor, c.select)
+                event_name: vendor::named_event(model.vendor(), c.select)
                     .map(|e| Cow::Borrowed(e.name)),
                 value: c.value,
                 running: c.running,

@@ -3,7 +3,7 @@
 
 use vpmu::backend::fake::FakeBackend;
 use vpmu::evtsel::{EN, OS, USR};
-use vpmu::{EventPolicy, GuestClock, PmuModel, Vendor, Vpmu};
+use vpmu::{AmdFeatures, EventPolicy, GuestClock, IntelFeatures, PmuModel, Vpmu};
 
 /// 3 GHz guest TSC.
 pub const TSC_KHZ: u32 = 3_000_000;
@@ -15,25 +15,37 @@ pub const CYCLES: u64 = 0x76 | USR | OS | EN;
 pub const INSTRUCTIONS: u64 = 0xC0 | USR | OS | EN;
 
 pub fn amd_legacy() -> PmuModel {
-    PmuModel::new(Vendor::Amd, 1, 4, 48)
+    PmuModel::new(1, 4, 48, AmdFeatures::default())
 }
 
 pub fn amd_core() -> PmuModel {
-    amd_legacy().with_amd_perfctr_core(true).with_gp_counters(6)
+    PmuModel::new(1, 6, 48, AmdFeatures { perfctr_core: true })
 }
 
 pub fn amd_v2(counters: u8) -> PmuModel {
     amd_core().with_version(2).with_gp_counters(counters)
 }
 
-pub fn intel(version: u8) -> PmuModel {
-    let model = PmuModel::new(Vendor::Intel, version, 4, 48);
+/// The Intel features of [`intel`]`(version)`: from version 2, 3 fixed
+/// counters and full-width writes.
+pub fn intel_features(version: u8) -> IntelFeatures {
     match version {
-        1 => model,
-        _ => model
-            .with_fixed_counters(3)
-            .with_intel_full_width_writes(true, true),
+        1 => IntelFeatures::default(),
+        _ => IntelFeatures {
+            pdcm: true,
+            full_width_writes: true,
+            ..IntelFeatures::default().with_fixed_counters(3)
+        },
     }
+}
+
+/// An Intel model with 4 general-purpose counters of 48 bits.
+pub fn intel_with(version: u8, features: IntelFeatures) -> PmuModel {
+    PmuModel::new(version, 4, 48, features)
+}
+
+pub fn intel(version: u8) -> PmuModel {
+    intel_with(version, intel_features(version))
 }
 
 /// One model of every kind.

@@ -47,6 +47,7 @@ pub fn detect(p: &mut Pmu, ecx1: u32) {
     }
     // PDCM (CPUID.1:ECX[15]) says IA32_PERF_CAPABILITIES exists.
     if ecx1 & (1 << 15) != 0 {
+        p.intel_pdcm = true;
         if let Ok(cap) = rdmsr_safe(PERF_CAPABILITIES) {
             p.intel_full_width = cap & CAP_FW_WRITE != 0;
         }

@@ -79,6 +79,8 @@ pub struct Pmu {
     pub amd_ext_core: bool,
     /// AMD PerfMonV2 (CPUID 0x80000022 EAX[0]).
     pub amd_v2: bool,
+    /// Intel PDCM: IA32_PERF_CAPABILITIES exists (CPUID.1:ECX[15]).
+    pub intel_pdcm: bool,
     /// Intel full-width counter writes (IA32_A_PMCx).
     pub intel_full_width: bool,
     /// Intel CPUID.0xA EBX: architectural events NOT available.
@@ -122,6 +124,7 @@ impl Pmu {
             fixed_width: 0,
             amd_ext_core: false,
             amd_v2: false,
+            intel_pdcm: false,
             intel_full_width: false,
             intel_unavail: 0,
         };

@@ -1,0 +1,202 @@
+//! The client side of the API, for `vmm stat` and `vmm profile`: a few
+//! lines of HTTP/1.1 over a `UnixStream`, one `GET` with
+//! `Connection: close` per call, the answer read to its end.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Largest answer accepted.
+const MAX_RESPONSE: u64 = 64 << 20;
+/// How long a client keeps trying a busy API (503) before giving up.
+const BUSY_RETRY: Duration = Duration::from_secs(5);
+
+/// Why a client could not get an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("--api-socket {0}: no such socket")]
+    NoSocket(PathBuf),
+    #[error("--api-socket {0}: not a socket")]
+    NotASocket(PathBuf),
+    #[error("--api-socket {0}: nothing listens on it (a stale socket of a VMM that ended?)")]
+    Stale(PathBuf),
+    #[error("--api-socket {0}: {1}")]
+    Connect(PathBuf, std::io::Error),
+    #[error("--api-socket {0}: not a vmm API socket ({1})")]
+    NotVmm(PathBuf, String),
+    #[error("--api-socket {0}: the VMM closed the connection without an answer (did it end?)")]
+    Closed(PathBuf),
+    #[error("--api-socket {0}: the VMM's API is busy: it answered {1} (all its connections are taken; try again)")]
+    Busy(PathBuf, String),
+    /// The API answered with an error of its own (a JSON `error`).
+    #[error("GET {uri} answered {status}: {message}")]
+    Refused {
+        uri: String,
+        status: u16,
+        message: String,
+    },
+}
+
+/// `GET uri` on the API socket at `socket`, the whole exchange bounded by
+/// `timeout`; the body of a `200` answer.
+pub fn get(socket: &Path, uri: &str, timeout: Duration) -> Result<Vec<u8>, ClientError> {
+    match std::fs::symlink_metadata(socket) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ClientError::NoSocket(socket.to_path_buf()))
+        }
+        Err(e) => return Err(ClientError::Connect(socket.to_path_buf(), e)),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ClientError::NotASocket(socket.to_path_buf()))
+        }
+        Ok(_) => {}
+    }
+    let not_vmm = |why: String| ClientError::NotVmm(socket.to_path_buf(), why);
+    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => ClientError::Stale(socket.to_path_buf()),
+        _ => ClientError::Connect(socket.to_path_buf(), e),
+    })?;
+    let io = |e: std::io::Error| not_vmm(e.to_string());
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    // A server with no free connection answers 503 and closes at once,
+    // maybe before our request is written or read: the write can fail and
+    // the read end in a reset, after the answer. Keep what came.
+    let request = format!("GET {uri} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n");
+    let written = stream.write_all(request.as_bytes());
+    let mut raw = Vec::new();
+    let read = (&mut stream).take(MAX_RESPONSE).read_to_end(&mut raw);
+    if let Some(busy) = busy_status(&raw) {
+        return Err(ClientError::Busy(socket.to_path_buf(), busy));
+    }
+    written.map_err(io)?;
+    read.map_err(io)?;
+    if raw.is_empty() {
+        return Err(ClientError::Closed(socket.to_path_buf()));
+    }
+    match response_body(&raw) {
+        Ok(body) => Ok(body.to_vec()),
+        Err(Answer::Status(status, status_line, body)) => {
+            let message = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(String::from));
+            match message {
+                Some(message) => Err(ClientError::Refused {
+                    uri: uri.to_string(),
+                    status,
+                    message,
+                }),
+                None => Err(not_vmm(format!("GET {uri} answered {status_line:?}"))),
+            }
+        }
+        Err(Answer::Broken(why)) => Err(not_vmm(why)),
+    }
+}
+
+/// [`get`], trying again for up to 5 s while the API is busy.
+pub fn get_patiently(socket: &Path, uri: &str, timeout: Duration) -> Result<Vec<u8>, ClientError> {
+    let start = Instant::now();
+    loop {
+        match get(socket, uri, timeout) {
+            Err(ClientError::Busy(..)) if start.elapsed() < BUSY_RETRY => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The status line of a `503` answer (the server is ours but has no free
+/// connection), with its error message if it gave one.
+pub fn busy_status(raw: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(raw);
+    let status_line = text.lines().next()?;
+    let mut words = status_line.split_whitespace();
+    if !words.next()?.starts_with("HTTP/1.") || words.next()? != "503" {
+        return None;
+    }
+    let message = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(body).ok())
+        .and_then(|v| v["error"].as_str().map(String::from));
+    Some(match message {
+        Some(m) => format!("503 Service Unavailable: {m}"),
+        None => "503 Service Unavailable".into(),
+    })
+}
+
+/// An answer that is not a `200` with its body.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer<'a> {
+    /// Another status: its code, status line and body.
+    Status(u16, String, &'a [u8]),
+    /// Not HTTP, or cut short.
+    Broken(String),
+}
+
+/// The body of a `200` HTTP/1.1 answer read to its end.
+pub fn response_body(raw: &[u8]) -> Result<&[u8], Answer<'_>> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or(Answer::Broken("no HTTP answer".into()))?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let mut lines = head.lines();
+    let status_line = lines.next().unwrap_or_default();
+    let mut words = status_line.split_whitespace();
+    if !words.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
+        return Err(Answer::Broken("no HTTP answer".into()));
+    }
+    let status = words.next().and_then(|s| s.parse::<u16>().ok());
+    let length = lines.find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())?
+    });
+    let body = &raw[split + 4..];
+    let body = match length {
+        Some(n) if n > body.len() => return Err(Answer::Broken("the answer was cut short".into())),
+        Some(n) => &body[..n],
+        None => body,
+    };
+    match status {
+        Some(200) => Ok(body),
+        Some(code) => Err(Answer::Status(code, status_line.to_string(), body)),
+        None => Err(Answer::Broken(format!("bad status line {status_line:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_answer_is_told_apart() {
+        let raw = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 36\r\n\r\n{\"error\": \"too many connections\"}\n";
+        assert_eq!(
+            busy_status(raw).as_deref(),
+            Some("503 Service Unavailable: too many connections")
+        );
+        assert_eq!(busy_status(b"HTTP/1.1 200 OK\r\n\r\n{}"), None);
+        assert_eq!(busy_status(b"SSH-2.0-OpenSSH 503"), None);
+    }
+
+    #[test]
+    fn answers_are_split_into_status_and_body() {
+        assert!(matches!(response_body(b"garbage"), Err(Answer::Broken(_))));
+        assert!(matches!(
+            response_body(b"SSH-2.0-OpenSSH\r\n\r\n"),
+            Err(Answer::Broken(_))
+        ));
+        let e = response_body(b"HTTP/1.1 404 Not Found\r\n\r\n{}").unwrap_err();
+        assert_eq!(
+            e,
+            Answer::Status(404, "HTTP/1.1 404 Not Found".into(), b"{}")
+        );
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}extra";
+        assert_eq!(response_body(ok).unwrap(), b"{}");
+        assert!(response_body(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}").is_err());
+    }
+}

@@ -1,0 +1,117 @@
+//! `vmm profile`: asks a running VMM for a profile (`GET /profile`), names
+//! its frames with `--symbols` if given, and writes it as folded stacks,
+//! an SVG flame graph or a table.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::output;
+use super::symbols::Symbols;
+use super::{Profile, Request};
+use crate::api::client::{self, ClientError};
+
+/// How long past the profile's own length the answer may take.
+const ANSWER_MARGIN: Duration = Duration::from_secs(30);
+
+/// What `vmm profile` writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Folded stacks, one line per stack (`outer;...;leaf COUNT`).
+    Folded,
+    /// An SVG flame graph.
+    Svg,
+    /// A `perf report --stdio`-like table.
+    #[default]
+    Text,
+}
+
+/// What `vmm profile` was asked.
+#[derive(Clone, Debug)]
+pub struct ProfileOptions {
+    pub socket: PathBuf,
+    pub request: Request,
+    pub symbols: Option<PathBuf>,
+    pub format: Format,
+    pub output: Option<PathBuf>,
+}
+
+/// Why `vmm profile` failed, with its exit code.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("--symbols {0}")]
+    Symbols(#[from] super::symbols::SymbolsError),
+    #[error("{0}")]
+    Api(#[from] ClientError),
+    #[error("drawing the flame graph: {0}")]
+    Draw(std::io::Error),
+    #[error("-o {0}: {1}")]
+    Write(PathBuf, std::io::Error),
+    #[error("writing to stdout: {0}")]
+    Stdout(std::io::Error),
+}
+
+impl Failure {
+    /// 2: bad input (flags, files, the socket, a refused request); 1: the
+    /// profile could not be taken or written.
+    fn exit_code(&self) -> i32 {
+        match self {
+            Failure::Api(ClientError::Refused { status: 400, .. }) => 2,
+            Failure::Api(
+                ClientError::Refused { .. } | ClientError::Busy(..) | ClientError::Closed(_),
+            ) => 1,
+            Failure::Symbols(_) | Failure::Api(_) => 2,
+            Failure::Draw(_) | Failure::Write(..) | Failure::Stdout(_) => 1,
+        }
+    }
+}
+
+/// Runs `vmm profile`; returns the exit code.
+pub fn run(opts: &ProfileOptions) -> i32 {
+    match profile(opts) {
+        Ok(()) => 0,
+        // A closed stdout (`| head`) ends the output quietly.
+        Err(Failure::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+        Err(e) => {
+            eprintln!("vmm profile: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn profile(opts: &ProfileOptions) -> Result<(), Failure> {
+    // Before the profile is taken: a bad file fails at once.
+    let symbols = opts.symbols.as_deref().map(Symbols::load).transpose()?;
+    let mut profile = fetch(&opts.socket, opts.request)?;
+    if let Some(symbols) = &symbols {
+        profile.name_frames(Ok(symbols));
+    }
+    let bytes = match opts.format {
+        Format::Folded => output::folded(&profile).into_bytes(),
+        Format::Text => output::text(&profile).into_bytes(),
+        Format::Svg => output::svg(&profile).map_err(Failure::Draw)?,
+    };
+    match &opts.output {
+        Some(path) => write_file(path, &bytes),
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(&bytes)
+                .and_then(|()| stdout.flush())
+                .map_err(Failure::Stdout)
+        }
+    }
+}
+
+/// `GET /profile` for `request`.
+pub fn fetch(socket: &Path, request: Request) -> Result<Profile, ClientError> {
+    let uri = format!("/profile?{}", request.query());
+    let timeout = Duration::from_secs_f64(request.seconds) + ANSWER_MARGIN;
+    let body = client::get_patiently(socket, &uri, timeout)?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ClientError::NotVmm(socket.to_path_buf(), format!("not a profile: {e}")))
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
+    std::fs::write(path, bytes).map_err(|e| Failure::Write(path.to_path_buf(), e))
+}

@@ -175,6 +175,21 @@ pub fn result<'a>(results: &'a [ProbeResult], cpu: u32, test: &str) -> &'a Probe
         .unwrap_or_else(|| panic!("no result for test {test} on cpu {cpu} in {results:?}"))
 }
 
+/// The probe's toggle test with `flags`: 1000 enable toggles open no more
+/// host events than 10 do (and 10 open at least one).
+pub fn assert_toggles_open_no_host_events(flags: &[&str]) {
+    let (few, o_few) = run_probe("probe.tests=toggle probe.toggles=10", flags);
+    let (many, o_many) = run_probe("probe.tests=toggle probe.toggles=1000", flags);
+    assert_eq!(result(&few, 0, "toggle").num("toggles"), 10.0);
+    assert_eq!(result(&many, 0, "toggle").num("toggles"), 1000.0);
+    let (opens_few, opens_many) = (perf_opens(&o_few, 0), perf_opens(&o_many, 0));
+    assert!(opens_few >= 1, "the counter was backed at all");
+    assert_eq!(
+        opens_many, opens_few,
+        "990 more toggles must not open host events"
+    );
+}
+
 /// A `msrstorm` result of `n` accesses: each got what hardware gives, each
 /// outside the model faulted, and the PMU still counts after it.
 pub fn assert_msr_storm_answered(s: &ProbeResult, n: f64) {

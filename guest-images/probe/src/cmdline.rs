@@ -200,6 +200,15 @@ impl Config {
     }
 }
 
+/// The `key=N` parameters of the command line `raw` whose value is a
+/// number, in order (malformed ones are left out: the parser warns).
+pub fn numeric_params(raw: &[u8]) -> impl Iterator<Item = (&[u8], u64)> {
+    raw.split(|b| b.is_ascii_whitespace()).filter_map(|tok| {
+        let i = tok.iter().position(|&b| b == b'=')?;
+        Some((&tok[..i], parse_u64(&tok[i + 1..])?))
+    })
+}
+
 /// Parses a decimal or `0x` hexadecimal number.
 pub fn parse_u64(s: &[u8]) -> Option<u64> {
     let (digits, radix) = match s {

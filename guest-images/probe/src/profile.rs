@@ -17,7 +17,7 @@
 use core::arch::asm;
 use core::hint::black_box;
 
-use crate::cmdline::{parse_u64, Config, Test};
+use crate::cmdline::{numeric_params, parse_u64, Config, Test};
 use crate::cpu::rdtsc;
 use crate::pmu::Pmu;
 use crate::serial::Hex;
@@ -43,14 +43,8 @@ impl Params {
             depth: 3,
             rounds: 1,
         };
-        for tok in raw.split(|b| b.is_ascii_whitespace()) {
-            let Some(i) = tok.iter().position(|&b| b == b'=') else {
-                continue;
-            };
-            let Some(n) = parse_u64(&tok[i + 1..]) else {
-                continue;
-            };
-            match &tok[..i] {
+        for (key, n) in numeric_params(raw) {
+            match key {
                 b"probe.spin_ms" => p.ms = n.max(1),
                 b"probe.spin_iters" => p.iters = Some(n.max(1)),
                 b"probe.spin_depth" => p.depth = n.min(200),

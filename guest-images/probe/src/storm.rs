@@ -26,7 +26,7 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use crate::cmdline::{parse_u64, Config, Test};
+use crate::cmdline::{numeric_params, parse_u64, Config, Test};
 use crate::cpu::{rdmsr_loop, rdtsc, wrmsr_safe};
 use crate::pmu::{amd, intel, low_bits, Kind, Pmu, SEL_EN, SEL_INT, SEL_OS, SEL_USR};
 use crate::serial::Hex;
@@ -56,14 +56,8 @@ impl Params {
             period: 20_000,
             event: None,
         };
-        for tok in raw.split(|b| b.is_ascii_whitespace()) {
-            let Some(i) = tok.iter().position(|&b| b == b'=') else {
-                continue;
-            };
-            let Some(n) = parse_u64(&tok[i + 1..]) else {
-                continue;
-            };
-            match &tok[..i] {
+        for (key, n) in numeric_params(raw) {
+            match key {
                 b"probe.storm_n" => p.n = n,
                 b"probe.storm_random" => p.random = n,
                 b"probe.storm_seed" => p.seed = n.max(1),

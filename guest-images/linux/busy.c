@@ -3,6 +3,7 @@
  *
  *   busy [user|kernel|mixed] [MILLISECONDS]   (default: user 500)
  *   busy work CHUNKS                          (fixed work, for overheads)
+ *   busy migrate PID [MS]                     (move PID between CPUs)
  *
  * user:   spins in spin_user(), a named function perf report can show;
  * kernel: reads /dev/zero 64 KiB at a time, so its time is kernel time
@@ -13,6 +14,12 @@
  *         (where one 64 KiB read takes about 6 ms of emulated kernel code);
  * work:   CHUNKS calls of spin_user (about 10 ms each natively), however
  *         long they take: what sampling costs shows in cpu_ms and wall_ms.
+ * migrate: until task PID exits, pins it to CPU 0 and CPU 1 in turn, every
+ *         MS milliseconds (default 100), from this one process (a shell
+ *         loop of taskset would exec a program per move, which takes longer
+ *         than 100 ms where kernel code is emulated); prints
+ *           migrate: moves=N cpus_seen=LIST
+ *         with the CPUs /proc/PID/stat showed it on after the moves.
  * The first three spin until MILLISECONDS of their own CPU time (user +
  * system) have passed. All print
  *   busy: mode=MODE cpu_ms=MS user_ms=U sys_ms=S loops=N wall_ms=W
@@ -21,6 +28,7 @@
  *
  * Built static by build.sh and kept unstripped, so its symbols reach perf.
  */
+#define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +37,8 @@
 #include <unistd.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
+#include <sched.h>
+#include <signal.h>
 
 static double clock_ms(clockid_t clock)
 {
@@ -68,8 +78,60 @@ __attribute__((noinline)) void spin_kernel(unsigned long n)
 			syscall(SYS_getppid);
 }
 
+/* The CPU task `pid` last ran on (field 39 of /proc/PID/stat), or -1. */
+static int task_cpu(int pid)
+{
+	char path[64], buf[1024];
+	int cpu = -1, fd, n;
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+	fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return -1;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return -1;
+	buf[n] = 0;
+	/* Fields after the command name, which ends at the last ')'. */
+	char *p = strrchr(buf, ')');
+	for (int field = 2; p && field < 39; field++)
+		p = strchr(p + 1, ' ');
+	if (p)
+		cpu = atoi(p + 1);
+	return cpu;
+}
+
+static int migrate(int pid, double ms)
+{
+	unsigned long moves = 0, seen = 0;
+	struct timespec step = { (time_t)(ms / 1000), (long)(ms * 1e6) % 1000000000L };
+
+	while (kill(pid, 0) == 0) {
+		cpu_set_t set;
+
+		CPU_ZERO(&set);
+		CPU_SET(moves % 2, &set);
+		if (sched_setaffinity(pid, sizeof(set), &set) == 0)
+			moves++;
+		nanosleep(&step, NULL);
+		int cpu = task_cpu(pid);
+		if (cpu >= 0 && cpu < 64)
+			seen |= 1UL << cpu;
+	}
+	printf("migrate: moves=%lu cpus_seen=", moves);
+	for (int cpu = 0; cpu < 64; cpu++)
+		if (seen & (1UL << cpu))
+			printf("%d ", cpu);
+	printf("\n");
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
+	if (argc > 2 && !strcmp(argv[1], "migrate"))
+		return migrate(atoi(argv[2]), argc > 3 ? atof(argv[3]) : 100);
+
 	const char *mode = argc > 1 ? argv[1] : "user";
 	double ms = argc > 2 ? atof(argv[2]) : 500;
 	int user = !strcmp(mode, "user"), kernel = !strcmp(mode, "kernel");

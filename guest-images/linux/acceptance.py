@@ -294,28 +294,36 @@ def section(lines, start, stop=None):
 
 
 def per_cpu_csv(lines, event):
-    """perf stat -A -x, rows of `event`: {cpu: value}."""
+    """perf stat -A -x, rows of `event`: {cpu: (value, enabled ns)}."""
     out = {}
     for line in lines:
         f = line.strip().split(",")
-        if len(f) >= 4 and re.match(r"^CPU\d+$", f[0]) and f[3] == event:
+        if len(f) >= 5 and re.match(r"^CPU\d+$", f[0]) and f[3] == event:
             try:
-                out[int(f[0][3:])] = float(f[1])
+                out[int(f[0][3:])] = (float(f[1]), float(f[4]))
             except ValueError:
                 pass
     return out
 
 
-def cpu_run_ms(f):
-    """{cpu: ms} from the run_before/run_after facts (USER_HZ ticks)."""
+def run_shares(lines):
+    """{cpu: run share} between the ticks_before/ticks_after facts of a
+    perf-checks window: the CPU's user+system+irq ticks over all its ticks
+    (idle and steal included)."""
+    f = facts(lines)
+
     def parse(text):
-        return {int(k[3:]): int(v) for k, v in
-                (x.split("=") for x in (text or "").split() if x.startswith("cpu"))}
+        out = {}
+        for item in (text or "").split():
+            name, _, value = item.partition("=")
+            run, _, total = value.partition("/")
+            out[int(name[3:])] = (int(run), int(total))
+        return out
     try:
-        b, e = parse(f.get("run_before")), parse(f.get("run_after"))
+        b, e = parse(f.get("ticks_before")), parse(f.get("ticks_after"))
     except ValueError:
         return {}
-    return {c: (e[c] - b[c]) * 10 for c in b if c in e}
+    return {c: (e[c][0] - b[c][0]) / max(1, e[c][1] - b[c][1]) for c in b if c in e}
 
 
 def steal_fraction(f):
@@ -669,29 +677,43 @@ def judge_smp(g, r):
           f"nproc {f.get('nproc')}, online {f.get('online')}")
     tsc_khz = float(f.get("tsc_khz", 0) or 0)
 
+    # Each window: `sleep 2` under perf with spinners keeping the busy CPUs
+    # busy throughout; a CPU's run time inside perf's window is perf's
+    # enabled time times the CPU's run share over the window's tick
+    # readings (steal and idle left out).
     out, rc = g.step("stat-all")
     out = out or []
-    one = perf_row(perf_csv(section(out, "perf-stat-a-one:", "perf-stat-a:")), "cycles")
-    two = perf_row(perf_csv(section(out, "perf-stat-a:", "perf-stat-per-cpu:")), "cycles")
-    if one and two and one[0] and two[0]:
-        ratio = two[0] / one[0]
-        r.add("smp.stat-all", abs(ratio - 2) <= 0.30,
-              f"perf stat -a: {two[0]:.0f} cycles over two busy threads (one per CPU), "
-              f"{one[0]:.0f} over one: ratio {ratio:.2f} (2 within 15%)")
+    hz = tsc_khz * 1e3
+    one_lines = section(out, "perf-stat-a-one:", "perf-stat-a:")
+    two_lines = section(out, "perf-stat-a:", "perf-stat-per-cpu:")
+    one, two = perf_row(perf_csv(one_lines), "cycles"), perf_row(perf_csv(two_lines), "cycles")
+    shares1, shares2 = run_shares(one_lines), run_shares(two_lines)
+    if one and two and one[0] and two[0] and one[3] and two[3] and shares1 and shares2 and hz:
+        # perf stat -a's enabled time is the sum over the CPUs.
+        run1 = one[3] / 1e9 / len(shares1) * sum(shares1.values())
+        run2 = two[3] / 1e9 / len(shares2) * sum(shares2.values())
+        ratio, expect = two[0] / one[0], run2 / run1
+        r.add("smp.stat-all", abs(ratio / expect - 1) <= 0.15,
+              f"perf stat -a: {two[0]:.0f} cycles with both CPUs busy, {one[0]:.0f} with one: "
+              f"ratio {ratio:.2f}; the CPUs' run time in the windows {run2:.2f} s vs "
+              f"{run1:.2f} s: ratio {expect:.2f} (counts' ratio within 15% of it; 2 when no "
+              f"CPU loses time to steal); vs run time x TSC: "
+              f"{one[0] / (run1 * hz) - 1:+.1%} / {two[0] / (run2 * hz) - 1:+.1%}")
     else:
-        r.add("smp.stat-all", False, f"no perf stat -a cycles counts: {out}")
-    cpus = per_cpu_csv(section(out, "perf-stat-per-cpu:"), "cycles")
-    run = cpu_run_ms(facts(out))
-    if len(cpus) == 2 and len(run) == 2 and tsc_khz:
-        # Run time: what the guest kernel accounted to each CPU as not idle
-        # (and not steal) while the workload ran, inside perf's window.
-        errs = {c: cpus[c] / (run[c] * tsc_khz) - 1 for c in sorted(cpus) if run.get(c)}
+        r.add("smp.stat-all", False, f"no perf stat -a cycles counts or tick readings: {out}")
+    per_lines = section(out, "perf-stat-per-cpu:")
+    cpus = per_cpu_csv(per_lines, "cycles")
+    shares = run_shares(per_lines)
+    if len(cpus) == 2 and len(shares) == 2 and hz:
+        errs = {c: cpus[c][0] / (cpus[c][1] / 1e9 * shares[c] * hz) - 1
+                for c in sorted(cpus) if cpus[c][1] and shares.get(c)}
         r.add("smp.per-cpu", len(errs) == 2 and all(abs(e) <= 0.15 for e in errs.values()),
-              f"perf stat -a -A: CPU0 {cpus.get(0, 0):.0f}, CPU1 {cpus.get(1, 0):.0f} cycles; "
-              f"run time {run} ms: "
-              f"{', '.join(f'CPU{c} {e * 100:+.1f}%' for c, e in errs.items())} (each within 15%)")
+              "perf stat -a -A: " + ", ".join(
+                  f"CPU{c} {cpus[c][0]:.0f} cycles over {cpus[c][1] / 1e9:.2f} s x "
+                  f"{shares.get(c, 0):.1%} run: {errs.get(c, float('nan')):+.1%}"
+                  for c in sorted(cpus)) + " (each within 15% of run time x TSC)")
     else:
-        r.add("smp.per-cpu", False, f"expected 2 CPU rows and run times: {cpus}, {run}")
+        r.add("smp.per-cpu", False, f"expected 2 CPU rows and tick readings: {cpus}, {shares}")
 
     out, rc = g.step("record-all")
     out = out or []
@@ -699,14 +721,19 @@ def judge_smp(g, r):
     period = int(facts(out).get("period", 0) or 0)
     samples = {int(m.group(2)): int(m.group(1)) for m in
                re.finditer(r"^\s*[\d.]+%\s+(\d+)\s+0*(\d+)\s*$", text, re.M)}
-    run = cpu_run_ms(facts(out))
-    if rc == 0 and period and len(run) == 2 and tsc_khz:
-        expect = sum(run.values()) * tsc_khz / period
-        n = sum(samples.values())
-        r.add("smp.record-all", len(samples) == 2 and min(samples.values()) > 0
-              and within(n, expect, 0.30),
-              f"perf record -a: samples by CPU {samples}, {n} in all, expected {expect:.0f} "
-              f"(the CPUs' run time x TSC / period {period}), within 30%")
+    times = [float(x) for x in
+             re.findall(r"^# time of (?:first|last) sample : ([\d.]+)", text, re.M)]
+    shares = run_shares(out)
+    if rc == 0 and period and len(times) == 2 and len(shares) == 2 and hz:
+        span = times[1] - times[0]
+        expect = {c: span * shares[c] * hz / period for c in sorted(shares)}
+        ok = len(samples) == 2 and all(within(samples.get(c, 0), e, 0.30)
+                                       for c, e in expect.items())
+        r.add("smp.record-all", ok,
+              f"perf record -a -c {period}: samples by CPU {samples} over {span:.2f} s "
+              f"(first to last sample); expected "
+              f"{ {c: round(e) for c, e in expect.items()} } (span x run share x TSC / period), "
+              f"each within 30%")
     else:
         r.add("smp.record-all", False, f"perf record -a/report failed (rc {rc}): {text[-300:]}")
 

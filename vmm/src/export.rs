@@ -154,6 +154,8 @@ pub fn vm_totals(views: &[Arc<VcpuView>]) -> Vec<VmTotal> {
 struct Slot {
     latest: Mutex<Option<Arc<VcpuView>>>,
     refresh: AtomicBool,
+    /// The guest changed its vPMU after `latest` was taken.
+    outdated: AtomicBool,
 }
 
 /// The VM's export: the vPMU plan and a slot per vCPU.
@@ -181,6 +183,7 @@ impl Export {
         if let Some(slot) = self.slots.get(usize::from(view.index)) {
             if let Ok(mut latest) = slot.latest.try_lock() {
                 *latest = Some(Arc::new(view));
+                slot.outdated.store(false, Ordering::Release);
             }
         }
     }
@@ -192,6 +195,24 @@ impl Export {
         self.slots.get(usize::from(index)).is_some_and(|s| {
             s.refresh.load(Ordering::Relaxed) && s.refresh.swap(false, Ordering::SeqCst)
         })
+    }
+
+    /// Marks vCPU `index`'s latest view outdated: a reader then asks for a
+    /// fresh one however young it is. A plain load first, as in
+    /// [`Export::take_refresh`].
+    pub fn mark_outdated(&self, index: u8) {
+        if let Some(s) = self.slots.get(usize::from(index)) {
+            if !s.outdated.load(Ordering::Relaxed) {
+                s.outdated.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Whether the guest changed vCPU `index`'s vPMU after its latest view.
+    pub fn outdated(&self, index: u8) -> bool {
+        self.slots
+            .get(usize::from(index))
+            .is_some_and(|s| s.outdated.load(Ordering::Acquire))
     }
 
     pub fn request_refresh(&self, index: u8) {
@@ -368,5 +389,26 @@ mod tests {
         let decoded = DecodedSelect::decode(0xc0 | (0x01 << 8));
         assert_eq!(event_label(Some("instructions"), &decoded), "instructions");
         assert_eq!(event_label(None, &decoded), "raw:0xc0/0x01");
+    }
+
+    #[test]
+    fn a_view_older_than_a_guest_write_reads_outdated_until_the_next_publish() {
+        let plan = PmuPlan {
+            model: None,
+            policy: vpmu::EventPolicy::default(),
+            rdpmc: crate::pmu::Rdpmc::Unavailable("test".into()),
+            notes: Vec::new(),
+            host_vendor: None,
+        };
+        let export = Export::new(Arc::new(plan), 2);
+        export.publish(view(1, vec![counter(0, CYCLES, 5, true)], &[]));
+        assert!(!export.outdated(1));
+        export.mark_outdated(1);
+        assert!(export.outdated(1) && !export.outdated(0), "only vCPU 1's view");
+        export.mark_outdated(1);
+        export.publish(view(1, vec![counter(0, CYCLES, 0, false)], &[]));
+        assert!(!export.outdated(1), "a new view is as new as the guest's writes");
+        export.mark_outdated(7);
+        assert!(!export.outdated(7), "no such vCPU: nothing marked, no panic");
     }
 }

@@ -220,6 +220,12 @@ impl Vcpu {
             return;
         };
         let retired = self.pmu.as_ref().is_some_and(|p| p.publish_due());
+        // A guest that writes its PMU and then idles in HLT (handled inside
+        // KVM) makes no exit to republish on: readers must know the view
+        // predates the write, however young it is.
+        if self.pmu.as_ref().is_some_and(|p| p.written_since_publish()) {
+            export.mark_outdated(self.index);
+        }
         if export.take_refresh(self.index)
             || retired
             || (!kicked && self.last_publish.elapsed() >= PUBLISH_INTERVAL)

@@ -23,7 +23,8 @@ pub use socket::{bind, SocketError};
 
 /// How long a read waits for vCPUs to publish fresh views.
 const REFRESH_WAIT: Duration = Duration::from_millis(50);
-/// Views younger than this are served as they are (no kick).
+/// Views younger than this are served as they are (no kick), unless the
+/// guest changed its vPMU since.
 const FRESH_ENOUGH: Duration = Duration::from_millis(10);
 /// How long a pause waits for every vCPU to leave the CPU.
 const PAUSE_WAIT: Duration = Duration::from_secs(2);
@@ -101,9 +102,10 @@ impl Api {
         let asked = Instant::now();
         let n = self.export.vcpus() as u8;
         let stale = |i: u8| {
-            self.export
-                .latest(i)
-                .is_none_or(|v| asked.duration_since(v.taken) > FRESH_ENOUGH && !v.paused)
+            self.export.latest(i).is_none_or(|v| {
+                let old = asked.duration_since(v.taken) > FRESH_ENOUGH;
+                (old || self.export.outdated(i)) && !v.paused
+            })
         };
         let mut waiting: Vec<u8> = (0..n).filter(|&i| stale(i)).collect();
         if !self.control.pause_requested() {

@@ -78,6 +78,8 @@ pub struct VcpuPmu {
     /// A context ended since the last published view: the next view is due
     /// now, so that a reader never sees a programming the guest already left.
     retired_unpublished: bool,
+    /// The guest wrote a vPMU MSR since the last published view.
+    written_unpublished: bool,
     /// The counter MSRs for `mirror`, allocated once.
     mirror_msrs: Option<Msrs>,
 }
@@ -119,6 +121,7 @@ impl VcpuPmu {
             switched_out: None,
             retired: carried.unwrap_or_default(),
             retired_unpublished: false,
+            written_unpublished: false,
             mirror_msrs: None,
         })
     }
@@ -131,6 +134,7 @@ impl VcpuPmu {
 
     pub fn wrmsr(&mut self, index: u32, value: u64) -> Result<(), Fault> {
         let result = self.vpmu.wrmsr(index, value);
+        self.written_unpublished = true;
         self.take_retired();
         self.exit_delay.wait();
         result
@@ -147,6 +151,12 @@ impl VcpuPmu {
     /// Whether a counter context ended since the last published view.
     pub fn publish_due(&self) -> bool {
         self.retired_unpublished
+    }
+
+    /// Whether the guest wrote a vPMU MSR since the last published view
+    /// (the view may show a value the guest already replaced).
+    pub fn written_since_publish(&self) -> bool {
+        self.written_unpublished
     }
 
     /// Right before `KVM_RUN`: turns host overflows into PMIs, keeps KVM's
@@ -327,6 +337,7 @@ impl VcpuPmu {
     /// Publishes a fresh view for the host.
     pub fn publish(&mut self, export: &Export, paused: bool) {
         self.retired_unpublished = false;
+        self.written_unpublished = false;
         let vpmu = self.vpmu.snapshot();
         // Host backing lost or regained: one line per change, never one
         // per attempt (the vPMU retries refused events by itself).

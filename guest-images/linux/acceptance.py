@@ -677,10 +677,10 @@ def judge_smp(g, r):
           f"nproc {f.get('nproc')}, online {f.get('online')}")
     tsc_khz = float(f.get("tsc_khz", 0) or 0)
 
-    # Each window: `sleep 2` under perf with spinners keeping the busy CPUs
-    # busy throughout; a CPU's run time inside perf's window is perf's
-    # enabled time times the CPU's run share over the window's tick
-    # readings (steal and idle left out).
+    # Each window: a shell under perf that reads the ticks, sleeps and reads
+    # them again, with spinners keeping the busy CPUs busy throughout; a
+    # CPU's run time inside perf's window is perf's enabled time times the
+    # CPU's run share between the tick readings (steal and idle left out).
     out, rc = g.step("stat-all")
     out = out or []
     hz = tsc_khz * 1e3

@@ -525,7 +525,10 @@ def judge_main(g, r):
           and bool(wd),
           f"{'enabled' if enabled else 'no NMI watchdog line'}, PMIs {before} -> {after} "
           f"over 4 s of busy; host: "
-          + (f"counter {wd[0]['index']} running with {wd[0]['pmis']} PMIs" if wd else "no counter with PMIs"))
+          + (f"counter {wd[0]['index']} running with {wd[0]['pmis']} PMIs" if wd else
+             "no counter with PMIs; the host's counters: " + ", ".join(
+                 f"#{c.get('index')} ctl {c.get('control', 0):#x} value {c.get('value')} "
+                 f"running {c.get('running')} pmis {c.get('pmis')}" for c in host)))
 
 
 def judge_record(out, rc, tsc_khz, r):

@@ -404,11 +404,20 @@ mod tests {
         export.publish(view(1, vec![counter(0, CYCLES, 5, true)], &[]));
         assert!(!export.outdated(1));
         export.mark_outdated(1);
-        assert!(export.outdated(1) && !export.outdated(0), "only vCPU 1's view");
+        assert!(
+            export.outdated(1) && !export.outdated(0),
+            "only vCPU 1's view"
+        );
         export.mark_outdated(1);
         export.publish(view(1, vec![counter(0, CYCLES, 0, false)], &[]));
-        assert!(!export.outdated(1), "a new view is as new as the guest's writes");
+        assert!(
+            !export.outdated(1),
+            "a new view is as new as the guest's writes"
+        );
         export.mark_outdated(7);
-        assert!(!export.outdated(7), "no such vCPU: nothing marked, no panic");
+        assert!(
+            !export.outdated(7),
+            "no such vCPU: nothing marked, no panic"
+        );
     }
 }

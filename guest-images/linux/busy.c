@@ -23,8 +23,10 @@
  * The first three spin until MILLISECONDS of their own CPU time (user +
  * system) have passed. All print
  *   busy: mode=MODE cpu_ms=MS user_ms=U sys_ms=S loops=N wall_ms=W
+ *         steal_ticks=ST total_ticks=TT
  * with the user and system time the kernel accounted to it from the start
- * of main (not the fork and exec before it).
+ * of main (not the fork and exec before it), and the machine's steal and
+ * total ticks over the same span.
  *
  * Built static by build.sh and kept unstripped, so its symbols reach perf.
  */
@@ -102,6 +104,29 @@ static int task_cpu(int pid)
 	return cpu;
 }
 
+/*
+ * The whole machine's steal and total ticks so far ("cpu" line of
+ * /proc/stat), or 0 and 0. Read at busy's start and end: the steal share
+ * of exactly its run, where a reading around perf would also span perf's
+ * start-up, seconds here under other load.
+ */
+static void stat_ticks(unsigned long long *steal, unsigned long long *total)
+{
+	unsigned long long v[8] = { 0 };
+	FILE *f = fopen("/proc/stat", "r");
+
+	*steal = *total = 0;
+	if (!f)
+		return;
+	if (fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2],
+		   &v[3], &v[4], &v[5], &v[6], &v[7]) == 8) {
+		*steal = v[7];
+		for (int i = 0; i < 8; i++)
+			*total += v[i];
+	}
+	fclose(f);
+}
+
 static int migrate(int pid, double ms)
 {
 	unsigned long moves = 0, seen = 0;
@@ -149,6 +174,7 @@ int main(int argc, char **argv)
 	int work = !strcmp(mode, "work");
 	unsigned long loops = 0;
 	struct rusage ru0, ru;
+	unsigned long long steal0, total0, steal1, total1;
 	double start, wall;
 
 	if ((!user && !kernel && !work && strcmp(mode, "mixed")) || ms <= 0) {
@@ -158,6 +184,7 @@ int main(int argc, char **argv)
 	printf("busy: start mode=%s\n", mode);
 	fflush(stdout);
 	zero_fd = open("/dev/zero", O_RDONLY);
+	stat_ticks(&steal0, &total0);
 	getrusage(RUSAGE_SELF, &ru0);
 	wall = clock_ms(CLOCK_MONOTONIC);
 	start = cpu_ms();
@@ -176,10 +203,12 @@ int main(int argc, char **argv)
 		loops++;
 	}
 	getrusage(RUSAGE_SELF, &ru);
-	printf("busy: mode=%s cpu_ms=%.0f user_ms=%ld sys_ms=%ld loops=%lu wall_ms=%.0f\n",
+	stat_ticks(&steal1, &total1);
+	printf("busy: mode=%s cpu_ms=%.0f user_ms=%ld sys_ms=%ld loops=%lu wall_ms=%.0f "
+	       "steal_ticks=%llu total_ticks=%llu\n",
 	       mode, cpu_ms() - start,
 	       tv_ms(&ru.ru_utime) - tv_ms(&ru0.ru_utime),
 	       tv_ms(&ru.ru_stime) - tv_ms(&ru0.ru_stime), loops,
-	       clock_ms(CLOCK_MONOTONIC) - wall);
+	       clock_ms(CLOCK_MONOTONIC) - wall, steal1 - steal0, total1 - total0);
 	return 0;
 }

@@ -319,7 +319,10 @@ def run_shares(lines):
     """{cpu: run share} between the ticks_before/ticks_after facts of a
     perf-checks window: the CPU's user+system+irq ticks over all its ticks
     (idle and steal included)."""
-    f = facts(lines)
+    # A kernel message on the console can split a reading's line: drop
+    # them ("[  199.855765] INFO: ..." up to the end of their line).
+    text = re.sub(r"\[\s*\d+\.\d+\] [^\n]*\n?", "", "\n".join(lines))
+    f = facts(text.splitlines())
 
     def parse(text):
         out = {}

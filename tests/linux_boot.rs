@@ -4,13 +4,15 @@
 //! and builds the kernel there; later runs reuse it).
 //!
 //! - `linux_perf_acceptance_passes_every_check` runs
-//!   `guest-images/linux/acceptance.sh`: three guests (vPMU on, off, and
-//!   with cycles denied) run Linux's own perf, and every row of its table
-//!   (driver detection, cycles vs run time, unbacked events, privilege
-//!   filters, sampling rate, user/kernel split and hot symbol, multiplexing,
-//!   the API live and after, the NMI watchdog, the host's own `vmm profile`
-//!   of the workload against the guest's `perf report`, no PMU, a denied
-//!   event) must pass.
+//!   `guest-images/linux/acceptance.sh`: four guests (vPMU on, off, with
+//!   cycles denied, and 2 vCPUs started through the MP wakeup mailbox) run
+//!   Linux's own perf, and every row of its table (driver detection, cycles
+//!   vs run time, unbacked events, privilege filters, sampling rate,
+//!   user/kernel split and hot symbol, multiplexing, the API live and after,
+//!   the NMI watchdog, the host's own `vmm profile` of the workload against
+//!   the guest's `perf report`, no PMU, a denied event; on 2 vCPUs: both
+//!   online, `perf stat -a` and per CPU, `perf record -a`, a migrating task,
+//!   per-vCPU totals) must pass.
 //! - `bzimage_boots_to_its_banner` boots the same kernel as a bzImage (the
 //!   VMM unpacks its gzip payload) until its banner and command line.
 //! - `initramfs_holds_init_busybox_perf_and_its_loader` checks the image.
@@ -405,6 +407,14 @@ const ACCEPTANCE_CHECKS: &[&str] = &[
     "off.no-pmu",
     "deny.run",
     "deny.cycles",
+    "smp.run",
+    "smp.cpus",
+    "smp.stat-all",
+    "smp.per-cpu",
+    "smp.record-all",
+    "smp.migrate",
+    "smp.migrate-opens",
+    "smp.vcpu-totals",
 ];
 
 #[test]

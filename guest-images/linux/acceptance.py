@@ -111,7 +111,7 @@ class Guest:
 
     def vmm_flags(self):
         return {"main": [], "bench": [], "off": ["--vpmu", "off"],
-                "deny": ["--vpmu-events", "deny:0x76"]}[self.name]
+                "deny": ["--vpmu-events", "deny:0x76"], "smp": ["--vcpus", "2"]}[self.name]
 
     def thread_ms(self):
         """(user, system) CPU ms of the VMM's vCPU threads, from /proc."""
@@ -259,13 +259,106 @@ def perf_row(rows, event):
     return next((x for x in rows if x[2] == event), None)
 
 
-def busy_line(lines):
+def busy_lines(lines):
+    out = []
     for line in lines:
         m = re.search(r"busy: mode=(\w+) cpu_ms=(\d+) user_ms=(\d+) sys_ms=(\d+)", line)
         if m:
-            return {"cpu_ms": int(m.group(2)), "user_ms": int(m.group(3)),
-                    "sys_ms": int(m.group(4))}
+            out.append({"cpu_ms": int(m.group(2)), "user_ms": int(m.group(3)),
+                        "sys_ms": int(m.group(4))})
+    return out
+
+
+def busy_steal(lines):
+    """The steal share busy read over its own run, or None."""
+    for line in lines:
+        m = re.search(r"busy: mode=.* steal_ticks=(\d+) total_ticks=(\d+)", line)
+        if m and int(m.group(2)) > 0:
+            return int(m.group(1)) / int(m.group(2))
     return None
+
+
+def busy_line(lines):
+    found = busy_lines(lines)
+    return found[0] if found else None
+
+
+def run_ms(busy):
+    """A busy task's run time: the user and system time the kernel accounted
+    to it (exact, and without steal, with VIRT_CPU_ACCOUNTING_GEN)."""
+    return busy["user_ms"] + busy["sys_ms"]
+
+
+def section(lines, start, stop=None):
+    """The lines after the line `start` up to the line `stop` (or the end)."""
+    out, inside = [], False
+    for line in lines:
+        if line.strip() == start:
+            inside = True
+        elif stop and line.strip() == stop:
+            inside = False
+        elif inside:
+            out.append(line)
+    return out
+
+
+def per_cpu_csv(lines, event):
+    """perf stat -A -x, rows of `event`: {cpu: (value, enabled ns)}."""
+    out = {}
+    for line in lines:
+        f = line.strip().split(",")
+        if len(f) >= 5 and re.match(r"^CPU\d+$", f[0]) and f[3] == event:
+            try:
+                out[int(f[0][3:])] = (float(f[1]), float(f[4]))
+            except ValueError:
+                pass
+    return out
+
+
+def run_shares(lines):
+    """{cpu: run share} between the ticks_before/ticks_after facts of a
+    perf-checks window: the CPU's user+system+irq ticks over all its ticks
+    (idle and steal included)."""
+    # A kernel message on the console can split a reading's line: drop
+    # them ("[  199.855765] INFO: ..." up to the end of their line).
+    text = re.sub(r"\[\s*\d+\.\d+\] [^\n]*\n?", "", "\n".join(lines))
+    f = facts(text.splitlines())
+
+    def parse(text):
+        out = {}
+        for item in (text or "").split():
+            name, _, value = item.partition("=")
+            run, _, total = value.partition("/")
+            out[int(name[3:])] = (int(run), int(total))
+        return out
+    try:
+        b, e = parse(f.get("ticks_before")), parse(f.get("ticks_after"))
+    except ValueError:
+        return {}
+    return {c: (e[c][0] - b[c][0]) / max(1, e[c][1] - b[c][1]) for c in b if c in e}
+
+
+def steal_fraction(f):
+    """Steal share of all CPU time between the before/after facts."""
+    try:
+        s0, t0 = map(int, f["before"].split())
+        s1, t1 = map(int, f["after"].split())
+    except (KeyError, ValueError):
+        return None
+    return (s1 - s0) / max(1, t1 - t0)
+
+
+def vcpu_total(snapshot, pid, vcpu):
+    """vCPU `vcpu`'s total for programming `pid` in a GET /vpmu answer."""
+    for t in (snapshot or {}).get("totals", []):
+        if t["id"] == pid:
+            return sum(v["count"] for v in t.get("vcpus", []) if v["vcpu"] == vcpu)
+    return 0
+
+
+def stats_sum(snapshot, key):
+    """A vPMU statistic summed over the vCPUs of a GET /vpmu answer."""
+    return sum(v["vpmu"]["stats"][key] for v in (snapshot or {}).get("vcpus", []))
 
 
 def counters(snapshot):
@@ -346,11 +439,14 @@ def judge_main(g, r):
     if cyc and clk and cyc[0] and clk[0] and tsc_khz:
         # perf's task-clock is the task's time on its (virtual) CPU, steal
         # included; the host's share of it is in /proc/stat's steal column,
-        # read right before and after perf stat.
+        # as busy read it over its own run (one CPU: the machine's line is
+        # that CPU's), else right before and after perf stat.
+        steal = busy_steal(out or [])
         try:
-            s0, t0 = map(int, sf["before"].split())
-            s1, t1 = map(int, sf["after"].split())
-            steal = (s1 - s0) / max(1, t1 - t0)
+            if steal is None:
+                s0, t0 = map(int, sf["before"].split())
+                s1, t1 = map(int, sf["after"].split())
+                steal = (s1 - s0) / max(1, t1 - t0)
         except (KeyError, ValueError):
             steal = None
         if steal is None:
@@ -444,7 +540,10 @@ def judge_main(g, r):
           and bool(wd),
           f"{'enabled' if enabled else 'no NMI watchdog line'}, PMIs {before} -> {after} "
           f"over 4 s of busy; host: "
-          + (f"counter {wd[0]['index']} running with {wd[0]['pmis']} PMIs" if wd else "no counter with PMIs"))
+          + (f"counter {wd[0]['index']} running with {wd[0]['pmis']} PMIs" if wd else
+             "no counter with PMIs; the host's counters: " + ", ".join(
+                 f"#{c.get('index')} ctl {c.get('control', 0):#x} value {c.get('value')} "
+                 f"running {c.get('running')} pmis {c.get('pmis')}" for c in host)))
 
 
 def judge_record(out, rc, tsc_khz, r):
@@ -583,6 +682,124 @@ def judge_deny(g, r):
           f"denied, {opens.group(1) if opens else '?'} perf_event_open")
 
 
+def judge_smp(g, r):
+    """The 2-vCPU guest: CPUs up, perf -a / per CPU / record -a, migration."""
+    out, rc = g.step("cpus")
+    if out is None:
+        for name in ["cpus", "stat-all", "per-cpu", "record-all", "migrate", "migrate-opens",
+                     "vcpu-totals"]:
+            r.skip(f"smp.{name}", "the guest never ran the step")
+        return
+    f = facts(out)
+    r.add("smp.cpus", f.get("nproc") == "2" and f.get("online") == "0-1",
+          f"nproc {f.get('nproc')}, online {f.get('online')}")
+    tsc_khz = float(f.get("tsc_khz", 0) or 0)
+
+    # Each window: a shell under perf that reads the ticks, sleeps and reads
+    # them again, with spinners keeping the busy CPUs busy throughout; a
+    # CPU's run time inside perf's window is perf's enabled time times the
+    # CPU's run share between the tick readings (steal and idle left out).
+    out, rc = g.step("stat-all")
+    out = out or []
+    hz = tsc_khz * 1e3
+    one_lines = section(out, "perf-stat-a-one:", "perf-stat-a:")
+    two_lines = section(out, "perf-stat-a:", "perf-stat-per-cpu:")
+    one, two = perf_row(perf_csv(one_lines), "cycles"), perf_row(perf_csv(two_lines), "cycles")
+    shares1, shares2 = run_shares(one_lines), run_shares(two_lines)
+    if one and two and one[0] and two[0] and one[3] and two[3] and shares1 and shares2 and hz:
+        # perf stat -a's enabled time is the sum over the CPUs.
+        run1 = one[3] / 1e9 / len(shares1) * sum(shares1.values())
+        run2 = two[3] / 1e9 / len(shares2) * sum(shares2.values())
+        ratio, expect = two[0] / one[0], run2 / run1
+        r.add("smp.stat-all", abs(ratio / expect - 1) <= 0.15,
+              f"perf stat -a: {two[0]:.0f} cycles with both CPUs busy, {one[0]:.0f} with one: "
+              f"ratio {ratio:.2f}; the CPUs' run time in the windows {run2:.2f} s vs "
+              f"{run1:.2f} s: ratio {expect:.2f} (counts' ratio within 15% of it; 2 when no "
+              f"CPU loses time to steal); vs run time x TSC: "
+              f"{one[0] / (run1 * hz) - 1:+.1%} / {two[0] / (run2 * hz) - 1:+.1%}")
+    else:
+        r.add("smp.stat-all", False, f"no perf stat -a cycles counts or tick readings: {out}")
+    per_lines = section(out, "perf-stat-per-cpu:")
+    cpus = per_cpu_csv(per_lines, "cycles")
+    shares = run_shares(per_lines)
+    if len(cpus) == 2 and len(shares) == 2 and hz:
+        errs = {c: cpus[c][0] / (cpus[c][1] / 1e9 * shares[c] * hz) - 1
+                for c in sorted(cpus) if cpus[c][1] and shares.get(c)}
+        r.add("smp.per-cpu", len(errs) == 2 and all(abs(e) <= 0.15 for e in errs.values()),
+              "perf stat -a -A: " + ", ".join(
+                  f"CPU{c} {cpus[c][0]:.0f} cycles over {cpus[c][1] / 1e9:.2f} s x "
+                  f"{shares.get(c, 0):.1%} run: {errs.get(c, float('nan')):+.1%}"
+                  for c in sorted(cpus)) + " (each within 15% of run time x TSC)")
+    else:
+        r.add("smp.per-cpu", False, f"expected 2 CPU rows and tick readings: {cpus}, {shares}")
+
+    out, rc = g.step("record-all")
+    out = out or []
+    text = "\n".join(out)
+    period = int(facts(out).get("period", 0) or 0)
+    samples = {int(m.group(2)): int(m.group(1)) for m in
+               re.finditer(r"^\s*[\d.]+%\s+(\d+)\s+0*(\d+)\s*$", text, re.M)}
+    times = [float(x) for x in
+             re.findall(r"^# time of (?:first|last) sample : ([\d.]+)", text, re.M)]
+    shares = run_shares(out)
+    if rc == 0 and period and len(times) == 2 and len(shares) == 2 and hz:
+        span = times[1] - times[0]
+        expect = {c: span * shares[c] * hz / period for c in sorted(shares)}
+        ok = len(samples) == 2 and all(within(samples.get(c, 0), e, 0.30)
+                                       for c, e in expect.items())
+        r.add("smp.record-all", ok,
+              f"perf record -a -c {period}: samples by CPU {samples} over {span:.2f} s "
+              f"(first to last sample); expected "
+              f"{ {c: round(e) for c, e in expect.items()} } (span x run share x TSC / period), "
+              f"each within 30%")
+    else:
+        r.add("smp.record-all", False, f"perf record -a/report failed (rc {rc}): {text[-300:]}")
+
+    out, rc = g.step("migrate")
+    out = out or []
+    f = facts(out)
+    rows = perf_csv(out)
+    cyc, clk = perf_row(rows, "cycles"), perf_row(rows, "task-clock")
+    m = re.search(r"migrate: moves=(\d+) cpus_seen=([\d ]*)", "\n".join(out))
+    moves = int(m.group(1)) if m else 0
+    seen = set(m.group(2).split()) if m else set()
+    steal = steal_fraction(f)
+    if cyc and clk and cyc[0] and clk[0] and tsc_khz and steal is not None:
+        # The task's run time: its task clock less the steal share, as in
+        # main.stat-cycles.
+        task_ms = clk[0] * (1 - steal)
+        ratio = cyc[0] / (task_ms * tsc_khz)
+        r.add("smp.migrate", rc == 0 and moves >= 10 and seen == {"0", "1"}
+              and abs(ratio - 1) <= 0.10,
+              f"{moves} taskset moves, ran on CPUs {sorted(seen)}: perf {cyc[0]:.0f} cycles "
+              f"over {clk[0]:.0f} ms task-clock less {steal * 100:.1f}% steal, "
+              f"ratio {ratio:.3f} (within 10%)")
+    else:
+        r.add("smp.migrate", False, f"no cycles/task-clock count or steal figures: {out}")
+    b, e = g.snapshots.get("migrate BEGIN"), g.snapshots.get("migrate END")
+    pid = (AMD_CYCLES | USR | OS)
+    if b and e:
+        opens = stats_sum(e, "opens") - stats_sum(b, "opens")
+        progs = stats_sum(e, "reprograms") - stats_sum(b, "reprograms")
+        grew = {v: vcpu_total(e, pid, v) - vcpu_total(b, pid, v) for v in (0, 1)}
+        r.add("smp.migrate-opens", opens <= progs and min(grew.values()) > 0 and moves >= 10,
+              f"over {moves} moves the host opened {opens} perf events for {progs} new "
+              f"programmings (opens <= programmings); cycles counted on both vCPUs: {grew}")
+    else:
+        r.add("smp.migrate-opens", False, "no GET /vpmu at the migrate markers")
+    # Each vCPU's counters are its own, and the VM totals are their sum.
+    rows = (e or {}).get("totals", [])
+    sums_ok = bool(rows) and all(t["count"] == sum(v["count"] for v in t.get("vcpus", []))
+                                 for t in rows)
+    cyc_row = next((t for t in rows if t["id"] == pid), {})
+    per_vcpu = {v["vcpu"]: v["count"] for v in cyc_row.get("vcpus", [])}
+    views = [v.get("index") for v in (e or {}).get("vcpus", [])]
+    r.add("smp.vcpu-totals", sums_ok and views == [0, 1] and len(per_vcpu) == 2
+          and min(per_vcpu.values()) > 0,
+          f"GET /vpmu: vCPU views {views}; cycles ({pid:#x}) by vCPU {per_vcpu}, VM total "
+          f"{cyc_row.get('count')}; every total row equals its vCPUs' sum: {sums_ok}")
+
+
 def judge_run(g, r):
     """The run itself: /init ran, every step ended, the VMM ended by the reboot."""
     text = g.text()
@@ -685,7 +902,8 @@ def main():
     p.add_argument("--timeout", type=int, default=int(os.environ.get("ACCEPT_TIMEOUT", 1800)),
                    help="seconds each guest may run (vmm --timeout)")
     p.add_argument("--memory", type=int, default=512)
-    p.add_argument("--only", default="main,off,deny", help="which runs (main,off,deny)")
+    p.add_argument("--only", default="main,off,deny,smp",
+                   help="which runs (main,off,deny,smp)")
     p.add_argument("--sequential", action="store_true", help="one guest at a time")
     p.add_argument("--keep", help="keep serial logs and VMM output in this directory")
     p.add_argument("--json", help="also write the table as JSON to this file")
@@ -707,8 +925,8 @@ def main():
         print(f"acceptance: SETUP ERROR: no vmm at {args.vmm}")
         return 2
     runs = [x for x in args.only.split(",") if x]
-    if not runs or any(x not in ("main", "off", "deny") for x in runs):
-        print("acceptance: SETUP ERROR: --only takes main,off,deny")
+    if not runs or any(x not in ("main", "off", "deny", "smp") for x in runs):
+        print("acceptance: SETUP ERROR: --only takes main,off,deny,smp")
         return 2
     if args.bench:
         runs = ["bench"]
@@ -717,11 +935,20 @@ def main():
     os.makedirs(workdir, exist_ok=True)
     steps = {"main": ["detect", "stat", "unbacked", "privilege", "record", "multiplex", "api",
                       "watchdog"],
-             "off": ["nopmu"], "deny": ["deny"], "bench": ["bench"]}
+             "off": ["nopmu"], "deny": ["deny"], "bench": ["bench"],
+             "smp": ["cpus", "stat-all", "record-all", "migrate"]}
     guests = [Guest(n, args, steps[n], workdir, args.timeout, args.cmdline, args.vmm)
               for n in runs]
     t0 = time.monotonic()
-    for g in guests:
+    # The 2-vCPU guest boots once the short guests (off, deny) have ended:
+    # its system-wide windows hold counts against each CPU's run share,
+    # which heavy, changing steal from five vCPUs on two cores blurs.
+    later = [g for g in guests if g.name == "smp"]
+    short = [g for g in guests if g.name in ("off", "deny")]
+    for g in [g for g in guests if g not in later] + later:
+        if g in later and not args.sequential:
+            for s in short:
+                s.wait()
         print(f"acceptance: booting '{g.name}' (perf-checks {' '.join(steps[g.name])})", flush=True)
         g.start()
         if args.sequential:
@@ -744,7 +971,8 @@ def main():
     r = Report()
     for g in guests:
         judge_run(g, r)
-        {"main": judge_main, "off": judge_off, "deny": judge_deny}[g.name](g, r)
+        {"main": judge_main, "off": judge_off, "deny": judge_deny,
+         "smp": judge_smp}[g.name](g, r)
     print(f"acceptance: {len(guests)} guest(s) in {time.monotonic() - t0:.0f} s; "
           f"logs in {workdir}")
     r.print()

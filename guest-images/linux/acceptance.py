@@ -442,13 +442,8 @@ def judge_main(g, r):
         # as busy read it over its own run (one CPU: the machine's line is
         # that CPU's), else right before and after perf stat.
         steal = busy_steal(out or [])
-        try:
-            if steal is None:
-                s0, t0 = map(int, sf["before"].split())
-                s1, t1 = map(int, sf["after"].split())
-                steal = (s1 - s0) / max(1, t1 - t0)
-        except (KeyError, ValueError):
-            steal = None
+        if steal is None:
+            steal = steal_fraction(sf)
         if steal is None:
             r.add("main.stat-cycles", False, f"no /proc/stat steal figures: {sf}")
         else:

@@ -259,23 +259,22 @@ def perf_row(rows, event):
     return next((x for x in rows if x[2] == event), None)
 
 
+BUSY_LINE = re.compile(r"busy: mode=(\w+) cpu_ms=(\d+) user_ms=(\d+) sys_ms=(\d+)"
+                       r"(?:.* steal_ticks=(\d+) total_ticks=(\d+))?")
+
+
 def busy_lines(lines):
+    """busy's summary lines: its CPU, user and system ms, and the steal
+    share of the machine's time over its run (None if it had no reading)."""
     out = []
     for line in lines:
-        m = re.search(r"busy: mode=(\w+) cpu_ms=(\d+) user_ms=(\d+) sys_ms=(\d+)", line)
+        m = BUSY_LINE.search(line)
         if m:
+            steal, total = m.group(5), m.group(6)
             out.append({"cpu_ms": int(m.group(2)), "user_ms": int(m.group(3)),
-                        "sys_ms": int(m.group(4))})
+                        "sys_ms": int(m.group(4)),
+                        "steal": int(steal) / int(total) if total and int(total) else None})
     return out
-
-
-def busy_steal(lines):
-    """The steal share busy read over its own run, or None."""
-    for line in lines:
-        m = re.search(r"busy: mode=.* steal_ticks=(\d+) total_ticks=(\d+)", line)
-        if m and int(m.group(2)) > 0:
-            return int(m.group(1)) / int(m.group(2))
-    return None
 
 
 def busy_line(lines):
@@ -441,7 +440,7 @@ def judge_main(g, r):
         # included; the host's share of it is in /proc/stat's steal column,
         # as busy read it over its own run (one CPU: the machine's line is
         # that CPU's), else right before and after perf stat.
-        steal = busy_steal(out or [])
+        steal = (busy_line(out or []) or {}).get("steal")
         if steal is None:
             steal = steal_fraction(sf)
         if steal is None:
@@ -691,10 +690,11 @@ def judge_smp(g, r):
           f"nproc {f.get('nproc')}, online {f.get('online')}")
     tsc_khz = float(f.get("tsc_khz", 0) or 0)
 
-    # Each window: a shell under perf that reads the ticks, sleeps and reads
-    # them again, with spinners keeping the busy CPUs busy throughout; a
-    # CPU's run time inside perf's window is perf's enabled time times the
-    # CPU's run share between the tick readings (steal and idle left out).
+    # Each window: a shell under perf that has perf enable its events, reads
+    # the ticks, sleeps, reads them again and has perf disable its events,
+    # with spinners keeping the busy CPUs busy throughout; a CPU's run time
+    # while perf counted is perf's enabled time times the CPU's run share
+    # between the tick readings (steal and idle left out).
     out, rc = g.step("stat-all")
     out = out or []
     hz = tsc_khz * 1e3

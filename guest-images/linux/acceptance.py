@@ -533,7 +533,8 @@ def judge_main(g, r):
     r.add("main.watchdog", rc == 0 and enabled and before is not None and after > before
           and bool(wd),
           f"{'enabled' if enabled else 'no NMI watchdog line'} (Linux's sample rate limit "
-          f"was {f.get('sample_rate_found', '?')}/s, set to 1000/s), PMIs {before} -> {after} "
+          f"was {f.get('sample_rate_found', '?')}/s, set to {f.get('sample_rate', '?')}/s), "
+          f"PMIs {before} -> {after} "
           f"over 4 s of busy; host: "
           + (f"counter {wd[0]['index']} running with {wd[0]['pmis']} PMIs" if wd else
              "no counter with PMIs; the host's counters: " + ", ".join(

@@ -589,8 +589,8 @@ fn signal_storms_on_the_vcpu_thread_change_nothing() {
         &[],
     );
     let (pid, vcpu) = (vm.pid, vm.thread("vcpu0"));
-    let kick = vmm::kick::kick_signal();
-    let overflow = vmm::kick::overflow_signal();
+    let kick = vmm::vcpu::kick::kick_signal();
+    let overflow = vmm::vcpu::kick::overflow_signal();
     // About 6 000 signals a second for 2 s: kicks and fake overflow
     // signals at the vCPU thread, kicks and overflow signals at the process
     // (any thread may take those). The overflow signal is SIGIO, whose

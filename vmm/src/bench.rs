@@ -29,10 +29,8 @@ use std::sync::Arc;
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
 
-use crate::error::StartError;
-use crate::vcpu_types::{
-    host_tsc, DeliveredPmi, ExitCounts, ExitObserver, ObserverLog, VcpuReport,
-};
+use crate::pmu::{host_tsc, DeliveredPmi};
+use crate::vcpu::{ExitCounts, ExitObserver, ObserverLog, VcpuReport};
 
 /// A guest WRMSR of `MARK | tag` to the bench MSR records a mark: the
 /// vCPU's exit and PMI counts right now, under `tag` (low 32 bits).
@@ -426,11 +424,20 @@ impl ExitObserver for BenchVcpu {
     }
 }
 
+/// The benchmark trace could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct TraceError {
+    what: String,
+    #[source]
+    source: std::io::Error,
+}
+
 /// Before the VM starts: a trace that cannot be written is bad input, said
 /// before the guest runs, not after.
-pub fn prepare(options: &BenchOptions) -> Result<(), StartError> {
+pub fn prepare(options: &BenchOptions) -> Result<(), TraceError> {
     if let Some(path) = &options.trace {
-        File::create(path).map_err(|source| StartError::Io {
+        File::create(path).map_err(|source| TraceError {
             what: format!("cannot create the benchmark trace {}", path.display()),
             source,
         })?;
@@ -439,9 +446,9 @@ pub fn prepare(options: &BenchOptions) -> Result<(), StartError> {
 }
 
 /// After the VM ended: writes the trace, if asked for.
-pub fn finish(options: &BenchOptions, reports: &[VcpuReport]) -> Result<(), StartError> {
+pub fn finish(options: &BenchOptions, reports: &[VcpuReport]) -> Result<(), TraceError> {
     if let Some(path) = &options.trace {
-        write_trace(path, reports).map_err(|source| StartError::Io {
+        write_trace(path, reports).map_err(|source| TraceError {
             what: format!("writing the benchmark trace {}", path.display()),
             source,
         })?;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use vpmu::{Backing, CounterKind, CounterSnapshot};
 
-use crate::export::{self, Export, VcpuView};
+use crate::pmu::export::{self, Export, VcpuView};
 
 /// Escapes a label value.
 fn escape(value: &str) -> String {

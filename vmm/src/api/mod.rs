@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::control::VmControl;
-use crate::export::Export;
+use crate::pmu::export::Export;
 use crate::profile::{self, Hub, ProfileError};
+use crate::vcpu::control::VmControl;
 use http::{Request, Response};
 pub use socket::{bind, SocketError};
 
@@ -98,7 +98,7 @@ impl Api {
 
     /// The latest view of every vCPU, asking stale ones to republish (a
     /// kick costs the vCPU one exit; it never waits for us).
-    fn fresh_views(&self) -> Vec<Arc<crate::export::VcpuView>> {
+    fn fresh_views(&self) -> Vec<Arc<crate::pmu::export::VcpuView>> {
         let asked = Instant::now();
         let n = self.export.vcpus() as u8;
         let stale = |i: u8| {
@@ -134,7 +134,7 @@ impl Api {
             })
             .collect();
         json!({
-            "totals": crate::export::vm_totals(&views),
+            "totals": crate::pmu::export::vm_totals(&views),
             "vm": {
                 "uptime_ms": self.export.started.elapsed().as_millis() as u64,
                 "paused": self.control.pause_requested(),

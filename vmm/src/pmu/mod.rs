@@ -4,7 +4,9 @@
 //! [`vpmu::Vpmu`] ([`vcpu`]). Register semantics live in the `vpmu` crate;
 //! this module only knows KVM.
 
+pub mod export;
 pub mod filter;
+mod pmi;
 #[cfg(feature = "test-seams")]
 pub mod seams;
 #[cfg(not(feature = "test-seams"))]
@@ -12,13 +14,30 @@ pub mod seams;
 pub mod seams;
 pub mod vcpu;
 
+pub use pmi::{host_tsc, DeliveredPmi, PmiDelivery};
+
 use std::fmt;
 
 use kvm_ioctls::{Cap, Kvm};
 use vpmu::backend::perf::PerfBackend;
 use vpmu::{EventPolicy, HostCpuid, HostFacts, PmuModel, Vendor};
 
-use crate::error::StartError;
+/// Why no vPMU can be planned as asked (the VM does not start).
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// A counter shape was given with `--vpmu off`.
+    #[error(
+        "--vpmu-gp-counters, --vpmu-fixed-counters and --vpmu-version need the vPMU \
+         (not --vpmu off)"
+    )]
+    ShapeWithoutVpmu,
+    /// `--vpmu on`, but the host cannot serve a vPMU, for this reason.
+    #[error("--vpmu on: {0}")]
+    Unavailable(String),
+    /// The asked shape breaks the vendor's rules.
+    #[error("impossible vPMU: {0}")]
+    Impossible(#[from] vpmu::ModelError),
+}
 
 /// `--vpmu`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -186,7 +205,7 @@ pub fn plan(
     host: &HostPmu,
     guest_vendor: Option<Vendor>,
     rdmsr_guest: bool,
-) -> Result<PmuPlan, StartError> {
+) -> Result<PmuPlan, PlanError> {
     let shaped =
         opts.gp_counters.is_some() || opts.fixed_counters.is_some() || opts.version.is_some();
     let off = |note: String| PmuPlan {
@@ -198,17 +217,13 @@ pub fn plan(
     };
     if opts.mode == VpmuMode::Off {
         if shaped {
-            return Err(StartError::Config(
-                "--vpmu-gp-counters, --vpmu-fixed-counters and --vpmu-version need the vPMU \
-                 (not --vpmu off)"
-                    .into(),
-            ));
+            return Err(PlanError::ShapeWithoutVpmu);
         }
         return Ok(off("vPMU off (--vpmu off): the guest sees no PMU".into()));
     }
-    let cannot = |why: String| -> Result<PmuPlan, StartError> {
+    let cannot = |why: String| -> Result<PmuPlan, PlanError> {
         match opts.mode {
-            VpmuMode::On => Err(StartError::Config(format!("--vpmu on: {why}"))),
+            VpmuMode::On => Err(PlanError::Unavailable(why)),
             _ => Ok(off(format!("vPMU off: {why}"))),
         }
     };
@@ -252,12 +267,10 @@ pub fn plan(
         cpuid: (host.vendor == Some(vendor)).then(HostCpuid::detect),
         intel_full_width_writes: false,
     };
-    let impossible = |e: vpmu::ModelError| StartError::Config(format!("impossible vPMU: {e}"));
     let model = PmuModel::best_for_host(vendor, &facts)
-        .shaped(opts.version, opts.gp_counters, opts.fixed_counters)
-        .map_err(impossible)?
+        .shaped(opts.version, opts.gp_counters, opts.fixed_counters)?
         .with_unavailable_events(&opts.events, host.hardware_events.is_ok());
-    model.validate().map_err(impossible)?;
+    model.validate()?;
     Ok(PmuPlan {
         model: Some(model),
         policy: opts.events.clone(),

@@ -16,8 +16,8 @@ use super::seams::{self, ExitDelay, HostBackend};
 use super::{PmuPlan, Rdpmc};
 use crate::arch::layout::APIC_DEFAULT_BASE;
 use crate::arch::regs::lapic_reg;
-use crate::export::{Export, VcpuView};
-use crate::vcpu_types::{host_tsc, DeliveredPmi, PmiDelivery};
+use crate::pmu::export::{Export, VcpuView};
+use crate::pmu::{host_tsc, DeliveredPmi, PmiDelivery};
 
 /// LVT performance counter register in the LAPIC page.
 const APIC_LVTPC: usize = 0x340;
@@ -94,13 +94,14 @@ impl VcpuPmu {
         apic_id: u8,
         tsc_khz: u32,
         carried: Option<EventTotals>,
+        overflow_signal: libc::c_int,
     ) -> Result<Self, String> {
         let model = plan.model.clone().ok_or("no vPMU model")?;
         let vendor = model.vendor();
         let mut backend = seams::host_backend(PerfBackend::new(0));
         backend.set_overflow_notify(Some(OverflowNotify {
             tid: PerfBackend::current_tid(),
-            signal: crate::kick::overflow_signal(),
+            signal: overflow_signal,
         }));
         let vpmu = Vpmu::new(
             model,

@@ -11,11 +11,10 @@
 //! with a [`Profile`]; `vmm profile` ([`client`]) turns it into folded
 //! stacks, a flame graph or a table ([`output`]).
 //!
-//! The vCPU knows its sampler only as a [`crate::vcpu_types::GuestSampler`]
+//! The vCPU knows its sampler only as a [`crate::vcpu::GuestSampler`]
 //! called before each entry: without a profile running that is one atomic
 //! load.
 
-pub mod client;
 pub mod output;
 pub mod symbols;
 pub mod vcpu;
@@ -29,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::control::VmControl;
+use crate::vcpu::control::VmControl;
 use symbols::Symbols;
 use walk::End;
 
@@ -349,8 +348,8 @@ pub const UNKNOWN: &str = "[unknown]";
 /// Where the server names kernel frames from.
 #[derive(Clone, Debug)]
 pub enum KernelImage {
-    /// The built-in probe guest (its ELF is embedded).
-    Probe,
+    /// The built-in probe guest: its embedded ELF.
+    Probe(&'static [u8]),
     /// `--kernel`: an ELF's symbol table (read when the first profile
     /// asks), or none in a bzImage.
     File(PathBuf),
@@ -494,9 +493,7 @@ impl Hub {
     fn kernel_symbols(&self) -> &Result<Arc<Symbols>, String> {
         self.symbols.get_or_init(|| {
             let symbols = match &self.kernel {
-                KernelImage::Probe => {
-                    Symbols::from_elf(crate::probe_image::PROBE_ELF, "the built-in probe guest")
-                }
+                KernelImage::Probe(elf) => Symbols::from_elf(elf, "the built-in probe guest"),
                 KernelImage::File(path) if symbols::is_elf(path) => Symbols::load(path),
                 KernelImage::File(path) => {
                     return Err(format!(
@@ -665,7 +662,10 @@ mod tests {
 
     #[test]
     fn a_hub_takes_one_profile_at_a_time_and_merges_late_parts() {
-        let hub = Hub::new(2, KernelImage::Probe);
+        let hub = Hub::new(
+            2,
+            KernelImage::Probe(include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"))),
+        );
         let control = VmControl::new(2).unwrap();
         assert_eq!(hub.active(), 0);
         let hub = Arc::new(hub);

@@ -258,7 +258,11 @@ ffffffff81000500 A absolute
 
     #[test]
     fn the_probe_elf_has_its_functions_demangled_and_sized() {
-        let s = Symbols::from_elf(crate::probe_image::PROBE_ELF, "probe").unwrap();
+        let s = Symbols::from_elf(
+            include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf")),
+            "probe",
+        )
+        .unwrap();
         assert!(s.len() > 10, "{} symbols", s.len());
         let start = s.address_of("_start").expect("_start");
         assert_eq!(s.lookup(start), Some("_start"));

@@ -13,7 +13,7 @@ use vpmu::backend::{Backend, BackendError, EventSpec, OverflowNotify};
 
 use super::walk::{self, End, Paging, ADDR_MASK};
 use super::{Hex, Hub, Params, StackKey, VcpuPart, VcpuSummary, MAX_STACKS};
-use crate::vcpu_types::GuestSampler;
+use crate::vcpu::GuestSampler;
 
 /// The system-call entry point MSR.
 const MSR_LSTAR: u32 = 0xc000_0082;
@@ -73,7 +73,7 @@ impl VcpuProfiler {
         let mut backend = PerfBackend::new(0);
         backend.set_overflow_notify(Some(OverflowNotify {
             tid: PerfBackend::current_tid(),
-            signal: crate::kick::overflow_signal(),
+            signal: crate::vcpu::kick::overflow_signal(),
         }));
         let opened = open_event(&mut backend, u64::from(params.hz), u64::from(self.tsc_khz));
         let (handle, period, per_ms) = match opened {

@@ -22,8 +22,8 @@ use serde::Serialize;
 use vpmu::evtsel::DecodedSelect;
 use vpmu::{EventTotals, ProgrammingId, VpmuSnapshot};
 
+use crate::pmu::PmiDelivery;
 use crate::pmu::PmuPlan;
-use crate::vcpu_types::PmiDelivery;
 
 /// How often a vCPU republishes on its own (at its next exit).
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(50);

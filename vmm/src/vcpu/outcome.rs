@@ -1,72 +1,12 @@
-//! What can stop the VMM, and the exit code each gets.
+//! How a guest run ended, and the exit code each ending gets.
 //!
 //! Exit codes (also in `vmm run --help`): 0 the guest reset the machine;
 //! 1 the guest stopped abnormally (shutdown/triple fault, KVM internal error,
-//! failed entry, vCPU error); 2 bad input or a host that cannot run the VM;
-//! 3 `--timeout` expired; 128+N a termination signal N (also during
-//! start-up).
+//! failed entry, vCPU error); 2 bad input or a host that cannot run the VM
+//! ([`crate::vm::StartError`]); 3 `--timeout` expired; 128+N a termination
+//! signal N (also during start-up).
 
 use std::fmt;
-
-use crate::arch::mptable::MptableError;
-use crate::arch::regs::RegsError;
-use crate::loader::LoadError;
-
-/// Errors before the guest runs. All exit with code 2 (nothing was
-/// started), but a termination signal, which exits with 128+N.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("stopped by signal {0} during start-up")]
-    Signalled(i32),
-    #[error("cannot open /dev/kvm: {0} (is KVM available and accessible to this user?)")]
-    KvmOpen(#[source] kvm_ioctls::Error),
-    #[error("KVM lacks a capability this VMM needs: {0}")]
-    KvmCapability(&'static str),
-    #[error("KVM {what} failed: {source}")]
-    Kvm {
-        what: &'static str,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    #[error("{0}")]
-    Config(String),
-    #[error(transparent)]
-    Load(#[from] LoadError),
-    #[error("setting up a vCPU: {0}")]
-    Regs(#[from] RegsError),
-    #[error(transparent)]
-    Mptable(#[from] MptableError),
-    #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
-    Memory { mib: u64, reason: String },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl StartError {
-    /// The termination signal that stopped the start, if that is what
-    /// stopped it.
-    pub fn signal(&self) -> Option<i32> {
-        match self {
-            StartError::Signalled(signal) | StartError::Load(LoadError::Signalled(signal)) => {
-                Some(*signal)
-            }
-            _ => None,
-        }
-    }
-
-    /// 128+N for a termination signal, else 2.
-    pub fn exit_code(&self) -> i32 {
-        self.signal().map_or(2, |signal| 128 + signal)
-    }
-
-    pub fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StartError {
-        move |source| StartError::Kvm { what, source }
-    }
-}
 
 /// How a guest run ended.
 #[derive(Clone, Debug, PartialEq)]

@@ -19,9 +19,9 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::control::VmControl;
-use crate::error::Outcome;
-use crate::signals;
+use crate::vcpu::control::VmControl;
+use crate::vcpu::Outcome;
+use crate::vm::signals;
 
 /// Longest single wait, so that a deadline is checked often enough.
 pub const MAX_WAIT: Duration = Duration::from_millis(500);

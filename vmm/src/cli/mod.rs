@@ -3,19 +3,23 @@
 //! A bad flag gets one line on stderr and exit code 2, never clap's
 //! multi-line usage dump or a panic.
 
+pub mod profile;
+pub mod stat;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{CpuVendor, OnReset, SerialSink, VmConfig, DEFAULT_MEMORY_MIB};
-use crate::error::{Outcome, StartError};
-use crate::loader::ImageKind;
 use crate::pmu::{VpmuMode, VpmuOptions};
-use crate::profile;
-use crate::profile::client::{Format, ProfileOptions};
-use crate::stat::StatOptions;
+use crate::profile as profiler;
+use crate::vcpu::Outcome;
+use crate::vm::config::{CpuVendor, OnReset, SerialSink, VmConfig, DEFAULT_MEMORY_MIB};
+use crate::vm::loader::ImageKind;
+use crate::vm::StartError;
 use crate::vm::Vm;
+use profile::{Format, ProfileOptions};
+use stat::StatOptions;
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -75,12 +79,12 @@ pub struct ProfileArgs {
     #[arg(long, value_name = "PATH")]
     api_socket: PathBuf,
     /// How long to sample (up to 300).
-    #[arg(long, value_name = "N", default_value_t = profile::DEFAULT_SECONDS,
-          value_parser = |s: &str| profile::parse_seconds(s).map_err(|e| e.to_string()))]
+    #[arg(long, value_name = "N", default_value_t = profiler::DEFAULT_SECONDS,
+          value_parser = |s: &str| profiler::parse_seconds(s).map_err(|e| e.to_string()))]
     seconds: f64,
     /// Samples per second of each vCPU's time (1 to 10000).
-    #[arg(long, value_name = "HZ", default_value_t = profile::DEFAULT_HZ,
-          value_parser = |s: &str| profile::parse_hz(s).map_err(|e| e.to_string()))]
+    #[arg(long, value_name = "HZ", default_value_t = profiler::DEFAULT_HZ,
+          value_parser = |s: &str| profiler::parse_hz(s).map_err(|e| e.to_string()))]
     frequency: u32,
     /// Name kernel frames from this vmlinux or System.map instead of the
     /// VMM's own (the --kernel ELF's symbol table, or the probe's).
@@ -99,7 +103,7 @@ impl ProfileArgs {
     fn options(&self) -> ProfileOptions {
         ProfileOptions {
             socket: self.api_socket.clone(),
-            request: profile::Request {
+            request: profiler::Request {
                 seconds: self.seconds,
                 hz: self.frequency,
             },
@@ -311,13 +315,13 @@ where
     };
     let run = match &cli.command {
         Some(Command::Run(run)) => run,
-        Some(Command::Stat(stat)) => return crate::stat::run(&stat.options()),
-        Some(Command::Profile(args)) => return profile::client::run(&args.options()),
+        Some(Command::Stat(stat)) => return stat::run(&stat.options()),
+        Some(Command::Profile(args)) => return profile::run(&args.options()),
         None => &cli.run,
     };
     // First thing: from here on every termination signal ends the VMM
     // cleanly (128+N, socket removed), also while it starts.
-    if let Err(e) = crate::signals::install() {
+    if let Err(e) = crate::vm::signals::install() {
         eprintln!("vmm: installing the signal handlers: {e}");
         return 2;
     }

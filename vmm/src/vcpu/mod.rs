@@ -1,6 +1,17 @@
 //! A vCPU thread and its run loop: enter the guest, handle the exit, repeat,
 //! until the guest stops or the VMM asks the vCPU to.
 
+pub mod ap_start;
+pub mod control;
+mod hooks;
+pub mod kick;
+mod outcome;
+mod report;
+
+pub use hooks::{ExitObserver, GuestSampler, ObserverLog};
+pub use outcome::Outcome;
+pub use report::{interrupted, ExitCounts, VcpuReport};
+
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -8,15 +19,12 @@ use std::time::Instant;
 use devices::{MmioBus, PioBus};
 use kvm_ioctls::{ReadMsrExit, VcpuExit, VcpuFd, VmFd, WriteMsrExit};
 
-use crate::ap_start::ApGate;
 use crate::arch::regs;
-use crate::control::VmControl;
-use crate::error::Outcome;
-use crate::export::{Export, PUBLISH_INTERVAL};
-use crate::kick;
+use crate::pmu::export::{Export, PUBLISH_INTERVAL};
 use crate::pmu::vcpu::VcpuPmu;
 use crate::pmu::PmuPlan;
-use crate::vcpu_types::{interrupted, ExitCounts, ExitObserver, GuestSampler, VcpuReport};
+use ap_start::ApGate;
+use control::VmControl;
 
 /// KVM_SYSTEM_EVENT types (uapi/linux/kvm.h).
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -172,12 +180,17 @@ impl Vcpu {
         let Some(setup) = self.pmu_setup.take() else {
             return Ok(());
         };
-        let mut pmu = VcpuPmu::new(&setup.plan, self.index, setup.tsc_khz, setup.carried).map_err(
-            |message| Outcome::VcpuError {
-                vcpu: self.index,
-                message: format!("cannot build its vPMU: {message}"),
-            },
-        )?;
+        let mut pmu = VcpuPmu::new(
+            &setup.plan,
+            self.index,
+            setup.tsc_khz,
+            setup.carried,
+            kick::overflow_signal(),
+        )
+        .map_err(|message| Outcome::VcpuError {
+            vcpu: self.index,
+            message: format!("cannot build its vPMU: {message}"),
+        })?;
         pmu.trace_pmis = self.observer.as_ref().is_some_and(|o| o.traces_pmis());
         self.pmu = Some(pmu);
         self.export = Some(setup.export);

@@ -6,9 +6,9 @@ use std::sync::{Condvar, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::error::Outcome;
-use crate::kick;
-use crate::vcpu_types::VcpuReport;
+use crate::vcpu::kick;
+use crate::vcpu::Outcome;
+use crate::vcpu::VcpuReport;
 
 /// What the vCPU threads and the VMM's main loop share: whether to stop or
 /// pause, and the first reason anything stopped.

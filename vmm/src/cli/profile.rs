@@ -6,10 +6,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::output;
-use super::symbols::Symbols;
-use super::{Profile, Request};
 use crate::api::client::{self, ClientError};
+use crate::profile::output;
+use crate::profile::symbols::Symbols;
+use crate::profile::{Profile, Request};
 
 /// How long past the profile's own length the answer may take.
 const ANSWER_MARGIN: Duration = Duration::from_secs(30);
@@ -40,7 +40,7 @@ pub struct ProfileOptions {
 #[derive(Debug, thiserror::Error)]
 enum Failure {
     #[error("--symbols {0}")]
-    Symbols(#[from] super::symbols::SymbolsError),
+    Symbols(#[from] crate::profile::symbols::SymbolsError),
     #[error("{0}")]
     Api(#[from] ClientError),
     #[error("drawing the flame graph: {0}")]

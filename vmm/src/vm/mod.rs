@@ -6,6 +6,16 @@
 //! vCPUs. Nothing runs until [`Vm::run`], which replaces the boot on a guest
 //! reset when asked to (`--on-reset reboot`).
 
+pub mod config;
+mod error;
+pub mod event_loop;
+pub mod loader;
+pub mod probe_image;
+pub mod signals;
+
+pub use config::VmConfig;
+pub use error::StartError;
+
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -22,20 +32,20 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::ap_start::ApGate;
 use crate::api::{self, Api};
 use crate::arch::{acpi, boot_params, cpuid, layout, mptable, regs};
-use crate::config::{OnReset, SerialSink, VmConfig, DEFAULT_LINUX_CMDLINE, MIN_MEMORY_MIB};
-use crate::control::VmControl;
-use crate::error::{Outcome, StartError};
-use crate::event_loop::{self, MainLoop};
-use crate::export::Export;
-use crate::loader::{self, ImageKind, KernelSource, LoadedKernel};
+use crate::pmu::export::Export;
 use crate::pmu::{self, HostPmu, PmuPlan, Rdpmc};
 use crate::profile::vcpu::VcpuProfiler;
 use crate::profile::{Hub, KernelImage};
+use crate::vcpu::ap_start::ApGate;
+use crate::vcpu::control::VmControl;
+use crate::vcpu::Outcome;
+use crate::vcpu::VcpuReport;
 use crate::vcpu::{PmuSetup, Vcpu};
-use crate::vcpu_types::VcpuReport;
+use config::{OnReset, SerialSink, DEFAULT_LINUX_CMDLINE, MIN_MEMORY_MIB};
+use event_loop::MainLoop;
+use loader::{ImageKind, KernelSource, LoadedKernel};
 
 const COM1_BASE: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
@@ -316,11 +326,11 @@ fn load_guest(
         Some(path) => KernelSource::File(path),
         None => KernelSource::Embedded {
             name: "built-in probe guest",
-            bytes: crate::probe_image::PROBE_ELF,
+            bytes: crate::vm::probe_image::PROBE_ELF,
         },
     };
     let kernel = loader::load_kernel(memory, mem_size, source)?;
-    crate::signals::check().map_err(StartError::Signalled)?;
+    signals::check().map_err(StartError::Signalled)?;
     let initrd = match &config.initrd {
         Some(path) => Some(loader::load_initrd(memory, mem_size, path, &kernel)?),
         None => None,
@@ -453,7 +463,7 @@ fn create_mmio(num_vcpus: u8, gate: &Arc<ApGate>) -> Result<Arc<MmioBus>, StartE
 impl Vm {
     /// Builds the VM described by `config`.
     pub fn build(config: &VmConfig) -> Result<Vm, StartError> {
-        let stage = || crate::signals::check().map_err(StartError::Signalled);
+        let stage = || signals::check().map_err(StartError::Signalled);
         let kvm = Kvm::new().map_err(StartError::KvmOpen)?;
         validate(config, &kvm)?;
         stage()?;
@@ -495,7 +505,7 @@ impl Vm {
         let serial = create_serial(config)?;
         let kernel_image = match &config.kernel {
             Some(path) => KernelImage::File(path.clone()),
-            None => KernelImage::Probe,
+            None => KernelImage::Probe(probe_image::PROBE_ELF),
         };
         let profiles = Arc::new(Hub::new(num_vcpus, kernel_image));
         let mut vm = Vm {
@@ -594,7 +604,7 @@ impl Vm {
     /// With `--on-reset reboot` a guest reset starts a new boot instead.
     /// Every vCPU thread has ended when this returns.
     pub fn run(mut self) -> Result<(Outcome, Vec<VcpuReport>), StartError> {
-        crate::kick::install().map_err(|e| StartError::Io {
+        crate::vcpu::kick::install().map_err(|e| StartError::Io {
             what: "installing the vCPU kick signal handler".into(),
             source: e.into(),
         })?;
@@ -683,7 +693,7 @@ impl Vm {
     /// boot has ended when this returns.
     fn run_boot(&self, boot: Boot, deadline: Option<Instant>, main_loop: &mut MainLoop) -> Outcome {
         // A signal during start-up: not one guest instruction runs.
-        if let Some(signal) = crate::signals::pending() {
+        if let Some(signal) = signals::pending() {
             self.control.finish(Outcome::Terminated { signal });
         }
         let gate = boot.gate;

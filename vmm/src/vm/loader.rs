@@ -496,7 +496,7 @@ fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, Unpack> {
     let mut out = Vec::new();
     let mut chunk = vec![0u8; 1 << 20];
     loop {
-        crate::signals::check().map_err(Unpack::Signalled)?;
+        crate::vm::signals::check().map_err(Unpack::Signalled)?;
         let n = match decoder.read(&mut chunk) {
             Ok(0) => return Ok(out),
             Ok(n) => n,
@@ -526,7 +526,7 @@ fn lz4_legacy(data: &[u8], limit: usize) -> Result<Vec<u8>, Unpack> {
     let mut out = Vec::new();
     let mut at = 4;
     while data.len().saturating_sub(at) > 4 {
-        crate::signals::check().map_err(Unpack::Signalled)?;
+        crate::vm::signals::check().map_err(Unpack::Signalled)?;
         let size = u32_at(data, at).ok_or("lz4: truncated block size")?;
         at += 4;
         if size == MAGIC {

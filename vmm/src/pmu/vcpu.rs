@@ -80,6 +80,9 @@ pub struct VcpuPmu {
     retired_unpublished: bool,
     /// The guest wrote a vPMU MSR since the last published view.
     written_unpublished: bool,
+    /// The last exit was a vPMU MSR access, after which the guest may read
+    /// counters with RDPMC: the next entry mirrors them.
+    msr_exit: bool,
     /// The counter MSRs for `mirror`, allocated once.
     mirror_msrs: Option<Msrs>,
 }
@@ -123,18 +126,21 @@ impl VcpuPmu {
             retired: carried.unwrap_or_default(),
             retired_unpublished: false,
             written_unpublished: false,
+            msr_exit: false,
             mirror_msrs: None,
         })
     }
 
     pub fn rdmsr(&mut self, index: u32) -> Result<u64, Fault> {
         let result = self.vpmu.rdmsr(index);
+        self.msr_exit = true;
         self.exit_delay.wait();
         result
     }
 
     pub fn wrmsr(&mut self, index: u32, value: u64) -> Result<(), Fault> {
         let result = self.vpmu.wrmsr(index, value);
+        self.msr_exit = true;
         self.written_unpublished = true;
         self.take_retired();
         self.exit_delay.wait();
@@ -162,17 +168,11 @@ impl VcpuPmu {
 
     /// Right before `KVM_RUN`: turns host overflows into PMIs, keeps KVM's
     /// RDPMC view in step, and starts the guest-time window of clock-backed
-    /// counters. `kicked`: a signal (overflow or kick) arrived; `pmu_msr`:
-    /// the last exit was a vPMU MSR access. Returns the PMI it sent the
+    /// counters. `kicked`: a signal (overflow or kick) arrived. Returns the PMI it sent the
     /// guest, if it sent one (as an NMI or a fixed interrupt; a masked
     /// LVTPC drops it).
-    pub fn before_entry(
-        &mut self,
-        kicked: bool,
-        vcpu: &VcpuFd,
-        vm: &VmFd,
-        pmu_msr: bool,
-    ) -> Option<DeliveredPmi> {
+    pub fn before_entry(&mut self, kicked: bool, vcpu: &VcpuFd, vm: &VmFd) -> Option<DeliveredPmi> {
+        let pmu_msr = std::mem::take(&mut self.msr_exit);
         if kicked {
             self.vpmu.handle_host_overflow();
         }

@@ -3,6 +3,7 @@
 
 pub mod ap_start;
 pub mod control;
+pub mod exit;
 mod hooks;
 pub mod kick;
 mod outcome;
@@ -17,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use devices::{MmioBus, PioBus};
-use kvm_ioctls::{ReadMsrExit, VcpuExit, VcpuFd, VmFd, WriteMsrExit};
+use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::arch::regs;
 use crate::pmu::export::{Export, PUBLISH_INTERVAL};
@@ -25,10 +26,7 @@ use crate::pmu::vcpu::VcpuPmu;
 use crate::pmu::PmuPlan;
 use ap_start::ApGate;
 use control::VmControl;
-
-/// KVM_SYSTEM_EVENT types (uapi/linux/kvm.h).
-const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
-const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+use exit::{handle_exit, ExitParts, MsrHandler, Step, Stop};
 
 /// What a vCPU needs of its vPMU to build it on its own thread.
 pub struct PmuSetup {
@@ -60,29 +58,6 @@ pub struct Vcpu {
     observer: Option<Box<dyn ExitObserver>>,
     /// The host-side profiler's sampler.
     sampler: Option<Box<dyn GuestSampler>>,
-}
-
-/// What one exit asks of the run loop.
-enum Step {
-    /// Enter the guest again. `pmu_msr`: the exit was a vPMU MSR access
-    /// (after which the guest may read counters with RDPMC).
-    Enter {
-        pmu_msr: bool,
-    },
-    Stop(Stop),
-}
-
-/// Why the guest stops. The last three report the guest's RIP, read once
-/// `kvm_run` is no longer borrowed by the exit.
-enum Stop {
-    Outcome(Outcome),
-    Shutdown,
-    InternalError,
-    FailEntry(u64),
-}
-
-impl Step {
-    const ENTER: Step = Step::Enter { pmu_msr: false };
 }
 
 impl Vcpu {
@@ -248,7 +223,6 @@ impl Vcpu {
     }
 
     fn run_loop(&mut self) -> Option<Outcome> {
-        let mut pmu_msr = false;
         loop {
             if self.control.stopping() {
                 return None;
@@ -259,24 +233,25 @@ impl Vcpu {
             }
             let kicked = kick::take_kicked();
             self.publish_if_due(kicked);
-            self.before_entry(kicked, pmu_msr);
-            pmu_msr = match self.run_once() {
-                Step::Enter { pmu_msr } => pmu_msr,
+            self.before_entry(kicked);
+            match self.run_once() {
+                Step::Enter => {}
+                Step::Interrupted => self.fd.set_kvm_immediate_exit(0),
                 Step::Stop(stop) => return Some(self.outcome(stop)),
-            };
+            }
         }
     }
 
     /// The sampler's and the vPMU's work before an entry (see
     /// [`GuestSampler::before_entry`], [`VcpuPmu::before_entry`]).
-    fn before_entry(&mut self, kicked: bool, pmu_msr: bool) {
+    fn before_entry(&mut self, kicked: bool) {
         if let Some(sampler) = &mut self.sampler {
             sampler.before_entry(kicked, &self.fd);
         }
         let Some(pmu) = &mut self.pmu else {
             return;
         };
-        let delivered = pmu.before_entry(kicked, &self.fd, &self.vm, pmu_msr);
+        let delivered = pmu.before_entry(kicked, &self.fd, &self.vm);
         if let (Some(pmi), Some(observer)) = (delivered, &mut self.observer) {
             observer.pmi_delivered(pmi);
         }
@@ -297,7 +272,9 @@ impl Vcpu {
         self.publish(false);
     }
 
-    /// Enters the guest once and hands the exit to its handler.
+    /// Enters the guest once and hands the exit to [`handle_exit`]. The
+    /// observer sees the entry and the exit; the vPMU closes its guest-time
+    /// window before anything else runs.
     fn run_once(&mut self) -> Step {
         if let Some(observer) = &mut self.observer {
             observer.entering(&self.fd);
@@ -310,43 +287,18 @@ impl Vcpu {
             pmu.after_exit();
         }
         self.exits.count(&result);
-        let vcpu = self.index;
-        let observer = self.observer.as_mut();
-        match result {
-            Ok(VcpuExit::X86Rdmsr(exit)) => rdmsr(exit, self.pmu.as_mut(), observer),
-            Ok(VcpuExit::X86Wrmsr(exit)) => wrmsr(exit, self.pmu.as_mut(), observer, self.exits),
-            Ok(VcpuExit::IoIn(port, data)) => {
-                self.bus.read(port, data);
-                Step::ENTER
-            }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                self.bus.write(port, data);
-                Step::ENTER
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                self.mmio.read(addr, data);
-                Step::ENTER
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                self.mmio.write(addr, data);
-                Step::ENTER
-            }
-            Ok(VcpuExit::Intr) => Step::ENTER,
-            Ok(VcpuExit::Shutdown) => Step::Stop(Stop::Shutdown),
-            Ok(VcpuExit::InternalError) => Step::Stop(Stop::InternalError),
-            Ok(VcpuExit::FailEntry(reason, _)) => Step::Stop(Stop::FailEntry(reason)),
-            Ok(VcpuExit::SystemEvent(kind, data)) => system_event(kind).unwrap_or_else(|| {
-                let exit = VcpuExit::SystemEvent(kind, data);
-                vcpu_error(vcpu, format!("unhandled KVM exit {exit:?}"))
-            }),
-            Ok(exit) => vcpu_error(vcpu, format!("unhandled KVM exit {exit:?}")),
-            Err(e) if interrupted(&e) => {
-                // The kick flag stays set for the next entry to act on.
-                self.fd.set_kvm_immediate_exit(0);
-                Step::ENTER
-            }
-            Err(e) => vcpu_error(vcpu, format!("KVM_RUN failed: {e}")),
-        }
+        let mut parts = ExitParts {
+            vcpu: self.index,
+            pio: &self.bus,
+            mmio: &self.mmio,
+            msrs: self.pmu.as_mut().map(|p| p as &mut dyn MsrHandler),
+            observer: self
+                .observer
+                .as_deref_mut()
+                .map(|o| o as &mut dyn ExitObserver),
+            exits: self.exits,
+        };
+        handle_exit(result, &mut parts)
     }
 
     /// Why the guest stopped, for a step that stops it.
@@ -381,62 +333,17 @@ impl Vcpu {
     }
 }
 
-/// A guest RDMSR the MSR filter sent here: the observer's own MSR reads as
-/// 0; any other goes to the vPMU, and a fault (or no vPMU) is a #GP.
-fn rdmsr(
-    exit: ReadMsrExit<'_>,
-    pmu: Option<&mut VcpuPmu>,
-    observer: Option<&mut Box<dyn ExitObserver>>,
-) -> Step {
-    if observer.as_ref().is_some_and(|o| o.owns_msr(exit.index)) {
-        *exit.data = 0;
-        return Step::ENTER;
+/// The vPMU answers the MSRs the filter traps; a fault is a #GP.
+impl MsrHandler for VcpuPmu {
+    fn rdmsr(&mut self, index: u32) -> Option<u64> {
+        VcpuPmu::rdmsr(self, index).ok()
     }
-    match pmu.map(|p| p.rdmsr(exit.index)) {
-        Some(Ok(value)) => *exit.data = value,
-        _ => *exit.error = 1,
-    }
-    pmu_msr_done(observer)
-}
 
-/// A guest WRMSR the MSR filter sent here: the observer's own MSR goes to
-/// the observer, any other to the vPMU, and a fault (or no vPMU) is a #GP.
-fn wrmsr(
-    exit: WriteMsrExit<'_>,
-    pmu: Option<&mut VcpuPmu>,
-    mut observer: Option<&mut Box<dyn ExitObserver>>,
-    exits: ExitCounts,
-) -> Step {
-    if let Some(observer) = observer.as_mut().filter(|o| o.owns_msr(exit.index)) {
-        let pmis = pmu.map_or(0, |p| p.pmis_delivered());
-        observer.msr_written(exit.data, exits, pmis);
-        return Step::ENTER;
+    fn wrmsr(&mut self, index: u32, value: u64) -> bool {
+        VcpuPmu::wrmsr(self, index, value).is_ok()
     }
-    match pmu.map(|p| p.wrmsr(exit.index, exit.data)) {
-        Some(Ok(())) => {}
-        _ => *exit.error = 1,
-    }
-    pmu_msr_done(observer)
-}
 
-/// After a vPMU MSR exit was handled.
-fn pmu_msr_done(observer: Option<&mut Box<dyn ExitObserver>>) -> Step {
-    if let Some(observer) = observer {
-        observer.pmu_msr();
+    fn pmis_delivered(&self) -> u64 {
+        VcpuPmu::pmis_delivered(self)
     }
-    Step::Enter { pmu_msr: true }
-}
-
-/// `KVM_EXIT_SYSTEM_EVENT`: the guest reset or powered off (None: another
-/// event, which the VMM does not handle).
-fn system_event(kind: u32) -> Option<Step> {
-    match kind {
-        KVM_SYSTEM_EVENT_RESET => Some(Step::Stop(Stop::Outcome(Outcome::Reset))),
-        KVM_SYSTEM_EVENT_SHUTDOWN => Some(Step::Stop(Stop::Shutdown)),
-        _ => None,
-    }
-}
-
-fn vcpu_error(vcpu: u8, message: String) -> Step {
-    Step::Stop(Stop::Outcome(Outcome::VcpuError { vcpu, message }))
 }

@@ -16,6 +16,7 @@ pub mod i8042;
 pub mod mmio;
 pub mod mp_wakeup;
 pub mod serial;
+pub mod sync;
 
 pub use bus::{PioBus, PioDevice};
 pub use console::{Console, ConsoleOutput, ConsoleStats};

@@ -12,6 +12,7 @@
 //! client); otherwise it gets 503. So slow clients can never lock a prompt
 //! one out.
 
+use devices::sync::Recover;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -270,7 +271,7 @@ struct Slot {
 
 impl Slots {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
-        self.list.lock().unwrap_or_else(|e| e.into_inner())
+        self.list.lock().recover()
     }
 
     /// A slot for `stream`: a free one, or the one of the client that has

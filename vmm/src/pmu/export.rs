@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use std::collections::BTreeMap;
 
+use devices::sync::Recover;
 use serde::Serialize;
 use vpmu::evtsel::DecodedSelect;
 use vpmu::{EventTotals, ProgrammingId, VpmuSnapshot};
@@ -224,7 +225,7 @@ impl Export {
     /// The latest view of vCPU `index`.
     pub fn latest(&self, index: u8) -> Option<Arc<VcpuView>> {
         let slot = self.slots.get(usize::from(index))?;
-        let latest = slot.latest.lock().unwrap_or_else(|e| e.into_inner());
+        let latest = slot.latest.lock().recover();
         latest.clone()
     }
 }

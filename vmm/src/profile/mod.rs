@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use devices::sync::Recover;
 use serde::{Deserialize, Serialize};
 
 use crate::vcpu::control::VmControl;
@@ -397,7 +398,7 @@ impl Hub {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Session>> {
-        self.session.lock().unwrap_or_else(|e| e.into_inner())
+        self.session.lock().recover()
     }
 
     /// The running session's id (0: none): one atomic load.

@@ -6,6 +6,7 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 
+use devices::sync::Recover;
 use devices::{ApStartError, ApStarter};
 
 use crate::arch::layout::IDENTITY_MAPPED_END;
@@ -44,7 +45,7 @@ impl ApGate {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Slot>, bool)> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().recover()
     }
 
     /// Blocks vCPU `index`'s thread (no spinning) until it is woken: the
@@ -61,7 +62,7 @@ impl ApGate {
                 Some(Slot::Parked) if !*stopped => {}
                 _ => return None,
             }
-            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+            state = self.changed.wait(state).recover();
         }
     }
 

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
+use devices::sync::Recover;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vcpu::kick;
@@ -48,26 +49,26 @@ impl VmControl {
     /// Pauses the VM: every running vCPU leaves the CPU and parks. Returns
     /// once they all have (or after `timeout`), with whether they did.
     pub fn pause(&self, timeout: std::time::Duration) -> bool {
-        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *self.paused.lock().recover() = true;
         self.pause_flag.store(true, Ordering::SeqCst);
         self.kick_all();
         let running = self.running_vcpus();
-        let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let parked = self.parked.lock().recover();
         let (parked, _) = self
             .parked_changed
             .wait_timeout_while(parked, timeout, |p| *p < running && !self.stopping())
-            .unwrap_or_else(|e| e.into_inner());
+            .recover();
         *parked >= running
     }
 
     fn running_vcpus(&self) -> usize {
-        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        let threads = self.threads.lock().recover();
         threads.iter().flatten().count()
     }
 
     /// Gets vCPU `index` out of `KVM_RUN` (it will look at its flags).
     pub fn kick(&self, index: usize) {
-        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        let threads = self.threads.lock().recover();
         if let Some(Some(thread)) = threads.get(index) {
             // SAFETY: the pthread_t is registered only while its thread runs
             // (under this lock), so it names a live thread.
@@ -76,14 +77,14 @@ impl VmControl {
     }
 
     pub fn kick_all(&self) {
-        let count = self.threads.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let count = self.threads.lock().recover().len();
         for index in 0..count {
             self.kick(index);
         }
     }
 
     pub(crate) fn register_thread(&self, index: usize, running: bool) {
-        let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        let mut threads = self.threads.lock().recover();
         if let Some(slot) = threads.get_mut(index) {
             // SAFETY: pthread_self has no preconditions.
             *slot = running.then(|| unsafe { libc::pthread_self() });
@@ -91,7 +92,7 @@ impl VmControl {
     }
 
     pub fn resume(&self) {
-        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        *self.paused.lock().recover() = false;
         self.pause_flag.store(false, Ordering::SeqCst);
         self.resumed.notify_all();
     }
@@ -110,33 +111,26 @@ impl VmControl {
     }
 
     fn count_parked(&self, delta: isize) {
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut parked = self.parked.lock().recover();
         *parked = parked.saturating_add_signed(delta);
         self.parked_changed.notify_all();
     }
 
     fn wait_for_resume(&self) {
-        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        let mut paused = self.paused.lock().recover();
         while *paused && !self.stopping() {
-            paused = self.resumed.wait(paused).unwrap_or_else(|e| e.into_inner());
+            paused = self.resumed.wait(paused).recover();
         }
     }
 
     /// Called by a vCPU thread as it ends.
     pub(crate) fn add_report(&self, report: VcpuReport) {
-        self.reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(report);
+        self.reports.lock().recover().push(report);
     }
 
     /// The reports of every vCPU thread that has ended, by vCPU index.
     pub fn reports(&self) -> Vec<VcpuReport> {
-        let mut reports = self
-            .reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let mut reports = self.reports.lock().recover().clone();
         reports.sort_by_key(|r| r.index);
         reports
     }
@@ -144,18 +138,15 @@ impl VmControl {
     /// Readies the control for the next boot after a guest reboot: no stop,
     /// no outcome, no vCPU reports. A pause stays in force.
     pub fn rearm(&self) {
-        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        *self.outcome.lock().recover() = None;
+        self.reports.lock().recover().clear();
         self.stop.store(false, Ordering::SeqCst);
     }
 
     /// Records why the VM stops (the first reason wins) and asks every vCPU
     /// to stop.
     pub fn finish(&self, outcome: Outcome) {
-        let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.outcome.lock().recover();
         if slot.is_none() {
             *slot = Some(outcome);
         }
@@ -167,10 +158,7 @@ impl VmControl {
     }
 
     pub fn outcome(&self) -> Option<Outcome> {
-        self.outcome
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.outcome.lock().recover().clone()
     }
 
     pub fn stopping(&self) -> bool {

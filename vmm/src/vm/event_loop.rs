@@ -13,6 +13,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use devices::sync::Recover;
 use devices::SerialDevice;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
@@ -56,7 +57,7 @@ impl Controller {
         match std::io::stdin().lock().read(&mut buf) {
             Ok(0) => self.drop_stdin(ops),
             Ok(n) => {
-                let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+                let mut serial = self.serial.lock().recover();
                 serial.queue_input(&buf[..n]);
                 if serial.input_full() {
                     drop(serial);

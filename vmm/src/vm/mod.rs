@@ -23,6 +23,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use devices::sync::Recover;
 use devices::{Console, MmioBus, MpWakeupMailbox, PioBus, SerialDevice, I8042};
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
@@ -677,11 +678,7 @@ impl Vm {
                 );
             }
         }
-        let input_dropped = self
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .input_dropped();
+        let input_dropped = self.serial.lock().recover().input_dropped();
         if input_dropped > 0 {
             eprintln!(
                 "vmm: console: {input_dropped} bytes of host input dropped (the guest did not read them)"

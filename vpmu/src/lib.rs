@@ -6,10 +6,12 @@
 //! `ARCHITECTURE.md` at the repository root.
 //!
 //! # Set-up (per VM, then per vCPU)
-//! 1. Model: [`PmuModel::best_for_host`] (with [`HostFacts::detect`] or
-//!    facts from KVM), a user's overrides with [`PmuModel::shaped`], the
-//!    events the policy denies with [`PmuModel::with_unavailable_events`],
-//!    then [`PmuModel::validate`]. No model means no PMU at all.
+//! 1. Model: [`PmuModel::best_for_host`] (with [`HostFacts`] from
+//!    [`backend::perf::PerfBackend::probe_hardware`] and
+//!    [`HostCpuid::detect`], or from KVM), a user's overrides with
+//!    [`PmuModel::shaped`], the events the policy denies with
+//!    [`PmuModel::with_unavailable_events`], then [`PmuModel::validate`].
+//!    No model means no PMU at all.
 //! 2. CPUID: make sure every leaf of [`cpuid::leaves_required`] exists, then
 //!    run [`cpuid::apply`] on every entry (`None` advertises no PMU).
 //! 3. MSR filter: trap every range of [`PmuModel::msr_ranges`] and route the
@@ -56,6 +58,7 @@ pub mod totals;
 mod value;
 mod vendor;
 mod vpmu;
+mod x86;
 
 pub use backend::{Backend, BackendError, EventSource, EventSpec, OverflowNotify, Reading};
 pub use clock::GuestClock;

@@ -3,7 +3,9 @@
 //! backing through a [`Backend`] ([`backend::perf::PerfBackend`];
 //! [`backend::fake::FakeBackend`] for tests), an [`EventPolicy`], context
 //! save/restore and export snapshots. How it works inside is described in
-//! `ARCHITECTURE.md` at the repository root.
+//! `ARCHITECTURE.md` at the repository root. How counters are numbered
+//! (MSR index, index within their kind, slot in the [`Vpmu`], global
+//! control/status bit, RDPMC index) is defined once, in [`msr`].
 //!
 //! # Set-up (per VM, then per vCPU)
 //! 1. Model: [`PmuModel::best_for_host`] (with [`HostFacts`] from

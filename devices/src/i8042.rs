@@ -6,7 +6,7 @@
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::PioDevice;
+use crate::BusDevice;
 
 /// What the i8042's CPU reset output is wired to.
 pub trait ResetLine: Send {
@@ -41,7 +41,7 @@ impl I8042 {
     }
 }
 
-impl PioDevice for I8042 {
+impl BusDevice<u16> for I8042 {
     fn read(&mut self, _offset: u16, data: &mut [u8]) {
         // Status 0: output buffer empty, input buffer empty; data reads 0.
         data.fill(0);

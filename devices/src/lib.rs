@@ -1,7 +1,8 @@
-//! Device models of the `vmm`: a port I/O bus and the legacy devices a Linux
-//! guest (or the built-in probe) needs to boot and report: an 8250 UART and
-//! the i8042 controller's reset line; and one MMIO device, the ACPI
-//! multiprocessor wakeup mailbox that starts secondary vCPUs.
+//! Device models of the `vmm`: one [`Bus`], for port I/O ([`PioBus`]) and
+//! MMIO ([`MmioBus`]); the legacy port devices a Linux guest (or the
+//! built-in probe) needs to boot and report: an 8250 UART and the i8042
+//! controller's reset line; and one MMIO device, the ACPI multiprocessor
+//! wakeup mailbox that starts secondary vCPUs.
 //!
 //! Guest console output goes through [`console`]: a bounded buffer and a
 //! writer thread, so that a sink nobody reads never blocks a vCPU.
@@ -18,7 +19,7 @@ pub mod mp_wakeup;
 pub mod serial;
 pub mod sync;
 
-pub use bus::{PioBus, PioDevice};
+pub use bus::{Address, Bus, BusDevice, PioBus, PioDevice};
 pub use console::{Console, ConsoleOutput, ConsoleStats};
 pub use i8042::{ResetLine, I8042};
 pub use mmio::{MmioBus, MmioDevice};

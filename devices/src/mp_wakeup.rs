@@ -27,7 +27,7 @@ use std::collections::BTreeSet;
 
 use thiserror::Error;
 
-use crate::MmioDevice;
+use crate::BusDevice;
 
 /// Size of the mailbox, and its required alignment.
 pub const MAILBOX_SIZE: u64 = 4096;
@@ -179,7 +179,7 @@ impl MpWakeupMailbox {
 /// (a hostile guest must not flood the VMM's log).
 const LOGGED_REJECTIONS: u32 = 8;
 
-impl MmioDevice for MpWakeupMailbox {
+impl BusDevice<u64> for MpWakeupMailbox {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         MpWakeupMailbox::read(self, offset, data);
     }

@@ -13,7 +13,7 @@ use std::io::{self, Write};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::PioDevice;
+use crate::BusDevice;
 
 /// Raises the UART's interrupt line by writing an eventfd that the VMM has
 /// registered as an irqfd (IRQ 4 for COM1).
@@ -92,7 +92,7 @@ impl SerialDevice {
     }
 }
 
-impl PioDevice for SerialDevice {
+impl BusDevice<u16> for SerialDevice {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         let Ok(offset) = u8::try_from(offset) else {
             data.fill(0xff);

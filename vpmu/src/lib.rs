@@ -3,13 +3,17 @@
 //! backing through a [`Backend`] ([`backend::perf::PerfBackend`];
 //! [`backend::fake::FakeBackend`] for tests), an [`EventPolicy`], context
 //! save/restore and export snapshots. How it works inside is described in
-//! `ARCHITECTURE.md` at the repository root.
+//! `ARCHITECTURE.md` at the repository root. How counters are numbered
+//! (MSR index, index within their kind, slot in the [`Vpmu`], global
+//! control/status bit, RDPMC index) is defined once, in [`msr`].
 //!
 //! # Set-up (per VM, then per vCPU)
-//! 1. Model: [`PmuModel::best_for_host`] (with [`HostFacts::detect`] or
-//!    facts from KVM), a user's overrides with [`PmuModel::shaped`], the
-//!    events the policy denies with [`PmuModel::with_unavailable_events`],
-//!    then [`PmuModel::validate`]. No model means no PMU at all.
+//! 1. Model: [`PmuModel::best_for_host`] (with [`HostFacts`] from
+//!    [`backend::perf::PerfBackend::probe_hardware`] and
+//!    [`HostCpuid::detect`], or from KVM), a user's overrides with
+//!    [`PmuModel::shaped`], the events the policy denies with
+//!    [`PmuModel::with_unavailable_events`], then [`PmuModel::validate`].
+//!    No model means no PMU at all.
 //! 2. CPUID: make sure every leaf of [`cpuid::leaves_required`] exists, then
 //!    run [`cpuid::apply`] on every entry (`None` advertises no PMU).
 //! 3. MSR filter: trap every range of [`PmuModel::msr_ranges`] and route the
@@ -56,6 +60,7 @@ pub mod totals;
 mod value;
 mod vendor;
 mod vpmu;
+mod x86;
 
 pub use backend::{Backend, BackendError, EventSource, EventSpec, OverflowNotify, Reading};
 pub use clock::GuestClock;

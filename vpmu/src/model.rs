@@ -1,35 +1,22 @@
 //! The guest-visible PMU model: explicit, serializable and versioned, so a
 //! saved VM restores to the same PMU on another host.
+//!
+//! This module is the model's data and what follows from the data alone.
+//! What needs a vendor's rules is written with the rules, in
+//! `vendor/mod.rs`: [`PmuModel::best_for_host`], [`PmuModel::shaped`],
+//! [`PmuModel::validate`], [`PmuModel::msr_ranges`] and
+//! [`Vendor::masks_lvtpc_on_pmi`]; what needs an event policy is in
+//! [`crate::policy`]: [`PmuModel::with_unavailable_events`].
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::cpuid::CpuidRegs;
-use crate::policy::EventPolicy;
-use crate::vendor;
+use crate::x86::CpuidRegs;
+pub use crate::x86::Vendor;
 
 /// Version of the serialized [`PmuModel`] format (2: the vendor's own
 /// features under `features`, keyed by `vendor`).
 pub const MODEL_FORMAT: u32 = 2;
-
-/// CPU vendor of the guest: the host's, unless the VMM presents another.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Vendor {
-    /// AuthenticAMD.
-    Amd,
-    /// GenuineIntel.
-    Intel,
-}
-
-impl Vendor {
-    /// Whether this vendor's local APIC masks LVTPC when it delivers a PMI
-    /// (Intel; the guest's handler unmasks it), so a VMM delivering PMIs
-    /// must mask it too.
-    pub fn masks_lvtpc_on_pmi(self) -> bool {
-        vendor::ops(self).masks_lvtpc_on_pmi()
-    }
-}
 
 /// One guest-visible PMU.
 ///
@@ -203,20 +190,6 @@ pub struct HostFacts {
     pub intel_full_width_writes: bool,
 }
 
-impl HostFacts {
-    /// The facts of the host this runs on: its CPUID and a perf probe.
-    /// Full-width writes stay `false` (`IA32_PERF_CAPABILITIES` is not
-    /// readable from userspace without the msr driver); set it when known.
-    #[cfg(target_arch = "x86_64")]
-    pub fn detect() -> Self {
-        Self {
-            hardware_events: crate::backend::perf::PerfBackend::probe_hardware().is_ok(),
-            cpuid: Some(HostCpuid::detect()),
-            intel_full_width_writes: false,
-        }
-    }
-}
-
 /// The host CPUID values that describe its PMU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostCpuid {
@@ -265,18 +238,6 @@ impl HostCpuid {
 }
 
 impl PmuModel {
-    /// The best model this host can back for a guest of `vendor`.
-    ///
-    /// With hardware events and host CPUID, the host's PMU is mirrored
-    /// (clamped to what this crate models). Without hardware events every
-    /// counter is emulated anyway (only clock events are backed, by
-    /// task-clock), so the richest model the Linux drivers handle best is
-    /// chosen: AMD PerfMonV2 with 6 counters (one exit disables them all),
-    /// Intel v4 with 4 + 3 counters and full-width writes.
-    pub fn best_for_host(vendor: Vendor, host: &HostFacts) -> Self {
-        vendor::ops(vendor).best_for_host(host)
-    }
-
     /// A model of the vendor of `features`; check it with
     /// [`PmuModel::validate`].
     pub fn new(
@@ -337,64 +298,6 @@ impl PmuModel {
         self
     }
 
-    /// The model with a user's overrides of version and counter counts,
-    /// under the vendor's rules for what they imply (e.g. AMD's 4 legacy
-    /// counters). Fixed counters on AMD are an error (0 is no override);
-    /// check the result with [`PmuModel::validate`].
-    pub fn shaped(
-        self,
-        version: Option<u8>,
-        gp_counters: Option<u8>,
-        fixed_counters: Option<u8>,
-    ) -> Result<Self, ModelError> {
-        let mut model = self;
-        if let Some(v) = version {
-            model = model.with_version(v);
-            // Fixed counters came with Intel's version 2: an older model
-            // has none unless they are asked for (which `validate` refuses).
-            if let (VendorFeatures::Intel(features), true) = (&mut model.features, v < 2) {
-                *features = features.with_fixed_counters(0);
-            }
-        }
-        if let Some(n) = gp_counters {
-            model = vendor::ops(model.vendor()).with_gp_counters(model, n);
-        }
-        match (&mut model.features, fixed_counters) {
-            (_, None) | (VendorFeatures::Amd(_), Some(0)) => {}
-            (VendorFeatures::Intel(features), Some(n)) => {
-                *features = features.with_fixed_counters(n)
-            }
-            (VendorFeatures::Amd(_), Some(count)) => {
-                return Err(ModelError::FixedCounters {
-                    vendor: Vendor::Amd,
-                    version: model.version,
-                    count,
-                    why: "AMD has no fixed counters",
-                })
-            }
-        }
-        Ok(model)
-    }
-
-    /// The model telling the guest, where the vendor has a way (Intel's
-    /// CPUID.0AH:EBX; AMD has none), which architectural events it cannot
-    /// count: those `policy` denies and, without `hardware_events` on the
-    /// host, those the task clock cannot stand in for.
-    pub fn with_unavailable_events(mut self, policy: &EventPolicy, hardware_events: bool) -> Self {
-        if let VendorFeatures::Intel(features) = &mut self.features {
-            features.unavailable_events = policy.intel_unavailable_events(hardware_events);
-        }
-        self
-    }
-
-    /// Checks that real hardware of this vendor could look like this.
-    pub fn validate(&self) -> Result<(), ModelError> {
-        if self.format != MODEL_FORMAT {
-            return Err(ModelError::Format(self.format));
-        }
-        vendor::ops(self.vendor()).validate(self)
-    }
-
     /// AMD PerfMonV2 (global control and status registers).
     pub fn has_amd_perfmon_v2(&self) -> bool {
         self.amd().is_some() && self.version >= 2
@@ -404,12 +307,6 @@ impl PmuModel {
     /// AMD PerfMonV2).
     pub fn has_global_registers(&self) -> bool {
         self.version >= 2
-    }
-
-    /// The MSR ranges this model owns: trap them all (KVM MSR filter) and
-    /// route their exits to [`crate::Vpmu::rdmsr`]/[`crate::Vpmu::wrmsr`].
-    pub fn msr_ranges(&self) -> Vec<MsrRange> {
-        merge_ranges(vendor::ops(self.vendor()).msr_ranges(self))
     }
 
     /// Total number of counters (general-purpose, then fixed).
@@ -435,7 +332,7 @@ impl MsrRange {
 }
 
 /// Sorts ranges and joins the ones that touch.
-fn merge_ranges(mut ranges: Vec<MsrRange>) -> Vec<MsrRange> {
+pub(crate) fn merge_ranges(mut ranges: Vec<MsrRange>) -> Vec<MsrRange> {
     ranges.retain(|r| r.count > 0);
     ranges.sort_by_key(|r| r.base);
     let mut merged: Vec<MsrRange> = Vec::with_capacity(ranges.len());
@@ -453,58 +350,6 @@ fn merge_ranges(mut ranges: Vec<MsrRange>) -> Vec<MsrRange> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const CORE: AmdFeatures = AmdFeatures { perfctr_core: true };
-
-    #[test]
-    fn vendor_rules_shape_the_users_overrides() {
-        // AMD: 4 or fewer counters at version 1 are the legacy PMU, 6 keep
-        // PerfCtrExtCore.
-        let amd = PmuModel::new(2, 6, 48, CORE);
-        let legacy = amd.clone().shaped(Some(1), Some(4), None).unwrap();
-        assert_eq!(legacy.amd(), Some(&AmdFeatures::default()));
-        assert!(legacy.validate().is_ok(), "{legacy:?}");
-        let ext = amd.clone().shaped(Some(1), Some(6), Some(0)).unwrap();
-        assert_eq!((ext.amd(), ext.gp_counters), (Some(&CORE), 6));
-        // AMD has no fixed counters to give.
-        let error = amd.shaped(None, None, Some(1)).unwrap_err();
-        assert!(error.to_string().contains("no fixed counters"), "{error}");
-        // Intel: counts are taken as given.
-        let intel = PmuModel::new(4, 8, 48, IntelFeatures::default())
-            .shaped(Some(2), Some(2), Some(3))
-            .unwrap();
-        assert_eq!(
-            (intel.version, intel.gp_counters, intel.fixed_counters()),
-            (2, 2, 3)
-        );
-        assert_eq!(intel.fixed_width(), 48);
-        // Version 1 drops the fixed counters it cannot have, unless asked.
-        let v4 = PmuModel::new(4, 4, 48, IntelFeatures::default().with_fixed_counters(3));
-        let v1 = v4.clone().shaped(Some(1), None, None).unwrap();
-        assert_eq!(v1.fixed_counters(), 0);
-        assert!(v1.validate().is_ok(), "{v1:?}");
-        assert!(v4
-            .shaped(Some(1), None, Some(3))
-            .unwrap()
-            .validate()
-            .is_err());
-    }
-
-    #[test]
-    fn only_intel_can_tell_the_guest_what_it_cannot_count() {
-        let policy: EventPolicy = "all".parse().unwrap();
-        let intel = PmuModel::new(2, 4, 48, IntelFeatures::default())
-            .with_unavailable_events(&policy, false);
-        assert_eq!(intel.intel().unwrap().unavailable_events, 0b111_1010);
-        let amd = PmuModel::new(2, 6, 48, CORE);
-        assert_eq!(
-            amd.clone().with_unavailable_events(&policy, false),
-            amd,
-            "AMD has no such field"
-        );
-        assert!(Vendor::Intel.masks_lvtpc_on_pmi());
-        assert!(!Vendor::Amd.masks_lvtpc_on_pmi());
-    }
 
     #[test]
     fn the_vendor_is_the_variant_of_its_features() {

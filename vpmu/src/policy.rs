@@ -37,8 +37,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::evtsel::EventCode;
-use crate::model::Vendor;
+use crate::model::{PmuModel, VendorFeatures};
 use crate::vendor;
+use crate::x86::Vendor;
 
 /// The base set of allowed events.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +156,19 @@ impl EventPolicy {
     }
 }
 
+impl PmuModel {
+    /// The model telling the guest, where the vendor has a way (Intel's
+    /// CPUID.0AH:EBX; AMD has none), which architectural events it cannot
+    /// count: those `policy` denies and, without `hardware_events` on the
+    /// host, those the task clock cannot stand in for.
+    pub fn with_unavailable_events(mut self, policy: &EventPolicy, hardware_events: bool) -> Self {
+        if let VendorFeatures::Intel(features) = &mut self.features {
+            features.unavailable_events = policy.intel_unavailable_events(hardware_events);
+        }
+        self
+    }
+}
+
 fn parse_number(text: &str) -> Result<u64, PolicyError> {
     let text = text.trim();
     let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
@@ -261,6 +275,7 @@ impl fmt::Display for EventPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{AmdFeatures, IntelFeatures};
 
     const CYCLES_AMD: EventCode = EventCode::new(0x76, 0);
     const INSNS: EventCode = EventCode::new(0xC0, 0);
@@ -339,5 +354,21 @@ mod tests {
             parse("deny:0x3c/0x01").intel_unavailable_events(false),
             0b111_1110
         );
+    }
+
+    #[test]
+    fn only_intel_can_tell_the_guest_what_it_cannot_count() {
+        let policy: EventPolicy = "all".parse().unwrap();
+        let intel = PmuModel::new(2, 4, 48, IntelFeatures::default())
+            .with_unavailable_events(&policy, false);
+        assert_eq!(intel.intel().unwrap().unavailable_events, 0b111_1010);
+        let amd = PmuModel::new(2, 6, 48, AmdFeatures { perfctr_core: true });
+        assert_eq!(
+            amd.clone().with_unavailable_events(&policy, false),
+            amd,
+            "AMD has no such field"
+        );
+        assert!(Vendor::Intel.masks_lvtpc_on_pmi());
+        assert!(!Vendor::Amd.masks_lvtpc_on_pmi());
     }
 }

@@ -16,8 +16,8 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 
 use crate::evtsel::{self, DecodedSelect};
-use crate::model::Vendor;
 use crate::vendor;
+use crate::x86::Vendor;
 
 /// What a counter counts, as far as counting goes: the event select bits
 /// that make a programming (event, unit mask, USR/OS, edge, invert, counter

@@ -2,7 +2,16 @@
 
 /// The value mask of a `width`-bit counter.
 pub(crate) const fn width_mask(width: u8) -> u64 {
-    crate::vendor::low_bits(width as u32)
+    low_bits(width as u32)
+}
+
+/// `(1 << bits) - 1` without overflow at 64.
+pub(crate) const fn low_bits(bits: u32) -> u64 {
+    if bits >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    }
 }
 
 /// Adds `delta` to `value` modulo `mask + 1`; returns the new value and how

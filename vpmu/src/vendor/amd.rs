@@ -1,16 +1,13 @@
 //! AMD: legacy K7 counters, PerfCtrExtCore and PerfMonV2 (APM vol. 2 ch. 13).
 
-use super::{
-    index_in, low_bits, CounterWrite, Layout, NamedEvent, Register, ReservedWrites, VendorOps,
-};
-use crate::cpuid::{
-    self, CpuidRegs, Leaf, EXT_ECX_PERFCTR_CORE, LEAF_EXT_FEATURES, LEAF_EXT_PERFMON,
-};
+use super::{index_in, CounterWrite, Layout, NamedEvent, Register, ReservedWrites, VendorOps};
 use crate::evtsel::*;
-use crate::model::{
-    AmdFeatures, HostFacts, ModelError, MsrRange, PmuModel, Vendor, VendorFeatures,
-};
+use crate::model::{AmdFeatures, HostFacts, ModelError, MsrRange, PmuModel, VendorFeatures};
 use crate::msr::*;
+use crate::value::low_bits;
+use crate::x86::{
+    self, CpuidRegs, Leaf, Vendor, EXT_ECX_PERFCTR_CORE, LEAF_EXT_FEATURES, LEAF_EXT_PERFMON,
+};
 
 pub(crate) struct Amd;
 
@@ -186,7 +183,7 @@ impl VendorOps for Amd {
 
     fn advertise(&self, m: &PmuModel, leaf: u32, _subleaf: u32, regs: &mut CpuidRegs) {
         match leaf {
-            0x8000_0000 if m.has_amd_perfmon_v2() => cpuid::raise_max_leaf(regs, LEAF_EXT_PERFMON),
+            0x8000_0000 if m.has_amd_perfmon_v2() => x86::raise_max_leaf(regs, LEAF_EXT_PERFMON),
             LEAF_EXT_FEATURES if perfctr_core(m) => regs.ecx |= EXT_ECX_PERFCTR_CORE,
             LEAF_EXT_PERFMON if m.has_amd_perfmon_v2() => {
                 regs.eax = 1;

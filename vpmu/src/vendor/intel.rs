@@ -1,13 +1,12 @@
 //! Intel architectural performance monitoring, versions 1 to 4 (SDM vol. 3
 //! ch. 20).
 
-use super::{
-    index_in, low_bits, CounterWrite, Layout, NamedEvent, Register, ReservedWrites, VendorOps,
-};
-use crate::cpuid::{self, CpuidRegs, Leaf, LEAF1_ECX_PDCM, LEAF_ARCH_PERFMON};
+use super::{index_in, CounterWrite, Layout, NamedEvent, Register, ReservedWrites, VendorOps};
 use crate::evtsel::*;
-use crate::model::{HostFacts, IntelFeatures, ModelError, MsrRange, PmuModel, Vendor};
+use crate::model::{HostFacts, IntelFeatures, ModelError, MsrRange, PmuModel};
 use crate::msr::*;
+use crate::value::low_bits;
+use crate::x86::{self, CpuidRegs, Leaf, Vendor, LEAF1_ECX_PDCM, LEAF_ARCH_PERFMON};
 
 pub(crate) struct Intel;
 
@@ -286,7 +285,7 @@ impl VendorOps for Intel {
     fn advertise(&self, m: &PmuModel, leaf: u32, _subleaf: u32, regs: &mut CpuidRegs) {
         let f = features(m);
         match leaf {
-            0 => cpuid::raise_max_leaf(regs, LEAF_ARCH_PERFMON),
+            0 => x86::raise_max_leaf(regs, LEAF_ARCH_PERFMON),
             1 if f.pdcm => regs.ecx |= LEAF1_ECX_PDCM,
             LEAF_ARCH_PERFMON => {
                 regs.eax = m.version as u32

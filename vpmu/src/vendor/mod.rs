@@ -3,14 +3,18 @@
 //!
 //! A vendor answers questions about a [`PmuModel`] (which register an MSR
 //! is, which bits are valid, what CPUID says); the generic core in
-//! [`crate::vpmu`] owns all state and behaviour.
+//! [`crate::vpmu`] owns all state and behaviour. The model's methods that
+//! apply a vendor's rules (`best_for_host`, `shaped`, `validate`,
+//! `msr_ranges`) are written here, above [`crate::model`]'s data.
 
 mod amd;
 mod intel;
 
-use crate::cpuid::{CpuidRegs, Leaf};
 use crate::evtsel::{self, EventCode};
-use crate::model::{HostFacts, ModelError, MsrRange, PmuModel, Vendor, VendorFeatures};
+use crate::model::{
+    merge_ranges, HostFacts, ModelError, MsrRange, PmuModel, VendorFeatures, MODEL_FORMAT,
+};
+use crate::x86::{CpuidRegs, Leaf, Vendor};
 
 /// How a counter MSR write turns the written value into a counter value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +119,84 @@ pub(crate) fn ops(vendor: Vendor) -> &'static dyn VendorOps {
     }
 }
 
+impl Vendor {
+    /// Whether this vendor's local APIC masks LVTPC when it delivers a PMI
+    /// (Intel; the guest's handler unmasks it), so a VMM delivering PMIs
+    /// must mask it too.
+    pub fn masks_lvtpc_on_pmi(self) -> bool {
+        ops(self).masks_lvtpc_on_pmi()
+    }
+}
+
+/// The model's methods that apply its vendor's rules (the data and what
+/// follows from it alone are in [`crate::model`]).
+impl PmuModel {
+    /// The best model this host can back for a guest of `vendor`.
+    ///
+    /// With hardware events and host CPUID, the host's PMU is mirrored
+    /// (clamped to what this crate models). Without hardware events every
+    /// counter is emulated anyway (only clock events are backed, by
+    /// task-clock), so the richest model the Linux drivers handle best is
+    /// chosen: AMD PerfMonV2 with 6 counters (one exit disables them all),
+    /// Intel v4 with 4 + 3 counters and full-width writes.
+    pub fn best_for_host(vendor: Vendor, host: &HostFacts) -> Self {
+        ops(vendor).best_for_host(host)
+    }
+
+    /// The model with a user's overrides of version and counter counts,
+    /// under the vendor's rules for what they imply (e.g. AMD's 4 legacy
+    /// counters). Fixed counters on AMD are an error (0 is no override);
+    /// check the result with [`PmuModel::validate`].
+    pub fn shaped(
+        self,
+        version: Option<u8>,
+        gp_counters: Option<u8>,
+        fixed_counters: Option<u8>,
+    ) -> Result<Self, ModelError> {
+        let mut model = self;
+        if let Some(v) = version {
+            model = model.with_version(v);
+            // Fixed counters came with Intel's version 2: an older model
+            // has none unless they are asked for (which `validate` refuses).
+            if let (VendorFeatures::Intel(features), true) = (&mut model.features, v < 2) {
+                *features = features.with_fixed_counters(0);
+            }
+        }
+        if let Some(n) = gp_counters {
+            model = ops(model.vendor()).with_gp_counters(model, n);
+        }
+        match (&mut model.features, fixed_counters) {
+            (_, None) | (VendorFeatures::Amd(_), Some(0)) => {}
+            (VendorFeatures::Intel(features), Some(n)) => {
+                *features = features.with_fixed_counters(n)
+            }
+            (VendorFeatures::Amd(_), Some(count)) => {
+                return Err(ModelError::FixedCounters {
+                    vendor: Vendor::Amd,
+                    version: model.version,
+                    count,
+                    why: "AMD has no fixed counters",
+                })
+            }
+        }
+        Ok(model)
+    }
+
+    /// Checks that real hardware of this vendor could look like this.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.format != MODEL_FORMAT {
+            return Err(ModelError::Format(self.format));
+        }
+        ops(self.vendor()).validate(self)
+    }
+
+    /// The MSR ranges this model owns: trap them all (KVM MSR filter) and
+    /// route their exits to [`crate::Vpmu::rdmsr`]/[`crate::Vpmu::wrmsr`].
+    pub fn msr_ranges(&self) -> Vec<MsrRange> {
+        merge_ranges(ops(self.vendor()).msr_ranges(self))
+    }
+}
+
 /// The events `model`'s fixed counters count, in counter order. Only
 /// Intel has fixed counters.
 pub(crate) fn fixed_events(model: &PmuModel) -> &'static [EventCode] {
@@ -138,17 +220,50 @@ pub(crate) fn is_clock_event(vendor: Vendor, select: u64) -> bool {
     named_event(vendor, select).is_some_and(|e| e.clock)
 }
 
-/// `(1 << bits) - 1` without overflow at 64.
-pub(crate) const fn low_bits(bits: u32) -> u64 {
-    if bits >= 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    }
-}
-
 /// Index of `msr` in `[base, base + count)`.
 pub(crate) fn index_in(msr: u32, base: u32, count: usize) -> Option<usize> {
     let offset = msr.wrapping_sub(base) as usize;
     (offset < count).then_some(offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AmdFeatures, IntelFeatures};
+
+    const CORE: AmdFeatures = AmdFeatures { perfctr_core: true };
+
+    #[test]
+    fn vendor_rules_shape_the_users_overrides() {
+        // AMD: 4 or fewer counters at version 1 are the legacy PMU, 6 keep
+        // PerfCtrExtCore.
+        let amd = PmuModel::new(2, 6, 48, CORE);
+        let legacy = amd.clone().shaped(Some(1), Some(4), None).unwrap();
+        assert_eq!(legacy.amd(), Some(&AmdFeatures::default()));
+        assert!(legacy.validate().is_ok(), "{legacy:?}");
+        let ext = amd.clone().shaped(Some(1), Some(6), Some(0)).unwrap();
+        assert_eq!((ext.amd(), ext.gp_counters), (Some(&CORE), 6));
+        // AMD has no fixed counters to give.
+        let error = amd.shaped(None, None, Some(1)).unwrap_err();
+        assert!(error.to_string().contains("no fixed counters"), "{error}");
+        // Intel: counts are taken as given.
+        let intel = PmuModel::new(4, 8, 48, IntelFeatures::default())
+            .shaped(Some(2), Some(2), Some(3))
+            .unwrap();
+        assert_eq!(
+            (intel.version, intel.gp_counters, intel.fixed_counters()),
+            (2, 2, 3)
+        );
+        assert_eq!(intel.fixed_width(), 48);
+        // Version 1 drops the fixed counters it cannot have, unless asked.
+        let v4 = PmuModel::new(4, 4, 48, IntelFeatures::default().with_fixed_counters(3));
+        let v1 = v4.clone().shaped(Some(1), None, None).unwrap();
+        assert_eq!(v1.fixed_counters(), 0);
+        assert!(v1.validate().is_ok(), "{v1:?}");
+        assert!(v4
+            .shaped(Some(1), None, Some(3))
+            .unwrap()
+            .validate()
+            .is_err());
+    }
 }

@@ -7,6 +7,7 @@
 //! where nothing answers on a PC; [`Bus::read`] and [`Bus::write`] then
 //! return false.
 
+use crate::sync::Recover;
 use std::ops::Sub;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -129,7 +130,7 @@ impl<A: Address> Bus<A> {
 fn lock<'a, A: Address>(
     device: &'a Mutex<dyn BusDevice<A> + 'static>,
 ) -> MutexGuard<'a, dyn BusDevice<A> + 'static> {
-    device.lock().unwrap_or_else(|e| e.into_inner())
+    device.lock().recover()
 }
 
 /// The port I/O bus: `in`/`out` exits, by port.

@@ -11,6 +11,7 @@
 //! the writer a bounded time to drain the buffer when the VM ends and
 //! never waits for a blocked write.
 
+use crate::sync::Recover;
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -53,7 +54,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().recover()
     }
 }
 
@@ -179,7 +180,7 @@ impl Console {
                 .shared
                 .progress
                 .wait_timeout(s, give_up - now)
-                .unwrap_or_else(|e| e.into_inner())
+                .recover()
                 .0;
         }
         let drained = s.buf.is_empty() && s.in_flight == 0;
@@ -226,18 +227,14 @@ fn write_loop(shared: &Shared, mut sink: Box<dyn Write + Send>) {
                 }
                 if s.buf.is_empty() {
                     s.writer_waiting = true;
-                    s = shared.work.wait(s).unwrap_or_else(|e| e.into_inner());
+                    s = shared.work.wait(s).recover();
                     s.writer_waiting = false;
                     continue;
                 }
                 // Part of a line: give the rest a moment to come.
                 if !s.closed && s.buf.len() < BATCH && !s.buf.contains(&b'\n') {
                     s.writer_waiting = true;
-                    s = shared
-                        .work
-                        .wait_timeout(s, LINE_WAIT)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
+                    s = shared.work.wait_timeout(s, LINE_WAIT).recover().0;
                     s.writer_waiting = false;
                 }
                 break;

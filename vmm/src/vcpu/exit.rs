@@ -157,7 +157,7 @@ fn vcpu_error(vcpu: u8, message: String) -> Step {
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use devices::{MmioDevice, PioDevice};
+    use devices::bus::BusDevice;
     use kvm_ioctls::{MsrExitReason, VcpuFd};
 
     use super::*;
@@ -168,7 +168,7 @@ mod tests {
     #[derive(Default)]
     struct Recorder(Vec<(u64, Vec<u8>)>);
 
-    impl PioDevice for Recorder {
+    impl BusDevice<u16> for Recorder {
         fn read(&mut self, _offset: u16, data: &mut [u8]) {
             data.fill(0x5a);
         }
@@ -177,7 +177,7 @@ mod tests {
         }
     }
 
-    impl MmioDevice for Recorder {
+    impl BusDevice<u64> for Recorder {
         fn read(&mut self, _offset: u64, data: &mut [u8]) {
             data.fill(0x5a);
         }

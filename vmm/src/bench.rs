@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
+use vpmu::VpmuSnapshot;
 
 use crate::pmu::{host_tsc, DeliveredPmi};
 use crate::vcpu::{ExitCounts, ExitObserver, ObserverLog, VcpuReport};
@@ -472,82 +473,92 @@ fn write_trace(path: &Path, reports: &[VcpuReport]) -> std::io::Result<()> {
     for report in reports {
         let v = report.index;
         if let Some((snapshot, _)) = &report.vpmu {
-            let s = &snapshot.stats;
-            // Counter contexts that ran: ended ones plus live ones.
-            let live = snapshot.counters.iter().filter(|c| c.ran).count() as u64;
-            writeln!(
-                out,
-                "vpmu vcpu={v} opens={} open_failures={} closes={} starts={} stops={} \
-                 reprograms={} contexts_ran={} reads={} clock_reads={} clock_reads_saved={} \
-                 period_updates={} clock_lead_ns={} overflow_signals={} pmis={} throttles={}",
-                s.opens,
-                s.open_failures,
-                s.closes,
-                s.starts,
-                s.stops,
-                s.reprograms,
-                s.retired_contexts + live,
-                s.reads,
-                s.clock_reads,
-                s.clock_reads_saved,
-                s.period_updates,
-                s.clock_lead_ns,
-                s.overflow_signals,
-                s.pmis,
-                s.throttles
-            )?;
+            write_vpmu_stats(&mut out, v, snapshot)?;
         }
-        let Some(log) = report
+        let log = report
             .observer_log
             .as_ref()
-            .and_then(|log| log.downcast_ref::<BenchLog>())
-        else {
-            continue;
-        };
-        if let Some(offset) = log.tsc_offset {
-            writeln!(out, "tsc_offset vcpu={v} offset={}", offset as i64)?;
+            .and_then(|log| log.downcast_ref::<BenchLog>());
+        if let Some(log) = log {
+            write_log(&mut out, v, log)?;
         }
-        for t in &log.tsc {
-            writeln!(
-                out,
-                "tsc vcpu={v} host_before={} host_after={} guest={}",
-                t.host_before, t.host_after, t.guest
-            )?;
-        }
-        for m in &log.marks {
-            let e = &m.exits;
-            write!(
-                out,
-                "mark vcpu={v} tag={} host_tsc={} user_tsc={} pmis={} exits={} msr_read={} \
-                 msr_write={} io={} mmio={} signal={} other={}",
-                m.tag,
-                m.host_tsc,
-                m.user_tsc,
-                m.pmis,
-                e.total(),
-                e.msr_read,
-                e.msr_write,
-                e.io,
-                e.mmio,
-                e.signal,
-                e.other
-            )?;
-            for (name, value) in KVM_STATS.iter().zip(m.kvm) {
-                write!(out, " kvm_{name}={value}")?;
-            }
-            writeln!(out)?;
-        }
-        for s in &log.stamps {
-            writeln!(out, "stamp vcpu={v} guest_tsc={s}")?;
-        }
-        for p in &log.pmis {
-            writeln!(
-                out,
-                "pmi vcpu={v} signal={} injected={} first_msr={} overshoot={} preempted={}",
-                p.signal, p.injected, p.first_msr, p.overshoot, p.preempted as u8
-            )?;
-        }
-        writeln!(out, "dropped vcpu={v} n={}", log.dropped)?;
     }
     out.flush()
+}
+
+/// The `vpmu` line of vCPU `v`.
+fn write_vpmu_stats(out: &mut impl Write, v: u8, snapshot: &VpmuSnapshot) -> std::io::Result<()> {
+    let s = &snapshot.stats;
+    // Counter contexts that ran: ended ones plus live ones.
+    let live = snapshot.counters.iter().filter(|c| c.ran).count() as u64;
+    writeln!(
+        out,
+        "vpmu vcpu={v} opens={} open_failures={} closes={} starts={} stops={} \
+         reprograms={} contexts_ran={} reads={} clock_reads={} clock_reads_saved={} \
+         period_updates={} clock_lead_ns={} overflow_signals={} pmis={} throttles={}",
+        s.opens,
+        s.open_failures,
+        s.closes,
+        s.starts,
+        s.stops,
+        s.reprograms,
+        s.retired_contexts + live,
+        s.reads,
+        s.clock_reads,
+        s.clock_reads_saved,
+        s.period_updates,
+        s.clock_lead_ns,
+        s.overflow_signals,
+        s.pmis,
+        s.throttles
+    )
+}
+
+/// The `tsc_offset`, `tsc`, `mark`, `stamp`, `pmi` and `dropped` lines of
+/// vCPU `v`.
+fn write_log(out: &mut impl Write, v: u8, log: &BenchLog) -> std::io::Result<()> {
+    if let Some(offset) = log.tsc_offset {
+        writeln!(out, "tsc_offset vcpu={v} offset={}", offset as i64)?;
+    }
+    for t in &log.tsc {
+        writeln!(
+            out,
+            "tsc vcpu={v} host_before={} host_after={} guest={}",
+            t.host_before, t.host_after, t.guest
+        )?;
+    }
+    for m in &log.marks {
+        let e = &m.exits;
+        write!(
+            out,
+            "mark vcpu={v} tag={} host_tsc={} user_tsc={} pmis={} exits={} msr_read={} \
+             msr_write={} io={} mmio={} signal={} other={}",
+            m.tag,
+            m.host_tsc,
+            m.user_tsc,
+            m.pmis,
+            e.total(),
+            e.msr_read,
+            e.msr_write,
+            e.io,
+            e.mmio,
+            e.signal,
+            e.other
+        )?;
+        for (name, value) in KVM_STATS.iter().zip(m.kvm) {
+            write!(out, " kvm_{name}={value}")?;
+        }
+        writeln!(out)?;
+    }
+    for s in &log.stamps {
+        writeln!(out, "stamp vcpu={v} guest_tsc={s}")?;
+    }
+    for p in &log.pmis {
+        writeln!(
+            out,
+            "pmi vcpu={v} signal={} injected={} first_msr={} overshoot={} preempted={}",
+            p.signal, p.injected, p.first_msr, p.overshoot, p.preempted as u8
+        )?;
+    }
+    writeln!(out, "dropped vcpu={v} n={}", log.dropped)
 }

@@ -17,9 +17,9 @@ pub struct VmControl {
     stop: AtomicBool,
     /// vCPU threads, by index, while they run: where kicks go.
     threads: Mutex<Vec<Option<libc::pthread_t>>>,
-    /// vCPUs parked by a pause.
-    parked: Mutex<usize>,
-    parked_changed: Condvar,
+    // vCPUs held off the CPU by a pause.
+    held: Mutex<usize>,
+    held_changed: Condvar,
     outcome: Mutex<Option<Outcome>>,
     paused: Mutex<bool>,
     /// `paused`, readable without the lock on every exit.
@@ -35,8 +35,8 @@ impl VmControl {
         Ok(Self {
             stop: AtomicBool::new(false),
             threads: Mutex::new(vec![None; vcpus]),
-            parked: Mutex::new(0),
-            parked_changed: Condvar::new(),
+            held: Mutex::new(0),
+            held_changed: Condvar::new(),
             outcome: Mutex::new(None),
             paused: Mutex::new(false),
             pause_flag: AtomicBool::new(false),
@@ -46,19 +46,19 @@ impl VmControl {
         })
     }
 
-    /// Pauses the VM: every running vCPU leaves the CPU and parks. Returns
+    /// Pauses the VM: every running vCPU leaves the CPU and is held there. Returns
     /// once they all have (or after `timeout`), with whether they did.
     pub fn pause(&self, timeout: std::time::Duration) -> bool {
         *self.paused.lock().recover() = true;
         self.pause_flag.store(true, Ordering::SeqCst);
         self.kick_all();
         let running = self.running_vcpus();
-        let parked = self.parked.lock().recover();
-        let (parked, _) = self
-            .parked_changed
-            .wait_timeout_while(parked, timeout, |p| *p < running && !self.stopping())
+        let held = self.held.lock().recover();
+        let (held, _) = self
+            .held_changed
+            .wait_timeout_while(held, timeout, |p| *p < running && !self.stopping())
             .recover();
-        *parked >= running
+        *held >= running
     }
 
     fn running_vcpus(&self) -> usize {
@@ -105,15 +105,15 @@ impl VmControl {
     /// Blocks the calling vCPU thread while the VM is paused and not
     /// stopping.
     pub(crate) fn wait_while_paused(&self) {
-        self.count_parked(1);
+        self.count_held(1);
         self.wait_for_resume();
-        self.count_parked(-1);
+        self.count_held(-1);
     }
 
-    fn count_parked(&self, delta: isize) {
-        let mut parked = self.parked.lock().recover();
-        *parked = parked.saturating_add_signed(delta);
-        self.parked_changed.notify_all();
+    fn count_held(&self, delta: isize) {
+        let mut held = self.held.lock().recover();
+        *held = held.saturating_add_signed(delta);
+        self.held_changed.notify_all();
     }
 
     fn wait_for_resume(&self) {
@@ -137,7 +137,7 @@ impl VmControl {
 
     /// Readies the control for the next boot after a guest reboot: no stop,
     /// no outcome, no vCPU reports. A pause stays in force.
-    pub fn rearm(&self) {
+    pub fn reset_for_reboot(&self) {
         *self.outcome.lock().recover() = None;
         self.reports.lock().recover().clear();
         self.stop.store(false, Ordering::SeqCst);

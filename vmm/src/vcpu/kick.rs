@@ -42,7 +42,7 @@ extern "C" fn handle(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
     let run = KVM_RUN.with(|r| r.get());
     if !run.is_null() {
         // SAFETY: the pointer is this thread's own mapped kvm_run page, set
-        // by `arm` and cleared by `disarm` before it is unmapped.
+        // by `attach` and cleared by `detach` before it is unmapped.
         unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).immediate_exit), 1) };
     }
 }
@@ -55,12 +55,12 @@ pub fn install() -> Result<(), vmm_sys_util::errno::Error> {
 }
 
 /// Makes kicks of this thread stop its `KVM_RUN`.
-pub fn arm(run: &mut kvm_run) {
+pub fn attach(run: &mut kvm_run) {
     KVM_RUN.with(|r| r.set(run as *mut kvm_run));
 }
 
-/// Undoes `arm`.
-pub fn disarm() {
+/// Undoes `attach`.
+pub fn detach() {
     KVM_RUN.with(|r| r.set(ptr::null_mut()));
 }
 

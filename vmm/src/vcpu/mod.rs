@@ -121,7 +121,7 @@ impl Vcpu {
 
     fn run(mut self) {
         let index = usize::from(self.index);
-        kick::arm(self.fd.get_kvm_run());
+        kick::attach(self.fd.get_kvm_run());
         // A parked vCPU is not running: it takes no kicks and a pause does
         // not wait for it.
         let mut outcome = self.start_pmu().err().or_else(|| self.wait_for_wakeup());
@@ -135,7 +135,7 @@ impl Vcpu {
             sampler.finish(&self.fd);
         }
         self.control.register_thread(index, false);
-        kick::disarm();
+        kick::detach();
         self.publish(false);
         let report = VcpuReport {
             index: self.index,
@@ -228,7 +228,7 @@ impl Vcpu {
                 return None;
             }
             if self.control.pause_requested() {
-                self.park();
+                self.hold_while_paused();
                 continue;
             }
             let kicked = kick::take_kicked();
@@ -259,7 +259,7 @@ impl Vcpu {
 
     /// Holds the vCPU off the CPU while the VM is paused, its vPMU context
     /// switched out so that paused time is never counted.
-    fn park(&mut self) {
+    fn hold_while_paused(&mut self) {
         if let Some(pmu) = &mut self.pmu {
             pmu.switch_out();
         }

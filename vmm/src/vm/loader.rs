@@ -264,98 +264,117 @@ pub fn load_kernel(
     mem_size: u64,
     source: KernelSource,
 ) -> Result<LoadedKernel, LoadError> {
-    let path = source.name();
     let image = read_all(&source, mem_size)?;
-    let invalid = |reason: String| LoadError::Invalid {
-        path: path.clone(),
-        reason,
+    let target = Target {
+        mem,
+        mem_size,
+        path: source.name(),
     };
-    let too_small = |end: u64| LoadError::TooSmall {
-        path: path.clone(),
-        needed_mib: end.div_ceil(1 << 20) + 1,
-        memory_mib: mem_size >> 20,
-    };
+    if is_elf(&image) {
+        return target.load_checked_elf(&image, ImageKind::Elf, None);
+    }
+    if !is_bzimage(&image) {
+        return Err(LoadError::UnknownFormat { path: target.path });
+    }
+    let header = read_setup_header(&image);
+    // The unpacked kernel must fit in guest memory: unpacking stops there.
+    let unpacked = unpack_payload(&image, &header, mem_size).map_err(|e| match e {
+        Unpack::Invalid(reason) => target.invalid(reason),
+        Unpack::TooLarge => LoadError::PayloadTooLarge {
+            path: target.path.clone(),
+            memory_mib: mem_size >> 20,
+        },
+        Unpack::Signalled(signal) => LoadError::Signalled(signal),
+    })?;
+    match unpacked {
+        Some(vmlinux) if is_elf(&vmlinux) => {
+            target.load_checked_elf(&vmlinux, ImageKind::BzImagePayload, Some(header))
+        }
+        _ => target.load_bzimage(&image, &header),
+    }
+}
 
-    // An ELF image, its segments checked against guest memory, each other
-    // and the boot structures before it is copied in.
-    let load_checked_elf = |elf: &[u8], kind: ImageKind, header: Option<setup_header>| {
-        let segments = elf_segments(elf).map_err(&invalid)?;
+/// Where a kernel image goes: guest memory, its size, and the image's name
+/// for errors.
+struct Target<'a> {
+    mem: &'a GuestMemoryMmap,
+    mem_size: u64,
+    path: PathBuf,
+}
+
+impl Target<'_> {
+    fn invalid(&self, reason: String) -> LoadError {
+        LoadError::Invalid {
+            path: self.path.clone(),
+            reason,
+        }
+    }
+
+    fn too_small(&self, end: u64) -> LoadError {
+        LoadError::TooSmall {
+            path: self.path.clone(),
+            needed_mib: end.div_ceil(1 << 20) + 1,
+            memory_mib: self.mem_size >> 20,
+        }
+    }
+
+    /// An ELF image, its segments checked against guest memory, each other
+    /// and the boot structures before it is copied in.
+    fn load_checked_elf(
+        &self,
+        elf: &[u8],
+        kind: ImageKind,
+        header: Option<setup_header>,
+    ) -> Result<LoadedKernel, LoadError> {
+        let segments = elf_segments(elf).map_err(|e| self.invalid(e))?;
         let end = segments.iter().map(|s| s.1).max().unwrap_or(0);
-        if end >= mem_size {
-            return Err(too_small(end));
+        if end >= self.mem_size {
+            return Err(self.too_small(end));
         }
         let what = match kind {
             ImageKind::Elf => "ELF segment",
             _ => "bzImage payload ELF segment",
         };
+        let path = self.path.display();
         let regions: Vec<(String, u64, u64)> = segments
             .iter()
-            .map(|&(index, start, end)| {
-                (
-                    format!("kernel {}: {what} {index}", path.display()),
-                    start,
-                    end,
-                )
-            })
+            .map(|&(index, start, end)| (format!("kernel {path}: {what} {index}"), start, end))
             .collect();
-        check_placement(mem_size, &regions)?;
-        let entry = load_elf(mem, elf).map_err(&invalid)?;
+        check_placement(self.mem_size, &regions)?;
+        let entry = load_elf(self.mem, elf).map_err(|e| self.invalid(e))?;
         Ok(LoadedKernel {
             kind,
             entry,
             header,
             regions,
         })
-    };
-
-    if is_elf(&image) {
-        return load_checked_elf(&image, ImageKind::Elf, None);
-    }
-    if !is_bzimage(&image) {
-        return Err(LoadError::UnknownFormat { path });
     }
 
-    let header = read_setup_header(&image);
-    let (code32_start, init_size) = (header.code32_start, header.init_size);
-    // The unpacked kernel must fit in guest memory: unpacking stops there.
-    let unpacked = unpack_payload(&image, &header, mem_size).map_err(|e| match e {
-        Unpack::Invalid(reason) => invalid(reason),
-        Unpack::TooLarge => LoadError::PayloadTooLarge {
-            path: path.clone(),
-            memory_mib: mem_size >> 20,
-        },
-        Unpack::Signalled(signal) => LoadError::Signalled(signal),
-    })?;
-    if let Some(vmlinux) = unpacked {
-        if is_elf(&vmlinux) {
-            return load_checked_elf(&vmlinux, ImageKind::BzImagePayload, Some(header));
+    /// A bzImage whose payload is not unpacked here: the kernel decompresses
+    /// itself in place, so it needs init_size bytes from its load address.
+    fn load_bzimage(&self, image: &[u8], header: &setup_header) -> Result<LoadedKernel, LoadError> {
+        let (code32_start, init_size) = (header.code32_start, header.init_size);
+        let start = u64::from(code32_start);
+        let end = start + u64::from(init_size).max(1);
+        if end >= self.mem_size {
+            return Err(self.too_small(end));
         }
-    }
-    // The kernel decompresses itself in place: it needs init_size bytes from
-    // its load address.
-    let start = u64::from(code32_start);
-    let end = start + u64::from(init_size).max(1);
-    if end >= mem_size {
-        return Err(too_small(end));
-    }
-    let regions = vec![(
-        format!(
+        let name = format!(
             "kernel {}: bzImage (code32_start + init_size)",
-            path.display()
-        ),
-        start,
-        end,
-    )];
-    check_placement(mem_size, &regions)?;
-    let mut file = memfd_with(&image).map_err(|e| invalid(e.to_string()))?;
-    let loaded = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-        .map_err(|e| invalid(e.to_string()))?;
-    Ok(LoadedKernel {
-        kind: ImageKind::BzImage,
-        entry: loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
-        header: loaded.setup_header,
-        regions,
-    })
+            self.path.display()
+        );
+        let regions = vec![(name, start, end)];
+        check_placement(self.mem_size, &regions)?;
+        let mut file = memfd_with(image).map_err(|e| self.invalid(e.to_string()))?;
+        let loaded = BzImage::load(self.mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+            .map_err(|e| self.invalid(e.to_string()))?;
+        Ok(LoadedKernel {
+            kind: ImageKind::BzImage,
+            entry: loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+            header: loaded.setup_header,
+            regions,
+        })
+    }
 }
 
 fn is_elf(image: &[u8]) -> bool {

@@ -644,7 +644,7 @@ impl Vm {
             }
             boots += 1;
             eprintln!("vmm: guest reset: reboot {boots}");
-            self.control.rearm();
+            self.control.reset_for_reboot();
             match self.build_boot() {
                 Ok(boot) => self.boot = Some(boot),
                 Err(e) if e.signal().is_some() => {

@@ -5,6 +5,7 @@
 
 pub mod profile;
 pub mod stat;
+mod values;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -40,7 +40,7 @@ pub enum PlanError {
 }
 
 /// `--vpmu`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum VpmuMode {
     /// A vPMU wherever the host can serve the guest fully.
     #[default]

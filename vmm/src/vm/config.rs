@@ -31,7 +31,7 @@ impl std::str::FromStr for SerialSink {
 }
 
 /// What a guest reset (i8042 reset, Linux `reboot`) does.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OnReset {
     /// The VMM exits with code 0.
     #[default]
@@ -44,7 +44,7 @@ pub enum OnReset {
 /// `--cpu-vendor`: the CPU vendor the guest sees in CPUID, and so the
 /// vendor of its vPMU model. A testing aid: it lets these AMD hosts drive
 /// the Intel model through KVM (and an Intel host the AMD one).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum CpuVendor {
     /// The host's vendor.
     #[default]

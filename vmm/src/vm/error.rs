@@ -24,8 +24,23 @@ pub enum StartError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The flags describe a VM that cannot be built (a bad value, a path
+    /// of the wrong kind, a shape the host refuses).
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    ApiSocket(#[from] crate::api::socket::SocketError),
+    /// Two devices claim the same ports or guest-physical range.
+    #[error(transparent)]
+    PortBus(#[from] devices::bus::BusError),
+    #[error(transparent)]
+    MmioBus(#[from] devices::mmio::MmioRangeError),
+    /// A boot structure could not be written into guest memory.
+    #[error("writing {what}: {reason}")]
+    GuestWrite { what: &'static str, reason: String },
+    /// More CPUID entries than KVM takes.
+    #[error("too many CPUID entries for KVM")]
+    CpuidTooLarge,
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]

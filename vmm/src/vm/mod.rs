@@ -353,11 +353,15 @@ fn load_guest(
     vm_memory::Bytes::write_slice(memory, &cmdline_bytes, GuestAddress(layout::CMDLINE_START))
         .map_err(|_| StartError::Config("command line does not fit in guest memory".into()))?;
     mptable::write(memory, num_vcpus)?;
-    let rsdp = acpi::write(memory, num_vcpus)
-        .map_err(|e| StartError::Config(format!("writing ACPI tables: {e}")))?;
+    let rsdp = acpi::write(memory, num_vcpus).map_err(|e| StartError::GuestWrite {
+        what: "ACPI tables",
+        reason: e.to_string(),
+    })?;
     let params = boot_params::build(kernel.header, cmdline_bytes.len(), initrd, rsdp, mem_size);
-    boot_params::write(&params, memory)
-        .map_err(|e| StartError::Config(format!("writing the zero page: {e}")))?;
+    boot_params::write(&params, memory).map_err(|e| StartError::GuestWrite {
+        what: "the zero page",
+        reason: e.to_string(),
+    })?;
     regs::write_boot_tables(memory)?;
     Ok(kernel)
 }
@@ -415,8 +419,7 @@ fn create_bus(
     )))));
     let mut bus = PioBus::new();
     bus.insert(serial.clone(), COM1_BASE, 8)
-        .and_then(|_| bus.insert(i8042, I8042_BASE, 5))
-        .map_err(|e| StartError::Config(e.to_string()))?;
+        .and_then(|_| bus.insert(i8042, I8042_BASE, 5))?;
     Ok(Arc::new(bus))
 }
 
@@ -455,8 +458,7 @@ fn create_mmio(num_vcpus: u8, gate: &Arc<ApGate>) -> Result<Arc<MmioBus>, StartE
             Arc::new(Mutex::new(mailbox)),
             layout::MP_WAKEUP_MAILBOX,
             devices::mp_wakeup::MAILBOX_SIZE,
-        )
-        .map_err(|e| StartError::Config(e.to_string()))?;
+        )?;
     }
     Ok(Arc::new(mmio))
 }
@@ -495,7 +497,7 @@ impl Vm {
         // Bound now, while single-threaded (mode 0600 via the umask), so that
         // a bad path fails before anything runs.
         let api_socket = match &config.api_socket {
-            Some(path) => Some(api::bind(path).map_err(|e| StartError::Config(e.to_string()))?),
+            Some(path) => Some(api::bind(path)?),
             None => None,
         };
         stage()?;
@@ -769,6 +771,5 @@ fn pmu_cpuid(supported: &CpuId, plan: &PmuPlan) -> Result<CpuId, StartError> {
         vpmu::cpuid::apply(plan.model.as_ref(), e.function, e.index, &mut regs);
         (e.eax, e.ebx, e.ecx, e.edx) = (regs.eax, regs.ebx, regs.ecx, regs.edx);
     }
-    CpuId::from_entries(&entries)
-        .map_err(|_| StartError::Config("too many CPUID entries for KVM".into()))
+    CpuId::from_entries(&entries).map_err(|_| StartError::CpuidTooLarge)
 }

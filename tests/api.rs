@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Ended, Running as Vm};
+use common::{num, send_raw, Ended, Running as Vm};
 use serde_json::Value;
 
 /// Waits until counter 0 of each of the first `vcpus` vCPUs counted.
@@ -34,10 +34,6 @@ fn cycles_total(doc: &Value) -> Option<&Value> {
         .as_array()?
         .iter()
         .find(|t| t["event"] == "cycles")
-}
-
-fn num(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
 }
 
 /// `counted` of counter `counter` of vCPU `vcpu`.
@@ -425,19 +421,6 @@ fn sixteen_scrapers_for_ten_seconds_leave_the_pmi_rate_alone() {
         (busy / quiet - 1.0).abs() <= 0.10,
         "scraped rate {busy:.4} vs unscraped {quiet:.4}"
     );
-}
-
-/// Sends `raw` on a fresh connection (then half-closes it) and returns the
-/// status code, or `None` when the server dropped the connection.
-fn send_raw(sock: &Path, raw: &[u8]) -> Option<u16> {
-    let mut s = UnixStream::connect(sock).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = s.write_all(raw);
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    let mut answer = Vec::new();
-    let _ = s.read_to_end(&mut answer);
-    let text = String::from_utf8_lossy(&answer);
-    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
 
 #[test]

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Running;
+use common::{float, Running};
 use serde_json::Value;
 
 const HOT: &str = "probe::profile::hot";
@@ -66,23 +66,19 @@ fn leaves(folded: &[(Vec<String>, u64)]) -> (BTreeMap<String, u64>, u64) {
     (by_leaf, total)
 }
 
-fn num(v: &Value) -> f64 {
-    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
 /// Samples, against what the vCPUs' sampling events covered: a task
 /// clock samples per second of the vCPU thread's own time, which a loaded
 /// host gives it less of than wall time.
 fn check_rate(p: &Value) {
-    let hz = num(&p["hz"]);
+    let hz = float(&p["hz"]);
     let run_ms: f64 = p["per_vcpu"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| num(&v["run_ms"]))
+        .map(|v| float(&v["run_ms"]))
         .sum();
     let by_run = run_ms * hz / 1000.0;
-    let samples = num(&p["samples"]);
+    let samples = float(&p["samples"]);
     eprintln!(
         "profile: {samples} samples; expected {} by seconds x Hz x vCPUs, {by_run:.0} by the \
          vCPUs' {run_ms:.0} ms of run time",
@@ -331,10 +327,10 @@ fn hostile_stacks_and_page_tables_end_walks_marked_truncated() {
         assert!(reasons.contains(expected), "no '{expected}' in {reasons:?}");
     }
     let v = &p["per_vcpu"][0];
-    assert!(num(&v["truncated"]) > 0.5 * num(&v["samples"]), "{v}");
+    assert!(float(&v["truncated"]) > 0.5 * float(&v["samples"]), "{v}");
     // Bounded work per sample, whatever the guest's stack holds.
-    let max_ms = num(&v["max_sample_ns"]) / 1e6;
-    let mean_us = num(&v["sample_ns"]) / num(&v["samples"]) / 1e3;
+    let max_ms = float(&v["max_sample_ns"]) / 1e6;
+    let mean_us = float(&v["sample_ns"]) / float(&v["samples"]) / 1e3;
     eprintln!("sampling: mean {mean_us:.1} us, max {max_ms:.2} ms per sample");
     assert!(max_ms < 50.0 && mean_us < 1000.0, "{v}");
 }
@@ -354,7 +350,7 @@ fn a_profile_during_a_pmi_storm_is_answered_and_the_vmm_stays_responsive() {
     stop.store(true, Ordering::SeqCst);
     assert_responsive(poller.join().unwrap());
     assert!(took < Duration::from_secs(5), "the profile took {took:?}");
-    assert!(num(&p["samples"]) > 0.0, "{p:#}");
+    assert!(float(&p["samples"]) > 0.0, "{p:#}");
     let end = vm.finish();
     end.assert_reset();
     let storm = common::result(&end.results(), 0, "pmistorm").clone();
@@ -373,7 +369,7 @@ fn fixed_work_cycles(hz: Option<u32>) -> Vec<f64> {
         // Longer than the rounds: cut short by the guest's reset, and
         // answered all the same.
         let p = profile(&vm.sock, 8.0, hz);
-        assert!(num(&p["samples"]) > 0.0, "{p:#}");
+        assert!(float(&p["samples"]) > 0.0, "{p:#}");
     }
     let end = vm.finish();
     end.assert_reset();

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{result, Ended, ProbeResult, Running};
+use common::{num, result, send_raw, Ended, ProbeResult, Running};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------
@@ -219,10 +219,6 @@ fn counter(doc: &Value, vcpu: usize, counter: usize) -> &Value {
 
 fn stats(doc: &Value, vcpu: usize) -> &Value {
     &doc["vcpus"][vcpu]["vpmu"]["stats"]
-}
-
-fn num(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
 // ---------------------------------------------------------------------------
@@ -950,22 +946,6 @@ fn bad_flag_values_are_one_line_errors_and_leave_nothing_behind() {
     );
 }
 
-/// One raw request; the status code, or `None` when the connection ended
-/// without one.
-fn raw_request(sock: &Path, raw: &[u8]) -> Option<u16> {
-    let mut s = UnixStream::connect(sock).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(raw).ok()?;
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    let mut answer = Vec::new();
-    let _ = s.read_to_end(&mut answer);
-    String::from_utf8_lossy(&answer)
-        .strip_prefix("HTTP/1.1 ")?
-        .get(..3)?
-        .parse()
-        .ok()
-}
-
 #[test]
 fn every_api_request_with_a_bad_method_path_or_form_gets_a_4xx() {
     require_kvm!();
@@ -1034,7 +1014,7 @@ fn every_api_request_with_a_bad_method_path_or_form_gets_a_4xx() {
     ]);
     let mut wrong = BTreeMap::new();
     for (raw, expected) in &cases {
-        let got = raw_request(&vm.sock, raw.as_bytes());
+        let got = send_raw(&vm.sock, raw.as_bytes());
         if got != *expected {
             wrong.insert(raw.chars().take(60).collect::<String>(), (got, *expected));
         }

@@ -277,6 +277,31 @@ pub fn api(socket: &Path, method: &str, path: &str) -> std::io::Result<(u16, Str
     Ok((status, body))
 }
 
+/// Sends `raw` on a fresh connection to the API socket (then half-closes
+/// it) and returns the status code, or `None` when the server ended the
+/// connection without one.
+pub fn send_raw(sock: &Path, raw: &[u8]) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let _ = s.write_all(raw);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// A JSON count (of `GET /vpmu`, `GET /profile`): panics on anything else.
+pub fn num(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+/// A JSON number, as a float: panics on anything else.
+pub fn float(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
 /// Waits until the API socket at `path` answers.
 pub fn wait_for_api(path: &Path) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

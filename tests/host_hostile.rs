@@ -1,4 +1,4 @@
-//! The host side is hostile too (issue 12): stalled consoles, endless
+//! The host side is hostile too: stalled consoles, endless
 //! input, odd and oversized files, other users' sockets, slow API clients,
 //! signals at any time and images that overlap. Each test drives the VMM
 //! the way an attacker or an unlucky operator would and checks that it

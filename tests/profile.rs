@@ -1,4 +1,4 @@
-//! The host-side profiler end to end (issue 15): `GET /profile` and
+//! The host-side profiler end to end: `GET /profile` and
 //! `vmm profile` against the probe's `spin` (a named hot function under a
 //! known call depth) and `badstack` (stacks and page tables a walk must
 //! survive), with the vPMU on and off, during a PMI storm, and against the

@@ -1,4 +1,4 @@
-//! Robustness and security end to end (issue 7): hostile guests (the
+//! Robustness and security end to end: hostile guests (the
 //! probe's `storm.rs` tests), a failing host (perf_event_open refused
 //! through the `VMM_TEST_PERF_FAULT` seam), signal storms, vanished API
 //! clients, the event policy as a boundary, guest-only counting, bad input,

@@ -1,4 +1,4 @@
-//! Host-side export figures of issue 5: scrape latency of `GET /vpmu` and
+//! Host-side export figures: scrape latency of `GET /vpmu` and
 //! `GET /metrics` with 8 vCPUs whose counters run, and the guest's
 //! slowdown while it is scraped, unscraped and scraped runs interleaved.
 //!

@@ -1,4 +1,4 @@
-//! Boot figures of issue 2: wall time from starting `vmm` to the probe
+//! Boot figures: wall time from starting `vmm` to the probe
 //! guest's reset, and the VMM's peak RSS. Runs the release binary several
 //! times, vPMU off and on interleaved, and prints median and spread.
 //!

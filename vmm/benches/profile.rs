@@ -1,4 +1,4 @@
-//! Host-side profiler figures of issue 15: the guest's slowdown while
+//! Host-side profiler figures: the guest's slowdown while
 //! profiled at 99, 999 and 4999 Hz, and the VMM's time per sample and per
 //! stack frame walked.
 //!

@@ -1,5 +1,5 @@
 //! What the vPMU costs per MSR access, per exit and per PMI, side by side
-//! with its floors (issue 6; BENCHMARKS.md explains every figure).
+//! with its floors (BENCHMARKS.md explains every figure).
 //!
 //! `cargo bench -p vmm --bench vpmu_costs`
 //!
@@ -706,7 +706,7 @@ fn main() {
     // Figure 3 (1 vCPU, 1000 PMIs/s): the detailed rows.
     let one = &growth[&1];
     let w3 = windows_at(one, FIG3_RATE);
-    // The handler issue 6 names (read status, read counter, write period,
+    // The minimal handler (read status, read counter, write period,
     // ack, re-enable), in a session of its own; then Linux's, which also
     // freezes the counters first.
     let basic = run_vmm(
@@ -1022,7 +1022,7 @@ fn ioctl_costs() -> Vec<(&'static str, Spread)> {
             }),
         ),
         (
-            "KVM_NMI (a vCPU ioctl; the VMM used it before issue 6)",
+            "KVM_NMI (a vCPU ioctl; the VMM's PMI path before the NMI MSI)",
             time(&mut || {
                 let _ = vcpu.nmi();
             }),

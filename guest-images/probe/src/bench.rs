@@ -1,4 +1,4 @@
-//! Microbenchmarks of what the vPMU costs the guest (issue 6; the host-side
+//! Microbenchmarks of what the vPMU costs the guest (the host-side
 //! harness is `vmm/benches/vpmu_costs.rs`, the figures are in
 //! BENCHMARKS.md). Every figure is in guest TSC cycles, measured around
 //! loops (never per instruction: on the development hosts RDTSC itself
@@ -500,7 +500,7 @@ struct Handler {
     /// Read the counter with RDPMC, as Linux does, instead of RDMSR.
     rdpmc: bool,
     /// Only read status, read the counter, write the period, ack and
-    /// re-enable (the handler issue 6 names): no freeze first, no second
+    /// re-enable (the minimal handler): no freeze first, no second
     /// status read on Intel.
     basic: bool,
 }

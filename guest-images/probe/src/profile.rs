@@ -1,4 +1,4 @@
-//! Targets for the host-side profiler (`vmm profile`, issue 15). They only
+//! Targets for the host-side profiler (`vmm profile`). They only
 //! run when named.
 //!
 //! - `spin`: busy in one named function, [`hot`], under `probe.spin_depth`

@@ -1,4 +1,4 @@
-//! Hostile-guest tests (issue 7): what a guest that abuses its PMU gets,
+//! Hostile-guest tests: what a guest that abuses its PMU gets,
 //! and that the VMM stays well. Each prints one result line; the host side
 //! is `tests/robustness.rs`, which also watches the VMM (API answers, CPU,
 //! memory, threads, descriptors) while they run.

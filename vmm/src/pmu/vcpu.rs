@@ -274,7 +274,7 @@ impl VcpuPmu {
             PmiRoute::Nmi => {
                 self.delivery.nmi += 1;
                 // NMI mode: a VM ioctl, a fraction of the cost of KVM_NMI,
-                // which loads the vCPU (BENCHMARKS.md, issue 6). Where no
+                // which loads the vCPU (BENCHMARKS.md, vPMU costs). Where no
                 // APIC takes it (APIC disabled, ID changed), KVM_NMI as
                 // before.
                 match vm.signal_msi(msi(LVT_DELIVERY_NMI)) {

@@ -5,10 +5,11 @@ Usage: scripts/module-cycles.py CRATE_SRC_DIR...   (e.g. vmm/src vpmu/src)
 
 A file's module is the first component of its path under the source folder
 (`vcpu/exit.rs` and `vcpu/mod.rs` are both `vcpu`; `lib.rs` and `main.rs`
-are the root and not counted). Every `crate::NAME` a file names outside its
-`#[cfg(test)]` module is an import of module NAME. Prints each strongly
+are the root and not counted). Every `crate::NAME` a file names in code (not in
+a comment) is an import of module NAME. Prints each strongly
 connected group of two or more modules (a cycle) and exits 1 if there is
-one; prints the imports, one line per module, with -v.
+one; prints the imports, one line per module, with -v. Test code counts
+too, unless given --no-tests.
 """
 
 import os
@@ -32,7 +33,7 @@ def imports(src):
                 continue
             with open(path, encoding="utf-8") as f:
                 text = f.read()
-            tests = TESTS.search(text)
+            tests = TESTS.search(text) if SKIP_TESTS else None
             if tests:
                 text = text[: tests.start()]
             # Comments may name modules without importing them.
@@ -73,9 +74,14 @@ def cycles(graph):
     return out
 
 
+SKIP_TESTS = False
+
+
 def main(argv):
+    global SKIP_TESTS
     verbose = "-v" in argv
-    dirs = [a for a in argv if a != "-v"]
+    SKIP_TESTS = "--no-tests" in argv
+    dirs = [a for a in argv if a not in ("-v", "--no-tests")]
     if not dirs:
         print(__doc__.strip(), file=sys.stderr)
         return 2

@@ -1,6 +1,9 @@
 //! x86-64 machine set-up: where things live in guest memory, the boot
 //! protocol's zero page, page tables and segments for a 64-bit entry, the MP
 //! table that tells the guest its CPUs, and per-vCPU CPUID.
+//!
+//! A leaf: it imports nothing of the crate, and knows no KVM object beyond
+//! the vCPU file descriptor it programs.
 
 pub mod acpi;
 pub mod boot_params;

@@ -2,6 +2,11 @@
 //!
 //! A bad flag gets one line on stderr and exit code 2, never clap's
 //! multi-line usage dump or a panic.
+//!
+//! Owns: flags and their spelling (clap is known here only), `vmm run`'s
+//! summary, and the two clients, `vmm stat` ([`stat`]) and `vmm profile`
+//! ([`profile`]), which read the API's documents. The top of the tree:
+//! nothing imports it.
 
 pub mod profile;
 pub mod stat;

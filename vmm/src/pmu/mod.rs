@@ -3,6 +3,11 @@
 //! ([`filter`]), and each vCPU's glue between KVM exits and its
 //! [`vpmu::Vpmu`] ([`vcpu`]). Register semantics live in the `vpmu` crate;
 //! this module only knows KVM.
+//!
+//! Owns: the plan, the MSR filter, each vCPU's [`vcpu::VcpuPmu`], PMI
+//! delivery and the host export ([`export`]). May use `arch` (APIC
+//! registers); knows nothing of the vCPU thread, its kicks or the API: what
+//! it needs from them (the overflow signal) is handed to it.
 
 pub mod export;
 pub mod filter;

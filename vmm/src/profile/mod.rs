@@ -8,8 +8,13 @@
 //! memory ([`walk`]); user-mode samples keep only the page-table root.
 //! The API thread that asked ([`Hub::run`]) collects what each vCPU
 //! gathered, names kernel frames ([`symbols`]) and answers `GET /profile`
-//! with a [`Profile`]; `vmm profile` ([`client`]) turns it into folded
+//! with a [`Profile`]; `vmm profile` (`cli::profile`) turns it into folded
 //! stacks, a flame graph or a table ([`output`]).
+//!
+//! Owns: sessions, per-vCPU sampling, guest page walks, symbols and the
+//! output formats. May use `vcpu` (its control block, kicks and the
+//! sampler trait); knows nothing of the API that serves it or the VM that
+//! builds it (the probe's ELF is handed to [`Hub::new`]).
 //!
 //! The vCPU knows its sampler only as a [`crate::vcpu::GuestSampler`]
 //! called before each entry: without a profile running that is one atomic

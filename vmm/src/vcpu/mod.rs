@@ -1,5 +1,14 @@
 //! A vCPU thread and its run loop: enter the guest, handle the exit, repeat,
 //! until the guest stops or the VMM asks the vCPU to.
+//!
+//! Owns: the vCPU thread, its run loop ([`Vcpu`]), the exit handler
+//! ([`exit::handle_exit`]), kicks ([`kick`]), secondary vCPUs parked until
+//! their wakeup ([`ap_start`]), what the vCPUs share with the rest
+//! ([`control::VmControl`]) and how a run ends ([`Outcome`]). May use
+//! `pmu` (the vCPU's vPMU) and `arch`; knows nothing of how the VM is
+//! built, the API, the profiler or the benchmark trace: the last two reach
+//! it only through the traits of `hooks` ([`ExitObserver`],
+//! [`GuestSampler`]).
 
 pub mod ap_start;
 pub mod control;

@@ -5,6 +5,11 @@
 //! irqchip and PIT, guest memory, the kernel and its boot data, devices,
 //! vCPUs. Nothing runs until [`Vm::run`], which replaces the boot on a guest
 //! reset when asked to (`--on-reset reboot`).
+//!
+//! Owns: the VM's configuration ([`VmConfig`]), start errors
+//! ([`StartError`]), the kernel loader, the embedded probe image, the main
+//! event loop and the termination signals. Puts the other parts together
+//! (vCPUs, vPMU plan, API, profiler, devices); nothing below imports it.
 
 pub mod config;
 mod error;

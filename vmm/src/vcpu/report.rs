@@ -52,7 +52,7 @@ pub struct VcpuReport {
     pub vpmu: Option<(VpmuSnapshot, PmiDelivery)>,
     /// Userspace exits by reason.
     pub exits: ExitCounts,
-    /// What its [`ExitObserver`] left, if it had one.
+    /// What its [`ExitObserver`](super::ExitObserver) left, if it had one.
     pub observer_log: Option<ObserverLog>,
     /// Where the guest was when the thread ended (None: never started, or
     /// KVM would not say): for guests stopped by a timeout or a signal.

@@ -1,6 +1,6 @@
 //! The VMM's main thread: an `event-manager` loop over host-side file
 //! descriptors (stdin for the serial console, stop notifications from vCPUs
-//! and devices, the termination signals of [`crate::signals`]), never
+//! and devices, the termination signals of [`super::signals`]), never
 //! touching a vCPU.
 //!
 //! Console input is bounded: the serial device keeps at most

@@ -9,7 +9,7 @@
 //! exit code 128+N and removes its socket. SIGPIPE is ignored: a console
 //! or API peer that went away is an `EPIPE` on that descriptor, handled
 //! where it happens. The vCPU kick and the vPMU's overflow signal (SIGIO)
-//! belong to [`crate::kick`] and are not touched here.
+//! belong to [`crate::vcpu::kick`] and are not touched here.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 

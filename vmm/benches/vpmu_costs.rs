@@ -52,12 +52,20 @@ fn tmp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("vpmu-costs-{}-{name}", std::process::id()))
 }
 
+/// The `vmm` under test: this build's, or `VPMU_COSTS_VMM` (another build
+/// with the `bench` feature, e.g. a previous commit's, measured by this
+/// same harness: `scripts/bench-compare.sh`).
+fn vmm_binary() -> PathBuf {
+    std::env::var_os("VPMU_COSTS_VMM")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vmm")), PathBuf::from)
+}
+
 /// Runs vmm; panics unless the guest reset cleanly.
 fn run_vmm(vpmu_on: bool, vcpus: u32, cmdline: &str, trace: bool) -> Run {
     let trace_path = tmp_path("trace");
     let out_path = tmp_path("out");
     let err_path = tmp_path("err");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
+    let mut cmd = Command::new(vmm_binary());
     cmd.args(["--vpmu", if vpmu_on { "on" } else { "off" }])
         .args(["--vcpus", &vcpus.to_string()])
         .args(["--bench-msr", NULL_MSR])

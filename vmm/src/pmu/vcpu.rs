@@ -57,6 +57,16 @@ pub fn pmi_route(lvtpc: u32) -> PmiRoute {
     }
 }
 
+/// Why a vCPU's vPMU could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuPmuError {
+    /// The plan has no model (the vPMU is off).
+    #[error("no vPMU model")]
+    NoModel,
+    #[error(transparent)]
+    Model(#[from] vpmu::ModelError),
+}
+
 /// A vCPU's vPMU and how it reaches KVM.
 pub struct VcpuPmu {
     vpmu: Vpmu<HostBackend>,
@@ -98,8 +108,8 @@ impl VcpuPmu {
         tsc_khz: u32,
         carried: Option<EventTotals>,
         overflow_signal: libc::c_int,
-    ) -> Result<Self, String> {
-        let model = plan.model.clone().ok_or("no vPMU model")?;
+    ) -> Result<Self, VcpuPmuError> {
+        let model = plan.model.clone().ok_or(VcpuPmuError::NoModel)?;
         let vendor = model.vendor();
         let mut backend = seams::host_backend(PerfBackend::new(0));
         backend.set_overflow_notify(Some(OverflowNotify {
@@ -112,7 +122,7 @@ impl VcpuPmu {
             backend,
             GuestClock::new(tsc_khz),
         )
-        .map_err(|e| e.to_string())?
+?
         .with_host_vendor(plan.host_vendor);
         Ok(Self {
             vpmu,

@@ -448,7 +448,7 @@ mod tests {
             vcpus: vec![VcpuDoc {
                 index: 0,
                 paused: false,
-                vpmu: crate::pmu::export::snapshot(vec![counter]),
+                vpmu: crate::pmu::export::fixtures::snapshot(vec![counter]),
             }],
             totals: vec![TotalDoc {
                 id: ProgrammingId::of_select(select),

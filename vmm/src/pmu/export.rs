@@ -229,32 +229,31 @@ impl Export {
     }
 }
 
-/// A fresh snapshot of an AMD v1 vPMU (4 counters, 48 bits) with these
-/// counters, for tests of what readers make of views.
+/// Views of a VM's vCPUs, for tests of what readers make of them (the
+/// totals here, `GET /vpmu`, `GET /metrics`, `vmm stat`).
 #[cfg(test)]
-pub(crate) fn snapshot(counters: Vec<vpmu::CounterSnapshot>) -> VpmuSnapshot {
-    VpmuSnapshot {
-        model: vpmu::PmuModel::new(1, 4, 48, vpmu::AmdFeatures::default()),
-        counters,
-        global_ctrl: 0,
-        global_status: 0,
-        pending_pmi: false,
-        guest_time_ns: 0,
-        no_hardware_reason: None,
-        stats: Default::default(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
-    use vpmu::evtsel::{EN, OS, USR};
     use vpmu::{Backing, CounterKind, CounterSnapshot};
 
-    const CYCLES: u64 = 0x76 | USR | OS | EN;
-    const INSTRUCTIONS: u64 = 0xc0 | USR | OS | EN;
+    /// A fresh snapshot of an AMD v1 vPMU (4 counters, 48 bits) with these
+    /// counters.
+    pub(crate) fn snapshot(counters: Vec<CounterSnapshot>) -> VpmuSnapshot {
+        VpmuSnapshot {
+            model: vpmu::PmuModel::new(1, 4, 48, vpmu::AmdFeatures::default()),
+            counters,
+            global_ctrl: 0,
+            global_status: 0,
+            pending_pmi: false,
+            guest_time_ns: 0,
+            no_hardware_reason: None,
+            stats: Default::default(),
+        }
+    }
 
-    fn counter(index: usize, select: u64, counted: u64, ran: bool) -> CounterSnapshot {
+    /// General-purpose counter `index` of that vPMU, programmed with
+    /// `select`, that counted `counted` (and is running if it `ran`).
+    pub(crate) fn counter(index: usize, select: u64, counted: u64, ran: bool) -> CounterSnapshot {
         CounterSnapshot {
             kind: CounterKind::Gp,
             index,
@@ -278,7 +277,11 @@ mod tests {
 
     /// vCPU `index` with these live counters and retired `(select, count,
     /// contexts)`.
-    fn view(index: u8, counters: Vec<CounterSnapshot>, retired: &[(u64, u64, u64)]) -> VcpuView {
+    pub(crate) fn view(
+        index: u8,
+        counters: Vec<CounterSnapshot>,
+        retired: &[(u64, u64, u64)],
+    ) -> VcpuView {
         let mut totals = EventTotals::default();
         for &(select, count, contexts) in retired {
             totals.add(ProgrammingId::of_select(select), None, count, contexts);
@@ -292,6 +295,27 @@ mod tests {
             retired: totals,
         }
     }
+
+    /// A plan with this model (`None`: no vPMU), RDPMC unavailable.
+    pub(crate) fn plan(model: Option<vpmu::PmuModel>) -> PmuPlan {
+        PmuPlan {
+            model,
+            policy: vpmu::EventPolicy::default(),
+            rdpmc: crate::pmu::Rdpmc::Unavailable("test".into()),
+            notes: Vec::new(),
+            host_vendor: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{counter, view};
+    use super::*;
+    use vpmu::evtsel::{EN, OS, USR};
+
+    const CYCLES: u64 = 0x76 | USR | OS | EN;
+    const INSTRUCTIONS: u64 = 0xc0 | USR | OS | EN;
 
     fn total(totals: &[VmTotal], select: u64) -> &VmTotal {
         let id = ProgrammingId::of_select(select);
@@ -393,14 +417,7 @@ mod tests {
 
     #[test]
     fn a_view_older_than_a_guest_write_reads_outdated_until_the_next_publish() {
-        let plan = PmuPlan {
-            model: None,
-            policy: vpmu::EventPolicy::default(),
-            rdpmc: crate::pmu::Rdpmc::Unavailable("test".into()),
-            notes: Vec::new(),
-            host_vendor: None,
-        };
-        let export = Export::new(Arc::new(plan), 2);
+        let export = Export::new(Arc::new(fixtures::plan(None)), 2);
         export.publish(view(1, vec![counter(0, CYCLES, 5, true)], &[]));
         assert!(!export.outdated(1));
         export.mark_outdated(1);

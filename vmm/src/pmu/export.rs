@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vpmu::evtsel::DecodedSelect;
 use vpmu::{EventTotals, ProgrammingId, VpmuSnapshot};
 
@@ -28,11 +28,11 @@ use crate::pmu::PmuPlan;
 /// How often a vCPU republishes on its own (at its next exit).
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(50);
 
-/// One vCPU's published view.
-#[derive(Clone, Debug, Serialize)]
+/// One vCPU's published view (`GET /vpmu` sends it as
+/// `api::documents::VcpuDoc`).
+#[derive(Clone, Debug)]
 pub struct VcpuView {
     pub index: u8,
-    #[serde(skip)]
     pub taken: Instant,
     /// The vCPU is parked by a VM pause.
     pub paused: bool,
@@ -70,7 +70,7 @@ pub fn event_label(name: Option<&str>, decoded: &DecodedSelect) -> String {
 }
 
 /// The total of one programming id over the VM.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmTotal {
     /// The programming id (the event select bits that decide counting).
     pub id: ProgrammingId,
@@ -93,7 +93,7 @@ pub struct VmTotal {
     pub vcpus: Vec<VcpuCount>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuCount {
     pub vcpu: u8,
     pub count: u64,

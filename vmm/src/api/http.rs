@@ -67,6 +67,15 @@ impl Response {
         }
     }
 
+    /// `document` as JSON (through a `serde_json::Value`: every object's
+    /// keys sorted); 500 if it cannot be encoded (`what` says what it is).
+    pub fn document(status: u16, document: &impl serde::Serialize, what: &str) -> Self {
+        match serde_json::to_value(document) {
+            Ok(value) => Self::json(status, &value),
+            Err(e) => Self::error(500, &format!("encoding {what}: {e}")),
+        }
+    }
+
     pub fn error(status: u16, message: &str) -> Self {
         Self::json(status, &serde_json::json!({ "error": message }))
     }

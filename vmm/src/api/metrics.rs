@@ -7,13 +7,257 @@
 //! went, `vmm_vpmu_events_total` (per vCPU) and `vmm_vm_vpmu_events_total`
 //! (per VM) for the totals per programming id (labels `event`, `id`), and
 //! `vmm_vm_*` for the VM. Counts are printed as exact integers.
+//!
+//! Every series name, label and label value is written out here, in the
+//! tables below and [`super::documents`]' labels: none is taken from the
+//! field names of the types it reports, so renaming a field renames no
+//! series. The tests list every series.
 
-use std::fmt::Write;
+use std::fmt::{self, Display, Write};
 use std::sync::Arc;
 
-use vpmu::{Backing, CounterKind, CounterSnapshot};
+use vpmu::{CounterSnapshot, MsrAccessCounts, VpmuStats};
 
+use super::documents::{backing_label, counter_label, event_label};
 use crate::pmu::export::{self, Export, VcpuView};
+use crate::pmu::PmiDelivery;
+
+/// A family's Prometheus type.
+#[derive(Clone, Copy)]
+enum Kind {
+    Gauge,
+    Counter,
+}
+
+/// A metric family: its name, type and help.
+struct Family {
+    name: &'static str,
+    kind: Kind,
+    help: &'static str,
+}
+
+impl Family {
+    const fn gauge(name: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            kind: Kind::Gauge,
+            help,
+        }
+    }
+
+    const fn counter(name: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            kind: Kind::Counter,
+            help,
+        }
+    }
+}
+
+/// A sample value: counts exactly, times as decimals.
+enum Num {
+    Int(u64),
+    Real(f64),
+}
+
+impl Display for Num {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Num::Int(n) => write!(f, "{n}"),
+            Num::Real(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+/// A guest counter's value in a family.
+type CounterValue = fn(&CounterSnapshot) -> Num;
+/// A count read from a `T`.
+type Count<T> = fn(&T) -> u64;
+/// The MSR accesses of one operation.
+type Accesses = fn(&VpmuStats) -> &MsrAccessCounts;
+
+const UPTIME: Family = Family::gauge(
+    "vmm_vm_uptime_seconds",
+    "Seconds since the VMM built the VM.",
+);
+const VPMU_ENABLED: Family =
+    Family::gauge("vmm_vm_vpmu_enabled", "1 when the guest has a virtual PMU.");
+
+/// Per guest counter (labels `vcpu`, `counter`, `event`): the family and
+/// the counter's value in it.
+const COUNTER_FAMILIES: [(Family, CounterValue); 7] = [
+    (
+        Family::gauge(
+            "vmm_vpmu_counter_value",
+            "Current value of a guest PMU counter.",
+        ),
+        |c| Num::Int(c.value),
+    ),
+    (
+        Family::counter(
+            "vmm_vpmu_counter_counted_total",
+            "Events a guest counter counted under its current programming (guest writes of \
+             the value do not change it; restarts at 0 with a new programming).",
+        ),
+        |c| Num::Int(c.counted),
+    ),
+    (
+        Family::gauge(
+            "vmm_vpmu_counter_running",
+            "1 while the guest has the counter enabled.",
+        ),
+        |c| Num::Int(c.running as u64),
+    ),
+    (
+        Family::gauge(
+            "vmm_vpmu_counter_host_enabled_seconds",
+            "Time the backing host event was enabled.",
+        ),
+        |c| Num::Real(c.host_time_enabled_ns as f64 / 1e9),
+    ),
+    (
+        Family::gauge(
+            "vmm_vpmu_counter_host_running_seconds",
+            "Time the backing host event was on a counter (below enabled: multiplexed).",
+        ),
+        |c| Num::Real(c.host_time_running_ns as f64 / 1e9),
+    ),
+    (
+        Family::counter(
+            "vmm_vpmu_counter_overflows_total",
+            "Overflows of a guest counter.",
+        ),
+        |c| Num::Int(c.overflows),
+    ),
+    (
+        Family::counter(
+            "vmm_vpmu_counter_pmis_total",
+            "PMIs a guest counter requested.",
+        ),
+        |c| Num::Int(c.pmis),
+    ),
+];
+
+/// Per guest counter, labels `vcpu`, `counter`, `event` and `backing`.
+const BACKING: Family = Family::gauge(
+    "vmm_vpmu_counter_backing",
+    "How a guest counter is backed on the host (1 for the current backing).",
+);
+
+/// Per vCPU (label `vcpu`), counters: the series, the statistic its help
+/// names and its value, in the order of the statistics' names.
+const STATISTICS: [(&str, &str, Count<VpmuStats>); 27] = [
+    ("vmm_vpmu_backend_errors_total", "backend_errors", |s| {
+        s.backend_errors
+    }),
+    ("vmm_vpmu_backing_lost_total", "backing_lost", |s| {
+        s.backing_lost
+    }),
+    (
+        "vmm_vpmu_backing_recovered_total",
+        "backing_recovered",
+        |s| s.backing_recovered,
+    ),
+    ("vmm_vpmu_clock_lead_ns_total", "clock_lead_ns", |s| {
+        s.clock_lead_ns
+    }),
+    ("vmm_vpmu_clock_reads_total", "clock_reads", |s| {
+        s.clock_reads
+    }),
+    (
+        "vmm_vpmu_clock_reads_saved_total",
+        "clock_reads_saved",
+        |s| s.clock_reads_saved,
+    ),
+    ("vmm_vpmu_closes_total", "closes", |s| s.closes),
+    ("vmm_vpmu_faults_total", "faults", |s| s.faults),
+    ("vmm_vpmu_notices_dropped_total", "notices_dropped", |s| {
+        s.notices_dropped
+    }),
+    ("vmm_vpmu_open_failures_total", "open_failures", |s| {
+        s.open_failures
+    }),
+    ("vmm_vpmu_open_retries_total", "open_retries", |s| {
+        s.open_retries
+    }),
+    ("vmm_vpmu_opens_total", "opens", |s| s.opens),
+    ("vmm_vpmu_overflow_signals_total", "overflow_signals", |s| {
+        s.overflow_signals
+    }),
+    ("vmm_vpmu_overflows_total", "overflows", |s| s.overflows),
+    ("vmm_vpmu_period_updates_total", "period_updates", |s| {
+        s.period_updates
+    }),
+    ("vmm_vpmu_pmis_total", "pmis", |s| s.pmis),
+    ("vmm_vpmu_reads_total", "reads", |s| s.reads),
+    ("vmm_vpmu_reprograms_total", "reprograms", |s| s.reprograms),
+    ("vmm_vpmu_resets_total", "resets", |s| s.resets),
+    ("vmm_vpmu_restores_total", "restores", |s| s.restores),
+    (
+        "vmm_vpmu_restores_equivalent_total",
+        "restores_equivalent",
+        |s| s.restores_equivalent,
+    ),
+    ("vmm_vpmu_retired_contexts_total", "retired_contexts", |s| {
+        s.retired_contexts
+    }),
+    ("vmm_vpmu_retired_dropped_total", "retired_dropped", |s| {
+        s.retired_dropped
+    }),
+    ("vmm_vpmu_saves_total", "saves", |s| s.saves),
+    ("vmm_vpmu_starts_total", "starts", |s| s.starts),
+    ("vmm_vpmu_stops_total", "stops", |s| s.stops),
+    ("vmm_vpmu_throttles_total", "throttles", |s| s.throttles),
+];
+
+/// Per vCPU, operation (`op`) and register (`register`).
+const MSR_ACCESSES: Family = Family::counter(
+    "vmm_vpmu_msr_accesses_total",
+    "Guest PMU MSR accesses handled by the VMM, by register and operation.",
+);
+/// `op` label values and their accesses.
+const OPS: [(&str, Accesses); 2] = [("rdmsr", |s| &s.rdmsr), ("wrmsr", |s| &s.wrmsr)];
+/// `register` label values and their accesses.
+const REGISTERS: [(&str, Count<MsrAccessCounts>); 11] = [
+    ("event_select", |a| a.event_select),
+    ("fixed_counter", |a| a.fixed_counter),
+    ("fixed_ctrl", |a| a.fixed_ctrl),
+    ("global_ctrl", |a| a.global_ctrl),
+    ("global_inuse", |a| a.global_inuse),
+    ("global_status", |a| a.global_status),
+    ("global_status_reset", |a| a.global_status_reset),
+    ("global_status_set", |a| a.global_status_set),
+    ("gp_counter", |a| a.gp_counter),
+    ("perf_capabilities", |a| a.perf_capabilities),
+    ("unknown", |a| a.unknown),
+];
+
+/// Per vCPU and outcome (`delivery`).
+const PMI_DELIVERIES: Family = Family::counter(
+    "vmm_vpmu_pmi_deliveries_total",
+    "PMIs the VMM delivered through the guest's LVTPC, by outcome.",
+);
+/// `delivery` label values and their counts.
+const DELIVERIES: [(&str, Count<PmiDelivery>); 6] = [
+    ("failed", |d| d.failed),
+    ("fixed", |d| d.fixed),
+    ("mask_skipped", |d| d.mask_skipped),
+    ("masked", |d| d.masked),
+    ("nmi", |d| d.nmi),
+    ("unsupported_mode", |d| d.unsupported_mode),
+];
+
+/// Per vCPU and programming id (labels `vcpu`, `event`, `id`).
+const VCPU_EVENTS: Family = Family::counter(
+    "vmm_vpmu_events_total",
+    "Events a vCPU's counters counted per programming id (event, unit mask, ring levels, \
+     edge, invert, counter mask), across reprogramming and vPMU resets.",
+);
+/// Per programming id (labels `event`, `id`).
+const VM_EVENTS: Family = Family::counter(
+    "vmm_vm_vpmu_events_total",
+    "Events the VM's counters counted per programming id, every vCPU and context merged.",
+);
 
 /// Escapes a label value.
 fn escape(value: &str) -> String {
@@ -23,259 +267,135 @@ fn escape(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The labels that name a guest counter: `vcpu`, `counter`, `event`.
-fn counter_labels(view: &VcpuView, c: &CounterSnapshot) -> [(&'static str, String); 3] {
-    [
-        ("vcpu", view.index.to_string()),
-        ("counter", counter_label(c)),
-        ("event", event_label(c)),
-    ]
-}
+/// The text being written.
+struct Exposition(String);
 
-/// A counter's name: `gp0`, `fixed1`.
-pub fn counter_label(c: &CounterSnapshot) -> String {
-    match c.kind {
-        CounterKind::Gp => format!("gp{}", c.index),
-        CounterKind::Fixed => format!("fixed{}", c.index),
-    }
-}
-
-/// The event a counter counts: its architectural name or its raw code.
-pub fn event_label(c: &CounterSnapshot) -> String {
-    export::event_label(c.event_name.as_deref(), &c.decoded)
-}
-
-/// A sample value: counts exactly, times as decimals.
-enum Num {
-    Int(u64),
-    Real(f64),
-}
-
-impl std::fmt::Display for Num {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Num::Int(n) => write!(f, "{n}"),
-            Num::Real(x) => write!(f, "{x}"),
-        }
-    }
-}
-
-pub fn backing_label(b: &Backing) -> &'static str {
-    match b {
-        Backing::Idle => "idle",
-        Backing::HardwareRaw => "hardware_raw",
-        Backing::SoftwareClock => "software_clock",
-        Backing::Unbacked { .. } => "unbacked",
-        Backing::Denied => "denied",
-    }
-}
-
-struct Family<'a> {
-    out: &'a mut String,
-}
-
-impl Family<'_> {
-    fn header(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.out, "# HELP {name} {help}");
-        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+impl Exposition {
+    fn header(&mut self, family: &Family) {
+        self.help(family.name, family.kind, family.help);
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl std::fmt::Display) {
+    fn help(&mut self, name: &str, kind: Kind, help: &str) {
+        let kind = match kind {
+            Kind::Gauge => "gauge",
+            Kind::Counter => "counter",
+        };
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl Display) {
         let labels: Vec<String> = labels
             .iter()
             .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
             .collect();
         if labels.is_empty() {
-            let _ = writeln!(self.out, "{name} {value}");
+            let _ = writeln!(self.0, "{name} {value}");
         } else {
-            let _ = writeln!(self.out, "{name}{{{}}} {value}", labels.join(","));
+            let _ = writeln!(self.0, "{name}{{{}}} {value}", labels.join(","));
         }
     }
 }
 
-type CounterField = fn(&CounterSnapshot) -> Num;
-
 /// Renders every vCPU's view.
 pub fn render(views: &[Arc<VcpuView>], export: &Export) -> String {
-    let mut out = String::new();
-    let mut f = Family { out: &mut out };
+    let mut out = Exposition(String::new());
+    vm(&mut out, export);
+    counters(&mut out, views);
+    statistics(&mut out, views);
+    msr_accesses(&mut out, views);
+    pmi_deliveries(&mut out, views);
+    totals(&mut out, views);
+    out.0
+}
 
-    f.header(
-        "vmm_vm_uptime_seconds",
-        "gauge",
-        "Seconds since the VMM built the VM.",
-    );
-    f.sample(
-        "vmm_vm_uptime_seconds",
-        &[],
-        export.started.elapsed().as_secs_f64(),
-    );
-    f.header(
-        "vmm_vm_vpmu_enabled",
-        "gauge",
-        "1 when the guest has a virtual PMU.",
-    );
-    f.sample(
-        "vmm_vm_vpmu_enabled",
-        &[],
-        export.plan.model.is_some() as u8,
-    );
+fn vm(out: &mut Exposition, export: &Export) {
+    out.header(&UPTIME);
+    let uptime = export.started.elapsed().as_secs_f64();
+    out.sample(UPTIME.name, &[], uptime);
+    out.header(&VPMU_ENABLED);
+    out.sample(VPMU_ENABLED.name, &[], export.plan.model.is_some() as u8);
+}
 
-    let per_counter: [(&str, &str, &str, CounterField); 7] = [
-        (
-            "vmm_vpmu_counter_value",
-            "gauge",
-            "Current value of a guest PMU counter.",
-            |c| Num::Int(c.value),
-        ),
-        (
-            "vmm_vpmu_counter_counted_total",
-            "counter",
-            "Events a guest counter counted under its current programming (guest writes of \
-             the value do not change it; restarts at 0 with a new programming).",
-            |c| Num::Int(c.counted),
-        ),
-        (
-            "vmm_vpmu_counter_running",
-            "gauge",
-            "1 while the guest has the counter enabled.",
-            |c| Num::Int(c.running as u64),
-        ),
-        (
-            "vmm_vpmu_counter_host_enabled_seconds",
-            "gauge",
-            "Time the backing host event was enabled.",
-            |c| Num::Real(c.host_time_enabled_ns as f64 / 1e9),
-        ),
-        (
-            "vmm_vpmu_counter_host_running_seconds",
-            "gauge",
-            "Time the backing host event was on a counter (below enabled: multiplexed).",
-            |c| Num::Real(c.host_time_running_ns as f64 / 1e9),
-        ),
-        (
-            "vmm_vpmu_counter_overflows_total",
-            "counter",
-            "Overflows of a guest counter.",
-            |c| Num::Int(c.overflows),
-        ),
-        (
-            "vmm_vpmu_counter_pmis_total",
-            "counter",
-            "PMIs a guest counter requested.",
-            |c| Num::Int(c.pmis),
-        ),
-    ];
-    for (name, kind, help, value) in per_counter {
-        f.header(name, kind, help);
-        for view in views {
-            for c in &view.vpmu.counters {
-                f.sample(name, &counter_labels(view, c), value(c));
-            }
-        }
-    }
-    f.header(
-        "vmm_vpmu_counter_backing",
-        "gauge",
-        "How a guest counter is backed on the host (1 for the current backing).",
-    );
-    for view in views {
-        for c in &view.vpmu.counters {
-            let mut labels = counter_labels(view, c).to_vec();
-            labels.push(("backing", backing_label(&c.backing).to_string()));
-            f.sample("vmm_vpmu_counter_backing", &labels, 1);
-        }
-    }
-
-    // Per-vCPU statistics: every numeric field of the vPMU's statistics,
-    // MSR accesses by register and operation.
-    let stats: Vec<(u8, serde_json::Value)> = views
+/// Every guest counter of every view, with its vCPU.
+fn every_counter(views: &[Arc<VcpuView>]) -> impl Iterator<Item = (u8, &CounterSnapshot)> {
+    views
         .iter()
-        .map(|v| {
-            (
-                v.index,
-                serde_json::to_value(v.vpmu.stats).unwrap_or_default(),
-            )
-        })
-        .collect();
-    let names: Vec<String> = stats
-        .first()
-        .and_then(|(_, s)| s.as_object())
-        .map(|o| {
-            o.iter()
-                .filter(|(_, v)| v.is_u64())
-                .map(|(k, _)| k.clone())
-                .collect()
-        })
-        .unwrap_or_default();
-    for name in names {
-        let metric = format!("vmm_vpmu_{name}_total");
-        f.header(
-            &metric,
-            "counter",
-            &format!("vPMU statistic {name} of a vCPU."),
-        );
-        for (vcpu, s) in &stats {
-            let value = s[&name].as_u64().unwrap_or(0);
-            f.sample(&metric, &[("vcpu", vcpu.to_string())], value);
+        .flat_map(|v| v.vpmu.counters.iter().map(|c| (v.index, c)))
+}
+
+/// The labels that name a guest counter: `vcpu`, `counter`, `event`.
+fn counter_labels(vcpu: u8, c: &CounterSnapshot) -> Vec<(&'static str, String)> {
+    vec![
+        ("vcpu", vcpu.to_string()),
+        ("counter", counter_label(c)),
+        ("event", event_label(c)),
+    ]
+}
+
+fn counters(out: &mut Exposition, views: &[Arc<VcpuView>]) {
+    for (family, value) in &COUNTER_FAMILIES {
+        out.header(family);
+        for (vcpu, c) in every_counter(views) {
+            out.sample(family.name, &counter_labels(vcpu, c), value(c));
         }
     }
-    f.header(
-        "vmm_vpmu_msr_accesses_total",
-        "counter",
-        "Guest PMU MSR accesses handled by the VMM, by register and operation.",
-    );
-    for (vcpu, s) in &stats {
-        for op in ["rdmsr", "wrmsr"] {
-            let Some(regs) = s[op].as_object() else {
-                continue;
-            };
-            for (register, n) in regs {
+    out.header(&BACKING);
+    for (vcpu, c) in every_counter(views) {
+        let mut labels = counter_labels(vcpu, c);
+        labels.push(("backing", backing_label(&c.backing).to_string()));
+        out.sample(BACKING.name, &labels, 1);
+    }
+}
+
+/// The vPMU's statistics; without a view, not even their headers.
+fn statistics(out: &mut Exposition, views: &[Arc<VcpuView>]) {
+    if views.is_empty() {
+        return;
+    }
+    for (name, statistic, value) in &STATISTICS {
+        let help = format!("vPMU statistic {statistic} of a vCPU.");
+        out.help(name, Kind::Counter, &help);
+        for v in views {
+            out.sample(name, &[("vcpu", v.index.to_string())], value(&v.vpmu.stats));
+        }
+    }
+}
+
+fn msr_accesses(out: &mut Exposition, views: &[Arc<VcpuView>]) {
+    out.header(&MSR_ACCESSES);
+    for v in views {
+        for (op, accesses) in &OPS {
+            for (register, value) in &REGISTERS {
                 let labels = [
-                    ("vcpu", vcpu.to_string()),
+                    ("vcpu", v.index.to_string()),
                     ("op", op.to_string()),
-                    ("register", register.clone()),
+                    ("register", register.to_string()),
                 ];
-                f.sample(
-                    "vmm_vpmu_msr_accesses_total",
-                    &labels,
-                    n.as_u64().unwrap_or(0),
-                );
+                out.sample(MSR_ACCESSES.name, &labels, value(accesses(&v.vpmu.stats)));
             }
         }
     }
-    f.header(
-        "vmm_vpmu_pmi_deliveries_total",
-        "counter",
-        "PMIs the VMM delivered through the guest's LVTPC, by outcome.",
-    );
-    for view in views {
-        let d = serde_json::to_value(view.pmi_delivery).unwrap_or_default();
-        if let Some(d) = d.as_object() {
-            for (how, n) in d {
-                let labels = [("vcpu", view.index.to_string()), ("delivery", how.clone())];
-                f.sample(
-                    "vmm_vpmu_pmi_deliveries_total",
-                    &labels,
-                    n.as_u64().unwrap_or(0),
-                );
-            }
+}
+
+fn pmi_deliveries(out: &mut Exposition, views: &[Arc<VcpuView>]) {
+    out.header(&PMI_DELIVERIES);
+    for v in views {
+        for (delivery, value) in &DELIVERIES {
+            let labels = [
+                ("vcpu", v.index.to_string()),
+                ("delivery", delivery.to_string()),
+            ];
+            out.sample(PMI_DELIVERIES.name, &labels, value(&v.pmi_delivery));
         }
     }
-    totals(&mut f, views);
-    out
 }
 
 /// Events counted per programming id, over ended and live counter
 /// contexts: per vCPU and for the VM.
-fn totals(f: &mut Family, views: &[Arc<VcpuView>]) {
-    f.header(
-        "vmm_vpmu_events_total",
-        "counter",
-        "Events a vCPU's counters counted per programming id (event, unit mask, ring levels, \
-         edge, invert, counter mask), across reprogramming and vPMU resets.",
-    );
+fn totals(out: &mut Exposition, views: &[Arc<VcpuView>]) {
     let rows = export::vm_totals(views);
+    out.header(&VCPU_EVENTS);
     for r in &rows {
         for v in &r.vcpus {
             let labels = [
@@ -283,16 +403,328 @@ fn totals(f: &mut Family, views: &[Arc<VcpuView>]) {
                 ("event", r.event.clone()),
                 ("id", r.id_hex.clone()),
             ];
-            f.sample("vmm_vpmu_events_total", &labels, v.count);
+            out.sample(VCPU_EVENTS.name, &labels, v.count);
         }
     }
-    f.header(
-        "vmm_vm_vpmu_events_total",
-        "counter",
-        "Events the VM's counters counted per programming id, every vCPU and context merged.",
-    );
+    out.header(&VM_EVENTS);
     for r in &rows {
         let labels = [("event", r.event.clone()), ("id", r.id_hex.clone())];
-        f.sample("vmm_vm_vpmu_events_total", &labels, r.count);
+        out.sample(VM_EVENTS.name, &labels, r.count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pmu::export::fixtures::{self, counter, view};
+    use crate::pmu::PmiDelivery;
+    use serde_json::Value;
+    use vpmu::evtsel::{EN, INT, OS, USR};
+    use vpmu::{Backing, CounterKind, VpmuStats};
+
+    const CYCLES: u64 = 0x76 | USR | OS | EN;
+    const INSTRUCTIONS: u64 = 0xc0 | USR | OS | EN | INT;
+
+    /// Statistics whose every count is a different number (1, 2, ...).
+    fn numbered_stats() -> VpmuStats {
+        fn number(v: &mut Value, n: &mut u64) {
+            match v {
+                Value::Object(fields) => fields.values_mut().for_each(|x| number(x, n)),
+                Value::Number(_) => {
+                    *n += 1;
+                    *v = (*n).into();
+                }
+                _ => {}
+            }
+        }
+        let mut value = serde_json::to_value(VpmuStats::default()).unwrap();
+        number(&mut value, &mut 0);
+        serde_json::from_value(value).unwrap()
+    }
+
+    /// Two vCPUs: counters of every backing, numbered statistics and PMI
+    /// deliveries, retired and live totals.
+    fn views() -> Vec<Arc<VcpuView>> {
+        let mut fixed = counter(1, CYCLES, 70, true);
+        (fixed.kind, fixed.event_name) = (CounterKind::Fixed, Some("cycles".into()));
+        let mut unbacked = counter(2, 0xd1 | USR | EN, 0, false);
+        unbacked.event_name = Some("odd \"name\"\\\n".into());
+        unbacked.backing = Backing::Unbacked {
+            reason: "no \"such\" event\\here".into(),
+        };
+        let mut denied = counter(3, 0x3c | OS | EN, 0, false);
+        denied.backing = Backing::Denied;
+        let mut busy = counter(0, INSTRUCTIONS, 12345, true);
+        (busy.backing, busy.host_time_enabled_ns) = (Backing::HardwareRaw, 1_500_000_000);
+        (busy.host_time_running_ns, busy.overflows, busy.pmis) = (750_000_000, 3, 2);
+        let mut first = view(0, vec![busy, fixed, unbacked, denied], &[(CYCLES, 100, 2)]);
+        first.vpmu.stats = numbered_stats();
+        first.pmi_delivery = PmiDelivery {
+            nmi: 1,
+            fixed: 2,
+            masked: 3,
+            unsupported_mode: 4,
+            failed: 5,
+            mask_skipped: 6,
+        };
+        let mut idle = counter(1, 0, 0, false);
+        idle.backing = Backing::Idle;
+        let second = view(
+            1,
+            vec![counter(0, CYCLES, 5, true), idle],
+            &[(INSTRUCTIONS, 9, 1)],
+        );
+        vec![Arc::new(first), Arc::new(second)]
+    }
+
+    fn export() -> Export {
+        Export::new(
+            Arc::new(fixtures::plan(Some(fixtures::snapshot(vec![]).model))),
+            2,
+        )
+    }
+
+    /// One sample line: its series, labels (values as escaped) and value.
+    struct Sample {
+        name: String,
+        labels: Vec<(String, String)>,
+        value: String,
+    }
+
+    /// The labels between `{` and `}`: `key="value",...`, values escaped.
+    fn labels(mut text: &str) -> Vec<(String, String)> {
+        let mut labels = Vec::new();
+        while let Some((key, rest)) = text.split_once("=\"") {
+            let mut escaped = false;
+            let end = rest
+                .char_indices()
+                .find(|&(_, ch)| {
+                    let end = ch == '"' && !escaped;
+                    escaped = ch == '\\' && !escaped;
+                    end
+                })
+                .expect("a closing quote")
+                .0;
+            labels.push((key.to_string(), rest[..end].to_string()));
+            text = rest[end + 1..].trim_start_matches(',');
+        }
+        labels
+    }
+
+    /// The samples of an exposition; checks that each follows its family's
+    /// `# HELP` and `# TYPE`.
+    fn samples(text: &str) -> Vec<Sample> {
+        let mut family = String::new();
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                family = rest.split(' ').next().unwrap().to_string();
+                continue;
+            }
+            if line.starts_with("# HELP ") {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, super::tests::labels(&rest[..rest.len() - 1])),
+                None => (series, Vec::new()),
+            };
+            assert_eq!(name, family, "a sample in its family: {line}");
+            let (name, value) = (name.to_string(), value.to_string());
+            samples.push(Sample {
+                name,
+                labels,
+                value,
+            });
+        }
+        samples
+    }
+
+    /// Series names with their label keys, in order, each once.
+    fn series(samples: &[Sample]) -> Vec<(String, Vec<String>)> {
+        let mut series: Vec<(String, Vec<String>)> = Vec::new();
+        for s in samples {
+            let keys: Vec<String> = s.labels.iter().map(|(k, _)| k.clone()).collect();
+            if series.last() != Some(&(s.name.clone(), keys.clone())) {
+                series.push((s.name.clone(), keys));
+            }
+        }
+        series
+    }
+
+    #[test]
+    fn every_series_has_its_name_and_labels() {
+        let series = series(&samples(&render(&views(), &export())));
+        let counter = ["vcpu", "counter", "event"].as_slice();
+        let vcpu = ["vcpu"].as_slice();
+        let mut expected: Vec<(&str, &[&str])> = vec![
+            ("vmm_vm_uptime_seconds", &[]),
+            ("vmm_vm_vpmu_enabled", &[]),
+            ("vmm_vpmu_counter_value", counter),
+            ("vmm_vpmu_counter_counted_total", counter),
+            ("vmm_vpmu_counter_running", counter),
+            ("vmm_vpmu_counter_host_enabled_seconds", counter),
+            ("vmm_vpmu_counter_host_running_seconds", counter),
+            ("vmm_vpmu_counter_overflows_total", counter),
+            ("vmm_vpmu_counter_pmis_total", counter),
+            (
+                "vmm_vpmu_counter_backing",
+                &["vcpu", "counter", "event", "backing"],
+            ),
+        ];
+        let statistics = [
+            "backend_errors",
+            "backing_lost",
+            "backing_recovered",
+            "clock_lead_ns",
+            "clock_reads",
+            "clock_reads_saved",
+            "closes",
+            "faults",
+            "notices_dropped",
+            "open_failures",
+            "open_retries",
+            "opens",
+            "overflow_signals",
+            "overflows",
+            "period_updates",
+            "pmis",
+            "reads",
+            "reprograms",
+            "resets",
+            "restores",
+            "restores_equivalent",
+            "retired_contexts",
+            "retired_dropped",
+            "saves",
+            "starts",
+            "stops",
+            "throttles",
+        ]
+        .map(|s| format!("vmm_vpmu_{s}_total"));
+        expected.extend(statistics.iter().map(|s| (s.as_str(), vcpu)));
+        expected.extend([
+            (
+                "vmm_vpmu_msr_accesses_total",
+                ["vcpu", "op", "register"].as_slice(),
+            ),
+            ("vmm_vpmu_pmi_deliveries_total", &["vcpu", "delivery"]),
+            ("vmm_vpmu_events_total", &["vcpu", "event", "id"]),
+            ("vmm_vm_vpmu_events_total", &["event", "id"]),
+        ]);
+        let names: Vec<&str> = series.iter().map(|(name, _)| name.as_str()).collect();
+        let mut once = names.clone();
+        once.dedup();
+        assert_eq!(names, once, "each series in one run of lines");
+        let series: Vec<(&str, Vec<&str>)> = series
+            .iter()
+            .map(|(n, keys)| (n.as_str(), keys.iter().map(String::as_str).collect()))
+            .collect();
+        let expected: Vec<(&str, Vec<&str>)> =
+            expected.into_iter().map(|(n, k)| (n, k.to_vec())).collect();
+        assert_eq!(series, expected);
+    }
+
+    /// The samples of series `name` whose labels include `labels`.
+    fn values<'a>(samples: &'a [Sample], name: &str, labels: &[(&str, &str)]) -> Vec<&'a str> {
+        let has = |s: &Sample, (k, v): &(&str, &str)| {
+            s.labels
+                .iter()
+                .any(|l| l == &(k.to_string(), v.to_string()))
+        };
+        samples
+            .iter()
+            .filter(|s| s.name == name && labels.iter().all(|l| has(s, l)))
+            .map(|s| s.value.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn statistics_registers_and_deliveries_report_what_they_name() {
+        let views = views();
+        let samples = samples(&render(&views, &export()));
+        // Their serde names only check the tables: every numeric field
+        // has its series or label value, with its own value.
+        let stats = serde_json::to_value(views[0].vpmu.stats).unwrap();
+        let mut statistics = 0;
+        for (field, value) in stats.as_object().unwrap() {
+            if let Some(n) = value.as_u64() {
+                let name = format!("vmm_vpmu_{field}_total");
+                let n = n.to_string();
+                assert_eq!(
+                    values(&samples, &name, &[("vcpu", "0")]),
+                    [n.as_str()],
+                    "{field}"
+                );
+                statistics += 1;
+                continue;
+            }
+            for (register, n) in value.as_object().unwrap() {
+                let labels = [
+                    ("vcpu", "0"),
+                    ("op", field.as_str()),
+                    ("register", register),
+                ];
+                let n = n.to_string();
+                let got = values(&samples, "vmm_vpmu_msr_accesses_total", &labels);
+                assert_eq!(got, [n.as_str()], "{field} {register}");
+            }
+        }
+        assert_eq!(statistics, STATISTICS.len(), "no other statistic series");
+        let msr_samples = values(&samples, "vmm_vpmu_msr_accesses_total", &[("vcpu", "0")]);
+        assert_eq!(msr_samples.len(), 2 * REGISTERS.len());
+        let deliveries = serde_json::to_value(views[0].pmi_delivery).unwrap();
+        for (delivery, n) in deliveries.as_object().unwrap() {
+            let labels = [("vcpu", "0"), ("delivery", delivery.as_str())];
+            let n = n.to_string();
+            let got = values(&samples, "vmm_vpmu_pmi_deliveries_total", &labels);
+            assert_eq!(got, [n.as_str()], "{delivery}");
+        }
+        assert_eq!(deliveries.as_object().unwrap().len(), DELIVERIES.len());
+    }
+
+    #[test]
+    fn counters_are_labelled_and_valued() {
+        let samples = samples(&render(&views(), &export()));
+        let busy = [
+            ("vcpu", "0"),
+            ("counter", "gp0"),
+            ("event", "raw:0xc0/0x00"),
+        ];
+        let of = |name| values(&samples, name, &busy);
+        assert_eq!(of("vmm_vpmu_counter_value"), ["12345"]);
+        assert_eq!(of("vmm_vpmu_counter_host_enabled_seconds"), ["1.5"]);
+        assert_eq!(of("vmm_vpmu_counter_host_running_seconds"), ["0.75"]);
+        assert_eq!(of("vmm_vpmu_counter_overflows_total"), ["3"]);
+        let backings: Vec<&str> = samples
+            .iter()
+            .filter(|s| s.name == "vmm_vpmu_counter_backing")
+            .map(|s| s.labels[3].1.as_str())
+            .collect();
+        let all = ["hardware_raw", "software_clock", "unbacked", "denied"];
+        assert_eq!(
+            backings,
+            [all.as_slice(), &["software_clock", "idle"]].concat()
+        );
+        let odd = [("counter", "gp2"), ("event", r#"odd \"name\"\\\n"#)];
+        assert_eq!(
+            values(&samples, "vmm_vpmu_counter_running", &odd),
+            ["0"],
+            "escaped"
+        );
+        let vm = [("event", "raw:0x76/0x00"), ("id", "0x30076")];
+        assert_eq!(values(&samples, "vmm_vm_vpmu_events_total", &vm), ["175"]);
+    }
+
+    #[test]
+    fn without_a_view_the_statistics_have_no_family() {
+        let text = render(&[], &export());
+        assert!(text.contains("vmm_vm_vpmu_enabled 1\n"), "{text}");
+        assert!(
+            text.contains("# TYPE vmm_vpmu_counter_value gauge\n"),
+            "{text}"
+        );
+        assert!(!text.contains("vmm_vpmu_opens_total"), "{text}");
+        assert_eq!(samples(&text).len(), 2, "only the VM's: {text}");
     }
 }

@@ -2,10 +2,11 @@
 //! (`GET /vpmu`) and Prometheus text (`GET /metrics`), a profile of where
 //! the guest spends its time (`GET /profile`), and the VM-level
 //! operations the vPMU context switch hangs off (`PUT /vm/pause`,
-//! `PUT /vm/resume`). [`client`] is the other end, for `vmm stat` and
-//! `vmm profile`.
+//! `PUT /vm/resume`). [`documents`] defines the JSON answers for both ends;
+//! [`client`] is the other end, for `vmm stat` and `vmm profile`.
 
 pub mod client;
+pub mod documents;
 pub mod http;
 pub mod metrics;
 pub mod socket;
@@ -13,11 +14,10 @@ pub mod socket;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
-use crate::pmu::export::Export;
+use crate::pmu::export::{Export, VcpuView};
 use crate::profile::{self, Hub, ProfileError};
 use crate::vcpu::control::VmControl;
+use documents::{PauseDoc, VpmuDoc};
 use http::{Request, Response};
 pub use socket::{bind, SocketError};
 
@@ -52,7 +52,7 @@ impl Api {
             .unwrap_or((request.path.as_str(), ""));
         let method = request.method.as_str();
         match (method, path) {
-            ("GET", "/vpmu") => Response::json(200, &self.vpmu_json()),
+            ("GET", "/vpmu") => self.vpmu(),
             ("GET", "/metrics") => Response::text(
                 200,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -60,14 +60,17 @@ impl Api {
             ),
             ("GET", "/profile") => self.profile(query),
             ("PUT", "/vm/pause") => self.pause(),
-            ("PUT", "/vm/resume") => {
-                self.control.resume();
-                Response::json(200, &json!({ "paused": false }))
-            }
+            ("PUT", "/vm/resume") => self.resume(),
             (_, "/vpmu" | "/metrics" | "/profile") => Response::error(405, "use GET"),
             (_, "/vm/pause" | "/vm/resume") => Response::error(405, "use PUT"),
             _ => Response::error(404, &format!("no such resource: {path}")),
         }
+    }
+
+    fn vpmu(&self) -> Response {
+        let views = self.fresh_views();
+        let doc = VpmuDoc::new(&self.export, &views, self.control.pause_requested());
+        Response::document(200, &doc, "the vPMU export")
     }
 
     /// Samples the guest for the asked seconds (this connection waits),
@@ -78,10 +81,7 @@ impl Api {
             Err(e) => return Response::error(400, &e.to_string()),
         };
         match self.profiles.run(request, &self.control) {
-            Ok(profile) => match serde_json::to_value(&profile) {
-                Ok(value) => Response::json(200, &value),
-                Err(e) => Response::error(500, &format!("encoding the profile: {e}")),
-            },
+            Ok(profile) => Response::document(200, &profile, "the profile"),
             Err(e @ (ProfileError::Busy | ProfileError::Paused | ProfileError::Stopping)) => {
                 Response::error(409, &e.to_string())
             }
@@ -92,13 +92,25 @@ impl Api {
         if self.control.stopping() {
             return Response::error(409, "the VM is stopping");
         }
-        let all = self.control.pause(PAUSE_WAIT);
-        Response::json(200, &json!({ "paused": true, "all_vcpus_parked": all }))
+        let paused = PauseDoc {
+            paused: true,
+            all_vcpus_parked: Some(self.control.pause(PAUSE_WAIT)),
+        };
+        Response::document(200, &paused, "the pause answer")
+    }
+
+    fn resume(&self) -> Response {
+        self.control.resume();
+        let resumed = PauseDoc {
+            paused: false,
+            all_vcpus_parked: None,
+        };
+        Response::document(200, &resumed, "the resume answer")
     }
 
     /// The latest view of every vCPU, asking stale ones to republish (a
     /// kick costs the vCPU one exit; it never waits for us).
-    fn fresh_views(&self) -> Vec<Arc<crate::pmu::export::VcpuView>> {
+    fn fresh_views(&self) -> Vec<Arc<VcpuView>> {
         let asked = Instant::now();
         let n = self.export.vcpus() as u8;
         let stale = |i: u8| {
@@ -119,35 +131,5 @@ impl Api {
             }
         }
         (0..n).filter_map(|i| self.export.latest(i)).collect()
-    }
-
-    fn vpmu_json(&self) -> serde_json::Value {
-        let views = self.fresh_views();
-        let now = Instant::now();
-        let plan = &self.export.plan;
-        let vcpus: Vec<serde_json::Value> = views
-            .iter()
-            .map(|v| {
-                let mut value = serde_json::to_value(&**v).unwrap_or_default();
-                value["age_ms"] = json!(now.saturating_duration_since(v.taken).as_millis() as u64);
-                value
-            })
-            .collect();
-        json!({
-            "totals": crate::pmu::export::vm_totals(&views),
-            "vm": {
-                "uptime_ms": self.export.started.elapsed().as_millis() as u64,
-                "paused": self.control.pause_requested(),
-                "vpmu": plan.model.is_some(),
-                "model": plan.model,
-                "events": plan.policy.to_string(),
-                "rdpmc": match &plan.rdpmc {
-                    crate::pmu::Rdpmc::Mirrored => json!({ "served": true }),
-                    crate::pmu::Rdpmc::Unavailable(why) => json!({ "served": false, "reason": why }),
-                },
-                "notes": plan.notes,
-            },
-            "vcpus": vcpus,
-        })
     }
 }

@@ -8,19 +8,19 @@
 //! VM's totals per programming id with their rates. `--json` prints one
 //! JSON object per refresh (one line each) instead.
 //!
-//! Each refresh is one `GET /vpmu` through [`crate::api::client`].
+//! Each refresh is one `GET /vpmu` through [`crate::api::client`], read as
+//! the [`VpmuDoc`] the server sends.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use serde_json::json;
-use vpmu::{Backing, CounterSnapshot, ProgrammingId, VpmuSnapshot};
+use vpmu::{Backing, CounterSnapshot, ProgrammingId};
 
 use crate::api::client;
-use crate::api::metrics::{backing_label, counter_label, event_label};
+use crate::api::documents::{backing_label, counter_label, event_label, VpmuDoc};
 
 /// How long one request may take.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,49 +38,20 @@ pub struct StatOptions {
 /// Why `vmm stat` cannot read the VM.
 pub use crate::api::client::ClientError as StatError;
 
-/// The parts of `GET /vpmu` the view uses.
-#[derive(Clone, Debug, Deserialize)]
-pub struct Doc {
-    pub vm: VmDoc,
-    pub vcpus: Vec<VcpuDoc>,
-    pub totals: Vec<TotalDoc>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct VmDoc {
-    pub uptime_ms: u64,
-    pub paused: bool,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct VcpuDoc {
-    pub index: u8,
-    pub paused: bool,
-    pub vpmu: VpmuSnapshot,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct TotalDoc {
-    pub id: ProgrammingId,
-    pub id_hex: String,
-    pub event: String,
-    pub count: u64,
-}
-
 /// Reads `GET /vpmu` from the socket at `path`.
-pub fn fetch(path: &Path) -> Result<Doc, StatError> {
+pub fn fetch(path: &Path) -> Result<VpmuDoc, StatError> {
     let body = client::get(path, "/vpmu", IO_TIMEOUT)?;
     parse_doc(&body).map_err(|why| StatError::NotVmm(path.to_path_buf(), why))
 }
 
 /// [`fetch`], trying again for up to 5 s while the API is busy.
-fn fetch_patiently(path: &Path) -> Result<Doc, StatError> {
+fn fetch_patiently(path: &Path) -> Result<VpmuDoc, StatError> {
     let body = client::get_patiently(path, "/vpmu", IO_TIMEOUT)?;
     parse_doc(&body).map_err(|why| StatError::NotVmm(path.to_path_buf(), why))
 }
 
 /// The export document, checked to be one.
-pub fn parse_doc(body: &[u8]) -> Result<Doc, String> {
+pub fn parse_doc(body: &[u8]) -> Result<VpmuDoc, String> {
     serde_json::from_slice(body).map_err(|e| format!("GET /vpmu is not the vPMU export: {e}"))
 }
 
@@ -146,7 +117,7 @@ fn rate(now: u64, before: Option<u64>, elapsed: Option<Duration>) -> Option<f64>
 /// Builds a refresh from the current read and the previous one (taken
 /// `elapsed` earlier). A counter reprogrammed in between restarts its
 /// count: its rate is what it counted since.
-pub fn refresh(now: &Doc, before: Option<&Doc>, elapsed: Option<Duration>) -> Refresh {
+pub fn refresh(now: &VpmuDoc, before: Option<&VpmuDoc>, elapsed: Option<Duration>) -> Refresh {
     let mut previous: HashMap<(u8, u32), (u64, u64)> = HashMap::new();
     let mut previous_totals: HashMap<ProgrammingId, u64> = HashMap::new();
     if let Some(before) = before {
@@ -417,46 +388,23 @@ pub fn run(opts: &StatOptions) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vpmu::CounterKind;
+    use crate::pmu::export::{fixtures, Export};
+    use std::sync::Arc;
 
-    fn doc(counted: u64, generation: u64, total: u64) -> Doc {
+    /// What the server answers for one vCPU whose counter 0 counted
+    /// `counted` under programming `generation`, and a VM total of `total`
+    /// for its programming; read back as `vmm stat` reads it.
+    fn doc(counted: u64, generation: u64, total: u64) -> VpmuDoc {
         let select = 0x76 | vpmu::evtsel::USR | vpmu::evtsel::OS | vpmu::evtsel::EN;
-        let counter = CounterSnapshot {
-            kind: CounterKind::Gp,
-            index: 0,
-            msr: 0xC001_0004,
-            control: select,
-            decoded: vpmu::evtsel::DecodedSelect::decode(select),
-            event_name: Some("cycles".into()),
-            value: counted,
-            running: true,
-            backing: Backing::SoftwareClock,
-            generation,
-            host_time_enabled_ns: 200,
-            host_time_running_ns: 100,
-            overflows: 0,
-            pmis: 0,
-            programming_id: ProgrammingId::of_select(select),
-            counted,
-            ran: true,
-        };
-        Doc {
-            vm: VmDoc {
-                uptime_ms: 1500,
-                paused: false,
-            },
-            vcpus: vec![VcpuDoc {
-                index: 0,
-                paused: false,
-                vpmu: crate::pmu::export::snapshot(vec![counter]),
-            }],
-            totals: vec![TotalDoc {
-                id: ProgrammingId::of_select(select),
-                id_hex: "0x30076".into(),
-                event: "cycles".into(),
-                count: total,
-            }],
-        }
+        let mut counter = fixtures::counter(0, select, counted, true);
+        counter.event_name = Some("cycles".into());
+        (counter.generation, counter.host_time_enabled_ns) = (generation, 200);
+        counter.host_time_running_ns = 100;
+        let retired = [(select, total - counted, 1)];
+        let views = [Arc::new(fixtures::view(0, vec![counter], &retired))];
+        let export = Export::new(Arc::new(fixtures::plan(None)), 1);
+        let sent = serde_json::to_vec(&VpmuDoc::new(&export, &views, false)).unwrap();
+        parse_doc(&sent).unwrap()
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use std::collections::BTreeMap;
 
 use devices::sync::Recover;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vpmu::evtsel::DecodedSelect;
 use vpmu::{EventTotals, ProgrammingId, VpmuSnapshot};
 
@@ -29,13 +29,13 @@ use crate::pmu::PmuPlan;
 /// How often a vCPU republishes on its own (at its next exit).
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(50);
 
-/// One vCPU's published view.
-#[derive(Clone, Debug, Serialize)]
+/// One vCPU's published view (`GET /vpmu` sends it as
+/// `api::documents::VcpuDoc`).
+#[derive(Clone, Debug)]
 pub struct VcpuView {
     pub index: u8,
-    #[serde(skip)]
     pub taken: Instant,
-    /// The vCPU is parked by a VM pause.
+    /// The vCPU is held off the CPU by a VM pause.
     pub paused: bool,
     pub vpmu: VpmuSnapshot,
     pub pmi_delivery: PmiDelivery,
@@ -71,7 +71,7 @@ pub fn event_label(name: Option<&str>, decoded: &DecodedSelect) -> String {
 }
 
 /// The total of one programming id over the VM.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmTotal {
     /// The programming id (the event select bits that decide counting).
     pub id: ProgrammingId,
@@ -94,7 +94,7 @@ pub struct VmTotal {
     pub vcpus: Vec<VcpuCount>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuCount {
     pub vcpu: u8,
     pub count: u64,
@@ -230,32 +230,31 @@ impl Export {
     }
 }
 
-/// A fresh snapshot of an AMD v1 vPMU (4 counters, 48 bits) with these
-/// counters, for tests of what readers make of views.
+/// Views of a VM's vCPUs, for tests of what readers make of them (the
+/// totals here, `GET /vpmu`, `GET /metrics`, `vmm stat`).
 #[cfg(test)]
-pub(crate) fn snapshot(counters: Vec<vpmu::CounterSnapshot>) -> VpmuSnapshot {
-    VpmuSnapshot {
-        model: vpmu::PmuModel::new(1, 4, 48, vpmu::AmdFeatures::default()),
-        counters,
-        global_ctrl: 0,
-        global_status: 0,
-        pending_pmi: false,
-        guest_time_ns: 0,
-        no_hardware_reason: None,
-        stats: Default::default(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
-    use vpmu::evtsel::{EN, OS, USR};
     use vpmu::{Backing, CounterKind, CounterSnapshot};
 
-    const CYCLES: u64 = 0x76 | USR | OS | EN;
-    const INSTRUCTIONS: u64 = 0xc0 | USR | OS | EN;
+    /// A fresh snapshot of an AMD v1 vPMU (4 counters, 48 bits) with these
+    /// counters.
+    pub(crate) fn snapshot(counters: Vec<CounterSnapshot>) -> VpmuSnapshot {
+        VpmuSnapshot {
+            model: vpmu::PmuModel::new(1, 4, 48, vpmu::AmdFeatures::default()),
+            counters,
+            global_ctrl: 0,
+            global_status: 0,
+            pending_pmi: false,
+            guest_time_ns: 0,
+            no_hardware_reason: None,
+            stats: Default::default(),
+        }
+    }
 
-    fn counter(index: usize, select: u64, counted: u64, ran: bool) -> CounterSnapshot {
+    /// General-purpose counter `index` of that vPMU, programmed with
+    /// `select`, that counted `counted` (and is running if it `ran`).
+    pub(crate) fn counter(index: usize, select: u64, counted: u64, ran: bool) -> CounterSnapshot {
         CounterSnapshot {
             kind: CounterKind::Gp,
             index,
@@ -279,7 +278,11 @@ mod tests {
 
     /// vCPU `index` with these live counters and retired `(select, count,
     /// contexts)`.
-    fn view(index: u8, counters: Vec<CounterSnapshot>, retired: &[(u64, u64, u64)]) -> VcpuView {
+    pub(crate) fn view(
+        index: u8,
+        counters: Vec<CounterSnapshot>,
+        retired: &[(u64, u64, u64)],
+    ) -> VcpuView {
         let mut totals = EventTotals::default();
         for &(select, count, contexts) in retired {
             totals.add(ProgrammingId::of_select(select), None, count, contexts);
@@ -293,6 +296,27 @@ mod tests {
             retired: totals,
         }
     }
+
+    /// A plan with this model (`None`: no vPMU), RDPMC unavailable.
+    pub(crate) fn plan(model: Option<vpmu::PmuModel>) -> PmuPlan {
+        PmuPlan {
+            model,
+            policy: vpmu::EventPolicy::default(),
+            rdpmc: crate::pmu::Rdpmc::Unavailable("test".into()),
+            notes: Vec::new(),
+            host_vendor: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{counter, view};
+    use super::*;
+    use vpmu::evtsel::{EN, OS, USR};
+
+    const CYCLES: u64 = 0x76 | USR | OS | EN;
+    const INSTRUCTIONS: u64 = 0xc0 | USR | OS | EN;
 
     fn total(totals: &[VmTotal], select: u64) -> &VmTotal {
         let id = ProgrammingId::of_select(select);
@@ -394,14 +418,7 @@ mod tests {
 
     #[test]
     fn a_view_older_than_a_guest_write_reads_outdated_until_the_next_publish() {
-        let plan = PmuPlan {
-            model: None,
-            policy: vpmu::EventPolicy::default(),
-            rdpmc: crate::pmu::Rdpmc::Unavailable("test".into()),
-            notes: Vec::new(),
-            host_vendor: None,
-        };
-        let export = Export::new(Arc::new(plan), 2);
+        let export = Export::new(Arc::new(fixtures::plan(None)), 2);
         export.publish(view(1, vec![counter(0, CYCLES, 5, true)], &[]));
         assert!(!export.outdated(1));
         export.mark_outdated(1);

@@ -1,7 +1,7 @@
 //! What the run loop and the host learn of the PMIs a vCPU's vPMU
 //! delivered.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The host's TSC.
 pub fn host_tsc() -> u64 {
@@ -20,7 +20,7 @@ pub struct DeliveredPmi {
 }
 
 /// How PMIs reached the guest.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PmiDelivery {
     pub nmi: u64,
     pub fixed: u64,

@@ -121,8 +121,7 @@ impl VcpuPmu {
             plan.policy.clone(),
             backend,
             GuestClock::new(tsc_khz),
-        )
-?
+        )?
         .with_host_vendor(plan.host_vendor);
         Ok(Self {
             vpmu,

@@ -70,23 +70,37 @@ impl Ended {
 struct Bounded {
     child: Child,
     stderr: Option<JoinHandle<String>>,
+    /// What the VMM wrote to stderr so far, line by line.
+    stderr_so_far: Arc<std::sync::Mutex<String>>,
     started: Instant,
 }
 
 impl Bounded {
     fn spawn(mut cmd: Command) -> Bounded {
         let mut child = cmd.stderr(Stdio::piped()).spawn().expect("spawning vmm");
-        let mut pipe = child.stderr.take().unwrap();
+        let pipe = std::io::BufReader::new(child.stderr.take().unwrap());
+        let stderr_so_far = Arc::new(std::sync::Mutex::new(String::new()));
+        let text = stderr_so_far.clone();
         let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
+            for line in std::io::BufRead::lines(pipe).map_while(Result::ok) {
+                let mut text = text.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+            let text = text.lock().unwrap();
+            text.clone()
         });
         Bounded {
             child,
             stderr: Some(stderr),
+            stderr_so_far,
             started: Instant::now(),
         }
+    }
+
+    /// What the VMM has written to stderr so far.
+    fn stderr_so_far(&self) -> String {
+        self.stderr_so_far.lock().unwrap().clone()
     }
 
     fn pid(&self) -> i32 {
@@ -927,5 +941,237 @@ fn overlapping_images_are_refused_naming_the_overlap() {
         ],
         Duration::from_secs(60),
     );
+    end.assert_code(3);
+}
+
+// ---------------------------------------------------------------------------
+// 9. Reboot loops (`--on-reset reboot`).
+
+/// The first CPU this test may run on.
+fn first_cpu() -> usize {
+    // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer and its size.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    assert_eq!(rc, 0, "sched_getaffinity");
+    // SAFETY: CPU_ISSET reads the set, in bounds.
+    (0..libc::CPU_SETSIZE as usize)
+        .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .unwrap_or(0)
+}
+
+/// A set of one CPU.
+fn only_cpu(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: a zeroed cpu_set_t is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes the set, in bounds (cpu < CPU_SETSIZE).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    set
+}
+
+/// Runs the command's process on `cpu` only.
+fn pin(cmd: &mut Command, cpu: usize) {
+    let set = only_cpu(cpu);
+    // SAFETY: between fork and exec the closure only makes the
+    // sched_setaffinity system call, on a set built before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The host's own measure of how loaded it is over a window: how late a
+/// thread that sleeps 10 ms at a time wakes, summed. A wall-clock bound
+/// on a VMM that shares the CPU adds it.
+struct Lateness {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Duration>,
+}
+
+impl Lateness {
+    /// Starts measuring on `cpu` (the CPU the VMM is pinned to).
+    fn start(cpu: usize) -> Lateness {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let set = only_cpu(cpu);
+            // SAFETY: a valid set and its size, for this thread.
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+            let step = Duration::from_millis(10);
+            let mut late = Duration::ZERO;
+            while !flag.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                std::thread::sleep(step);
+                late += t0.elapsed().saturating_sub(step);
+            }
+            late
+        });
+        Lateness { stop, thread }
+    }
+
+    fn stop(self) -> Duration {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// How far past its `--timeout` a reboot loop may end: this margin, plus
+/// the host's lateness over the run.
+const TIMEOUT_MARGIN: Duration = Duration::from_secs(3);
+
+/// The reboot loop of the `reset` guest with `args`, the VMM pinned to
+/// one CPU: (how it ended, the host's lateness over the run).
+fn reboot_loop(args: &[&str]) -> (Ended, Duration) {
+    let reset = common::build_guest("reset");
+    let mut cmd = vmm_cmd(&["--serial", "none", "--on-reset", "reboot", "--kernel"]);
+    cmd.arg(&reset).args(args);
+    let cpu = first_cpu();
+    pin(&mut cmd, cpu);
+    let lateness = Lateness::start(cpu);
+    let end = Bounded::spawn(cmd).wait(Duration::from_secs(60));
+    (end, lateness.stop())
+}
+
+#[test]
+fn timeout_bounds_a_guest_that_resets_at_once_on_many_vcpus() {
+    require_kvm!();
+    // The guest resets with its first instruction, on the boot vCPU, while
+    // the VMM still starts the other 127 vCPU threads: every boot is cut
+    // short during its start-up. On one host CPU (a loaded host's lot)
+    // that happens every time.
+    let (end, late) = reboot_loop(&["--vcpus", "128", "--timeout", "5"]);
+    end.assert_code(3);
+    assert!(
+        end.stderr.contains("guest reset: reboot 2"),
+        "no reboot loop: {}",
+        end.stderr
+    );
+    let bound = Duration::from_secs(5) + TIMEOUT_MARGIN + late;
+    assert!(
+        end.took <= bound,
+        "--timeout 5 ended after {:?} (bound {bound:?}, host lateness {late:?}): {}",
+        end.took,
+        end.stderr
+    );
+}
+
+/// `vmm: the guest booted N times in all; M reboots were not logged one
+/// by one`: (N, M).
+fn reboot_summary(stderr: &str) -> Option<(u64, u64)> {
+    let line = stderr.lines().find(|l| l.contains("times in all"))?;
+    let n = line
+        .split("booted ")
+        .nth(1)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()?;
+    let m = line.split("; ").nth(1)?.split(' ').next()?.parse().ok()?;
+    Some((n, m))
+}
+
+#[test]
+fn a_fast_reboot_loop_logs_a_bounded_number_of_lines_and_ends_at_its_timeout() {
+    require_kvm!();
+    let (end, late) = reboot_loop(&["--timeout", "3"]);
+    end.assert_code(3);
+    let bound = Duration::from_secs(3) + TIMEOUT_MARGIN + late;
+    assert!(end.took <= bound, "took {:?} (bound {bound:?})", end.took);
+    let lines = end.stderr.matches("guest reset: reboot").count() as u64;
+    let (boots, unlogged) = reboot_summary(&end.stderr)
+        .unwrap_or_else(|| panic!("no closing count of reboots: {}", end.stderr));
+    // Every reboot is counted: on a line of its own or in the summary.
+    assert_eq!(boots - 1, lines + unlogged, "{}", end.stderr);
+    assert!(
+        boots >= 20,
+        "not a fast loop ({boots} boots): {}",
+        end.stderr
+    );
+    // Five at once, then one a second.
+    let allowed = 5 + end.took.as_secs() + 1;
+    assert!(
+        lines <= allowed,
+        "{lines} reboot lines in {:?} (at most {allowed}): {}",
+        end.took,
+        end.stderr
+    );
+}
+
+/// The lines of a reboot loop's stderr that name a reboot.
+fn reboot_lines(stderr: &str) -> usize {
+    stderr.matches("guest reset: reboot").count()
+}
+
+/// Waits (at most 10 s) until the VMM has written more than `lines`
+/// reboot lines.
+fn wait_for_reboot_lines(vm: &Bounded, lines: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reboot_lines(&vm.stderr_so_far()) <= lines {
+        assert!(
+            Instant::now() < deadline,
+            "no reboot past line {lines}: {}",
+            vm.stderr_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_pause_during_a_reboot_loop_holds_across_the_reboot() {
+    require_kvm!();
+    // Documented: a reboot is not the VM's end, so `PUT /vm/pause` is
+    // answered 200 during one, and the next boot's vCPUs hold before their
+    // first instruction.
+    let reset = common::build_guest("reset");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut cmd = vmm_cmd(&[
+        "--serial",
+        "none",
+        "--on-reset",
+        "reboot",
+        "--timeout",
+        "12",
+    ]);
+    cmd.arg("--kernel")
+        .arg(&reset)
+        .arg("--api-socket")
+        .arg(&sock);
+    let vm = Bounded::spawn(cmd);
+    common::wait_for_api(&sock);
+    // The loop runs: five reboots get their lines at once.
+    wait_for_reboot_lines(&vm, 4);
+    for round in 0..10 {
+        let (status, body) = common::api(&sock, "PUT", "/vm/pause").unwrap();
+        assert_eq!(status, 200, "pause {round}: {body}");
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["paused"], true, "{body}");
+        assert_eq!(doc["all_vcpus_parked"], true, "{body}");
+        if round < 9 {
+            assert_eq!(common::api(&sock, "PUT", "/vm/resume").unwrap().0, 200);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Paused, the loop stands still: over 2.5 s a reboot would have had a
+    // line (one a second at least), none comes.
+    let lines = reboot_lines(&vm.stderr_so_far());
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        reboot_lines(&vm.stderr_so_far()),
+        lines,
+        "the guest rebooted while paused: {}",
+        vm.stderr_so_far()
+    );
+    let (_, doc) = common::api(&sock, "GET", "/vpmu").unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(doc["vm"]["paused"], true, "{doc}");
+    // Resumed, the loop goes on, to its timeout.
+    assert_eq!(common::api(&sock, "PUT", "/vm/resume").unwrap().0, 200);
+    wait_for_reboot_lines(&vm, lines);
+    let end = vm.wait(Duration::from_secs(60));
     end.assert_code(3);
 }

@@ -88,8 +88,11 @@ impl Api {
         }
     }
 
+    /// Pauses the VM. A guest reboot (`--on-reset reboot`) does not refuse
+    /// it: the pause holds across the reboot (see [`VmControl::pause`]);
+    /// only a VM that is ending answers 409.
     fn pause(&self) -> Response {
-        if self.control.stopping() {
+        if self.control.ending() {
             return Response::error(409, "the VM is stopping");
         }
         let paused = PauseDoc {

@@ -929,3 +929,180 @@ fn overlapping_images_are_refused_naming_the_overlap() {
     );
     end.assert_code(3);
 }
+
+// ---------------------------------------------------------------------------
+// 9. The profiler's symbol files: bounded, never waited on, and the kernel's
+// read from what was booted.
+
+/// [`elf`] of [`halt_code`] at 2 MiB with a symbol table of `count`
+/// function symbols (one per byte from 2 MiB up) that all share one name of
+/// `name_len` bytes: a small file whose names, copied per symbol, are
+/// gigabytes.
+fn elf_with_shared_names(count: u32, name_len: usize) -> Vec<u8> {
+    let code = halt_code();
+    let code_at = 64 + 56;
+    let mut out = elf(&[(0x200000, code.clone(), code.len() as u64)], 0x200000);
+    let pad = |out: &mut Vec<u8>| out.resize(out.len().next_multiple_of(8), 0);
+    pad(&mut out);
+    let symtab = out.len();
+    out.extend_from_slice(&[0u8; 24]);
+    for i in 0..u64::from(count) {
+        out.extend_from_slice(&1u32.to_le_bytes()); // the shared name
+        out.push(0x12); // STB_GLOBAL, STT_FUNC
+        out.push(0);
+        out.extend_from_slice(&1u16.to_le_bytes()); // .text
+        out.extend_from_slice(&(0x200000 + i).to_le_bytes());
+        out.extend_from_slice(&1u64.to_le_bytes());
+    }
+    let strtab = out.len();
+    out.push(0);
+    out.extend(std::iter::repeat_n(b'n', name_len));
+    out.push(0);
+    let shstrtab = out.len();
+    out.extend_from_slice(b"\0.text\0.symtab\0.strtab\0.shstrtab\0");
+    let end = out.len();
+    pad(&mut out);
+    let shoff = out.len() as u64;
+    // (name, type, flags, address, offset, size, link, info, entry size)
+    let sections: [(u32, u32, u64, u64, usize, usize, u32, u32, u64); 5] = [
+        (0, 0, 0, 0, 0, 0, 0, 0, 0),
+        (1, 1, 6, 0x200000, code_at, code.len(), 0, 0, 0),
+        (7, 2, 0, 0, symtab, strtab - symtab, 3, 1, 24),
+        (15, 3, 0, 0, strtab, shstrtab - strtab, 0, 0, 0),
+        (23, 3, 0, 0, shstrtab, end - shstrtab, 0, 0, 0),
+    ];
+    for (name, kind, flags, addr, offset, size, link, info, entsize) in sections {
+        out.extend_from_slice(&name.to_le_bytes());
+        out.extend_from_slice(&kind.to_le_bytes());
+        out.extend_from_slice(&flags.to_le_bytes());
+        out.extend_from_slice(&addr.to_le_bytes());
+        out.extend_from_slice(&(offset as u64).to_le_bytes());
+        out.extend_from_slice(&(size as u64).to_le_bytes());
+        out.extend_from_slice(&link.to_le_bytes());
+        out.extend_from_slice(&info.to_le_bytes());
+        out.extend_from_slice(&8u64.to_le_bytes());
+        out.extend_from_slice(&entsize.to_le_bytes());
+    }
+    out[40..48].copy_from_slice(&shoff.to_le_bytes());
+    out[58..60].copy_from_slice(&64u16.to_le_bytes());
+    out[60..62].copy_from_slice(&5u16.to_le_bytes());
+    out[62..64].copy_from_slice(&4u16.to_le_bytes());
+    out
+}
+
+/// Peak resident memory of a running process, KiB.
+fn hwm_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Memory that symbols of a small file must stay under (names copied per
+/// symbol took 16 KiB x 20 000 = 320 MiB here).
+const SYMBOLS_KIB: u64 = 96 * 1024;
+
+#[test]
+fn symbol_files_are_read_in_bounded_memory_and_never_waited_on() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let shared = d.join("shared-names.elf");
+    std::fs::write(&shared, elf_with_shared_names(20_000, 16 << 10)).unwrap();
+    let shared = shared.to_str().unwrap();
+    let fifo = d.join("fifo");
+    mkfifo(&fifo);
+    let fifo = fifo.to_str().unwrap();
+    let none = d.join("none.sock");
+    let none = none.to_str().unwrap();
+    // `vmm profile` reads --symbols before it tries the socket.
+    let profile = |symbols: &str| {
+        let args = ["profile", "--api-socket", none, "--symbols", symbols];
+        run_bounded(&args, Duration::from_secs(30))
+    };
+    let end = profile(shared);
+    end.assert_bad_input("no such socket");
+    assert!(
+        end.max_rss_kib < SYMBOLS_KIB,
+        "--symbols: peak RSS {} KiB",
+        end.max_rss_kib
+    );
+    for (path, kind) in [(fifo, "a FIFO"), ("/dev/zero", "a character device")] {
+        let end = profile(path);
+        end.assert_bad_input(&format!("--symbols {path}: {kind}, not a regular file"));
+        assert!(
+            end.max_rss_kib < SYMBOLS_KIB,
+            "{path}: {} KiB",
+            end.max_rss_kib
+        );
+    }
+
+    // The same file as the kernel: its symbols named in bounded memory.
+    let sock = d.join("api.sock");
+    let vm = Bounded::spawn(vmm_cmd(&[
+        "--kernel",
+        shared,
+        "--memory",
+        "64",
+        "--timeout",
+        "60",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]));
+    common::wait_for_api(&sock);
+    let (status, body) = common::api(&sock, "GET", "/profile?seconds=0.5&hz=99").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let p: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        p["symbols"].as_str().unwrap().starts_with("20000 symbols"),
+        "{}",
+        p["symbols"]
+    );
+    let peak = hwm_kib(vm.pid());
+    vm.signal(libc::SIGTERM);
+    vm.wait(Duration::from_secs(30))
+        .assert_code(128 + libc::SIGTERM);
+    assert!(peak < SYMBOLS_KIB, "the VMM's peak RSS {peak} KiB");
+}
+
+#[test]
+fn a_profile_names_frames_from_the_kernel_as_booted_whatever_the_path_names_later() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::copy(common::build_guest("hot_loop"), &kernel).unwrap();
+    let sock = dir.path().join("api.sock");
+    let vm = Bounded::spawn(vmm_cmd(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--timeout",
+        "60",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]));
+    common::wait_for_api(&sock);
+    let top = || {
+        // At most 10 s: a profile that waits for a FIFO's writer fails.
+        let (status, body) =
+            common::api(&sock, "GET", "/profile?seconds=1&hz=199").expect("an answer within 10 s");
+        assert_eq!(status, 200, "{body}");
+        let p: serde_json::Value = serde_json::from_str(&body).unwrap();
+        p["stacks"][0]["names"][0]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Replaced by a FIFO nobody writes: never opened.
+    std::fs::remove_file(&kernel).unwrap();
+    mkfifo(&kernel);
+    assert_eq!(top(), "hot_loop");
+    // Replaced by another kernel: the booted one still names the frames.
+    std::fs::remove_file(&kernel).unwrap();
+    std::fs::copy(common::build_guest("hello"), &kernel).unwrap();
+    assert_eq!(top(), "hot_loop");
+    vm.signal(libc::SIGTERM);
+    vm.wait(Duration::from_secs(30))
+        .assert_code(128 + libc::SIGTERM);
+}

@@ -1004,33 +1004,28 @@ fn hwm_kib(pid: i32) -> u64 {
 /// symbol took 16 KiB x 20 000 = 320 MiB here).
 const SYMBOLS_KIB: u64 = 96 * 1024;
 
+/// `vmm profile --symbols PATH` against a socket that is not there: the
+/// symbols are read before the socket is tried.
+fn profile_symbols(dir: &Path, symbols: &str) -> Ended {
+    let none = dir.join("none.sock");
+    let args = [
+        "profile",
+        "--api-socket",
+        none.to_str().unwrap(),
+        "--symbols",
+        symbols,
+    ];
+    run_bounded(&args, Duration::from_secs(30))
+}
+
 #[test]
-fn symbol_files_are_read_in_bounded_memory_and_never_waited_on() {
-    require_kvm!();
+fn symbol_files_that_are_not_regular_files_are_refused_never_waited_on() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let shared = d.join("shared-names.elf");
-    std::fs::write(&shared, elf_with_shared_names(20_000, 16 << 10)).unwrap();
-    let shared = shared.to_str().unwrap();
-    let fifo = d.join("fifo");
+    let fifo = dir.path().join("fifo");
     mkfifo(&fifo);
     let fifo = fifo.to_str().unwrap();
-    let none = d.join("none.sock");
-    let none = none.to_str().unwrap();
-    // `vmm profile` reads --symbols before it tries the socket.
-    let profile = |symbols: &str| {
-        let args = ["profile", "--api-socket", none, "--symbols", symbols];
-        run_bounded(&args, Duration::from_secs(30))
-    };
-    let end = profile(shared);
-    end.assert_bad_input("no such socket");
-    assert!(
-        end.max_rss_kib < SYMBOLS_KIB,
-        "--symbols: peak RSS {} KiB",
-        end.max_rss_kib
-    );
     for (path, kind) in [(fifo, "a FIFO"), ("/dev/zero", "a character device")] {
-        let end = profile(path);
+        let end = profile_symbols(dir.path(), path);
         end.assert_bad_input(&format!("--symbols {path}: {kind}, not a regular file"));
         assert!(
             end.max_rss_kib < SYMBOLS_KIB,
@@ -1038,6 +1033,23 @@ fn symbol_files_are_read_in_bounded_memory_and_never_waited_on() {
             end.max_rss_kib
         );
     }
+}
+
+#[test]
+fn symbols_sharing_one_long_name_are_read_in_bounded_memory() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let shared = d.join("shared-names.elf");
+    std::fs::write(&shared, elf_with_shared_names(20_000, 16 << 10)).unwrap();
+    let shared = shared.to_str().unwrap();
+    let end = profile_symbols(d, shared);
+    end.assert_bad_input("no such socket");
+    assert!(
+        end.max_rss_kib < SYMBOLS_KIB,
+        "--symbols: peak RSS {} KiB",
+        end.max_rss_kib
+    );
 
     // The same file as the kernel: its symbols named in bounded memory.
     let sock = d.join("api.sock");

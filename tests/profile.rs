@@ -508,7 +508,7 @@ fn a_guest_of_endless_distinct_deep_stacks_gets_a_bounded_profile_that_says_so()
         .map(|s| common::num(&s["count"]))
         .sum();
     let vcpu_dropped = common::num(&p["per_vcpu"][0]["dropped"]);
-    let merged = common::num(&p["merged_samples"]);
+    let merged = p["merged_samples"].as_u64().unwrap_or(0);
     eprintln!(
         "{samples} samples, {} stacks of {frames} frames in {} bytes; {vcpu_dropped} dropped by \
          the vCPU, {merged} of {} stacks merged; peak RSS {peak_kib} KiB",
@@ -528,12 +528,13 @@ fn a_guest_of_endless_distinct_deep_stacks_gets_a_bounded_profile_that_says_so()
         merged > 0 || vcpu_dropped > 0,
         "nothing dropped of {samples}"
     );
+    assert_eq!(common::num(&p["merged_stacks"]) > 0, merged > 0);
     assert_eq!(dropped, vcpu_dropped + merged);
     assert_eq!(
         stacks.iter().map(|s| common::num(&s["count"])).sum::<u64>(),
         samples
     );
-    assert!(peak_kib < 160 * 1024, "the VMM's peak RSS {peak_kib} KiB");
+    assert!(peak_kib < 96 * 1024, "the VMM's peak RSS {peak_kib} KiB");
     // The client takes it, and its table says what was dropped.
     let o = cli(&vm.sock, &["--seconds", "2", "--frequency", "10000"]);
     assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
@@ -542,21 +543,15 @@ fn a_guest_of_endless_distinct_deep_stacks_gets_a_bounded_profile_that_says_so()
 }
 
 #[test]
-fn a_bad_output_path_fails_before_the_profile_and_output_is_replaced_whole() {
+fn a_bad_output_path_fails_before_the_profile() {
     require_kvm!();
-    let vm = Running::start("probe.tests=spin probe.spin_ms=5000", &[]);
+    let vm = Running::start("probe.tests=spin probe.spin_ms=8000", &[]);
     vm.wait_serial("probe: cpus_online=1", Duration::from_secs(30));
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     for (path, expected) in [
-        (
-            d.join("missing/p.txt"),
-            "No such file or directory".to_string(),
-        ),
-        (
-            d.to_path_buf(),
-            "a directory, not a regular file".to_string(),
-        ),
+        (d.join("missing/p.txt"), "No such file or directory"),
+        (d.to_path_buf(), "a directory, not a regular file"),
     ] {
         let o = cli(&vm.sock, &["--seconds", "3", "-o", path.to_str().unwrap()]);
         common::assert_bad_input(&o, &format!("-o {}: {expected}", path.display()));
@@ -564,19 +559,25 @@ fn a_bad_output_path_fails_before_the_profile_and_output_is_replaced_whole() {
         let (status, body) = common::api(&vm.sock, "GET", "/profile?seconds=0.1&hz=99").unwrap();
         assert_eq!(status, 200, "{body}");
     }
-    // A profile cut short by the VM's end: written whole over the old file,
-    // nothing else left, its length the real one.
-    let out = d.join("p.txt");
+}
+
+#[test]
+fn a_profile_cut_short_by_the_vms_end_says_its_real_length_and_replaces_its_file_whole() {
+    require_kvm!();
+    let vm = Running::start("probe.tests=spin probe.spin_ms=3000", &[]);
+    vm.wait_serial("probe: cpus_online=1", Duration::from_secs(30));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p.txt");
     std::fs::write(&out, "old").unwrap();
     let o = cli(&vm.sock, &["--seconds", "20", "-o", out.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
     let text = std::fs::read_to_string(&out).unwrap();
     let title = text.lines().next().unwrap_or_default();
     assert!(
-        title.contains("s (of 20 s asked: the VM ended) at 999 Hz"),
+        title.contains(" s (of 20 s asked: the VM ended) at 999 Hz"),
         "{title}"
     );
-    let left: Vec<_> = std::fs::read_dir(d)
+    let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();

@@ -963,31 +963,66 @@ fn elf_with_shared_names(count: u32, name_len: usize) -> Vec<u8> {
     let end = out.len();
     pad(&mut out);
     let shoff = out.len() as u64;
-    // (name, type, flags, address, offset, size, link, info, entry size)
-    let sections: [(u32, u32, u64, u64, usize, usize, u32, u32, u64); 5] = [
-        (0, 0, 0, 0, 0, 0, 0, 0, 0),
-        (1, 1, 6, 0x200000, code_at, code.len(), 0, 0, 0),
-        (7, 2, 0, 0, symtab, strtab - symtab, 3, 1, 24),
-        (15, 3, 0, 0, strtab, shstrtab - strtab, 0, 0, 0),
-        (23, 3, 0, 0, shstrtab, end - shstrtab, 0, 0, 0),
+    let section = |name: u32, kind: u32, at: usize, size: usize| Section {
+        name,
+        kind,
+        offset: at as u64,
+        size: size as u64,
+        ..Default::default()
+    };
+    let sections = [
+        Section::default(),
+        Section {
+            flags: 6, // SHF_ALLOC | SHF_EXECINSTR
+            addr: 0x200000,
+            ..section(1, 1, code_at, code.len())
+        },
+        Section {
+            link: 3,
+            info: 1,
+            entsize: 24,
+            ..section(7, 2, symtab, strtab - symtab)
+        },
+        section(15, 3, strtab, shstrtab - strtab),
+        section(23, 3, shstrtab, end - shstrtab),
     ];
-    for (name, kind, flags, addr, offset, size, link, info, entsize) in sections {
-        out.extend_from_slice(&name.to_le_bytes());
-        out.extend_from_slice(&kind.to_le_bytes());
-        out.extend_from_slice(&flags.to_le_bytes());
-        out.extend_from_slice(&addr.to_le_bytes());
-        out.extend_from_slice(&(offset as u64).to_le_bytes());
-        out.extend_from_slice(&(size as u64).to_le_bytes());
-        out.extend_from_slice(&link.to_le_bytes());
-        out.extend_from_slice(&info.to_le_bytes());
-        out.extend_from_slice(&8u64.to_le_bytes());
-        out.extend_from_slice(&entsize.to_le_bytes());
+    for s in sections {
+        s.write(&mut out);
     }
     out[40..48].copy_from_slice(&shoff.to_le_bytes());
     out[58..60].copy_from_slice(&64u16.to_le_bytes());
     out[60..62].copy_from_slice(&5u16.to_le_bytes());
     out[62..64].copy_from_slice(&4u16.to_le_bytes());
     out
+}
+
+/// An ELF section header.
+#[derive(Default)]
+struct Section {
+    name: u32,
+    kind: u32,
+    flags: u64,
+    addr: u64,
+    offset: u64,
+    size: u64,
+    link: u32,
+    info: u32,
+    entsize: u64,
+}
+
+impl Section {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.name.to_le_bytes());
+        out.extend_from_slice(&self.kind.to_le_bytes());
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&self.addr.to_le_bytes());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&self.link.to_le_bytes());
+        out.extend_from_slice(&self.info.to_le_bytes());
+        out.extend_from_slice(&8u64.to_le_bytes());
+        out.extend_from_slice(&self.entsize.to_le_bytes());
+    }
 }
 
 /// Peak resident memory of a running process, KiB.

@@ -143,12 +143,7 @@ fn run_bounded(args: &[&str], bound: Duration) -> Ended {
 
 /// Resident memory of a running process, KiB.
 fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    common::status_kib(pid as u32, "VmRSS")
 }
 
 /// Whether `pid` (our child, not yet reaped) still runs: not a zombie.
@@ -1025,16 +1020,6 @@ impl Section {
     }
 }
 
-/// Peak resident memory of a running process, KiB.
-fn hwm_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Memory that symbols of a small file must stay under (names copied per
 /// symbol took 16 KiB x 20 000 = 320 MiB here).
 const SYMBOLS_KIB: u64 = 96 * 1024;
@@ -1107,7 +1092,7 @@ fn symbols_sharing_one_long_name_are_read_in_bounded_memory() {
         "{}",
         p["symbols"]
     );
-    let peak = hwm_kib(vm.pid());
+    let peak = common::status_kib(vm.pid() as u32, "VmHWM");
     vm.signal(libc::SIGTERM);
     vm.wait(Duration::from_secs(30))
         .assert_code(128 + libc::SIGTERM);

@@ -472,16 +472,6 @@ fn bad_profile_requests_get_4xx_and_one_line_errors() {
     common::assert_bad_input(&common::run(&["profile"]), "--api-socket");
 }
 
-/// Peak resident memory of a running process, KiB.
-fn hwm_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Frames of an answer's stacks (`profile::MAX_ANSWER_FRAMES` at most).
 const MAX_ANSWER_FRAMES: usize = 1 << 17;
 
@@ -494,7 +484,7 @@ fn a_guest_of_endless_distinct_deep_stacks_gets_a_bounded_profile_that_says_so()
     let (status, body) =
         common::api(&vm.sock, "GET", "/profile?seconds=4&hz=10000").expect("GET /profile");
     assert_eq!(status, 200);
-    let peak_kib = hwm_kib(vm.pid);
+    let peak_kib = common::status_kib(vm.pid, "VmHWM");
     let p: Value = serde_json::from_str(&body).unwrap();
     let stacks = p["stacks"].as_array().unwrap();
     let frames: usize = stacks

@@ -1064,6 +1064,7 @@ fn symbols_sharing_one_long_name_are_read_in_bounded_memory() {
     std::fs::write(&shared, elf_with_shared_names(20_000, 16 << 10)).unwrap();
     let shared = shared.to_str().unwrap();
     let end = profile_symbols(d, shared);
+    eprintln!("--symbols: peak RSS {} KiB", end.max_rss_kib);
     end.assert_bad_input("no such socket");
     assert!(
         end.max_rss_kib < SYMBOLS_KIB,
@@ -1093,6 +1094,7 @@ fn symbols_sharing_one_long_name_are_read_in_bounded_memory() {
         p["symbols"]
     );
     let peak = common::status_kib(vm.pid() as u32, "VmHWM");
+    eprintln!("the VMM: peak RSS {peak} KiB");
     vm.signal(libc::SIGTERM);
     vm.wait(Duration::from_secs(30))
         .assert_code(128 + libc::SIGTERM);

@@ -157,12 +157,7 @@ fn run_bounded(args: &[&str], bound: Duration) -> Ended {
 
 /// Resident memory of a running process, KiB.
 fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    common::status_kib(pid as u32, "VmRSS")
 }
 
 /// Whether `pid` (our child, not yet reaped) still runs: not a zombie.
@@ -1174,4 +1169,220 @@ fn a_pause_during_a_reboot_loop_holds_across_the_reboot() {
     wait_for_reboot_lines(&vm, lines);
     let end = vm.wait(Duration::from_secs(60));
     end.assert_code(3);
+}
+
+// ---------------------------------------------------------------------------
+// 10. The profiler's symbol files: bounded, never waited on, and the kernel's
+// read from what was booted.
+
+/// [`elf`] of [`halt_code`] at 2 MiB with a symbol table of `count`
+/// function symbols (one per byte from 2 MiB up) that all share one name of
+/// `name_len` bytes: a small file whose names, copied per symbol, are
+/// gigabytes.
+fn elf_with_shared_names(count: u32, name_len: usize) -> Vec<u8> {
+    let code = halt_code();
+    let code_at = 64 + 56;
+    let mut out = elf(&[(0x200000, code.clone(), code.len() as u64)], 0x200000);
+    let pad = |out: &mut Vec<u8>| out.resize(out.len().next_multiple_of(8), 0);
+    pad(&mut out);
+    let symtab = out.len();
+    out.extend_from_slice(&[0u8; 24]);
+    for i in 0..u64::from(count) {
+        out.extend_from_slice(&1u32.to_le_bytes()); // the shared name
+        out.push(0x12); // STB_GLOBAL, STT_FUNC
+        out.push(0);
+        out.extend_from_slice(&1u16.to_le_bytes()); // .text
+        out.extend_from_slice(&(0x200000 + i).to_le_bytes());
+        out.extend_from_slice(&1u64.to_le_bytes());
+    }
+    let strtab = out.len();
+    out.push(0);
+    out.extend(std::iter::repeat_n(b'n', name_len));
+    out.push(0);
+    let shstrtab = out.len();
+    out.extend_from_slice(b"\0.text\0.symtab\0.strtab\0.shstrtab\0");
+    let end = out.len();
+    pad(&mut out);
+    let shoff = out.len() as u64;
+    let section = |name: u32, kind: u32, at: usize, size: usize| Section {
+        name,
+        kind,
+        offset: at as u64,
+        size: size as u64,
+        ..Default::default()
+    };
+    let sections = [
+        Section::default(),
+        Section {
+            flags: 6, // SHF_ALLOC | SHF_EXECINSTR
+            addr: 0x200000,
+            ..section(1, 1, code_at, code.len())
+        },
+        Section {
+            link: 3,
+            info: 1,
+            entsize: 24,
+            ..section(7, 2, symtab, strtab - symtab)
+        },
+        section(15, 3, strtab, shstrtab - strtab),
+        section(23, 3, shstrtab, end - shstrtab),
+    ];
+    for s in sections {
+        s.write(&mut out);
+    }
+    out[40..48].copy_from_slice(&shoff.to_le_bytes());
+    out[58..60].copy_from_slice(&64u16.to_le_bytes());
+    out[60..62].copy_from_slice(&5u16.to_le_bytes());
+    out[62..64].copy_from_slice(&4u16.to_le_bytes());
+    out
+}
+
+/// An ELF section header.
+#[derive(Default)]
+struct Section {
+    name: u32,
+    kind: u32,
+    flags: u64,
+    addr: u64,
+    offset: u64,
+    size: u64,
+    link: u32,
+    info: u32,
+    entsize: u64,
+}
+
+impl Section {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.name.to_le_bytes());
+        out.extend_from_slice(&self.kind.to_le_bytes());
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&self.addr.to_le_bytes());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&self.link.to_le_bytes());
+        out.extend_from_slice(&self.info.to_le_bytes());
+        out.extend_from_slice(&8u64.to_le_bytes());
+        out.extend_from_slice(&self.entsize.to_le_bytes());
+    }
+}
+
+/// Memory that symbols of a small file must stay under (names copied per
+/// symbol took 16 KiB x 20 000 = 320 MiB here).
+const SYMBOLS_KIB: u64 = 96 * 1024;
+
+/// `vmm profile --symbols PATH` against a socket that is not there: the
+/// symbols are read before the socket is tried.
+fn profile_symbols(dir: &Path, symbols: &str) -> Ended {
+    let none = dir.join("none.sock");
+    let args = [
+        "profile",
+        "--api-socket",
+        none.to_str().unwrap(),
+        "--symbols",
+        symbols,
+    ];
+    run_bounded(&args, Duration::from_secs(30))
+}
+
+#[test]
+fn symbol_files_that_are_not_regular_files_are_refused_never_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    mkfifo(&fifo);
+    let fifo = fifo.to_str().unwrap();
+    for (path, kind) in [(fifo, "a FIFO"), ("/dev/zero", "a character device")] {
+        let end = profile_symbols(dir.path(), path);
+        end.assert_bad_input(&format!("--symbols {path}: {kind}, not a regular file"));
+        assert!(
+            end.max_rss_kib < SYMBOLS_KIB,
+            "{path}: {} KiB",
+            end.max_rss_kib
+        );
+    }
+}
+
+#[test]
+fn symbols_sharing_one_long_name_are_read_in_bounded_memory() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let shared = d.join("shared-names.elf");
+    std::fs::write(&shared, elf_with_shared_names(20_000, 16 << 10)).unwrap();
+    let shared = shared.to_str().unwrap();
+    let end = profile_symbols(d, shared);
+    eprintln!("--symbols: peak RSS {} KiB", end.max_rss_kib);
+    end.assert_bad_input("no such socket");
+    assert!(
+        end.max_rss_kib < SYMBOLS_KIB,
+        "--symbols: peak RSS {} KiB",
+        end.max_rss_kib
+    );
+
+    // The same file as the kernel: its symbols named in bounded memory.
+    let sock = d.join("api.sock");
+    let vm = Bounded::spawn(vmm_cmd(&[
+        "--kernel",
+        shared,
+        "--memory",
+        "64",
+        "--timeout",
+        "60",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]));
+    common::wait_for_api(&sock);
+    let (status, body) = common::api(&sock, "GET", "/profile?seconds=0.5&hz=99").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let p: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        p["symbols"].as_str().unwrap().starts_with("20000 symbols"),
+        "{}",
+        p["symbols"]
+    );
+    let peak = common::status_kib(vm.pid() as u32, "VmHWM");
+    eprintln!("the VMM: peak RSS {peak} KiB");
+    vm.signal(libc::SIGTERM);
+    vm.wait(Duration::from_secs(30))
+        .assert_code(128 + libc::SIGTERM);
+    assert!(peak < SYMBOLS_KIB, "the VMM's peak RSS {peak} KiB");
+}
+
+#[test]
+fn a_profile_names_frames_from_the_kernel_as_booted_whatever_the_path_names_later() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::copy(common::build_guest("hot_loop"), &kernel).unwrap();
+    let sock = dir.path().join("api.sock");
+    let vm = Bounded::spawn(vmm_cmd(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--timeout",
+        "60",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]));
+    common::wait_for_api(&sock);
+    let top = || {
+        // At most 10 s: a profile that waits for a FIFO's writer fails.
+        let (status, body) =
+            common::api(&sock, "GET", "/profile?seconds=1&hz=199").expect("an answer within 10 s");
+        assert_eq!(status, 200, "{body}");
+        let p: serde_json::Value = serde_json::from_str(&body).unwrap();
+        p["stacks"][0]["names"][0]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Replaced by a FIFO nobody writes: never opened.
+    std::fs::remove_file(&kernel).unwrap();
+    mkfifo(&kernel);
+    assert_eq!(top(), "hot_loop");
+    // Replaced by another kernel: the booted one still names the frames.
+    std::fs::remove_file(&kernel).unwrap();
+    std::fs::copy(common::build_guest("hello"), &kernel).unwrap();
+    assert_eq!(top(), "hot_loop");
+    vm.signal(libc::SIGTERM);
+    vm.wait(Duration::from_secs(30))
+        .assert_code(128 + libc::SIGTERM);
 }

@@ -11,6 +11,8 @@ pub mod http;
 pub mod metrics;
 pub mod socket;
 
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,6 +48,12 @@ impl Api {
     }
 
     pub fn handle(&self, request: &Request) -> Response {
+        self.handle_for(request, None)
+    }
+
+    /// [`Api::handle`] for the client at the other end of `peer`: a
+    /// profile ends early if that client goes away ([`client_gone`]).
+    pub fn handle_for(&self, request: &Request, peer: Option<&UnixStream>) -> Response {
         let (path, query) = request
             .path
             .split_once('?')
@@ -58,7 +66,7 @@ impl Api {
                 "text/plain; version=0.0.4; charset=utf-8",
                 metrics::render(&self.fresh_views(), &self.export),
             ),
-            ("GET", "/profile") => self.profile(query),
+            ("GET", "/profile") => self.profile(query, &|| peer.is_some_and(client_gone)),
             ("PUT", "/vm/pause") => self.pause(),
             ("PUT", "/vm/resume") => self.resume(),
             (_, "/vpmu" | "/metrics" | "/profile") => Response::error(405, "use GET"),
@@ -74,17 +82,20 @@ impl Api {
     }
 
     /// Samples the guest for the asked seconds (this connection waits),
-    /// then answers with the profile.
-    fn profile(&self, query: &str) -> Response {
+    /// then answers with the profile. `gone` says whether the client has
+    /// gone away (the profile then ends at once).
+    fn profile(&self, query: &str, gone: &dyn Fn() -> bool) -> Response {
         let request = match profile::Request::from_query(query) {
             Ok(request) => request,
             Err(e) => return Response::error(400, &e.to_string()),
         };
-        match self.profiles.run(request, &self.control) {
+        match self.profiles.run(request, &self.control, gone) {
             Ok(profile) => Response::document(200, &profile, "the profile"),
             Err(e @ (ProfileError::Busy | ProfileError::Paused | ProfileError::Stopping)) => {
                 Response::error(409, &e.to_string())
             }
+            // Nobody reads this.
+            Err(e @ ProfileError::ClientGone) => Response::error(400, &e.to_string()),
         }
     }
 
@@ -134,5 +145,34 @@ impl Api {
             }
         }
         (0..n).filter_map(|i| self.export.latest(i)).collect()
+    }
+}
+
+/// Whether the client at the other end of `peer` has closed its end (a
+/// hang-up; a client that only shut down its writing half still waits for
+/// the answer). Never waits.
+pub fn client_gone(peer: &UnixStream) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: peer.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, its count, and no wait.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+    ready > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_is_gone_when_it_closes_not_when_it_only_stops_writing() {
+        let (server, client) = UnixStream::pair().unwrap();
+        assert!(!client_gone(&server));
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(!client_gone(&server));
+        drop(client);
+        assert!(client_gone(&server));
     }
 }

@@ -516,11 +516,7 @@ impl Vm {
             .rebooting_on_reset(config.on_reset == OnReset::Reboot);
         let control = Arc::new(control);
         let serial = create_serial(config)?;
-        let kernel_image = match &config.kernel {
-            Some(path) => KernelImage::File(path.clone()),
-            None => KernelImage::Probe(probe_image::PROBE_ELF),
-        };
-        let profiles = Arc::new(Hub::new(num_vcpus, kernel_image));
+        let profiles = Arc::new(Hub::new(num_vcpus));
         let mut vm = Vm {
             config: config.clone(),
             kvm,
@@ -564,7 +560,14 @@ impl Vm {
             .map_err(StartError::kvm("KVM_CREATE_VCPU"))?;
         let tsc_khz = vcpu_fds[0].get_tsc_khz().ok();
         let cmdline = guest_cmdline(config, tsc_khz, plan);
-        let kernel = load_guest(config, &memory, num_vcpus, &cmdline)?;
+        let mut kernel = load_guest(config, &memory, num_vcpus, &cmdline)?;
+        // Frames are named from what this boot loaded, never from what the
+        // path names later.
+        self.profiles
+            .booted(match (kernel.file.take(), &config.kernel) {
+                (Some(file), Some(path)) => KernelImage::booted(path.clone(), file),
+                _ => KernelImage::Probe(probe_image::PROBE_ELF),
+            });
         let bus = create_bus(&vm_fd, &self.serial, &self.serial_irq, &self.control)?;
         let gate = ApGate::new(usize::from(num_vcpus));
         let mmio = create_mmio(num_vcpus, &gate)?;

@@ -183,6 +183,68 @@ fn every_reserved_bit_faults_and_legacy_counter_writes_sign_extend() {
 }
 
 #[test]
+fn every_pmu_msr_a_shape_lacks_faults_for_both_vendors() {
+    require_kvm!();
+    // KVM answers IA32_PMC1 and IA32_PERFEVTSEL1 itself (as P6 MSRs) unless
+    // the VMM traps them: one counter is the shape that showed it.
+    let shapes: [(&str, &str, &[&str]); 10] = [
+        ("intel", "1", &["--vpmu-gp-counters", "1"]),
+        (
+            "intel",
+            "2",
+            &["--vpmu-gp-counters", "1", "--vpmu-fixed-counters", "0"],
+        ),
+        (
+            "intel",
+            "2",
+            &["--vpmu-gp-counters", "1", "--vpmu-fixed-counters", "1"],
+        ),
+        (
+            "intel",
+            "3",
+            &["--vpmu-gp-counters", "3", "--vpmu-fixed-counters", "2"],
+        ),
+        (
+            "intel",
+            "4",
+            &["--vpmu-gp-counters", "1", "--vpmu-fixed-counters", "3"],
+        ),
+        (
+            "intel",
+            "4",
+            &["--vpmu-gp-counters", "8", "--vpmu-fixed-counters", "3"],
+        ),
+        ("amd", "1", &["--vpmu-gp-counters", "4"]),
+        ("amd", "1", &["--vpmu-gp-counters", "6"]),
+        ("amd", "2", &["--vpmu-gp-counters", "1"]),
+        ("amd", "2", &["--vpmu-gp-counters", "6"]),
+    ];
+    for (vendor, version, counters) in shapes {
+        let rsvd = if vendor == "intel" { "gp" } else { "ignore" };
+        let mut flags = vec![
+            "--cpu-vendor",
+            vendor,
+            "--vpmu",
+            "on",
+            "--vpmu-version",
+            version,
+        ];
+        flags.extend_from_slice(counters);
+        let (r, _) = run_probe(&format!("probe.tests=gp,detect probe.rsvd={rsvd}"), &flags);
+        let g = result(&r, 0, "gp");
+        let (got, total) = g.get("outside").split_once('/').unwrap();
+        assert_eq!(
+            got, total,
+            "{flags:?}: every MSR outside the model faults: {g:?}"
+        );
+        // More than one MSR past the model's end was tried.
+        assert!(total.parse::<u32>().unwrap() >= 6, "{flags:?}: {g:?}");
+        assert_eq!(g.num("gp_got"), g.num("gp_expected"), "{flags:?}: {g:?}");
+        assert_eq!(g.num("mismatches"), 0.0, "{flags:?}: {g:?}");
+    }
+}
+
+#[test]
 fn enable_toggles_never_reopen_host_events_on_the_intel_model() {
     require_kvm!();
     common::assert_toggles_open_no_host_events(&["--cpu-vendor", "intel", "--vpmu", "on"]);

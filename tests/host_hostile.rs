@@ -703,6 +703,140 @@ fn vmm_stat_reports_a_busy_api_as_busy() {
     drop(server);
 }
 
+/// A fake API server on `sock`: each connection is handed, after its
+/// request head is read, to `answer` on a thread of its own, for up to
+/// `for_at_most`.
+fn fake_server(
+    sock: &Path,
+    for_at_most: Duration,
+    answer: fn(UnixStream),
+) -> JoinHandle<Vec<JoinHandle<()>>> {
+    let listener = UnixListener::bind(sock).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let until = Instant::now() + for_at_most;
+        let mut served = Vec::new();
+        while Instant::now() < until {
+            match listener.accept() {
+                Ok((mut s, _)) => served.push(std::thread::spawn(move || {
+                    s.set_nonblocking(false).unwrap();
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+                        head.push(byte[0]);
+                    }
+                    answer(s)
+                })),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        served
+    })
+}
+
+/// Most bytes a trickling server sent before a client hung up.
+static TRICKLED_BEFORE_HANGUP: AtomicU64 = AtomicU64::new(0);
+/// Clients that hung up on the trickling server.
+static HANGUPS: AtomicU64 = AtomicU64::new(0);
+
+#[test]
+fn a_trickling_server_cannot_hold_vmm_stat_or_vmm_profile() {
+    // One byte every 0.5 s of an answer that would take minutes: each read
+    // is quick, the exchange never ends.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("slow.sock");
+    let server = fake_server(&sock, Duration::from_secs(120), |mut s| {
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{}",
+            " ".repeat(500)
+        );
+        for (sent, b) in answer.bytes().enumerate() {
+            if s.write_all(&[b]).is_err() {
+                TRICKLED_BEFORE_HANGUP.fetch_max(sent as u64, Ordering::SeqCst);
+                HANGUPS.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let sock_arg = sock.to_str().unwrap();
+    let stat = Bounded::spawn(vmm_cmd(&["stat", "--api-socket", sock_arg, "--count", "1"]));
+    let profile = Bounded::spawn(vmm_cmd(&[
+        "profile",
+        "--api-socket",
+        sock_arg,
+        "--seconds",
+        "0.1",
+    ]));
+    // The answer takes 280 s to trickle: both clients must give up on their
+    // own deadline (5 s; the profile's length + 30 s) long before that.
+    for (what, ended, code) in [
+        ("stat", stat.wait(Duration::from_secs(100)), 2),
+        ("profile", profile.wait(Duration::from_secs(100)), 1),
+    ] {
+        ended.assert_code(code);
+        assert_eq!(ended.stderr.lines().count(), 1, "{what}: {}", ended.stderr);
+        assert!(
+            ended.stderr.contains("timed out"),
+            "{what}: {}",
+            ended.stderr
+        );
+        assert!(
+            !ended.stderr.contains("not a vmm API"),
+            "{what}: {}",
+            ended.stderr
+        );
+    }
+    // Seen by the server (its next write fails within 0.5 s): both clients
+    // hung up mid-trickle.
+    let until = Instant::now() + Duration::from_secs(10);
+    while HANGUPS.load(Ordering::SeqCst) < 2 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(HANGUPS.load(Ordering::SeqCst), 2);
+    let sent = TRICKLED_BEFORE_HANGUP.load(Ordering::SeqCst);
+    assert!(sent < 200, "{sent} bytes trickled before the last hang-up");
+    drop(server);
+}
+
+#[test]
+fn control_characters_from_a_server_are_escaped_before_printing() {
+    // An error message that would set the window title, clear the screen
+    // and forge a line of the client's own.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("hostile.sock");
+    let server = fake_server(&sock, Duration::from_secs(30), |mut s| {
+        let body = r#"{"error": "\u001b]0;x\u0007 title \u001b[2J clear\nvmm profile: forged \u009b1m c1 \u007f del"}"#;
+        let _ = write!(
+            s,
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    });
+    let sock_arg = sock.to_str().unwrap();
+    for args in [
+        &["stat", "--api-socket", sock_arg, "--count", "1"][..],
+        &["profile", "--api-socket", sock_arg, "--seconds", "0.1"],
+    ] {
+        let ended = run_bounded(args, Duration::from_secs(30));
+        assert!(!ended.hung, "{args:?}");
+        let err = &ended.stderr;
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err:?}");
+        assert!(
+            !err.chars().any(|c| c.is_control() && c != '\n'),
+            "{args:?}: raw control characters: {err:?}"
+        );
+        assert!(err.contains("\\u{1b}]0;x\\u{7} title"), "{args:?}: {err:?}");
+        assert!(
+            err.contains("\\u{1b}[2J clear\\nvmm profile: forged"),
+            "{err:?}"
+        );
+        assert!(err.contains("\\u{9b}1m c1 \\u{7f} del"), "{err:?}");
+    }
+    drop(server);
+}
+
 // ---------------------------------------------------------------------------
 // 6. Signals.
 

@@ -117,38 +117,61 @@ enum ReadOutcome {
     Closed,
 }
 
-/// One read that ends by `deadline`: `None` when the client closed, failed
-/// or ran out of time.
-fn read_by(stream: &mut UnixStream, chunk: &mut [u8], deadline: Instant) -> Option<usize> {
+/// One read that ends by `deadline`: `Ok(0)` at the end of the stream, an
+/// error of kind `TimedOut` when the time is up first. Server and client
+/// ([`super::client`]) bound whole exchanges this way, however the other
+/// side trickles its bytes.
+pub(crate) fn read_by(
+    stream: &mut UnixStream,
+    chunk: &mut [u8],
+    deadline: Instant,
+) -> std::io::Result<usize> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return None;
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
         }
+        stream.set_read_timeout(Some(left))?;
         match stream.read(chunk) {
-            Ok(0) => return None,
-            Ok(n) => return Some(n),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::ErrorKind::TimedOut.into())
+            }
+            other => return other,
         }
     }
 }
 
-/// Writes all of `data` by `deadline`.
-fn write_by(stream: &mut UnixStream, mut data: &[u8], deadline: Instant) -> bool {
+/// Writes all of `data` by `deadline` (an error of kind `TimedOut` when
+/// the time is up first).
+pub(crate) fn write_by(
+    stream: &mut UnixStream,
+    mut data: &[u8],
+    deadline: Instant,
+) -> std::io::Result<()> {
     while !data.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
-            return false;
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
         }
+        stream.set_write_timeout(Some(left))?;
         match stream.write(data) {
-            Ok(0) => return false,
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::ErrorKind::TimedOut.into())
+            }
+            Err(e) => return Err(e),
         }
     }
-    true
+    Ok(())
+}
+
+/// [`read_by`] for the server: `None` when the client closed, failed or ran
+/// out of time.
+fn read_some(stream: &mut UnixStream, chunk: &mut [u8], deadline: Instant) -> Option<usize> {
+    read_by(stream, chunk, deadline).ok().filter(|&n| n > 0)
 }
 
 /// Reads one request, which must be complete by `deadline`.
@@ -193,7 +216,7 @@ fn read_request(stream: &mut UnixStream, buf: &mut Vec<u8>, deadline: Instant) -
                 // Read (and drop) the body so that the next request starts
                 // where it should.
                 while buf.len() < head_len + body_len {
-                    match read_by(stream, &mut chunk, deadline) {
+                    match read_some(stream, &mut chunk, deadline) {
                         None => return ReadOutcome::Closed,
                         Some(n) => buf.extend_from_slice(&chunk[..n]),
                     }
@@ -213,7 +236,7 @@ fn read_request(stream: &mut UnixStream, buf: &mut Vec<u8>, deadline: Instant) -
                 ))
             }
         }
-        match read_by(stream, &mut chunk, deadline) {
+        match read_some(stream, &mut chunk, deadline) {
             None => return ReadOutcome::Closed,
             Some(n) => buf.extend_from_slice(&chunk[..n]),
         }
@@ -238,7 +261,8 @@ fn write_response_by(
         response.body.len(),
         if close { "close" } else { "keep-alive" }
     );
-    write_by(stream, head.as_bytes(), deadline) && write_by(stream, &response.body, deadline)
+    write_by(stream, head.as_bytes(), deadline).is_ok()
+        && write_by(stream, &response.body, deadline).is_ok()
 }
 
 /// Closing with unread input makes the kernel reset the connection, which
@@ -250,7 +274,7 @@ fn linger(stream: &mut UnixStream) {
     let mut sink = [0u8; 4096];
     let mut drained = 0;
     while drained < (1 << 20) {
-        match read_by(
+        match read_some(
             stream,
             &mut sink,
             deadline.min(Instant::now() + Duration::from_millis(100)),

@@ -664,6 +664,89 @@ fn slow_clients_holding_every_slot_cannot_lock_out_a_prompt_one() {
     assert_eq!(end.code, Some(128 + libc::SIGTERM), "{}", end.stderr);
 }
 
+/// CPU time (user + system) of process `pid` so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command (which may hold spaces): state is field 3,
+    // utime 14 and stime 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// The share of one core process `pid` used over `window`, against the
+/// wall-clock ticks the host counted over the same window.
+fn cpu_share(pid: u32, window: Duration, during: impl Fn()) -> f64 {
+    // SAFETY: sysconf takes a constant and has no other effect.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let (start, ticks) = (Instant::now(), cpu_ticks(pid));
+    while start.elapsed() < window {
+        during();
+    }
+    (cpu_ticks(pid) - ticks) as f64 / (start.elapsed().as_secs_f64() * hz)
+}
+
+/// Sets the soft `RLIMIT_NOFILE` of process `pid` (the hard one stays);
+/// the soft one it had.
+fn set_nofile(pid: u32, soft: u64) -> u64 {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit on our own child, reading its limits into `old`.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: prlimit on our own child with a valid new limit.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    old.rlim_cur
+}
+
+#[test]
+fn a_vmm_out_of_descriptors_answers_503_without_spinning() {
+    require_kvm!();
+    let vm = Running::start("probe.tests=none probe.hold_ms=100000", &[]);
+    let ask = || common::send_raw(&vm.sock, b"GET /vpmu HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert_eq!(ask(), Some(200));
+    let idle = cpu_share(vm.pid, Duration::from_secs(2), || {
+        std::thread::sleep(Duration::from_millis(100))
+    });
+    // As if the guest's counters had taken every descriptor left: no new
+    // one can be opened.
+    let open = std::fs::read_dir(format!("/proc/{}/fd", vm.pid))
+        .unwrap()
+        .count() as u64;
+    let soft = set_nofile(vm.pid, open);
+    // Clients get a prompt 503, and the API thread does not spin, while
+    // they come and after they left.
+    let answers = AtomicU64::new(0);
+    let under_attack = cpu_share(vm.pid, Duration::from_secs(3), || {
+        assert_eq!(ask(), Some(503));
+        answers.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    // One left waiting on the listener (connected, never read).
+    let _waiting = UnixStream::connect(&vm.sock).unwrap();
+    let after = cpu_share(vm.pid, Duration::from_secs(2), || {
+        std::thread::sleep(Duration::from_millis(100))
+    });
+    assert!(answers.load(Ordering::Relaxed) >= 5);
+    for (what, share) in [("under attack", under_attack), ("after", after)] {
+        assert!(
+            share < idle + 0.25,
+            "{what}: {share:.2} of a core against {idle:.2} idle"
+        );
+    }
+    // With descriptors back, the API serves again.
+    set_nofile(vm.pid, soft);
+    assert_eq!(ask(), Some(200));
+    let _ = vm.terminate();
+}
+
 #[test]
 fn vmm_stat_reports_a_busy_api_as_busy() {
     // A server that answers 503 as the VMM does when it has no free slot.

@@ -39,6 +39,9 @@ pub const EVICT_AFTER: Duration = Duration::from_millis(500);
 pub const FINISH_ANSWERS: Duration = Duration::from_secs(3);
 /// Most time spent draining a rejected client's input before closing.
 const LINGER: Duration = Duration::from_secs(1);
+/// How long the accept loop waits after an `accept` failure it cannot
+/// answer (a listener with a client waiting stays readable).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_HEADERS: usize = 64;
 
 /// A parsed request.
@@ -445,37 +448,84 @@ fn poll_readable(fd: i32, ms: i32) -> bool {
     unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
+/// Answers `stream` 503 with `message` and closes it, within 100 ms.
+fn refuse(mut stream: UnixStream, message: &str) {
+    // Take what the client sent already (without waiting), so that closing
+    // does not reset the connection before it reads the 503.
+    let mut unread = [0u8; 4096];
+    if stream.set_nonblocking(true).is_ok() {
+        for _ in 0..4 {
+            if !matches!(stream.read(&mut unread), Ok(1..)) {
+                break;
+            }
+        }
+        let _ = stream.set_nonblocking(false);
+    }
+    write_response_by(
+        &mut stream,
+        &Response::error(503, message),
+        true,
+        Instant::now() + Duration::from_millis(100),
+    );
+}
+
+/// A descriptor held back for when the process has none left (`EMFILE`,
+/// `ENFILE`): a client then waits in the listener's queue, which stays
+/// readable, so retrying at once would spin. Closing the reserve makes
+/// room to take that client and answer it 503.
+struct Reserve(Option<std::fs::File>);
+
+impl Reserve {
+    fn take() -> Self {
+        Self(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Out of descriptors: the waiting client gets 503 through the
+    /// reserve's room, then the reserve is taken back. Without a reserve
+    /// (it could not be taken back), waits [`ACCEPT_BACKOFF`] instead.
+    fn shed(&mut self, listener: &UnixListener) {
+        if self.0.take().is_some() {
+            if let Ok((stream, _)) = listener.accept() {
+                refuse(stream, "the VMM is out of file descriptors");
+            }
+            *self = Self::take();
+        }
+        if self.0.is_none() {
+            std::thread::sleep(ACCEPT_BACKOFF);
+        }
+    }
+}
+
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 fn accept_loop(
     listener: UnixListener,
     handler: Arc<Handler>,
     stop: Arc<AtomicBool>,
     slots: Arc<Slots>,
 ) {
+    let mut reserve = Reserve::take();
     while !stop.load(Ordering::SeqCst) {
         if !poll_readable(listener.as_raw_fd(), 100) {
             continue;
         }
-        let Ok((mut stream, _)) = listener.accept() else {
-            continue;
+        let mut stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if out_of_descriptors(&e) => {
+                reserve.shed(&listener);
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // Anything else (no memory, no buffers): not at once again.
+            Err(_) => {
+                std::thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
         };
         let Some(id) = slots.admit(&stream) else {
-            // Take what the client sent already (without waiting), so that
-            // closing does not reset the connection before it reads the 503.
-            let mut unread = [0u8; 4096];
-            if stream.set_nonblocking(true).is_ok() {
-                for _ in 0..4 {
-                    if !matches!(stream.read(&mut unread), Ok(1..)) {
-                        break;
-                    }
-                }
-                let _ = stream.set_nonblocking(false);
-            }
-            write_response_by(
-                &mut stream,
-                &Response::error(503, "too many connections"),
-                true,
-                Instant::now() + Duration::from_millis(100),
-            );
+            refuse(stream, "too many connections");
             continue;
         };
         let (handler, done) = (handler.clone(), slots.clone());

@@ -715,12 +715,14 @@ fn a_vmm_out_of_descriptors_answers_503_without_spinning() {
     let idle = cpu_share(vm.pid, Duration::from_secs(2), || {
         std::thread::sleep(Duration::from_millis(100))
     });
-    // As if the guest's counters had taken every descriptor left: no new
-    // one can be opened.
-    let open = std::fs::read_dir(format!("/proc/{}/fd", vm.pid))
+    // As if the guest's counters had taken every descriptor left: the
+    // limit at the lowest free number, no new one can be opened.
+    let open: Vec<u64> = std::fs::read_dir(format!("/proc/{}/fd", vm.pid))
         .unwrap()
-        .count() as u64;
-    let soft = set_nofile(vm.pid, open);
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect();
+    let lowest_free = (0..).find(|n| !open.contains(n)).unwrap();
+    let soft = set_nofile(vm.pid, lowest_free);
     // Clients get a prompt 503, and the API thread does not spin, while
     // they come and after they left.
     let answers = AtomicU64::new(0);

@@ -10,7 +10,8 @@
 //! a new client takes the slot of the one that has waited longest for its
 //! request, if that has waited [`EVICT_AFTER`] or more (a slow or idle
 //! client); otherwise it gets 503. So slow clients can never lock a prompt
-//! one out.
+//! one out. Out of file descriptors, a client is still answered 503
+//! (through a descriptor held in reserve) and the accept loop never spins.
 
 use devices::sync::Recover;
 use std::io::{Read, Write};

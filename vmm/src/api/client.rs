@@ -226,6 +226,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn control_characters_are_escaped_and_other_text_kept() {
+        assert!(matches!(printable("plain é ☃"), Cow::Borrowed("plain é ☃")));
+        assert_eq!(
+            printable("\u{1b}]0;x\u{7}\u{1b}[2J\nfake\r\t\u{7f}\u{9b}"),
+            "\\u{1b}]0;x\\u{7}\\u{1b}[2J\\nfake\\r\\t\\u{7f}\\u{9b}"
+        );
+    }
+
+    #[test]
+    fn a_trickled_answer_times_out_by_the_exchange_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slow.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            for b in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n".iter() {
+                if std::io::Write::write_all(&mut s, &[*b]).is_err() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            false
+        });
+        // 42 bytes at 200 ms each would take over 8 s.
+        let error = get(&path, "/vpmu", Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(error, ClientError::Timeout(..)), "{error}");
+        assert!(error.to_string().contains("timed out"), "{error}");
+        assert!(server.join().unwrap(), "the client hung up mid-answer");
+    }
+
+    #[test]
     fn a_busy_answer_is_told_apart() {
         let raw = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 36\r\n\r\n{\"error\": \"too many connections\"}\n";
         assert_eq!(

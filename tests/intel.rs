@@ -187,39 +187,20 @@ fn every_pmu_msr_a_shape_lacks_faults_for_both_vendors() {
     require_kvm!();
     // KVM answers IA32_PMC1 and IA32_PERFEVTSEL1 itself (as P6 MSRs) unless
     // the VMM traps them: one counter is the shape that showed it.
-    let shapes: [(&str, &str, &[&str]); 10] = [
-        ("intel", "1", &["--vpmu-gp-counters", "1"]),
-        (
-            "intel",
-            "2",
-            &["--vpmu-gp-counters", "1", "--vpmu-fixed-counters", "0"],
-        ),
-        (
-            "intel",
-            "2",
-            &["--vpmu-gp-counters", "1", "--vpmu-fixed-counters", "1"],
-        ),
-        (
-            "intel",
-            "3",
-            &["--vpmu-gp-counters", "3", "--vpmu-fixed-counters", "2"],
-        ),
-        (
-            "intel",
-            "4",
-            &["--vpmu-gp-counters", "1", "--vpmu-fixed-counters", "3"],
-        ),
-        (
-            "intel",
-            "4",
-            &["--vpmu-gp-counters", "8", "--vpmu-fixed-counters", "3"],
-        ),
-        ("amd", "1", &["--vpmu-gp-counters", "4"]),
-        ("amd", "1", &["--vpmu-gp-counters", "6"]),
-        ("amd", "2", &["--vpmu-gp-counters", "1"]),
-        ("amd", "2", &["--vpmu-gp-counters", "6"]),
+    // (vendor, version, gp counters, fixed counters if given)
+    let shapes = [
+        ("intel", "1", "1", None),
+        ("intel", "2", "1", Some("0")),
+        ("intel", "2", "1", Some("1")),
+        ("intel", "3", "3", Some("2")),
+        ("intel", "4", "1", Some("3")),
+        ("intel", "4", "8", Some("3")),
+        ("amd", "1", "4", None),
+        ("amd", "1", "6", None),
+        ("amd", "2", "1", None),
+        ("amd", "2", "6", None),
     ];
-    for (vendor, version, counters) in shapes {
+    for (vendor, version, gp, fixed) in shapes {
         let rsvd = if vendor == "intel" { "gp" } else { "ignore" };
         let mut flags = vec![
             "--cpu-vendor",
@@ -228,8 +209,12 @@ fn every_pmu_msr_a_shape_lacks_faults_for_both_vendors() {
             "on",
             "--vpmu-version",
             version,
+            "--vpmu-gp-counters",
+            gp,
         ];
-        flags.extend_from_slice(counters);
+        if let Some(fixed) = fixed {
+            flags.extend(["--vpmu-fixed-counters", fixed]);
+        }
         let (r, _) = run_probe(&format!("probe.tests=gp,detect probe.rsvd={rsvd}"), &flags);
         let g = result(&r, 0, "gp");
         let (got, total) = g.get("outside").split_once('/').unwrap();

@@ -673,6 +673,91 @@ fn slow_clients_holding_every_slot_cannot_lock_out_a_prompt_one() {
     assert_eq!(end.code, Some(128 + libc::SIGTERM), "{}", end.stderr);
 }
 
+/// CPU time (user + system) of process `pid` so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command (which may hold spaces): state is field 3,
+    // utime 14 and stime 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// The share of one core process `pid` used over `window`, against the
+/// wall-clock ticks the host counted over the same window.
+fn cpu_share(pid: u32, window: Duration, during: impl Fn()) -> f64 {
+    // SAFETY: sysconf takes a constant and has no other effect.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let (start, ticks) = (Instant::now(), cpu_ticks(pid));
+    while start.elapsed() < window {
+        during();
+    }
+    (cpu_ticks(pid) - ticks) as f64 / (start.elapsed().as_secs_f64() * hz)
+}
+
+/// Sets the soft `RLIMIT_NOFILE` of process `pid` (the hard one stays);
+/// the soft one it had.
+fn set_nofile(pid: u32, soft: u64) -> u64 {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit on our own child, reading its limits into `old`.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: prlimit on our own child with a valid new limit.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    old.rlim_cur
+}
+
+#[test]
+fn a_vmm_out_of_descriptors_answers_503_without_spinning() {
+    require_kvm!();
+    let vm = Running::start("probe.tests=none probe.hold_ms=100000", &[]);
+    let ask = || common::send_raw(&vm.sock, b"GET /vpmu HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert_eq!(ask(), Some(200));
+    let idle = cpu_share(vm.pid, Duration::from_secs(2), || {
+        std::thread::sleep(Duration::from_millis(100))
+    });
+    // As if the guest's counters had taken every descriptor left: the
+    // limit at the lowest free number, no new one can be opened.
+    let open: Vec<u64> = std::fs::read_dir(format!("/proc/{}/fd", vm.pid))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect();
+    let lowest_free = (0..).find(|n| !open.contains(n)).unwrap();
+    let soft = set_nofile(vm.pid, lowest_free);
+    // Clients get a prompt 503, and the API thread does not spin, while
+    // they come and after they left.
+    let answers = AtomicU64::new(0);
+    let under_attack = cpu_share(vm.pid, Duration::from_secs(3), || {
+        assert_eq!(ask(), Some(503));
+        answers.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    // One left waiting on the listener (connected, never read).
+    let _waiting = UnixStream::connect(&vm.sock).unwrap();
+    let after = cpu_share(vm.pid, Duration::from_secs(2), || {
+        std::thread::sleep(Duration::from_millis(100))
+    });
+    assert!(answers.load(Ordering::Relaxed) >= 5);
+    for (what, share) in [("under attack", under_attack), ("after", after)] {
+        assert!(
+            share < idle + 0.25,
+            "{what}: {share:.2} of a core against {idle:.2} idle"
+        );
+    }
+    // With descriptors back, the API serves again.
+    set_nofile(vm.pid, soft);
+    assert_eq!(ask(), Some(200));
+    let _ = vm.terminate();
+}
+
 #[test]
 fn vmm_stat_reports_a_busy_api_as_busy() {
     // A server that answers 503 as the VMM does when it has no free slot.
@@ -709,6 +794,140 @@ fn vmm_stat_reports_a_busy_api_as_busy() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("API is busy") && err.contains("503"), "{err}");
     assert!(!err.contains("not a vmm API"), "{err}");
+    drop(server);
+}
+
+/// A fake API server on `sock`: each connection is handed, after its
+/// request head is read, to `answer` on a thread of its own, for up to
+/// `for_at_most`.
+fn fake_server(
+    sock: &Path,
+    for_at_most: Duration,
+    answer: fn(UnixStream),
+) -> JoinHandle<Vec<JoinHandle<()>>> {
+    let listener = UnixListener::bind(sock).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let until = Instant::now() + for_at_most;
+        let mut served = Vec::new();
+        while Instant::now() < until {
+            match listener.accept() {
+                Ok((mut s, _)) => served.push(std::thread::spawn(move || {
+                    s.set_nonblocking(false).unwrap();
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+                        head.push(byte[0]);
+                    }
+                    answer(s)
+                })),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        served
+    })
+}
+
+/// Most bytes a trickling server sent before a client hung up.
+static TRICKLED_BEFORE_HANGUP: AtomicU64 = AtomicU64::new(0);
+/// Clients that hung up on the trickling server.
+static HANGUPS: AtomicU64 = AtomicU64::new(0);
+
+#[test]
+fn a_trickling_server_cannot_hold_vmm_stat_or_vmm_profile() {
+    // One byte every 0.5 s of an answer that would take minutes: each read
+    // is quick, the exchange never ends.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("slow.sock");
+    let server = fake_server(&sock, Duration::from_secs(120), |mut s| {
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{}",
+            " ".repeat(500)
+        );
+        for (sent, b) in answer.bytes().enumerate() {
+            if s.write_all(&[b]).is_err() {
+                TRICKLED_BEFORE_HANGUP.fetch_max(sent as u64, Ordering::SeqCst);
+                HANGUPS.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let sock_arg = sock.to_str().unwrap();
+    let stat = Bounded::spawn(vmm_cmd(&["stat", "--api-socket", sock_arg, "--count", "1"]));
+    let profile = Bounded::spawn(vmm_cmd(&[
+        "profile",
+        "--api-socket",
+        sock_arg,
+        "--seconds",
+        "0.1",
+    ]));
+    // The answer takes 280 s to trickle: both clients must give up on their
+    // own deadline (5 s; the profile's length + 30 s) long before that.
+    for (what, ended, code) in [
+        ("stat", stat.wait(Duration::from_secs(100)), 2),
+        ("profile", profile.wait(Duration::from_secs(100)), 1),
+    ] {
+        ended.assert_code(code);
+        assert_eq!(ended.stderr.lines().count(), 1, "{what}: {}", ended.stderr);
+        assert!(
+            ended.stderr.contains("timed out"),
+            "{what}: {}",
+            ended.stderr
+        );
+        assert!(
+            !ended.stderr.contains("not a vmm API"),
+            "{what}: {}",
+            ended.stderr
+        );
+    }
+    // Seen by the server (its next write fails within 0.5 s): both clients
+    // hung up mid-trickle.
+    let until = Instant::now() + Duration::from_secs(10);
+    while HANGUPS.load(Ordering::SeqCst) < 2 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(HANGUPS.load(Ordering::SeqCst), 2);
+    let sent = TRICKLED_BEFORE_HANGUP.load(Ordering::SeqCst);
+    assert!(sent < 200, "{sent} bytes trickled before the last hang-up");
+    drop(server);
+}
+
+#[test]
+fn control_characters_from_a_server_are_escaped_before_printing() {
+    // An error message that would set the window title, clear the screen
+    // and forge a line of the client's own.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("hostile.sock");
+    let server = fake_server(&sock, Duration::from_secs(30), |mut s| {
+        let body = r#"{"error": "\u001b]0;x\u0007 title \u001b[2J clear\nvmm profile: forged \u009b1m c1 \u007f del"}"#;
+        let _ = write!(
+            s,
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    });
+    let sock_arg = sock.to_str().unwrap();
+    for args in [
+        &["stat", "--api-socket", sock_arg, "--count", "1"][..],
+        &["profile", "--api-socket", sock_arg, "--seconds", "0.1"],
+    ] {
+        let ended = run_bounded(args, Duration::from_secs(30));
+        assert!(!ended.hung, "{args:?}");
+        let err = &ended.stderr;
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err:?}");
+        assert!(
+            !err.chars().any(|c| c.is_control() && c != '\n'),
+            "{args:?}: raw control characters: {err:?}"
+        );
+        assert!(err.contains("\\u{1b}]0;x\\u{7} title"), "{args:?}: {err:?}");
+        assert!(
+            err.contains("\\u{1b}[2J clear\\nvmm profile: forged"),
+            "{err:?}"
+        );
+        assert!(err.contains("\\u{9b}1m c1 \\u{7f} del"), "{err:?}");
+    }
     drop(server);
 }
 

@@ -10,7 +10,8 @@
 //! a new client takes the slot of the one that has waited longest for its
 //! request, if that has waited [`EVICT_AFTER`] or more (a slow or idle
 //! client); otherwise it gets 503. So slow clients can never lock a prompt
-//! one out.
+//! one out. Out of file descriptors, a client is still answered 503
+//! (through a descriptor held in reserve) and the accept loop never spins.
 
 use devices::sync::Recover;
 use std::io::{Read, Write};
@@ -39,6 +40,9 @@ pub const EVICT_AFTER: Duration = Duration::from_millis(500);
 pub const FINISH_ANSWERS: Duration = Duration::from_secs(3);
 /// Most time spent draining a rejected client's input before closing.
 const LINGER: Duration = Duration::from_secs(1);
+/// How long the accept loop waits after an `accept` failure it cannot
+/// answer (a listener with a client waiting stays readable).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_HEADERS: usize = 64;
 
 /// A parsed request.
@@ -117,38 +121,61 @@ enum ReadOutcome {
     Closed,
 }
 
-/// One read that ends by `deadline`: `None` when the client closed, failed
-/// or ran out of time.
-fn read_by(stream: &mut UnixStream, chunk: &mut [u8], deadline: Instant) -> Option<usize> {
+/// One read that ends by `deadline`: `Ok(0)` at the end of the stream, an
+/// error of kind `TimedOut` when the time is up first. Server and client
+/// ([`super::client`]) bound whole exchanges this way, however the other
+/// side trickles its bytes.
+pub(crate) fn read_by(
+    stream: &mut UnixStream,
+    chunk: &mut [u8],
+    deadline: Instant,
+) -> std::io::Result<usize> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return None;
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
         }
+        stream.set_read_timeout(Some(left))?;
         match stream.read(chunk) {
-            Ok(0) => return None,
-            Ok(n) => return Some(n),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::ErrorKind::TimedOut.into())
+            }
+            other => return other,
         }
     }
 }
 
-/// Writes all of `data` by `deadline`.
-fn write_by(stream: &mut UnixStream, mut data: &[u8], deadline: Instant) -> bool {
+/// Writes all of `data` by `deadline` (an error of kind `TimedOut` when
+/// the time is up first).
+pub(crate) fn write_by(
+    stream: &mut UnixStream,
+    mut data: &[u8],
+    deadline: Instant,
+) -> std::io::Result<()> {
     while !data.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
-            return false;
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
         }
+        stream.set_write_timeout(Some(left))?;
         match stream.write(data) {
-            Ok(0) => return false,
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::ErrorKind::TimedOut.into())
+            }
+            Err(e) => return Err(e),
         }
     }
-    true
+    Ok(())
+}
+
+/// [`read_by`] for the server: `None` when the client closed, failed or ran
+/// out of time.
+fn read_some(stream: &mut UnixStream, chunk: &mut [u8], deadline: Instant) -> Option<usize> {
+    read_by(stream, chunk, deadline).ok().filter(|&n| n > 0)
 }
 
 /// Reads one request, which must be complete by `deadline`.
@@ -193,7 +220,7 @@ fn read_request(stream: &mut UnixStream, buf: &mut Vec<u8>, deadline: Instant) -
                 // Read (and drop) the body so that the next request starts
                 // where it should.
                 while buf.len() < head_len + body_len {
-                    match read_by(stream, &mut chunk, deadline) {
+                    match read_some(stream, &mut chunk, deadline) {
                         None => return ReadOutcome::Closed,
                         Some(n) => buf.extend_from_slice(&chunk[..n]),
                     }
@@ -213,7 +240,7 @@ fn read_request(stream: &mut UnixStream, buf: &mut Vec<u8>, deadline: Instant) -
                 ))
             }
         }
-        match read_by(stream, &mut chunk, deadline) {
+        match read_some(stream, &mut chunk, deadline) {
             None => return ReadOutcome::Closed,
             Some(n) => buf.extend_from_slice(&chunk[..n]),
         }
@@ -238,7 +265,8 @@ fn write_response_by(
         response.body.len(),
         if close { "close" } else { "keep-alive" }
     );
-    write_by(stream, head.as_bytes(), deadline) && write_by(stream, &response.body, deadline)
+    write_by(stream, head.as_bytes(), deadline).is_ok()
+        && write_by(stream, &response.body, deadline).is_ok()
 }
 
 /// Closing with unread input makes the kernel reset the connection, which
@@ -250,7 +278,7 @@ fn linger(stream: &mut UnixStream) {
     let mut sink = [0u8; 4096];
     let mut drained = 0;
     while drained < (1 << 20) {
-        match read_by(
+        match read_some(
             stream,
             &mut sink,
             deadline.min(Instant::now() + Duration::from_millis(100)),
@@ -421,37 +449,84 @@ fn poll_readable(fd: i32, ms: i32) -> bool {
     unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
+/// Answers `stream` 503 with `message` and closes it, within 100 ms.
+fn refuse(mut stream: UnixStream, message: &str) {
+    // Take what the client sent already (without waiting), so that closing
+    // does not reset the connection before it reads the 503.
+    let mut unread = [0u8; 4096];
+    if stream.set_nonblocking(true).is_ok() {
+        for _ in 0..4 {
+            if !matches!(stream.read(&mut unread), Ok(1..)) {
+                break;
+            }
+        }
+        let _ = stream.set_nonblocking(false);
+    }
+    write_response_by(
+        &mut stream,
+        &Response::error(503, message),
+        true,
+        Instant::now() + Duration::from_millis(100),
+    );
+}
+
+/// A descriptor held back for when the process has none left (`EMFILE`,
+/// `ENFILE`): a client then waits in the listener's queue, which stays
+/// readable, so retrying at once would spin. Closing the reserve makes
+/// room to take that client and answer it 503.
+struct Reserve(Option<std::fs::File>);
+
+impl Reserve {
+    fn take() -> Self {
+        Self(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Out of descriptors: the waiting client gets 503 through the
+    /// reserve's room, then the reserve is taken back. Without a reserve
+    /// (it could not be taken back), waits [`ACCEPT_BACKOFF`] instead.
+    fn shed(&mut self, listener: &UnixListener) {
+        if self.0.take().is_some() {
+            if let Ok((stream, _)) = listener.accept() {
+                refuse(stream, "the VMM is out of file descriptors");
+            }
+            *self = Self::take();
+        }
+        if self.0.is_none() {
+            std::thread::sleep(ACCEPT_BACKOFF);
+        }
+    }
+}
+
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 fn accept_loop(
     listener: UnixListener,
     handler: Arc<Handler>,
     stop: Arc<AtomicBool>,
     slots: Arc<Slots>,
 ) {
+    let mut reserve = Reserve::take();
     while !stop.load(Ordering::SeqCst) {
         if !poll_readable(listener.as_raw_fd(), 100) {
             continue;
         }
-        let Ok((mut stream, _)) = listener.accept() else {
-            continue;
+        let mut stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if out_of_descriptors(&e) => {
+                reserve.shed(&listener);
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // Anything else (no memory, no buffers): not at once again.
+            Err(_) => {
+                std::thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
         };
         let Some(id) = slots.admit(&stream) else {
-            // Take what the client sent already (without waiting), so that
-            // closing does not reset the connection before it reads the 503.
-            let mut unread = [0u8; 4096];
-            if stream.set_nonblocking(true).is_ok() {
-                for _ in 0..4 {
-                    if !matches!(stream.read(&mut unread), Ok(1..)) {
-                        break;
-                    }
-                }
-                let _ = stream.set_nonblocking(false);
-            }
-            write_response_by(
-                &mut stream,
-                &Response::error(503, "too many connections"),
-                true,
-                Instant::now() + Duration::from_millis(100),
-            );
+            refuse(stream, "too many connections");
             continue;
         };
         let (handler, done) = (handler.clone(), slots.clone());

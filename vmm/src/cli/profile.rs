@@ -64,7 +64,10 @@ impl Failure {
         match self {
             Failure::Api(ClientError::Refused { status: 400, .. }) => 2,
             Failure::Api(
-                ClientError::Refused { .. } | ClientError::Busy(..) | ClientError::Closed(_),
+                ClientError::Refused { .. }
+                | ClientError::Busy(..)
+                | ClientError::Closed(_)
+                | ClientError::Timeout(..),
             ) => 1,
             Failure::Symbols(_) | Failure::Output(..) | Failure::Api(_) => 2,
             Failure::Draw(_) | Failure::Write(..) | Failure::Stdout(_) => 1,
@@ -79,7 +82,7 @@ pub fn run(opts: &ProfileOptions) -> i32 {
         // A closed stdout (`| head`) ends the output quietly.
         Err(Failure::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
         Err(e) => {
-            eprintln!("vmm profile: {e}");
+            eprintln!("vmm profile: {}", client::printable(&e.to_string()));
             e.exit_code()
         }
     }
@@ -93,6 +96,8 @@ fn profile(opts: &ProfileOptions) -> Result<(), Failure> {
     if let Some(symbols) = &symbols {
         profile.name_frames(Ok(symbols));
     }
+    // The server's text (and the file's names) reach a terminal.
+    profile.map_text(|text| client::printable(text).into_owned());
     let bytes = match opts.format {
         Format::Folded => output::folded(&profile).into_bytes(),
         Format::Text => output::text(&profile).into_bytes(),

@@ -369,6 +369,23 @@ impl Profile {
             .sum()
     }
 
+    /// Passes every text of the profile (what the sampling was, why not,
+    /// names, modes, truncation reasons) through `f`: a client makes what a
+    /// server sent safe to print with it.
+    pub fn map_text(&mut self, f: impl Fn(&str) -> String) {
+        self.symbols = f(&self.symbols);
+        self.kaslr = f(&self.kaslr);
+        for v in &mut self.per_vcpu {
+            v.source = f(&v.source);
+            v.error = v.error.as_deref().map(&f);
+        }
+        for stack in &mut self.stacks {
+            stack.mode = f(&stack.mode);
+            stack.truncated = stack.truncated.as_deref().map(&f);
+            stack.names.iter_mut().for_each(|n| *n = f(n));
+        }
+    }
+
     /// Names every kernel frame with `symbols` (moved by the KASLR offset
     /// `MSR_LSTAR` shows), or says why frames have no names (`why_none`).
     pub fn name_frames(&mut self, symbols: Result<&Symbols, String>) {

@@ -576,7 +576,6 @@ fn a_profile_cut_short_by_the_vms_end_says_its_real_length_and_replaces_its_file
 }
 
 #[test]
-#[ignore = "needs api/http.rs to hand each connection to Api::handle_for (issue 23 item 8)"]
 fn a_profile_whose_client_went_away_ends_and_the_next_one_runs() {
     require_kvm!();
     use std::io::Write;

@@ -110,7 +110,7 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-pub type Handler = dyn Fn(&Request) -> Response + Send + Sync;
+pub type Handler = dyn Fn(&Request, &UnixStream) -> Response + Send + Sync;
 
 /// Why reading a request ended without one.
 enum ReadOutcome {
@@ -378,7 +378,7 @@ fn serve_in_slot(stream: &mut UnixStream, handler: &Handler, slot: Option<(&Slot
                 if let Some((slots, id)) = slot {
                     slots.set_waiting(id, None);
                 }
-                let response = handler(&request);
+                let response = handler(&request, stream);
                 let deadline = Instant::now() + REQUEST_DEADLINE;
                 if !write_response_by(stream, &response, close, deadline) || close {
                     return;
@@ -552,8 +552,9 @@ mod tests {
 
     fn exchange(raw: &[u8]) -> String {
         let (mut client, server) = UnixStream::pair().unwrap();
-        let handler =
-            |r: &Request| Response::text(200, "text/plain", format!("{} {}", r.method, r.path));
+        let handler = |r: &Request, _: &UnixStream| {
+            Response::text(200, "text/plain", format!("{} {}", r.method, r.path))
+        };
         let t = std::thread::spawn(move || serve_connection(server, &handler));
         client.write_all(raw).unwrap();
         client.shutdown(std::net::Shutdown::Write).unwrap();
@@ -585,7 +586,8 @@ mod tests {
     #[test]
     fn a_trickling_client_gets_408_by_the_request_deadline_not_per_read() {
         let (mut client, server) = UnixStream::pair().unwrap();
-        let handler = |_: &Request| Response::text(200, "text/plain", String::new());
+        let handler =
+            |_: &Request, _: &UnixStream| Response::text(200, "text/plain", String::new());
         let start = Instant::now();
         let t = std::thread::spawn(move || serve_connection(server, &handler));
         // One byte every 400 ms: each read is quick, the request never ends.

@@ -639,8 +639,11 @@ impl Vm {
                     .try_clone()
                     .map_err(io_err("cloning the API socket"))?;
                 Some(
-                    api::http::Server::start(listener, Arc::new(move |r| api.handle(r)))
-                        .map_err(io_err("starting the API thread"))?,
+                    api::http::Server::start(
+                        listener,
+                        Arc::new(move |r, peer| api.handle_for(r, Some(peer))),
+                    )
+                    .map_err(io_err("starting the API thread"))?,
                 )
             }
             None => None,

@@ -23,7 +23,8 @@ def bench_report(g):
         m = re.match(r"VMM-BENCH (BEGIN|END) round=(\d+) mode=(\w+)", line)
         if m:
             marks[(m.group(2), m.group(3), m.group(1))] = (snap, threads)
-    for m in re.finditer(r"VMM-BENCH BEGIN round=(\d+) mode=(\w+)\r?\n(.*?)VMM-BENCH END", text, re.S):
+    for m in re.finditer(r"VMM-BENCH BEGIN round=(\d+) mode=(\w+)\r?\n(.*?)VMM-BENCH END", text,
+                         re.S):
         key = (m.group(1), m.group(2))
         busy = busy_line(m.group(3).splitlines())
         wall = re.search(r"wall_ms=(\d+)", m.group(3))

@@ -11,7 +11,6 @@ guest's first step) and the report. Tolerances are in acc_tolerances.py.
 Standard library only.
 """
 
-import re
 from collections import namedtuple
 
 from acc_parsers import (AMD_CYCLES, OS, USR, busy_line, counters, dso_shares, event_of, facts,
@@ -234,7 +233,8 @@ def judge_watchdog(g, out, rc, tsc_khz, r):
     except (KeyError, ValueError):
         before = after = None
     host = counters(g.snapshots.get("watchdog END"))
-    wd = [c for c in host if c.get("running") and event_of(c) == AMD_CYCLES and c.get("pmis", 0) > 0]
+    wd = [c for c in host
+          if c.get("running") and event_of(c) == AMD_CYCLES and c.get("pmis", 0) > 0]
     enabled = "NMI watchdog: Enabled" in "\n".join(out)
     r.add("main.watchdog", rc == 0 and enabled and before is not None and after > before
           and bool(wd),

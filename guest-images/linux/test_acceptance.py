@@ -9,7 +9,9 @@ several from README.md's runs) and like the VMM's GET /vpmu answers.
 testdata/ holds one real run (RecordedRun): each guest's serial log from
 /init on, and guests.json with its VMM's exit code, stderr, the GET /vpmu
 answers the judges read and main's host profile; table.json is the table
-acceptance.py printed for it before its split into modules.
+the judges of acceptance.py before its split into modules give for it (the
+run's own table but for main.api-live's count of reads: 3 of its 97 live
+GET /vpmu reads are kept).
 """
 
 import json

@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 /// The bzImage boot only has to show the banner and command line (about
 /// 10 s in here); it is then stopped by its --timeout.
 const BZIMAGE_TIMEOUT_S: u64 = 60;
-/// Bound on the whole acceptance run (three guests side by side: about 8
-/// minutes here, most of it emulated kernel code).
+/// Bound on the whole acceptance run (four guests: main, off and deny side
+/// by side, then smp; 10-35 minutes here, most of it emulated kernel code).
 const ACCEPTANCE_LIMIT_S: u64 = 2400;
 /// Margin on top of --timeout before the test kills the VMM and fails.
 const STOP_MARGIN_S: u64 = 30;
@@ -403,6 +403,8 @@ const ACCEPTANCE_CHECKS: &[&str] = &[
     "main.api-live",
     "main.api-count",
     "main.watchdog",
+    "main.profile-kernel",
+    "main.profile-user",
     "off.run",
     "off.no-pmu",
     "deny.run",

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Linux perf acceptance: Linux's own perf, inside a Linux guest, on vmm's
 # virtual PMU. Builds what is missing (build.sh for the guest, cargo for
-# vmm), then acceptance.py boots the guest three ways (vPMU on, off, and
-# with cycles denied), runs guest-images/linux/perf-checks inside, reads the
-# VMM's API while it runs, and prints a pass/fail table. See README.md.
+# vmm), then acceptance.py boots four guests (main: vPMU on; off; deny:
+# cycles denied; smp: 2 vCPUs), runs guest-images/linux/perf-checks inside,
+# reads the VMM's API while it runs, and prints a pass/fail table. See
+# README.md.
 #
-# Usage: acceptance.sh [acceptance.py options: --only main,off,deny,
-#        --sequential, --keep DIR, --json FILE, --timeout S, --memory MIB]
+# Usage: acceptance.sh [acceptance.py options: --only main,off,deny,smp,
+#        --sequential, --keep DIR, --json FILE, --timeout S, --memory MIB,
+#        --bench, --cmdline PARAMS]
 # Environment: VMM (a vmm binary to test; default: cargo build --release
 # and target/release/vmm).
 #
@@ -20,7 +22,8 @@ REPO=$(cd -- "$HERE/../.." && pwd)
 
 case "${1:-}" in
     -h | --help)
-        sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+        # The comment block at the top, without its '# '.
+        awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"
         exit 0
         ;;
 esac

@@ -1,0 +1,464 @@
+"""The acceptance's checks: for each guest kind (GUESTS, at the end) its
+`vmm run` flags and its table of perf-checks steps, each with the judge of
+its output and the rows that judge adds to the report. That table is the
+one list of steps: acceptance.py boots each guest with its steps, and
+test_acceptance.py holds perf-checks' step functions to it.
+
+A judge gets the guest (acc_runner.Guest: its GET /vpmu snapshots at step
+markers, its host profile, its VMM's stderr), the step's output lines ([]
+if the step never ended) and rc (None then), the TSC rate in kHz (from the
+guest's first step) and the report. Tolerances are in acc_tolerances.py.
+Standard library only.
+"""
+
+from collections import namedtuple
+
+from acc_parsers import (AMD_CYCLES, OS, USR, busy_line, counters, dso_shares, event_of, facts,
+                         folded_stacks, guest_done, migrate_line, per_cpu_csv, perf_csv,
+                         perf_event_opens, perf_row, perf_symbols, pmu_driver, pmu_shape,
+                         report_samples, run_ms, run_shares, sample_times, samples_by_cpu,
+                         section, select_of, stats_sum, steal_fraction, top_user_symbol,
+                         total_for, vcpu_total)
+from acc_tolerances import (API_COUNT, MIGRATE_MIN_MOVES, MULTIPLEX_SPREAD, PROFILE_KERNEL_TOP,
+                            PROFILE_USER_POINTS, RECORD_MODES_POINTS, RECORD_SAMPLES,
+                            SMP_MIGRATE, SMP_PER_CPU, SMP_RECORD_ALL, SMP_STAT_ALL, STAT_CYCLES,
+                            pct)
+
+
+class Report:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, name, ok, detail):
+        self.rows.append({"check": name, "result": "PASS" if ok else "FAIL", "detail": detail})
+
+    def skip(self, name, why):
+        self.rows.append({"check": name, "result": "NOT RUN", "detail": why})
+
+    def ok(self):
+        return all(r["result"] == "PASS" for r in self.rows)
+
+    def print(self):
+        width = max(len(r["check"]) for r in self.rows)
+        print(f"{'check':<{width}}  result   detail")
+        for r in self.rows:
+            print(f"{r['check']:<{width}}  {r['result']:<7}  {r['detail']}")
+
+
+def within(a, b, frac):
+    return b > 0 and abs(a - b) <= frac * b
+
+
+# --------------------------------------------------------------- main --
+def judge_detect(g, out, rc, tsc_khz, r):
+    text = "\n".join(out)
+    drv = pmu_driver(text)
+    model = ((g.snapshots.get("detect BEGIN") or {}).get("vm") or {}).get("model") or {}
+    want = (model.get("version"), model.get("gp_counters"), model.get("gp_width"))
+    got = pmu_shape(text)
+    r.add("main.detect", bool(drv) and "PMU driver" in drv and got == want
+          and "perf_read_msr" in text,
+          f"driver '{drv}', (version, counters, width) {got}, model {want}")
+
+
+def judge_stat(g, out, rc, tsc_khz, r):
+    rows = perf_csv(out)
+    cyc = perf_row(rows, "cycles")
+    clk = perf_row(rows, "task-clock")
+    sf = facts(out)
+    if cyc and clk and cyc[0] and clk[0] and tsc_khz:
+        # perf's task-clock is the task's time on its (virtual) CPU, steal
+        # included; the host's share of it is in /proc/stat's steal column,
+        # as busy read it over its own run (one CPU: the machine's line is
+        # that CPU's), else right before and after perf stat.
+        steal = (busy_line(out) or {}).get("steal")
+        if steal is None:
+            steal = steal_fraction(sf)
+        if steal is None:
+            r.add("main.stat-cycles", False, f"no /proc/stat steal figures: {sf}")
+        else:
+            run = clk[0] * (1 - steal)
+            ratio = cyc[0] / (run * tsc_khz)  # ms x kHz = cycles
+            r.add("main.stat-cycles", rc == 0 and abs(ratio - 1) <= STAT_CYCLES,
+                  f"{cyc[0]:.0f} cycles over {clk[0]:.1f} ms task-clock less "
+                  f"{steal * 100:.1f}% steal ({run:.1f} ms run time) at "
+                  f"{tsc_khz:.0f} kHz: ratio {ratio:.3f} (within {pct(STAT_CYCLES)})")
+    else:
+        r.add("main.stat-cycles", False, f"perf stat gave no cycles/task-clock: {rows}")
+
+
+def judge_unbacked(g, out, rc, tsc_khz, r):
+    rows = perf_csv(out)
+    ins = perf_row(rows, "instructions")
+    cyc = perf_row(rows, "cycles")
+    host = [c for c in counters(g.snapshots.get("unbacked END")) if event_of(c) == 0xC0]
+    reasons = [c["backing"].get("reason", "") for c in host if c["backing"]["kind"] == "unbacked"]
+    # AMD has no way to tell the guest an event is unavailable: perf shows 0
+    # there (never a made-up count), and the host export says why.
+    shown = ins[1] if ins else None
+    honest = ins is not None and (ins[0] is None or ins[0] == 0)
+    r.add("main.unbacked", honest and bool(cyc and cyc[0]) and bool(reasons),
+          f"perf: instructions '{shown}', cycles {cyc[1] if cyc else None}; host: "
+          f"{'unbacked: ' + reasons[0] if reasons else 'no unbacked instructions counter'}")
+
+
+def judge_privilege(g, out, rc, tsc_khz, r):
+    rows = {x[2]: x for x in perf_csv(out)}
+    host = counters(g.snapshots.get("privilege END"))
+    filtered = [c for c in host if event_of(c) == AMD_CYCLES
+                and bool(select_of(c) & USR) != bool(select_of(c) & OS)]
+    flagged = [c for c in filtered if c["backing"]["kind"] == "unbacked"
+               and "user from kernel" in c["backing"].get("reason", "")]
+    u, k, both = rows.get("cycles:u"), rows.get("cycles:k"), rows.get("cycles")
+    r.add("main.privilege", bool(u and k and both) and (u[0] or 0) == 0 and (k[0] or 0) == 0
+          and (both[0] or 0) > 0 and len(filtered) == 2 and len(flagged) == 2,
+          f"perf: cycles:u '{u[1] if u else None}', cycles:k '{k[1] if k else None}', "
+          f"cycles '{both[1] if both else None}'; host flags {len(flagged)} of "
+          f"{len(filtered)} filtered counters as unbacked")
+
+
+def judge_record_step(g, out, rc, tsc_khz, r):
+    judge_record(out, rc, tsc_khz, r)
+    judge_profile(out, g.profile, r)
+
+
+def judge_record(out, rc, tsc_khz, r):
+    """perf record's samples against run time, its user/kernel split against
+    busy's, its top user-mode symbol."""
+    text = "\n".join(out)
+    f = facts(out)
+    busy = busy_line(out)
+    n = report_samples(text)
+    period = int(f.get("period", 0) or 0)
+    if rc != 0 or n is None or not busy or not period:
+        r.add("main.record-samples", False, f"perf record/report failed (rc {rc}): {text[-300:]}")
+        r.add("main.record-modes", False, "no report")
+        r.add("main.record-symbol", False, "no report")
+        return
+    # perf samples the whole task, from exec on: its run time is the user
+    # and system time the kernel accounted to it.
+    run = run_ms(busy)
+    expect = run * tsc_khz / period
+    r.add("main.record-samples", within(n, expect, RECORD_SAMPLES),
+          f"{n} samples, expected {expect:.0f} ({run} ms of run time x TSC / period "
+          f"{period}), within {pct(RECORD_SAMPLES)}")
+    kernel, user = dso_shares(out)
+    sys_pct = 100.0 * busy["sys_ms"] / max(1, busy["user_ms"] + busy["sys_ms"])
+    r.add("main.record-modes", kernel + user > 0 and abs(kernel - sys_pct) <= RECORD_MODES_POINTS,
+          f"samples {kernel:.1f}% kernel / {user:.1f}% user; busy's own time "
+          f"{sys_pct:.1f}% system (user {busy['user_ms']} ms, sys {busy['sys_ms']} ms), "
+          f"within {RECORD_MODES_POINTS} points")
+    top = top_user_symbol(text)
+    r.add("main.record-symbol", top == "spin_user", f"top user-mode symbol: {top}")
+
+
+def judge_profile(out, profile, r):
+    """The host's profile of the record step against the guest's perf report:
+    the guest's top kernel symbol among the host's top kernel symbols, and
+    the user-mode share of samples in proportion."""
+    if profile is None or profile[0] != 0:
+        why = "never taken" if profile is None else f"vmm profile exit {profile[0]}: {profile[1]}"
+        r.add("main.profile-kernel", False, f"no host profile: {why}")
+        r.add("main.profile-user", False, f"no host profile: {why}")
+        return
+    stacks = folded_stacks(profile[2])
+    total = sum(c for _, c in stacks)
+    user = sum(c for f, c in stacks if f and f[-1].startswith("[user"))
+    leaves = {}
+    for frames, count in stacks:
+        leaf = frames[-1] if frames else ""
+        if not leaf.startswith("["):
+            leaves[leaf] = leaves.get(leaf, 0) + count
+    # Ranked among the host's top 10 (the detail shows the rank), held to
+    # its top PROFILE_KERNEL_TOP.
+    host_top = [name for name, _ in sorted(leaves.items(), key=lambda x: -x[1])[:10]]
+    guest_kernel = perf_symbols(out, "top-kernel-symbols")
+    want = guest_kernel[0][1] if guest_kernel else None
+    rank = host_top.index(want) + 1 if want in host_top else None
+    r.add("main.profile-kernel", total > 0 and rank is not None and rank <= PROFILE_KERNEL_TOP,
+          f"guest perf's top kernel symbol {want} is #{rank} of the host profile's kernel "
+          f"symbols (top {PROFILE_KERNEL_TOP} wanted; host top: "
+          f"{', '.join(host_top[:PROFILE_KERNEL_TOP])}; {total} samples)")
+    kernel_pct, user_pct = dso_shares(out)
+    host_user = 100.0 * user / max(1, total)
+    guest_user = 100.0 * user_pct / max(1e-9, user_pct + kernel_pct)
+    r.add("main.profile-user", total > 0 and abs(host_user - guest_user) <= PROFILE_USER_POINTS,
+          f"host profile {host_user:.1f}% [user] ({user} of {total} samples), guest perf "
+          f"{guest_user:.1f}% user (busy's dso), within {PROFILE_USER_POINTS} points")
+
+
+def judge_multiplex(g, out, rc, tsc_khz, r):
+    rows = [x for x in perf_csv(out) if x[2] == "cycles"]
+    vals = [x[0] for x in rows if x[0]]
+    pcts = [x[4] for x in rows if x[4] is not None]
+    if len(vals) == 8 and pcts:
+        mean = sum(vals) / len(vals)
+        spread = max(abs(v - mean) / mean for v in vals)
+        # Below 100% running: the events really took turns.
+        r.add("main.multiplex", rc == 0 and max(pcts) < 100 and spread <= MULTIPLEX_SPREAD,
+              f"8 cycles events on 6 counters: running {min(pcts):.0f}-{max(pcts):.0f}% "
+              f"of enabled, scaled counts within {spread * 100:.1f}% of their mean "
+              f"({pct(MULTIPLEX_SPREAD)})")
+    else:
+        r.add("main.multiplex", False, f"expected 8 scaled cycles counts: {rows}")
+
+
+def judge_api(g, out, rc, tsc_khz, r):
+    rows = perf_csv(out)
+    cyc = perf_row(rows, "cycles")
+    during = g.during.get("api", [])
+    live = [c for s in during for c in counters(s)
+            if c.get("running") and event_of(c) == AMD_CYCLES]
+    r.add("main.api-live", bool(live),
+          f"{len(during)} reads of GET /vpmu during perf stat, "
+          f"{len(live)} showed a running cycles counter"
+          + (f" (select {select_of(live[0]):#x}, backing {live[0]['backing']['kind']})"
+             if live else ""))
+    pid = (AMD_CYCLES | USR | OS)
+    before = total_for(g.snapshots.get("api BEGIN"), pid)
+    after = total_for(g.snapshots.get("api END"), pid)
+    host_count = after - before
+    if cyc and cyc[0]:
+        r.add("main.api-count", within(host_count, cyc[0], API_COUNT),
+              f"perf {cyc[0]:.0f} cycles, host total for programming {pid:#x} grew by "
+              f"{host_count} ({(host_count / cyc[0] - 1) * 100:+.2f}%, within {pct(API_COUNT)})")
+    else:
+        r.add("main.api-count", False, f"perf stat gave no cycles count: {rows}")
+
+
+def judge_watchdog(g, out, rc, tsc_khz, r):
+    f = facts(out)
+    try:
+        before, after = int(f["pmi_before"]), int(f["pmi_after"])
+    except (KeyError, ValueError):
+        before = after = None
+    host = counters(g.snapshots.get("watchdog END"))
+    wd = [c for c in host
+          if c.get("running") and event_of(c) == AMD_CYCLES and c.get("pmis", 0) > 0]
+    enabled = "NMI watchdog: Enabled" in "\n".join(out)
+    r.add("main.watchdog", rc == 0 and enabled and before is not None and after > before
+          and bool(wd),
+          f"{'enabled' if enabled else 'no NMI watchdog line'} (Linux's sample rate limit "
+          f"was {f.get('sample_rate_found', '?')}/s, set to {f.get('sample_rate', '?')}/s), "
+          f"PMIs {before} -> {after} "
+          f"over 4 s of busy; host: "
+          + (f"counter {wd[0]['index']} running with {wd[0]['pmis']} PMIs" if wd else
+             "no counter with PMIs; the host's counters: " + ", ".join(
+                 f"#{c.get('index')} ctl {c.get('control', 0):#x} value {c.get('value')} "
+                 f"running {c.get('running')} pmis {c.get('pmis')}" for c in host)))
+
+
+# ---------------------------------------------------------- off, deny --
+def judge_nopmu(g, out, rc, tsc_khz, r):
+    text = "\n".join(out)
+    rows = perf_csv(out)
+    cyc = perf_row(rows, "cycles")
+    # "no PMU driver, software events only." or, as a guest (CPUID's
+    # hypervisor bit), "PMU not available due to virtualization, using
+    # software events only."
+    r.add("off.no-pmu", "software events only" in text and bool(cyc)
+          and cyc[1] == "<not supported>",
+          f"driver line '{pmu_driver(text)}', "
+          f"perf stat cycles '{cyc[1] if cyc else None}'")
+
+
+def judge_deny(g, out, rc, tsc_khz, r):
+    rows = perf_csv(out)
+    cyc = perf_row(rows, "cycles")
+    host = [c for c in counters(g.snapshots.get("deny END")) if event_of(c) == AMD_CYCLES]
+    denied = [c for c in host if c["backing"]["kind"] == "denied"]
+    opens = perf_event_opens(g.vmm_stderr())
+    r.add("deny.cycles", bool(cyc) and (cyc[0] or 0) == 0 and bool(denied)
+          and opens is not None and opens == 0,
+          f"perf stat cycles '{cyc[1] if cyc else None}'; host: {len(denied)} counter(s) "
+          f"denied, {opens if opens is not None else '?'} perf_event_open")
+
+
+# ---------------------------------------------------------------- smp --
+def judge_cpus(g, out, rc, tsc_khz, r):
+    f = facts(out)
+    r.add("smp.cpus", f.get("nproc") == "2" and f.get("online") == "0-1",
+          f"nproc {f.get('nproc')}, online {f.get('online')}")
+
+
+# Each window: a shell under perf that has perf enable its events, reads
+# the ticks, sleeps, reads them again and has perf disable its events,
+# with spinners keeping the busy CPUs busy throughout; a CPU's run time
+# while perf counted is perf's enabled time times the CPU's run share
+# between the tick readings (steal and idle left out).
+def judge_stat_all(g, out, rc, tsc_khz, r):
+    hz = tsc_khz * 1e3
+    one_lines = section(out, "perf-stat-a-one:", "perf-stat-a:")
+    two_lines = section(out, "perf-stat-a:", "perf-stat-per-cpu:")
+    one, two = perf_row(perf_csv(one_lines), "cycles"), perf_row(perf_csv(two_lines), "cycles")
+    shares1, shares2 = run_shares(one_lines), run_shares(two_lines)
+    if one and two and one[0] and two[0] and one[3] and two[3] and shares1 and shares2 and hz:
+        # perf stat -a's enabled time is the sum over the CPUs.
+        run1 = one[3] / 1e9 / len(shares1) * sum(shares1.values())
+        run2 = two[3] / 1e9 / len(shares2) * sum(shares2.values())
+        ratio, expect = two[0] / one[0], run2 / run1
+        r.add("smp.stat-all", abs(ratio / expect - 1) <= SMP_STAT_ALL,
+              f"perf stat -a: {two[0]:.0f} cycles with both CPUs busy, {one[0]:.0f} with one: "
+              f"ratio {ratio:.2f}; the CPUs' run time in the windows {run2:.2f} s vs "
+              f"{run1:.2f} s: ratio {expect:.2f} (counts' ratio within {pct(SMP_STAT_ALL)} of "
+              f"it; 2 when no CPU loses time to steal); vs run time x TSC: "
+              f"{one[0] / (run1 * hz) - 1:+.1%} / {two[0] / (run2 * hz) - 1:+.1%}")
+    else:
+        r.add("smp.stat-all", False, f"no perf stat -a cycles counts or tick readings: {out}")
+    per_lines = section(out, "perf-stat-per-cpu:")
+    cpus = per_cpu_csv(per_lines, "cycles")
+    shares = run_shares(per_lines)
+    if len(cpus) == 2 and len(shares) == 2 and hz:
+        errs = {c: cpus[c][0] / (cpus[c][1] / 1e9 * shares[c] * hz) - 1
+                for c in sorted(cpus) if cpus[c][1] and shares.get(c)}
+        r.add("smp.per-cpu", len(errs) == 2 and all(abs(e) <= SMP_PER_CPU for e in errs.values()),
+              "perf stat -a -A: " + ", ".join(
+                  f"CPU{c} {cpus[c][0]:.0f} cycles over {cpus[c][1] / 1e9:.2f} s x "
+                  f"{shares.get(c, 0):.1%} run: {errs.get(c, float('nan')):+.1%}"
+                  for c in sorted(cpus)) + f" (each within {pct(SMP_PER_CPU)} of run time x TSC)")
+    else:
+        r.add("smp.per-cpu", False, f"expected 2 CPU rows and tick readings: {cpus}, {shares}")
+
+
+def judge_record_all(g, out, rc, tsc_khz, r):
+    hz = tsc_khz * 1e3
+    text = "\n".join(out)
+    period = int(facts(out).get("period", 0) or 0)
+    samples = samples_by_cpu(text)
+    times = sample_times(text)
+    shares = run_shares(out)
+    if rc == 0 and period and len(times) == 2 and len(shares) == 2 and hz:
+        span = times[1] - times[0]
+        expect = {c: span * shares[c] * hz / period for c in sorted(shares)}
+        ok = len(samples) == 2 and all(within(samples.get(c, 0), e, SMP_RECORD_ALL)
+                                       for c, e in expect.items())
+        r.add("smp.record-all", ok,
+              f"perf record -a -c {period}: samples by CPU {samples} over {span:.2f} s "
+              f"(first to last sample); expected "
+              f"{ {c: round(e) for c, e in expect.items()} } (span x run share x TSC / period), "
+              f"each within {pct(SMP_RECORD_ALL)}")
+    else:
+        r.add("smp.record-all", False, f"perf record -a/report failed (rc {rc}): {text[-300:]}")
+
+
+def judge_migrate(g, out, rc, tsc_khz, r):
+    f = facts(out)
+    rows = perf_csv(out)
+    cyc, clk = perf_row(rows, "cycles"), perf_row(rows, "task-clock")
+    moves, seen = migrate_line("\n".join(out))
+    steal = steal_fraction(f)
+    if cyc and clk and cyc[0] and clk[0] and tsc_khz and steal is not None:
+        # The task's run time: its task clock less the steal share, as in
+        # main.stat-cycles.
+        task_ms = clk[0] * (1 - steal)
+        ratio = cyc[0] / (task_ms * tsc_khz)
+        r.add("smp.migrate", rc == 0 and moves >= MIGRATE_MIN_MOVES and seen == {"0", "1"}
+              and abs(ratio - 1) <= SMP_MIGRATE,
+              f"{moves} taskset moves, ran on CPUs {sorted(seen)}: perf {cyc[0]:.0f} cycles "
+              f"over {clk[0]:.0f} ms task-clock less {steal * 100:.1f}% steal, "
+              f"ratio {ratio:.3f} (within {pct(SMP_MIGRATE)})")
+    else:
+        r.add("smp.migrate", False, f"no cycles/task-clock count or steal figures: {out}")
+    b, e = g.snapshots.get("migrate BEGIN"), g.snapshots.get("migrate END")
+    pid = (AMD_CYCLES | USR | OS)
+    if b and e:
+        opens = stats_sum(e, "opens") - stats_sum(b, "opens")
+        progs = stats_sum(e, "reprograms") - stats_sum(b, "reprograms")
+        grew = {v: vcpu_total(e, pid, v) - vcpu_total(b, pid, v) for v in (0, 1)}
+        r.add("smp.migrate-opens", opens <= progs and min(grew.values()) > 0
+              and moves >= MIGRATE_MIN_MOVES,
+              f"over {moves} moves the host opened {opens} perf events for {progs} new "
+              f"programmings (opens <= programmings); cycles counted on both vCPUs: {grew}")
+    else:
+        r.add("smp.migrate-opens", False, "no GET /vpmu at the migrate markers")
+    # Each vCPU's counters are its own, and the VM totals are their sum.
+    rows = (e or {}).get("totals", [])
+    sums_ok = bool(rows) and all(t["count"] == sum(v["count"] for v in t.get("vcpus", []))
+                                 for t in rows)
+    cyc_row = next((t for t in rows if t["id"] == pid), {})
+    per_vcpu = {v["vcpu"]: v["count"] for v in cyc_row.get("vcpus", [])}
+    views = [v.get("index") for v in (e or {}).get("vcpus", [])]
+    r.add("smp.vcpu-totals", sums_ok and views == [0, 1] and len(per_vcpu) == 2
+          and min(per_vcpu.values()) > 0,
+          f"GET /vpmu: vCPU views {views}; cycles ({pid:#x}) by vCPU {per_vcpu}, VM total "
+          f"{cyc_row.get('count')}; every total row equals its vCPUs' sum: {sums_ok}")
+
+
+# ------------------------------------------------------------- tables --
+# One perf-checks step: its name (a step_* function of perf-checks, `-` for
+# `_`), the judge of its output (None: judged elsewhere) and the rows that
+# judge adds, in order.
+Check = namedtuple("Check", "step judge rows")
+# One guest kind: its extra `vmm run` flags, its steps in the order it runs
+# them, the step during which GET /vpmu is read over and over (live_step)
+# and the step during whose workload `vmm profile` runs (profile_step).
+Kind = namedtuple("Kind", "flags checks live_step profile_step", defaults=(None, None))
+
+GUESTS = {
+    # --vpmu auto: on, the kernel reading counters with RDMSR.
+    "main": Kind([], [
+        Check("detect", judge_detect, ["main.detect"]),
+        Check("stat", judge_stat, ["main.stat-cycles"]),
+        Check("unbacked", judge_unbacked, ["main.unbacked"]),
+        Check("privilege", judge_privilege, ["main.privilege"]),
+        Check("record", judge_record_step, ["main.record-samples", "main.record-modes",
+                                            "main.record-symbol", "main.profile-kernel",
+                                            "main.profile-user"]),
+        Check("multiplex", judge_multiplex, ["main.multiplex"]),
+        Check("api", judge_api, ["main.api-live", "main.api-count"]),
+        Check("watchdog", judge_watchdog, ["main.watchdog"]),
+    ], live_step="api", profile_step="record"),
+    # No PMU driver: perf says cycles is not supported.
+    "off": Kind(["--vpmu", "off"], [
+        Check("nopmu", judge_nopmu, ["off.no-pmu"]),
+    ]),
+    # Cycles denied: cycles counts nothing, no host event.
+    "deny": Kind(["--vpmu-events", f"deny:{AMD_CYCLES:#x}"], [
+        Check("deny", judge_deny, ["deny.cycles"]),
+    ]),
+    # 2 vCPUs: perf across CPUs.
+    "smp": Kind(["--vcpus", "2"], [
+        Check("cpus", judge_cpus, ["smp.cpus"]),
+        Check("stat-all", judge_stat_all, ["smp.stat-all", "smp.per-cpu"]),
+        Check("record-all", judge_record_all, ["smp.record-all"]),
+        Check("migrate", judge_migrate, ["smp.migrate", "smp.migrate-opens",
+                                         "smp.vcpu-totals"]),
+    ]),
+    # --bench: BENCHMARKS.md's figures (acc_bench.py), no rows.
+    "bench": Kind([], [Check("bench", None, [])]),
+}
+# The kinds a check run boots (--only), in the order of the table.
+CHECKED = [name for name, kind in GUESTS.items() if any(c.judge for c in kind.checks)]
+
+
+def steps(kind):
+    """The perf-checks steps guest `kind` runs, in order."""
+    return [c.step for c in GUESTS[kind].checks]
+
+
+def rows(kind):
+    """The rows the checks of guest `kind` add, in order (without its .run row)."""
+    return [row for c in GUESTS[kind].checks for row in c.rows]
+
+
+def judge_guest(g, r):
+    """Every check of guest g's kind; all NOT RUN if its first step never
+    ended. The TSC rate is the tsc_khz fact of its first step."""
+    checks = GUESTS[g.name].checks
+    first, _ = g.step(checks[0].step)
+    if first is None:
+        for name in rows(g.name):
+            r.skip(name, "the guest never ran the step")
+        return
+    tsc_khz = float(facts(first).get("tsc_khz", 0) or 0)
+    for c in checks:
+        out, rc = g.step(c.step)
+        c.judge(g, out or [], rc, tsc_khz, r)
+
+
+def judge_run(g, r):
+    """The run itself: /init ran, every step ended, the VMM ended by the reboot."""
+    done = guest_done(g.text())
+    r.add(f"{g.name}.run", g.rc == 0 and done is not None,
+          f"vmm exit {g.rc} after {g.elapsed:.0f} s; /init "
+          + (f"finished, perf-checks rc={done}" if done else "did not finish"))

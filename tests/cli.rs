@@ -175,3 +175,75 @@ fn impossible_vpmu_flags_are_refused() {
     );
     assert_bad_input(&run(&["--cpu-vendor", "via"]), "invalid value 'via'");
 }
+
+#[test]
+fn vcpus_at_every_edge_are_one_line_errors() {
+    // Class 6: below, at and past the host's bound, the u32 limit and past
+    // it, signs and junk.
+    for bad in ["-1", "4294967296", "99999999999999999999", "2.5", "", "0x4"] {
+        assert_bad_input(&run(&["--vcpus", bad]), "--vcpus");
+    }
+    require_kvm!();
+    assert_bad_input(&run(&["--vcpus", "4294967295"]), "out of range");
+    // The bound the VMM names is itself the edge: one past it is refused.
+    let o = run(&["--vcpus", "0"]);
+    let err = common::stderr(&o);
+    let max: u32 = err
+        .rsplit("1 to ")
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no bound in {err:?}"));
+    let past = (max + 1).to_string();
+    assert_bad_input(
+        &run(&["--vcpus", &past]),
+        &format!("--vcpus {past} is out of range: 1 to {max}"),
+    );
+}
+
+#[test]
+fn every_vpmu_flag_with_each_cpu_vendor_is_checked_for_that_vendor() {
+    // Class 8: each --vpmu-* flag, given an impossible value, under each
+    // --cpu-vendor: a one-line error, exit 2, before any guest runs.
+    for vendor in ["host", "amd", "intel"] {
+        let v = ["--cpu-vendor", vendor];
+        assert_bad_input(
+            &run(&[&v[..], &["--vpmu", "maybe"]].concat()),
+            "invalid value 'maybe'",
+        );
+        assert_bad_input(
+            &run(&[&v[..], &["--vpmu-events", "bogus"]].concat()),
+            "unknown policy clause",
+        );
+        assert_bad_input(
+            &run(&[&v[..], &["--vpmu-gp-counters", "300"]].concat()),
+            "--vpmu-gp-counters",
+        );
+    }
+    require_kvm!();
+    for vendor in ["host", "amd", "intel"] {
+        let v = ["--cpu-vendor", vendor];
+        for flags in [
+            &["--vpmu-gp-counters", "0"][..],
+            &["--vpmu-gp-counters", "40"],
+            &["--vpmu-version", "9"],
+            &["--vpmu-version", "0"],
+            &["--vpmu-fixed-counters", "9"],
+        ] {
+            let o = run(&[&v[..], flags].concat());
+            let err = common::stderr(&o);
+            assert_bad_input(&o, "vPMU");
+            assert!(!err.contains("probe:"), "{vendor} {flags:?}: {err}");
+        }
+        for flag in [
+            "--vpmu-gp-counters",
+            "--vpmu-fixed-counters",
+            "--vpmu-version",
+        ] {
+            assert_bad_input(
+                &run(&[&v[..], &["--vpmu", "off", flag, "1"]].concat()),
+                "need the vPMU",
+            );
+        }
+    }
+}

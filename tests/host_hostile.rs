@@ -1605,3 +1605,231 @@ fn a_profile_names_frames_from_the_kernel_as_booted_whatever_the_path_names_late
     vm.wait(Duration::from_secs(30))
         .assert_code(128 + libc::SIGTERM);
 }
+
+// ---------------------------------------------------------------------------
+// Issue 23: hostile input that held on the old main, each class with a test
+// of its own.
+
+#[test]
+fn symbol_files_that_are_directories_truncated_or_garbage_are_one_line_errors() {
+    // Class 3: `vmm profile --symbols` with a directory, a truncated ELF,
+    // garbage and an empty file. The symbols are read before the socket is
+    // tried: each is refused with exit 2 and one line naming the file, in
+    // bounded memory, without a panic.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let whole = elf_with_shared_names(1000, 32);
+    let mut files: Vec<(PathBuf, Vec<u8>)> = vec![
+        // Cut inside the symbol table, inside the program headers, inside
+        // the ELF header itself.
+        (d.join("half.elf"), whole[..whole.len() / 2].to_vec()),
+        (d.join("headers.elf"), whole[..100].to_vec()),
+        (d.join("magic.elf"), whole[..6].to_vec()),
+        (d.join("empty"), Vec::new()),
+    ];
+    // Garbage: bytes of a fixed pseudo-random stream, bare and behind the
+    // ELF magic.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    files.push((d.join("garbage"), noise.clone()));
+    files.push((d.join("garbage.elf"), [&b"\x7fELF"[..], &noise].concat()));
+    for (path, bytes) in &files {
+        std::fs::write(path, bytes).unwrap();
+    }
+    let subdir = d.join("a-directory");
+    std::fs::create_dir(&subdir).unwrap();
+    let mut cases: Vec<(String, &str)> = vec![(
+        subdir.to_str().unwrap().to_string(),
+        "a directory, not a regular file",
+    )];
+    for (path, _) in &files {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let why = match name {
+            "empty" | "garbage" => "(System.map): no function symbols",
+            _ => ": not an ELF file: ",
+        };
+        cases.push((path.to_str().unwrap().to_string(), why));
+    }
+    for (path, why) in &cases {
+        let end = profile_symbols(d, path);
+        eprintln!(
+            "--symbols {path}: {:?}, {} KiB, {:?}",
+            end.took,
+            end.max_rss_kib,
+            end.stderr.trim_end()
+        );
+        end.assert_bad_input(&format!("vmm profile: --symbols {path}"));
+        assert!(end.stderr.contains(why), "{}", end.stderr);
+        assert!(!end.stderr.contains("panicked"), "{}", end.stderr);
+        // Not the missing socket: the file was refused first.
+        assert!(!end.stderr.contains("no such socket"), "{}", end.stderr);
+        assert!(
+            end.max_rss_kib < SYMBOLS_KIB,
+            "{path}: {} KiB",
+            end.max_rss_kib
+        );
+    }
+}
+
+/// Bytes the endless server sent before the clients hung up, all told.
+static ENDLESS_SENT: AtomicU64 = AtomicU64::new(0);
+
+#[test]
+fn an_endless_body_or_a_huge_content_length_cannot_hold_or_swell_vmm_stat_or_vmm_profile() {
+    // Class 5: a hostile server answers 200 with a body that never ends (no
+    // Content-Length), or with a Content-Length of 2^64 - 1 or one past any
+    // integer, and a short body. Each client reads at most its cap (64 MiB),
+    // gives up with one line (not a vmm API: exit 2, both clients), in
+    // bounded time and memory.
+    type Server = fn(UnixStream);
+    let endless: Server = |mut s| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n[");
+        let chunk = [b'1'; 64 << 10];
+        let mut sent = 0u64;
+        while s.write_all(&chunk).is_ok() {
+            sent += chunk.len() as u64;
+        }
+        ENDLESS_SENT.fetch_add(sent, Ordering::SeqCst);
+    };
+    let huge: Server = |mut s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+              Content-Length: 18446744073709551615\r\nConnection: close\r\n\r\n{}",
+        );
+    };
+    let beyond: Server = |mut s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+              Content-Length: 99999999999999999999999999999\r\nConnection: close\r\n\r\n[1,2]",
+        );
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for (what, server, expected) in [
+        ("endless", endless, "not a vmm API socket"),
+        ("huge", huge, "the answer was cut short"),
+        ("beyond", beyond, "not a vmm API socket"),
+    ] {
+        let sock = dir.path().join(format!("{what}.sock"));
+        let served = fake_server(&sock, Duration::from_secs(60), server);
+        let sock_arg = sock.to_str().unwrap();
+        for args in [
+            &["stat", "--api-socket", sock_arg, "--count", "1"][..],
+            &["profile", "--api-socket", sock_arg, "--seconds", "0.1"],
+        ] {
+            let ended = run_bounded(args, Duration::from_secs(60));
+            eprintln!(
+                "{what} {}: {:?}, peak RSS {} KiB, {:?}",
+                args[0],
+                ended.took,
+                ended.max_rss_kib,
+                ended.stderr.trim_end()
+            );
+            ended.assert_bad_input(expected);
+            assert!(!ended.stderr.contains("panicked"), "{}", ended.stderr);
+            // Well inside the clients' own deadlines (5 s; 30 s): the cap,
+            // not a timeout, ended it.
+            assert!(!ended.stderr.contains("timed out"), "{}", ended.stderr);
+            // The 64 MiB cap, a copy of the body and the binary's own.
+            assert!(
+                ended.max_rss_kib < 200 * 1024,
+                "{what} {}: peak RSS {} KiB",
+                args[0],
+                ended.max_rss_kib
+            );
+        }
+        drop(served);
+    }
+    // Both clients hung up on the endless body after their cap: about 64
+    // MiB each went out (the socket's buffers hold a little more).
+    let until = Instant::now() + Duration::from_secs(10);
+    while ENDLESS_SENT.load(Ordering::SeqCst) == 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sent = ENDLESS_SENT.load(Ordering::SeqCst);
+    assert!(sent < 2 * (70 << 20), "{sent} bytes went out");
+}
+
+/// VMMs scraped at once by [`many_vmms_scraped_at_once_all_answer_200`].
+const AT_ONCE: usize = 24;
+
+#[test]
+fn many_vmms_scraped_at_once_all_answer_200() {
+    // Class 10: 24 VMMs on one host, each scraped by clients of its own at
+    // the same time (GET /vpmu and GET /metrics back to back): every answer
+    // is a 200, and each VMM still ends on SIGTERM. The guests halt (the
+    // `hang` guest), so 24 of them fit a loaded 2-core host: the load is the
+    // scraping, not the guests.
+    require_kvm!();
+    let hang = common::build_guest("hang");
+    let dir = tempfile::tempdir().unwrap();
+    let socks: Vec<PathBuf> = (0..AT_ONCE)
+        .map(|i| dir.path().join(format!("vm{i}.sock")))
+        .collect();
+    let vms: Vec<Bounded> = socks
+        .iter()
+        .map(|sock| {
+            Bounded::spawn(vmm_cmd(&[
+                "--kernel",
+                hang.to_str().unwrap(),
+                "--memory",
+                "16",
+                "--serial",
+                "none",
+                "--timeout",
+                "120",
+                "--api-socket",
+                sock.to_str().unwrap(),
+            ]))
+        })
+        .collect();
+    for sock in &socks {
+        common::wait_for_api(sock);
+    }
+    let started = Instant::now();
+    let scrapers: Vec<JoinHandle<Vec<String>>> = socks
+        .iter()
+        .flat_map(|sock| [(sock.clone(), "/vpmu"), (sock.clone(), "/metrics")])
+        .map(|(sock, path)| {
+            std::thread::spawn(move || {
+                let mut bad = Vec::new();
+                for _ in 0..10 {
+                    match common::api(&sock, "GET", path) {
+                        Ok((200, _)) => {}
+                        Ok((status, body)) => bad.push(format!("{path}: {status} {body}")),
+                        Err(e) => bad.push(format!("{path}: {e}")),
+                    }
+                }
+                bad
+            })
+        })
+        .collect();
+    let bad: Vec<String> = scrapers
+        .into_iter()
+        .flat_map(|s| s.join().unwrap())
+        .collect();
+    eprintln!(
+        "{} scrapes of {AT_ONCE} VMMs in {:?}",
+        AT_ONCE * 2 * 10,
+        started.elapsed()
+    );
+    assert!(
+        bad.is_empty(),
+        "{} failed: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+    for vm in &vms {
+        vm.signal(libc::SIGTERM);
+    }
+    for vm in vms {
+        vm.wait(Duration::from_secs(60))
+            .assert_code(128 + libc::SIGTERM);
+    }
+}

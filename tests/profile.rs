@@ -424,6 +424,20 @@ fn bad_profile_requests_get_4xx_and_one_line_errors() {
         "hz=10001",
         "hz=1.5",
         "frequency=99",
+        // Issue 23, class 1: odd forms of the same.
+        "seconds=nan",
+        "seconds=inf",
+        "seconds=1e-400",
+        "seconds=",
+        "seconds",
+        "seconds=1&seconds=0",
+        "hz=",
+        "hz=-1",
+        "hz=4294967296",
+        "hz=99&hz=%39%39",
+        "=",
+        "seconds=1%00",
+        "SECONDS=1",
     ] {
         let (status, body) = common::api(&vm.sock, "GET", &format!("/profile?{query}")).unwrap();
         assert_eq!(status, 400, "{query}: {body}");
@@ -593,4 +607,55 @@ fn a_profile_whose_client_went_away_ends_and_the_next_one_runs() {
     std::thread::sleep(Duration::from_millis(500));
     let (status, body) = common::api(&vm.sock, "GET", "/profile?seconds=0.5&hz=99").unwrap();
     assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn markup_in_symbol_names_is_escaped_in_the_flame_graph() {
+    // Class 12: a System.map whose one symbol, covering the guest's hot
+    // loop, is named with markup. The flame graph holds it as text: no
+    // element, attribute or CDATA end of the name's own reaches the SVG.
+    require_kvm!();
+    let guest = common::build_guest("hot_loop");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut vm = common::vmm()
+        .args(["--kernel", guest.to_str().unwrap(), "--serial", "none"])
+        .args(["--timeout", "60", "--api-socket", sock.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_for_api(&sock);
+    let name = r#"<script>alert("x&y")</script>]]><g onload='z'>&amp;"#;
+    let map = dir.path().join("System.map");
+    std::fs::write(&map, format!("0000000000200000 T {name}\n")).unwrap();
+    let svg = dir.path().join("p.svg");
+    let o = cli(
+        &sock,
+        &[
+            "--seconds",
+            "0.5",
+            "--frequency",
+            "199",
+            "--format",
+            "svg",
+            "--symbols",
+            map.to_str().unwrap(),
+            "-o",
+            svg.to_str().unwrap(),
+        ],
+    );
+    let _ = vm.kill();
+    let _ = vm.wait();
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert!(drawn.contains("<svg"), "{}", &drawn[..200.min(drawn.len())]);
+    for raw in ["<script>alert", "</script>]]>", "<g onload", "onload='z'"] {
+        assert!(!drawn.contains(raw), "{raw:?} reached the SVG unescaped");
+    }
+    // The name is there, as text.
+    assert!(
+        drawn.contains("&lt;script&gt;alert("),
+        "escaped name missing"
+    );
 }

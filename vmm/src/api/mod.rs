@@ -9,6 +9,7 @@ pub mod client;
 pub mod documents;
 pub mod http;
 pub mod metrics;
+mod name;
 pub mod socket;
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use crate::profile::{self, Hub, ProfileError};
 use crate::vcpu::control::VmControl;
 use documents::{PauseDoc, VpmuDoc};
 use http::{Request, Response};
+pub use name::{NameError, VmName, MAX_NAME};
 pub use socket::{bind, SocketError};
 
 /// How long a read waits for vCPUs to publish fresh views.
@@ -31,14 +33,21 @@ const PAUSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Answers API requests for one VM.
 pub struct Api {
+    name: VmName,
     export: Arc<Export>,
     control: Arc<VmControl>,
     profiles: Arc<Hub>,
 }
 
 impl Api {
-    pub fn new(export: Arc<Export>, control: Arc<VmControl>, profiles: Arc<Hub>) -> Self {
+    pub fn new(
+        name: VmName,
+        export: Arc<Export>,
+        control: Arc<VmControl>,
+        profiles: Arc<Hub>,
+    ) -> Self {
         Self {
+            name,
             export,
             control,
             profiles,
@@ -69,7 +78,12 @@ impl Api {
 
     fn vpmu(&self) -> Response {
         let views = self.fresh_views();
-        let doc = VpmuDoc::new(&self.export, &views, self.control.pause_requested());
+        let doc = VpmuDoc::new(
+            &self.name,
+            &self.export,
+            &views,
+            self.control.pause_requested(),
+        );
         Response::document(200, &doc, "the vPMU export")
     }
 

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::api::VmName;
 use crate::pmu::{VpmuMode, VpmuOptions};
 use crate::profile as profiler;
 use crate::vcpu::Outcome;
@@ -206,6 +207,12 @@ pub struct RunArgs {
     /// 0600.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// The VM's name, in the log, in GET /vpmu and as the `vm` label of
+    /// `vmm exporter`: up to 64 letters, digits, '.', '_' or '-', starting
+    /// with a letter or digit (default: the --api-socket's file name
+    /// without its extension, else "vm").
+    #[arg(long, value_name = "NAME")]
+    name: Option<VmName>,
     /// What a guest reset does: exit (code 0), or reboot the guest in a
     /// fresh VM, keeping the API, the serial console and the per-VM counter
     /// totals.
@@ -256,6 +263,10 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 impl RunArgs {
     fn config(&self) -> VmConfig {
         VmConfig {
+            name: self
+                .name
+                .clone()
+                .unwrap_or_else(|| VmName::from_socket(self.api_socket.as_deref())),
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),
@@ -345,6 +356,7 @@ fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
     #[cfg(feature = "bench")]
     crate::bench::prepare(&config.bench)?;
     let vm = Vm::build(&config)?;
+    eprintln!("vmm: VM {}", config.name);
     for note in &vm.pmu.notes {
         eprintln!("vmm: {note}");
     }

@@ -42,6 +42,60 @@ pub enum ClientError {
 /// `GET uri` on the API socket at `socket`, the whole exchange bounded by
 /// `timeout`; the body of a `200` answer.
 pub fn get(socket: &Path, uri: &str, timeout: Duration) -> Result<Vec<u8>, ClientError> {
+    get_bounded(socket, uri, Instant::now() + timeout, MAX_RESPONSE)
+}
+
+/// Connects by `deadline`, retrying while the server's backlog is full (a
+/// stopped or swamped server): a connect never blocks.
+fn connect_by(socket: &Path, deadline: Instant) -> Result<UnixStream, ClientError> {
+    loop {
+        match super::socket::connect_now(socket) {
+            Ok(stream) => return Ok(stream),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Err(ClientError::Stale(socket.to_path_buf()))
+            }
+            Err(e) => return Err(ClientError::Connect(socket.to_path_buf(), e)),
+        }
+    }
+}
+
+/// Reads `stream` to its end, at most `max` bytes, by `deadline` (however
+/// the server trickles its bytes).
+fn read_by(
+    stream: &mut UnixStream,
+    raw: &mut Vec<u8>,
+    max: u64,
+    deadline: Instant,
+) -> std::io::Result<()> {
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) if raw.len() as u64 + n as u64 > max => {
+                return Err(std::io::Error::other(format!("answer over {max} bytes")))
+            }
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// [`get`] by `deadline`, with an answer of at most `max` bytes.
+pub fn get_bounded(
+    socket: &Path,
+    uri: &str,
+    deadline: Instant,
+    max: u64,
+) -> Result<Vec<u8>, ClientError> {
     match std::fs::symlink_metadata(socket) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(ClientError::NoSocket(socket.to_path_buf()))
@@ -53,20 +107,19 @@ pub fn get(socket: &Path, uri: &str, timeout: Duration) -> Result<Vec<u8>, Clien
         Ok(_) => {}
     }
     let not_vmm = |why: String| ClientError::NotVmm(socket.to_path_buf(), why);
-    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
-        std::io::ErrorKind::ConnectionRefused => ClientError::Stale(socket.to_path_buf()),
-        _ => ClientError::Connect(socket.to_path_buf(), e),
-    })?;
+    let mut stream = connect_by(socket, deadline)?;
     let io = |e: std::io::Error| not_vmm(e.to_string());
-    stream.set_read_timeout(Some(timeout)).map_err(io)?;
-    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    stream
+        .set_write_timeout(Some(left.max(Duration::from_millis(1))))
+        .map_err(io)?;
     // A server with no free connection answers 503 and closes at once,
     // maybe before our request is written or read: the write can fail and
     // the read end in a reset, after the answer. Keep what came.
     let request = format!("GET {uri} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n");
     let written = stream.write_all(request.as_bytes());
     let mut raw = Vec::new();
-    let read = (&mut stream).take(MAX_RESPONSE).read_to_end(&mut raw);
+    let read = read_by(&mut stream, &mut raw, max, deadline);
     if let Some(busy) = busy_status(&raw) {
         return Err(ClientError::Busy(socket.to_path_buf(), busy));
     }

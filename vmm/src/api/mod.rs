@@ -62,11 +62,9 @@ impl Api {
         let method = request.method.as_str();
         match (method, path) {
             ("GET", "/vpmu") => self.vpmu(),
-            ("GET", "/metrics") => Response::text(
-                200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                metrics::render(&self.fresh_views(), &self.export),
-            ),
+            ("GET", "/metrics") => {
+                Response::text(200, metrics::CONTENT_TYPE, metrics::render(&self.doc()))
+            }
             ("GET", "/profile") => self.profile(query),
             ("PUT", "/vm/pause") => self.pause(),
             ("PUT", "/vm/resume") => self.resume(),
@@ -77,14 +75,14 @@ impl Api {
     }
 
     fn vpmu(&self) -> Response {
+        Response::document(200, &self.doc(), "the vPMU export")
+    }
+
+    /// The export, from fresh views.
+    fn doc(&self) -> VpmuDoc {
         let views = self.fresh_views();
-        let doc = VpmuDoc::new(
-            &self.name,
-            &self.export,
-            &views,
-            self.control.pause_requested(),
-        );
-        Response::document(200, &doc, "the vPMU export")
+        let paused = self.control.pause_requested();
+        VpmuDoc::new(&self.name, &self.export, &views, paused)
     }
 
     /// Samples the guest for the asked seconds (this connection waits),

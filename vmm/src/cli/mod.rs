@@ -8,6 +8,7 @@
 //! ([`profile`]), which read the API's documents. The top of the tree:
 //! nothing imports it.
 
+pub mod exporter;
 pub mod profile;
 pub mod stat;
 mod values;
@@ -70,6 +71,46 @@ enum Command {
     /// folded stacks, an SVG flame graph or a table.
     #[command(after_help = PROFILE_EXIT_CODES)]
     Profile(ProfileArgs),
+    /// Serve one Prometheus endpoint (GET /metrics over HTTP on TCP) for
+    /// every VM whose API socket is in a directory, each series labelled
+    /// with the VM's name (`vm`), plus the exporter's own series.
+    #[command(after_help = EXPORTER_EXIT_CODES)]
+    Exporter(ExporterArgs),
+}
+
+const EXPORTER_EXIT_CODES: &str = "\
+Exit codes:
+  2  bad flags, --sockets not a directory, --listen not available (one line
+     on stderr); otherwise it serves until ended by a signal";
+
+#[derive(Debug, Args)]
+pub struct ExporterArgs {
+    /// Address and port to serve on (loopback by default).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9477")]
+    listen: std::net::SocketAddr,
+    /// The directory holding the VMs' API sockets (read at every scrape).
+    #[arg(long, value_name = "DIR")]
+    sockets: PathBuf,
+    /// Milliseconds a VM has to answer; later, it is down for that scrape.
+    #[arg(long, value_name = "MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    vm_timeout: u64,
+    /// Milliseconds a whole scrape may take (keep it under Prometheus's
+    /// scrape_timeout).
+    #[arg(long, value_name = "MS", default_value_t = 800,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    scrape_timeout: u64,
+}
+
+impl ExporterArgs {
+    fn options(&self) -> exporter::ExporterOptions {
+        exporter::ExporterOptions {
+            listen: self.listen,
+            sockets: self.sockets.clone(),
+            per_vm: Duration::from_millis(self.vm_timeout),
+            bound: Duration::from_millis(self.scrape_timeout),
+        }
+    }
 }
 
 const PROFILE_EXIT_CODES: &str = "\
@@ -334,6 +375,7 @@ where
         Some(Command::Run(run)) => run,
         Some(Command::Stat(stat)) => return stat::run(&stat.options()),
         Some(Command::Profile(args)) => return profile::run(&args.options()),
+        Some(Command::Exporter(args)) => return exporter::run(&args.options()),
         None => &cli.run,
     };
     // First thing: from here on every termination signal ends the VMM

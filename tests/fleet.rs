@@ -535,3 +535,100 @@ fn exporter_flags_are_checked() {
     ];
     common::assert_bad_input(&run(&order), "--vm-timeout");
 }
+
+/// Runs tmux with `args` on the test's own server socket.
+fn tmux(server: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("tmux")
+        .arg("-S")
+        .arg(server)
+        .args(args)
+        .output()
+        .expect("running tmux")
+}
+
+#[test]
+fn top_shows_every_vm_live_under_tmux_and_q_quits_with_0() {
+    require_kvm!();
+    if Command::new("tmux").arg("-V").output().is_err() {
+        assert!(
+            std::env::var_os("VMM_REQUIRE_KVM").is_none(),
+            "tmux is missing"
+        );
+        eprintln!("skipped: no tmux");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["alpha", "bravo", "charlie"];
+    let guests: Vec<Guest> = names
+        .iter()
+        .map(|n| Guest::start(dir.path(), &format!("{n}.sock"), None))
+        .collect();
+    wait_counting(&guests.iter().collect::<Vec<_>>());
+    let server = dir.path().join("tmux.server");
+    let status = dir.path().join("status");
+    let command = format!(
+        "{} top --sockets {} --interval 500; echo $? > {}",
+        env!("CARGO_BIN_EXE_vmm"),
+        dir.path().display(),
+        status.display()
+    );
+    let new = tmux(
+        &server,
+        &["new-session", "-d", "-x", "120", "-y", "20", &command],
+    );
+    assert!(new.status.success(), "{new:?}");
+    // Each VM's row with a cycle rate (a figure with a unit: G, M or k).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pane = loop {
+        let pane =
+            String::from_utf8_lossy(&tmux(&server, &["capture-pane", "-p"]).stdout).into_owned();
+        let counting = |n: &str| {
+            pane.lines().any(|l| {
+                let cells: Vec<&str> = l
+                    .trim_matches(|c: char| !c.is_alphanumeric())
+                    .split_whitespace()
+                    .collect();
+                cells.first() == Some(&n)
+                    && cells.get(3).is_some_and(|u| ["G", "M", "k"].contains(u))
+            })
+        };
+        if names.iter().all(|n| counting(n)) {
+            break pane;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no live rows for every VM:\n{pane}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        pane.contains("cycles/s/vCPU") && pane.contains("running"),
+        "{pane}"
+    );
+    tmux(&server, &["send-keys", "q"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !status.exists() {
+        assert!(Instant::now() < deadline, "q did not end vmm top");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read_to_string(&status).unwrap().trim(), "0");
+    let _ = tmux(&server, &["kill-server"]);
+    // The plain mode, for scripts.
+    let once = common::run(&[
+        "top",
+        "--sockets",
+        dir.path().to_str().unwrap(),
+        "--once",
+        "--interval",
+        "300",
+    ]);
+    assert_eq!(once.status.code(), Some(0), "{once:?}");
+    let text = common::stdout(&once);
+    for n in names {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(n) && l.contains("running")),
+            "{text}"
+        );
+    }
+}

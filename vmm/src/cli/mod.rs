@@ -11,6 +11,7 @@
 pub mod exporter;
 pub mod profile;
 pub mod stat;
+pub mod top;
 mod values;
 
 use std::path::PathBuf;
@@ -76,6 +77,27 @@ enum Command {
     /// with the VM's name (`vm`), plus the exporter's own series.
     #[command(after_help = EXPORTER_EXIT_CODES)]
     Exporter(ExporterArgs),
+    /// A live table of every VM whose API socket is in a directory: guest
+    /// cycles per second per vCPU, PMIs and PMU MSR exits per second,
+    /// backing, state (q quits; n, c, p, e sort).
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// The directory holding the VMs' API sockets.
+    #[arg(long, value_name = "DIR")]
+    sockets: PathBuf,
+    /// Milliseconds between refreshes.
+    #[arg(long, value_name = "MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    interval: u64,
+    /// Print one plain table (rates over one interval) and exit.
+    #[arg(long)]
+    once: bool,
+    /// The column to sort by, largest first.
+    #[arg(long, value_name = "KEY", value_enum, default_value_t = top::SortKey::Cycles)]
+    sort: top::SortKey,
 }
 
 const EXPORTER_EXIT_CODES: &str = "\
@@ -376,6 +398,14 @@ where
         Some(Command::Stat(stat)) => return stat::run(&stat.options()),
         Some(Command::Profile(args)) => return profile::run(&args.options()),
         Some(Command::Exporter(args)) => return exporter::run(&args.options()),
+        Some(Command::Top(args)) => {
+            return top::run(&top::TopOptions {
+                sockets: args.sockets.clone(),
+                interval: Duration::from_millis(args.interval),
+                once: args.once,
+                sort: args.sort,
+            })
+        }
         None => &cli.run,
     };
     // First thing: from here on every termination signal ends the VMM

@@ -784,6 +784,9 @@ mod tests {
         assert_eq!(values(&samples, "vmm_vm_vpmu_events_total", &vm), ["175"]);
     }
 
+    /// A sample as name, labels and value.
+    type Flat = (String, Vec<(String, String)>, String);
+
     #[test]
     fn a_fleet_has_each_vms_own_series_with_a_vm_label_first() {
         let (a, b) = (doc(&views()), doc(&views()[1..]));
@@ -806,12 +809,12 @@ mod tests {
         let own = series(&samples(&render(&a)));
         assert_eq!(once.len(), own.len(), "each family once, all of them");
         for (vm, doc) in [("web-1", &a), ("db", &b)] {
-            let mine: Vec<(String, Vec<(String, String)>, String)> = fleet
+            let mine: Vec<Flat> = fleet
                 .iter()
                 .filter(|s| s.labels[0] == ("vm".to_string(), vm.to_string()))
                 .map(|s| (s.name.clone(), s.labels[1..].to_vec(), s.value.clone()))
                 .collect();
-            let alone: Vec<(String, Vec<(String, String)>, String)> = samples(&render(doc))
+            let alone: Vec<Flat> = samples(&render(doc))
                 .into_iter()
                 .map(|s| (s.name, s.labels, s.value))
                 .collect();

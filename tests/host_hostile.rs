@@ -70,23 +70,37 @@ impl Ended {
 struct Bounded {
     child: Child,
     stderr: Option<JoinHandle<String>>,
+    /// What the VMM wrote to stderr so far, line by line.
+    stderr_so_far: Arc<std::sync::Mutex<String>>,
     started: Instant,
 }
 
 impl Bounded {
     fn spawn(mut cmd: Command) -> Bounded {
         let mut child = cmd.stderr(Stdio::piped()).spawn().expect("spawning vmm");
-        let mut pipe = child.stderr.take().unwrap();
+        let pipe = std::io::BufReader::new(child.stderr.take().unwrap());
+        let stderr_so_far = Arc::new(std::sync::Mutex::new(String::new()));
+        let text = stderr_so_far.clone();
         let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
+            for line in std::io::BufRead::lines(pipe).map_while(Result::ok) {
+                let mut text = text.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+            let text = text.lock().unwrap();
+            text.clone()
         });
         Bounded {
             child,
             stderr: Some(stderr),
+            stderr_so_far,
             started: Instant::now(),
         }
+    }
+
+    /// What the VMM has written to stderr so far.
+    fn stderr_so_far(&self) -> String {
+        self.stderr_so_far.lock().unwrap().clone()
     }
 
     fn pid(&self) -> i32 {
@@ -143,12 +157,7 @@ fn run_bounded(args: &[&str], bound: Duration) -> Ended {
 
 /// Resident memory of a running process, KiB.
 fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    common::status_kib(pid as u32, "VmRSS")
 }
 
 /// Whether `pid` (our child, not yet reaped) still runs: not a zombie.
@@ -664,6 +673,91 @@ fn slow_clients_holding_every_slot_cannot_lock_out_a_prompt_one() {
     assert_eq!(end.code, Some(128 + libc::SIGTERM), "{}", end.stderr);
 }
 
+/// CPU time (user + system) of process `pid` so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command (which may hold spaces): state is field 3,
+    // utime 14 and stime 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// The share of one core process `pid` used over `window`, against the
+/// wall-clock ticks the host counted over the same window.
+fn cpu_share(pid: u32, window: Duration, during: impl Fn()) -> f64 {
+    // SAFETY: sysconf takes a constant and has no other effect.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let (start, ticks) = (Instant::now(), cpu_ticks(pid));
+    while start.elapsed() < window {
+        during();
+    }
+    (cpu_ticks(pid) - ticks) as f64 / (start.elapsed().as_secs_f64() * hz)
+}
+
+/// Sets the soft `RLIMIT_NOFILE` of process `pid` (the hard one stays);
+/// the soft one it had.
+fn set_nofile(pid: u32, soft: u64) -> u64 {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit on our own child, reading its limits into `old`.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: prlimit on our own child with a valid new limit.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    old.rlim_cur
+}
+
+#[test]
+fn a_vmm_out_of_descriptors_answers_503_without_spinning() {
+    require_kvm!();
+    let vm = Running::start("probe.tests=none probe.hold_ms=100000", &[]);
+    let ask = || common::send_raw(&vm.sock, b"GET /vpmu HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert_eq!(ask(), Some(200));
+    let idle = cpu_share(vm.pid, Duration::from_secs(2), || {
+        std::thread::sleep(Duration::from_millis(100))
+    });
+    // As if the guest's counters had taken every descriptor left: the
+    // limit at the lowest free number, no new one can be opened.
+    let open: Vec<u64> = std::fs::read_dir(format!("/proc/{}/fd", vm.pid))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect();
+    let lowest_free = (0..).find(|n| !open.contains(n)).unwrap();
+    let soft = set_nofile(vm.pid, lowest_free);
+    // Clients get a prompt 503, and the API thread does not spin, while
+    // they come and after they left.
+    let answers = AtomicU64::new(0);
+    let under_attack = cpu_share(vm.pid, Duration::from_secs(3), || {
+        assert_eq!(ask(), Some(503));
+        answers.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    // One left waiting on the listener (connected, never read).
+    let _waiting = UnixStream::connect(&vm.sock).unwrap();
+    let after = cpu_share(vm.pid, Duration::from_secs(2), || {
+        std::thread::sleep(Duration::from_millis(100))
+    });
+    assert!(answers.load(Ordering::Relaxed) >= 5);
+    for (what, share) in [("under attack", under_attack), ("after", after)] {
+        assert!(
+            share < idle + 0.25,
+            "{what}: {share:.2} of a core against {idle:.2} idle"
+        );
+    }
+    // With descriptors back, the API serves again.
+    set_nofile(vm.pid, soft);
+    assert_eq!(ask(), Some(200));
+    let _ = vm.terminate();
+}
+
 #[test]
 fn vmm_stat_reports_a_busy_api_as_busy() {
     // A server that answers 503 as the VMM does when it has no free slot.
@@ -700,6 +794,140 @@ fn vmm_stat_reports_a_busy_api_as_busy() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("API is busy") && err.contains("503"), "{err}");
     assert!(!err.contains("not a vmm API"), "{err}");
+    drop(server);
+}
+
+/// A fake API server on `sock`: each connection is handed, after its
+/// request head is read, to `answer` on a thread of its own, for up to
+/// `for_at_most`.
+fn fake_server(
+    sock: &Path,
+    for_at_most: Duration,
+    answer: fn(UnixStream),
+) -> JoinHandle<Vec<JoinHandle<()>>> {
+    let listener = UnixListener::bind(sock).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let until = Instant::now() + for_at_most;
+        let mut served = Vec::new();
+        while Instant::now() < until {
+            match listener.accept() {
+                Ok((mut s, _)) => served.push(std::thread::spawn(move || {
+                    s.set_nonblocking(false).unwrap();
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+                        head.push(byte[0]);
+                    }
+                    answer(s)
+                })),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        served
+    })
+}
+
+/// Most bytes a trickling server sent before a client hung up.
+static TRICKLED_BEFORE_HANGUP: AtomicU64 = AtomicU64::new(0);
+/// Clients that hung up on the trickling server.
+static HANGUPS: AtomicU64 = AtomicU64::new(0);
+
+#[test]
+fn a_trickling_server_cannot_hold_vmm_stat_or_vmm_profile() {
+    // One byte every 0.5 s of an answer that would take minutes: each read
+    // is quick, the exchange never ends.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("slow.sock");
+    let server = fake_server(&sock, Duration::from_secs(120), |mut s| {
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{}",
+            " ".repeat(500)
+        );
+        for (sent, b) in answer.bytes().enumerate() {
+            if s.write_all(&[b]).is_err() {
+                TRICKLED_BEFORE_HANGUP.fetch_max(sent as u64, Ordering::SeqCst);
+                HANGUPS.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let sock_arg = sock.to_str().unwrap();
+    let stat = Bounded::spawn(vmm_cmd(&["stat", "--api-socket", sock_arg, "--count", "1"]));
+    let profile = Bounded::spawn(vmm_cmd(&[
+        "profile",
+        "--api-socket",
+        sock_arg,
+        "--seconds",
+        "0.1",
+    ]));
+    // The answer takes 280 s to trickle: both clients must give up on their
+    // own deadline (5 s; the profile's length + 30 s) long before that.
+    for (what, ended, code) in [
+        ("stat", stat.wait(Duration::from_secs(100)), 2),
+        ("profile", profile.wait(Duration::from_secs(100)), 1),
+    ] {
+        ended.assert_code(code);
+        assert_eq!(ended.stderr.lines().count(), 1, "{what}: {}", ended.stderr);
+        assert!(
+            ended.stderr.contains("timed out"),
+            "{what}: {}",
+            ended.stderr
+        );
+        assert!(
+            !ended.stderr.contains("not a vmm API"),
+            "{what}: {}",
+            ended.stderr
+        );
+    }
+    // Seen by the server (its next write fails within 0.5 s): both clients
+    // hung up mid-trickle.
+    let until = Instant::now() + Duration::from_secs(10);
+    while HANGUPS.load(Ordering::SeqCst) < 2 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(HANGUPS.load(Ordering::SeqCst), 2);
+    let sent = TRICKLED_BEFORE_HANGUP.load(Ordering::SeqCst);
+    assert!(sent < 200, "{sent} bytes trickled before the last hang-up");
+    drop(server);
+}
+
+#[test]
+fn control_characters_from_a_server_are_escaped_before_printing() {
+    // An error message that would set the window title, clear the screen
+    // and forge a line of the client's own.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("hostile.sock");
+    let server = fake_server(&sock, Duration::from_secs(30), |mut s| {
+        let body = r#"{"error": "\u001b]0;x\u0007 title \u001b[2J clear\nvmm profile: forged \u009b1m c1 \u007f del"}"#;
+        let _ = write!(
+            s,
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    });
+    let sock_arg = sock.to_str().unwrap();
+    for args in [
+        &["stat", "--api-socket", sock_arg, "--count", "1"][..],
+        &["profile", "--api-socket", sock_arg, "--seconds", "0.1"],
+    ] {
+        let ended = run_bounded(args, Duration::from_secs(30));
+        assert!(!ended.hung, "{args:?}");
+        let err = &ended.stderr;
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err:?}");
+        assert!(
+            !err.chars().any(|c| c.is_control() && c != '\n'),
+            "{args:?}: raw control characters: {err:?}"
+        );
+        assert!(err.contains("\\u{1b}]0;x\\u{7} title"), "{args:?}: {err:?}");
+        assert!(
+            err.contains("\\u{1b}[2J clear\\nvmm profile: forged"),
+            "{err:?}"
+        );
+        assert!(err.contains("\\u{9b}1m c1 \\u{7f} del"), "{err:?}");
+    }
     drop(server);
 }
 
@@ -928,4 +1156,452 @@ fn overlapping_images_are_refused_naming_the_overlap() {
         Duration::from_secs(60),
     );
     end.assert_code(3);
+}
+
+// ---------------------------------------------------------------------------
+// 9. Reboot loops (`--on-reset reboot`).
+
+/// The first CPU this test may run on.
+fn first_cpu() -> usize {
+    // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer and its size.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    assert_eq!(rc, 0, "sched_getaffinity");
+    // SAFETY: CPU_ISSET reads the set, in bounds.
+    (0..libc::CPU_SETSIZE as usize)
+        .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .unwrap_or(0)
+}
+
+/// A set of one CPU.
+fn only_cpu(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: a zeroed cpu_set_t is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes the set, in bounds (cpu < CPU_SETSIZE).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    set
+}
+
+/// Runs the command's process on `cpu` only.
+fn pin(cmd: &mut Command, cpu: usize) {
+    let set = only_cpu(cpu);
+    // SAFETY: between fork and exec the closure only makes the
+    // sched_setaffinity system call, on a set built before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The host's own measure of how loaded it is over a window: how late a
+/// thread that sleeps 10 ms at a time wakes, summed. A wall-clock bound
+/// on a VMM that shares the CPU adds it.
+struct Lateness {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Duration>,
+}
+
+impl Lateness {
+    /// Starts measuring on `cpu` (the CPU the VMM is pinned to).
+    fn start(cpu: usize) -> Lateness {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let set = only_cpu(cpu);
+            // SAFETY: a valid set and its size, for this thread.
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+            let step = Duration::from_millis(10);
+            let mut late = Duration::ZERO;
+            while !flag.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                std::thread::sleep(step);
+                late += t0.elapsed().saturating_sub(step);
+            }
+            late
+        });
+        Lateness { stop, thread }
+    }
+
+    fn stop(self) -> Duration {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// How far past its `--timeout` a reboot loop may end: this margin, plus
+/// the host's lateness over the run.
+const TIMEOUT_MARGIN: Duration = Duration::from_secs(3);
+
+/// The reboot loop of the `reset` guest with `args`, the VMM pinned to
+/// one CPU: (how it ended, the host's lateness over the run).
+fn reboot_loop(args: &[&str]) -> (Ended, Duration) {
+    let reset = common::build_guest("reset");
+    let mut cmd = vmm_cmd(&["--serial", "none", "--on-reset", "reboot", "--kernel"]);
+    cmd.arg(&reset).args(args);
+    let cpu = first_cpu();
+    pin(&mut cmd, cpu);
+    let lateness = Lateness::start(cpu);
+    let end = Bounded::spawn(cmd).wait(Duration::from_secs(60));
+    (end, lateness.stop())
+}
+
+#[test]
+fn timeout_bounds_a_guest_that_resets_at_once_on_many_vcpus() {
+    require_kvm!();
+    // The guest resets with its first instruction, on the boot vCPU, while
+    // the VMM still starts the other 127 vCPU threads: every boot is cut
+    // short during its start-up. On one host CPU (a loaded host's lot)
+    // that happens every time.
+    let (end, late) = reboot_loop(&["--vcpus", "128", "--timeout", "5"]);
+    end.assert_code(3);
+    assert!(
+        end.stderr.contains("guest reset: reboot 2"),
+        "no reboot loop: {}",
+        end.stderr
+    );
+    let bound = Duration::from_secs(5) + TIMEOUT_MARGIN + late;
+    assert!(
+        end.took <= bound,
+        "--timeout 5 ended after {:?} (bound {bound:?}, host lateness {late:?}): {}",
+        end.took,
+        end.stderr
+    );
+}
+
+/// `vmm: the guest booted N times in all; M reboots were not logged one
+/// by one`: (N, M).
+fn reboot_summary(stderr: &str) -> Option<(u64, u64)> {
+    let line = stderr.lines().find(|l| l.contains("times in all"))?;
+    let n = line
+        .split("booted ")
+        .nth(1)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()?;
+    let m = line.split("; ").nth(1)?.split(' ').next()?.parse().ok()?;
+    Some((n, m))
+}
+
+#[test]
+fn a_fast_reboot_loop_logs_a_bounded_number_of_lines_and_ends_at_its_timeout() {
+    require_kvm!();
+    let (end, late) = reboot_loop(&["--timeout", "3"]);
+    end.assert_code(3);
+    let bound = Duration::from_secs(3) + TIMEOUT_MARGIN + late;
+    assert!(end.took <= bound, "took {:?} (bound {bound:?})", end.took);
+    let lines = end.stderr.matches("guest reset: reboot").count() as u64;
+    let (boots, unlogged) = reboot_summary(&end.stderr)
+        .unwrap_or_else(|| panic!("no closing count of reboots: {}", end.stderr));
+    // Every reboot is counted: on a line of its own or in the summary.
+    assert_eq!(boots - 1, lines + unlogged, "{}", end.stderr);
+    assert!(
+        boots >= 20,
+        "not a fast loop ({boots} boots): {}",
+        end.stderr
+    );
+    // Five at once, then one a second.
+    let allowed = 5 + end.took.as_secs() + 1;
+    assert!(
+        lines <= allowed,
+        "{lines} reboot lines in {:?} (at most {allowed}): {}",
+        end.took,
+        end.stderr
+    );
+}
+
+/// The lines of a reboot loop's stderr that name a reboot.
+fn reboot_lines(stderr: &str) -> usize {
+    stderr.matches("guest reset: reboot").count()
+}
+
+/// Waits (at most 10 s) until the VMM has written more than `lines`
+/// reboot lines.
+fn wait_for_reboot_lines(vm: &Bounded, lines: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reboot_lines(&vm.stderr_so_far()) <= lines {
+        assert!(
+            Instant::now() < deadline,
+            "no reboot past line {lines}: {}",
+            vm.stderr_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_pause_during_a_reboot_loop_holds_across_the_reboot() {
+    require_kvm!();
+    // Documented: a reboot is not the VM's end, so `PUT /vm/pause` is
+    // answered 200 during one, and the next boot's vCPUs hold before their
+    // first instruction.
+    let reset = common::build_guest("reset");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut cmd = vmm_cmd(&[
+        "--serial",
+        "none",
+        "--on-reset",
+        "reboot",
+        "--timeout",
+        "12",
+    ]);
+    cmd.arg("--kernel")
+        .arg(&reset)
+        .arg("--api-socket")
+        .arg(&sock);
+    let vm = Bounded::spawn(cmd);
+    common::wait_for_api(&sock);
+    // The loop runs: five reboots get their lines at once.
+    wait_for_reboot_lines(&vm, 4);
+    for round in 0..10 {
+        let (status, body) = common::api(&sock, "PUT", "/vm/pause").unwrap();
+        assert_eq!(status, 200, "pause {round}: {body}");
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["paused"], true, "{body}");
+        assert_eq!(doc["all_vcpus_parked"], true, "{body}");
+        if round < 9 {
+            assert_eq!(common::api(&sock, "PUT", "/vm/resume").unwrap().0, 200);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Paused, the loop stands still: over 2.5 s a reboot would have had a
+    // line (one a second at least), none comes.
+    let lines = reboot_lines(&vm.stderr_so_far());
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        reboot_lines(&vm.stderr_so_far()),
+        lines,
+        "the guest rebooted while paused: {}",
+        vm.stderr_so_far()
+    );
+    let (_, doc) = common::api(&sock, "GET", "/vpmu").unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(doc["vm"]["paused"], true, "{doc}");
+    // Resumed, the loop goes on, to its timeout.
+    assert_eq!(common::api(&sock, "PUT", "/vm/resume").unwrap().0, 200);
+    wait_for_reboot_lines(&vm, lines);
+    let end = vm.wait(Duration::from_secs(60));
+    end.assert_code(3);
+}
+
+// ---------------------------------------------------------------------------
+// 10. The profiler's symbol files: bounded, never waited on, and the kernel's
+// read from what was booted.
+
+/// [`elf`] of [`halt_code`] at 2 MiB with a symbol table of `count`
+/// function symbols (one per byte from 2 MiB up) that all share one name of
+/// `name_len` bytes: a small file whose names, copied per symbol, are
+/// gigabytes.
+fn elf_with_shared_names(count: u32, name_len: usize) -> Vec<u8> {
+    let code = halt_code();
+    let code_at = 64 + 56;
+    let mut out = elf(&[(0x200000, code.clone(), code.len() as u64)], 0x200000);
+    let pad = |out: &mut Vec<u8>| out.resize(out.len().next_multiple_of(8), 0);
+    pad(&mut out);
+    let symtab = out.len();
+    out.extend_from_slice(&[0u8; 24]);
+    for i in 0..u64::from(count) {
+        out.extend_from_slice(&1u32.to_le_bytes()); // the shared name
+        out.push(0x12); // STB_GLOBAL, STT_FUNC
+        out.push(0);
+        out.extend_from_slice(&1u16.to_le_bytes()); // .text
+        out.extend_from_slice(&(0x200000 + i).to_le_bytes());
+        out.extend_from_slice(&1u64.to_le_bytes());
+    }
+    let strtab = out.len();
+    out.push(0);
+    out.extend(std::iter::repeat_n(b'n', name_len));
+    out.push(0);
+    let shstrtab = out.len();
+    out.extend_from_slice(b"\0.text\0.symtab\0.strtab\0.shstrtab\0");
+    let end = out.len();
+    pad(&mut out);
+    let shoff = out.len() as u64;
+    let section = |name: u32, kind: u32, at: usize, size: usize| Section {
+        name,
+        kind,
+        offset: at as u64,
+        size: size as u64,
+        ..Default::default()
+    };
+    let sections = [
+        Section::default(),
+        Section {
+            flags: 6, // SHF_ALLOC | SHF_EXECINSTR
+            addr: 0x200000,
+            ..section(1, 1, code_at, code.len())
+        },
+        Section {
+            link: 3,
+            info: 1,
+            entsize: 24,
+            ..section(7, 2, symtab, strtab - symtab)
+        },
+        section(15, 3, strtab, shstrtab - strtab),
+        section(23, 3, shstrtab, end - shstrtab),
+    ];
+    for s in sections {
+        s.write(&mut out);
+    }
+    out[40..48].copy_from_slice(&shoff.to_le_bytes());
+    out[58..60].copy_from_slice(&64u16.to_le_bytes());
+    out[60..62].copy_from_slice(&5u16.to_le_bytes());
+    out[62..64].copy_from_slice(&4u16.to_le_bytes());
+    out
+}
+
+/// An ELF section header.
+#[derive(Default)]
+struct Section {
+    name: u32,
+    kind: u32,
+    flags: u64,
+    addr: u64,
+    offset: u64,
+    size: u64,
+    link: u32,
+    info: u32,
+    entsize: u64,
+}
+
+impl Section {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.name.to_le_bytes());
+        out.extend_from_slice(&self.kind.to_le_bytes());
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&self.addr.to_le_bytes());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&self.link.to_le_bytes());
+        out.extend_from_slice(&self.info.to_le_bytes());
+        out.extend_from_slice(&8u64.to_le_bytes());
+        out.extend_from_slice(&self.entsize.to_le_bytes());
+    }
+}
+
+/// Memory that symbols of a small file must stay under (names copied per
+/// symbol took 16 KiB x 20 000 = 320 MiB here).
+const SYMBOLS_KIB: u64 = 96 * 1024;
+
+/// `vmm profile --symbols PATH` against a socket that is not there: the
+/// symbols are read before the socket is tried.
+fn profile_symbols(dir: &Path, symbols: &str) -> Ended {
+    let none = dir.join("none.sock");
+    let args = [
+        "profile",
+        "--api-socket",
+        none.to_str().unwrap(),
+        "--symbols",
+        symbols,
+    ];
+    run_bounded(&args, Duration::from_secs(30))
+}
+
+#[test]
+fn symbol_files_that_are_not_regular_files_are_refused_never_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    mkfifo(&fifo);
+    let fifo = fifo.to_str().unwrap();
+    for (path, kind) in [(fifo, "a FIFO"), ("/dev/zero", "a character device")] {
+        let end = profile_symbols(dir.path(), path);
+        end.assert_bad_input(&format!("--symbols {path}: {kind}, not a regular file"));
+        assert!(
+            end.max_rss_kib < SYMBOLS_KIB,
+            "{path}: {} KiB",
+            end.max_rss_kib
+        );
+    }
+}
+
+#[test]
+fn symbols_sharing_one_long_name_are_read_in_bounded_memory() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let shared = d.join("shared-names.elf");
+    std::fs::write(&shared, elf_with_shared_names(20_000, 16 << 10)).unwrap();
+    let shared = shared.to_str().unwrap();
+    let end = profile_symbols(d, shared);
+    eprintln!("--symbols: peak RSS {} KiB", end.max_rss_kib);
+    end.assert_bad_input("no such socket");
+    assert!(
+        end.max_rss_kib < SYMBOLS_KIB,
+        "--symbols: peak RSS {} KiB",
+        end.max_rss_kib
+    );
+
+    // The same file as the kernel: its symbols named in bounded memory.
+    let sock = d.join("api.sock");
+    let vm = Bounded::spawn(vmm_cmd(&[
+        "--kernel",
+        shared,
+        "--memory",
+        "64",
+        "--timeout",
+        "60",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]));
+    common::wait_for_api(&sock);
+    let (status, body) = common::api(&sock, "GET", "/profile?seconds=0.5&hz=99").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let p: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        p["symbols"].as_str().unwrap().starts_with("20000 symbols"),
+        "{}",
+        p["symbols"]
+    );
+    let peak = common::status_kib(vm.pid() as u32, "VmHWM");
+    eprintln!("the VMM: peak RSS {peak} KiB");
+    vm.signal(libc::SIGTERM);
+    vm.wait(Duration::from_secs(30))
+        .assert_code(128 + libc::SIGTERM);
+    assert!(peak < SYMBOLS_KIB, "the VMM's peak RSS {peak} KiB");
+}
+
+#[test]
+fn a_profile_names_frames_from_the_kernel_as_booted_whatever_the_path_names_later() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::copy(common::build_guest("hot_loop"), &kernel).unwrap();
+    let sock = dir.path().join("api.sock");
+    let vm = Bounded::spawn(vmm_cmd(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--timeout",
+        "60",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]));
+    common::wait_for_api(&sock);
+    let top = || {
+        // At most 10 s: a profile that waits for a FIFO's writer fails.
+        let (status, body) =
+            common::api(&sock, "GET", "/profile?seconds=1&hz=199").expect("an answer within 10 s");
+        assert_eq!(status, 200, "{body}");
+        let p: serde_json::Value = serde_json::from_str(&body).unwrap();
+        p["stacks"][0]["names"][0]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Replaced by a FIFO nobody writes: never opened.
+    std::fs::remove_file(&kernel).unwrap();
+    mkfifo(&kernel);
+    assert_eq!(top(), "hot_loop");
+    // Replaced by another kernel: the booted one still names the frames.
+    std::fs::remove_file(&kernel).unwrap();
+    std::fs::copy(common::build_guest("hello"), &kernel).unwrap();
+    assert_eq!(top(), "hot_loop");
+    vm.signal(libc::SIGTERM);
+    vm.wait(Duration::from_secs(30))
+        .assert_code(128 + libc::SIGTERM);
 }

@@ -183,6 +183,53 @@ fn every_reserved_bit_faults_and_legacy_counter_writes_sign_extend() {
 }
 
 #[test]
+fn every_pmu_msr_a_shape_lacks_faults_for_both_vendors() {
+    require_kvm!();
+    // KVM answers IA32_PMC1 and IA32_PERFEVTSEL1 itself (as P6 MSRs) unless
+    // the VMM traps them: one counter is the shape that showed it.
+    // (vendor, version, gp counters, fixed counters if given)
+    let shapes = [
+        ("intel", "1", "1", None),
+        ("intel", "2", "1", Some("0")),
+        ("intel", "2", "1", Some("1")),
+        ("intel", "3", "3", Some("2")),
+        ("intel", "4", "1", Some("3")),
+        ("intel", "4", "8", Some("3")),
+        ("amd", "1", "4", None),
+        ("amd", "1", "6", None),
+        ("amd", "2", "1", None),
+        ("amd", "2", "6", None),
+    ];
+    for (vendor, version, gp, fixed) in shapes {
+        let rsvd = if vendor == "intel" { "gp" } else { "ignore" };
+        let mut flags = vec![
+            "--cpu-vendor",
+            vendor,
+            "--vpmu",
+            "on",
+            "--vpmu-version",
+            version,
+            "--vpmu-gp-counters",
+            gp,
+        ];
+        if let Some(fixed) = fixed {
+            flags.extend(["--vpmu-fixed-counters", fixed]);
+        }
+        let (r, _) = run_probe(&format!("probe.tests=gp,detect probe.rsvd={rsvd}"), &flags);
+        let g = result(&r, 0, "gp");
+        let (got, total) = g.get("outside").split_once('/').unwrap();
+        assert_eq!(
+            got, total,
+            "{flags:?}: every MSR outside the model faults: {g:?}"
+        );
+        // More than one MSR past the model's end was tried.
+        assert!(total.parse::<u32>().unwrap() >= 6, "{flags:?}: {g:?}");
+        assert_eq!(g.num("gp_got"), g.num("gp_expected"), "{flags:?}: {g:?}");
+        assert_eq!(g.num("mismatches"), 0.0, "{flags:?}: {g:?}");
+    }
+}
+
+#[test]
 fn enable_toggles_never_reopen_host_events_on_the_intel_model() {
     require_kvm!();
     common::assert_toggles_open_no_host_events(&["--cpu-vendor", "intel", "--vpmu", "on"]);

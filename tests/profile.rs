@@ -471,3 +471,126 @@ fn bad_profile_requests_get_4xx_and_one_line_errors() {
     );
     common::assert_bad_input(&common::run(&["profile"]), "--api-socket");
 }
+
+/// Frames of an answer's stacks (`profile::MAX_ANSWER_FRAMES` at most).
+const MAX_ANSWER_FRAMES: usize = 1 << 17;
+
+#[test]
+fn a_guest_of_endless_distinct_deep_stacks_gets_a_bounded_profile_that_says_so() {
+    require_kvm!();
+    let _serial = common::timing_lock();
+    let guest = common::build_guest("many_stacks");
+    let vm = Running::start_plain("x", &["--kernel", guest.to_str().unwrap()]);
+    let (status, body) =
+        common::api(&vm.sock, "GET", "/profile?seconds=4&hz=10000").expect("GET /profile");
+    assert_eq!(status, 200);
+    let peak_kib = common::status_kib(vm.pid, "VmHWM");
+    let p: Value = serde_json::from_str(&body).unwrap();
+    let stacks = p["stacks"].as_array().unwrap();
+    let frames: usize = stacks
+        .iter()
+        .map(|s| s["frames"].as_array().map_or(0, Vec::len))
+        .sum();
+    let samples = common::num(&p["samples"]);
+    let dropped: u64 = stacks
+        .iter()
+        .filter(|s| s["mode"] == "dropped")
+        .map(|s| common::num(&s["count"]))
+        .sum();
+    let vcpu_dropped = common::num(&p["per_vcpu"][0]["dropped"]);
+    let merged = p["merged_samples"].as_u64().unwrap_or(0);
+    eprintln!(
+        "{samples} samples, {} stacks of {frames} frames in {} bytes; {vcpu_dropped} dropped by \
+         the vCPU, {merged} of {} stacks merged; peak RSS {peak_kib} KiB",
+        stacks.len(),
+        body.len(),
+        p["merged_stacks"]
+    );
+    // Every 64-frame stack is new: the VMM keeps a bounded part, and the
+    // answer says what it left out, sample for sample.
+    assert!(
+        samples > 3000,
+        "too few samples to fill the bounds: {samples}"
+    );
+    assert!(frames <= MAX_ANSWER_FRAMES, "{frames} frames in the answer");
+    assert!(body.len() < 24 << 20, "{} bytes", body.len());
+    assert!(
+        merged > 0 || vcpu_dropped > 0,
+        "nothing dropped of {samples}"
+    );
+    assert_eq!(common::num(&p["merged_stacks"]) > 0, merged > 0);
+    assert_eq!(dropped, vcpu_dropped + merged);
+    assert_eq!(
+        stacks.iter().map(|s| common::num(&s["count"])).sum::<u64>(),
+        samples
+    );
+    assert!(peak_kib < 96 * 1024, "the VMM's peak RSS {peak_kib} KiB");
+    // The client takes it, and its table says what was dropped.
+    let o = cli(&vm.sock, &["--seconds", "2", "--frequency", "10000"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    let text = common::stdout(&o);
+    assert!(text.contains("samples counted as [dropped]"), "{text}");
+}
+
+#[test]
+fn a_bad_output_path_fails_before_the_profile() {
+    require_kvm!();
+    let vm = Running::start("probe.tests=spin probe.spin_ms=8000", &[]);
+    vm.wait_serial("probe: cpus_online=1", Duration::from_secs(30));
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (path, expected) in [
+        (d.join("missing/p.txt"), "No such file or directory"),
+        (d.to_path_buf(), "a directory, not a regular file"),
+    ] {
+        let o = cli(&vm.sock, &["--seconds", "3", "-o", path.to_str().unwrap()]);
+        common::assert_bad_input(&o, &format!("-o {}: {expected}", path.display()));
+        // It failed before asking: no profile runs now.
+        let (status, body) = common::api(&vm.sock, "GET", "/profile?seconds=0.1&hz=99").unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+#[test]
+fn a_profile_cut_short_by_the_vms_end_says_its_real_length_and_replaces_its_file_whole() {
+    require_kvm!();
+    let vm = Running::start("probe.tests=spin probe.spin_ms=3000", &[]);
+    vm.wait_serial("probe: cpus_online=1", Duration::from_secs(30));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p.txt");
+    std::fs::write(&out, "old").unwrap();
+    let o = cli(&vm.sock, &["--seconds", "20", "-o", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    let text = std::fs::read_to_string(&out).unwrap();
+    let title = text.lines().next().unwrap_or_default();
+    assert!(
+        title.contains(" s (of 20 s asked: the VM ended) at 999 Hz"),
+        "{title}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("p.txt")]);
+    vm.finish().assert_reset();
+}
+
+#[test]
+fn a_profile_whose_client_went_away_ends_and_the_next_one_runs() {
+    require_kvm!();
+    use std::io::Write;
+    let vm = Running::start("probe.tests=spin probe.spin_ms=60000", &[]);
+    vm.wait_serial("probe: cpus_online=1", Duration::from_secs(30));
+    let mut gone = std::os::unix::net::UnixStream::connect(&vm.sock).unwrap();
+    write!(
+        gone,
+        "GET /profile?seconds=40&hz=999 HTTP/1.1\r\nHost: vmm\r\n\r\n"
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    drop(gone);
+    // The profile ends within its 50 ms check and the vCPUs' hand-in.
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, body) = common::api(&vm.sock, "GET", "/profile?seconds=0.5&hz=99").unwrap();
+    assert_eq!(status, 200, "{body}");
+}

@@ -473,3 +473,14 @@ impl Drop for Running {
         let _ = self.child.wait();
     }
 }
+
+/// A memory figure of `/proc/PID/status` (`VmRSS`, `VmHWM`...), KiB; 0 if
+/// the process is gone.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}

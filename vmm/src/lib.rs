@@ -16,6 +16,8 @@
 //! - [`pmu`]: the glue between KVM and each vCPU's virtual PMU (the `vpmu`
 //!   crate): the plan, the MSR filter, PMI delivery, the host export.
 //! - [`arch`]: x86-64 boot tables and CPUID, known to everything above.
+//! - [`files`]: files a user names, opened and read so that nothing waits
+//!   or grows (a leaf, like [`arch`]).
 //!
 //! [`bench`] (the `bench` feature) is benchmark instrumentation that
 //! observes vCPUs from the side.
@@ -25,6 +27,7 @@ pub mod arch;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod cli;
+pub mod files;
 pub mod fleet;
 pub mod pmu;
 pub mod profile;

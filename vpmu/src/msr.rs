@@ -72,6 +72,13 @@ pub const AMD_CORE_BLOCK_LEN: u32 = 12;
 /// Number of MSRs in the PerfMonV2 global block.
 pub const AMD_GLOBAL_BLOCK_LEN: u32 = 4;
 
+/// Intel's architectural general-purpose counters: `IA32_PMC0..7`,
+/// `IA32_PERFEVTSEL0..7` and `IA32_A_PMC0..7` (the most CPUID.0AH can
+/// advertise below the MSRs that follow each block).
+pub const INTEL_GP_BLOCK_LEN: u32 = 8;
+/// Intel's architectural fixed counters: `IA32_FIXED_CTR0..3`.
+pub const INTEL_FIXED_BLOCK_LEN: u32 = 4;
+
 /// Intel `IA32_PMC0`; legacy writes sign-extend bit 31.
 pub const INTEL_PMC0: u32 = 0xC1;
 /// Intel `IA32_PERFEVTSEL0`.

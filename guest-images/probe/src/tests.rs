@@ -741,8 +741,11 @@ fn gp_amd(t: &mut Tally, p: &Pmu) {
             t.outside(amd::EXT_CTR0 + 2 * i);
         }
     } else {
-        t.outside(amd::EXT_CTL0);
-        t.outside(amd::EXT_CTR0);
+        // No PerfCtrExtCore: its whole block faults.
+        for i in 0..amd::EXT_COUNTERS {
+            t.outside(amd::EXT_CTL0 + 2 * i);
+            t.outside(amd::EXT_CTR0 + 2 * i);
+        }
     }
     for i in legacy_in_model..amd::LEGACY_COUNTERS {
         t.outside(amd::LEGACY_CTL0 + i);
@@ -800,14 +803,24 @@ fn gp_intel(t: &mut Tally, p: &Pmu) {
             t.counter(intel::A_PMC0 + i);
         }
     }
-    t.outside(intel::PERFEVTSEL0 + p.num_gp);
-    if p.num_gp < 8 {
-        t.outside(intel::PMC0 + p.num_gp);
+    // Every architectural MSR the model lacks, whatever its counter
+    // counts, and the event select after the last one.
+    for i in p.num_gp..intel::GP_BLOCK {
+        t.outside(intel::PMC0 + i);
     }
-    if p.intel_full_width {
-        t.outside(intel::A_PMC0 + p.num_gp);
-    } else {
-        t.outside(intel::A_PMC0);
+    for i in p.num_gp..intel::GP_BLOCK.max(p.num_gp + 1) {
+        t.outside(intel::PERFEVTSEL0 + i);
+    }
+    let full_width = if p.intel_full_width { p.num_gp } else { 0 };
+    for i in full_width..intel::GP_BLOCK.max(full_width + 1) {
+        t.outside(intel::A_PMC0 + i);
+    }
+    if !p.intel_pdcm {
+        t.outside(intel::PERF_CAPABILITIES);
+    }
+    let fixed = if p.version >= 2 { p.num_fixed } else { 0 };
+    for i in fixed..intel::FIXED_BLOCK {
+        t.outside(intel::FIXED_CTR0 + i);
     }
     if p.version >= 2 {
         if p.num_fixed > 0 {
@@ -820,7 +833,6 @@ fn gp_intel(t: &mut Tally, p: &Pmu) {
             for i in 0..p.num_fixed {
                 t.counter(intel::FIXED_CTR0 + i);
             }
-            t.outside(intel::FIXED_CTR0 + p.num_fixed);
         }
         let counters = low_bits(p.num_gp) | (low_bits(p.num_fixed) << 32);
         t.reserved_bits(Cat::GlobalRsvd, intel::GLOBAL_CTRL, counters, 0);

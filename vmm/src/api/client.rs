@@ -1,15 +1,21 @@
 //! The client side of the API, for `vmm stat` and `vmm profile`: a few
 //! lines of HTTP/1.1 over a `UnixStream`, one `GET` with
-//! `Connection: close` per call, the answer read to its end.
+//! `Connection: close` per call, the answer read to its end, the whole
+//! exchange by one deadline (a server that trickles its answer cannot hold
+//! a client longer). What the server says is its own text: [`printable`]
+//! escapes its control characters before a terminal sees it.
 
-use std::io::{Read, Write};
+use std::borrow::Cow;
+use std::io::ErrorKind;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::http::{read_by, write_by};
+
 /// Largest answer accepted.
-const MAX_RESPONSE: u64 = 64 << 20;
+const MAX_RESPONSE: usize = 64 << 20;
 /// How long a client keeps trying a busy API (503) before giving up.
 const BUSY_RETRY: Duration = Duration::from_secs(5);
 
@@ -28,6 +34,9 @@ pub enum ClientError {
     NotVmm(PathBuf, String),
     #[error("--api-socket {0}: the VMM closed the connection without an answer (did it end?)")]
     Closed(PathBuf),
+    /// No complete answer by the exchange's deadline.
+    #[error("--api-socket {0}: timed out: no complete answer within {1:?} (is the VMM stuck?)")]
+    Timeout(PathBuf, Duration),
     #[error("--api-socket {0}: the VMM's API is busy: it answered {1} (all its connections are taken; try again)")]
     Busy(PathBuf, String),
     /// The API answered with an error of its own (a JSON `error`).
@@ -39,10 +48,18 @@ pub enum ClientError {
     },
 }
 
-/// `GET uri` on the API socket at `socket`, the whole exchange bounded by
-/// `timeout`; the body of a `200` answer.
-pub fn get(socket: &Path, uri: &str, timeout: Duration) -> Result<Vec<u8>, ClientError> {
-    get_bounded(socket, uri, Instant::now() + timeout, MAX_RESPONSE)
+/// Whether `socket` is a socket at all.
+fn check_socket(socket: &Path) -> Result<(), ClientError> {
+    match std::fs::symlink_metadata(socket) {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            Err(ClientError::NoSocket(socket.to_path_buf()))
+        }
+        Err(e) => Err(ClientError::Connect(socket.to_path_buf(), e)),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            Err(ClientError::NotASocket(socket.to_path_buf()))
+        }
+        Ok(_) => Ok(()),
+    }
 }
 
 /// Connects by `deadline`, retrying while the server's backlog is full (a
@@ -54,7 +71,7 @@ fn connect_by(socket: &Path, deadline: Instant) -> Result<UnixStream, ClientErro
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(5))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
                 return Err(ClientError::Stale(socket.to_path_buf()))
             }
             Err(e) => return Err(ClientError::Connect(socket.to_path_buf(), e)),
@@ -62,64 +79,55 @@ fn connect_by(socket: &Path, deadline: Instant) -> Result<UnixStream, ClientErro
     }
 }
 
-/// Reads `stream` to its end, at most `max` bytes, by `deadline` (however
-/// the server trickles its bytes).
-fn read_by(
+/// Reads the answer to its end into `raw` by `deadline`; an answer over
+/// `max` bytes is an error.
+fn read_answer(
     stream: &mut UnixStream,
     raw: &mut Vec<u8>,
-    max: u64,
+    max: usize,
     deadline: Instant,
 ) -> std::io::Result<()> {
-    let mut chunk = [0u8; 16 * 1024];
+    let mut chunk = vec![0u8; 64 << 10];
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::ErrorKind::TimedOut.into());
-        }
-        stream.set_read_timeout(Some(left))?;
-        match stream.read(&mut chunk) {
-            Ok(0) => return Ok(()),
-            Ok(n) if raw.len() as u64 + n as u64 > max => {
+        match read_by(stream, &mut chunk, deadline)? {
+            0 => return Ok(()),
+            n if raw.len() + n > max => {
                 return Err(std::io::Error::other(format!("answer over {max} bytes")))
             }
-            Ok(n) => raw.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            n => raw.extend_from_slice(&chunk[..n]),
         }
     }
 }
 
-/// [`get`] by `deadline`, with an answer of at most `max` bytes.
+/// `GET uri` on the API socket at `socket`, the whole exchange (request
+/// written, answer read to its end) bounded by `timeout`; the body of a
+/// `200` answer.
+pub fn get(socket: &Path, uri: &str, timeout: Duration) -> Result<Vec<u8>, ClientError> {
+    get_bounded(socket, uri, timeout, MAX_RESPONSE)
+}
+
+/// [`get`] with an answer of at most `max` bytes.
 pub fn get_bounded(
     socket: &Path,
     uri: &str,
-    deadline: Instant,
-    max: u64,
+    timeout: Duration,
+    max: usize,
 ) -> Result<Vec<u8>, ClientError> {
-    match std::fs::symlink_metadata(socket) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ClientError::NoSocket(socket.to_path_buf()))
-        }
-        Err(e) => return Err(ClientError::Connect(socket.to_path_buf(), e)),
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(ClientError::NotASocket(socket.to_path_buf()))
-        }
-        Ok(_) => {}
-    }
+    check_socket(socket)?;
+    let deadline = Instant::now() + timeout;
     let not_vmm = |why: String| ClientError::NotVmm(socket.to_path_buf(), why);
     let mut stream = connect_by(socket, deadline)?;
-    let io = |e: std::io::Error| not_vmm(e.to_string());
-    let left = deadline.saturating_duration_since(Instant::now());
-    stream
-        .set_write_timeout(Some(left.max(Duration::from_millis(1))))
-        .map_err(io)?;
+    let io = |e: std::io::Error| match e.kind() {
+        ErrorKind::TimedOut => ClientError::Timeout(socket.to_path_buf(), timeout),
+        _ => not_vmm(e.to_string()),
+    };
     // A server with no free connection answers 503 and closes at once,
     // maybe before our request is written or read: the write can fail and
     // the read end in a reset, after the answer. Keep what came.
     let request = format!("GET {uri} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n");
-    let written = stream.write_all(request.as_bytes());
+    let written = write_by(&mut stream, request.as_bytes(), deadline);
     let mut raw = Vec::new();
-    let read = read_by(&mut stream, &mut raw, max, deadline);
+    let read = read_answer(&mut stream, &mut raw, max, deadline);
     if let Some(busy) = busy_status(&raw) {
         return Err(ClientError::Busy(socket.to_path_buf(), busy));
     }
@@ -145,6 +153,24 @@ pub fn get_bounded(
         }
         Err(Answer::Broken(why)) => Err(not_vmm(why)),
     }
+}
+
+/// `text` from the other side, safe to print: every control character
+/// (C0 with newlines and tabs, DEL, C1) is written as an escape (`\n`,
+/// `\u{1b}`), so a server cannot move the cursor, set the window title,
+/// clear the screen or forge lines of ours.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c.is_control() {
+            true => out.extend(c.escape_default()),
+            false => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// [`get`], trying again for up to 5 s while the API is busy.
@@ -224,6 +250,37 @@ pub fn response_body(raw: &[u8]) -> Result<&[u8], Answer<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_other_text_kept() {
+        assert!(matches!(printable("plain é ☃"), Cow::Borrowed("plain é ☃")));
+        assert_eq!(
+            printable("\u{1b}]0;x\u{7}\u{1b}[2J\nfake\r\t\u{7f}\u{9b}"),
+            "\\u{1b}]0;x\\u{7}\\u{1b}[2J\\nfake\\r\\t\\u{7f}\\u{9b}"
+        );
+    }
+
+    #[test]
+    fn a_trickled_answer_times_out_by_the_exchange_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slow.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            for b in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n".iter() {
+                if std::io::Write::write_all(&mut s, &[*b]).is_err() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            false
+        });
+        // 42 bytes at 200 ms each would take over 8 s.
+        let error = get(&path, "/vpmu", Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(error, ClientError::Timeout(..)), "{error}");
+        assert!(error.to_string().contains("timed out"), "{error}");
+        assert!(server.join().unwrap(), "the client hung up mid-answer");
+    }
 
     #[test]
     fn a_busy_answer_is_told_apart() {

@@ -11,7 +11,8 @@
 //! a new client takes the slot of the one that has waited longest for its
 //! request, if that has waited [`EVICT_AFTER`] or more (a slow or idle
 //! client); otherwise it gets 503. So slow clients can never lock a prompt
-//! one out.
+//! one out. Out of file descriptors, a client is still answered 503
+//! (through a descriptor held in reserve) and the accept loop never spins.
 
 use devices::sync::Recover;
 use std::io::{Read, Write};
@@ -41,6 +42,9 @@ pub const EVICT_AFTER: Duration = Duration::from_millis(500);
 pub const FINISH_ANSWERS: Duration = Duration::from_secs(3);
 /// Most time spent draining a rejected client's input before closing.
 const LINGER: Duration = Duration::from_secs(1);
+/// How long the accept loop waits after an `accept` failure it cannot
+/// answer (a listener with a client waiting stays readable).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_HEADERS: usize = 64;
 
 /// A connection the server reads and writes: a Unix or a TCP stream.
@@ -165,7 +169,9 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-pub type Handler = dyn Fn(&Request) -> Response + Send + Sync;
+/// Answers a request; it gets the request's connection too (to see
+/// whether the client is still there).
+pub type Handler<S = UnixStream> = dyn Fn(&Request, &S) -> Response + Send + Sync;
 
 /// Why reading a request ended without one.
 enum ReadOutcome {
@@ -176,38 +182,61 @@ enum ReadOutcome {
     Closed,
 }
 
-/// One read that ends by `deadline`: `None` when the client closed, failed
-/// or ran out of time.
-fn read_by(stream: &mut impl Stream, chunk: &mut [u8], deadline: Instant) -> Option<usize> {
+/// One read that ends by `deadline`: `Ok(0)` at the end of the stream, an
+/// error of kind `TimedOut` when the time is up first. Server and client
+/// ([`super::client`]) bound whole exchanges this way, however the other
+/// side trickles its bytes.
+pub(crate) fn read_by(
+    stream: &mut impl Stream,
+    chunk: &mut [u8],
+    deadline: Instant,
+) -> std::io::Result<usize> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return None;
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
         }
+        stream.set_read_timeout(Some(left))?;
         match stream.read(chunk) {
-            Ok(0) => return None,
-            Ok(n) => return Some(n),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::ErrorKind::TimedOut.into())
+            }
+            other => return other,
         }
     }
 }
 
-/// Writes all of `data` by `deadline`.
-fn write_by(stream: &mut impl Stream, mut data: &[u8], deadline: Instant) -> bool {
+/// Writes all of `data` by `deadline` (an error of kind `TimedOut` when
+/// the time is up first).
+pub(crate) fn write_by(
+    stream: &mut impl Stream,
+    mut data: &[u8],
+    deadline: Instant,
+) -> std::io::Result<()> {
     while !data.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
-            return false;
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
         }
+        stream.set_write_timeout(Some(left))?;
         match stream.write(data) {
-            Ok(0) => return false,
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::ErrorKind::TimedOut.into())
+            }
+            Err(e) => return Err(e),
         }
     }
-    true
+    Ok(())
+}
+
+/// [`read_by`] for the server: `None` when the client closed, failed or ran
+/// out of time.
+fn read_some(stream: &mut impl Stream, chunk: &mut [u8], deadline: Instant) -> Option<usize> {
+    read_by(stream, chunk, deadline).ok().filter(|&n| n > 0)
 }
 
 /// Reads one request, which must be complete by `deadline`.
@@ -252,7 +281,7 @@ fn read_request(stream: &mut impl Stream, buf: &mut Vec<u8>, deadline: Instant) 
                 // Read (and drop) the body so that the next request starts
                 // where it should.
                 while buf.len() < head_len + body_len {
-                    match read_by(stream, &mut chunk, deadline) {
+                    match read_some(stream, &mut chunk, deadline) {
                         None => return ReadOutcome::Closed,
                         Some(n) => buf.extend_from_slice(&chunk[..n]),
                     }
@@ -272,7 +301,7 @@ fn read_request(stream: &mut impl Stream, buf: &mut Vec<u8>, deadline: Instant) 
                 ))
             }
         }
-        match read_by(stream, &mut chunk, deadline) {
+        match read_some(stream, &mut chunk, deadline) {
             None => return ReadOutcome::Closed,
             Some(n) => buf.extend_from_slice(&chunk[..n]),
         }
@@ -300,7 +329,7 @@ fn write_response_by(
     // One write: on TCP, a head sent alone would wait for the peer's ACK.
     let mut answer = head.into_bytes();
     answer.extend_from_slice(&response.body);
-    write_by(stream, &answer, deadline)
+    write_by(stream, &answer, deadline).is_ok()
 }
 
 /// Closing with unread input makes the kernel reset the connection, which
@@ -312,7 +341,7 @@ fn linger(stream: &mut impl Stream) {
     let mut sink = [0u8; 4096];
     let mut drained = 0;
     while drained < (1 << 20) {
-        match read_by(
+        match read_some(
             stream,
             &mut sink,
             deadline.min(Instant::now() + Duration::from_millis(100)),
@@ -407,7 +436,7 @@ fn serve_connection(mut stream: UnixStream, handler: &Handler) {
 }
 
 /// Serves one connection in slot `id` of `slots` (if any) until it closes.
-fn serve_in_slot<S: Stream>(stream: &mut S, handler: &Handler, slot: Option<(&Slots<S>, u64)>) {
+fn serve_in_slot<S: Stream>(stream: &mut S, handler: &Handler<S>, slot: Option<(&Slots<S>, u64)>) {
     let mut buf = Vec::new();
     loop {
         let waiting_since = Instant::now();
@@ -420,7 +449,7 @@ fn serve_in_slot<S: Stream>(stream: &mut S, handler: &Handler, slot: Option<(&Sl
                 if let Some((slots, id)) = slot {
                     slots.set_waiting(id, None);
                 }
-                let response = handler(&request);
+                let response = handler(&request, stream);
                 let deadline = Instant::now() + REQUEST_DEADLINE;
                 if !write_response_by(stream, &response, close, deadline) || close {
                     return;
@@ -457,7 +486,10 @@ pub struct Server {
 
 impl Server {
     /// Serves `listener` until dropped.
-    pub fn start<L: Listener>(listener: L, handler: Arc<Handler>) -> std::io::Result<Self> {
+    pub fn start<L: Listener>(
+        listener: L,
+        handler: Arc<Handler<L::Stream>>,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let slots = Arc::new(Slots::<L::Stream>::default());
         let stop_flag = stop.clone();
@@ -491,37 +523,84 @@ fn poll_readable(fd: i32, ms: i32) -> bool {
     unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
+/// Answers `stream` 503 with `message` and closes it, within 100 ms.
+fn refuse(mut stream: impl Stream, message: &str) {
+    // Take what the client sent already (without waiting), so that closing
+    // does not reset the connection before it reads the 503.
+    let mut unread = [0u8; 4096];
+    if stream.set_nonblocking(true).is_ok() {
+        for _ in 0..4 {
+            if !matches!(stream.read(&mut unread), Ok(1..)) {
+                break;
+            }
+        }
+        let _ = stream.set_nonblocking(false);
+    }
+    write_response_by(
+        &mut stream,
+        &Response::error(503, message),
+        true,
+        Instant::now() + Duration::from_millis(100),
+    );
+}
+
+/// A descriptor held back for when the process has none left (`EMFILE`,
+/// `ENFILE`): a client then waits in the listener's queue, which stays
+/// readable, so retrying at once would spin. Closing the reserve makes
+/// room to take that client and answer it 503.
+struct Reserve(Option<std::fs::File>);
+
+impl Reserve {
+    fn take() -> Self {
+        Self(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Out of descriptors: the waiting client gets 503 through the
+    /// reserve's room, then the reserve is taken back. Without a reserve
+    /// (it could not be taken back), waits [`ACCEPT_BACKOFF`] instead.
+    fn shed(&mut self, listener: &impl Listener) {
+        if self.0.take().is_some() {
+            if let Ok(stream) = listener.accept_stream() {
+                refuse(stream, "the VMM is out of file descriptors");
+            }
+            *self = Self::take();
+        }
+        if self.0.is_none() {
+            std::thread::sleep(ACCEPT_BACKOFF);
+        }
+    }
+}
+
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 fn accept_loop<L: Listener>(
     listener: L,
-    handler: Arc<Handler>,
+    handler: Arc<Handler<L::Stream>>,
     stop: Arc<AtomicBool>,
     slots: Arc<Slots<L::Stream>>,
 ) {
+    let mut reserve = Reserve::take();
     while !stop.load(Ordering::SeqCst) {
         if !poll_readable(listener.as_raw_fd(), 100) {
             continue;
         }
-        let Ok(mut stream) = listener.accept_stream() else {
-            continue;
+        let mut stream = match listener.accept_stream() {
+            Ok(stream) => stream,
+            Err(e) if out_of_descriptors(&e) => {
+                reserve.shed(&listener);
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // Anything else (no memory, no buffers): not at once again.
+            Err(_) => {
+                std::thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
         };
         let Some(id) = slots.admit(&stream) else {
-            // Take what the client sent already (without waiting), so that
-            // closing does not reset the connection before it reads the 503.
-            let mut unread = [0u8; 4096];
-            if stream.set_nonblocking(true).is_ok() {
-                for _ in 0..4 {
-                    if !matches!(stream.read(&mut unread), Ok(1..)) {
-                        break;
-                    }
-                }
-                let _ = stream.set_nonblocking(false);
-            }
-            write_response_by(
-                &mut stream,
-                &Response::error(503, "too many connections"),
-                true,
-                Instant::now() + Duration::from_millis(100),
-            );
+            refuse(stream, "too many connections");
             continue;
         };
         let (handler, done) = (handler.clone(), slots.clone());
@@ -547,8 +626,9 @@ mod tests {
 
     fn exchange(raw: &[u8]) -> String {
         let (mut client, server) = UnixStream::pair().unwrap();
-        let handler =
-            |r: &Request| Response::text(200, "text/plain", format!("{} {}", r.method, r.path));
+        let handler = |r: &Request, _: &UnixStream| {
+            Response::text(200, "text/plain", format!("{} {}", r.method, r.path))
+        };
         let t = std::thread::spawn(move || serve_connection(server, &handler));
         client.write_all(raw).unwrap();
         client.shutdown(std::net::Shutdown::Write).unwrap();
@@ -580,7 +660,8 @@ mod tests {
     #[test]
     fn a_trickling_client_gets_408_by_the_request_deadline_not_per_read() {
         let (mut client, server) = UnixStream::pair().unwrap();
-        let handler = |_: &Request| Response::text(200, "text/plain", String::new());
+        let handler =
+            |_: &Request, _: &UnixStream| Response::text(200, "text/plain", String::new());
         let start = Instant::now();
         let t = std::thread::spawn(move || serve_connection(server, &handler));
         // One byte every 400 ms: each read is quick, the request never ends.

@@ -12,6 +12,8 @@ pub mod metrics;
 mod name;
 pub mod socket;
 
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,6 +57,12 @@ impl Api {
     }
 
     pub fn handle(&self, request: &Request) -> Response {
+        self.handle_for(request, None)
+    }
+
+    /// [`Api::handle`] for the client at the other end of `peer`: a
+    /// profile ends early if that client goes away ([`client_gone`]).
+    pub fn handle_for(&self, request: &Request, peer: Option<&UnixStream>) -> Response {
         let (path, query) = request
             .path
             .split_once('?')
@@ -65,7 +73,7 @@ impl Api {
             ("GET", "/metrics") => {
                 Response::text(200, metrics::CONTENT_TYPE, metrics::render(&self.doc()))
             }
-            ("GET", "/profile") => self.profile(query),
+            ("GET", "/profile") => self.profile(query, &|| peer.is_some_and(client_gone)),
             ("PUT", "/vm/pause") => self.pause(),
             ("PUT", "/vm/resume") => self.resume(),
             (_, "/vpmu" | "/metrics" | "/profile") => Response::error(405, "use GET"),
@@ -86,22 +94,28 @@ impl Api {
     }
 
     /// Samples the guest for the asked seconds (this connection waits),
-    /// then answers with the profile.
-    fn profile(&self, query: &str) -> Response {
+    /// then answers with the profile. `gone` says whether the client has
+    /// gone away (the profile then ends at once).
+    fn profile(&self, query: &str, gone: &dyn Fn() -> bool) -> Response {
         let request = match profile::Request::from_query(query) {
             Ok(request) => request,
             Err(e) => return Response::error(400, &e.to_string()),
         };
-        match self.profiles.run(request, &self.control) {
+        match self.profiles.run(request, &self.control, gone) {
             Ok(profile) => Response::document(200, &profile, "the profile"),
             Err(e @ (ProfileError::Busy | ProfileError::Paused | ProfileError::Stopping)) => {
                 Response::error(409, &e.to_string())
             }
+            // Nobody reads this.
+            Err(e @ ProfileError::ClientGone) => Response::error(400, &e.to_string()),
         }
     }
 
+    /// Pauses the VM. A guest reboot (`--on-reset reboot`) does not refuse
+    /// it: the pause holds across the reboot (see [`VmControl::pause`]);
+    /// only a VM that is ending answers 409.
     fn pause(&self) -> Response {
-        if self.control.stopping() {
+        if self.control.ending() {
             return Response::error(409, "the VM is stopping");
         }
         let paused = PauseDoc {
@@ -143,5 +157,34 @@ impl Api {
             }
         }
         (0..n).filter_map(|i| self.export.latest(i)).collect()
+    }
+}
+
+/// Whether the client at the other end of `peer` has closed its end (a
+/// hang-up; a client that only shut down its writing half still waits for
+/// the answer). Never waits.
+pub fn client_gone(peer: &UnixStream) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: peer.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, its count, and no wait.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+    ready > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_is_gone_when_it_closes_not_when_it_only_stops_writing() {
+        let (server, client) = UnixStream::pair().unwrap();
+        assert!(!client_gone(&server));
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(!client_gone(&server));
+        drop(client);
+        assert!(client_gone(&server));
     }
 }

@@ -62,7 +62,8 @@ fn start(options: &ExporterOptions) -> Result<Server, ExporterError> {
     let listen = listener.local_addr().unwrap_or(options.listen);
     let fleet = Fleet::new(dir.clone(), options.per_vm, options.bound);
     let exporter = Exporter::new(fleet);
-    let server = Server::start(listener, Arc::new(move |r| exporter.handle(r)))
+    // A scrape is bounded by the fleet's deadlines: the connection need not be watched.
+    let server = Server::start(listener, Arc::new(move |r, _| exporter.handle(r)))
         .map_err(ExporterError::Server)?;
     if !listen.ip().is_loopback() {
         eprintln!("vmm exporter: listening on {listen}, beyond this host: anyone who reaches it reads every VM's counters");

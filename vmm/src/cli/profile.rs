@@ -2,11 +2,14 @@
 //! its frames with `--symbols` if given, and writes it as folded stacks,
 //! an SVG flame graph or a table.
 
+use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::api::client::{self, ClientError};
+use crate::files::file_kind;
 use crate::profile::output;
 use crate::profile::symbols::Symbols;
 use crate::profile::{Profile, Request};
@@ -45,6 +48,9 @@ enum Failure {
     Api(#[from] ClientError),
     #[error("drawing the flame graph: {0}")]
     Draw(std::io::Error),
+    /// `-o` cannot be written: found before the profile is taken.
+    #[error("-o {0}: {1}")]
+    Output(PathBuf, String),
     #[error("-o {0}: {1}")]
     Write(PathBuf, std::io::Error),
     #[error("writing to stdout: {0}")]
@@ -58,9 +64,12 @@ impl Failure {
         match self {
             Failure::Api(ClientError::Refused { status: 400, .. }) => 2,
             Failure::Api(
-                ClientError::Refused { .. } | ClientError::Busy(..) | ClientError::Closed(_),
+                ClientError::Refused { .. }
+                | ClientError::Busy(..)
+                | ClientError::Closed(_)
+                | ClientError::Timeout(..),
             ) => 1,
-            Failure::Symbols(_) | Failure::Api(_) => 2,
+            Failure::Symbols(_) | Failure::Output(..) | Failure::Api(_) => 2,
             Failure::Draw(_) | Failure::Write(..) | Failure::Stdout(_) => 1,
         }
     }
@@ -73,7 +82,7 @@ pub fn run(opts: &ProfileOptions) -> i32 {
         // A closed stdout (`| head`) ends the output quietly.
         Err(Failure::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
         Err(e) => {
-            eprintln!("vmm profile: {e}");
+            eprintln!("vmm profile: {}", client::printable(&e.to_string()));
             e.exit_code()
         }
     }
@@ -82,17 +91,20 @@ pub fn run(opts: &ProfileOptions) -> i32 {
 fn profile(opts: &ProfileOptions) -> Result<(), Failure> {
     // Before the profile is taken: a bad file fails at once.
     let symbols = opts.symbols.as_deref().map(Symbols::load).transpose()?;
+    let output = opts.output.as_deref().map(Output::open).transpose()?;
     let mut profile = fetch(&opts.socket, opts.request)?;
     if let Some(symbols) = &symbols {
         profile.name_frames(Ok(symbols));
     }
+    // The server's text (and the file's names) reach a terminal.
+    profile.map_text(|text| client::printable(text).into_owned());
     let bytes = match opts.format {
         Format::Folded => output::folded(&profile).into_bytes(),
         Format::Text => output::text(&profile).into_bytes(),
         Format::Svg => output::svg(&profile).map_err(Failure::Draw)?,
     };
-    match &opts.output {
-        Some(path) => write_file(path, &bytes),
+    match output {
+        Some(mut output) => output.write(&bytes),
         None => {
             let mut stdout = std::io::stdout().lock();
             stdout
@@ -112,6 +124,96 @@ pub fn fetch(socket: &Path, request: Request) -> Result<Profile, ClientError> {
         .map_err(|e| ClientError::NotVmm(socket.to_path_buf(), format!("not a profile: {e}")))
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
-    std::fs::write(path, bytes).map_err(|e| Failure::Write(path.to_path_buf(), e))
+/// Where `-o` goes, opened before the profile is taken so that a bad path
+/// fails at once.
+enum Output {
+    /// A regular file (or none yet): written to a temporary file beside it,
+    /// renamed over it when complete, so it is never left half written.
+    Replace {
+        path: PathBuf,
+        target: PathBuf,
+        temp: PathBuf,
+        file: File,
+    },
+    /// A character device (`/dev/null`, a terminal): written directly.
+    Device { path: PathBuf, file: File },
+}
+
+impl Output {
+    fn open(path: &Path) -> Result<Output, Failure> {
+        let fail = |why: String| Failure::Output(path.to_path_buf(), why);
+        // The file a symbolic link names is the one replaced.
+        let target = match std::fs::canonicalize(path) {
+            Ok(target) => target,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => path.to_path_buf(),
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        match std::fs::metadata(&target) {
+            Ok(m) if m.file_type().is_char_device() => {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+                    .open(&target)
+                    .map_err(|e| fail(e.to_string()))?;
+                return Ok(Output::Device {
+                    path: path.to_path_buf(),
+                    file,
+                });
+            }
+            Ok(m) if !m.is_file() => {
+                let kind = file_kind(&m.file_type());
+                return Err(fail(format!(
+                    "{kind}, not a regular file (leave -o out to write to stdout)"
+                )));
+            }
+            _ => {}
+        }
+        let name = target
+            .file_name()
+            .ok_or_else(|| fail("names no file".into()))?;
+        let mut temp_name = std::ffi::OsString::from(".");
+        temp_name.push(name);
+        temp_name.push(format!(".vmm-profile-{}", std::process::id()));
+        let temp = target.with_file_name(temp_name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(Output::Replace {
+            path: path.to_path_buf(),
+            target,
+            temp,
+            file,
+        })
+    }
+
+    /// Writes `bytes`; a replaced file is renamed into place when whole
+    /// (what is left at the temporary path, if anything, goes on drop).
+    fn write(&mut self, bytes: &[u8]) -> Result<(), Failure> {
+        match self {
+            Output::Device { path, file } => file
+                .write_all(bytes)
+                .map_err(|e| Failure::Write(path.clone(), e)),
+            Output::Replace {
+                path,
+                target,
+                temp,
+                file,
+            } => file
+                .write_all(bytes)
+                .and_then(|()| file.sync_all())
+                .and_then(|()| std::fs::rename(&temp, &target))
+                .map_err(|e| Failure::Write(path.clone(), e)),
+        }
+    }
+}
+
+impl Drop for Output {
+    /// A profile that failed leaves no temporary file behind.
+    fn drop(&mut self) {
+        if let Output::Replace { temp, .. } = self {
+            let _ = std::fs::remove_file(temp);
+        }
+    }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use vpmu::{Backing, CounterSnapshot, ProgrammingId};
 
-use crate::api::client;
+use crate::api::client::{self, printable};
 use crate::api::documents::{backing_label, counter_label, event_label, VpmuDoc};
 
 /// How long one request may take.
@@ -252,7 +252,7 @@ pub fn table(r: &Refresh, socket: &Path) -> String {
             "{:>5}  {:<8} {:<16} {:<11} {:>22} {:>10}  {:<15} {:>8}\n",
             row.vcpu,
             row.counter,
-            row.event,
+            printable(&row.event),
             modifiers(row),
             thousands(row.count),
             rate_txt(row.rate),
@@ -268,8 +268,8 @@ pub fn table(r: &Refresh, socket: &Path) -> String {
             "{:>5}  {:<8} {:<16} {:<11} {:>22} {:>10}\n",
             "total",
             "",
-            t.event,
-            t.id_hex,
+            printable(&t.event),
+            printable(&t.id_hex),
             thousands(t.count),
             rate_txt(t.rate)
         ));
@@ -277,7 +277,10 @@ pub fn table(r: &Refresh, socket: &Path) -> String {
     let mut reasons: Vec<String> = r
         .counters
         .iter()
-        .filter_map(|c| c.reason.as_ref().map(|why| format!("{}: {why}", c.event)))
+        .filter_map(|c| {
+            let why = c.reason.as_ref()?;
+            Some(format!("{}: {}", printable(&c.event), printable(why)))
+        })
         .collect();
     reasons.sort();
     reasons.dedup();
@@ -337,12 +340,13 @@ pub fn json(r: &Refresh) -> serde_json::Value {
 }
 
 /// Runs `vmm stat`; returns the exit code: 0 done, 1 the VM went away
-/// before `--count` refreshes, 2 the socket is missing or not a vmm API.
+/// before `--count` refreshes (or stopped answering in time), 2 the socket
+/// is missing, not a vmm API or gives no first answer in time.
 pub fn run(opts: &StatOptions) -> i32 {
     let mut before = match fetch_patiently(&opts.socket) {
         Ok(doc) => doc,
         Err(e) => {
-            eprintln!("vmm stat: {e}");
+            eprintln!("vmm stat: {}", printable(&e.to_string()));
             return 2;
         }
     };
@@ -353,8 +357,8 @@ pub fn run(opts: &StatOptions) -> i32 {
         std::thread::sleep(opts.interval.saturating_sub(taken.elapsed()));
         let now = match fetch_patiently(&opts.socket) {
             Ok(doc) => doc,
-            Err(e @ StatError::Busy(..)) => {
-                eprintln!("vmm stat: {e}");
+            Err(e @ (StatError::Busy(..) | StatError::Timeout(..))) => {
+                eprintln!("vmm stat: {}", printable(&e.to_string()));
                 return 1;
             }
             Err(_) => {

@@ -30,7 +30,7 @@ pub const MAX_ENTRIES: usize = 10_000;
 /// answered as a VMM before go first.
 pub const MAX_VMS: usize = 256;
 /// Largest `GET /vpmu` answer taken from one VM.
-const MAX_DOCUMENT: u64 = 8 << 20;
+const MAX_DOCUMENT: usize = 8 << 20;
 /// VMs read at once.
 const WORKERS: usize = 16;
 
@@ -126,6 +126,7 @@ impl Down {
     fn of(error: &ClientError, deadline: Instant) -> Self {
         match error {
             _ if Instant::now() >= deadline => Down::Timeout,
+            ClientError::Timeout(..) => Down::Timeout,
             ClientError::Stale(_) => Down::Stale,
             ClientError::Busy(..) => Down::Busy,
             ClientError::NoSocket(_) | ClientError::NotASocket(_) | ClientError::Connect(..) => {
@@ -254,7 +255,8 @@ fn read_one(socket: &Path, per_vm: Duration, end: Instant) -> Scraped {
     let state = if start >= end {
         Err(Down::NotTried)
     } else {
-        match client::get_bounded(socket, "/vpmu", deadline, MAX_DOCUMENT) {
+        let timeout = deadline.saturating_duration_since(start);
+        match client::get_bounded(socket, "/vpmu", timeout, MAX_DOCUMENT) {
             Ok(body) => serde_json::from_slice::<VpmuDoc>(&body).map_err(|_| Down::NotVmm),
             Err(e) => Err(Down::of(&e, deadline)),
         }

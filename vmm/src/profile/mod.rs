@@ -14,7 +14,7 @@
 //! Owns: sessions, per-vCPU sampling, guest page walks, symbols and the
 //! output formats. May use `vcpu` (its control block, kicks and the
 //! sampler trait); knows nothing of the API that serves it or the VM that
-//! builds it (the probe's ELF is handed to [`Hub::new`]).
+//! builds it (each boot hands what it booted to [`Hub::booted`]).
 //!
 //! The vCPU knows its sampler only as a [`crate::vcpu::GuestSampler`]
 //! called before each entry: without a profile running that is one atomic
@@ -26,9 +26,11 @@ pub mod vcpu;
 pub mod walk;
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::sync::Recover;
@@ -47,6 +49,18 @@ pub const DEFAULT_HZ: u32 = 999;
 /// Distinct stacks one vCPU keeps in one profile; samples of further ones
 /// are counted as dropped.
 pub const MAX_STACKS: usize = 16_384;
+/// Frames (addresses) of distinct stacks one vCPU keeps in one profile
+/// (2 MiB); samples of further new stacks are counted as dropped.
+pub const MAX_VCPU_FRAMES: usize = 1 << 18;
+/// Frames of distinct stacks all vCPUs together keep in one profile
+/// (8 MiB), whatever the number of vCPUs.
+pub const MAX_SESSION_FRAMES: usize = 1 << 20;
+/// Frames in one answer: the most frequent stacks are kept, the others
+/// merged into the `dropped` stack.
+pub const MAX_ANSWER_FRAMES: usize = 1 << 17;
+/// Bytes of one answer (its JSON, as estimated while it is named): well
+/// within what `vmm profile` takes (64 MiB).
+pub const MAX_ANSWER_BYTES: usize = 16 << 20;
 /// How long, after a profile's end, the vCPUs get to hand in their samples.
 const COLLECT_WAIT: Duration = Duration::from_secs(2);
 
@@ -123,6 +137,10 @@ pub enum ProfileError {
     Paused,
     #[error("the VM is stopping")]
     Stopping,
+    /// The client that asked went away before the end: the profile was
+    /// cut short, and nobody is left to answer.
+    #[error("the client went away")]
+    ClientGone,
 }
 
 /// What a sample is filed under.
@@ -132,7 +150,8 @@ pub enum StackKey {
     User { cr3: u64 },
     /// Guest kernel mode: the walk (RIP first) and how it ended.
     Kernel { frames: Box<[u64]>, end: End },
-    /// Past [`MAX_STACKS`] distinct stacks.
+    /// Past [`MAX_STACKS`] distinct stacks, or [`MAX_VCPU_FRAMES`] or
+    /// [`MAX_SESSION_FRAMES`] frames of them.
     Dropped,
 }
 
@@ -158,7 +177,8 @@ pub struct VcpuSummary {
     pub samples: u64,
     pub user: u64,
     pub truncated: u64,
-    /// Samples past [`MAX_STACKS`] distinct stacks.
+    /// Samples of new stacks past this vCPU's bounds ([`MAX_STACKS`],
+    /// [`MAX_VCPU_FRAMES`]) or the profile's ([`MAX_SESSION_FRAMES`]).
     pub dropped: u64,
     /// Periods that elapsed without a sample of their own (their signals
     /// merged).
@@ -222,12 +242,25 @@ pub struct Stack {
 /// What `GET /profile` answers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Profile {
+    /// The length asked.
     pub seconds: f64,
+    /// The length sampled: shorter when the VM ended first (0: as asked,
+    /// from a VMM that did not say).
+    #[serde(default)]
+    pub elapsed: f64,
     pub hz: u32,
     pub vcpus: usize,
     pub samples: u64,
-    /// seconds x hz x vCPUs.
+    /// elapsed x hz x vCPUs.
     pub expected: u64,
+    /// Distinct stacks left out of the answer to keep it within
+    /// [`MAX_ANSWER_FRAMES`] and [`MAX_ANSWER_BYTES`] (the least frequent),
+    /// their samples counted in the `dropped` stack.
+    #[serde(default)]
+    pub merged_stacks: u64,
+    /// The samples of those stacks.
+    #[serde(default)]
+    pub merged_samples: u64,
     /// Where the frames' names came from, or why there are none.
     pub symbols: String,
     /// How the KASLR offset was found (or why none was applied).
@@ -280,24 +313,20 @@ impl Profile {
                     names: Vec::new(),
                     truncated: end.truncation().map(String::from),
                 },
-                StackKey::Dropped => Stack {
-                    count,
-                    mode: MODE_DROPPED.into(),
-                    cr3: None,
-                    frames: Vec::new(),
-                    names: Vec::new(),
-                    truncated: None,
-                },
+                StackKey::Dropped => Stack::dropped(count),
             })
             .collect();
-        stacks.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.frames.cmp(&b.frames)));
+        sort_stacks(&mut stacks);
         let vcpus = per_vcpu.len();
         Profile {
             seconds: request.seconds,
+            elapsed: request.seconds,
             hz: request.hz,
             vcpus,
             samples: stacks.iter().map(|s| s.count).sum(),
             expected: (request.seconds * f64::from(request.hz) * vcpus as f64).round() as u64,
+            merged_stacks: 0,
+            merged_samples: 0,
             symbols: String::new(),
             kaslr: String::new(),
             kaslr_offset: Hex(0),
@@ -315,50 +344,245 @@ impl Profile {
             .find(|&l| l != 0)
     }
 
+    /// Sampling ran for `seconds` only (the VM ended first).
+    fn ran_for(&mut self, seconds: f64) {
+        self.elapsed = seconds.min(self.seconds);
+        let per_second = f64::from(self.hz) * self.vcpus as f64;
+        self.expected = (self.elapsed * per_second).round() as u64;
+    }
+
+    /// The length sampled.
+    pub fn length(&self) -> f64 {
+        match self.elapsed > 0.0 {
+            true => self.elapsed,
+            false => self.seconds,
+        }
+    }
+
+    /// Samples in the `dropped` stack: past a vCPU's or the profile's
+    /// bounds, or merged to keep the answer small.
+    pub fn dropped(&self) -> u64 {
+        self.stacks
+            .iter()
+            .filter(|s| s.mode == MODE_DROPPED)
+            .map(|s| s.count)
+            .sum()
+    }
+
+    /// Passes every text of the profile (what the sampling was, why not,
+    /// names, modes, truncation reasons) through `f`: a client makes what a
+    /// server sent safe to print with it.
+    pub fn map_text(&mut self, f: impl Fn(&str) -> String) {
+        self.symbols = f(&self.symbols);
+        self.kaslr = f(&self.kaslr);
+        for v in &mut self.per_vcpu {
+            v.source = f(&v.source);
+            v.error = v.error.as_deref().map(&f);
+        }
+        for stack in &mut self.stacks {
+            stack.mode = f(&stack.mode);
+            stack.truncated = stack.truncated.as_deref().map(&f);
+            stack.names.iter_mut().for_each(|n| *n = f(n));
+        }
+    }
+
     /// Names every kernel frame with `symbols` (moved by the KASLR offset
     /// `MSR_LSTAR` shows), or says why frames have no names (`why_none`).
     pub fn name_frames(&mut self, symbols: Result<&Symbols, String>) {
-        let symbols = match symbols {
-            Ok(symbols) => symbols,
+        self.name_within(symbols, usize::MAX, usize::MAX);
+    }
+
+    /// [`Profile::name_frames`], keeping the most frequent stacks within
+    /// `max_frames` frames and about `max_bytes` of JSON; the others are
+    /// merged into the `dropped` stack ([`Profile::merged_stacks`]).
+    pub fn name_within(
+        &mut self,
+        symbols: Result<&Symbols, String>,
+        max_frames: usize,
+        max_bytes: usize,
+    ) {
+        let (symbols, offset) = match symbols {
+            Ok(symbols) => {
+                let relocation = symbols::relocation(symbols, self.lstar());
+                self.symbols = format!("{} symbols from {}", symbols.len(), symbols.origin());
+                self.kaslr = relocation.note;
+                self.kaslr_offset = Hex(relocation.offset);
+                (Some(symbols), relocation.offset)
+            }
             Err(why_none) => {
                 self.symbols = why_none;
                 self.kaslr = "no symbols: no KASLR offset".into();
-                for stack in &mut self.stacks {
-                    stack.names = stack.frames.iter().map(|_| UNKNOWN.to_string()).collect();
-                }
-                return;
+                (None, 0)
             }
         };
-        let relocation = symbols::relocation(symbols, self.lstar());
-        self.symbols = format!("{} symbols from {}", symbols.len(), symbols.origin());
-        self.kaslr = relocation.note;
-        self.kaslr_offset = Hex(relocation.offset);
-        for stack in &mut self.stacks {
-            stack.names = stack
-                .frames
-                .iter()
-                .map(|f| {
-                    symbols
-                        .lookup(f.0.wrapping_sub(relocation.offset))
-                        .unwrap_or(UNKNOWN)
-                        .to_string()
-                })
-                .collect();
+        let name = |f: &Hex| {
+            symbols
+                .and_then(|s| s.lookup(f.0.wrapping_sub(offset)))
+                .unwrap_or(UNKNOWN)
+                .to_string()
+        };
+        let (mut frames, mut bytes) = (0usize, 0usize);
+        for (i, stack) in self.stacks.iter_mut().enumerate() {
+            stack.names = stack.frames.iter().map(name).collect();
+            frames = frames.saturating_add(stack.frames.len());
+            bytes = bytes.saturating_add(stack.json_estimate());
+            if stack.mode != MODE_DROPPED && (frames > max_frames || bytes > max_bytes) {
+                self.merge_from(i);
+                return;
+            }
         }
+    }
+
+    /// Merges the stacks from index `first` on into the `dropped` stack.
+    fn merge_from(&mut self, first: usize) {
+        let mut dropped = 0;
+        for stack in self.stacks.split_off(first) {
+            dropped += stack.count;
+            if stack.mode != MODE_DROPPED {
+                self.merged_stacks += 1;
+                self.merged_samples += stack.count;
+            }
+        }
+        match self.stacks.iter_mut().find(|s| s.mode == MODE_DROPPED) {
+            Some(stack) => stack.count += dropped,
+            None => self.stacks.push(Stack::dropped(dropped)),
+        }
+        sort_stacks(&mut self.stacks);
+    }
+}
+
+/// Most frequent first; ties by address.
+fn sort_stacks(stacks: &mut [Stack]) {
+    stacks.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.frames.cmp(&b.frames)));
+}
+
+impl Stack {
+    fn dropped(count: u64) -> Stack {
+        Stack {
+            count,
+            mode: MODE_DROPPED.into(),
+            cr3: None,
+            frames: Vec::new(),
+            names: Vec::new(),
+            truncated: None,
+        }
+    }
+
+    /// About how many bytes this stack takes in the answer's (indented)
+    /// JSON, at least.
+    fn json_estimate(&self) -> usize {
+        let text = |s: &str| {
+            let escaped = s
+                .bytes()
+                .filter(|&b| b < 0x20 || b == b'"' || b == b'\\')
+                .count();
+            s.len() + 5 * escaped + 16
+        };
+        160 + self.frames.len() * 40 + self.names.iter().map(|n| text(n)).sum::<usize>()
     }
 }
 
 /// The name of a frame no symbol covers.
 pub const UNKNOWN: &str = "[unknown]";
 
-/// Where the server names kernel frames from.
-#[derive(Clone, Debug)]
+/// Where the server names kernel frames from: what was booted.
+#[derive(Debug)]
 pub enum KernelImage {
     /// The built-in probe guest: its embedded ELF.
     Probe(&'static [u8]),
-    /// `--kernel`: an ELF's symbol table (read when the first profile
-    /// asks), or none in a bzImage.
-    File(PathBuf),
+    /// `--kernel` as it was booted: an ELF's symbol table (read when the
+    /// first profile asks), or none in a bzImage.
+    File(BootedFile),
+}
+
+/// The `--kernel` file a boot read: its descriptor, kept open, so that
+/// whatever the path names later (a FIFO, a rebuilt kernel) is never read,
+/// and what the file was then, so that a kernel rewritten in place is
+/// noticed.
+#[derive(Debug)]
+pub struct BootedFile {
+    path: PathBuf,
+    file: File,
+    stamp: Option<Stamp>,
+}
+
+/// What a file was: its identity, size and modification time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(file: &File) -> Option<Stamp> {
+        let m = file.metadata().ok()?;
+        Some(Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        })
+    }
+}
+
+impl KernelImage {
+    /// `--kernel` `path`, booted from `file` (opened and read by the boot).
+    pub fn booted(path: PathBuf, file: File) -> KernelImage {
+        let stamp = Stamp::of(&file);
+        KernelImage::File(BootedFile { path, file, stamp })
+    }
+
+    /// Whether `other` is this image again (a reboot of the same kernel).
+    fn same(&self, other: &KernelImage) -> bool {
+        match (self, other) {
+            (KernelImage::Probe(a), KernelImage::Probe(b)) => std::ptr::eq(*a, *b),
+            (KernelImage::File(a), KernelImage::File(b)) => a.stamp.is_some() && a.stamp == b.stamp,
+            _ => false,
+        }
+    }
+
+    /// Its symbols, or why there are none.
+    fn symbols(&self) -> Result<Symbols, String> {
+        const FOR_SYMBOLS: &str = "vmm profile --symbols takes a vmlinux or System.map";
+        let booted = match self {
+            KernelImage::Probe(elf) => {
+                return Symbols::from_elf(elf, "the built-in probe guest")
+                    .map_err(|e| format!("no symbols: {e}"))
+            }
+            KernelImage::File(booted) => booted,
+        };
+        let path = booted.path.display();
+        let changed = || Stamp::of(&booted.file) != booted.stamp;
+        if changed() {
+            return Err(format!(
+                "no symbols: --kernel {path} was changed after it was booted ({FOR_SYMBOLS})"
+            ));
+        }
+        let mut magic = [0u8; 4];
+        let elf = booted.file.read_exact_at(&mut magic, 0).is_ok() && &magic == symbols::ELF_MAGIC;
+        if !elf {
+            return Err(format!(
+                "no symbols: --kernel {path} is a bzImage, which has no symbol table \
+                 ({FOR_SYMBOLS})"
+            ));
+        }
+        let read = Symbols::from_file(&booted.file, &path.to_string());
+        match read {
+            _ if changed() => Err(format!(
+                "no symbols: --kernel {path} was changed after it was booted ({FOR_SYMBOLS})"
+            )),
+            Ok(symbols) => Ok(symbols),
+            Err(e) => Err(format!("no symbols: {e} ({FOR_SYMBOLS})")),
+        }
+    }
+}
+
+/// The booted kernel, and its symbols once read.
+struct Kernel {
+    image: Arc<KernelImage>,
+    symbols: Option<Result<Arc<Symbols>, String>>,
 }
 
 /// A profile in progress: what the vCPUs read when they join, and where
@@ -386,20 +610,47 @@ pub struct Hub {
     active: AtomicU64,
     next_id: AtomicU64,
     session: Mutex<Option<Session>>,
-    kernel: KernelImage,
-    symbols: OnceLock<Result<Arc<Symbols>, String>>,
+    /// Frames the running session's vCPUs may still keep in new stacks
+    /// (of [`MAX_SESSION_FRAMES`]).
+    frames_left: AtomicUsize,
+    kernel: Mutex<Option<Kernel>>,
 }
 
 impl Hub {
-    pub fn new(vcpus: usize, kernel: KernelImage) -> Self {
+    /// The profiles of a VM of `vcpus` vCPUs; each boot says what it booted
+    /// ([`Hub::booted`]).
+    pub fn new(vcpus: usize) -> Self {
         Self {
             vcpus,
             active: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             session: Mutex::new(None),
-            kernel,
-            symbols: OnceLock::new(),
+            frames_left: AtomicUsize::new(0),
+            kernel: Mutex::new(None),
         }
+    }
+
+    /// A boot loaded `image`: frames are named from it from now on (its
+    /// symbols read again only if it is another file than before).
+    pub fn booted(&self, image: KernelImage) {
+        let mut kernel = self.kernel.lock().recover();
+        if kernel.as_ref().is_some_and(|k| k.image.same(&image)) {
+            return;
+        }
+        *kernel = Some(Kernel {
+            image: Arc::new(image),
+            symbols: None,
+        });
+    }
+
+    /// Takes `frames` of the running session's [`MAX_SESSION_FRAMES`] for a
+    /// new stack; false when too few are left.
+    pub fn take_frames(&self, frames: usize) -> bool {
+        self.frames_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(frames)
+            })
+            .is_ok()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Session>> {
@@ -446,9 +697,16 @@ impl Hub {
     }
 
     /// Runs a profile of `request` and returns it: every vCPU samples
-    /// until the deadline, then hands in its samples (waiting at most
-    /// 2 s more for them). Blocks the calling (API) thread.
-    pub fn run(&self, request: Request, control: &VmControl) -> Result<Profile, ProfileError> {
+    /// until the deadline (or the VM's end), then hands in its samples
+    /// (waiting at most 2 s more for them). Blocks the calling (API)
+    /// thread. `gone` says whether the client that asked has gone away,
+    /// which ends the profile at once.
+    pub fn run(
+        &self,
+        request: Request,
+        control: &VmControl,
+        gone: &dyn Fn() -> bool,
+    ) -> Result<Profile, ProfileError> {
         if control.stopping() {
             return Err(ProfileError::Stopping);
         }
@@ -462,6 +720,8 @@ impl Hub {
                 return Err(ProfileError::Busy);
             }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            self.frames_left
+                .store(MAX_SESSION_FRAMES, Ordering::Relaxed);
             *session = Some(Session {
                 id,
                 hz: request.hz,
@@ -472,20 +732,34 @@ impl Hub {
         }
         // Every vCPU joins at its next exit; this makes that now.
         control.kick_all();
-        let deadline = Instant::now() + length;
+        let started = Instant::now();
+        let deadline = started + length;
+        let mut left_early = false;
         while Instant::now() < deadline && !control.stopping() {
+            if gone() {
+                left_early = true;
+                break;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             std::thread::sleep(left.min(Duration::from_millis(50)));
         }
+        let elapsed = started.elapsed().as_secs_f64();
         self.active.store(0, Ordering::Release);
         control.kick_all();
+        if left_early {
+            self.lock().take();
+            return Err(ProfileError::ClientGone);
+        }
         let collect_until = Instant::now() + COLLECT_WAIT;
         while Instant::now() < collect_until && !self.all_handed_in() {
             std::thread::sleep(Duration::from_millis(2));
         }
         let parts = self.lock().take().map(|s| s.parts).unwrap_or_default();
         let mut profile = Profile::from_parts(request, parts);
-        profile.name_frames(self.kernel_symbols().as_deref().map_err(Clone::clone));
+        profile.ran_for(elapsed);
+        let symbols = self.kernel_symbols();
+        let symbols = symbols.as_deref().map_err(Clone::clone);
+        profile.name_within(symbols, MAX_ANSWER_FRAMES, MAX_ANSWER_BYTES);
         Ok(profile)
     }
 
@@ -495,24 +769,24 @@ impl Hub {
             .is_none_or(|s| s.parts.iter().all(Option::is_some))
     }
 
-    /// The kernel's symbols, read once.
-    fn kernel_symbols(&self) -> &Result<Arc<Symbols>, String> {
-        self.symbols.get_or_init(|| {
-            let symbols = match &self.kernel {
-                KernelImage::Probe(elf) => Symbols::from_elf(elf, "the built-in probe guest"),
-                KernelImage::File(path) if symbols::is_elf(path) => Symbols::load(path),
-                KernelImage::File(path) => {
-                    return Err(format!(
-                        "no symbols: --kernel {} is a bzImage, which has no symbol table \
-                         (vmm profile --symbols takes its vmlinux or System.map)",
-                        path.display()
-                    ))
-                }
-            };
-            symbols.map(Arc::new).map_err(|e| {
-                format!("no symbols: {e} (vmm profile --symbols takes a vmlinux or System.map)")
-            })
-        })
+    /// The booted kernel's symbols, read once per kernel (not under the
+    /// lock: a reboot never waits for them).
+    fn kernel_symbols(&self) -> Result<Arc<Symbols>, String> {
+        let image = match &*self.kernel.lock().recover() {
+            None => return Err("no symbols: no kernel booted".into()),
+            Some(Kernel {
+                symbols: Some(symbols),
+                ..
+            }) => return symbols.clone(),
+            Some(kernel) => kernel.image.clone(),
+        };
+        let symbols = image.symbols().map(Arc::new);
+        if let Some(kernel) = &mut *self.kernel.lock().recover() {
+            if Arc::ptr_eq(&kernel.image, &image) {
+                kernel.symbols = Some(symbols.clone());
+            }
+        }
+        symbols
     }
 }
 
@@ -666,12 +940,120 @@ mod tests {
         assert_eq!(p.symbols, "no symbols: a bzImage");
     }
 
+    const PROBE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"));
+
+    #[test]
+    fn a_client_that_goes_away_ends_the_profile_and_frees_the_hub() {
+        let hub = Hub::new(1);
+        let control = VmControl::new(1).unwrap();
+        let asked = Instant::now();
+        let long = Request {
+            seconds: 30.0,
+            hz: 10,
+        };
+        let gone = || asked.elapsed() > Duration::from_millis(200);
+        assert_eq!(
+            hub.run(long, &control, &gone),
+            Err(ProfileError::ClientGone)
+        );
+        assert!(asked.elapsed() < Duration::from_secs(5));
+        assert_eq!(hub.active(), 0);
+        let short = Request {
+            seconds: 0.1,
+            hz: 10,
+        };
+        let p = hub.run(short, &control, &|| false).unwrap();
+        assert!(p.symbols.contains("no kernel booted"), "{}", p.symbols);
+    }
+
+    #[test]
+    fn answers_keep_the_most_frequent_stacks_within_their_bounds() {
+        let req = Request {
+            seconds: 1.0,
+            hz: 100,
+        };
+        // 100 distinct 64-frame stacks, stack i sampled i + 1 times, and 3
+        // samples already dropped by a vCPU.
+        let mut stacks: Vec<(StackKey, u64)> = (0..100u64)
+            .map(|i| (kernel(&[i + 1; 64], End::Depth), i + 1))
+            .collect();
+        stacks.push((StackKey::Dropped, 3));
+        let whole = Profile::from_parts(req, vec![Some(part(0, &stacks))]);
+        let mut p = whole.clone();
+        p.name_within(Err("none".into()), 10 * 64, usize::MAX);
+        assert_eq!((p.merged_stacks, p.merged_samples), (90, (1..=90).sum()));
+        assert_eq!(p.dropped(), 3 + p.merged_samples);
+        assert_eq!(p.stacks.iter().map(|s| s.count).sum::<u64>(), p.samples);
+        let kept: Vec<u64> = p
+            .stacks
+            .iter()
+            .filter(|s| s.mode == MODE_KERNEL)
+            .map(|s| s.count)
+            .collect();
+        assert_eq!(kept, (91..=100).rev().collect::<Vec<_>>());
+        assert_eq!(p.stacks[0].mode, MODE_DROPPED);
+        // By bytes: about 2.7 KiB per stack of 64 unnamed frames.
+        let mut p = whole.clone();
+        p.name_within(Err("none".into()), usize::MAX, 30_000);
+        assert!((85..95).contains(&p.merged_stacks), "{}", p.merged_stacks);
+        let json = serde_json::to_string_pretty(&p).unwrap();
+        assert!(json.len() < 30_000, "{}", json.len());
+        // Within the bounds nothing is merged.
+        let mut p = whole;
+        p.name_within(Err("none".into()), MAX_ANSWER_FRAMES, MAX_ANSWER_BYTES);
+        assert_eq!((p.merged_stacks, p.stacks.len()), (0, 101));
+    }
+
+    #[test]
+    fn a_session_bounds_the_frames_all_vcpus_keep() {
+        let hub = Hub::new(1);
+        hub.frames_left.store(100, Ordering::Relaxed);
+        assert!(hub.take_frames(64));
+        assert!(!hub.take_frames(64));
+        assert!(hub.take_frames(36));
+        assert!(!hub.take_frames(1));
+    }
+
+    #[test]
+    fn symbols_come_from_the_kernel_as_booted_whatever_its_path_names_later() {
+        let dir = std::env::temp_dir().join(format!("vmm-hub-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kernel");
+        std::fs::write(&path, PROBE).unwrap();
+        let hub = Hub::new(1);
+        let booted = |hub: &Hub| {
+            let file = crate::files::open_regular(&path).unwrap();
+            hub.booted(KernelImage::booted(path.clone(), file));
+        };
+        booted(&hub);
+        // The path now names a FIFO: never opened.
+        std::fs::remove_file(&path).unwrap();
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path and a mode.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let symbols = hub.kernel_symbols().unwrap();
+        assert!(symbols.address_of("_start").is_some());
+        // Another kernel (here: not an ELF) booted from the path: that one
+        // is read.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"not an ELF").unwrap();
+        booted(&hub);
+        let e = hub.kernel_symbols().unwrap_err();
+        assert!(e.contains("no symbol table"), "{e}");
+        // Rewritten in place after the boot: refused, not misnamed.
+        std::fs::write(&path, PROBE).unwrap();
+        let hub = Hub::new(1);
+        booted(&hub);
+        std::fs::write(&path, [PROBE, b"x"].concat()).unwrap();
+        let e = hub.kernel_symbols().unwrap_err();
+        assert!(e.contains("was changed after it was booted"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn a_hub_takes_one_profile_at_a_time_and_merges_late_parts() {
-        let hub = Hub::new(
-            2,
-            KernelImage::Probe(include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"))),
-        );
+        let hub = Hub::new(2);
+        hub.booted(KernelImage::Probe(PROBE));
         let control = VmControl::new(2).unwrap();
         assert_eq!(hub.active(), 0);
         let hub = Arc::new(hub);
@@ -685,6 +1067,7 @@ mod tests {
                         hz: 10,
                     },
                     &control,
+                    &|| false,
                 )
             })
         };
@@ -697,7 +1080,8 @@ mod tests {
                     seconds: 0.1,
                     hz: 10
                 },
-                &control
+                &control,
+                &|| false,
             ),
             Err(ProfileError::Busy)
         );

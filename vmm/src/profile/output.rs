@@ -53,14 +53,38 @@ pub fn title(profile: &Profile) -> String {
         .map(|v| v.source.as_str())
         .find(|s| !s.is_empty())
         .unwrap_or("no sampling event");
+    // The length sampled: shorter than asked when the VM ended first.
+    let length = profile.length();
+    let over = match length + 0.05 < profile.seconds {
+        true => format!(
+            "{length:.1} s (of {} s asked: the VM ended)",
+            profile.seconds
+        ),
+        false => format!("{} s", profile.seconds),
+    };
     format!(
-        "vmm profile: {} samples of {} vCPU{} over {} s at {} Hz ({source})",
+        "vmm profile: {} samples of {} vCPU{} over {over} at {} Hz ({source})",
         profile.samples,
         profile.vcpus,
         if profile.vcpus == 1 { "" } else { "s" },
-        profile.seconds,
         profile.hz
     )
+}
+
+/// What was left out, if anything: samples of stacks past the bounds on
+/// what the VMM keeps, and stacks merged to keep the answer small.
+pub fn dropped(profile: &Profile) -> Option<String> {
+    let dropped = profile.dropped();
+    (dropped > 0).then(|| {
+        format!(
+            "{dropped} samples counted as [dropped]: {} of new stacks past what the VMM keeps \
+             per vCPU and per profile, {} of {} less frequent stacks merged to keep the answer \
+             small",
+            dropped - profile.merged_samples,
+            profile.merged_samples,
+            profile.merged_stacks
+        )
+    })
 }
 
 /// An SVG flame graph.
@@ -68,7 +92,12 @@ pub fn svg(profile: &Profile) -> std::io::Result<Vec<u8>> {
     let folded = folded(profile);
     let mut options = inferno::flamegraph::Options::default();
     options.title = title(profile);
-    options.subtitle = Some(format!("{}; {}", profile.symbols, profile.kaslr));
+    let mut subtitle = format!("{}; {}", profile.symbols, profile.kaslr);
+    if let Some(dropped) = dropped(profile) {
+        subtitle.push_str("; ");
+        subtitle.push_str(&dropped);
+    }
+    options.subtitle = Some(subtitle);
     options.count_name = "samples".into();
     let mut out = Vec::new();
     if folded.is_empty() {
@@ -105,6 +134,9 @@ pub fn text(profile: &Profile) -> String {
         "# expected {} samples (seconds x Hz x vCPUs)\n",
         profile.expected
     ));
+    if let Some(dropped) = dropped(profile) {
+        out.push_str(&format!("# {dropped}\n"));
+    }
     for v in &profile.per_vcpu {
         let state = match (&v.error, v.answered) {
             (_, false) => " (did not answer: paused or stopped)".to_string(),
@@ -175,10 +207,13 @@ mod tests {
         user.cr3 = Some(Hex(0x7000));
         Profile {
             seconds: 1.0,
+            elapsed: 1.0,
             hz: 10,
             vcpus: 1,
             samples: 10,
             expected: 10,
+            merged_stacks: 0,
+            merged_samples: 0,
             symbols: "3 symbols from m".into(),
             kaslr: "KASLR offset 0x0".into(),
             kaslr_offset: Hex(0),
@@ -249,5 +284,39 @@ mod tests {
         let drawn = String::from_utf8(svg(&empty).unwrap()).unwrap();
         assert!(drawn.contains("no samples"));
         assert!(text(&empty).contains("(no samples)"));
+    }
+
+    #[test]
+    fn the_table_says_how_long_was_sampled_and_what_was_dropped() {
+        let mut p = profile();
+        p.seconds = 20.0;
+        p.elapsed = 3.04;
+        p.stacks.push(Stack {
+            count: 5,
+            mode: MODE_DROPPED.into(),
+            cr3: None,
+            frames: Vec::new(),
+            names: Vec::new(),
+            truncated: None,
+        });
+        p.merged_stacks = 2;
+        p.merged_samples = 3;
+        let t = text(&p);
+        assert!(
+            t.contains("over 3.0 s (of 20 s asked: the VM ended) at 10 Hz"),
+            "{t}"
+        );
+        assert!(
+            t.contains("# 5 samples counted as [dropped]: 2 of new stacks past what the VMM keeps per vCPU and per profile, 3 of 2 less frequent stacks merged"),
+            "{t}"
+        );
+        assert!(folded(&p).contains("[dropped: too many distinct stacks] 5"));
+        let drawn = String::from_utf8(svg(&p).unwrap()).unwrap();
+        assert!(drawn.contains("5 samples counted as [dropped]"));
+        // As asked (the answer of an older VMM has no elapsed): no note.
+        p.elapsed = 0.0;
+        assert!(text(&p).contains("over 20 s at 10 Hz"), "{}", text(&p));
+        p.elapsed = 19.98;
+        assert!(text(&p).contains("over 20 s at 10 Hz"), "{}", text(&p));
     }
 }

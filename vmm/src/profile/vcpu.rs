@@ -12,7 +12,7 @@ use vpmu::backend::perf::{PerfBackend, PerfHandle};
 use vpmu::backend::{Backend, BackendError, EventSpec, OverflowNotify};
 
 use super::walk::{self, End, Paging, ADDR_MASK};
-use super::{Hex, Hub, Params, StackKey, VcpuPart, VcpuSummary, MAX_STACKS};
+use super::{Hex, Hub, Params, StackKey, VcpuPart, VcpuSummary, MAX_STACKS, MAX_VCPU_FRAMES};
 use crate::vcpu::GuestSampler;
 
 /// The system-call entry point MSR.
@@ -44,6 +44,8 @@ struct Active {
     /// Event units per ms (for `run_ms`).
     per_ms: f64,
     stacks: HashMap<StackKey, u64>,
+    /// Frames of the distinct stacks in `stacks`.
+    frames: usize,
     summary: VcpuSummary,
 }
 
@@ -94,6 +96,7 @@ impl VcpuProfiler {
             taken: 0,
             per_ms,
             stacks: HashMap::new(),
+            frames: 0,
             summary,
         });
     }
@@ -134,7 +137,7 @@ impl GuestSampler for VcpuProfiler {
             return;
         };
         if kicked {
-            active.sample_if_due(fd, &self.memory);
+            active.sample_if_due(fd, &self.memory, &self.hub);
         }
         if Instant::now() >= active.params.deadline {
             self.leave(fd);
@@ -149,7 +152,7 @@ impl GuestSampler for VcpuProfiler {
 impl Active {
     /// Takes a sample if the event crossed a period boundary since the
     /// last one (the kick may have been another: a vPMU overflow, the API).
-    fn sample_if_due(&mut self, fd: &VcpuFd, memory: &GuestMemoryMmap) {
+    fn sample_if_due(&mut self, fd: &VcpuFd, memory: &GuestMemoryMmap, hub: &Hub) {
         let Some(handle) = self.handle else {
             return;
         };
@@ -165,31 +168,45 @@ impl Active {
         self.summary.missed_periods += reached - self.taken - 1;
         self.taken = reached;
         let (key, walk_ns) = sample(fd, memory);
-        self.file(key);
+        self.file(key, hub);
         self.summary.walk_ns += walk_ns;
         let took = started.elapsed().as_nanos() as u64;
         self.summary.sample_ns += took;
         self.summary.max_sample_ns = self.summary.max_sample_ns.max(took);
     }
 
-    fn file(&mut self, key: StackKey) {
+    /// Counts a sample under `key`: a stack seen before, or a new one
+    /// within this vCPU's bounds and the session's (`hub`); else under
+    /// [`StackKey::Dropped`].
+    fn file(&mut self, key: StackKey, hub: &Hub) {
         let s = &mut self.summary;
         s.samples += 1;
-        match &key {
-            StackKey::User { .. } => s.user += 1,
+        let frames = match &key {
+            StackKey::User { .. } => {
+                s.user += 1;
+                1
+            }
             StackKey::Kernel { frames, end } => {
                 s.frames += frames.len().saturating_sub(1) as u64;
                 s.truncated += u64::from(end.truncation().is_some());
+                frames.len().max(1)
             }
-            StackKey::Dropped => {}
-        }
-        let key = match self.stacks.contains_key(&key) || self.stacks.len() < MAX_STACKS {
+            StackKey::Dropped => 0,
+        };
+        let keep = self.stacks.contains_key(&key)
+            || (self.stacks.len() < MAX_STACKS
+                && self.frames + frames <= MAX_VCPU_FRAMES
+                && hub.take_frames(frames));
+        let key = match keep {
             true => key,
             false => {
                 s.dropped += 1;
                 StackKey::Dropped
             }
         };
+        if !self.stacks.contains_key(&key) {
+            self.frames += frames;
+        }
         *self.stacks.entry(key).or_default() += 1;
     }
 }

@@ -15,6 +15,11 @@ use crate::vcpu::VcpuReport;
 /// pause, and the first reason anything stopped.
 pub struct VmControl {
     stop: AtomicBool,
+    /// A guest reset starts a new boot (`--on-reset reboot`): the stop it
+    /// causes ends that boot, not the VM.
+    reboots: bool,
+    /// The VM is ending for good: a stop that is not a reboot's.
+    ending: AtomicBool,
     /// vCPU threads, by index, while they run: where kicks go.
     threads: Mutex<Vec<Option<libc::pthread_t>>>,
     // vCPUs held off the CPU by a pause.
@@ -34,6 +39,8 @@ impl VmControl {
     pub fn new(vcpus: usize) -> std::io::Result<Self> {
         Ok(Self {
             stop: AtomicBool::new(false),
+            reboots: false,
+            ending: AtomicBool::new(false),
             threads: Mutex::new(vec![None; vcpus]),
             held: Mutex::new(0),
             held_changed: Condvar::new(),
@@ -46,19 +53,31 @@ impl VmControl {
         })
     }
 
+    /// A guest reset reboots the VM (`--on-reset reboot`) instead of ending
+    /// it: [`VmControl::ending`] stays false for a reset.
+    pub fn rebooting_on_reset(mut self, reboots: bool) -> Self {
+        self.reboots = reboots;
+        self
+    }
+
     /// Pauses the VM: every running vCPU leaves the CPU and is held there. Returns
     /// once they all have (or after `timeout`), with whether they did.
+    ///
+    /// During a reboot the pause stays in force: the old boot's vCPUs end,
+    /// the new boot's are held before their first guest instruction, and
+    /// the answer comes once no vCPU runs the guest.
     pub fn pause(&self, timeout: std::time::Duration) -> bool {
         *self.paused.lock().recover() = true;
         self.pause_flag.store(true, Ordering::SeqCst);
         self.kick_all();
-        let running = self.running_vcpus();
         let held = self.held.lock().recover();
         let (held, _) = self
             .held_changed
-            .wait_timeout_while(held, timeout, |p| *p < running && !self.stopping())
+            .wait_timeout_while(held, timeout, |p| {
+                *p < self.running_vcpus() && !self.ending()
+            })
             .recover();
-        *held >= running
+        *held >= self.running_vcpus()
     }
 
     fn running_vcpus(&self) -> usize {
@@ -89,6 +108,16 @@ impl VmControl {
             // SAFETY: pthread_self has no preconditions.
             *slot = running.then(|| unsafe { libc::pthread_self() });
         }
+        drop(threads);
+        // A pause waits for every running vCPU: one fewer or one more.
+        self.notify_held_changed();
+    }
+
+    /// Wakes a pause waiting for the vCPUs; taking the lock first means a
+    /// waiter either sees the change or is already waiting.
+    fn notify_held_changed(&self) {
+        let _held = self.held.lock().recover();
+        self.held_changed.notify_all();
     }
 
     pub fn resume(&self) {
@@ -150,8 +179,30 @@ impl VmControl {
         if slot.is_none() {
             *slot = Some(outcome);
         }
+        let reboot = self.reboots && *slot == Some(Outcome::Reset);
+        drop(slot);
+        self.stop_all(!reboot);
+    }
+
+    /// Ends the VM with `outcome` in place of a reset that was to reboot
+    /// it (the timeout expired, or the next boot could not start).
+    pub fn end_instead(&self, outcome: Outcome) {
+        *self.outcome.lock().recover() = Some(outcome);
+        self.stop_all(true);
+    }
+
+    /// Asks every vCPU to stop; `ending`: for good, not for a reboot.
+    fn stop_all(&self, ending: bool) {
+        if ending {
+            self.ending.store(true, Ordering::SeqCst);
+        }
         self.stop.store(true, Ordering::SeqCst);
-        self.resumed.notify_all();
+        {
+            // Under the lock: a vCPU about to wait for a resume sees the stop.
+            let _paused = self.paused.lock().recover();
+            self.resumed.notify_all();
+        }
+        self.notify_held_changed();
         // The eventfd cannot overflow in practice; a failed wake only delays
         // the main loop to its next timeout.
         let _ = self.wake.write(1);
@@ -161,7 +212,48 @@ impl VmControl {
         self.outcome.lock().recover().clone()
     }
 
+    /// The vCPUs are to stop: the VM ends, or the boot does for a reboot.
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+
+    /// The VM is ending for good (a stop that is not a reboot's).
+    pub fn ending(&self) -> bool {
+        self.ending.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_reset_that_reboots_stops_the_vcpus_but_does_not_end_the_vm() {
+        let control = VmControl::new(2).unwrap().rebooting_on_reset(true);
+        control.finish(Outcome::Reset);
+        assert!(control.stopping());
+        assert!(!control.ending());
+        // No vCPU runs the guest between boots: the pause holds at once.
+        assert!(control.pause(Duration::from_millis(100)));
+        control.reset_for_reboot();
+        assert!(!control.stopping() && control.pause_requested());
+        // A reboot that does not happen ends the VM after all.
+        control.finish(Outcome::Reset);
+        control.end_instead(Outcome::Timeout { seconds: 1.0 });
+        assert!(control.ending());
+        assert_eq!(control.outcome(), Some(Outcome::Timeout { seconds: 1.0 }));
+    }
+
+    #[test]
+    fn every_other_stop_ends_the_vm() {
+        let once = VmControl::new(1).unwrap();
+        once.finish(Outcome::Reset);
+        assert!(once.ending());
+        let rebooting = VmControl::new(1).unwrap().rebooting_on_reset(true);
+        rebooting.finish(Outcome::Timeout { seconds: 1.0 });
+        // The first reason wins: a reset after the timeout ends it still.
+        rebooting.finish(Outcome::Reset);
+        assert!(rebooting.ending());
     }
 }

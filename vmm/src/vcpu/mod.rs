@@ -132,8 +132,13 @@ impl Vcpu {
         let index = usize::from(self.index);
         kick::attach(self.fd.get_kvm_run());
         // A parked vCPU is not running: it takes no kicks and a pause does
-        // not wait for it.
-        let mut outcome = self.start_pmu().err().or_else(|| self.wait_for_wakeup());
+        // not wait for it. A boot that stops while its threads start (a
+        // guest that resets at once, a timeout) skips the rest of the
+        // start-up: no vPMU is built, the thread only reports and ends.
+        let mut outcome = None;
+        if !self.control.stopping() {
+            outcome = self.start_pmu().err().or_else(|| self.wait_for_wakeup());
+        }
         self.control.register_thread(index, true);
         if let Some(observer) = &mut self.observer {
             observer.start(&self.fd);

@@ -16,9 +16,8 @@
 //! ([`layout::boot_structures`]). Each refusal is one line naming the file
 //! and what is wrong (exit code 2).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::setup_header;
@@ -26,6 +25,7 @@ use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::layout::{self, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
+use crate::files::{self, FileError};
 
 /// Errors loading guest images. All are the user's input being unusable.
 #[derive(Debug, thiserror::Error)]
@@ -76,74 +76,39 @@ pub enum LoadError {
     Signalled(i32),
 }
 
-/// What a file that is not a regular file is, for messages.
-pub fn file_kind(kind: &std::fs::FileType) -> &'static str {
-    if kind.is_dir() {
-        "a directory"
-    } else if kind.is_fifo() {
-        "a FIFO"
-    } else if kind.is_socket() {
-        "a socket"
-    } else if kind.is_char_device() {
-        "a character device"
-    } else if kind.is_block_device() {
-        "a block device"
-    } else if kind.is_symlink() {
-        "a symbolic link"
-    } else if kind.is_file() {
-        "a regular file"
-    } else {
-        "an unknown kind of file"
-    }
-}
+pub use crate::files::file_kind;
 
-/// Reads `path`, which must be a regular file of at most `max` bytes. Its
-/// kind is checked before it is opened (nothing with side effects on open
-/// is opened) and again on the opened file (it may have been replaced in
-/// between); it is opened non-blocking, so even a FIFO put there in
-/// between never waits for a writer; it is read to at most `max` bytes,
-/// even if it grows.
-pub fn read_regular_file(what: &'static str, path: &Path, max: u64) -> Result<Vec<u8>, LoadError> {
-    let read_err = |source| LoadError::Read {
-        what,
-        path: path.to_path_buf(),
-        source,
+/// Reads `path`, which must be a regular file of at most `max` bytes
+/// ([`files::open_regular`], [`files::read_capped`]: checked before and
+/// after the open, opened non-blocking, read to at most `max` bytes even if
+/// it grows); with the opened file, kept by whoever needs to read it again
+/// as it was.
+pub fn read_regular_file(
+    what: &'static str,
+    path: &Path,
+    max: u64,
+) -> Result<(Vec<u8>, File), LoadError> {
+    let error = |e| match e {
+        FileError::Io(source) => LoadError::Read {
+            what,
+            path: path.to_path_buf(),
+            source,
+        },
+        FileError::NotAFile(kind) => LoadError::NotAFile {
+            what,
+            path: path.to_path_buf(),
+            kind,
+        },
+        FileError::TooLarge(size) => LoadError::FileTooLarge {
+            what,
+            path: path.to_path_buf(),
+            size,
+            memory_mib: max >> 20,
+        },
     };
-    let check = |meta: &std::fs::Metadata| {
-        if !meta.is_file() {
-            return Err(LoadError::NotAFile {
-                what,
-                path: path.to_path_buf(),
-                kind: file_kind(&meta.file_type()),
-            });
-        }
-        Ok(())
-    };
-    let too_large = |size: String| LoadError::FileTooLarge {
-        what,
-        path: path.to_path_buf(),
-        size,
-        memory_mib: max >> 20,
-    };
-    check(&std::fs::metadata(path).map_err(read_err)?)?;
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(read_err)?;
-    let meta = file.metadata().map_err(read_err)?;
-    check(&meta)?;
-    if meta.len() > max {
-        return Err(too_large(format!("{} bytes", meta.len())));
-    }
-    let mut data = Vec::with_capacity(meta.len() as usize);
-    file.take(max + 1)
-        .read_to_end(&mut data)
-        .map_err(read_err)?;
-    if data.len() as u64 > max {
-        return Err(too_large(format!("more than {max} bytes as it was read")));
-    }
-    Ok(data)
+    let file = files::open_regular(path).map_err(error)?;
+    let data = files::read_capped(&file, max).map_err(error)?;
+    Ok((data, file))
 }
 
 /// A guest-physical range `[start, end)`, for messages.
@@ -212,7 +177,7 @@ pub enum ImageKind {
 }
 
 /// A kernel in guest memory.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct LoadedKernel {
     pub kind: ImageKind,
     pub entry: u64,
@@ -220,6 +185,10 @@ pub struct LoadedKernel {
     /// What it occupies in guest memory, named for messages ("kernel X:
     /// ELF segment 0"), `[start, end)`.
     pub regions: Vec<(String, u64, u64)>,
+    /// The kernel file as it was opened and read (none for the built-in
+    /// probe): the profiler reads its symbols from this, whatever the path
+    /// names later.
+    pub file: Option<File>,
 }
 
 /// Where a kernel image comes from.
@@ -249,12 +218,14 @@ const ELF_CLASS_64: u8 = 2;
 const EM_X86_64: u16 = 62;
 const PT_LOAD: u32 = 1;
 
-fn read_all(source: &KernelSource, mem_size: u64) -> Result<Vec<u8>, LoadError> {
+fn read_all(source: &KernelSource, mem_size: u64) -> Result<(Vec<u8>, Option<File>), LoadError> {
     match source {
-        KernelSource::Embedded { bytes, .. } => Ok(bytes.to_vec()),
+        KernelSource::Embedded { bytes, .. } => Ok((bytes.to_vec(), None)),
         // A kernel file larger than guest memory cannot be booted whatever
         // its format.
-        KernelSource::File(path) => read_regular_file("kernel", path, mem_size),
+        KernelSource::File(path) => {
+            read_regular_file("kernel", path, mem_size).map(|(image, file)| (image, Some(file)))
+        }
     }
 }
 
@@ -264,21 +235,32 @@ pub fn load_kernel(
     mem_size: u64,
     source: KernelSource,
 ) -> Result<LoadedKernel, LoadError> {
-    let image = read_all(&source, mem_size)?;
+    let (image, file) = read_all(&source, mem_size)?;
+    let mut loaded = load_image(mem, mem_size, &source, &image)?;
+    loaded.file = file;
+    Ok(loaded)
+}
+
+fn load_image(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    source: &KernelSource,
+    image: &[u8],
+) -> Result<LoadedKernel, LoadError> {
     let target = Target {
         mem,
         mem_size,
         path: source.name(),
     };
-    if is_elf(&image) {
-        return target.load_checked_elf(&image, ImageKind::Elf, None);
+    if is_elf(image) {
+        return target.load_checked_elf(image, ImageKind::Elf, None);
     }
-    if !is_bzimage(&image) {
+    if !is_bzimage(image) {
         return Err(LoadError::UnknownFormat { path: target.path });
     }
-    let header = read_setup_header(&image);
+    let header = read_setup_header(image);
     // The unpacked kernel must fit in guest memory: unpacking stops there.
-    let unpacked = unpack_payload(&image, &header, mem_size).map_err(|e| match e {
+    let unpacked = unpack_payload(image, &header, mem_size).map_err(|e| match e {
         Unpack::Invalid(reason) => target.invalid(reason),
         Unpack::TooLarge => LoadError::PayloadTooLarge {
             path: target.path.clone(),
@@ -290,7 +272,7 @@ pub fn load_kernel(
         Some(vmlinux) if is_elf(&vmlinux) => {
             target.load_checked_elf(&vmlinux, ImageKind::BzImagePayload, Some(header))
         }
-        _ => target.load_bzimage(&image, &header),
+        _ => target.load_bzimage(image, &header),
     }
 }
 
@@ -347,6 +329,7 @@ impl Target<'_> {
             entry,
             header,
             regions,
+            file: None,
         })
     }
 
@@ -373,6 +356,7 @@ impl Target<'_> {
             entry: loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
             header: loaded.setup_header,
             regions,
+            file: None,
         })
     }
 }
@@ -593,7 +577,7 @@ pub fn load_initrd(
     kernel: &LoadedKernel,
 ) -> Result<crate::arch::boot_params::InitrdPlacement, LoadError> {
     let initrd_addr_max = kernel.header.map_or(0, |h| h.initrd_addr_max);
-    let data = read_regular_file("initrd", path, mem_size)?;
+    let (data, _) = read_regular_file("initrd", path, mem_size)?;
     let size = data.len() as u64;
     let too_large = || LoadError::InitrdTooLarge {
         path: path.to_path_buf(),
@@ -683,7 +667,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("k");
         std::fs::write(&file, [1u8; 100]).unwrap();
-        assert_eq!(read_regular_file("kernel", &file, 100).unwrap().len(), 100);
+        assert_eq!(
+            read_regular_file("kernel", &file, 100).unwrap().0.len(),
+            100
+        );
         let e = read_regular_file("kernel", &file, 99)
             .unwrap_err()
             .to_string();

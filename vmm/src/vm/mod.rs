@@ -16,6 +16,7 @@ mod error;
 pub mod event_loop;
 pub mod loader;
 pub mod probe_image;
+mod reboot_log;
 pub mod signals;
 
 pub use config::VmConfig;
@@ -52,6 +53,7 @@ use crate::vcpu::{PmuSetup, Vcpu};
 use config::{OnReset, SerialSink, DEFAULT_LINUX_CMDLINE, MIN_MEMORY_MIB};
 use event_loop::MainLoop;
 use loader::{ImageKind, KernelSource, LoadedKernel};
+use reboot_log::RebootLog;
 
 const COM1_BASE: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
@@ -509,13 +511,12 @@ impl Vm {
         // `validate` bounded the count by the MP table's limit.
         let num_vcpus = config.vcpus as usize;
         let export = Arc::new(Export::new(plan.clone(), num_vcpus));
-        let control = Arc::new(VmControl::new(num_vcpus).map_err(io_err("creating an eventfd"))?);
+        let control = VmControl::new(num_vcpus)
+            .map_err(io_err("creating an eventfd"))?
+            .rebooting_on_reset(config.on_reset == OnReset::Reboot);
+        let control = Arc::new(control);
         let serial = create_serial(config)?;
-        let kernel_image = match &config.kernel {
-            Some(path) => KernelImage::File(path.clone()),
-            None => KernelImage::Probe(probe_image::PROBE_ELF),
-        };
-        let profiles = Arc::new(Hub::new(num_vcpus, kernel_image));
+        let profiles = Arc::new(Hub::new(num_vcpus));
         let mut vm = Vm {
             config: config.clone(),
             kvm,
@@ -559,7 +560,14 @@ impl Vm {
             .map_err(StartError::kvm("KVM_CREATE_VCPU"))?;
         let tsc_khz = vcpu_fds[0].get_tsc_khz().ok();
         let cmdline = guest_cmdline(config, tsc_khz, plan);
-        let kernel = load_guest(config, &memory, num_vcpus, &cmdline)?;
+        let mut kernel = load_guest(config, &memory, num_vcpus, &cmdline)?;
+        // Frames are named from what this boot loaded, never from what the
+        // path names later.
+        self.profiles
+            .booted(match (kernel.file.take(), &config.kernel) {
+                (Some(file), Some(path)) => KernelImage::booted(path.clone(), file),
+                _ => KernelImage::Probe(probe_image::PROBE_ELF),
+            });
         let bus = create_bus(&vm_fd, &self.serial, &self.serial_irq, &self.control)?;
         let gate = ApGate::new(usize::from(num_vcpus));
         let mmio = create_mmio(num_vcpus, &gate)?;
@@ -632,8 +640,11 @@ impl Vm {
                     .try_clone()
                     .map_err(io_err("cloning the API socket"))?;
                 Some(
-                    api::http::Server::start(listener, Arc::new(move |r| api.handle(r)))
-                        .map_err(io_err("starting the API thread"))?,
+                    api::http::Server::start(
+                        listener,
+                        Arc::new(move |r, peer| api.handle_for(r, Some(peer))),
+                    )
+                    .map_err(io_err("starting the API thread"))?,
                 )
             }
             None => None,
@@ -641,7 +652,7 @@ impl Vm {
 
         // The timeout bounds the whole run, over every boot.
         let deadline = self.config.timeout.map(|t| Instant::now() + t);
-        let mut boots = 1u32;
+        let mut reboots = RebootLog::new(Instant::now());
         let outcome = loop {
             let Some(boot) = self.boot.take() else {
                 break Outcome::Reset;
@@ -650,27 +661,53 @@ impl Vm {
             if outcome != Outcome::Reset || self.config.on_reset != OnReset::Reboot {
                 break outcome;
             }
-            boots += 1;
-            eprintln!("vmm: guest reset: reboot {boots}");
-            self.control.reset_for_reboot();
-            match self.build_boot() {
-                Ok(boot) => self.boot = Some(boot),
-                Err(e) if e.signal().is_some() => {
-                    break Outcome::Terminated {
-                        signal: e.signal().unwrap_or_default(),
-                    }
-                }
-                Err(e) => {
-                    break Outcome::VcpuError {
-                        vcpu: 0,
-                        message: format!("reboot failed: {e}"),
-                    }
-                }
+            if let Err(end) = self.reboot(deadline, &mut reboots) {
+                // Stopping for good now, not for a reboot (the API's pause
+                // answers say so).
+                self.control.end_instead(end.clone());
+                break end;
             }
         };
         drop(api_server);
+        if let Some(summary) = reboots.summary() {
+            eprintln!("{summary}");
+        }
         self.finish_console();
         Ok((outcome, self.control.reports()))
+    }
+
+    /// After a guest reset: the next boot, unless the timeout expired (it
+    /// holds over every boot) or the boot cannot be built; then the
+    /// outcome that ends the run.
+    fn reboot(&mut self, deadline: Option<Instant>, log: &mut RebootLog) -> Result<(), Outcome> {
+        if let Some(timeout) = self.expired(deadline) {
+            return Err(timeout);
+        }
+        if let Some(line) = log.reboot(Instant::now()) {
+            eprintln!("{line}");
+        }
+        self.control.reset_for_reboot();
+        match self.build_boot() {
+            Ok(boot) => {
+                self.boot = Some(boot);
+                Ok(())
+            }
+            Err(e) => Err(match e.signal() {
+                Some(signal) => Outcome::Terminated { signal },
+                None => Outcome::VcpuError {
+                    vcpu: 0,
+                    message: format!("reboot failed: {e}"),
+                },
+            }),
+        }
+    }
+
+    /// The timeout's outcome, once `deadline` has passed.
+    fn expired(&self, deadline: Option<Instant>) -> Option<Outcome> {
+        let seconds = self.config.timeout.unwrap_or_default().as_secs_f64();
+        deadline
+            .filter(|&d| Instant::now() >= d)
+            .map(|_| Outcome::Timeout { seconds })
     }
 
     /// Gives the console writer a bounded time to write what the guest left
@@ -704,6 +741,11 @@ impl Vm {
         let gate = boot.gate;
         let mut threads = Vec::with_capacity(boot.vcpus.len());
         for vcpu in boot.vcpus {
+            // A guest may reset while its vCPU threads start, boot after
+            // boot: the deadline is checked here too.
+            if let Some(timeout) = self.expired(deadline) {
+                self.control.finish(timeout);
+            }
             if self.control.stopping() {
                 break;
             }
@@ -720,12 +762,11 @@ impl Vm {
         }
 
         while self.control.outcome().is_none() {
-            let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if wait == Some(Duration::ZERO) {
-                let seconds = self.config.timeout.unwrap_or_default().as_secs_f64();
-                self.control.finish(Outcome::Timeout { seconds });
+            if let Some(timeout) = self.expired(deadline) {
+                self.control.finish(timeout);
                 break;
             }
+            let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             // A vCPU thread records why it stops before it ends; one that
             // ended without a word panicked (a VMM bug, reported by the
             // panic hook): stop the VM instead of waiting for it.

@@ -93,26 +93,16 @@ impl VendorOps for Amd {
         }
     }
 
-    fn msr_ranges(&self, m: &PmuModel) -> Vec<MsrRange> {
-        // The whole legacy block is trapped even with fewer counters, so
-        // the missing ones fault here instead of reaching KVM.
-        let mut ranges = vec![MsrRange {
-            base: AMD_K7_PERF_CTL0,
-            count: AMD_K7_BLOCK_LEN,
-        }];
-        if perfctr_core(m) {
-            ranges.push(MsrRange {
-                base: AMD_PERF_CTL0,
-                count: AMD_CORE_BLOCK_LEN,
-            });
-        }
-        if m.has_amd_perfmon_v2() {
-            ranges.push(MsrRange {
-                base: AMD_GLOBAL_STATUS,
-                count: AMD_GLOBAL_BLOCK_LEN,
-            });
-        }
-        ranges
+    /// Every block (legacy, PerfCtrExtCore, PerfMonV2 globals), whatever
+    /// the model has: the registers it lacks fault here, as on hardware of
+    /// that shape, instead of reaching KVM.
+    fn msr_ranges(&self, _m: &PmuModel) -> Vec<MsrRange> {
+        let range = |base, count| MsrRange { base, count };
+        vec![
+            range(AMD_K7_PERF_CTL0, AMD_K7_BLOCK_LEN),
+            range(AMD_PERF_CTL0, AMD_CORE_BLOCK_LEN),
+            range(AMD_GLOBAL_STATUS, AMD_GLOBAL_BLOCK_LEN),
+        ]
     }
 
     fn decode(&self, m: &PmuModel, msr: u32) -> Option<Register> {

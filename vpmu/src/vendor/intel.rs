@@ -165,48 +165,23 @@ impl VendorOps for Intel {
         )
     }
 
-    fn msr_ranges(&self, m: &PmuModel) -> Vec<MsrRange> {
-        let f = features(m);
-        let gp = m.gp_counters as u32;
-        let mut ranges = vec![
-            MsrRange {
-                base: INTEL_PMC0,
-                count: gp,
-            },
-            MsrRange {
-                base: INTEL_PERFEVTSEL0,
-                count: gp,
-            },
-        ];
-        if m.version >= 2 {
-            ranges.push(MsrRange {
-                base: INTEL_FIXED_CTR0,
-                count: f.fixed_counters as u32,
-            });
-            ranges.push(MsrRange {
-                base: INTEL_FIXED_CTR_CTRL,
-                count: INTEL_GLOBAL_OVF_CTRL - INTEL_FIXED_CTR_CTRL + 1,
-            });
-        }
-        if m.version >= 4 {
-            ranges.push(MsrRange {
-                base: INTEL_GLOBAL_STATUS_SET,
-                count: 2,
-            });
-        }
-        if f.pdcm {
-            ranges.push(MsrRange {
-                base: INTEL_PERF_CAPABILITIES,
-                count: 1,
-            });
-        }
-        if f.full_width_writes {
-            ranges.push(MsrRange {
-                base: INTEL_A_PMC0,
-                count: gp,
-            });
-        }
-        ranges
+    /// The whole architectural range, whatever the model has: a register
+    /// the model lacks must #GP as on hardware with that shape, not reach
+    /// KVM (which, for instance, ignores `IA32_PMC1` and `IA32_PERFEVTSEL1`
+    /// as P6 MSRs whatever the guest's PMU).
+    fn msr_ranges(&self, _m: &PmuModel) -> Vec<MsrRange> {
+        let range = |base, count| MsrRange { base, count };
+        vec![
+            range(INTEL_PMC0, INTEL_GP_BLOCK_LEN),
+            range(INTEL_PERFEVTSEL0, INTEL_GP_BLOCK_LEN),
+            range(INTEL_FIXED_CTR0, INTEL_FIXED_BLOCK_LEN),
+            range(INTEL_PERF_CAPABILITIES, 1),
+            range(
+                INTEL_FIXED_CTR_CTRL,
+                INTEL_GLOBAL_INUSE - INTEL_FIXED_CTR_CTRL + 1,
+            ),
+            range(INTEL_A_PMC0, INTEL_GP_BLOCK_LEN),
+        ]
     }
 
     fn decode(&self, m: &PmuModel, msr: u32) -> Option<Register> {

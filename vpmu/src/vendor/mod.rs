@@ -233,6 +233,93 @@ mod tests {
 
     const CORE: AmdFeatures = AmdFeatures { perfctr_core: true };
 
+    /// Every shape the CLI can ask for: each vendor from its emulated best
+    /// model, with every version, gp counter count and fixed counter count
+    /// overridden (or not), kept if it validates.
+    fn every_accepted_shape() -> Vec<PmuModel> {
+        let mut shapes = Vec::new();
+        for vendor in [Vendor::Amd, Vendor::Intel] {
+            let best = PmuModel::best_for_host(vendor, &HostFacts::default());
+            for version in [None, Some(1), Some(2), Some(3), Some(4)] {
+                for gp in std::iter::once(None).chain((1..=8).map(Some)) {
+                    for fixed in std::iter::once(None).chain((0..=3).map(Some)) {
+                        let shaped = best.clone().shaped(version, gp, fixed);
+                        shapes.extend(shaped.ok().filter(|m| m.validate().is_ok()));
+                    }
+                }
+            }
+        }
+        shapes
+    }
+
+    /// The vendor's whole architectural PMU range, as the manuals list it.
+    fn architectural_msrs(vendor: Vendor) -> Vec<u32> {
+        match vendor {
+            Vendor::Intel => [
+                0xC1..=0xC8,
+                0x186..=0x18D,
+                0x309..=0x30C,
+                0x345..=0x345,
+                0x38D..=0x392,
+                0x4C1..=0x4C8,
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            Vendor::Amd => [
+                0xC001_0000..=0xC001_0007,
+                0xC001_0200..=0xC001_020B,
+                0xC000_0300..=0xC000_0303,
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn the_filter_covers_the_whole_architectural_range_whatever_the_shape() {
+        let shapes = every_accepted_shape();
+        // Both vendors, every Intel gp count and every fixed count.
+        for (vendor, gp, fixed) in [(Vendor::Intel, 1, 0), (Vendor::Intel, 8, 3)] {
+            assert!(shapes
+                .iter()
+                .any(|m| (m.vendor(), m.gp_counters, m.fixed_counters()) == (vendor, gp, fixed)));
+        }
+        assert!(shapes
+            .iter()
+            .any(|m| m.vendor() == Vendor::Amd && m.version == 1));
+        assert!(shapes.len() > 100, "{}", shapes.len());
+        for model in &shapes {
+            let ranges = model.msr_ranges();
+            for msr in architectural_msrs(model.vendor()) {
+                // Trapped: what the model lacks then faults in the vPMU
+                // (`decode` gives no register), never in KVM's own way.
+                assert!(
+                    ranges.iter().any(|r| r.contains(msr)),
+                    "{msr:#x} is not trapped for {model:?}: {ranges:x?}"
+                );
+            }
+            // Nothing of the other vendor's range is taken from KVM.
+            let other = match model.vendor() {
+                Vendor::Amd => Vendor::Intel,
+                Vendor::Intel => Vendor::Amd,
+            };
+            for msr in architectural_msrs(other) {
+                assert!(!ranges.iter().any(|r| r.contains(msr)), "{msr:#x}");
+            }
+            // Every register the model has lies in the range.
+            let ops = ops(model.vendor());
+            let decoded = |lo: u32, hi: u32| (lo..hi).filter(|&m| ops.decode(model, m).is_some());
+            let all: Vec<u32> = decoded(0, 0x1000)
+                .chain(decoded(0xC000_0000, 0xC000_1000))
+                .chain(decoded(0xC001_0000, 0xC001_1000))
+                .collect();
+            let arch = architectural_msrs(model.vendor());
+            assert!(all.iter().all(|m| arch.contains(m)), "{model:?}: {all:x?}");
+        }
+    }
+
     #[test]
     fn vendor_rules_shape_the_users_overrides() {
         // AMD: 4 or fewer counters at version 1 are the legacy PMU, 6 keep

@@ -17,6 +17,11 @@ pub const GLOBAL_OVF_CTRL: u32 = 0x390;
 pub const GLOBAL_STATUS_SET: u32 = 0x391;
 pub const GLOBAL_INUSE: u32 = 0x392;
 pub const A_PMC0: u32 = 0x4c1;
+/// Architectural general-purpose MSRs of each kind: `IA32_PMC0..7`,
+/// `IA32_PERFEVTSEL0..7`, `IA32_A_PMC0..7`.
+pub const GP_BLOCK: u32 = 8;
+/// Architectural fixed counters: `IA32_FIXED_CTR0..3`.
+pub const FIXED_BLOCK: u32 = 4;
 
 /// PERFEVTSEL bits that are defined for every version: event, umask, USR,
 /// OS, edge, PC, INT, EN, INV, cmask (bits 0-31 except ANY, bit 21, whose

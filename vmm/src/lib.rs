@@ -2,8 +2,11 @@
 //! virtual PMU.
 //!
 //! The tree by part, imports running one way (top to bottom):
-//! - [`cli`]: the command line (`vmm run`, `vmm stat`, `vmm profile`);
+//! - [`cli`]: the command line (`vmm run`, `vmm stat`, `vmm profile`,
+//!   `vmm exporter`, `vmm top`);
 //!   parses flags into a [`vm::VmConfig`] and runs the clients.
+//! - [`fleet`]: a host's VMMs found by their API sockets in a directory
+//!   and read together within bounds (`vmm exporter`, `vmm top`).
 //! - [`vm`]: building a VM from its configuration (KVM, memory, kernel
 //!   loader, devices) and running it until the guest stops.
 //! - [`api`]: the host-side API server, its documents and its client end.
@@ -25,6 +28,7 @@ pub mod arch;
 pub mod bench;
 pub mod cli;
 pub mod files;
+pub mod fleet;
 pub mod pmu;
 pub mod profile;
 pub mod vcpu;

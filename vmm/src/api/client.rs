@@ -62,35 +62,61 @@ fn check_socket(socket: &Path) -> Result<(), ClientError> {
     }
 }
 
-/// Reads the answer to its end (at most [`MAX_RESPONSE`] bytes) into `raw`
-/// by `deadline`.
+/// Connects by `deadline`, retrying while the server's backlog is full (a
+/// stopped or swamped server): a connect never blocks.
+fn connect_by(socket: &Path, deadline: Instant) -> Result<UnixStream, ClientError> {
+    loop {
+        match super::socket::connect_now(socket) {
+            Ok(stream) => return Ok(stream),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                return Err(ClientError::Stale(socket.to_path_buf()))
+            }
+            Err(e) => return Err(ClientError::Connect(socket.to_path_buf(), e)),
+        }
+    }
+}
+
+/// Reads the answer to its end into `raw` by `deadline`; an answer over
+/// `max` bytes is an error.
 fn read_answer(
     stream: &mut UnixStream,
     raw: &mut Vec<u8>,
+    max: usize,
     deadline: Instant,
 ) -> std::io::Result<()> {
     let mut chunk = vec![0u8; 64 << 10];
-    while raw.len() < MAX_RESPONSE {
-        let room = chunk.len().min(MAX_RESPONSE - raw.len());
-        match read_by(stream, &mut chunk[..room], deadline)? {
-            0 => break,
+    loop {
+        match read_by(stream, &mut chunk, deadline)? {
+            0 => return Ok(()),
+            n if raw.len() + n > max => {
+                return Err(std::io::Error::other(format!("answer over {max} bytes")))
+            }
             n => raw.extend_from_slice(&chunk[..n]),
         }
     }
-    Ok(())
 }
 
 /// `GET uri` on the API socket at `socket`, the whole exchange (request
 /// written, answer read to its end) bounded by `timeout`; the body of a
 /// `200` answer.
 pub fn get(socket: &Path, uri: &str, timeout: Duration) -> Result<Vec<u8>, ClientError> {
+    get_bounded(socket, uri, timeout, MAX_RESPONSE)
+}
+
+/// [`get`] with an answer of at most `max` bytes.
+pub fn get_bounded(
+    socket: &Path,
+    uri: &str,
+    timeout: Duration,
+    max: usize,
+) -> Result<Vec<u8>, ClientError> {
     check_socket(socket)?;
     let deadline = Instant::now() + timeout;
     let not_vmm = |why: String| ClientError::NotVmm(socket.to_path_buf(), why);
-    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
-        ErrorKind::ConnectionRefused => ClientError::Stale(socket.to_path_buf()),
-        _ => ClientError::Connect(socket.to_path_buf(), e),
-    })?;
+    let mut stream = connect_by(socket, deadline)?;
     let io = |e: std::io::Error| match e.kind() {
         ErrorKind::TimedOut => ClientError::Timeout(socket.to_path_buf(), timeout),
         _ => not_vmm(e.to_string()),
@@ -101,7 +127,7 @@ pub fn get(socket: &Path, uri: &str, timeout: Duration) -> Result<Vec<u8>, Clien
     let request = format!("GET {uri} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n");
     let written = write_by(&mut stream, request.as_bytes(), deadline);
     let mut raw = Vec::new();
-    let read = read_answer(&mut stream, &mut raw, deadline);
+    let read = read_answer(&mut stream, &mut raw, max, deadline);
     if let Some(busy) = busy_status(&raw) {
         return Err(ClientError::Busy(socket.to_path_buf(), busy));
     }

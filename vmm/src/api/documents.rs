@@ -20,6 +20,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use vpmu::{Backing, CounterKind, CounterSnapshot, EventTotals, PmuModel, VpmuSnapshot};
 
+use super::VmName;
 use crate::pmu::export::{self, Export, VcpuView, VmTotal};
 use crate::pmu::{PmiDelivery, Rdpmc};
 
@@ -34,13 +35,13 @@ pub struct VpmuDoc {
 }
 
 impl VpmuDoc {
-    /// The export of a VM whose vCPUs' latest views are `views`; `paused`:
-    /// a VM pause is asked.
-    pub fn new(export: &Export, views: &[Arc<VcpuView>], paused: bool) -> Self {
+    /// The export of VM `name` whose vCPUs' latest views are `views`;
+    /// `paused`: a VM pause is asked.
+    pub fn new(name: &VmName, export: &Export, views: &[Arc<VcpuView>], paused: bool) -> Self {
         let now = Instant::now();
         Self {
             totals: export::vm_totals(views),
-            vm: VmDoc::new(export, paused),
+            vm: VmDoc::new(name, export, paused),
             vcpus: views.iter().map(|v| VcpuDoc::new(v, now)).collect(),
         }
     }
@@ -49,6 +50,9 @@ impl VpmuDoc {
 /// The VM and its vPMU plan.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmDoc {
+    /// Its name (`vmm run --name`; empty from a VMM older than names).
+    #[serde(default)]
+    pub name: String,
     /// Since the VMM built the VM.
     pub uptime_ms: u64,
     /// A VM pause is asked (`PUT /vm/pause`, no resume since).
@@ -65,9 +69,10 @@ pub struct VmDoc {
 }
 
 impl VmDoc {
-    fn new(export: &Export, paused: bool) -> Self {
+    fn new(name: &VmName, export: &Export, paused: bool) -> Self {
         let plan = &export.plan;
         Self {
+            name: name.to_string(),
             uptime_ms: export.started.elapsed().as_millis() as u64,
             paused,
             vpmu: plan.model.is_some(),
@@ -189,7 +194,12 @@ mod tests {
             vec![counter(0, CYCLES, 5, true)],
             &[(CYCLES, 7, 1)],
         )];
-        VpmuDoc::new(&export, &views.map(Arc::new), true)
+        VpmuDoc::new(
+            &"web-1".parse().unwrap(),
+            &export,
+            &views.map(Arc::new),
+            true,
+        )
     }
 
     #[test]
@@ -200,6 +210,7 @@ mod tests {
         let vm = [
             "events",
             "model",
+            "name",
             "notes",
             "paused",
             "rdpmc",
@@ -207,6 +218,7 @@ mod tests {
             "vpmu",
         ];
         assert_eq!(keys(&value["vm"]), vm);
+        assert_eq!(value["vm"]["name"], "web-1");
         assert_eq!(
             value["vm"]["rdpmc"],
             json!({ "served": false, "reason": "test" })

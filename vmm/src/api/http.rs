@@ -1,4 +1,5 @@
-//! A small HTTP/1.1 server on a Unix socket, parsing with `httparse`.
+//! A small HTTP/1.1 server, parsing with `httparse`, on any [`Listener`]:
+//! the VMM's API on its Unix socket, `vmm exporter` on TCP.
 //!
 //! Built for a host-side API that must never be stopped by what a client
 //! sends: bounded header size, bounded bodies, a cap on concurrent
@@ -15,6 +16,7 @@
 
 use devices::sync::Recover;
 use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,6 +46,63 @@ const LINGER: Duration = Duration::from_secs(1);
 /// answer (a listener with a client waiting stays readable).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_HEADERS: usize = 64;
+
+/// A connection the server reads and writes: a Unix or a TCP stream.
+pub trait Stream: Read + Write + AsRawFd + Send + Sized + 'static {
+    fn try_clone(&self) -> std::io::Result<Self>;
+    fn shutdown(&self, how: Shutdown) -> std::io::Result<()>;
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()>;
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()>;
+    fn set_nonblocking(&self, nonblocking: bool) -> std::io::Result<()>;
+}
+
+/// Implements [`Stream`] with the type's own methods of the same names.
+macro_rules! stream {
+    ($t:ty) => {
+        impl Stream for $t {
+            fn try_clone(&self) -> std::io::Result<Self> {
+                <$t>::try_clone(self)
+            }
+            fn shutdown(&self, how: Shutdown) -> std::io::Result<()> {
+                <$t>::shutdown(self, how)
+            }
+            fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+                <$t>::set_read_timeout(self, timeout)
+            }
+            fn set_write_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+                <$t>::set_write_timeout(self, timeout)
+            }
+            fn set_nonblocking(&self, nonblocking: bool) -> std::io::Result<()> {
+                <$t>::set_nonblocking(self, nonblocking)
+            }
+        }
+    };
+}
+stream!(UnixStream);
+stream!(TcpStream);
+
+/// What the server accepts connections from.
+pub trait Listener: AsRawFd + Send + 'static {
+    type Stream: Stream;
+    fn accept_stream(&self) -> std::io::Result<Self::Stream>;
+}
+
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+    fn accept_stream(&self) -> std::io::Result<UnixStream> {
+        self.accept().map(|(stream, _)| stream)
+    }
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+    fn accept_stream(&self) -> std::io::Result<TcpStream> {
+        let (stream, _) = self.accept()?;
+        // Answers go out in one write; never hold one back for an ACK.
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
 
 /// A parsed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,7 +169,9 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-pub type Handler = dyn Fn(&Request, &UnixStream) -> Response + Send + Sync;
+/// Answers a request; it gets the request's connection too (to see
+/// whether the client is still there).
+pub type Handler<S = UnixStream> = dyn Fn(&Request, &S) -> Response + Send + Sync;
 
 /// Why reading a request ended without one.
 enum ReadOutcome {
@@ -126,7 +187,7 @@ enum ReadOutcome {
 /// ([`super::client`]) bound whole exchanges this way, however the other
 /// side trickles its bytes.
 pub(crate) fn read_by(
-    stream: &mut UnixStream,
+    stream: &mut impl Stream,
     chunk: &mut [u8],
     deadline: Instant,
 ) -> std::io::Result<usize> {
@@ -149,7 +210,7 @@ pub(crate) fn read_by(
 /// Writes all of `data` by `deadline` (an error of kind `TimedOut` when
 /// the time is up first).
 pub(crate) fn write_by(
-    stream: &mut UnixStream,
+    stream: &mut impl Stream,
     mut data: &[u8],
     deadline: Instant,
 ) -> std::io::Result<()> {
@@ -174,12 +235,12 @@ pub(crate) fn write_by(
 
 /// [`read_by`] for the server: `None` when the client closed, failed or ran
 /// out of time.
-fn read_some(stream: &mut UnixStream, chunk: &mut [u8], deadline: Instant) -> Option<usize> {
+fn read_some(stream: &mut impl Stream, chunk: &mut [u8], deadline: Instant) -> Option<usize> {
     read_by(stream, chunk, deadline).ok().filter(|&n| n > 0)
 }
 
 /// Reads one request, which must be complete by `deadline`.
-fn read_request(stream: &mut UnixStream, buf: &mut Vec<u8>, deadline: Instant) -> ReadOutcome {
+fn read_request(stream: &mut impl Stream, buf: &mut Vec<u8>, deadline: Instant) -> ReadOutcome {
     let mut chunk = [0u8; 2048];
     loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -247,12 +308,12 @@ fn read_request(stream: &mut UnixStream, buf: &mut Vec<u8>, deadline: Instant) -
     }
 }
 
-fn write_response(stream: &mut UnixStream, response: &Response, close: bool) -> bool {
+fn write_response(stream: &mut impl Stream, response: &Response, close: bool) -> bool {
     write_response_by(stream, response, close, Instant::now() + REQUEST_DEADLINE)
 }
 
 fn write_response_by(
-    stream: &mut UnixStream,
+    stream: &mut impl Stream,
     response: &Response,
     close: bool,
     deadline: Instant,
@@ -265,15 +326,17 @@ fn write_response_by(
         response.body.len(),
         if close { "close" } else { "keep-alive" }
     );
-    write_by(stream, head.as_bytes(), deadline).is_ok()
-        && write_by(stream, &response.body, deadline).is_ok()
+    // One write: on TCP, a head sent alone would wait for the peer's ACK.
+    let mut answer = head.into_bytes();
+    answer.extend_from_slice(&response.body);
+    write_by(stream, &answer, deadline).is_ok()
 }
 
 /// Closing with unread input makes the kernel reset the connection, which
 /// can destroy the answer just written: stop writing, then drain (bounded)
 /// what the client still sends.
-fn linger(stream: &mut UnixStream) {
-    let _ = stream.shutdown(std::net::Shutdown::Write);
+fn linger(stream: &mut impl Stream) {
+    let _ = stream.shutdown(Shutdown::Write);
     let deadline = Instant::now() + LINGER;
     let mut sink = [0u8; 4096];
     let mut drained = 0;
@@ -291,30 +354,38 @@ fn linger(stream: &mut UnixStream) {
 
 /// The connections being served, and how long each has waited for its
 /// current request.
-#[derive(Default)]
-struct Slots {
-    list: Mutex<Vec<Slot>>,
+struct Slots<S> {
+    list: Mutex<Vec<Slot<S>>>,
     next_id: AtomicU64,
 }
 
-struct Slot {
+impl<S> Default for Slots<S> {
+    fn default() -> Self {
+        Self {
+            list: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(0),
+        }
+    }
+}
+
+struct Slot<S> {
     id: u64,
     /// A handle on the connection, to cut it off when it is evicted.
-    stream: UnixStream,
+    stream: S,
     /// Since when it has been waiting for a request (`None`: one is being
     /// answered).
     waiting_since: Option<Instant>,
 }
 
-impl Slots {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+impl<S: Stream> Slots<S> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot<S>>> {
         self.list.lock().recover()
     }
 
     /// A slot for `stream`: a free one, or the one of the client that has
     /// waited longest for its request, if that is [`EVICT_AFTER`] or more
     /// (its connection is shut down). `None`: all are busy.
-    fn admit(&self, stream: &UnixStream) -> Option<u64> {
+    fn admit(&self, stream: &S) -> Option<u64> {
         let handle = stream.try_clone().ok()?;
         let mut list = self.lock();
         if list.len() >= MAX_CONNECTIONS {
@@ -326,7 +397,7 @@ impl Slots {
                 .filter(|(_, since)| now.saturating_duration_since(*since) >= EVICT_AFTER)
                 .min_by_key(|(_, since)| *since)?;
             let evicted = list.swap_remove(victim);
-            let _ = evicted.stream.shutdown(std::net::Shutdown::Both);
+            let _ = evicted.stream.shutdown(Shutdown::Both);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         list.push(Slot {
@@ -361,11 +432,11 @@ impl Slots {
 /// Serves one connection outside any slot (the unit tests' way in).
 #[cfg(test)]
 fn serve_connection(mut stream: UnixStream, handler: &Handler) {
-    serve_in_slot(&mut stream, handler, None);
+    serve_in_slot::<UnixStream>(&mut stream, handler, None);
 }
 
 /// Serves one connection in slot `id` of `slots` (if any) until it closes.
-fn serve_in_slot(stream: &mut UnixStream, handler: &Handler, slot: Option<(&Slots, u64)>) {
+fn serve_in_slot<S: Stream>(stream: &mut S, handler: &Handler<S>, slot: Option<(&Slots<S>, u64)>) {
     let mut buf = Vec::new();
     loop {
         let waiting_since = Instant::now();
@@ -415,9 +486,12 @@ pub struct Server {
 
 impl Server {
     /// Serves `listener` until dropped.
-    pub fn start(listener: UnixListener, handler: Arc<Handler>) -> std::io::Result<Self> {
+    pub fn start<L: Listener>(
+        listener: L,
+        handler: Arc<Handler<L::Stream>>,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let slots = Arc::new(Slots::default());
+        let slots = Arc::new(Slots::<L::Stream>::default());
         let stop_flag = stop.clone();
         let accept_thread = std::thread::Builder::new()
             .name("api".into())
@@ -450,7 +524,7 @@ fn poll_readable(fd: i32, ms: i32) -> bool {
 }
 
 /// Answers `stream` 503 with `message` and closes it, within 100 ms.
-fn refuse(mut stream: UnixStream, message: &str) {
+fn refuse(mut stream: impl Stream, message: &str) {
     // Take what the client sent already (without waiting), so that closing
     // does not reset the connection before it reads the 503.
     let mut unread = [0u8; 4096];
@@ -484,9 +558,9 @@ impl Reserve {
     /// Out of descriptors: the waiting client gets 503 through the
     /// reserve's room, then the reserve is taken back. Without a reserve
     /// (it could not be taken back), waits [`ACCEPT_BACKOFF`] instead.
-    fn shed(&mut self, listener: &UnixListener) {
+    fn shed(&mut self, listener: &impl Listener) {
         if self.0.take().is_some() {
-            if let Ok((stream, _)) = listener.accept() {
+            if let Ok(stream) = listener.accept_stream() {
                 refuse(stream, "the VMM is out of file descriptors");
             }
             *self = Self::take();
@@ -501,19 +575,19 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
-fn accept_loop(
-    listener: UnixListener,
-    handler: Arc<Handler>,
+fn accept_loop<L: Listener>(
+    listener: L,
+    handler: Arc<Handler<L::Stream>>,
     stop: Arc<AtomicBool>,
-    slots: Arc<Slots>,
+    slots: Arc<Slots<L::Stream>>,
 ) {
     let mut reserve = Reserve::take();
     while !stop.load(Ordering::SeqCst) {
         if !poll_readable(listener.as_raw_fd(), 100) {
             continue;
         }
-        let mut stream = match listener.accept() {
-            Ok((stream, _)) => stream,
+        let mut stream = match listener.accept_stream() {
+            Ok(stream) => stream,
             Err(e) if out_of_descriptors(&e) => {
                 reserve.shed(&listener);
                 continue;
@@ -617,7 +691,7 @@ mod tests {
 
     #[test]
     fn a_full_house_gives_the_longest_waiting_slot_to_a_new_client() {
-        let slots = Slots::default();
+        let slots = Slots::<UnixStream>::default();
         let mut held = Vec::new();
         let mut ids = Vec::new();
         for _ in 0..MAX_CONNECTIONS {

@@ -12,32 +12,36 @@
 //! tables below and [`super::documents`]' labels: none is taken from the
 //! field names of the types it reports, so renaming a field renames no
 //! series. The tests list every series.
+//!
+//! One renderer serves the VMM's own `GET /metrics` and `vmm exporter`:
+//! both render [`VpmuDoc`]s (the exporter the ones it reads from each VM's
+//! `GET /vpmu`), the exporter with a first label `vm`, the VM's name, on
+//! every series. So a fleet's series are named, labelled and valued
+//! exactly as each VM's own.
 
 use std::fmt::{self, Display, Write};
-use std::sync::Arc;
 
 use vpmu::{CounterSnapshot, MsrAccessCounts, VpmuStats};
 
-use super::documents::{backing_label, counter_label, event_label};
-use crate::pmu::export::{self, Export, VcpuView};
+use super::documents::{backing_label, counter_label, event_label, VcpuDoc, VpmuDoc};
 use crate::pmu::PmiDelivery;
 
 /// A family's Prometheus type.
 #[derive(Clone, Copy)]
-enum Kind {
+pub enum Kind {
     Gauge,
     Counter,
 }
 
 /// A metric family: its name, type and help.
-struct Family {
-    name: &'static str,
-    kind: Kind,
-    help: &'static str,
+pub struct Family {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
 }
 
 impl Family {
-    const fn gauge(name: &'static str, help: &'static str) -> Self {
+    pub const fn gauge(name: &'static str, help: &'static str) -> Self {
         Self {
             name,
             kind: Kind::Gauge,
@@ -45,7 +49,7 @@ impl Family {
         }
     }
 
-    const fn counter(name: &'static str, help: &'static str) -> Self {
+    pub const fn counter(name: &'static str, help: &'static str) -> Self {
         Self {
             name,
             kind: Kind::Counter,
@@ -267,12 +271,36 @@ fn escape(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The text being written.
-struct Exposition(String);
+/// The exposition's content type (text format 0.0.4).
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// One VM's export to render, and the `vm` label of its series (`None`:
+/// the VMM's own `/metrics`, which has none).
+pub struct Labelled<'a> {
+    pub vm: Option<&'a str>,
+    pub doc: &'a VpmuDoc,
+}
+
+/// The text being written; samples get the current VM's `vm` label first.
+#[derive(Default)]
+pub struct Exposition {
+    text: String,
+    vm: Option<String>,
+}
 
 impl Exposition {
-    fn header(&mut self, family: &Family) {
+    pub fn header(&mut self, family: &Family) {
         self.help(family.name, family.kind, family.help);
+    }
+
+    /// The text written.
+    pub fn into_text(self) -> String {
+        self.text
+    }
+
+    /// The `vm` label of the samples that follow.
+    fn set_vm(&mut self, vm: Option<&str>) {
+        self.vm = vm.map(String::from);
     }
 
     fn help(&mut self, name: &str, kind: Kind, help: &str) {
@@ -280,46 +308,64 @@ impl Exposition {
             Kind::Gauge => "gauge",
             Kind::Counter => "counter",
         };
-        let _ = writeln!(self.0, "# HELP {name} {help}");
-        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+        let _ = writeln!(self.text, "# HELP {name} {help}");
+        let _ = writeln!(self.text, "# TYPE {name} {kind}");
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl Display) {
-        let labels: Vec<String> = labels
-            .iter()
-            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+    pub fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl Display) {
+        let vm = self.vm.as_ref().map(|vm| format!("vm=\"{}\"", escape(vm)));
+        let labels: Vec<String> = vm
+            .into_iter()
+            .chain(labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))))
             .collect();
         if labels.is_empty() {
-            let _ = writeln!(self.0, "{name} {value}");
+            let _ = writeln!(self.text, "{name} {value}");
         } else {
-            let _ = writeln!(self.0, "{name}{{{}}} {value}", labels.join(","));
+            let _ = writeln!(self.text, "{name}{{{}}} {value}", labels.join(","));
         }
+    }
+
+    /// Each VM's samples of one family, with its `vm` label.
+    fn per_vm(&mut self, vms: &[Labelled], mut samples: impl FnMut(&mut Self, &VpmuDoc)) {
+        for vm in vms {
+            self.set_vm(vm.vm);
+            samples(self, vm.doc);
+        }
+        self.set_vm(None);
     }
 }
 
-/// Renders every vCPU's view.
-pub fn render(views: &[Arc<VcpuView>], export: &Export) -> String {
-    let mut out = Exposition(String::new());
-    vm(&mut out, export);
-    counters(&mut out, views);
-    statistics(&mut out, views);
-    msr_accesses(&mut out, views);
-    pmi_deliveries(&mut out, views);
-    totals(&mut out, views);
-    out.0
+/// Renders one VM's export (its own `GET /metrics`).
+pub fn render(doc: &VpmuDoc) -> String {
+    let mut out = Exposition::default();
+    render_into(&mut out, &[Labelled { vm: None, doc }]);
+    out.into_text()
 }
 
-fn vm(out: &mut Exposition, export: &Export) {
+/// Writes the families of every VM in `vms`, each family once.
+pub fn render_into(out: &mut Exposition, vms: &[Labelled]) {
+    vm(out, vms);
+    counters(out, vms);
+    statistics(out, vms);
+    msr_accesses(out, vms);
+    pmi_deliveries(out, vms);
+    totals(out, vms);
+}
+
+fn vm(out: &mut Exposition, vms: &[Labelled]) {
     out.header(&UPTIME);
-    let uptime = export.started.elapsed().as_secs_f64();
-    out.sample(UPTIME.name, &[], uptime);
+    out.per_vm(vms, |out, doc| {
+        out.sample(UPTIME.name, &[], doc.vm.uptime_ms as f64 / 1e3)
+    });
     out.header(&VPMU_ENABLED);
-    out.sample(VPMU_ENABLED.name, &[], export.plan.model.is_some() as u8);
+    out.per_vm(vms, |out, doc| {
+        out.sample(VPMU_ENABLED.name, &[], doc.vm.vpmu as u8)
+    });
 }
 
-/// Every guest counter of every view, with its vCPU.
-fn every_counter(views: &[Arc<VcpuView>]) -> impl Iterator<Item = (u8, &CounterSnapshot)> {
-    views
+/// Every guest counter of every vCPU, with its vCPU.
+fn every_counter(vcpus: &[VcpuDoc]) -> impl Iterator<Item = (u8, &CounterSnapshot)> {
+    vcpus
         .iter()
         .flat_map(|v| v.vpmu.counters.iter().map(|c| (v.index, c)))
 }
@@ -333,38 +379,48 @@ fn counter_labels(vcpu: u8, c: &CounterSnapshot) -> Vec<(&'static str, String)> 
     ]
 }
 
-fn counters(out: &mut Exposition, views: &[Arc<VcpuView>]) {
+fn counters(out: &mut Exposition, vms: &[Labelled]) {
     for (family, value) in &COUNTER_FAMILIES {
         out.header(family);
-        for (vcpu, c) in every_counter(views) {
-            out.sample(family.name, &counter_labels(vcpu, c), value(c));
-        }
+        out.per_vm(vms, |out, doc| {
+            for (vcpu, c) in every_counter(&doc.vcpus) {
+                out.sample(family.name, &counter_labels(vcpu, c), value(c));
+            }
+        });
     }
     out.header(&BACKING);
-    for (vcpu, c) in every_counter(views) {
-        let mut labels = counter_labels(vcpu, c);
-        labels.push(("backing", backing_label(&c.backing).to_string()));
-        out.sample(BACKING.name, &labels, 1);
-    }
+    out.per_vm(vms, |out, doc| {
+        for (vcpu, c) in every_counter(&doc.vcpus) {
+            let mut labels = counter_labels(vcpu, c);
+            labels.push(("backing", backing_label(&c.backing).to_string()));
+            out.sample(BACKING.name, &labels, 1);
+        }
+    });
 }
 
-/// The vPMU's statistics; without a view, not even their headers.
-fn statistics(out: &mut Exposition, views: &[Arc<VcpuView>]) {
-    if views.is_empty() {
+/// The vPMU's statistics; without a vCPU view, not even their headers.
+fn statistics(out: &mut Exposition, vms: &[Labelled]) {
+    if vms.iter().all(|vm| vm.doc.vcpus.is_empty()) {
         return;
     }
     for (name, statistic, value) in &STATISTICS {
         let help = format!("vPMU statistic {statistic} of a vCPU.");
         out.help(name, Kind::Counter, &help);
-        for v in views {
-            out.sample(name, &[("vcpu", v.index.to_string())], value(&v.vpmu.stats));
-        }
+        out.per_vm(vms, |out, doc| {
+            for v in &doc.vcpus {
+                out.sample(name, &[("vcpu", v.index.to_string())], value(&v.vpmu.stats));
+            }
+        });
     }
 }
 
-fn msr_accesses(out: &mut Exposition, views: &[Arc<VcpuView>]) {
+fn msr_accesses(out: &mut Exposition, vms: &[Labelled]) {
     out.header(&MSR_ACCESSES);
-    for v in views {
+    out.per_vm(vms, |out, doc| msr_accesses_of(out, &doc.vcpus));
+}
+
+fn msr_accesses_of(out: &mut Exposition, vcpus: &[VcpuDoc]) {
+    for v in vcpus {
         for (op, accesses) in &OPS {
             for (register, value) in &REGISTERS {
                 let labels = [
@@ -378,47 +434,54 @@ fn msr_accesses(out: &mut Exposition, views: &[Arc<VcpuView>]) {
     }
 }
 
-fn pmi_deliveries(out: &mut Exposition, views: &[Arc<VcpuView>]) {
+fn pmi_deliveries(out: &mut Exposition, vms: &[Labelled]) {
     out.header(&PMI_DELIVERIES);
-    for v in views {
-        for (delivery, value) in &DELIVERIES {
-            let labels = [
-                ("vcpu", v.index.to_string()),
-                ("delivery", delivery.to_string()),
-            ];
-            out.sample(PMI_DELIVERIES.name, &labels, value(&v.pmi_delivery));
+    out.per_vm(vms, |out, doc| {
+        for v in &doc.vcpus {
+            for (delivery, value) in &DELIVERIES {
+                let labels = [
+                    ("vcpu", v.index.to_string()),
+                    ("delivery", delivery.to_string()),
+                ];
+                out.sample(PMI_DELIVERIES.name, &labels, value(&v.pmi_delivery));
+            }
         }
-    }
+    });
 }
 
 /// Events counted per programming id, over ended and live counter
 /// contexts: per vCPU and for the VM.
-fn totals(out: &mut Exposition, views: &[Arc<VcpuView>]) {
-    let rows = export::vm_totals(views);
+fn totals(out: &mut Exposition, vms: &[Labelled]) {
     out.header(&VCPU_EVENTS);
-    for r in &rows {
-        for v in &r.vcpus {
-            let labels = [
-                ("vcpu", v.vcpu.to_string()),
-                ("event", r.event.clone()),
-                ("id", r.id_hex.clone()),
-            ];
-            out.sample(VCPU_EVENTS.name, &labels, v.count);
+    out.per_vm(vms, |out, doc| {
+        for r in &doc.totals {
+            for v in &r.vcpus {
+                let labels = [
+                    ("vcpu", v.vcpu.to_string()),
+                    ("event", r.event.clone()),
+                    ("id", r.id_hex.clone()),
+                ];
+                out.sample(VCPU_EVENTS.name, &labels, v.count);
+            }
         }
-    }
+    });
     out.header(&VM_EVENTS);
-    for r in &rows {
-        let labels = [("event", r.event.clone()), ("id", r.id_hex.clone())];
-        out.sample(VM_EVENTS.name, &labels, r.count);
-    }
+    out.per_vm(vms, |out, doc| {
+        for r in &doc.totals {
+            let labels = [("event", r.event.clone()), ("id", r.id_hex.clone())];
+            out.sample(VM_EVENTS.name, &labels, r.count);
+        }
+    });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::pmu::export::fixtures::{self, counter, view};
+    use crate::pmu::export::{Export, VcpuView};
     use crate::pmu::PmiDelivery;
     use serde_json::Value;
+    use std::sync::Arc;
     use vpmu::evtsel::{EN, INT, OS, USR};
     use vpmu::{Backing, CounterKind, VpmuStats};
 
@@ -482,6 +545,11 @@ mod tests {
             Arc::new(fixtures::plan(Some(fixtures::snapshot(vec![]).model))),
             2,
         )
+    }
+
+    /// The export of `views`, as `GET /vpmu` sends it.
+    fn doc(views: &[Arc<VcpuView>]) -> VpmuDoc {
+        VpmuDoc::new(&"vm".parse().unwrap(), &export(), views, false)
     }
 
     /// One sample line: its series, labels (values as escaped) and value.
@@ -554,7 +622,7 @@ mod tests {
 
     #[test]
     fn every_series_has_its_name_and_labels() {
-        let series = series(&samples(&render(&views(), &export())));
+        let series = series(&samples(&render(&doc(&views()))));
         let counter = ["vcpu", "counter", "event"].as_slice();
         let vcpu = ["vcpu"].as_slice();
         let mut expected: Vec<(&str, &[&str])> = vec![
@@ -642,7 +710,7 @@ mod tests {
     #[test]
     fn statistics_registers_and_deliveries_report_what_they_name() {
         let views = views();
-        let samples = samples(&render(&views, &export()));
+        let samples = samples(&render(&doc(&views)));
         // Their serde names only check the tables: every numeric field
         // has its series or label value, with its own value.
         let stats = serde_json::to_value(views[0].vpmu.stats).unwrap();
@@ -685,7 +753,7 @@ mod tests {
 
     #[test]
     fn counters_are_labelled_and_valued() {
-        let samples = samples(&render(&views(), &export()));
+        let samples = samples(&render(&doc(&views())));
         let busy = [
             ("vcpu", "0"),
             ("counter", "gp0"),
@@ -716,9 +784,48 @@ mod tests {
         assert_eq!(values(&samples, "vmm_vm_vpmu_events_total", &vm), ["175"]);
     }
 
+    /// A sample as name, labels and value.
+    type Flat = (String, Vec<(String, String)>, String);
+
+    #[test]
+    fn a_fleet_has_each_vms_own_series_with_a_vm_label_first() {
+        let (a, b) = (doc(&views()), doc(&views()[1..]));
+        let mut out = Exposition::default();
+        let vms = [
+            Labelled {
+                vm: Some("web-1"),
+                doc: &a,
+            },
+            Labelled {
+                vm: Some("db"),
+                doc: &b,
+            },
+        ];
+        render_into(&mut out, &vms);
+        let fleet = samples(&out.into_text());
+        let names: Vec<&str> = fleet.iter().map(|s| s.name.as_str()).collect();
+        let mut once = names.clone();
+        once.dedup();
+        let own = series(&samples(&render(&a)));
+        assert_eq!(once.len(), own.len(), "each family once, all of them");
+        for (vm, doc) in [("web-1", &a), ("db", &b)] {
+            let mine: Vec<Flat> = fleet
+                .iter()
+                .filter(|s| s.labels[0] == ("vm".to_string(), vm.to_string()))
+                .map(|s| (s.name.clone(), s.labels[1..].to_vec(), s.value.clone()))
+                .collect();
+            let alone: Vec<Flat> = samples(&render(doc))
+                .into_iter()
+                .map(|s| (s.name, s.labels, s.value))
+                .collect();
+            assert_eq!(mine, alone, "{vm}: its own names, labels and values");
+        }
+        assert!(fleet.iter().all(|s| s.labels[0].0 == "vm"));
+    }
+
     #[test]
     fn without_a_view_the_statistics_have_no_family() {
-        let text = render(&[], &export());
+        let text = render(&doc(&[]));
         assert!(text.contains("vmm_vm_vpmu_enabled 1\n"), "{text}");
         assert!(
             text.contains("# TYPE vmm_vpmu_counter_value gauge\n"),

@@ -9,6 +9,7 @@ pub mod client;
 pub mod documents;
 pub mod http;
 pub mod metrics;
+mod name;
 pub mod socket;
 
 use std::os::fd::AsRawFd;
@@ -21,6 +22,7 @@ use crate::profile::{self, Hub, ProfileError};
 use crate::vcpu::control::VmControl;
 use documents::{PauseDoc, VpmuDoc};
 use http::{Request, Response};
+pub use name::{NameError, VmName, MAX_NAME};
 pub use socket::{bind, SocketError};
 
 /// How long a read waits for vCPUs to publish fresh views.
@@ -33,14 +35,21 @@ const PAUSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Answers API requests for one VM.
 pub struct Api {
+    name: VmName,
     export: Arc<Export>,
     control: Arc<VmControl>,
     profiles: Arc<Hub>,
 }
 
 impl Api {
-    pub fn new(export: Arc<Export>, control: Arc<VmControl>, profiles: Arc<Hub>) -> Self {
+    pub fn new(
+        name: VmName,
+        export: Arc<Export>,
+        control: Arc<VmControl>,
+        profiles: Arc<Hub>,
+    ) -> Self {
         Self {
+            name,
             export,
             control,
             profiles,
@@ -61,11 +70,9 @@ impl Api {
         let method = request.method.as_str();
         match (method, path) {
             ("GET", "/vpmu") => self.vpmu(),
-            ("GET", "/metrics") => Response::text(
-                200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                metrics::render(&self.fresh_views(), &self.export),
-            ),
+            ("GET", "/metrics") => {
+                Response::text(200, metrics::CONTENT_TYPE, metrics::render(&self.doc()))
+            }
             ("GET", "/profile") => self.profile(query, &|| peer.is_some_and(client_gone)),
             ("PUT", "/vm/pause") => self.pause(),
             ("PUT", "/vm/resume") => self.resume(),
@@ -76,9 +83,14 @@ impl Api {
     }
 
     fn vpmu(&self) -> Response {
+        Response::document(200, &self.doc(), "the vPMU export")
+    }
+
+    /// The export, from fresh views.
+    fn doc(&self) -> VpmuDoc {
         let views = self.fresh_views();
-        let doc = VpmuDoc::new(&self.export, &views, self.control.pause_requested());
-        Response::document(200, &doc, "the vPMU export")
+        let paused = self.control.pause_requested();
+        VpmuDoc::new(&self.name, &self.export, &views, paused)
     }
 
     /// Samples the guest for the asked seconds (this connection waits),

@@ -13,7 +13,7 @@
 
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 /// Errors creating the socket (bad input: exit code 2).
@@ -81,8 +81,10 @@ enum Probe {
     Other(std::io::Error),
 }
 
-/// Connects to `path` without blocking.
-fn probe(path: &Path) -> Probe {
+/// Connects to `path` without blocking: a Unix socket connect either
+/// completes at once or fails (`EAGAIN`: its backlog is full). The stream
+/// returned is blocking.
+pub fn connect_now(path: &Path) -> std::io::Result<UnixStream> {
     // SAFETY: socket(2) with constant arguments; the result is checked.
     let fd = unsafe {
         libc::socket(
@@ -92,7 +94,7 @@ fn probe(path: &Path) -> Probe {
         )
     };
     if fd < 0 {
-        return Probe::Other(std::io::Error::last_os_error());
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: fd is a fresh descriptor that nothing else owns.
     let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
@@ -101,7 +103,7 @@ fn probe(path: &Path) -> Probe {
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     let bytes = path.as_os_str().as_bytes();
     if bytes.len() >= addr.sun_path.len() {
-        return Probe::Other(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
     }
     for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;
@@ -116,10 +118,19 @@ fn probe(path: &Path) -> Probe {
             len as libc::socklen_t,
         )
     };
-    if rc == 0 {
-        return Probe::Live;
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    let err = std::io::Error::last_os_error();
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Connects to `path` without blocking.
+fn probe(path: &Path) -> Probe {
+    let Err(err) = connect_now(path) else {
+        return Probe::Live;
+    };
     match err.raw_os_error() {
         Some(libc::ECONNREFUSED) => Probe::Stale,
         Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => Probe::Live,

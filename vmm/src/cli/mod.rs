@@ -8,8 +8,10 @@
 //! ([`profile`]), which read the API's documents. The top of the tree:
 //! nothing imports it.
 
+pub mod exporter;
 pub mod profile;
 pub mod stat;
+pub mod top;
 mod values;
 
 use std::path::PathBuf;
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::api::VmName;
 use crate::pmu::{VpmuMode, VpmuOptions};
 use crate::profile as profiler;
 use crate::vcpu::Outcome;
@@ -69,6 +72,67 @@ enum Command {
     /// folded stacks, an SVG flame graph or a table.
     #[command(after_help = PROFILE_EXIT_CODES)]
     Profile(ProfileArgs),
+    /// Serve one Prometheus endpoint (GET /metrics over HTTP on TCP) for
+    /// every VM whose API socket is in a directory, each series labelled
+    /// with the VM's name (`vm`), plus the exporter's own series.
+    #[command(after_help = EXPORTER_EXIT_CODES)]
+    Exporter(ExporterArgs),
+    /// A live table of every VM whose API socket is in a directory: guest
+    /// cycles per second per vCPU, PMIs and PMU MSR exits per second,
+    /// backing, state (q quits; n, c, p, e sort).
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// The directory holding the VMs' API sockets.
+    #[arg(long, value_name = "DIR")]
+    sockets: PathBuf,
+    /// Milliseconds between refreshes.
+    #[arg(long, value_name = "MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    interval: u64,
+    /// Print one plain table (rates over one interval) and exit.
+    #[arg(long)]
+    once: bool,
+    /// The column to sort by, largest first.
+    #[arg(long, value_name = "KEY", value_enum, default_value_t = top::SortKey::Cycles)]
+    sort: top::SortKey,
+}
+
+const EXPORTER_EXIT_CODES: &str = "\
+Exit codes:
+  2  bad flags, --sockets not a directory, --listen not available (one line
+     on stderr); otherwise it serves until ended by a signal";
+
+#[derive(Debug, Args)]
+pub struct ExporterArgs {
+    /// Address and port to serve on (loopback by default).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9477")]
+    listen: std::net::SocketAddr,
+    /// The directory holding the VMs' API sockets (read at every scrape).
+    #[arg(long, value_name = "DIR")]
+    sockets: PathBuf,
+    /// Milliseconds a VM has to answer; later, it is down for that scrape.
+    #[arg(long, value_name = "MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    vm_timeout: u64,
+    /// Milliseconds a whole scrape may take (keep it under Prometheus's
+    /// scrape_timeout).
+    #[arg(long, value_name = "MS", default_value_t = 800,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    scrape_timeout: u64,
+}
+
+impl ExporterArgs {
+    fn options(&self) -> exporter::ExporterOptions {
+        exporter::ExporterOptions {
+            listen: self.listen,
+            sockets: self.sockets.clone(),
+            per_vm: Duration::from_millis(self.vm_timeout),
+            bound: Duration::from_millis(self.scrape_timeout),
+        }
+    }
 }
 
 const PROFILE_EXIT_CODES: &str = "\
@@ -206,6 +270,12 @@ pub struct RunArgs {
     /// 0600.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// The VM's name, in the log, in GET /vpmu and as the `vm` label of
+    /// `vmm exporter`: up to 64 letters, digits, '.', '_' or '-', starting
+    /// with a letter or digit (default: the --api-socket's file name
+    /// without its extension, else "vm").
+    #[arg(long, value_name = "NAME")]
+    name: Option<VmName>,
     /// What a guest reset does: exit (code 0), or reboot the guest in a
     /// fresh VM, keeping the API, the serial console and the per-VM counter
     /// totals.
@@ -256,6 +326,10 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 impl RunArgs {
     fn config(&self) -> VmConfig {
         VmConfig {
+            name: self
+                .name
+                .clone()
+                .unwrap_or_else(|| VmName::from_socket(self.api_socket.as_deref())),
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),
@@ -323,6 +397,15 @@ where
         Some(Command::Run(run)) => run,
         Some(Command::Stat(stat)) => return stat::run(&stat.options()),
         Some(Command::Profile(args)) => return profile::run(&args.options()),
+        Some(Command::Exporter(args)) => return exporter::run(&args.options()),
+        Some(Command::Top(args)) => {
+            return top::run(&top::TopOptions {
+                sockets: args.sockets.clone(),
+                interval: Duration::from_millis(args.interval),
+                once: args.once,
+                sort: args.sort,
+            })
+        }
         None => &cli.run,
     };
     // First thing: from here on every termination signal ends the VMM
@@ -345,6 +428,7 @@ fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
     #[cfg(feature = "bench")]
     crate::bench::prepare(&config.bench)?;
     let vm = Vm::build(&config)?;
+    eprintln!("vmm: VM {}", config.name);
     for note in &vm.pmu.notes {
         eprintln!("vmm: {note}");
     }

@@ -407,7 +407,13 @@ mod tests {
         let retired = [(select, total - counted, 1)];
         let views = [Arc::new(fixtures::view(0, vec![counter], &retired))];
         let export = Export::new(Arc::new(fixtures::plan(None)), 1);
-        let sent = serde_json::to_vec(&VpmuDoc::new(&export, &views, false)).unwrap();
+        let sent = serde_json::to_vec(&VpmuDoc::new(
+            &"vm".parse().unwrap(),
+            &export,
+            &views,
+            false,
+        ))
+        .unwrap();
         parse_doc(&sent).unwrap()
     }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use vpmu::Vendor;
 
+use crate::api::VmName;
 use crate::pmu::VpmuOptions;
 
 /// Where the guest's serial console goes.
@@ -85,6 +86,8 @@ pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off"
 /// A VM to build.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
+    /// Its name (`--name`, else from the API socket's file name).
+    pub name: VmName,
     /// `None` boots the built-in probe guest.
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
@@ -106,6 +109,7 @@ pub struct VmConfig {
 impl Default for VmConfig {
     fn default() -> Self {
         Self {
+            name: VmName::from_socket(None),
             kernel: None,
             initrd: None,
             cmdline: None,

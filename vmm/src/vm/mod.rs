@@ -630,6 +630,7 @@ impl Vm {
         let api_server = match &self.api_socket {
             Some(socket) => {
                 let api = Api::new(
+                    self.config.name.clone(),
                     self.export.clone(),
                     self.control.clone(),
                     self.profiles.clone(),

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""vmm exporter with N probe guests counting (BENCHMARKS.md, "A fleet").
+
+For each N: N guests in a scraped directory and N in an unscraped one (the
+side-by-side control), one `vmm exporter` on the first. Measures scrape
+latency (p50/p99 of back-to-back scrapes), the exporter's CPU time and
+peak RSS per scrape, and each group's guest cycle rate over the same
+window while the exporter is scraped once a second.
+Usage: scripts/bench-fleet.py [N ...]   (default 1 8 32; needs target/release/vmm)
+"""
+import json, os, socket, subprocess, sys, tempfile, time, urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VMM = os.path.join(ROOT, "target/release/vmm")
+
+def api(sock):
+    s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sock)
+    s.sendall(b"GET /vpmu HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = b""
+    while chunk := s.recv(65536): data += chunk
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+def cycles(sock):
+    return sum(t["count"] for t in api(sock)["totals"] if t["event"] == "cycles")
+
+def start_guests(d, n, tag):
+    procs = []
+    for i in range(n):
+        procs.append(subprocess.Popen([VMM, "--vpmu", "on", "--serial", "none", "--timeout", "600",
+            "--cmdline", "probe.tests=cycles probe.cycles_ms=590000",
+            "--api-socket", f"{d}/{tag}{i}.sock"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for i in range(n):
+        for _ in range(400):
+            try:
+                if cycles(f"{d}/{tag}{i}.sock") > 0: break
+            except Exception: pass
+            time.sleep(0.05)
+    return procs
+
+def cpu_ticks(pid):
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])
+
+def hwm(pid):
+    for l in open(f"/proc/{pid}/status"):
+        if l.startswith("VmHWM"): return int(l.split()[1])
+
+def rates(socks, secs, during=None):
+    a = [cycles(s) for s in socks]; t = time.time()
+    end = t + secs
+    while time.time() < end:
+        if during: during()
+        time.sleep(max(0, min(1, end - time.time())))
+    b = [cycles(s) for s in socks]; dt = time.time() - t
+    return sum(y - x for x, y in zip(a, b)) / len(socks) / dt
+
+def run(n):
+    with tempfile.TemporaryDirectory() as scraped, tempfile.TemporaryDirectory() as control:
+        guests = start_guests(scraped, n, "s") + start_guests(control, n, "c")
+        port = 19000 + n
+        exp = subprocess.Popen([VMM, "exporter", "--sockets", scraped, "--listen", f"127.0.0.1:{port}",
+                                "--scrape-timeout", "2000", "--vm-timeout", "1000"], stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/metrics"
+        scrape = lambda: urllib.request.urlopen(url, timeout=10).read()
+        scrape()
+        ticks0 = cpu_ticks(exp.pid); lat = []
+        for _ in range(100):
+            t = time.perf_counter(); body = scrape(); lat.append(time.perf_counter() - t)
+        ticks = cpu_ticks(exp.pid) - ticks0
+        lat.sort()
+        ss = [f"{scraped}/s{i}.sock" for i in range(n)]
+        cs = [f"{control}/c{i}.sock" for i in range(n)]
+        # Side by side over the same 20 s: the scraped group (once a second) and the control.
+        import threading
+        res = {}
+        th = threading.Thread(target=lambda: res.update(c=rates(cs, 20)))
+        th.start(); res["s"] = rates(ss, 20, during=scrape); th.join()
+        hz = os.sysconf("SC_CLK_TCK")
+        print(f"N={n}: scrape p50 {lat[49]*1e3:.1f} ms p99 {lat[98]*1e3:.1f} ms; "
+              f"exporter CPU {ticks / hz / 100 * 1e3:.1f} ms/scrape, peak RSS {hwm(exp.pid)/1024:.1f} MiB, "
+              f"answer {len(body)/1024:.0f} KiB; guest cycles/s scraped {res['s']/1e6:.1f} M, "
+              f"unscraped {res['c']/1e6:.1f} M ({(res['s']/res['c']-1)*100:+.1f}%)", flush=True)
+        exp.kill(); exp.wait()
+        for g in guests: g.kill(); g.wait()
+
+for n in [int(a) for a in sys.argv[1:]] or [1, 8, 32]:
+    run(n)

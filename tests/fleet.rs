@@ -1,5 +1,5 @@
 //! A host's fleet: `vmm run --name`, `vmm exporter` scraped by a real
-//! Prometheus (Debian's, from `scripts/ensure-prometheus.sh`), VMs that go
+//! Prometheus (Debian's, from `scripts/ensure-tool.sh prometheus`), VMs that go
 //! down or appear, hostile clients of the exporter, and `vmm top`.
 
 mod common;
@@ -180,12 +180,13 @@ fn names_are_checked_shown_in_the_log_and_in_get_vpmu() {
     assert!(named.stop().lines().any(|l| l == "vmm: VM web-1"));
 }
 
-/// Debian's Prometheus, installed by the project's script; `None` (the
-/// test skips with a message) where it cannot be installed, unless
-/// VMM_REQUIRE_KVM says this is CI.
-fn prometheus() -> Option<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ensure-prometheus.sh");
+/// A tool from Debian's packages (`prometheus`, `tmux`), installed by the
+/// project's script; `None` (the test skips with a message) where it
+/// cannot be installed, unless VMM_REQUIRE_KVM says this is CI.
+fn ensure_tool(tool: &str) -> Option<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ensure-tool.sh");
     let out = Command::new(script)
+        .arg(tool)
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
@@ -194,9 +195,9 @@ fn prometheus() -> Option<PathBuf> {
     }
     assert!(
         std::env::var_os("VMM_REQUIRE_KVM").is_none(),
-        "scripts/ensure-prometheus.sh failed and VMM_REQUIRE_KVM is set"
+        "scripts/ensure-tool.sh {tool} failed and VMM_REQUIRE_KVM is set"
     );
-    eprintln!("skipped: Prometheus is not installed and cannot be installed here");
+    eprintln!("skipped: {tool} is not installed and cannot be installed here");
     None
 }
 
@@ -297,7 +298,9 @@ fn unix_now() -> f64 {
 #[test]
 fn a_real_prometheus_sees_every_guests_counters_as_each_vm_reports_them() {
     require_kvm!();
-    let Some(binary) = prometheus() else { return };
+    let Some(binary) = ensure_tool("prometheus") else {
+        return;
+    };
     let _serial = common::timing_lock();
     let dir = tempfile::tempdir().unwrap();
     let names = ["web-1", "web-2", "db"];
@@ -549,12 +552,7 @@ fn tmux(server: &Path, args: &[&str]) -> std::process::Output {
 #[test]
 fn top_shows_every_vm_live_under_tmux_and_q_quits_with_0() {
     require_kvm!();
-    if Command::new("tmux").arg("-V").output().is_err() {
-        assert!(
-            std::env::var_os("VMM_REQUIRE_KVM").is_none(),
-            "tmux is missing"
-        );
-        eprintln!("skipped: no tmux");
+    if ensure_tool("tmux").is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

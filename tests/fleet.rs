@@ -322,7 +322,11 @@ fn a_real_prometheus_sees_every_guests_counters_as_each_vm_reports_them() {
         std::thread::sleep(Duration::from_millis(250));
     }
     std::thread::sleep(Duration::from_secs(2));
-    let window = 8.0;
+    // Prometheus stamps a sample when its scrape starts and extrapolates
+    // `increase` to the window's ends; the VMs' own readings come a little
+    // later. A long window keeps that jitter (0.5 s seen at load 6-9 on two
+    // cores: 5.9% of an 8 s window) well inside the 5% bound.
+    let window = 20.0;
     let (t0, before) = (
         unix_now(),
         guests.iter().map(Guest::cycles).collect::<Vec<_>>(),

@@ -4,6 +4,12 @@
 //! operations the vPMU context switch hangs off (`PUT /vm/pause`,
 //! `PUT /vm/resume`). [`documents`] defines the JSON answers for both ends;
 //! [`client`] is the other end, for `vmm stat` and `vmm profile`.
+//!
+//! Owns: the HTTP/1.1 server and its bounds ([`http`]), the socket
+//! ([`socket`]), the documents, the Prometheus text ([`metrics`]) and the
+//! client. May use `vcpu` (pause, resume, kicks through `VmControl`), `pmu`
+//! (the export it reads) and `profile` (the sessions it serves); knows
+//! nothing of how the VM is built or of the command line.
 
 pub mod client;
 pub mod documents;

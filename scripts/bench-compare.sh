@@ -34,8 +34,16 @@ python3 - "$OUT" "$ROUNDS" "${rev:0:10}" <<'PY'
 import re, statistics, sys
 out, rounds, rev = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 def rows(path):
-    got = {}
+    """The figures table: from its header row to the first line after it
+    that is not a table row (Figure 5's growth table follows, in other
+    columns)."""
+    got, started = {}, False
     for line in open(path):
+        if not line.startswith("|"):
+            if started:
+                break
+            continue
+        started = True
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) < 4 or not cells[0] or cells[0] in ("#", "---"):
             continue

@@ -22,7 +22,7 @@ pub struct VmControl {
     ending: AtomicBool,
     /// vCPU threads, by index, while they run: where kicks go.
     threads: Mutex<Vec<Option<libc::pthread_t>>>,
-    // vCPUs held off the CPU by a pause.
+    /// vCPUs held off the CPU by a pause.
     held: Mutex<usize>,
     held_changed: Condvar,
     outcome: Mutex<Option<Outcome>>,

@@ -116,8 +116,8 @@ fn rdmsr(exit: ReadMsrExit<'_>, parts: &mut ExitParts) -> Step {
 /// A guest WRMSR the MSR filter sent here: the observer's own MSR goes to
 /// the observer, any other to the vPMU, and a fault (or no vPMU) is a #GP.
 fn wrmsr(exit: WriteMsrExit<'_>, parts: &mut ExitParts) -> Step {
-    let pmis = parts.msrs.as_ref().map_or(0, |m| m.pmis_delivered());
     if let Some(observer) = parts.observer.as_mut().filter(|o| o.owns_msr(exit.index)) {
+        let pmis = parts.msrs.as_ref().map_or(0, |m| m.pmis_delivered());
         observer.msr_written(exit.data, parts.exits, pmis);
         return Step::Enter;
     }

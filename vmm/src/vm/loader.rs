@@ -76,8 +76,6 @@ pub enum LoadError {
     Signalled(i32),
 }
 
-pub use crate::files::file_kind;
-
 /// Reads `path`, which must be a regular file of at most `max` bytes
 /// ([`files::open_regular`], [`files::read_capped`]: checked before and
 /// after the open, opened non-blocking, read to at most `max` bytes even if

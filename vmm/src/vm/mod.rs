@@ -204,7 +204,7 @@ fn open_serial_file(path: &Path) -> Result<File, StartError> {
         StartError::Config(format!(
             "--serial file:{} is {}; it must be a regular file or a character device",
             path.display(),
-            loader::file_kind(kind)
+            crate::files::file_kind(kind)
         ))
     };
     let acceptable = |kind: &std::fs::FileType| kind.is_file() || kind.is_char_device();
@@ -334,7 +334,7 @@ fn load_guest(
         Some(path) => KernelSource::File(path),
         None => KernelSource::Embedded {
             name: "built-in probe guest",
-            bytes: crate::vm::probe_image::PROBE_ELF,
+            bytes: probe_image::PROBE_ELF,
         },
     };
     let kernel = loader::load_kernel(memory, mem_size, source)?;

@@ -10,8 +10,12 @@
 //! client trickles its bytes. When all [`MAX_CONNECTIONS`] slots are taken,
 //! a new client takes the slot of the one that has waited longest for its
 //! request, if that has waited [`EVICT_AFTER`] or more (a slow or idle
-//! client); otherwise it gets 503. So slow clients can never lock a prompt
-//! one out. Out of file descriptors, a client is still answered 503
+//! client). Newcomers that find no slot wait in a first-come line (at most
+//! [`MAX_WAITING`], each for at most [`LINE_WAIT`], then 503): slow clients
+//! that reconnect at once after every eviction would otherwise win every
+//! slot as it comes free, since a prompt client looks like any other until
+//! it has sent its request. So slow clients can never lock a prompt one
+//! out. Out of file descriptors, a client is still answered 503
 //! (through a descriptor held in reserve) and the accept loop never spins.
 
 use devices::sync::Recover;
@@ -37,6 +41,10 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 /// A client that has waited this long without a complete request loses its
 /// slot to a new client when every slot is taken.
 pub const EVICT_AFTER: Duration = Duration::from_millis(500);
+/// Newcomers that may wait in line for a slot; more are answered 503.
+pub const MAX_WAITING: usize = 64;
+/// Longest a newcomer waits in line for a slot before it is answered 503.
+pub const LINE_WAIT: Duration = Duration::from_secs(1);
 /// When the server stops, answers being made or written get this long to
 /// go out (a profile cut short by the VM's end is still answered).
 pub const FINISH_ANSWERS: Duration = Duration::from_secs(3);
@@ -512,6 +520,41 @@ impl Drop for Server {
     }
 }
 
+/// Gives slots to the clients in `line`, first come first served, and
+/// answers 503 to those that have waited [`LINE_WAIT`].
+fn seat_the_line<S: Stream>(
+    line: &mut std::collections::VecDeque<(S, Instant)>,
+    handler: &Arc<Handler<S>>,
+    slots: &Arc<Slots<S>>,
+) {
+    while let Some((stream, _)) = line.front() {
+        let Some(id) = slots.admit(stream) else {
+            break;
+        };
+        let Some((mut stream, _)) = line.pop_front() else {
+            break;
+        };
+        let (handler, done) = (handler.clone(), slots.clone());
+        let spawned = std::thread::Builder::new()
+            .name("api-conn".into())
+            .spawn(move || {
+                serve_in_slot(&mut stream, &*handler, Some((&done, id)));
+                done.release(id);
+            });
+        if spawned.is_err() {
+            slots.release(id);
+        }
+    }
+    while line
+        .front()
+        .is_some_and(|(_, since)| since.elapsed() >= LINE_WAIT)
+    {
+        if let Some((stream, _)) = line.pop_front() {
+            refuse(stream, "too many connections");
+        }
+    }
+}
+
 /// Waits for `fd` to be readable for at most `ms` milliseconds.
 fn poll_readable(fd: i32, ms: i32) -> bool {
     let mut pfd = libc::pollfd {
@@ -582,11 +625,16 @@ fn accept_loop<L: Listener>(
     slots: Arc<Slots<L::Stream>>,
 ) {
     let mut reserve = Reserve::take();
+    let mut line = std::collections::VecDeque::<(L::Stream, Instant)>::new();
     while !stop.load(Ordering::SeqCst) {
-        if !poll_readable(listener.as_raw_fd(), 100) {
+        seat_the_line(&mut line, &handler, &slots);
+        // With clients in line, look again soon: a slot comes free (or
+        // becomes evictable) without the listener saying so.
+        let wait_ms = if line.is_empty() { 100 } else { 10 };
+        if !poll_readable(listener.as_raw_fd(), wait_ms) {
             continue;
         }
-        let mut stream = match listener.accept_stream() {
+        let stream = match listener.accept_stream() {
             Ok(stream) => stream,
             Err(e) if out_of_descriptors(&e) => {
                 reserve.shed(&listener);
@@ -599,20 +647,14 @@ fn accept_loop<L: Listener>(
                 continue;
             }
         };
-        let Some(id) = slots.admit(&stream) else {
+        if line.len() >= MAX_WAITING {
             refuse(stream, "too many connections");
-            continue;
-        };
-        let (handler, done) = (handler.clone(), slots.clone());
-        let spawned = std::thread::Builder::new()
-            .name("api-conn".into())
-            .spawn(move || {
-                serve_in_slot(&mut stream, &*handler, Some((&done, id)));
-                done.release(id);
-            });
-        if spawned.is_err() {
-            slots.release(id);
+        } else {
+            line.push_back((stream, Instant::now()));
         }
+    }
+    for (stream, _) in line {
+        refuse(stream, "the VMM is stopping");
     }
     let until = Instant::now() + FINISH_ANSWERS;
     while slots.answering() && Instant::now() < until {
@@ -717,5 +759,39 @@ mod tests {
             .unwrap();
         assert_eq!(held[1].0.read(&mut byte).unwrap(), 0);
         assert!(slots.lock().iter().all(|s| s.id != ids[1]));
+    }
+
+    #[test]
+    fn newcomers_wait_in_line_first_come_first_served_then_get_503() {
+        let slots = Arc::new(Slots::<UnixStream>::default());
+        let handler: Arc<Handler> =
+            Arc::new(|_: &Request, _: &UnixStream| Response::text(200, "text/plain", "ok".into()));
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let (a, b) = UnixStream::pair().unwrap();
+            slots.admit(&b).unwrap();
+            held.push((a, b));
+        }
+        let mut line = std::collections::VecDeque::new();
+        let (mut late, late_server) = UnixStream::pair().unwrap();
+        let (mut next, next_server) = UnixStream::pair().unwrap();
+        line.push_back((late_server, Instant::now() - LINE_WAIT));
+        line.push_back((next_server, Instant::now()));
+        // No slot: the one that waited its time is refused, the next waits.
+        seat_the_line(&mut line, &handler, &slots);
+        assert_eq!(line.len(), 1);
+        let mut answer = String::new();
+        late.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        // A slot comes free: the next in line gets it and is served.
+        let first = slots.lock()[0].id;
+        slots.release(first);
+        seat_the_line(&mut line, &handler, &slots);
+        assert!(line.is_empty());
+        next.write_all(b"GET /vpmu HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        next.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
 }

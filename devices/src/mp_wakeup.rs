@@ -25,6 +25,7 @@
 
 use std::collections::BTreeSet;
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::BusDevice;
@@ -79,6 +80,16 @@ pub enum CommandOutcome {
     Reserved(u16),
 }
 
+/// What a snapshot keeps of the mailbox: the OS section as the guest left
+/// it, the APs still parked and the counts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxSnapshot {
+    pub os_section: Vec<u8>,
+    pub parked: Vec<u32>,
+    pub started: u32,
+    pub rejected: u32,
+}
+
 /// The mailbox page and the APs still parked on it.
 pub struct MpWakeupMailbox {
     os: [u8; OS_SECTION_END],
@@ -98,6 +109,36 @@ impl MpWakeupMailbox {
             started: 0,
             rejected: 0,
         }
+    }
+
+    /// The mailbox's state, for a snapshot.
+    pub fn save(&self) -> MailboxSnapshot {
+        MailboxSnapshot {
+            os_section: self.os.to_vec(),
+            parked: self.parked.iter().copied().collect(),
+            started: self.started,
+            rejected: self.rejected,
+        }
+    }
+
+    /// A mailbox in a saved state, whose parked APs must be among
+    /// `apic_ids`; `None` for a state no mailbox of these APs can have.
+    pub fn restored(
+        saved: &MailboxSnapshot,
+        apic_ids: &[u32],
+        starter: Box<dyn ApStarter>,
+    ) -> Option<Self> {
+        let os = <[u8; OS_SECTION_END]>::try_from(saved.os_section.as_slice()).ok()?;
+        if !saved.parked.iter().all(|id| apic_ids.contains(id)) {
+            return None;
+        }
+        Some(Self {
+            os,
+            parked: saved.parked.iter().copied().collect(),
+            starter,
+            started: saved.started,
+            rejected: saved.rejected,
+        })
     }
 
     /// APs started so far.

@@ -10,6 +10,8 @@
 use std::collections::VecDeque;
 use std::io::{self, Write};
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -27,6 +29,9 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// The UART's receive FIFO (16550).
+const UART_FIFO: usize = 64;
+
 /// Host input kept for the guest at most (beyond the UART's own 64-byte
 /// FIFO); more is dropped.
 pub const INPUT_BUFFER: usize = 64 * 1024;
@@ -34,9 +39,29 @@ pub const INPUT_BUFFER: usize = 64 * 1024;
 /// Where the guest's serial output goes.
 pub type SerialOutput = Box<dyn Write + Send>;
 
+/// What a snapshot keeps of the UART: its registers, its receive FIFO and
+/// the host input not yet in the FIFO (nothing typed is lost).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    pub registers: [u8; 9],
+    pub fifo: Vec<u8>,
+    pub pending_input: Vec<u8>,
+}
+
+/// Why a saved UART cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialSnapshotError {
+    #[error("cannot restore the serial port: {0}")]
+    Io(#[from] io::Error),
+    #[error("the serial FIFO holds {0} bytes, more than the UART's 64")]
+    FifoTooLong(usize),
+    #[error("the serial input buffer holds {0} bytes, more than {INPUT_BUFFER}")]
+    InputTooLong(usize),
+}
+
 /// COM1 as a port I/O device.
 pub struct SerialDevice {
-    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, SerialOutput>,
+    uart: Serial<IrqTrigger, NoEvents, SerialOutput>,
     pending_input: VecDeque<u8>,
     input_dropped: u64,
 }
@@ -76,6 +101,61 @@ impl SerialDevice {
     /// Bytes of host input not yet in the guest's FIFO.
     pub fn pending_input(&self) -> usize {
         self.pending_input.len()
+    }
+
+    /// The UART's state, for a snapshot.
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            fifo: s.in_buffer,
+            pending_input: self.pending_input.iter().copied().collect(),
+        }
+    }
+
+    /// Puts the UART in a saved state; its output keeps going where it
+    /// went, on the same interrupt. Checked first: a saved state out of
+    /// bounds changes nothing. Only before the guest runs (a restore).
+    pub fn restore(&mut self, saved: &SerialSnapshot) -> Result<(), SerialSnapshotError> {
+        if saved.fifo.len() > UART_FIFO {
+            return Err(SerialSnapshotError::FifoTooLong(saved.fifo.len()));
+        }
+        if saved.pending_input.len() > INPUT_BUFFER {
+            return Err(SerialSnapshotError::InputTooLong(saved.pending_input.len()));
+        }
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            saved.registers;
+        let state = SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: saved.fifo.clone(),
+        };
+        let irq = &self.uart.interrupt_evt().0;
+        let (for_placeholder, for_uart) = (irq.try_clone()?, irq.try_clone()?);
+        // The output sink moves from the old UART to the restored one.
+        let placeholder = Serial::new(IrqTrigger(for_placeholder), Box::new(io::sink()) as _);
+        let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        self.uart = Serial::from_state(&state, IrqTrigger(for_uart), NoEvents, out)
+            .map_err(|e| SerialSnapshotError::Io(io::Error::other(format!("{e:?}"))))?;
+        self.pending_input = saved.pending_input.iter().copied().collect();
+        Ok(())
     }
 
     fn feed_input(&mut self) {
@@ -177,5 +257,35 @@ mod tests {
         assert_eq!(b[0], b'y');
         assert!(!dev.input_full());
         assert_eq!(dev.queue_input(b"z"), 1);
+    }
+
+    #[test]
+    fn a_restored_uart_has_the_saved_registers_fifo_and_input_and_the_same_output() {
+        let out = Shared::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq, Box::new(out.clone()));
+        dev.write(3, &[0x03]); // LCR: 8 bits
+        dev.write(7, &[0x5a]); // scratch
+        dev.queue_input(&[b'k'; 100]);
+        let saved = dev.save();
+        assert_eq!(saved.fifo.len(), 64);
+        assert_eq!(saved.pending_input.len(), 36);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut other = SerialDevice::new(irq, Box::new(out.clone()));
+        other.restore(&saved).unwrap();
+        assert_eq!(other.save(), saved);
+        let mut scratch = [0];
+        other.read(7, &mut scratch);
+        assert_eq!(scratch[0], 0x5a);
+        other.write(0, b"!");
+        assert_eq!(&*out.0.lock().unwrap(), b"!");
+        // Out of bounds: refused, nothing changed.
+        let mut bad = saved.clone();
+        bad.fifo = vec![0; 65];
+        assert!(other.restore(&bad).is_err());
+        bad = saved.clone();
+        bad.pending_input = vec![0; INPUT_BUFFER + 1];
+        assert!(other.restore(&bad).is_err());
+        assert_eq!(other.save(), saved);
     }
 }

@@ -40,7 +40,7 @@ pub enum ClientError {
     #[error("--api-socket {0}: the VMM's API is busy: it answered {1} (all its connections are taken; try again)")]
     Busy(PathBuf, String),
     /// The API answered with an error of its own (a JSON `error`).
-    #[error("GET {uri} answered {status}: {message}")]
+    #[error("{uri} answered {status}: {message}")]
     Refused {
         uri: String,
         status: u16,
@@ -113,6 +113,29 @@ pub fn get_bounded(
     timeout: Duration,
     max: usize,
 ) -> Result<Vec<u8>, ClientError> {
+    exchange(socket, "GET", uri, None, timeout, max)
+}
+
+/// `PUT uri` with a JSON `body`, as [`get`] does a `GET`.
+pub fn put(
+    socket: &Path,
+    uri: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>, ClientError> {
+    exchange(socket, "PUT", uri, Some(body), timeout, MAX_RESPONSE)
+}
+
+/// One request (`body`: a JSON document) and its answer, the whole exchange
+/// bounded by `timeout`; the body of a `200` answer of at most `max` bytes.
+fn exchange(
+    socket: &Path,
+    method: &str,
+    uri: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+    max: usize,
+) -> Result<Vec<u8>, ClientError> {
     check_socket(socket)?;
     let deadline = Instant::now() + timeout;
     let not_vmm = |why: String| ClientError::NotVmm(socket.to_path_buf(), why);
@@ -124,8 +147,17 @@ pub fn get_bounded(
     // A server with no free connection answers 503 and closes at once,
     // maybe before our request is written or read: the write can fail and
     // the read end in a reset, after the answer. Keep what came.
-    let request = format!("GET {uri} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n");
-    let written = write_by(&mut stream, request.as_bytes(), deadline);
+    let mut request = format!("{method} {uri} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n");
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("\r\n");
+    let mut request = request.into_bytes();
+    request.extend_from_slice(body.unwrap_or_default());
+    let written = write_by(&mut stream, &request, deadline);
     let mut raw = Vec::new();
     let read = read_answer(&mut stream, &mut raw, max, deadline);
     if let Some(busy) = busy_status(&raw) {
@@ -144,11 +176,11 @@ pub fn get_bounded(
                 .and_then(|v| v["error"].as_str().map(String::from));
             match message {
                 Some(message) => Err(ClientError::Refused {
-                    uri: uri.to_string(),
+                    uri: format!("{method} {uri}"),
                     status,
                     message,
                 }),
-                None => Err(not_vmm(format!("GET {uri} answered {status_line:?}"))),
+                None => Err(not_vmm(format!("{method} {uri} answered {status_line:?}"))),
             }
         }
         Err(Answer::Broken(why)) => Err(not_vmm(why)),

@@ -145,6 +145,40 @@ pub struct PauseDoc {
     pub all_vcpus_parked: Option<bool>,
 }
 
+/// `PUT /vm/snapshot`'s body: where to write the snapshot (an absolute
+/// path), whether an existing file may be replaced, and whether the VM runs
+/// on afterwards (else it stays paused).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    pub path: std::path::PathBuf,
+    #[serde(default)]
+    pub overwrite: bool,
+    #[serde(default = "yes")]
+    pub resume: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `PUT /vm/snapshot`'s answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotDoc {
+    pub path: std::path::PathBuf,
+    /// The file's size (zero pages are holes: it takes less on disk).
+    pub bytes: u64,
+    /// Bytes of guest memory that hold data (written).
+    pub memory_data_bytes: u64,
+    /// vCPUs saved running, and parked (never started by the guest).
+    pub vcpus_running: usize,
+    pub vcpus_parked: usize,
+    /// How long the guest was held (pause, save, write).
+    pub paused_ms: f64,
+    /// Whether the VM runs again (else it is paused).
+    pub resumed: bool,
+}
+
 /// A counter's name: `gp0`, `fixed1`.
 pub fn counter_label(c: &CounterSnapshot) -> String {
     match c.kind {

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 /// Largest request head (request line and headers).
 pub const MAX_HEAD: usize = 16 * 1024;
-/// Largest request body (the API takes none; small ones are read and
-/// ignored).
+/// Largest request body (only `PUT /vm/snapshot` takes one, a small JSON
+/// document).
 pub const MAX_BODY: usize = 4 * 1024;
 /// Connections served at once; more are answered 503 and closed (unless
 /// they can take a slow client's slot).
@@ -117,6 +117,7 @@ impl Listener for TcpListener {
 pub struct Request {
     pub method: String,
     pub path: String,
+    pub body: Vec<u8>,
 }
 
 /// A response to send.
@@ -286,7 +287,7 @@ fn read_request(stream: &mut impl Stream, buf: &mut Vec<u8>, deadline: Instant) 
                         return ReadOutcome::Reject(Response::error(400, "bad Content-Length"))
                     }
                 };
-                // Read (and drop) the body so that the next request starts
+                // Read the body, so that the next request starts
                 // where it should.
                 while buf.len() < head_len + body_len {
                     match read_some(stream, &mut chunk, deadline) {
@@ -294,8 +295,9 @@ fn read_request(stream: &mut impl Stream, buf: &mut Vec<u8>, deadline: Instant) 
                         Some(n) => buf.extend_from_slice(&chunk[..n]),
                     }
                 }
+                let body = buf[head_len..head_len + body_len].to_vec();
                 buf.drain(..head_len + body_len);
-                return ReadOutcome::Request(Request { method, path }, close);
+                return ReadOutcome::Request(Request { method, path, body }, close);
             }
             Ok(httparse::Status::Partial) => {
                 if buf.len() >= MAX_HEAD {

@@ -2,7 +2,8 @@
 //! (`GET /vpmu`) and Prometheus text (`GET /metrics`), a profile of where
 //! the guest spends its time (`GET /profile`), and the VM-level
 //! operations the vPMU context switch hangs off (`PUT /vm/pause`,
-//! `PUT /vm/resume`). [`documents`] defines the JSON answers for both ends;
+//! `PUT /vm/resume`), and snapshots (`PUT /vm/snapshot`, through the
+//! [`Snapshots`] the VM gives it). [`documents`] defines the JSON answers for both ends;
 //! [`client`] is the other end, for `vmm stat` and `vmm profile`.
 //!
 //! Owns: the HTTP/1.1 server and its bounds ([`http`]), the socket
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant};
 use crate::pmu::export::{Export, VcpuView};
 use crate::profile::{self, Hub, ProfileError};
 use crate::vcpu::control::VmControl;
-use documents::{PauseDoc, VpmuDoc};
+use documents::{PauseDoc, SnapshotDoc, SnapshotRequest, VpmuDoc};
 use http::{Request, Response};
 pub use name::{NameError, VmName, MAX_NAME};
 pub use socket::{bind, SocketError};
@@ -39,12 +40,32 @@ const FRESH_ENOUGH: Duration = Duration::from_millis(10);
 /// How long a pause waits for every vCPU to leave the CPU.
 const PAUSE_WAIT: Duration = Duration::from_secs(2);
 
+/// Why a snapshot was not taken, by whose fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotFailure {
+    /// The request cannot be done (bad path, file exists): 400.
+    #[error("{0}")]
+    Request(String),
+    /// Not now (another snapshot, the VM stopping or between boots): 409.
+    #[error("{0}")]
+    Conflict(String),
+    /// The host failed (KVM, the file system): 500.
+    #[error("{0}")]
+    Host(String),
+}
+
+/// Takes snapshots of the running VM (implemented where the VM is built).
+pub trait Snapshots: Send + Sync {
+    fn take(&self, request: &SnapshotRequest) -> Result<SnapshotDoc, SnapshotFailure>;
+}
+
 /// Answers API requests for one VM.
 pub struct Api {
     name: VmName,
     export: Arc<Export>,
     control: Arc<VmControl>,
     profiles: Arc<Hub>,
+    snapshots: Option<Arc<dyn Snapshots>>,
 }
 
 impl Api {
@@ -59,7 +80,14 @@ impl Api {
             export,
             control,
             profiles,
+            snapshots: None,
         }
+    }
+
+    /// Serves `PUT /vm/snapshot` with `snapshots`.
+    pub fn with_snapshots(mut self, snapshots: Arc<dyn Snapshots>) -> Self {
+        self.snapshots = Some(snapshots);
+        self
     }
 
     pub fn handle(&self, request: &Request) -> Response {
@@ -82,8 +110,9 @@ impl Api {
             ("GET", "/profile") => self.profile(query, &|| peer.is_some_and(client_gone)),
             ("PUT", "/vm/pause") => self.pause(),
             ("PUT", "/vm/resume") => self.resume(),
+            ("PUT", "/vm/snapshot") => self.snapshot(&request.body),
             (_, "/vpmu" | "/metrics" | "/profile") => Response::error(405, "use GET"),
-            (_, "/vm/pause" | "/vm/resume") => Response::error(405, "use PUT"),
+            (_, "/vm/pause" | "/vm/resume" | "/vm/snapshot") => Response::error(405, "use PUT"),
             _ => Response::error(404, &format!("no such resource: {path}")),
         }
     }
@@ -138,6 +167,28 @@ impl Api {
             all_vcpus_parked: None,
         };
         Response::document(200, &resumed, "the resume answer")
+    }
+
+    /// Writes a snapshot of the VM where the body says.
+    fn snapshot(&self, body: &[u8]) -> Response {
+        let Some(snapshots) = &self.snapshots else {
+            return Response::error(404, "this VM takes no snapshots");
+        };
+        let request: SnapshotRequest = match serde_json::from_slice(body) {
+            Ok(request) => request,
+            Err(e) => {
+                return Response::error(
+                    400,
+                    &format!("the body must be {{\"path\": \"/absolute/path\"}} ({e})"),
+                )
+            }
+        };
+        match snapshots.take(&request) {
+            Ok(doc) => Response::document(200, &doc, "the snapshot answer"),
+            Err(e @ SnapshotFailure::Request(_)) => Response::error(400, &e.to_string()),
+            Err(e @ SnapshotFailure::Conflict(_)) => Response::error(409, &e.to_string()),
+            Err(e @ SnapshotFailure::Host(_)) => Response::error(500, &e.to_string()),
+        }
     }
 
     /// The latest view of every vCPU, asking stale ones to republish (a

@@ -10,6 +10,7 @@
 
 pub mod exporter;
 pub mod profile;
+pub mod snapshot;
 pub mod stat;
 pub mod top;
 mod values;
@@ -81,6 +82,34 @@ enum Command {
     /// cycles per second per vCPU, PMIs and PMU MSR exits per second,
     /// backing, state (q quits; n, c, p, e sort).
     Top(TopArgs),
+    /// Save a running VM (guest memory, vCPUs, devices, its vPMU with every
+    /// counter) to a file, through its --api-socket; `vmm run --restore
+    /// FILE` continues it, here or in any number of other VMMs.
+    #[command(after_help = SNAPSHOT_EXIT_CODES)]
+    Snapshot(SnapshotArgs),
+}
+
+const SNAPSHOT_EXIT_CODES: &str = "\
+Exit codes:
+  0  the snapshot was written (the summary is printed)
+  1  the VM could not take it (stopping, between boots, a host failure)
+  2  bad flags, no such socket, not a vmm API socket, or a path the VM
+     refuses (exists without --force, not a regular file, no directory)";
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// The API socket of the running vmm (its --api-socket).
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    /// Where to write the snapshot (a new file; the VMM writes it).
+    #[arg(value_name = "FILE")]
+    path: PathBuf,
+    /// Replace FILE if it exists (a regular file only).
+    #[arg(long)]
+    force: bool,
+    /// Leave the VM paused afterwards (resume it with PUT /vm/resume).
+    #[arg(long)]
+    stay_paused: bool,
 }
 
 #[derive(Debug, Args)]
@@ -266,8 +295,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "POLICY", default_value = "all")]
     vpmu_events: vpmu::EventPolicy,
     /// Serve the host-side API (GET /vpmu, GET /metrics, GET /profile,
-    /// PUT /vm/pause, PUT /vm/resume) on this Unix socket, created with mode
-    /// 0600.
+    /// PUT /vm/pause, PUT /vm/resume, PUT /vm/snapshot) on this Unix
+    /// socket, created with mode 0600.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
     /// The VM's name, in the log, in GET /vpmu and as the `vm` label of
@@ -289,6 +318,15 @@ pub struct RunArgs {
     /// events are unbacked (reported as such), and guest RDPMC faults.
     #[arg(long, value_name = "VENDOR", value_enum, default_value_t = CpuVendor::Host, hide_short_help = true)]
     cpu_vendor: CpuVendor,
+    /// Continue the VM saved in this snapshot (`vmm snapshot`) instead of
+    /// booting one: the machine (memory, vCPUs, CPU vendor, vPMU, kernel)
+    /// is the snapshot's, so only the host-side flags may be given with it
+    /// (--api-socket, --name, --serial, --timeout, --on-reset).
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "memory", "vcpus", "vpmu", "vpmu_gp_counters",
+        "vpmu_fixed_counters", "vpmu_version", "vpmu_events", "cpu_vendor",
+    ])]
+    restore: Option<PathBuf>,
     /// Stop the guest after this many seconds, over all reboots (exit code 3).
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, allow_negative_numbers = true)]
     timeout: Option<Duration>,
@@ -398,6 +436,9 @@ where
         Some(Command::Stat(stat)) => return stat::run(&stat.options()),
         Some(Command::Profile(args)) => return profile::run(&args.options()),
         Some(Command::Exporter(args)) => return exporter::run(&args.options()),
+        Some(Command::Snapshot(args)) => {
+            return snapshot::run(&args.api_socket, &args.path, args.force, !args.stay_paused)
+        }
         Some(Command::Top(args)) => {
             return top::run(&top::TopOptions {
                 sockets: args.sockets.clone(),
@@ -427,7 +468,20 @@ fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
     let config = args.config();
     #[cfg(feature = "bench")]
     crate::bench::prepare(&config.bench)?;
-    let vm = Vm::build(&config)?;
+    let vm = match &args.restore {
+        Some(path) => {
+            #[cfg(feature = "bench")]
+            if config.bench.msr.is_some() || config.bench.trace.is_some() {
+                return Err(StartError::Config(
+                    "--restore takes no benchmark flags".into(),
+                ));
+            }
+            let vm = Vm::restore(&config, path)?;
+            eprintln!("vmm: restored from {}", path.display());
+            vm
+        }
+        None => Vm::build(&config)?,
+    };
     eprintln!("vmm: VM {}", config.name);
     for note in &vm.pmu.notes {
         eprintln!("vmm: {note}");

@@ -260,10 +260,7 @@ pub fn plan(
         }
     }
     if let Err(why) = &host.hardware_events {
-        notes.push(format!(
-            "host perf cannot count the guest's events ({why}): core cycles are backed by task-clock, \
-             other events are unbacked and read as not counting"
-        ));
+        notes.push(no_hardware_note(why));
     }
 
     let facts = HostFacts {
@@ -279,6 +276,54 @@ pub fn plan(
     Ok(PmuPlan {
         model: Some(model),
         policy: opts.events.clone(),
+        rdpmc: host.rdpmc.clone(),
+        notes,
+        host_vendor: host.vendor,
+    })
+}
+
+/// What the vPMU does without host hardware events.
+fn no_hardware_note(why: &str) -> String {
+    format!(
+        "host perf cannot count the guest's events ({why}): core cycles are backed by task-clock, \
+         other events are unbacked and read as not counting"
+    )
+}
+
+/// The plan of a restored guest: the model it had (`None`: no PMU), which
+/// it keeps whatever this host is, backed as this host can (the same notes
+/// as at boot).
+pub fn plan_restored(
+    model: Option<PmuModel>,
+    policy: EventPolicy,
+    host: &HostPmu,
+) -> Result<PmuPlan, PlanError> {
+    let Some(model) = model else {
+        return Ok(PmuPlan {
+            model: None,
+            policy,
+            rdpmc: host.rdpmc.clone(),
+            notes: vec!["vPMU off, as in the snapshot: the guest sees no PMU".into()],
+            host_vendor: host.vendor,
+        });
+    };
+    if let Err(why) = &host.msr_exits {
+        return Err(PlanError::Unavailable(format!(
+            "the snapshot's guest has a vPMU, but {why}"
+        )));
+    }
+    model.validate()?;
+    let host = host.for_guest_vendor(model.vendor());
+    let mut notes = Vec::new();
+    if let Rdpmc::Unavailable(why) = &host.rdpmc {
+        notes.push(format!("guest RDPMC raises #GP: {why}"));
+    }
+    if let Err(why) = &host.hardware_events {
+        notes.push(no_hardware_note(why));
+    }
+    Ok(PmuPlan {
+        model: Some(model),
+        policy,
         rdpmc: host.rdpmc.clone(),
         notes,
         host_vendor: host.vendor,

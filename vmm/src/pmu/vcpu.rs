@@ -67,6 +67,17 @@ pub enum VcpuPmuError {
     Model(#[from] vpmu::ModelError),
 }
 
+/// What a snapshot keeps of a vCPU's vPMU: its registers and counters (the
+/// context), the totals the host has exported (ended contexts and the live
+/// counts), and how its PMIs were delivered. The host events behind it are
+/// not kept: a restore opens its own.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PmuState {
+    pub context: VpmuContext,
+    pub totals: EventTotals,
+    pub delivery: PmiDelivery,
+}
+
 /// A vCPU's vPMU and how it reaches KVM.
 pub struct VcpuPmu {
     vpmu: Vpmu<HostBackend>,
@@ -339,6 +350,31 @@ impl VcpuPmu {
         }
     }
 
+    /// The vPMU's state for a snapshot: the context saved when the vCPU was
+    /// taken off the CPU (else now), the totals as the export has them.
+    pub fn save_state(&mut self) -> PmuState {
+        let context = match &self.switched_out {
+            Some(context) => context.clone(),
+            None => self.vpmu.save(),
+        };
+        PmuState {
+            context,
+            totals: self.view(true).totals(),
+            delivery: self.delivery,
+        }
+    }
+
+    /// Continues from a saved state, on a vPMU built with the same model
+    /// and its totals as `carried`: counters resume from their saved values
+    /// and programming, on host events opened here as they run.
+    pub fn restore_state(&mut self, state: &PmuState) -> Result<(), vpmu::ContextError> {
+        self.vpmu.restore(&state.context)?;
+        self.delivery = state.delivery;
+        // What the restore closed is already in the carried totals.
+        let _ = self.vpmu.take_retired();
+        Ok(())
+    }
+
     /// Everything the export shows of this vPMU.
     pub fn snapshot(&mut self) -> VpmuSnapshot {
         self.vpmu.snapshot()
@@ -354,14 +390,23 @@ impl VcpuPmu {
         for notice in self.vpmu.take_notices() {
             eprintln!("vmm: vCPU {}: {notice}", self.apic_id);
         }
-        export.publish(VcpuView {
+        export.publish(self.view_of(vpmu, paused));
+    }
+
+    fn view(&mut self, paused: bool) -> VcpuView {
+        let vpmu = self.vpmu.snapshot();
+        self.view_of(vpmu, paused)
+    }
+
+    fn view_of(&self, vpmu: VpmuSnapshot, paused: bool) -> VcpuView {
+        VcpuView {
             index: self.apic_id,
             taken: Instant::now(),
             paused,
             vpmu,
             pmi_delivery: self.delivery,
             retired: self.retired.clone(),
-        });
+        }
     }
 }
 

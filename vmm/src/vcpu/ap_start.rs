@@ -39,6 +39,25 @@ impl ApGate {
         })
     }
 
+    /// A restored boot's gate: the vCPUs `parked` says are parked, the others
+    /// run.
+    pub fn restored(parked: &[bool]) -> Arc<Self> {
+        let slots = parked
+            .iter()
+            .map(|&p| if p { Slot::Parked } else { Slot::Running })
+            .collect();
+        Arc::new(Self {
+            state: Mutex::new((slots, false)),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// Whether vCPU `index` waits for its wakeup (a woken one that has not
+    /// taken its vector yet is no longer parked).
+    pub fn is_parked(&self, index: usize) -> bool {
+        self.lock().0.get(index) == Some(&Slot::Parked)
+    }
+
     /// The mailbox's handle on this gate.
     pub fn starter(self: &Arc<Self>) -> Box<dyn ApStarter> {
         Box::new(Starter(self.clone()))

@@ -8,6 +8,7 @@ use devices::sync::Recover;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vcpu::kick;
+use crate::vcpu::state::SavedVcpu;
 use crate::vcpu::Outcome;
 use crate::vcpu::VcpuReport;
 
@@ -33,7 +34,23 @@ pub struct VmControl {
     /// Written when an outcome is recorded, to wake the main loop.
     pub wake: EventFd,
     reports: Mutex<Vec<VcpuReport>>,
+    /// A snapshot's request to the held vCPUs, and what they saved.
+    capture: Mutex<Capture>,
+    captured: Condvar,
 }
+
+/// What a snapshot asks of the held vCPUs: each saves its own state (on its
+/// own thread, where its vPMU lives) into its slot.
+#[derive(Default)]
+struct Capture {
+    active: bool,
+    /// The MSRs each vCPU saves.
+    msrs: std::sync::Arc<Vec<u32>>,
+    saved: Vec<Option<Result<SavedVcpu, String>>>,
+}
+
+/// A held vCPU's answer to a capture: its state, or why it has none.
+pub type CaptureResult = Result<SavedVcpu, String>;
 
 impl VmControl {
     pub fn new(vcpus: usize) -> std::io::Result<Self> {
@@ -50,6 +67,8 @@ impl VmControl {
             resumed: Condvar::new(),
             wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             reports: Mutex::new(Vec::new()),
+            capture: Mutex::new(Capture::default()),
+            captured: Condvar::new(),
         })
     }
 
@@ -131,12 +150,66 @@ impl VmControl {
         self.pause_flag.load(Ordering::SeqCst)
     }
 
-    /// Blocks the calling vCPU thread while the VM is paused and not
-    /// stopping.
-    pub(crate) fn wait_while_paused(&self) {
+    /// Blocks the calling vCPU thread (vCPU `index`) while the VM is
+    /// paused and not stopping; meanwhile it saves its state with `save`
+    /// whenever a snapshot asks ([`VmControl::capture`]).
+    pub(crate) fn wait_while_paused(
+        &self,
+        index: usize,
+        mut save: impl FnMut(&[u32]) -> CaptureResult,
+    ) {
         self.count_held(1);
-        self.wait_for_resume();
+        while let Some(msrs) = self.wait_for_resume(index) {
+            let saved = save(&msrs);
+            let mut capture = self.capture.lock().recover();
+            if let Some(slot) = capture.saved.get_mut(index) {
+                *slot = Some(saved);
+            }
+            self.captured.notify_all();
+        }
         self.count_held(-1);
+    }
+
+    /// Asks the held vCPUs `vcpus` to save their state (saving `msrs`) and
+    /// waits up to `timeout` for them. The VM must be paused. `Err`: a
+    /// vCPU that could not save, or did not answer in time.
+    pub fn capture(
+        &self,
+        vcpus: &[usize],
+        msrs: Vec<u32>,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<(usize, SavedVcpu)>, String> {
+        {
+            // Under the pause lock: a held vCPU either sees the request or
+            // is already waiting for the notification.
+            let _paused = self.paused.lock().recover();
+            let mut capture = self.capture.lock().recover();
+            let count = self.threads.lock().recover().len();
+            *capture = Capture {
+                active: true,
+                msrs: std::sync::Arc::new(msrs),
+                saved: (0..count).map(|_| None).collect(),
+            };
+            self.resumed.notify_all();
+        }
+        let capture = self.capture.lock().recover();
+        let (mut capture, _) = self
+            .captured
+            .wait_timeout_while(capture, timeout, |c| {
+                vcpus.iter().any(|&i| matches!(c.saved.get(i), Some(None))) && !self.stopping()
+            })
+            .recover();
+        capture.active = false;
+        let mut saved = Vec::with_capacity(vcpus.len());
+        for &index in vcpus {
+            match capture.saved.get_mut(index).and_then(Option::take) {
+                Some(Ok(state)) => saved.push((index, state)),
+                Some(Err(e)) => return Err(format!("vCPU {index}: {e}")),
+                None if self.stopping() => return Err("the VM is stopping".into()),
+                None => return Err(format!("vCPU {index} did not stop in time")),
+            }
+        }
+        Ok(saved)
     }
 
     fn count_held(&self, delta: isize) {
@@ -145,11 +218,20 @@ impl VmControl {
         self.held_changed.notify_all();
     }
 
-    fn wait_for_resume(&self) {
+    /// Waits until the VM resumes or stops (`None`), or a capture wants
+    /// vCPU `index`'s state (the MSRs to save).
+    fn wait_for_resume(&self, index: usize) -> Option<std::sync::Arc<Vec<u32>>> {
         let mut paused = self.paused.lock().recover();
         while *paused && !self.stopping() {
+            {
+                let capture = self.capture.lock().recover();
+                if capture.active && matches!(capture.saved.get(index), Some(None)) {
+                    return Some(capture.msrs.clone());
+                }
+            }
             paused = self.resumed.wait(paused).recover();
         }
+        None
     }
 
     /// Called by a vCPU thread as it ends.
@@ -203,6 +285,10 @@ impl VmControl {
             self.resumed.notify_all();
         }
         self.notify_held_changed();
+        {
+            let _capture = self.capture.lock().recover();
+            self.captured.notify_all();
+        }
         // The eventfd cannot overflow in practice; a failed wake only delays
         // the main loop to its next timeout.
         let _ = self.wake.write(1);

@@ -17,6 +17,7 @@ mod hooks;
 pub mod kick;
 mod outcome;
 mod report;
+pub mod state;
 
 pub use hooks::{ExitObserver, GuestSampler, ObserverLog};
 pub use outcome::Outcome;
@@ -44,6 +45,8 @@ pub struct PmuSetup {
     pub export: Arc<Export>,
     /// The vCPU's counts from previous boots, merged into its totals.
     pub carried: Option<vpmu::EventTotals>,
+    /// A restore: the vPMU continues from this saved state.
+    pub restored: Option<crate::pmu::vcpu::PmuState>,
 }
 
 /// One vCPU, ready to run on its own thread.
@@ -180,6 +183,12 @@ impl Vcpu {
             vcpu: self.index,
             message: format!("cannot build its vPMU: {message}"),
         })?;
+        if let Some(saved) = &setup.restored {
+            pmu.restore_state(saved).map_err(|e| Outcome::VcpuError {
+                vcpu: self.index,
+                message: format!("cannot restore its vPMU: {e}"),
+            })?;
+        }
         pmu.trace_pmis = self.observer.as_ref().is_some_and(|o| o.traces_pmis());
         self.pmu = Some(pmu);
         self.export = Some(setup.export);
@@ -278,12 +287,21 @@ impl Vcpu {
             pmu.switch_out();
         }
         self.publish(true);
-        self.control.wait_while_paused();
+        let control = self.control.clone();
+        control.wait_while_paused(usize::from(self.index), |msrs| self.save(msrs));
         if let Some(pmu) = &mut self.pmu {
             pmu.switch_in();
         }
         // Readers serve a paused view as it is: replace it now.
         self.publish(false);
+    }
+
+    /// This vCPU's state for a snapshot (it is held off the CPU).
+    fn save(&mut self, msrs: &[u32]) -> control::CaptureResult {
+        Ok(state::SavedVcpu {
+            kvm: state::VcpuState::capture(&self.fd, msrs).map_err(|e| e.to_string())?,
+            pmu: self.pmu.as_mut().map(|p| p.save_state()),
+        })
     }
 
     /// Enters the guest once and hands the exit to [`handle_exit`]. The

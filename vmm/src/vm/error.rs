@@ -56,6 +56,10 @@ pub enum StartError {
     Mptable(#[from] MptableError),
     #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
     Memory { mib: u64, reason: String },
+    /// `--restore`: a snapshot that cannot be restored here (exit 2, before
+    /// the guest runs).
+    #[error("--restore {path}: {reason}")]
+    Snapshot { path: String, reason: String },
     #[error("{what}: {source}")]
     Io {
         what: String,

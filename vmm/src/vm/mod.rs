@@ -18,6 +18,7 @@ pub mod loader;
 pub mod probe_image;
 mod reboot_log;
 pub mod signals;
+pub mod snapshot;
 
 pub use config::VmConfig;
 pub use error::StartError;
@@ -78,10 +79,11 @@ struct Boot {
     vcpus: Vec<Vcpu>,
     /// Where the secondary vCPUs wait for their wakeup.
     gate: Arc<ApGate>,
-    kernel_kind: ImageKind,
-    // Kept alive for as long as the vCPUs run.
-    _memory: GuestMemoryMmap,
-    _vm_fd: Arc<VmFd>,
+    /// `None` for a restored boot (nothing was loaded).
+    kernel_kind: Option<ImageKind>,
+    /// What a snapshot reads of the boot (and what keeps its memory and VM
+    /// alive while the vCPUs run).
+    parts: snapshot::BootParts,
 }
 
 /// A built VM, ready to run. What outlives a guest reboot lives here: the
@@ -106,6 +108,8 @@ pub struct Vm {
     /// The profiles the API runs (`GET /profile`), across reboots.
     profiles: Arc<Hub>,
     api_socket: Option<api::socket::BoundSocket>,
+    /// Takes the API's snapshots.
+    snapshots: Arc<snapshot::Snapshotter>,
 }
 
 /// Checks that the flags describe a VM this host can build, before anything
@@ -163,6 +167,12 @@ fn create_memory(vm_fd: &VmFd, mib: u64) -> Result<GuestMemoryMmap, StartError> 
         mib,
         reason: e.to_string(),
     })?;
+    register_memory(vm_fd, &memory)?;
+    Ok(memory)
+}
+
+/// Gives KVM the guest's memory, one slot per region.
+fn register_memory(vm_fd: &VmFd, memory: &GuestMemoryMmap) -> Result<(), StartError> {
     for (slot, region) in memory.iter().enumerate() {
         let mem_region = kvm_userspace_memory_region {
             slot: slot as u32,
@@ -176,7 +186,7 @@ fn create_memory(vm_fd: &VmFd, mib: u64) -> Result<GuestMemoryMmap, StartError> 
         unsafe { vm_fd.set_user_memory_region(mem_region) }
             .map_err(StartError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
     }
-    Ok(memory)
+    Ok(())
 }
 
 /// The descriptor the console writer writes the guest's output to: our own
@@ -452,22 +462,62 @@ fn configure_vcpu(
     Ok(())
 }
 
+/// What every vCPU of a boot shares.
+struct VcpuParts<'a> {
+    vm_fd: &'a Arc<VmFd>,
+    bus: &'a Arc<PioBus>,
+    mmio: &'a Arc<MmioBus>,
+    memory: &'a GuestMemoryMmap,
+    tsc_khz: u32,
+}
+
+/// The MSRs a snapshot saves of each vCPU: those KVM lists as worth saving,
+/// less the vPMU's (the vPMU saves its own; KVM never sees them).
+fn saved_msrs(kvm: &Kvm, plan: &PmuPlan) -> Vec<u32> {
+    let ranges = plan
+        .model
+        .as_ref()
+        .map(|m| m.msr_ranges())
+        .unwrap_or_default();
+    let owned = |index: u32| {
+        ranges
+            .iter()
+            .any(|r| index >= r.base && index - r.base < r.count)
+    };
+    kvm.get_msr_index_list()
+        .map(|list| {
+            list.as_slice()
+                .iter()
+                .copied()
+                .filter(|&i| !owned(i))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The MMIO devices of a boot: the MP wakeup mailbox, through which the
 /// guest starts the secondary vCPUs parked at `gate`.
-fn create_mmio(num_vcpus: u8, gate: &Arc<ApGate>) -> Result<Arc<MmioBus>, StartError> {
+/// `mailbox`: the mailbox of an SMP guest (else none).
+fn create_mmio(mailbox: Option<&Arc<Mutex<MpWakeupMailbox>>>) -> Result<Arc<MmioBus>, StartError> {
     let mut mmio = MmioBus::new();
-    if num_vcpus > 1 {
-        let mailbox = MpWakeupMailbox::new(
-            (1..u32::from(num_vcpus)).collect::<Vec<_>>(),
-            gate.starter(),
-        );
+    if let Some(mailbox) = mailbox {
         mmio.insert(
-            Arc::new(Mutex::new(mailbox)),
+            mailbox.clone(),
             layout::MP_WAKEUP_MAILBOX,
             devices::mp_wakeup::MAILBOX_SIZE,
         )?;
     }
     Ok(Arc::new(mmio))
+}
+
+/// A fresh boot's mailbox, on which the secondary vCPUs of `gate` wait.
+fn new_mailbox(num_vcpus: u8, gate: &Arc<ApGate>) -> Option<Arc<Mutex<MpWakeupMailbox>>> {
+    (num_vcpus > 1).then(|| {
+        Arc::new(Mutex::new(MpWakeupMailbox::new(
+            (1..u32::from(num_vcpus)).collect::<Vec<_>>(),
+            gate.starter(),
+        )))
+    })
 }
 
 impl Vm {
@@ -500,14 +550,38 @@ impl Vm {
         )?);
         cpuid::hide_kvm_hypercalls(supported.as_mut_slice());
         let vcpu_cpuid = pmu_cpuid(&supported, &plan)?;
+        let saved = snapshot::SavedConfig {
+            memory_mib: config.memory_mib,
+            vcpus: config.vcpus,
+            cpu_vendor: guest_vendor,
+            pmu_model: plan.model.clone(),
+            pmu_policy: plan.policy.clone(),
+            cmdline: config.cmdline.clone(),
+            kernel: snapshot::KernelIdentity::of(config.kernel.as_deref()),
+            initrd: config.initrd.clone(),
+        };
+        let mut vm = Vm::assemble(config, kvm, plan, vcpu_cpuid, saved)?;
+        vm.boot = Some(vm.build_boot()?);
+        stage()?;
+        Ok(vm)
+    }
 
-        // Bound now, while single-threaded (mode 0600 via the umask), so that
-        // a bad path fails before anything runs.
+    /// What outlives a boot: the API socket (bound now, while
+    /// single-threaded, mode 0600 via the umask, so that a bad path fails
+    /// before anything runs), the export, the control, the console, the
+    /// profiler's hub and the snapshotter.
+    fn assemble(
+        config: &VmConfig,
+        kvm: Kvm,
+        plan: Arc<PmuPlan>,
+        vcpu_cpuid: CpuId,
+        saved: snapshot::SavedConfig,
+    ) -> Result<Vm, StartError> {
         let api_socket = match &config.api_socket {
             Some(path) => Some(api::bind(path)?),
             None => None,
         };
-        stage()?;
+        signals::check().map_err(StartError::Signalled)?;
         // `validate` bounded the count by the MP table's limit.
         let num_vcpus = config.vcpus as usize;
         let export = Arc::new(Export::new(plan.clone(), num_vcpus));
@@ -517,7 +591,15 @@ impl Vm {
         let control = Arc::new(control);
         let serial = create_serial(config)?;
         let profiles = Arc::new(Hub::new(num_vcpus));
-        let mut vm = Vm {
+        let msrs = saved_msrs(&kvm, &plan);
+        let snapshots = Arc::new(snapshot::Snapshotter::new(
+            saved,
+            control.clone(),
+            export.clone(),
+            serial.device.clone(),
+            msrs,
+        ));
+        Ok(Vm {
             config: config.clone(),
             kvm,
             control,
@@ -530,15 +612,14 @@ impl Vm {
             export,
             profiles,
             api_socket,
-        };
-        vm.boot = Some(vm.build_boot()?);
-        stage()?;
-        Ok(vm)
+            snapshots,
+        })
     }
 
-    /// How the kernel was loaded, for the start-up report.
+    /// How the kernel was loaded, for the start-up report (`None` for a
+    /// restore).
     pub fn kernel_kind(&self) -> Option<ImageKind> {
-        self.boot.as_ref().map(|b| b.kernel_kind)
+        self.boot.as_ref().and_then(|b| b.kernel_kind)
     }
 
     /// A fresh boot: VM, memory, kernel and boot data, vCPUs. Each vCPU's
@@ -570,49 +651,78 @@ impl Vm {
             });
         let bus = create_bus(&vm_fd, &self.serial, &self.serial_irq, &self.control)?;
         let gate = ApGate::new(usize::from(num_vcpus));
-        let mmio = create_mmio(num_vcpus, &gate)?;
+        let mailbox = new_mailbox(num_vcpus, &gate);
+        let mmio = create_mmio(mailbox.as_ref())?;
 
         let mut vcpus = Vec::with_capacity(vcpu_fds.len());
         for (index, fd) in (0..num_vcpus).zip(vcpu_fds) {
             configure_vcpu(&fd, index, num_vcpus, &self.vcpu_cpuid, kernel.entry)?;
-            let pmu_setup = plan.model.as_ref().map(|_| PmuSetup {
-                plan: plan.clone(),
+            let carried = self.export.latest(index).map(|view| view.totals());
+            let parts = VcpuParts {
+                vm_fd: &vm_fd,
+                bus: &bus,
+                mmio: &mmio,
+                memory: &memory,
                 tsc_khz: tsc_khz.unwrap_or(0),
-                export: self.export.clone(),
-                carried: self.export.latest(index).map(|view| view.totals()),
-            });
-            let sampler = VcpuProfiler::new(
-                index,
-                self.profiles.clone(),
-                memory.clone(),
-                tsc_khz.unwrap_or(0),
-            );
-            let vcpu = Vcpu::new(
-                index,
-                fd,
-                vm_fd.clone(),
-                bus.clone(),
-                self.control.clone(),
-                pmu_setup,
-            )
-            .with_mmio(mmio.clone())
-            .with_sampler(Some(Box::new(sampler)));
-            let vcpu = if index == 0 {
-                vcpu
-            } else {
-                vcpu.parked(gate.clone())
             };
-            #[cfg(feature = "bench")]
-            let vcpu = vcpu.with_observer(crate::bench::observer(&config.bench));
-            vcpus.push(vcpu);
+            let gate = (index != 0).then(|| gate.clone());
+            vcpus.push(self.vcpu(index, fd, parts, carried, None, gate));
         }
         Ok(Boot {
             vcpus,
-            gate,
-            kernel_kind: kernel.kind,
-            _memory: memory,
-            _vm_fd: vm_fd,
+            gate: gate.clone(),
+            kernel_kind: Some(kernel.kind),
+            parts: snapshot::BootParts {
+                vm_fd,
+                memory,
+                gate,
+                mailbox,
+            },
         })
+    }
+
+    /// A vCPU of this VM, with its vPMU (`carried`: its totals so far;
+    /// `restored`: the vPMU state it continues from), sampler and observer;
+    /// parked at `gate` if it has one.
+    fn vcpu(
+        &self,
+        index: u8,
+        fd: VcpuFd,
+        parts: VcpuParts<'_>,
+        carried: Option<vpmu::EventTotals>,
+        restored: Option<crate::pmu::vcpu::PmuState>,
+        gate: Option<Arc<ApGate>>,
+    ) -> Vcpu {
+        let pmu_setup = self.pmu.model.as_ref().map(|_| PmuSetup {
+            plan: self.pmu.clone(),
+            tsc_khz: parts.tsc_khz,
+            export: self.export.clone(),
+            carried,
+            restored,
+        });
+        let sampler = VcpuProfiler::new(
+            index,
+            self.profiles.clone(),
+            parts.memory.clone(),
+            parts.tsc_khz,
+        );
+        let vcpu = Vcpu::new(
+            index,
+            fd,
+            parts.vm_fd.clone(),
+            parts.bus.clone(),
+            self.control.clone(),
+            pmu_setup,
+        )
+        .with_mmio(parts.mmio.clone())
+        .with_sampler(Some(Box::new(sampler)));
+        let vcpu = match gate {
+            Some(gate) => vcpu.parked(gate),
+            None => vcpu,
+        };
+        #[cfg(feature = "bench")]
+        let vcpu = vcpu.with_observer(crate::bench::observer(&self.config.bench));
+        vcpu
     }
 
     /// Runs the guest until it stops, the timeout expires or the VMM is
@@ -634,7 +744,8 @@ impl Vm {
                     self.export.clone(),
                     self.control.clone(),
                     self.profiles.clone(),
-                );
+                )
+                .with_snapshots(self.snapshots.clone());
                 let listener = socket
                     .listener
                     .try_clone()
@@ -739,6 +850,7 @@ impl Vm {
             self.control.finish(Outcome::Terminated { signal });
         }
         let gate = boot.gate;
+        self.snapshots.set_boot(Some(boot.parts));
         let mut threads = Vec::with_capacity(boot.vcpus.len());
         for vcpu in boot.vcpus {
             // A guest may reset while its vCPU threads start, boot after
@@ -787,6 +899,7 @@ impl Vm {
         for handle in threads {
             let _ = handle.join();
         }
+        self.snapshots.set_boot(None);
         self.control.outcome().unwrap_or(Outcome::Reset)
     }
 }

@@ -256,12 +256,23 @@ pub fn rsvd_mode() -> &'static str {
 
 /// One HTTP/1.1 request over the VMM's API socket: (status, body).
 pub fn api(socket: &Path, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    api_with_body(socket, method, path, "")
+}
+
+/// [`api`] with a request body.
+pub fn api_with_body(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
@@ -380,11 +391,23 @@ impl Running {
     }
 
     fn spawn(cmdline: &str, flags: &[&str], env: &[(&str, &str)]) -> Running {
+        let args = [&["--timeout", "120", "--cmdline", cmdline], flags].concat();
+        Self::spawn_args(&args, env)
+    }
+
+    /// Continues the VM saved in `snapshot` (`vmm run --restore`), with
+    /// `flags` (host-side ones) and an API socket.
+    pub fn restore(snapshot: &Path, flags: &[&str]) -> Running {
+        let path = snapshot.to_str().unwrap();
+        let args = [&["run", "--restore", path, "--timeout", "120"], flags].concat();
+        Self::spawn_args(&args, &[])
+    }
+
+    fn spawn_args(args: &[&str], env: &[(&str, &str)]) -> Running {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("api.sock");
         let mut child = vmm()
-            .args(["--timeout", "120", "--cmdline", cmdline])
-            .args(flags)
+            .args(args)
             .arg("--api-socket")
             .arg(&sock)
             .envs(env.iter().copied())

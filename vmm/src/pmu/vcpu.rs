@@ -76,6 +76,9 @@ pub struct PmuState {
     pub context: VpmuContext,
     pub totals: EventTotals,
     pub delivery: PmiDelivery,
+    /// The vPMU's operation counts (MSR accesses, host opens, PMIs...).
+    #[serde(default)]
+    pub stats: vpmu::VpmuStats,
 }
 
 /// A vCPU's vPMU and how it reaches KVM.
@@ -361,6 +364,7 @@ impl VcpuPmu {
             context,
             totals: self.view(true).totals(),
             delivery: self.delivery,
+            stats: *self.vpmu.stats(),
         }
     }
 
@@ -369,6 +373,10 @@ impl VcpuPmu {
     /// and programming, on host events opened here as they run.
     pub fn restore_state(&mut self, state: &PmuState) -> Result<(), vpmu::ContextError> {
         self.vpmu.restore(&state.context)?;
+        let mut stats = state.stats;
+        stats.restores += 1;
+        stats.opens += self.vpmu.stats().opens;
+        self.vpmu.carry_stats(stats);
         self.delivery = state.delivery;
         // What the restore closed is already in the carried totals.
         let _ = self.vpmu.take_retired();

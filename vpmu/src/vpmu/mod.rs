@@ -319,6 +319,11 @@ impl<B: Backend> Vpmu<B> {
         &self.stats
     }
 
+    /// Counts on from `stats` (a restored vPMU carries its saved ones).
+    pub fn carry_stats(&mut self, stats: VpmuStats) {
+        self.stats = stats;
+    }
+
     /// The backend.
     pub fn backend(&self) -> &B {
         &self.backend

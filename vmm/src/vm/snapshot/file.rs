@@ -230,6 +230,13 @@ fn check_target(path: &Path, overwrite: bool) -> Result<(), SnapshotError> {
             path.display()
         )));
     }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if dir.is_some_and(|d| !d.is_dir()) {
+        return Err(SnapshotError::Invalid(format!(
+            "{}: no such directory",
+            path.display()
+        )));
+    }
     match std::fs::symlink_metadata(path) {
         Ok(_) if !overwrite => Err(SnapshotError::Exists(path.to_path_buf())),
         Ok(meta) if !meta.file_type().is_file() => Err(SnapshotError::Invalid(format!(

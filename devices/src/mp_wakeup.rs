@@ -373,4 +373,37 @@ mod tests {
         m.write(0, &[]);
         m.read(0, &mut []);
     }
+
+    #[test]
+    fn a_restored_mailbox_keeps_the_guest_s_fields_and_who_is_parked() {
+        let (mut m, _) = mailbox(&[1, 2, 3]);
+        assert!(matches!(
+            wake(&mut m, 2, 0x9000),
+            CommandOutcome::Started { .. }
+        ));
+        m.write(OFFSET_APIC_ID as u64, &7u32.to_le_bytes());
+        let saved = m.save();
+        let rec = Recorder::default();
+        let mut back = MpWakeupMailbox::restored(&saved, &[1, 3], Box::new(rec.clone())).unwrap();
+        assert_eq!(back.save(), saved);
+        assert_eq!(back.parked().collect::<Vec<_>>(), vec![1, 3]);
+        let mut id = [0u8; 4];
+        back.read(OFFSET_APIC_ID as u64, &mut id);
+        assert_eq!(u32::from_le_bytes(id), 7);
+        // The one woken before the snapshot stays woken; the others wake.
+        assert!(matches!(
+            wake(&mut back, 2, 0x9000),
+            CommandOutcome::NoParkedAp { .. }
+        ));
+        assert!(matches!(
+            wake(&mut back, 3, 0x9000),
+            CommandOutcome::Started { .. }
+        ));
+        assert_eq!(*rec.0.lock().unwrap(), vec![(3, 0x9000)]);
+        // A state no mailbox of these APs can have is refused.
+        assert!(MpWakeupMailbox::restored(&saved, &[1], Box::new(rec.clone())).is_none());
+        let mut short = saved.clone();
+        short.os_section.pop();
+        assert!(MpWakeupMailbox::restored(&short, &[1, 3], Box::new(rec)).is_none());
+    }
 }

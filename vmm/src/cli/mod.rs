@@ -63,7 +63,7 @@ pub struct Cli {
 enum Command {
     /// Boot a guest (the default command).
     #[command(after_help = EXIT_CODES)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Watch a running VM's guest counters from the host, like `perf stat`
     /// (per vCPU and total, with rates), through its --api-socket.
     #[command(after_help = STAT_EXIT_CODES)]
@@ -465,6 +465,7 @@ where
 }
 
 fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
+    let started = std::time::Instant::now();
     let config = args.config();
     #[cfg(feature = "bench")]
     crate::bench::prepare(&config.bench)?;
@@ -476,9 +477,7 @@ fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
                     "--restore takes no benchmark flags".into(),
                 ));
             }
-            let vm = Vm::restore(&config, path)?;
-            eprintln!("vmm: restored from {}", path.display());
-            vm
+            Vm::restore(&config, path)?
         }
         None => Vm::build(&config)?,
     };
@@ -491,6 +490,15 @@ fn run_vm(args: &RunArgs) -> Result<i32, StartError> {
         eprintln!(
             "vmm: bzImage payload is in a format this VMM does not unpack; entering its own \
              decompressor (slow on nested hosts)"
+        );
+    }
+    if let Some(path) = &args.restore {
+        // What the user waits for: the file checked, the VM built, the
+        // vCPUs about to enter the guest.
+        eprintln!(
+            "vmm: restored from {} in {:.1} ms",
+            path.display(),
+            started.elapsed().as_secs_f64() * 1e3
         );
     }
     let (outcome, reports) = vm.run()?;

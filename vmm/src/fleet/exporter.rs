@@ -185,6 +185,7 @@ mod tests {
         e.handle(&Request {
             method: method.into(),
             path: path.into(),
+            body: Vec::new(),
         })
     }
 

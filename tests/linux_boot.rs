@@ -467,3 +467,204 @@ fn linux_perf_acceptance_passes_every_check() {
     assert_eq!(code, Some(0), "acceptance.sh failed:\n{text}");
     let _ = fs::remove_dir_all(&keep);
 }
+
+/// A Linux guest on the serial console: commands in, output collected.
+struct Console {
+    child: std::process::Child,
+    out: std::sync::Arc<std::sync::Mutex<String>>,
+    err: PathBuf,
+    sock: PathBuf,
+}
+
+impl Console {
+    fn start(args: &[&str], dir: &Path, name: &str) -> Console {
+        let sock = dir.join(format!("{name}.sock"));
+        let err = dir.join(format!("{name}.err"));
+        let mut child = common::vmm()
+            .args(args)
+            .arg("--api-socket")
+            .arg(&sock)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("spawning vmm");
+        let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut chunk) {
+                let text = String::from_utf8_lossy(&chunk[..n]).replace('\r', "");
+                sink.lock().unwrap().push_str(&text);
+            }
+        });
+        Console {
+            child,
+            out,
+            err,
+            sock,
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for a line that starts with `marker`; everything printed so far.
+    fn wait(&self, marker: &str, limit: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let text = self.out.lock().unwrap().clone();
+            if text.lines().any(|l| l.starts_with(marker)) {
+                return text;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no line starting {marker:?} within {limit:?}\n--- vmm stderr ---\n{}\n--- console ---\n{}",
+                fs::read_to_string(&self.err).unwrap_or_default(),
+                tail(&text, 30)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        fs::read_to_string(&self.err).unwrap_or_default()
+    }
+}
+
+/// The count perf stat -x, printed for `event` after the line `after`.
+fn perf_csv_count(text: &str, after: &str, event: &str) -> u64 {
+    let rest = text.split_once(after).map_or("", |(_, r)| r);
+    rest.lines()
+        .find_map(|l| {
+            let fields: Vec<&str> = l.split(',').collect();
+            (fields.len() > 2 && fields[2] == event).then(|| fields[0].parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no {event} count after {after:?} in:\n{}", tail(rest, 20)))
+}
+
+#[test]
+fn a_linux_guest_restored_from_a_snapshot_runs_perf_and_counts_across_the_restore() {
+    if let Some(why) = skip_reason(module_path!()) {
+        eprintln!("skipped a_linux_guest_restored_from_a_snapshot...: {why}");
+        return;
+    }
+    let out = &image().out;
+    let dir = tempfile::tempdir().unwrap();
+    let base = fs::read_to_string(out.join("cmdline")).expect("out/cmdline");
+    let cmdline = format!("{} vmm.cmd=\"true\" vmm.exit=shell", base.trim());
+    let (vmlinux, initrd) = (out.join("vmlinux"), out.join("initramfs.cpio"));
+    let boot_started = Instant::now();
+    let mut booted = Console::start(
+        &[
+            "run",
+            "--kernel",
+            vmlinux.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory",
+            "512",
+            "--vpmu",
+            "on",
+            "--cmdline",
+            &cmdline,
+            "--timeout",
+            "2400",
+        ],
+        dir.path(),
+        "booted",
+    );
+    booted.wait("init: vmm.exit=shell", Duration::from_secs(1800));
+    booted.send("echo READY-$((6*7))");
+    booted.wait("READY-42", Duration::from_secs(120));
+    let boot_took = boot_started.elapsed();
+    // A count of fixed work that the snapshot interrupts.
+    booted.send(
+        "perf stat -x, -e cycles -- sh -c 'echo WORK-START; /bin/busy work 300; echo WORK-END' 2>&1; echo SPAN-DONE",
+    );
+    booted.wait("WORK-START", Duration::from_secs(600));
+    std::thread::sleep(Duration::from_secs(1));
+    let snap = dir.path().join("linux.snap");
+    let body = serde_json::json!({ "path": snap, "resume": false }).to_string();
+    let (status, answer) =
+        common::api_with_body(&booted.sock, "PUT", "/vm/snapshot", &body).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let mut booted = booted;
+    let _ = booted.child.kill();
+    let _ = booted.child.wait();
+    // Stopped for 10 s: about 25 G cycles that the count must not include.
+    std::thread::sleep(Duration::from_secs(10));
+
+    let restore_started = Instant::now();
+    let mut restored = Console::start(
+        &[
+            "run",
+            "--restore",
+            snap.to_str().unwrap(),
+            "--timeout",
+            "1800",
+        ],
+        dir.path(),
+        "restored",
+    );
+    let text = restored.wait("SPAN-DONE", Duration::from_secs(900));
+    let span = perf_csv_count(&text, "WORK-END", "cycles");
+    restored.send("echo RESTORED-$((6*7))");
+    restored.wait("RESTORED-42", Duration::from_secs(120));
+    let answer_took = restore_started.elapsed();
+    let opened = restored.stderr();
+    // The same work, counted wholly after the restore.
+    restored.send("perf stat -x, -e cycles -- /bin/busy work 300 2>&1; echo REF-DONE");
+    let text = restored.wait("REF-DONE", Duration::from_secs(900));
+    let after_span = text.split_once("RESTORED-42").map_or("", |(_, r)| r);
+    let reference = perf_csv_count(after_span, "busy work 300", "cycles");
+    restored.send(
+        "perf record -e cycles -c 5000000 -o /tmp/r.data -- /bin/busy work 100 2>&1; echo REC-DONE",
+    );
+    let text = restored.wait("REC-DONE", Duration::from_secs(900));
+    let samples: u64 = text
+        .lines()
+        .filter(|l| l.contains("perf record: Captured and wrote"))
+        .find_map(|l| l.split('(').nth(1)?.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no perf record summary:\n{}", tail(&text, 20)));
+    let vpmu: serde_json::Value =
+        serde_json::from_str(&common::api(&restored.sock, "GET", "/vpmu").unwrap().1).unwrap();
+    restored.send("reboot -f");
+    let status = restored.child.wait().unwrap();
+    let stderr = restored.stderr();
+    eprintln!(
+        "booted to a shell in {:.0} s; restored to the shell's answer in {:.1} s; \
+         cycles of the work: {span} across the restore, {reference} after it; \
+         perf record: {samples} samples\n{stderr}",
+        boot_took.as_secs_f64(),
+        answer_took.as_secs_f64()
+    );
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(opened.contains("vmm: restored from"), "{opened}");
+    // Both sides of the work counted, and not the 10 s stopped.
+    let ratio = span as f64 / reference as f64;
+    assert!(
+        (0.6..=1.5).contains(&ratio),
+        "{span} cycles across the restore vs {reference} without: {ratio:.2}"
+    );
+    assert_eq!(vpmu["vm"]["vpmu"], true, "{vpmu}");
+    assert!(
+        samples > 10,
+        "perf record after the restore: {samples} samples"
+    );
+    // The restored VMM did the work: host events opened, PMIs delivered.
+    assert!(
+        common::vpmu_summary_text(&stderr, 0, " perf_event_open") > 0,
+        "{stderr}"
+    );
+    assert!(
+        common::vpmu_summary_text(&stderr, 0, " PMIs") >= samples,
+        "{stderr}"
+    );
+}

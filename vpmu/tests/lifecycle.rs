@@ -455,6 +455,28 @@ fn restore_into_a_new_vpmu_keeps_values_and_generations() {
 }
 
 #[test]
+fn a_pmi_pending_at_a_snapshot_is_delivered_once_by_the_restored_vpmu() {
+    // The counter overflows; the VMM saves before its next entry, so the
+    // PMI is pending in the saved context, with its status bit.
+    let mut first = vpmu(amd_v2(6), true);
+    first.wrmsr(ctr(0), M48 - 10).unwrap();
+    first.wrmsr(ctl(0), CYCLES | INT).unwrap();
+    first.on_guest_entry();
+    count_hw(&mut first, 20);
+    first.on_guest_exit();
+    first.handle_host_overflow();
+    let context = first.save();
+    assert!(context.pending_pmi);
+    let json = serde_json::to_string(&context).unwrap();
+    let mut restored = vpmu(amd_v2(6), true);
+    restored.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+    assert_eq!(restored.rdmsr(AMD_GLOBAL_STATUS), Ok(1));
+    assert!(restored.take_pending_pmi(), "the pending PMI survives");
+    assert!(!restored.take_pending_pmi(), "and is delivered once");
+    assert_eq!(restored.rdmsr(ctr(0)), Ok((M48 - 10 + 20) & M48));
+}
+
+#[test]
 fn bad_contexts_are_refused() {
     let mut pmu = vpmu(amd_v2(6), true);
     let good = pmu.save();

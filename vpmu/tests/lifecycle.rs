@@ -469,7 +469,9 @@ fn a_pmi_pending_at_a_snapshot_is_delivered_once_by_the_restored_vpmu() {
     assert!(context.pending_pmi);
     let json = serde_json::to_string(&context).unwrap();
     let mut restored = vpmu(amd_v2(6), true);
-    restored.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+    restored
+        .restore(&serde_json::from_str(&json).unwrap())
+        .unwrap();
     assert_eq!(restored.rdmsr(AMD_GLOBAL_STATUS), Ok(1));
     assert!(restored.take_pending_pmi(), "the pending PMI survives");
     assert!(!restored.take_pending_pmi(), "and is delivered once");

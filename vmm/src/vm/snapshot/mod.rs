@@ -334,10 +334,7 @@ impl Snapshotter {
 
     /// Pauses, saves and writes; resumes unless asked not to (or the VM was
     /// paused already).
-    fn take_paused(
-        &self,
-        request: &SnapshotRequest,
-    ) -> Result<(u64, u64, usize, usize), SnapshotFailure> {
+    fn take_paused(&self, request: &SnapshotRequest) -> Result<Written, SnapshotFailure> {
         let host = |e: String| SnapshotFailure::Host(e);
         let boot = self.boot.lock().recover();
         let Some(boot) = boot.as_ref() else {
@@ -392,14 +389,22 @@ impl Snapshotter {
                 SnapshotError::Io { .. } => SnapshotFailure::Host(e.to_string()),
             },
         )?;
-        let data: u64 = state.data_runs.iter().map(|r| r.1).sum();
-        Ok((
+        Ok(Written {
             bytes,
-            data,
-            running_count,
-            self.config.vcpus as usize - running_count,
-        ))
+            data: state.data_runs.iter().map(|r| r.1).sum(),
+            running: running_count,
+            parked: self.config.vcpus as usize - running_count,
+        })
     }
+}
+
+/// What a snapshot wrote: the file's size, guest memory's data in it, and
+/// the vCPUs saved running and parked.
+struct Written {
+    bytes: u64,
+    data: u64,
+    running: usize,
+    parked: usize,
 }
 
 impl Snapshots for Snapshotter {
@@ -431,13 +436,13 @@ impl Snapshots for Snapshotter {
         if resumed {
             self.control.resume();
         }
-        let (bytes, memory_data_bytes, vcpus_running, vcpus_parked) = result?;
+        let written = result?;
         Ok(SnapshotDoc {
             path: request.path.clone(),
-            bytes,
-            memory_data_bytes,
-            vcpus_running,
-            vcpus_parked,
+            bytes: written.bytes,
+            memory_data_bytes: written.data,
+            vcpus_running: written.running,
+            vcpus_parked: written.parked,
             paused_ms: start.elapsed().as_secs_f64() * 1e3,
             resumed,
         })

@@ -647,10 +647,12 @@ fn a_linux_guest_restored_from_a_snapshot_runs_perf_and_counts_across_the_restor
     );
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(opened.contains("vmm: restored from"), "{opened}");
-    // Both sides of the work counted, and not the 10 s stopped.
+    // Both sides of the work counted, and not the 10 s stopped (measured
+    // here: 1.24, perf's and the shell's own start on top of the work;
+    // counting the stop would make it 3 or more).
     let ratio = span as f64 / reference as f64;
     assert!(
-        (0.6..=1.5).contains(&ratio),
+        (0.5..=2.0).contains(&ratio),
         "{span} cycles across the restore vs {reference} without: {ratio:.2}"
     );
     assert_eq!(vpmu["vm"]["vpmu"], true, "{vpmu}");

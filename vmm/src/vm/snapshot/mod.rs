@@ -5,7 +5,7 @@
 //! held vCPU saves its own KVM state and vPMU state on its own thread
 //! (`VmControl::capture`), then the VM's state (in-kernel irqchip, PIT,
 //! KVM clock), the devices (UART with its buffered bytes, the MP wakeup
-//! mailbox) and guest memory are written ([`file`]), and the VM resumes
+//! mailbox) and guest memory are written ([`mod@file`]), and the VM resumes
 //! (or stays paused). Parked secondary vCPUs are saved as parked.
 //!
 //! What is saved is the guest's machine and nothing of the host: the

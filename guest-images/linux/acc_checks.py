@@ -13,7 +13,8 @@ Standard library only.
 
 from collections import namedtuple
 
-from acc_parsers import (AMD_CYCLES, OS, USR, busy_line, counters, dso_shares, event_of, facts,
+from acc_parsers import (AMD_CYCLES, OS, USR, acpi_interpreter_on, boot_log_defects, busy_line,
+                         counters, dso_shares, event_of, facts,
                          folded_stacks, guest_done, migrate_line, per_cpu_csv, perf_csv,
                          perf_event_opens, perf_row, perf_symbols, pmu_driver, pmu_shape,
                          report_samples, run_ms, run_shares, sample_times, samples_by_cpu,
@@ -462,3 +463,15 @@ def judge_run(g, r):
     r.add(f"{g.name}.run", g.rc == 0 and done is not None,
           f"vmm exit {g.rc} after {g.elapsed:.0f} s; /init "
           + (f"finished, perf-checks rc={done}" if done else "did not finish"))
+
+
+def judge_boot_log(g, r):
+    """The kernel's boot log: Linux loaded the VMM's ACPI tables (its
+    interpreter is on) and printed no ACPI error, exception or warning."""
+    text = g.text()
+    bad = boot_log_defects(text)
+    on = acpi_interpreter_on(text)
+    r.add(f"{g.name}.boot-log", on and not bad,
+          ("ACPI interpreter enabled" if on else "no 'ACPI: Interpreter enabled' line")
+          + (f"; {len(bad)} ACPI trouble line(s): " + " | ".join(bad[:3]) if bad
+             else "; no ACPI error, exception or warning"))

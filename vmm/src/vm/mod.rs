@@ -18,6 +18,7 @@ pub mod loader;
 pub mod probe_image;
 mod reboot_log;
 pub mod signals;
+mod terminal;
 
 pub use config::VmConfig;
 pub use error::StartError;
@@ -626,6 +627,12 @@ impl Vm {
         })?;
         let mut main_loop = MainLoop::new(self.control.clone(), self.serial.clone())
             .map_err(io_err("setting up the event loop"))?;
+        // The guest's console is this terminal: its line discipline, not
+        // the host's, echoes and edits (restored when the run ends).
+        let _raw_input = match self.config.serial {
+            SerialSink::Stdio => terminal::RawInput::enter(),
+            _ => None,
+        };
 
         let api_server = match &self.api_socket {
             Some(socket) => {

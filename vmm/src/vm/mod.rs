@@ -8,7 +8,8 @@
 //!
 //! Owns: the VM's configuration ([`VmConfig`]), start errors
 //! ([`StartError`]), the kernel loader, the embedded probe image, the main
-//! event loop and the termination signals. Puts the other parts together
+//! event loop, the termination signals and the host terminal while it is
+//! the console. Puts the other parts together
 //! (vCPUs, vPMU plan, API, profiler, devices); nothing below imports it.
 
 pub mod config;

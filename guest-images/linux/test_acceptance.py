@@ -539,6 +539,38 @@ class Judges(unittest.TestCase):
         self.assertEqual(results(judge(acc_checks.judge_deny, ["0,,cycles,1,100.00,,"], guest=g)),
                          {"deny.cycles": "FAIL"})
 
+    def test_tracepoints(self):
+        good = ["mounts=debugfs:/sys/kernel/debug tracefs:/sys/kernel/tracing ",
+                "tracepoints_irq=5", "tracepoints_raw_syscalls=2",
+                "tracepoints_sched=24", "tracepoints_syscalls=654",
+                "listed=irq:irq_handler_entry sched:sched_switch syscalls:sys_enter_openat ",
+                "perf-stat-openat:", "opened=3",
+                "3,,syscalls:sys_enter_openat,1893126,100.00,,",
+                "perf-record-switch:", "sleeps=5",
+                "# Samples: 12  of event 'sched:sched_switch'",
+                "    66.67%  sleep", "    33.33%  sh"]
+        rows = ["off.tracepoint-list", "off.tracepoint-stat", "off.tracepoint-record"]
+        r = judge(acc_checks.judge_tracepoints, good, guest=FakeGuest("off"))
+        self.assertEqual([(x["check"], x["result"]) for x in r.rows],
+                         [(row, "PASS") for row in rows], r.rows)
+        self.assertIn("commands ['sleep', 'sh']", r.rows[2]["detail"])
+        # Each can fail: no tracefs (the kernel before tracing), an event
+        # missing from the list, fewer openat than files opened, fewer
+        # switches than sleeps, no sleep among the commands, a failed step.
+        for broken, row in [
+                ([line for line in good if not line.startswith("mounts=")], 0),
+                ([line.replace(" syscalls:sys_enter_openat", "") for line in good], 0),
+                ([line for line in good if not line.startswith("tracepoints_irq")], 0),
+                ([line.replace("3,,sys", "2,,sys") for line in good], 1),
+                ([line.replace("3,,sys", "<not supported>,,sys") for line in good], 1),
+                ([line.replace("Samples: 12", "Samples: 4") for line in good], 2),
+                ([line.replace("sleep", "busy") for line in good], 2)]:
+            r = judge(acc_checks.judge_tracepoints, broken, guest=FakeGuest("off"))
+            self.assertEqual(r.rows[row]["result"], "FAIL", (row, r.rows[row]))
+            self.assertEqual({x["result"] for i, x in enumerate(r.rows) if i != row}, {"PASS"})
+        r = judge(acc_checks.judge_tracepoints, good, rc=1, guest=FakeGuest("off"))
+        self.assertEqual(results(r)["off.tracepoint-record"], "FAIL")
+
     def test_within(self):
         self.assertTrue(acc_checks.within(105, 100, 0.05))
         self.assertFalse(acc_checks.within(106, 100, 0.05))

@@ -157,10 +157,8 @@ mod tests {
     fn nonblocking(fd: &impl AsRawFd) {
         // SAFETY: fcntl on a descriptor the caller owns; F_SETFL with
         // O_NONBLOCK changes only its blocking mode.
-        assert_eq!(
-            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) },
-            0
-        );
+        let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        assert_eq!(rc, 0);
     }
 
     /// What `file` holds to be read within `wait`.

@@ -12,7 +12,14 @@
 //!   the NMI watchdog, the host's own `vmm profile` of the workload against
 //!   the guest's `perf report`, no PMU, a denied event; on 2 vCPUs: both
 //!   online, `perf stat -a` and per CPU, `perf record -a`, a migrating task,
-//!   per-vCPU totals) must pass.
+//!   per-vCPU totals; each guest's boot log: Linux loaded the VMM's ACPI
+//!   tables with no ACPI error; in the `off` guest, tracepoints: perf lists
+//!   sched, syscalls and irq events, counts `syscalls:sys_enter_openat` and
+//!   records `sched:sched_switch`) must pass.
+//! - `guest_shell_under_tmux_...` boots the guest with `vmm.exit=shell`
+//!   under tmux, types a command at its shell and checks its output, one
+//!   echo of what was typed, no terminal answer (`^[[50;8R`) on screen, and
+//!   the terminal's settings restored after the VMM ends.
 //! - `bzimage_boots_to_its_banner` boots the same kernel as a bzImage (the
 //!   VMM unpacks its gzip payload) until its banner and command line.
 //! - `initramfs_holds_init_busybox_perf_and_its_loader` checks the image.
@@ -405,11 +412,18 @@ const ACCEPTANCE_CHECKS: &[&str] = &[
     "main.watchdog",
     "main.profile-kernel",
     "main.profile-user",
+    "main.boot-log",
     "off.run",
+    "off.boot-log",
     "off.no-pmu",
+    "off.tracepoint-list",
+    "off.tracepoint-stat",
+    "off.tracepoint-record",
     "deny.run",
+    "deny.boot-log",
     "deny.cycles",
     "smp.run",
+    "smp.boot-log",
     "smp.cpus",
     "smp.stat-all",
     "smp.per-cpu",

@@ -292,7 +292,7 @@ def judge_tracepoints(g, out, rc, tsc_khz, r):
           and listed == want,
           f"mounts {' '.join(mounts) or 'none'}; perf list tracepoint: "
           + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no tracepoints")
-          + f"; listed {listed or 'none of'} {want}")
+          + f"; listed {listed} (wanted {want})")
     stat_lines = section(out, "perf-stat-openat:", "perf-record-switch:")
     openat = perf_row(perf_csv(stat_lines), "syscalls:sys_enter_openat")
     opened = int(f.get("opened", 0) or 0)

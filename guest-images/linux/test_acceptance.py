@@ -571,6 +571,16 @@ class Judges(unittest.TestCase):
         r = judge(acc_checks.judge_tracepoints, good, rc=1, guest=FakeGuest("off"))
         self.assertEqual(results(r)["off.tracepoint-record"], "FAIL")
 
+    def test_tracepoints_on_a_real_guest(self):
+        # The tracepoints step in a guest of the tracing kernel (2 vCPUs,
+        # 2026-12-07, AMD host).
+        out, rc = p.step_output(read(os.path.join(TESTDATA, "tracepoints.serial")),
+                                "tracepoints")
+        r = judge(acc_checks.judge_tracepoints, out, rc=rc, guest=FakeGuest("off"))
+        self.assertEqual({x["result"] for x in r.rows}, {"PASS"}, r.rows)
+        self.assertIn("508 syscalls", r.rows[0]["detail"])
+        self.assertIn("42 samples", r.rows[2]["detail"])
+
     def test_within(self):
         self.assertTrue(acc_checks.within(105, 100, 0.05))
         self.assertFalse(acc_checks.within(106, 100, 0.05))

@@ -11,9 +11,11 @@ guest's first step) and the report. Tolerances are in acc_tolerances.py.
 Standard library only.
 """
 
+import re
 from collections import namedtuple
 
-from acc_parsers import (AMD_CYCLES, OS, USR, busy_line, counters, dso_shares, event_of, facts,
+from acc_parsers import (AMD_CYCLES, OS, USR, acpi_interpreter_on, boot_log_defects, busy_line,
+                         counters, dso_shares, event_of, facts,
                          folded_stacks, guest_done, migrate_line, per_cpu_csv, perf_csv,
                          perf_event_opens, perf_row, perf_symbols, pmu_driver, pmu_shape,
                          report_samples, run_ms, run_shares, sample_times, samples_by_cpu,
@@ -274,6 +276,39 @@ def judge_deny(g, out, rc, tsc_khz, r):
           f"denied, {opens if opens is not None else '?'} perf_event_open")
 
 
+def judge_tracepoints(g, out, rc, tsc_khz, r):
+    """Static tracepoints for perf: tracefs and debugfs mounted, perf lists
+    the sched, syscalls and irq events, counts a syscall tracepoint and
+    records scheduler switches."""
+    f = facts(out)
+    mounts = f.get("mounts", "").split()
+    counts = {k[len("tracepoints_"):]: int(v) for k, v in f.items()
+              if k.startswith("tracepoints_") and v.isdigit()}
+    listed = f.get("listed", "").split()
+    want = ["irq:irq_handler_entry", "sched:sched_switch", "syscalls:sys_enter_openat"]
+    r.add("off.tracepoint-list",
+          "tracefs:/sys/kernel/tracing" in mounts and "debugfs:/sys/kernel/debug" in mounts
+          and all(counts.get(s, 0) > 0 for s in ("sched", "syscalls", "irq"))
+          and listed == want,
+          f"mounts {' '.join(mounts) or 'none'}; perf list tracepoint: "
+          + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no tracepoints")
+          + f"; listed {listed} (wanted {want})")
+    stat_lines = section(out, "perf-stat-openat:", "perf-record-switch:")
+    openat = perf_row(perf_csv(stat_lines), "syscalls:sys_enter_openat")
+    opened = int(f.get("opened", 0) or 0)
+    r.add("off.tracepoint-stat", bool(openat) and opened > 0 and (openat[0] or 0) >= opened,
+          f"perf stat -e syscalls:sys_enter_openat on a cat of {opened} files: "
+          f"'{openat[1] if openat else None}' (at least {opened})")
+    rec = section(out, "perf-record-switch:")
+    n = report_samples("\n".join(rec))
+    sleeps = int(f.get("sleeps", 0) or 0)
+    comms = [line.split()[-1] for line in rec if re.match(r"^\s*[\d.]+%\s+\S+", line)]
+    r.add("off.tracepoint-record",
+          rc == 0 and n is not None and sleeps > 0 and n >= sleeps and "sleep" in comms,
+          f"perf record -e sched:sched_switch over {sleeps} sleeps: {n} samples "
+          f"(at least {sleeps}), commands {comms}")
+
+
 # ---------------------------------------------------------------- smp --
 def judge_cpus(g, out, rc, tsc_khz, r):
     f = facts(out)
@@ -411,6 +446,9 @@ GUESTS = {
     # No PMU driver: perf says cycles is not supported.
     "off": Kind(["--vpmu", "off"], [
         Check("nopmu", judge_nopmu, ["off.no-pmu"]),
+        # Tracepoints need no PMU: checked in this short guest.
+        Check("tracepoints", judge_tracepoints, ["off.tracepoint-list", "off.tracepoint-stat",
+                                                 "off.tracepoint-record"]),
     ]),
     # Cycles denied: cycles counts nothing, no host event.
     "deny": Kind(["--vpmu-events", f"deny:{AMD_CYCLES:#x}"], [
@@ -462,3 +500,15 @@ def judge_run(g, r):
     r.add(f"{g.name}.run", g.rc == 0 and done is not None,
           f"vmm exit {g.rc} after {g.elapsed:.0f} s; /init "
           + (f"finished, perf-checks rc={done}" if done else "did not finish"))
+
+
+def judge_boot_log(g, r):
+    """The kernel's boot log: Linux loaded the VMM's ACPI tables (its
+    interpreter is on) and printed no ACPI error, exception or warning."""
+    text = g.text()
+    bad = boot_log_defects(text)
+    on = acpi_interpreter_on(text)
+    r.add(f"{g.name}.boot-log", on and not bad,
+          ("ACPI interpreter enabled" if on else "no 'ACPI: Interpreter enabled' line")
+          + (f"; {len(bad)} ACPI trouble line(s): " + " | ".join(bad[:3]) if bad
+             else "; no ACPI error, exception or warning"))

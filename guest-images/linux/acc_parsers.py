@@ -62,6 +62,29 @@ def section(lines, start, stop=None):
     return out
 
 
+# ------------------------------------------------------------ boot log --
+# How ACPICA starts every message of trouble it prints (ACPI_ERROR,
+# ACPI_EXCEPTION, ACPI_BIOS_ERROR, ACPI_WARNING, ACPI_BIOS_WARNING), and the
+# lines Linux adds when it cannot load or use the tables the VMM built.
+BOOT_LOG_DEFECTS = re.compile(
+    r"ACPI (?:BIOS )?(?:Error|Exception|Warning)"
+    r"|Unable to load the System Description Tables"
+    r"|Could not remove SCI handler"
+    r"|Unable to start the ACPI Interpreter")
+ACPI_ON = "ACPI: Interpreter enabled"
+
+
+def boot_log_defects(text):
+    """The lines of a serial log that say the kernel could not load or use
+    the VMM's ACPI tables (BOOT_LOG_DEFECTS), in order."""
+    return [line.strip() for line in text.splitlines() if BOOT_LOG_DEFECTS.search(line)]
+
+
+def acpi_interpreter_on(text):
+    """Whether Linux loaded the tables and turned its ACPI interpreter on."""
+    return ACPI_ON in text
+
+
 # ------------------------------------------------------------ perf stat --
 def perf_csv(lines):
     """perf stat -x, rows: [(value or None, text, event, run_ns, pct_running)]."""

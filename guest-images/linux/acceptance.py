@@ -43,7 +43,7 @@ import tempfile
 import time
 
 from acc_bench import bench_report
-from acc_checks import CHECKED, GUESTS, Report, judge_guest, judge_run, steps
+from acc_checks import CHECKED, GUESTS, Report, judge_boot_log, judge_guest, judge_run, steps
 from acc_runner import Guest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -124,6 +124,7 @@ def main():
     r = Report()
     for g in guests:
         judge_run(g, r)
+        judge_boot_log(g, r)
         judge_guest(g, r)
     print(f"acceptance: {len(guests)} guest(s) in {time.monotonic() - t0:.0f} s; "
           f"logs in {workdir}")

@@ -10,7 +10,17 @@ Pure functions of text or decoded JSON: no guest, no VMM, no clock
 import re
 
 AMD_CYCLES = 0x76
+# Intel's architectural core cycles; the model's fixed counter 1 exports
+# the same event (its programming id is 0x3c with the ring bits).
+INTEL_CYCLES = 0x3C
 USR, OS = 1 << 16, 1 << 17
+
+
+def model_vendor(doc):
+    """"amd" or "intel": the vendor of the vPMU model in a GET /vpmu
+    answer, or None (no model, no answer)."""
+    model = ((doc or {}).get("vm") or {}).get("model") or {}
+    return model.get("vendor")
 
 
 # ------------------------------------------------- perf-checks' markers --

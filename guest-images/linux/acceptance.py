@@ -9,7 +9,8 @@ out/cmdline) four times:
         through the api step, and takes its own profile of the guest
         (vmm profile, GET /profile) while the record step's workload runs;
   off   --vpmu off: no PMU driver, perf says cycles is not supported;
-  deny  --vpmu-events deny:0x76: cycles counts nothing, no host event;
+  deny  --vpmu-events deny:0x76 (0x3c on Intel): cycles counts nothing,
+        no host event;
   smp   --vcpus 2: perf stat -a and -A, perf record -a, a migrating task.
 
 main, off and deny run side by side; smp boots once off and deny have

@@ -180,27 +180,6 @@ fn names_are_checked_shown_in_the_log_and_in_get_vpmu() {
     assert!(named.stop().lines().any(|l| l == "vmm: VM web-1"));
 }
 
-/// A tool from Debian's packages (`prometheus`, `tmux`), installed by the
-/// project's script; `None` (the test skips with a message) where it
-/// cannot be installed, unless VMM_REQUIRE_KVM says this is CI.
-fn ensure_tool(tool: &str) -> Option<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ensure-tool.sh");
-    let out = Command::new(script)
-        .arg(tool)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    if out.status.success() {
-        return Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
-    }
-    assert!(
-        std::env::var_os("VMM_REQUIRE_KVM").is_none(),
-        "scripts/ensure-tool.sh {tool} failed and VMM_REQUIRE_KVM is set"
-    );
-    eprintln!("skipped: {tool} is not installed and cannot be installed here");
-    None
-}
-
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -298,7 +277,7 @@ fn unix_now() -> f64 {
 #[test]
 fn a_real_prometheus_sees_every_guests_counters_as_each_vm_reports_them() {
     require_kvm!();
-    let Some(binary) = ensure_tool("prometheus") else {
+    let Some(binary) = common::ensure_tool("prometheus") else {
         return;
     };
     let _serial = common::timing_lock();
@@ -556,7 +535,7 @@ fn tmux(server: &Path, args: &[&str]) -> std::process::Output {
 #[test]
 fn top_shows_every_vm_live_under_tmux_and_q_quits_with_0() {
     require_kvm!();
-    if ensure_tool("tmux").is_none() {
+    if common::ensure_tool("tmux").is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -12,7 +12,19 @@
 //!   the NMI watchdog, the host's own `vmm profile` of the workload against
 //!   the guest's `perf report`, no PMU, a denied event; on 2 vCPUs: both
 //!   online, `perf stat -a` and per CPU, `perf record -a`, a migrating task,
-//!   per-vCPU totals) must pass.
+//!   per-vCPU totals; each guest's boot log: Linux loaded the VMM's ACPI
+//!   tables with no ACPI error; in the `off` guest, tracepoints: perf lists
+//!   sched, syscalls and irq events, counts `syscalls:sys_enter_openat` and
+//!   records `sched:sched_switch`) must pass.
+//! - `guest_shell_under_tmux_...` boots the guest with `vmm.exit=shell`
+//!   under tmux, types a command at its shell and checks its output, one
+//!   echo of what was typed, no terminal answer (`^[[50;8R`) on screen, and
+//!   the terminal's settings restored after the VMM ends.
+//! - `a_linux_guest_restored_from_a_snapshot_runs_perf_and_counts_across_the_restore`
+//!   boots the guest to its shell, snapshots it in the middle of a
+//!   `perf stat` of fixed work, restores it 10 s later and checks the count
+//!   (both sides, not the stop), a `perf record` after the restore, and
+//!   that the restored VMM opened host events and delivered PMIs.
 //! - `bzimage_boots_to_its_banner` boots the same kernel as a bzImage (the
 //!   VMM unpacks its gzip payload) until its banner and command line.
 //! - `initramfs_holds_init_busybox_perf_and_its_loader` checks the image.
@@ -405,11 +417,18 @@ const ACCEPTANCE_CHECKS: &[&str] = &[
     "main.watchdog",
     "main.profile-kernel",
     "main.profile-user",
+    "main.boot-log",
     "off.run",
+    "off.boot-log",
     "off.no-pmu",
+    "off.tracepoint-list",
+    "off.tracepoint-stat",
+    "off.tracepoint-record",
     "deny.run",
+    "deny.boot-log",
     "deny.cycles",
     "smp.run",
+    "smp.boot-log",
     "smp.cpus",
     "smp.stat-all",
     "smp.per-cpu",
@@ -668,5 +687,190 @@ fn a_linux_guest_restored_from_a_snapshot_runs_perf_and_counts_across_the_restor
     assert!(
         common::vpmu_summary_text(&stderr, 0, " PMIs") >= samples,
         "{stderr}"
+    );
+}
+
+/// Bound on the interactive guest: boot to /init (2 to 6 minutes here),
+/// two commands typed at its shell, the reboot.
+const SHELL_TIMEOUT_S: u64 = 1200;
+
+/// Runs tmux with `args` on the test's own server socket.
+fn tmux(server: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("tmux")
+        .arg("-S")
+        .arg(server)
+        .args(args)
+        .output()
+        .expect("running tmux")
+}
+
+/// Everything the pane showed, its history included, wrapped lines joined.
+fn pane_history(server: &Path) -> String {
+    String::from_utf8_lossy(&tmux(server, &["capture-pane", "-p", "-J", "-S", "-"]).stdout)
+        .into_owned()
+}
+
+/// The answers to a cursor-position query (`ESC [ row ; col R`) shown on
+/// screen, however the escape itself was drawn (`^[`, or not at all).
+fn terminal_answers(screen: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for (at, _) in screen.match_indices('[') {
+        let rest = &screen[at + 1..];
+        let row = rest.chars().take_while(char::is_ascii_digit).count();
+        if row == 0 || !rest[row..].starts_with(';') {
+            continue;
+        }
+        let col = rest[row + 1..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .count();
+        if col > 0 && rest[row + 1 + col..].starts_with('R') {
+            found.push(format!("[{}", &rest[..row + 2 + col]));
+        }
+    }
+    found
+}
+
+#[test]
+fn terminal_answers_are_found_however_drawn() {
+    assert_eq!(
+        terminal_answers("/tmp # ^[[50;8R\n~ # [3;12Rls\n"),
+        vec!["[50;8R", "[3;12R"]
+    );
+    assert!(terminal_answers("[    1.0] ACPI: [50;x] [;8R [8R").is_empty());
+}
+
+/// Waits until `done` holds for the pane's history; panics with it after
+/// `limit`.
+fn wait_pane(server: &Path, limit: Duration, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let screen = pane_history(server);
+        if done(&screen) {
+            return screen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not seen in {} s; the pane:\n{}",
+            limit.as_secs(),
+            tail(&screen, 40)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The last line of the screen that is not empty.
+fn last_line(screen: &str) -> &str {
+    screen
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+}
+
+#[test]
+fn guest_shell_under_tmux_echoes_each_key_once_and_shows_no_terminal_answers() {
+    if let Some(why) = skip_reason(module_path!()) {
+        eprintln!("skipped guest_shell_under_tmux: {why}");
+        return;
+    }
+    if common::ensure_tool("tmux").is_none() {
+        return;
+    }
+    let img = image();
+    let dir = tempfile::tempdir().unwrap();
+    let server = dir.path().join("tmux.server");
+    let status = dir.path().join("status");
+    let (before, after) = (
+        dir.path().join("stty.before"),
+        dir.path().join("stty.after"),
+    );
+    let base = fs::read_to_string(img.out.join("cmdline")).expect("out/cmdline");
+    // The pane: the terminal's settings, the VMM with the guest's console
+    // on it, the VMM's exit code and the settings it left; then it stays
+    // open to be read.
+    let command = format!(
+        "stty -g > {before}; {vmm} run --kernel {kernel} --initrd {initrd} --memory 512 \
+         --timeout {SHELL_TIMEOUT_S} --cmdline '{cmdline} vmm.cmd=true vmm.exit=shell'; \
+         echo $? > {status}; stty -g > {after}; sleep {SHELL_TIMEOUT_S}",
+        before = before.display(),
+        after = after.display(),
+        status = status.display(),
+        vmm = env!("CARGO_BIN_EXE_vmm"),
+        kernel = img.out.join("vmlinux").display(),
+        initrd = img.out.join("initramfs.cpio").display(),
+        cmdline = base.trim(),
+    );
+    let new = tmux(
+        &server,
+        &["new-session", "-d", "-x", "160", "-y", "50", &command],
+    );
+    assert!(new.status.success(), "{new:?}");
+    let start = Instant::now();
+    let limit = Duration::from_secs(SHELL_TIMEOUT_S);
+    // busybox's shell prompt ("/tmp # "), after /init said it starts it.
+    let screen = wait_pane(&server, limit, "the guest shell's prompt", |s| {
+        s.contains("vmm.exit=shell: starting a shell") && last_line(s).trim_end().ends_with('#')
+    });
+    eprintln!(
+        "guest shell: prompt after {:.0} s",
+        start.elapsed().as_secs_f64()
+    );
+    let prompt = last_line(&screen).trim_end().to_string();
+    // A command as a user types it: its output is not its own text.
+    let typed = "echo shell-$((6 * 7))-ok";
+    tmux(&server, &["send-keys", "-l", typed]);
+    tmux(&server, &["send-keys", "Enter"]);
+    let screen = wait_pane(
+        &server,
+        Duration::from_secs(120),
+        "the command's output",
+        |s| {
+            s.lines().any(|l| l.trim() == "shell-42-ok")
+                && last_line(s).trim_end().ends_with('#')
+                && s.matches(prompt.as_str()).count() >= 2
+        },
+    );
+    tmux(&server, &["send-keys", "-l", "exit"]);
+    tmux(&server, &["send-keys", "Enter"]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while fs::read_to_string(&status).map_or(true, |s| s.trim().is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "leaving the shell did not end the VMM; the pane:\n{}",
+            tail(&pane_history(&server), 30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let end = pane_history(&server);
+    let _ = tmux(&server, &["kill-server"]);
+    let context = format!("the pane:\n{}", tail(&end, 30));
+    eprintln!("{context}");
+    // The shell sends a cursor-position query at each prompt; the answer
+    // goes to the guest and is never shown.
+    assert_eq!(
+        terminal_answers(&end),
+        Vec::<String>::new(),
+        "terminal answers on screen\n{context}"
+    );
+    // Typed once, shown once: by the guest's echo, not also the host's.
+    let shown = screen.lines().filter(|l| l.contains(typed)).count();
+    assert_eq!(shown, 1, "the typed command shown {shown} times\n{context}");
+    assert!(
+        screen
+            .lines()
+            .any(|l| l.starts_with(&prompt) && l.contains(typed)),
+        "the command is not on its prompt's line\n{context}"
+    );
+    assert_eq!(
+        fs::read_to_string(&status).unwrap().trim(),
+        "0",
+        "the guest's reboot ends the VMM with 0\n{context}"
+    );
+    assert_eq!(
+        fs::read_to_string(&before).unwrap(),
+        fs::read_to_string(&after).unwrap(),
+        "the VMM left the terminal's settings changed"
     );
 }

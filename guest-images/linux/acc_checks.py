@@ -11,10 +11,12 @@ guest's first step) and the report. Tolerances are in acc_tolerances.py.
 Standard library only.
 """
 
+import re
 from collections import namedtuple
 
-from acc_parsers import (AMD_CYCLES, OS, USR, busy_line, counters, dso_shares, event_of, facts,
-                         folded_stacks, guest_done, migrate_line, per_cpu_csv, perf_csv,
+from acc_parsers import (AMD_CYCLES, INTEL_CYCLES, OS, USR, acpi_interpreter_on,
+                         boot_log_defects, busy_line, counters, dso_shares, event_of, facts,
+                         folded_stacks, guest_done, migrate_line, model_vendor, per_cpu_csv, perf_csv,
                          perf_event_opens, perf_row, perf_symbols, pmu_driver, pmu_shape,
                          report_samples, run_ms, run_shares, sample_times, samples_by_cpu,
                          section, select_of, stats_sum, steal_fraction, top_user_symbol,
@@ -44,6 +46,28 @@ class Report:
         for r in self.rows:
             print(f"{r['check']:<{width}}  {r['result']:<7}  {r['detail']}")
 
+
+
+def guest_vendor(g):
+    """The vendor of guest `g`'s vPMU model, from any GET /vpmu it read."""
+    return next((v for v in map(model_vendor, g.snapshots.values()) if v), None)
+
+
+def guest_cycles(g):
+    """The event number of core cycles on guest `g`'s model (0x76 on AMD,
+    0x3c on Intel, where fixed counter 1 exports it too)."""
+    return INTEL_CYCLES if guest_vendor(g) == "intel" else AMD_CYCLES
+
+
+def host_cycles():
+    """Core cycles on the model `--vpmu auto` gives a guest of this host
+    (the host's vendor): what the deny guest denies."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            intel = "GenuineIntel" in f.read(4096)
+    except OSError:
+        intel = False
+    return INTEL_CYCLES if intel else AMD_CYCLES
 
 def within(a, b, frac):
     return b > 0 and abs(a - b) <= frac * b
@@ -97,7 +121,10 @@ def judge_unbacked(g, out, rc, tsc_khz, r):
     # there (never a made-up count), and the host export says why.
     shown = ins[1] if ins else None
     honest = ins is not None and (ins[0] is None or ins[0] == 0)
-    r.add("main.unbacked", honest and bool(cyc and cyc[0]) and bool(reasons),
+    # Intel's model tells the guest an event is unavailable (CPUID.0AH:EBX):
+    # perf says "<not supported>" and never programs it.
+    told = guest_vendor(g) == "intel" and ins is not None and ins[0] is None
+    r.add("main.unbacked", honest and bool(cyc and cyc[0]) and (bool(reasons) or told),
           f"perf: instructions '{shown}', cycles {cyc[1] if cyc else None}; host: "
           f"{'unbacked: ' + reasons[0] if reasons else 'no unbacked instructions counter'}")
 
@@ -105,13 +132,17 @@ def judge_unbacked(g, out, rc, tsc_khz, r):
 def judge_privilege(g, out, rc, tsc_khz, r):
     rows = {x[2]: x for x in perf_csv(out)}
     host = counters(g.snapshots.get("privilege END"))
-    filtered = [c for c in host if event_of(c) == AMD_CYCLES
+    filtered = [c for c in host if event_of(c) == guest_cycles(g)
                 and bool(select_of(c) & USR) != bool(select_of(c) & OS)]
     flagged = [c for c in filtered if c["backing"]["kind"] == "unbacked"
                and "user from kernel" in c["backing"].get("reason", "")]
     u, k, both = rows.get("cycles:u"), rows.get("cycles:k"), rows.get("cycles")
+    # AMD: cycles:u and cycles:k end on two general-purpose counters. Intel:
+    # one of them on fixed counter 1, whose control reads 0 once perf has
+    # disabled it, so only the other shows at the step's end.
+    shown = 1 if guest_vendor(g) == "intel" else 2
     r.add("main.privilege", bool(u and k and both) and (u[0] or 0) == 0 and (k[0] or 0) == 0
-          and (both[0] or 0) > 0 and len(filtered) == 2 and len(flagged) == 2,
+          and (both[0] or 0) > 0 and len(filtered) >= shown and len(flagged) == len(filtered),
           f"perf: cycles:u '{u[1] if u else None}', cycles:k '{k[1] if k else None}', "
           f"cycles '{both[1] if both else None}'; host flags {len(flagged)} of "
           f"{len(filtered)} filtered counters as unbacked")
@@ -208,13 +239,13 @@ def judge_api(g, out, rc, tsc_khz, r):
     cyc = perf_row(rows, "cycles")
     during = g.during.get("api", [])
     live = [c for s in during for c in counters(s)
-            if c.get("running") and event_of(c) == AMD_CYCLES]
+            if c.get("running") and event_of(c) == guest_cycles(g)]
     r.add("main.api-live", bool(live),
           f"{len(during)} reads of GET /vpmu during perf stat, "
           f"{len(live)} showed a running cycles counter"
           + (f" (select {select_of(live[0]):#x}, backing {live[0]['backing']['kind']})"
              if live else ""))
-    pid = (AMD_CYCLES | USR | OS)
+    pid = (guest_cycles(g) | USR | OS)
     before = total_for(g.snapshots.get("api BEGIN"), pid)
     after = total_for(g.snapshots.get("api END"), pid)
     host_count = after - before
@@ -234,7 +265,7 @@ def judge_watchdog(g, out, rc, tsc_khz, r):
         before = after = None
     host = counters(g.snapshots.get("watchdog END"))
     wd = [c for c in host
-          if c.get("running") and event_of(c) == AMD_CYCLES and c.get("pmis", 0) > 0]
+          if c.get("running") and event_of(c) == guest_cycles(g) and c.get("pmis", 0) > 0]
     enabled = "NMI watchdog: Enabled" in "\n".join(out)
     r.add("main.watchdog", rc == 0 and enabled and before is not None and after > before
           and bool(wd),
@@ -265,13 +296,49 @@ def judge_nopmu(g, out, rc, tsc_khz, r):
 def judge_deny(g, out, rc, tsc_khz, r):
     rows = perf_csv(out)
     cyc = perf_row(rows, "cycles")
-    host = [c for c in counters(g.snapshots.get("deny END")) if event_of(c) == AMD_CYCLES]
+    host = [c for c in counters(g.snapshots.get("deny END")) if event_of(c) == guest_cycles(g)]
     denied = [c for c in host if c["backing"]["kind"] == "denied"]
     opens = perf_event_opens(g.vmm_stderr())
-    r.add("deny.cycles", bool(cyc) and (cyc[0] or 0) == 0 and bool(denied)
+    # Intel's model tells the guest (CPUID.0AH:EBX), so its perf never
+    # programs cycles: "<not supported>"; AMD's cannot, so it counts 0.
+    told = guest_vendor(g) == "intel" and bool(cyc) and cyc[0] is None
+    r.add("deny.cycles", bool(cyc) and (cyc[0] or 0) == 0 and (bool(denied) or told)
           and opens is not None and opens == 0,
           f"perf stat cycles '{cyc[1] if cyc else None}'; host: {len(denied)} counter(s) "
           f"denied, {opens if opens is not None else '?'} perf_event_open")
+
+
+def judge_tracepoints(g, out, rc, tsc_khz, r):
+    """Static tracepoints for perf: tracefs and debugfs mounted, perf lists
+    the sched, syscalls and irq events, counts a syscall tracepoint and
+    records scheduler switches."""
+    f = facts(out)
+    mounts = f.get("mounts", "").split()
+    counts = {k[len("tracepoints_"):]: int(v) for k, v in f.items()
+              if k.startswith("tracepoints_") and v.isdigit()}
+    listed = f.get("listed", "").split()
+    want = ["irq:irq_handler_entry", "sched:sched_switch", "syscalls:sys_enter_openat"]
+    r.add("off.tracepoint-list",
+          "tracefs:/sys/kernel/tracing" in mounts and "debugfs:/sys/kernel/debug" in mounts
+          and all(counts.get(s, 0) > 0 for s in ("sched", "syscalls", "irq"))
+          and listed == want,
+          f"mounts {' '.join(mounts) or 'none'}; perf list tracepoint: "
+          + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no tracepoints")
+          + f"; listed {listed} (wanted {want})")
+    stat_lines = section(out, "perf-stat-openat:", "perf-record-switch:")
+    openat = perf_row(perf_csv(stat_lines), "syscalls:sys_enter_openat")
+    opened = int(f.get("opened", 0) or 0)
+    r.add("off.tracepoint-stat", bool(openat) and opened > 0 and (openat[0] or 0) >= opened,
+          f"perf stat -e syscalls:sys_enter_openat on a cat of {opened} files: "
+          f"'{openat[1] if openat else None}' (at least {opened})")
+    rec = section(out, "perf-record-switch:")
+    n = report_samples("\n".join(rec))
+    sleeps = int(f.get("sleeps", 0) or 0)
+    comms = [line.split()[-1] for line in rec if re.match(r"^\s*[\d.]+%\s+\S+", line)]
+    r.add("off.tracepoint-record",
+          rc == 0 and n is not None and sleeps > 0 and n >= sleeps and "sleep" in comms,
+          f"perf record -e sched:sched_switch over {sleeps} sleeps: {n} samples "
+          f"(at least {sleeps}), commands {comms}")
 
 
 # ---------------------------------------------------------------- smp --
@@ -360,7 +427,7 @@ def judge_migrate(g, out, rc, tsc_khz, r):
     else:
         r.add("smp.migrate", False, f"no cycles/task-clock count or steal figures: {out}")
     b, e = g.snapshots.get("migrate BEGIN"), g.snapshots.get("migrate END")
-    pid = (AMD_CYCLES | USR | OS)
+    pid = (guest_cycles(g) | USR | OS)
     if b and e:
         opens = stats_sum(e, "opens") - stats_sum(b, "opens")
         progs = stats_sum(e, "reprograms") - stats_sum(b, "reprograms")
@@ -411,9 +478,12 @@ GUESTS = {
     # No PMU driver: perf says cycles is not supported.
     "off": Kind(["--vpmu", "off"], [
         Check("nopmu", judge_nopmu, ["off.no-pmu"]),
+        # Tracepoints need no PMU: checked in this short guest.
+        Check("tracepoints", judge_tracepoints, ["off.tracepoint-list", "off.tracepoint-stat",
+                                                 "off.tracepoint-record"]),
     ]),
     # Cycles denied: cycles counts nothing, no host event.
-    "deny": Kind(["--vpmu-events", f"deny:{AMD_CYCLES:#x}"], [
+    "deny": Kind(["--vpmu-events", f"deny:{host_cycles():#x}"], [
         Check("deny", judge_deny, ["deny.cycles"]),
     ]),
     # 2 vCPUs: perf across CPUs.
@@ -462,3 +532,15 @@ def judge_run(g, r):
     r.add(f"{g.name}.run", g.rc == 0 and done is not None,
           f"vmm exit {g.rc} after {g.elapsed:.0f} s; /init "
           + (f"finished, perf-checks rc={done}" if done else "did not finish"))
+
+
+def judge_boot_log(g, r):
+    """The kernel's boot log: Linux loaded the VMM's ACPI tables (its
+    interpreter is on) and printed no ACPI error, exception or warning."""
+    text = g.text()
+    bad = boot_log_defects(text)
+    on = acpi_interpreter_on(text)
+    r.add(f"{g.name}.boot-log", on and not bad,
+          ("ACPI interpreter enabled" if on else "no 'ACPI: Interpreter enabled' line")
+          + (f"; {len(bad)} ACPI trouble line(s): " + " | ".join(bad[:3]) if bad
+             else "; no ACPI error, exception or warning"))

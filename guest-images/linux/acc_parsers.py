@@ -10,7 +10,17 @@ Pure functions of text or decoded JSON: no guest, no VMM, no clock
 import re
 
 AMD_CYCLES = 0x76
+# Intel's architectural core cycles; the model's fixed counter 1 exports
+# the same event (its programming id is 0x3c with the ring bits).
+INTEL_CYCLES = 0x3C
 USR, OS = 1 << 16, 1 << 17
+
+
+def model_vendor(doc):
+    """"amd" or "intel": the vendor of the vPMU model in a GET /vpmu
+    answer, or None (no model, no answer)."""
+    model = ((doc or {}).get("vm") or {}).get("model") or {}
+    return model.get("vendor")
 
 
 # ------------------------------------------------- perf-checks' markers --
@@ -60,6 +70,29 @@ def section(lines, start, stop=None):
         elif inside:
             out.append(line)
     return out
+
+
+# ------------------------------------------------------------ boot log --
+# How ACPICA starts every message of trouble it prints (ACPI_ERROR,
+# ACPI_EXCEPTION, ACPI_BIOS_ERROR, ACPI_WARNING, ACPI_BIOS_WARNING), and the
+# lines Linux adds when it cannot load or use the tables the VMM built.
+BOOT_LOG_DEFECTS = re.compile(
+    r"ACPI (?:BIOS )?(?:Error|Exception|Warning)"
+    r"|Unable to load the System Description Tables"
+    r"|Could not remove SCI handler"
+    r"|Unable to start the ACPI Interpreter")
+ACPI_ON = "ACPI: Interpreter enabled"
+
+
+def boot_log_defects(text):
+    """The lines of a serial log that say the kernel could not load or use
+    the VMM's ACPI tables (BOOT_LOG_DEFECTS), in order."""
+    return [line.strip() for line in text.splitlines() if BOOT_LOG_DEFECTS.search(line)]
+
+
+def acpi_interpreter_on(text):
+    """Whether Linux loaded the tables and turned its ACPI interpreter on."""
+    return ACPI_ON in text
 
 
 # ------------------------------------------------------------ perf stat --

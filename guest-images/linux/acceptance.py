@@ -9,7 +9,8 @@ out/cmdline) four times:
         through the api step, and takes its own profile of the guest
         (vmm profile, GET /profile) while the record step's workload runs;
   off   --vpmu off: no PMU driver, perf says cycles is not supported;
-  deny  --vpmu-events deny:0x76: cycles counts nothing, no host event;
+  deny  --vpmu-events deny:0x76 (0x3c on Intel): cycles counts nothing,
+        no host event;
   smp   --vcpus 2: perf stat -a and -A, perf record -a, a migrating task.
 
 main, off and deny run side by side; smp boots once off and deny have
@@ -43,7 +44,7 @@ import tempfile
 import time
 
 from acc_bench import bench_report
-from acc_checks import CHECKED, GUESTS, Report, judge_guest, judge_run, steps
+from acc_checks import CHECKED, GUESTS, Report, judge_boot_log, judge_guest, judge_run, steps
 from acc_runner import Guest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -124,6 +125,7 @@ def main():
     r = Report()
     for g in guests:
         judge_run(g, r)
+        judge_boot_log(g, r)
         judge_guest(g, r)
     print(f"acceptance: {len(guests)} guest(s) in {time.monotonic() - t0:.0f} s; "
           f"logs in {workdir}")

@@ -507,3 +507,24 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// A tool from Debian's packages (`prometheus`, `tmux`), installed by the
+/// project's script; `None` (the test skips with a message) where it
+/// cannot be installed, unless VMM_REQUIRE_KVM says this is CI.
+pub fn ensure_tool(tool: &str) -> Option<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ensure-tool.sh");
+    let out = Command::new(script)
+        .arg(tool)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    if out.status.success() {
+        return Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    }
+    assert!(
+        std::env::var_os("VMM_REQUIRE_KVM").is_none(),
+        "scripts/ensure-tool.sh {tool} failed and VMM_REQUIRE_KVM is set"
+    );
+    eprintln!("skipped: {tool} is not installed and cannot be installed here");
+    None
+}

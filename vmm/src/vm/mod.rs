@@ -8,7 +8,8 @@
 //!
 //! Owns: the VM's configuration ([`VmConfig`]), start errors
 //! ([`StartError`]), the kernel loader, the embedded probe image, the main
-//! event loop and the termination signals. Puts the other parts together
+//! event loop, the termination signals and the host terminal while it is
+//! the console. Puts the other parts together
 //! (vCPUs, vPMU plan, API, profiler, devices); nothing below imports it.
 
 pub mod config;
@@ -19,6 +20,7 @@ pub mod probe_image;
 mod reboot_log;
 pub mod signals;
 pub mod snapshot;
+mod terminal;
 
 pub use config::VmConfig;
 pub use error::StartError;
@@ -736,6 +738,12 @@ impl Vm {
         })?;
         let mut main_loop = MainLoop::new(self.control.clone(), self.serial.clone())
             .map_err(io_err("setting up the event loop"))?;
+        // The guest's console is this terminal: its line discipline, not
+        // the host's, echoes and edits (restored when the run ends).
+        let _raw_input = match self.config.serial {
+            SerialSink::Stdio => terminal::RawInput::enter(),
+            _ => None,
+        };
 
         let api_server = match &self.api_socket {
             Some(socket) => {

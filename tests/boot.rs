@@ -1,10 +1,11 @@
-//! Booting guests through the 64-bit entry and every way a guest can stop.
+//! Booting guests through the 64-bit entry, and Multiboot kernels through
+//! 32-bit protected mode, and every way a guest can stop.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{build_guest, run, stderr, stdout};
+use common::{build_guest, build_guest32, run, stderr, stdout};
 
 #[test]
 fn reset_ends_the_vmm_with_exit_0() {
@@ -157,4 +158,81 @@ fn mailbox_answers_bad_and_repeated_commands_as_the_spec_says() {
         "{}",
         stderr(&o)
     );
+}
+
+#[test]
+fn a_multiboot_kernel_gets_magic_command_line_memory_map_and_module_and_ends_through_port_0xf4() {
+    require_kvm!();
+    let kernel = build_guest32("multiboot");
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("module.txt");
+    std::fs::write(&module, "hello module\nsecond line\n").unwrap();
+    let o = run(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        module.to_str().unwrap(),
+        "--cmdline",
+        "test=one two",
+        "--memory",
+        "128",
+        "--timeout",
+        "20",
+    ]);
+    let (out, err) = (stdout(&o), stderr(&o));
+    // QEMU's isa-debug-exit code for the value 0x10 the kernel writes.
+    assert_eq!(o.status.code(), Some(33), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("multiboot: magic ok"), "{out}");
+    assert!(out.contains("multiboot: cmdline=test=one two"), "{out}");
+    // 128 MiB less the first MiB, in KiB.
+    assert!(
+        out.contains(&format!("mem_upper_kib={:#010x}", 127 * 1024)),
+        "{out}"
+    );
+    assert!(
+        out.contains("multiboot: mods=0x00000001 hello module"),
+        "{out}"
+    );
+    assert!(out.contains("multiboot: mmap_entries=0x00000002"), "{out}");
+    assert!(err.contains("debug-exit port 0xf4 (exit code 33)"), "{err}");
+
+    // No module: none announced.
+    let o = run(&["--kernel", kernel.to_str().unwrap(), "--timeout", "20"]);
+    assert_eq!(o.status.code(), Some(33), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("multiboot: mods=0x00000000"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn multiboot_kernels_vmm_cannot_boot_are_refused_in_one_line() {
+    require_kvm!();
+    let kernel = std::fs::read(build_guest32("multiboot")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let at = kernel
+        .windows(4)
+        .position(|w| w == 0x1BAD_B002u32.to_le_bytes())
+        .expect("the header");
+    let with_flags = |flags: u32| {
+        let mut image = kernel.clone();
+        let checksum = 0u32.wrapping_sub(0x1BAD_B002).wrapping_sub(flags);
+        image[at + 4..at + 8].copy_from_slice(&flags.to_le_bytes());
+        image[at + 8..at + 12].copy_from_slice(&checksum.to_le_bytes());
+        image
+    };
+    for (flags, expected) in [(4, "video mode"), (1 << 16, "flag 16"), (1 << 7, "0x80")] {
+        let path = dir.path().join(format!("flags-{flags:x}.elf"));
+        std::fs::write(&path, with_flags(flags)).unwrap();
+        let o = run(&["--kernel", path.to_str().unwrap(), "--timeout", "20"]);
+        common::assert_bad_input(&o, expected);
+    }
+    // A header in an image that is not a 32-bit ELF.
+    let mut not_elf = kernel.clone();
+    not_elf[4] = 2;
+    let path = dir.path().join("elf64-class.elf");
+    std::fs::write(&path, not_elf).unwrap();
+    let o = run(&["--kernel", path.to_str().unwrap(), "--timeout", "20"]);
+    common::assert_bad_input(&o, "32-bit ELF");
 }

@@ -13,6 +13,7 @@
 
 pub mod bus;
 pub mod console;
+pub mod debug_exit;
 pub mod i8042;
 pub mod mmio;
 pub mod mp_wakeup;
@@ -21,6 +22,7 @@ pub mod sync;
 
 pub use bus::{Address, Bus, BusDevice, PioBus, PioDevice};
 pub use console::{Console, ConsoleOutput, ConsoleStats};
+pub use debug_exit::{DebugExit, ExitLine};
 pub use i8042::{ResetLine, I8042};
 pub use mmio::{MmioBus, MmioDevice};
 pub use mp_wakeup::{ApStartError, ApStarter, MpWakeupMailbox};

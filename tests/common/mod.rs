@@ -47,6 +47,17 @@ macro_rules! require_kvm {
 
 /// Builds `tests/guests/<name>.S` into an ELF linked at 2 MiB.
 pub fn build_guest(name: &str) -> PathBuf {
+    build_guest_as(name, &[], &[])
+}
+
+/// Builds `tests/guests/<name>.S` into a 32-bit i386 ELF linked at 2 MiB
+/// (a Multiboot kernel).
+pub fn build_guest32(name: &str) -> PathBuf {
+    build_guest_as(name, &["-m32"], &["-m", "elf_i386"])
+}
+
+/// Builds `tests/guests/<name>.S` with extra assembler and linker flags.
+fn build_guest_as(name: &str, cc_flags: &[&str], ld_flags: &[&str]) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/guests")
         .join(format!("{name}.S"));
@@ -55,6 +66,7 @@ pub fn build_guest(name: &str) -> PathBuf {
     let obj = dir.join(format!("{name}.o"));
     let elf = dir.join(format!("{name}.elf"));
     let status = Command::new("cc")
+        .args(cc_flags)
         .args(["-c", "-o"])
         .arg(&obj)
         .arg(&src)
@@ -62,6 +74,7 @@ pub fn build_guest(name: &str) -> PathBuf {
         .expect("running cc");
     assert!(status.success(), "assembling {}", src.display());
     let status = Command::new("ld")
+        .args(ld_flags)
         .args([
             "-static",
             "-nostdlib",

@@ -156,6 +156,64 @@ pub fn setup_boot_cpu(vcpu: &VcpuFd, entry: u64) -> Result<(), RegsError> {
     setup_long_mode(vcpu, entry, BOOT_STACK_TOP, ZERO_PAGE_START, &BSP_TABLES)
 }
 
+/// Puts the boot vCPU at a Multiboot kernel's entry: 32-bit protected
+/// mode, paging off, flat 4 GiB code and data segments, interrupts off,
+/// `EAX` = `magic` and `EBX` = the Multiboot information (the
+/// specification's machine state; the kernel sets up its own GDT).
+pub fn setup_multiboot_cpu(
+    vcpu: &VcpuFd,
+    entry: u64,
+    info: u64,
+    magic: u32,
+) -> Result<(), RegsError> {
+    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+    let flat = |selector: u16, type_: u8| kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    // Execute/read and read/write, both accessed.
+    let (code, data) = (flat(SELECTOR_CODE, 0xb), flat(SELECTOR_DATA, 0x3));
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment(boot_gdt()[3], SELECTOR_TSS);
+    sregs.gdt.base = BSP_TABLES.gdt;
+    sregs.gdt.limit = (std::mem::size_of_val(&boot_gdt()) - 1) as u16;
+    sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
+    let regs = kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        rax: u64::from(magic),
+        rbx: info,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))
+}
+
 /// Starts a parked secondary vCPU at `vector`, in the state the ACPI MP
 /// wakeup structure promises: 64-bit mode, paging on with the vector
 /// identity-mapped, flat selectors, interrupts off. Then it is runnable.

@@ -38,6 +38,8 @@ Exit codes:
      failed entry or a vCPU error (the reason and guest RIP are printed)
   2  bad input, or a host that cannot run the VM (nothing was started)
   3  --timeout expired
+  (v<<1)|1  a Multiboot guest wrote v to the debug-exit port 0xf4 (QEMU's
+     isa-debug-exit convention: 1 when it wrote 0)
   128+N  stopped by signal N (SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1,
      SIGUSR2), also during start-up";
 
@@ -251,8 +253,9 @@ impl StatArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Kernel to boot: an ELF vmlinux or a bzImage. Without it, the built-in
-    /// probe guest boots.
+    /// Kernel to boot: an ELF vmlinux, a bzImage, or a Multiboot (v1) 32-bit
+    /// ELF (entered in protected mode; --initrd is its module). Without it,
+    /// the built-in probe guest boots.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// Initial ramdisk for the kernel.

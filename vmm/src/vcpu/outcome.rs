@@ -4,7 +4,8 @@
 //! 1 the guest stopped abnormally (shutdown/triple fault, KVM internal error,
 //! failed entry, vCPU error); 2 bad input or a host that cannot run the VM
 //! ([`crate::vm::StartError`]); 3 `--timeout` expired; 128+N a termination
-//! signal N (also during start-up).
+//! signal N (also during start-up); a Multiboot guest's write to the
+//! debug-exit port: QEMU's `(value << 1) | 1`.
 
 use std::fmt;
 
@@ -34,6 +35,8 @@ pub enum Outcome {
     Timeout { seconds: f64 },
     /// The VMM was asked to stop (SIGINT/SIGTERM).
     Terminated { signal: i32 },
+    /// A Multiboot guest wrote `value` to the debug-exit port (0xf4).
+    GuestExit { value: u32 },
 }
 
 impl Outcome {
@@ -42,6 +45,7 @@ impl Outcome {
             Outcome::Reset => 0,
             Outcome::Timeout { .. } => 3,
             Outcome::Terminated { signal } => 128 + signal,
+            Outcome::GuestExit { value } => devices::debug_exit::exit_code(*value),
             _ => 1,
         }
     }
@@ -55,6 +59,11 @@ impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Outcome::Reset => write!(f, "guest reset the machine"),
+            Outcome::GuestExit { value } => write!(
+                f,
+                "guest wrote {value:#x} to the debug-exit port 0xf4 (exit code {})",
+                devices::debug_exit::exit_code(*value)
+            ),
             Outcome::Shutdown { vcpu, rip } => write!(
                 f,
                 "guest shut down (triple fault) on vCPU {vcpu} at RIP {}",

@@ -168,6 +168,8 @@ fn check_placement(mem_size: u64, regions: &[(String, u64, u64)]) -> Result<(), 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImageKind {
     Elf,
+    /// A 32-bit ELF with a Multiboot header, entered in protected mode.
+    Multiboot,
     /// A bzImage booted through the ELF payload we unpacked.
     BzImagePayload,
     /// A bzImage entered at its 64-bit entry (the kernel decompresses).
@@ -250,6 +252,9 @@ fn load_image(
         mem_size,
         path: source.name(),
     };
+    if let Some(header) = super::multiboot::find_header(image) {
+        return target.load_multiboot(image, &header);
+    }
     if is_elf(image) {
         return target.load_checked_elf(image, ImageKind::Elf, None);
     }
@@ -326,6 +331,40 @@ impl Target<'_> {
             kind,
             entry,
             header,
+            regions,
+            file: None,
+        })
+    }
+
+    /// A Multiboot kernel: its 32-bit ELF segments, where it asked.
+    fn load_multiboot(
+        &self,
+        image: &[u8],
+        header: &super::multiboot::Header,
+    ) -> Result<LoadedKernel, LoadError> {
+        use super::multiboot;
+        if let Some(why) = multiboot::unsupported(header) {
+            return Err(self.invalid(format!("a Multiboot kernel vmm cannot boot: {why}")));
+        }
+        let segments = multiboot::elf32_segments(image).map_err(|e| self.invalid(e))?;
+        let end = segments.iter().map(|s| s.end).max().unwrap_or(0);
+        if end >= self.mem_size {
+            return Err(self.too_small(end));
+        }
+        let path = self.path.display();
+        let regions: Vec<(String, u64, u64)> = segments
+            .iter()
+            .map(|s| {
+                let what = format!("kernel {path}: Multiboot ELF segment {}", s.index);
+                (what, s.start, s.end)
+            })
+            .collect();
+        check_placement(self.mem_size, &regions)?;
+        multiboot::load_segments(self.mem, image, &segments).map_err(|e| self.invalid(e))?;
+        Ok(LoadedKernel {
+            kind: ImageKind::Multiboot,
+            entry: multiboot::elf32_entry(image),
+            header: None,
             regions,
             file: None,
         })

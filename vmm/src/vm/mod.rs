@@ -16,6 +16,7 @@ pub mod config;
 mod error;
 pub mod event_loop;
 pub mod loader;
+mod multiboot;
 pub mod probe_image;
 mod reboot_log;
 pub mod signals;
@@ -65,6 +66,15 @@ const I8042_BASE: u16 = 0x60;
 const CONSOLE_STALL: Duration = Duration::from_secs(1);
 /// ...and this long in all to write what the guest left buffered.
 const CONSOLE_DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// The debug-exit port (Multiboot guests): the guest's status ends the run.
+struct ExitToControl(Arc<VmControl>);
+
+impl devices::ExitLine for ExitToControl {
+    fn exit(&self, value: u32) {
+        self.0.finish(Outcome::GuestExit { value });
+    }
+}
 
 /// The i8042's reset line: the guest's reset ends the run.
 struct ResetToControl(Arc<VmControl>);
@@ -382,6 +392,16 @@ fn load_guest(
         reason: e.to_string(),
     })?;
     regs::write_boot_tables(memory)?;
+    if kernel.kind == ImageKind::Multiboot {
+        let module = initrd.map(|i| multiboot::Module {
+            start: i.address,
+            end: i.address + i.size,
+        });
+        multiboot::write_info(memory, mem_size, module).map_err(|e| StartError::GuestWrite {
+            what: "the Multiboot information",
+            reason: e.to_string(),
+        })?;
+    }
     Ok(kernel)
 }
 
@@ -421,12 +441,14 @@ struct Serial {
     console: Option<Console>,
 }
 
-/// A boot's port I/O bus: COM1 on its irqfd and an i8042.
+/// A boot's port I/O bus: COM1 on its irqfd and an i8042; for a
+/// Multiboot guest (`debug_exit`), QEMU's debug-exit port too.
 fn create_bus(
     vm_fd: &VmFd,
     serial: &Arc<Mutex<SerialDevice>>,
     serial_irq: &EventFd,
     control: &Arc<VmControl>,
+    debug_exit: bool,
 ) -> Result<Arc<PioBus>, StartError> {
     vm_fd
         .register_irqfd(serial_irq, COM1_IRQ)
@@ -439,6 +461,14 @@ fn create_bus(
     let mut bus = PioBus::new();
     bus.insert(serial.clone(), COM1_BASE, 8)
         .and_then(|_| bus.insert(i8042, I8042_BASE, 5))?;
+    if debug_exit {
+        let port = devices::DebugExit::new(Box::new(ExitToControl(control.clone())));
+        bus.insert(
+            Arc::new(Mutex::new(port)),
+            devices::debug_exit::DEBUG_EXIT_PORT,
+            devices::debug_exit::DEBUG_EXIT_LEN,
+        )?;
+    }
     Ok(Arc::new(bus))
 }
 
@@ -451,7 +481,7 @@ fn configure_vcpu(
     index: u8,
     num_vcpus: u8,
     cpuid: &CpuId,
-    entry: u64,
+    entry: BootEntry,
 ) -> Result<(), StartError> {
     let mut cpuid = cpuid.clone();
     cpuid::apply_topology(cpuid.as_mut_slice(), index, num_vcpus);
@@ -459,9 +489,23 @@ fn configure_vcpu(
         .map_err(StartError::kvm("KVM_SET_CPUID2"))?;
     regs::setup_lint(fd)?;
     if index == 0 {
-        regs::setup_boot_cpu(fd, entry)?;
+        match entry {
+            BootEntry::LongMode(entry) => regs::setup_boot_cpu(fd, entry)?,
+            BootEntry::Multiboot(entry) => {
+                regs::setup_multiboot_cpu(fd, entry, multiboot::INFO_ADDR, multiboot::BOOT_MAGIC)?
+            }
+        }
     }
     Ok(())
+}
+
+/// Where and how the boot vCPU enters the kernel.
+#[derive(Clone, Copy)]
+enum BootEntry {
+    /// The 64-bit boot protocol (Linux, the probe).
+    LongMode(u64),
+    /// A Multiboot kernel, in 32-bit protected mode.
+    Multiboot(u64),
 }
 
 /// What every vCPU of a boot shares.
@@ -561,6 +605,8 @@ impl Vm {
             cmdline: config.cmdline.clone(),
             kernel: snapshot::KernelIdentity::of(config.kernel.as_deref()),
             initrd: config.initrd.clone(),
+            // Known once a boot loaded the kernel (`BootParts`).
+            multiboot: false,
         };
         let mut vm = Vm::assemble(config, kvm, plan, vcpu_cpuid, saved)?;
         vm.boot = Some(vm.build_boot()?);
@@ -651,14 +697,25 @@ impl Vm {
                 (Some(file), Some(path)) => KernelImage::booted(path.clone(), file),
                 _ => KernelImage::Probe(probe_image::PROBE_ELF),
             });
-        let bus = create_bus(&vm_fd, &self.serial, &self.serial_irq, &self.control)?;
+        let multiboot = kernel.kind == ImageKind::Multiboot;
+        let bus = create_bus(
+            &vm_fd,
+            &self.serial,
+            &self.serial_irq,
+            &self.control,
+            multiboot,
+        )?;
         let gate = ApGate::new(usize::from(num_vcpus));
         let mailbox = new_mailbox(num_vcpus, &gate);
         let mmio = create_mmio(mailbox.as_ref())?;
 
         let mut vcpus = Vec::with_capacity(vcpu_fds.len());
         for (index, fd) in (0..num_vcpus).zip(vcpu_fds) {
-            configure_vcpu(&fd, index, num_vcpus, &self.vcpu_cpuid, kernel.entry)?;
+            let entry = match multiboot {
+                true => BootEntry::Multiboot(kernel.entry),
+                false => BootEntry::LongMode(kernel.entry),
+            };
+            configure_vcpu(&fd, index, num_vcpus, &self.vcpu_cpuid, entry)?;
             let carried = self.export.latest(index).map(|view| view.totals());
             let parts = VcpuParts {
                 vm_fd: &vm_fd,
@@ -679,6 +736,7 @@ impl Vm {
                 memory,
                 gate,
                 mailbox,
+                multiboot,
             },
         })
     }

@@ -103,6 +103,9 @@ pub struct SavedConfig {
     pub kernel: KernelIdentity,
     /// `--initrd`, for a reboot of the restored guest.
     pub initrd: Option<PathBuf>,
+    /// A Multiboot kernel: the debug-exit port is there.
+    #[serde(default)]
+    pub multiboot: bool,
 }
 
 /// Which kernel runs in the guest (for the profiler's symbols after a
@@ -293,6 +296,8 @@ pub struct BootParts {
     pub memory: GuestMemoryMmap,
     pub gate: Arc<ApGate>,
     pub mailbox: Option<Arc<Mutex<MpWakeupMailbox>>>,
+    /// The boot's kernel is a Multiboot one.
+    pub multiboot: bool,
 }
 
 /// Takes snapshots of one VM, across its boots (the API's [`Snapshots`]).
@@ -360,7 +365,10 @@ impl Snapshotter {
             vcpus[index] = SavedSlot::Running(Box::new(state));
         }
         let mut state = SnapshotState {
-            config: self.config.clone(),
+            config: SavedConfig {
+                multiboot: boot.multiboot,
+                ..self.config.clone()
+            },
             vcpus,
             vm,
             serial: self.serial.lock().recover().save(),

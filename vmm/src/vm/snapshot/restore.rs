@@ -25,7 +25,7 @@ use crate::vcpu::ap_start::ApGate;
 use crate::vm::config::CpuVendor;
 use crate::vm::{
     configure_vcpu, create_bus, create_mmio, create_vm, io_err, probe_image, register_memory,
-    signals, snapshot, validate, Boot, StartError, VcpuParts, Vm, VmConfig,
+    signals, snapshot, validate, Boot, BootEntry, StartError, VcpuParts, Vm, VmConfig,
 };
 
 impl Vm {
@@ -109,7 +109,13 @@ impl Vm {
             .map_err(|e| StartError::Config(format!("cannot restore the VM's state: {e}")))?;
         self.profiles.booted(kernel_image(&state.config.kernel));
 
-        let bus = create_bus(&vm_fd, &self.serial, &self.serial_irq, &self.control)?;
+        let bus = create_bus(
+            &vm_fd,
+            &self.serial,
+            &self.serial_irq,
+            &self.control,
+            state.config.multiboot,
+        )?;
         let parked: Vec<bool> = state
             .vcpus
             .iter()
@@ -132,7 +138,13 @@ impl Vm {
                     (pmu.as_ref().map(|p| p.totals.clone()), pmu, tsc_khz, None)
                 }
                 SavedSlot::Parked { totals } => {
-                    configure_vcpu(&fd, index, num_vcpus, &self.vcpu_cpuid, 0)?;
+                    configure_vcpu(
+                        &fd,
+                        index,
+                        num_vcpus,
+                        &self.vcpu_cpuid,
+                        BootEntry::LongMode(0),
+                    )?;
                     let tsc_khz = fd.get_tsc_khz().ok();
                     (totals.clone(), None, tsc_khz, Some(gate.clone()))
                 }
@@ -155,6 +167,7 @@ impl Vm {
                 memory,
                 gate,
                 mailbox,
+                multiboot: state.config.multiboot,
             },
         })
     }

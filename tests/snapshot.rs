@@ -97,8 +97,10 @@ fn counters_pmis_and_totals_continue_after_a_restore_where_they_were() {
     require_kvm!();
     let _serial = timing_lock();
     let dir = tempfile::tempdir().unwrap();
+    // 8 s of TSC: the guest's loop still runs after a restore that comes
+    // seconds later on a loaded host (these hosts' TSC runs on meanwhile).
     let vm = Running::start(
-        "probe.tests=pmi probe.pmi_ms=5000 probe.pmi_period=5000000",
+        "probe.tests=pmi probe.pmi_ms=8000 probe.pmi_period=5000000",
         &[],
     );
     let (before, restored) = save_and_restore(vm, dir.path(), Duration::from_millis(1500), &[]);

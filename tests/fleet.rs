@@ -522,16 +522,6 @@ fn exporter_flags_are_checked() {
     common::assert_bad_input(&run(&order), "--vm-timeout");
 }
 
-/// Runs tmux with `args` on the test's own server socket.
-fn tmux(server: &Path, args: &[&str]) -> std::process::Output {
-    Command::new("tmux")
-        .arg("-S")
-        .arg(server)
-        .args(args)
-        .output()
-        .expect("running tmux")
-}
-
 #[test]
 fn top_shows_every_vm_live_under_tmux_and_q_quits_with_0() {
     require_kvm!();
@@ -553,7 +543,7 @@ fn top_shows_every_vm_live_under_tmux_and_q_quits_with_0() {
         dir.path().display(),
         status.display()
     );
-    let new = tmux(
+    let new = common::tmux(
         &server,
         &["new-session", "-d", "-x", "120", "-y", "20", &command],
     );
@@ -561,8 +551,8 @@ fn top_shows_every_vm_live_under_tmux_and_q_quits_with_0() {
     // Each VM's row with a cycle rate (a figure with a unit: G, M or k).
     let deadline = Instant::now() + Duration::from_secs(20);
     let pane = loop {
-        let pane =
-            String::from_utf8_lossy(&tmux(&server, &["capture-pane", "-p"]).stdout).into_owned();
+        let pane = String::from_utf8_lossy(&common::tmux(&server, &["capture-pane", "-p"]).stdout)
+            .into_owned();
         let counting = |n: &str| {
             pane.lines().any(|l| {
                 let cells: Vec<&str> = l
@@ -586,14 +576,14 @@ fn top_shows_every_vm_live_under_tmux_and_q_quits_with_0() {
         pane.contains("cycles/s/vCPU") && pane.contains("running"),
         "{pane}"
     );
-    tmux(&server, &["send-keys", "q"]);
+    common::tmux(&server, &["send-keys", "q"]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !status.exists() {
         assert!(Instant::now() < deadline, "q did not end vmm top");
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(std::fs::read_to_string(&status).unwrap().trim(), "0");
-    let _ = tmux(&server, &["kill-server"]);
+    let _ = common::tmux(&server, &["kill-server"]);
     // The plain mode, for scripts.
     let once = common::run(&[
         "top",

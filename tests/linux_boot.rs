@@ -695,19 +695,9 @@ fn a_linux_guest_restored_from_a_snapshot_runs_perf_and_counts_across_the_restor
 /// two commands typed at its shell, the reboot.
 const SHELL_TIMEOUT_S: u64 = 1200;
 
-/// Runs tmux with `args` on the test's own server socket.
-fn tmux(server: &Path, args: &[&str]) -> std::process::Output {
-    Command::new("tmux")
-        .arg("-S")
-        .arg(server)
-        .args(args)
-        .output()
-        .expect("running tmux")
-}
-
 /// Everything the pane showed, its history included, wrapped lines joined.
 fn pane_history(server: &Path) -> String {
-    String::from_utf8_lossy(&tmux(server, &["capture-pane", "-p", "-J", "-S", "-"]).stdout)
+    String::from_utf8_lossy(&common::tmux(server, &["capture-pane", "-p", "-J", "-S", "-"]).stdout)
         .into_owned()
 }
 
@@ -802,7 +792,7 @@ fn guest_shell_under_tmux_echoes_each_key_once_and_shows_no_terminal_answers() {
         initrd = img.out.join("initramfs.cpio").display(),
         cmdline = base.trim(),
     );
-    let new = tmux(
+    let new = common::tmux(
         &server,
         &["new-session", "-d", "-x", "160", "-y", "50", &command],
     );
@@ -820,8 +810,8 @@ fn guest_shell_under_tmux_echoes_each_key_once_and_shows_no_terminal_answers() {
     let prompt = last_line(&screen).trim_end().to_string();
     // A command as a user types it: its output is not its own text.
     let typed = "echo shell-$((6 * 7))-ok";
-    tmux(&server, &["send-keys", "-l", typed]);
-    tmux(&server, &["send-keys", "Enter"]);
+    common::tmux(&server, &["send-keys", "-l", typed]);
+    common::tmux(&server, &["send-keys", "Enter"]);
     let screen = wait_pane(
         &server,
         Duration::from_secs(120),
@@ -832,8 +822,8 @@ fn guest_shell_under_tmux_echoes_each_key_once_and_shows_no_terminal_answers() {
                 && s.matches(prompt.as_str()).count() >= 2
         },
     );
-    tmux(&server, &["send-keys", "-l", "exit"]);
-    tmux(&server, &["send-keys", "Enter"]);
+    common::tmux(&server, &["send-keys", "-l", "exit"]);
+    common::tmux(&server, &["send-keys", "Enter"]);
     let deadline = Instant::now() + Duration::from_secs(300);
     while fs::read_to_string(&status).map_or(true, |s| s.trim().is_empty()) {
         assert!(
@@ -845,7 +835,7 @@ fn guest_shell_under_tmux_echoes_each_key_once_and_shows_no_terminal_answers() {
     }
     std::thread::sleep(Duration::from_millis(300));
     let end = pane_history(&server);
-    let _ = tmux(&server, &["kill-server"]);
+    let _ = common::tmux(&server, &["kill-server"]);
     let context = format!("the pane:\n{}", tail(&end, 30));
     eprintln!("{context}");
     // The shell sends a cursor-position query at each prompt; the answer

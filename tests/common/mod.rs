@@ -521,6 +521,17 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Runs tmux with `args` on the test's own server socket (the tests that
+/// drive a terminal: `vmm top`, the guest shell).
+pub fn tmux(server: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("tmux")
+        .arg("-S")
+        .arg(server)
+        .args(args)
+        .output()
+        .expect("running tmux")
+}
+
 /// A tool from Debian's packages (`prometheus`, `tmux`), installed by the
 /// project's script; `None` (the test skips with a message) where it
 /// cannot be installed, unless VMM_REQUIRE_KVM says this is CI.

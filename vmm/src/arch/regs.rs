@@ -198,20 +198,16 @@ pub fn setup_multiboot_cpu(
     sregs.cr4 = 0;
     sregs.efer = 0;
     vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
-    let regs = kvm_regs {
-        rflags: 0x2,
-        rip: entry,
-        rax: u64::from(magic),
-        rbx: info,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
-    vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))
+    enter_with(
+        vcpu,
+        kvm_regs {
+            rflags: 0x2,
+            rip: entry,
+            rax: u64::from(magic),
+            rbx: info,
+            ..Default::default()
+        },
+    )
 }
 
 /// Starts a parked secondary vCPU at `vector`, in the state the ACPI MP
@@ -253,17 +249,22 @@ fn setup_long_mode(
     sregs.cr0 |= X86_CR0_PE | X86_CR0_MP | X86_CR0_ET | X86_CR0_NE | X86_CR0_WP | X86_CR0_PG;
     sregs.efer |= EFER_LME | EFER_LMA;
     vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
+    enter_with(
+        vcpu,
+        kvm_regs {
+            rflags: 0x2,
+            rip: entry,
+            rsp: stack_top,
+            rbp: stack_top,
+            rsi: zero_page,
+            ..Default::default()
+        },
+    )
+}
 
-    let regs = kvm_regs {
-        rflags: 0x2,
-        rip: entry,
-        rsp: stack_top,
-        rbp: stack_top,
-        rsi: zero_page,
-        ..Default::default()
-    };
+/// The general registers of an entry, and the FPU at its reset state.
+fn enter_with(vcpu: &VcpuFd, regs: kvm_regs) -> Result<(), RegsError> {
     vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
-
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,

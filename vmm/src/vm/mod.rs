@@ -508,6 +508,14 @@ enum BootEntry {
     Multiboot(u64),
 }
 
+/// The VM's `count` vCPUs, by index (which is the APIC ID).
+fn create_vcpus(vm_fd: &VmFd, count: u8) -> Result<Vec<VcpuFd>, StartError> {
+    (0..count)
+        .map(|id| vm_fd.create_vcpu(u64::from(id)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(StartError::kvm("KVM_CREATE_VCPU"))
+}
+
 /// What every vCPU of a boot shares.
 struct VcpuParts<'a> {
     vm_fd: &'a Arc<VmFd>,
@@ -683,10 +691,7 @@ impl Vm {
         let vm_fd = Arc::new(create_vm(&self.kvm, plan, bench_msr)?);
         let memory = create_memory(&vm_fd, config.memory_mib)?;
         let num_vcpus = config.vcpus as u8;
-        let vcpu_fds = (0..num_vcpus)
-            .map(|id| vm_fd.create_vcpu(u64::from(id)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(StartError::kvm("KVM_CREATE_VCPU"))?;
+        let vcpu_fds = create_vcpus(&vm_fd, num_vcpus)?;
         let tsc_khz = vcpu_fds[0].get_tsc_khz().ok();
         let cmdline = guest_cmdline(config, tsc_khz, plan);
         let mut kernel = load_guest(config, &memory, num_vcpus, &cmdline)?;

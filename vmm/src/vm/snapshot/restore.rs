@@ -24,8 +24,9 @@ use crate::profile::KernelImage;
 use crate::vcpu::ap_start::ApGate;
 use crate::vm::config::CpuVendor;
 use crate::vm::{
-    configure_vcpu, create_bus, create_mmio, create_vm, io_err, probe_image, register_memory,
-    signals, snapshot, validate, Boot, BootEntry, StartError, VcpuParts, Vm, VmConfig,
+    configure_vcpu, create_bus, create_mmio, create_vcpus, create_vm, io_err, probe_image,
+    register_memory, signals, snapshot, validate, Boot, BootEntry, StartError, VcpuParts, Vm,
+    VmConfig,
 };
 
 impl Vm {
@@ -99,10 +100,7 @@ impl Vm {
         let memory = map_memory(opened)?;
         register_memory(&vm_fd, &memory)?;
         let num_vcpus = self.config.vcpus as u8;
-        let vcpu_fds = (0..num_vcpus)
-            .map(|id| vm_fd.create_vcpu(u64::from(id)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(StartError::kvm("KVM_CREATE_VCPU"))?;
+        let vcpu_fds = create_vcpus(&vm_fd, num_vcpus)?;
         state
             .vm
             .apply(&vm_fd)

@@ -237,6 +237,44 @@ impl HostCpuid {
     }
 }
 
+impl HostCpuid {
+    /// What these leaves say of the host's PMU, read as `vendor` defines
+    /// them (a hypervisor may advertise what host perf cannot use: compare
+    /// with [`crate::backend::perf::PerfBackend::probe_hardware`]).
+    pub fn describe(&self, vendor: Option<Vendor>) -> String {
+        match vendor {
+            Some(Vendor::Intel) => {
+                let a = self.leaf_0xa.eax;
+                let (version, gp, gp_width) = (a & 0xff, (a >> 8) & 0xff, (a >> 16) & 0xff);
+                if version == 0 {
+                    return "CPUID 0xA: no architectural perfmon (version 0)".into();
+                }
+                let d = self.leaf_0xa.edx;
+                let (fixed, fixed_width) = (d & 0x1f, (d >> 5) & 0xff);
+                format!(
+                    "CPUID 0xA: Intel architectural perfmon v{version}, {gp} general-purpose \
+                     counters ({gp_width} bits), {fixed} fixed ({fixed_width} bits)"
+                )
+            }
+            Some(Vendor::Amd) => {
+                let core = if self.ext_features_ecx & (1 << 23) != 0 {
+                    "6 core counters (PerfCtrExtCore)"
+                } else {
+                    "4 legacy counters (no PerfCtrExtCore)"
+                };
+                let v2 = &self.leaf_0x8000_0022;
+                let perfmon_v2 = if v2.eax & 1 != 0 {
+                    format!("PerfMonV2 with {} counters", v2.ebx & 0xf)
+                } else {
+                    "no PerfMonV2".into()
+                };
+                format!("CPUID 0x80000001/0x80000022: AMD, {core}, {perfmon_v2}")
+            }
+            None => "neither AMD nor Intel: no PMU leaves read".into(),
+        }
+    }
+}
+
 impl PmuModel {
     /// A model of the vendor of `features`; check it with
     /// [`PmuModel::validate`].
@@ -350,6 +388,42 @@ pub(crate) fn merge_ranges(mut ranges: Vec<MsrRange>) -> Vec<MsrRange> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_pmu_leaves_are_read_as_their_vendor_defines_them() {
+        let regs = |eax, ebx, edx| CpuidRegs {
+            eax,
+            ebx,
+            ecx: 0,
+            edx,
+        };
+        let intel = HostCpuid {
+            // v4, 8 counters of 48 bits; 3 fixed of 48 bits.
+            leaf_0xa: regs(0x0730_0804, 0, (48 << 5) | 3),
+            ..Default::default()
+        };
+        assert_eq!(
+            intel.describe(Some(Vendor::Intel)),
+            "CPUID 0xA: Intel architectural perfmon v4, 8 general-purpose counters (48 bits), \
+             3 fixed (48 bits)"
+        );
+        assert!(HostCpuid::default()
+            .describe(Some(Vendor::Intel))
+            .contains("no architectural perfmon"));
+        let amd = HostCpuid {
+            ext_features_ecx: 1 << 23,
+            leaf_0x8000_0022: regs(1, 6, 0),
+            ..Default::default()
+        };
+        assert_eq!(
+            amd.describe(Some(Vendor::Amd)),
+            "CPUID 0x80000001/0x80000022: AMD, 6 core counters (PerfCtrExtCore), PerfMonV2 with \
+             6 counters"
+        );
+        assert!(HostCpuid::default()
+            .describe(Some(Vendor::Amd))
+            .ends_with("4 legacy counters (no PerfCtrExtCore), no PerfMonV2"));
+    }
 
     #[test]
     fn the_vendor_is_the_variant_of_its_features() {

@@ -5,18 +5,18 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Once;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::signals::{notify_here, SIGNALS};
 use common::TSC_KHZ;
 use vpmu::backend::gate::{Gated, OpenGate};
 use vpmu::backend::perf::PerfBackend;
 use vpmu::evtsel::{EN, INT, OS, USR};
 use vpmu::msr::*;
 use vpmu::{
-    Backend, BackendError, Backing, EventPolicy, EventSource, EventSpec, GuestClock,
-    OverflowNotify, PmuModel, Vendor, Vpmu,
+    Backend, BackendError, Backing, EventPolicy, EventSource, EventSpec, GuestClock, PmuModel,
+    Vendor, Vpmu,
 };
 
 const MS: u64 = 1_000_000;
@@ -37,37 +37,6 @@ fn spin(ns: u64) {
     let start = thread_cpu_ns();
     while thread_cpu_ns() - start < ns {
         std::hint::spin_loop();
-    }
-}
-
-static SIGNALS: AtomicU64 = AtomicU64::new(0);
-static HANDLER: Once = Once::new();
-
-extern "C" fn count_signal(_: libc::c_int) {
-    SIGNALS.fetch_add(1, Ordering::SeqCst);
-}
-
-/// A real-time signal whose handler counts deliveries.
-fn overflow_signal() -> i32 {
-    let signal = libc::SIGRTMIN() + 5;
-    HANDLER.call_once(|| {
-        // SAFETY: installs an async-signal-safe handler (one atomic add)
-        // with a zeroed, then filled, sigaction.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = count_signal as *const () as usize;
-            action.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut action.sa_mask);
-            assert_eq!(libc::sigaction(signal, &action, std::ptr::null_mut()), 0);
-        }
-    });
-    signal
-}
-
-fn notify_here() -> OverflowNotify {
-    OverflowNotify {
-        tid: PerfBackend::current_tid(),
-        signal: overflow_signal(),
     }
 }
 

@@ -11,10 +11,15 @@ const INTEL_ID: &[u8; 12] = b"GenuineIntel";
 /// The vendor KVM reports in leaf 0 (it is the host's), if AMD or Intel.
 pub fn vendor(entries: &[kvm_cpuid_entry2]) -> Option<Vendor> {
     let e = entries.iter().find(|e| e.function == 0)?;
+    vendor_of_leaf0(e.ebx, e.edx, e.ecx)
+}
+
+/// The vendor whose name leaf 0's EBX, EDX, ECX spell, if AMD or Intel.
+pub fn vendor_of_leaf0(ebx: u32, edx: u32, ecx: u32) -> Option<Vendor> {
     let mut id = [0u8; 12];
-    id[..4].copy_from_slice(&e.ebx.to_le_bytes());
-    id[4..8].copy_from_slice(&e.edx.to_le_bytes());
-    id[8..].copy_from_slice(&e.ecx.to_le_bytes());
+    id[..4].copy_from_slice(&ebx.to_le_bytes());
+    id[4..8].copy_from_slice(&edx.to_le_bytes());
+    id[8..].copy_from_slice(&ecx.to_le_bytes());
     match &id {
         AMD_ID => Some(Vendor::Amd),
         INTEL_ID => Some(Vendor::Intel),

@@ -9,6 +9,7 @@
 //! nothing imports it.
 
 pub mod exporter;
+pub mod host;
 pub mod profile;
 pub mod snapshot;
 pub mod stat;
@@ -89,6 +90,18 @@ enum Command {
     /// FILE` continues it, here or in any number of other VMMs.
     #[command(after_help = SNAPSHOT_EXIT_CODES)]
     Snapshot(SnapshotArgs),
+    /// What this host offers a vPMU (its PMU, host perf, KVM's PMU,
+    /// RDPMC) and the plan `vmm run --vpmu on` would make for an AMD and
+    /// an Intel guest: how counters would be backed and why. Starts no
+    /// guest. `scripts/pmu-host-check` runs the checks it allows.
+    Host(HostArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HostArgs {
+    /// Print the report as JSON (for scripts).
+    #[arg(long)]
+    json: bool,
 }
 
 const SNAPSHOT_EXIT_CODES: &str = "\
@@ -442,6 +455,7 @@ where
         Some(Command::Snapshot(args)) => {
             return snapshot::run(&args.api_socket, &args.path, args.force, !args.stay_paused)
         }
+        Some(Command::Host(args)) => return host::run(args.json),
         Some(Command::Top(args)) => {
             return top::run(&top::TopOptions {
                 sockets: args.sockets.clone(),

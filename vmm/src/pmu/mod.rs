@@ -127,7 +127,7 @@ impl HostPmu {
     /// perf cannot count the guest's events (its event codes mean other
     /// events on the host's PMU) and KVM's in-kernel PMU, which would
     /// answer RDPMC, models the host's vendor.
-    fn for_guest_vendor(&self, guest: Vendor) -> HostPmu {
+    pub fn for_guest_vendor(&self, guest: Vendor) -> HostPmu {
         if self.vendor == Some(guest) {
             return self.clone();
         }

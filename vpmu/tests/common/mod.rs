@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod signals;
+
 use vpmu::backend::fake::FakeBackend;
 use vpmu::evtsel::{EN, OS, USR};
 use vpmu::{AmdFeatures, EventPolicy, GuestClock, IntelFeatures, PmuModel, Vpmu};

@@ -24,6 +24,7 @@ pub enum Test {
     Gp,
     Toggle,
     Rdpmc,
+    Instructions,
     Nmi,
     BenchMsr,
     BenchIo,
@@ -74,6 +75,7 @@ impl Test {
             Test::Gp => "gp",
             Test::Toggle => "toggle",
             Test::Rdpmc => "rdpmc",
+            Test::Instructions => "instructions",
             Test::Nmi => "nmi",
             Test::BenchMsr => "bench_msr",
             Test::BenchIo => "bench_io",
@@ -93,7 +95,8 @@ impl Test {
         Test::ALL
             .iter()
             .copied()
-            .chain([Test::Nmi, Test::BenchMsr, Test::BenchIo, Test::BenchPmi])
+            .chain([Test::Instructions, Test::Nmi])
+            .chain([Test::BenchMsr, Test::BenchIo, Test::BenchPmi])
             .chain(Test::STORM)
             .chain(Test::PROFILE)
             .find(|t| t.name().as_bytes() == s)
@@ -132,6 +135,9 @@ pub struct Config {
     pub pmi_period: Option<u64>,
     pub pmi_ms: u64,
     pub toggles: u64,
+    /// instructions test: iterations of its known loop (2 instructions,
+    /// 1 branch each).
+    pub loops: u64,
     pub nmis: u64,
     pub rdpmc: bool,
     pub counter: u32,
@@ -162,6 +168,7 @@ impl Config {
             pmi_period: None,
             pmi_ms: 200,
             toggles: 1000,
+            loops: 100_000,
             nmis: 10,
             rdpmc: false,
             counter: 0,
@@ -279,6 +286,7 @@ pub fn parse(raw: &'static [u8]) -> Config {
                 .is_some(),
             b"probe.pmi_ms" => num.map(|v| c.pmi_ms = v).is_some(),
             b"probe.toggles" => num.map(|v| c.toggles = v).is_some(),
+            b"probe.loops" => num.filter(|&v| v > 0).map(|v| c.loops = v).is_some(),
             b"probe.nmis" => num.map(|v| c.nmis = v).is_some(),
             b"probe.counter" => num
                 .filter(|&v| v < u64::from(FIXED_BASE))

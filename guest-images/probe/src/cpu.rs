@@ -46,6 +46,16 @@ pub fn rdtsc() -> u64 {
     ((hi as u64) << 32) | lo as u64
 }
 
+/// `n` (at least 1) iterations of `dec; jnz`: exactly 2n instructions and
+/// n branches, for counting.
+#[inline(never)]
+pub fn known_loop(n: u64) {
+    // SAFETY: counts a register down to zero; touches no memory or stack.
+    unsafe {
+        asm!("2:", "dec {0}", "jnz 2b", inout(reg) n.max(1) => _, options(nomem, nostack));
+    }
+}
+
 /// RDMSR of an MSR that is known to exist (architectural ones we rely on).
 ///
 /// # Safety

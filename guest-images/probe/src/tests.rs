@@ -73,7 +73,9 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
             );
             continue;
         }
-        if fixed_index(i).is_some() && !matches!(t, Test::Cycles | Test::Halt | Test::Pmi) {
+        if fixed_index(i).is_some()
+            && !matches!(t, Test::Cycles | Test::Halt | Test::Pmi | Test::Instructions)
+        {
             out!("cpu=", cpu, " test=", name, " skipped=gp_counters_only");
             continue;
         }
@@ -93,6 +95,7 @@ pub fn run_all(cfg: &Config, cpu: u32) -> usize {
             Test::Gp => gp(cfg, cpu, &pmu),
             Test::Toggle => toggle(cfg, cpu, &pmu, i),
             Test::Rdpmc => rdpmc(cfg, cpu, &pmu, i),
+            Test::Instructions => instructions(cfg, cpu, &pmu, i),
         };
         if let Err(f) = r {
             out!("cpu=", cpu, " test=", name, " ", f);
@@ -226,6 +229,78 @@ fn cycles(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
         permille(v, run)
     );
     Ok(())
+}
+
+/// Retired instructions and branches of a known loop (`probe.loops`
+/// iterations of `dec; jnz`: 2 instructions and 1 branch each), on counter
+/// `i` and, where the model has it, branches on `i + 1`; on Intel's fixed
+/// counter 0 (instructions retired) alone. Exact on hardware backing (the
+/// guest's own instructions only); 0 where the host cannot count them.
+fn instructions(cfg: &Config, cpu: u32, p: &Pmu, i: u32) -> Result<(), Fault> {
+    let (v, branches, b) = match fixed_index(i) {
+        Some(0) => {
+            p.setup(i, 0, 0)?;
+            p.start(i, 0)?;
+            crate::cpu::known_loop(cfg.loops);
+            p.stop(i, 0)?;
+            (p.read(i)?, 0, None)
+        }
+        Some(_) => {
+            out!("cpu=", cpu, " test=instructions skipped=fixed_counter_counts_no_instructions");
+            return Ok(());
+        }
+        None => instructions_and_branches(cfg, p, i)?,
+    };
+    out!(
+        "cpu=",
+        cpu,
+        " test=instructions counter=",
+        CounterName(i),
+        " loops=",
+        cfg.loops,
+        " instructions=",
+        v,
+        " branches=",
+        branches,
+        " branch_counter=",
+        b
+    );
+    Ok(())
+}
+
+/// The known loop on general-purpose counter `i` (instructions) and `i + 1`
+/// (branches, where the model has it): (instructions, branches, `i + 1`).
+fn instructions_and_branches(cfg: &Config, p: &Pmu, i: u32) -> Result<(u64, u64, Option<u32>), Fault> {
+    let b = i + 1;
+    let with_branches = fixed_index(b).is_none() && p.has_counter(b);
+    let (isel, bsel) = (p.instructions_sel(), p.branches_sel());
+    p.setup(i, isel, 0)?;
+    let mut enable = 1u64 << i;
+    if with_branches {
+        p.setup(b, bsel, 0)?;
+        enable |= 1 << b;
+    }
+    // Both selects enabled, then (where the model has one) the global
+    // enable starts both at once.
+    pmu::wr(p.ctl_msr(i), isel | SEL_EN)?;
+    if with_branches {
+        pmu::wr(p.ctl_msr(b), bsel | SEL_EN)?;
+    }
+    if let Some(g) = p.global_ctl_msr() {
+        pmu::wr(g, enable)?;
+    }
+    crate::cpu::known_loop(cfg.loops);
+    match p.global_ctl_msr() {
+        Some(g) => pmu::wr(g, 0)?,
+        None => {
+            p.disable(i, isel)?;
+            if with_branches {
+                p.disable(b, bsel)?;
+            }
+        }
+    }
+    let branches = if with_branches { p.read(b)? } else { 0 };
+    Ok((p.read(i)?, branches, with_branches.then_some(b)))
 }
 
 /// Core cycles across a HLT that a one-shot LAPIC timer ends.

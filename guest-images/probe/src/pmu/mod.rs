@@ -228,6 +228,22 @@ impl Pmu {
         ev | SEL_USR | SEL_OS
     }
 
+    /// Event select (without EN) counting retired instructions in user and
+    /// kernel mode: event 0xC0 on AMD and Intel (architectural, umask 0).
+    pub fn instructions_sel(&self) -> u64 {
+        0xc0 | SEL_USR | SEL_OS
+    }
+
+    /// Event select (without EN) counting retired branch instructions:
+    /// AMD event 0xC2, Intel architectural event 0xC4 umask 0.
+    pub fn branches_sel(&self) -> u64 {
+        let ev = match self.kind {
+            Kind::Intel => 0xc4,
+            _ => 0xc2,
+        };
+        ev | SEL_USR | SEL_OS
+    }
+
     /// ECX value for RDPMC of general-purpose counter `i`.
     pub fn rdpmc_index(&self, i: u32) -> u32 {
         i

@@ -21,6 +21,44 @@ fn unknown_flags_and_bad_values_are_one_line_errors() {
     assert_bad_input(&run(&["--memory", "lots"]), "invalid value 'lots'");
     assert_bad_input(&run(&["--vcpus", "-3"]), "--vcpus");
     assert_bad_input(&run(&["--initrd", "/etc/hostname"]), "--kernel");
+    assert_bad_input(&run(&["host", "--bogus"]), "unexpected argument '--bogus'");
+}
+
+#[test]
+fn vmm_host_tells_what_the_host_offers_and_the_plan_for_each_vendor() {
+    let o = run(&["host"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    let table = common::stdout(&o);
+    for row in [
+        "host CPU",
+        "host PMU (CPUID)",
+        "host perf hardware events",
+        "/dev/kvm",
+        "KVM's in-kernel PMU",
+    ] {
+        assert!(table.contains(row), "no '{row}' row:\n{table}");
+    }
+    // With KVM, a plan per vendor; without, the reason KVM is missing.
+    let kvm = std::path::Path::new("/dev/kvm").exists();
+    for vendor in ["Amd", "Intel"] {
+        assert_eq!(
+            table.contains(&format!("{vendor} guest: plan")),
+            kvm,
+            "{table}"
+        );
+    }
+    if kvm {
+        // The hardware answer and the backing rows agree: hardware events
+        // back the host's own vendor only; the other is always the task clock's.
+        let hardware = !table.contains("host perf hardware events  no:");
+        let backed = "a hardware event counting the guest only";
+        assert_eq!(
+            table.matches(backed).count(),
+            usize::from(hardware),
+            "{table}"
+        );
+        assert!(table.contains("task-clock of the vCPU thread"), "{table}");
+    }
 }
 
 #[test]

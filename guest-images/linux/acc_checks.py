@@ -16,7 +16,7 @@ from collections import namedtuple
 
 from acc_parsers import (AMD_CYCLES, INTEL_CYCLES, OS, USR, acpi_interpreter_on,
                          boot_log_defects, busy_line, counters, dso_shares, event_of, facts,
-                         folded_stacks, guest_done, migrate_line, model_vendor, per_cpu_csv, perf_csv,
+                         folded_stacks, guest_done, host_run_share, migrate_line, model_vendor, per_cpu_csv, perf_csv,
                          perf_event_opens, perf_row, perf_symbols, pmu_driver, pmu_shape,
                          report_samples, run_ms, run_shares, sample_times, samples_by_cpu,
                          section, select_of, stats_sum, steal_fraction, top_user_symbol,
@@ -409,23 +409,26 @@ def judge_record_all(g, out, rc, tsc_khz, r):
 
 
 def judge_migrate(g, out, rc, tsc_khz, r):
-    f = facts(out)
     rows = perf_csv(out)
     cyc, clk = perf_row(rows, "cycles"), perf_row(rows, "task-clock")
     moves, seen = migrate_line("\n".join(out))
-    steal = steal_fraction(f)
-    if cyc and clk and cyc[0] and clk[0] and tsc_khz and steal is not None:
-        # The task's run time: its task clock less the steal share, as in
-        # main.stat-cycles.
-        task_ms = clk[0] * (1 - steal)
+    # The task's run time: its task clock less the host's steal, measured
+    # by the host over the step (the vCPU threads' run and wait time in
+    # schedstat): a guest's /proc/stat steal over both CPUs, one of them
+    # idle most of the time, halves the moving task's steal.
+    sched = getattr(g, "sched", {})
+    share = host_run_share(sched.get("migrate BEGIN"), sched.get("migrate END"))
+    if cyc and clk and cyc[0] and clk[0] and tsc_khz and share is not None:
+        task_ms = clk[0] * share
         ratio = cyc[0] / (task_ms * tsc_khz)
         r.add("smp.migrate", rc == 0 and moves >= MIGRATE_MIN_MOVES and seen == {"0", "1"}
               and abs(ratio - 1) <= SMP_MIGRATE,
               f"{moves} taskset moves, ran on CPUs {sorted(seen)}: perf {cyc[0]:.0f} cycles "
-              f"over {clk[0]:.0f} ms task-clock less {steal * 100:.1f}% steal, "
-              f"ratio {ratio:.3f} (within {pct(SMP_MIGRATE)})")
+              f"over {clk[0]:.0f} ms task-clock x {share:.3f} host run share of the vCPU "
+              f"threads ({task_ms:.0f} ms run time), ratio {ratio:.3f} (within {pct(SMP_MIGRATE)})")
     else:
-        r.add("smp.migrate", False, f"no cycles/task-clock count or steal figures: {out}")
+        r.add("smp.migrate", False, f"no cycles/task-clock count or no host schedstat at the "
+              f"migrate markers ({share}): {out}")
     b, e = g.snapshots.get("migrate BEGIN"), g.snapshots.get("migrate END")
     pid = (guest_cycles(g) | USR | OS)
     if b and e:

@@ -76,6 +76,7 @@ class Guest:
         self.live_step = live_step
         self.profile_step = profile_step
         self.snapshots = {}  # "step BEGIN|END" -> GET /vpmu
+        self.sched = {}      # "step BEGIN|END" -> vcpu_sched(): the host's truth
         self.bench = []      # (marker line, GET /vpmu, vCPU thread ms)
         self.init_after = None  # host seconds until /init printed its start
         self.during = {}     # step -> [GET /vpmu while it ran]
@@ -103,6 +104,22 @@ class Guest:
         except (OSError, ValueError, IndexError):
             return None
         return user, system
+
+    def vcpu_sched(self):
+        """{thread id: [run ns, runnable-but-waiting ns]} of the VMM's vCPU
+        threads, from the host's /proc/PID/task/TID/schedstat: how long each
+        ran and how long the host kept it waiting (its steal), or None."""
+        out = {}
+        try:
+            for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+                base = f"/proc/{self.proc.pid}/task/{tid}"
+                if not open(f"{base}/comm").read().startswith("vcpu"):
+                    continue
+                run, wait = open(f"{base}/schedstat").read().split()[:2]
+                out[tid] = [int(run), int(wait)]
+        except (OSError, ValueError):
+            return None
+        return out or None
 
     def start(self):
         self.started = time.monotonic()
@@ -137,6 +154,7 @@ class Guest:
                 if marker:
                     step, edge = marker
                     self.snapshots[f"{step} {edge}"] = api_get(self.socket, "/vpmu")
+                    self.sched[f"{step} {edge}"] = self.vcpu_sched()
                     running_step = step if edge == "BEGIN" else None
                 if (running_step is not None and running_step == self.profile_step
                         and line.startswith("busy: start") and not self.profile_thread):

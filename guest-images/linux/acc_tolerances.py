@@ -53,8 +53,8 @@ SMP_PER_CPU = 0.15
 # share x TSC / period; the same NMI handler costs as main.record-samples,
 # on two CPUs at once.
 SMP_RECORD_ALL = 0.30
-# smp.migrate: the moving task's cycles vs (task-clock less steal) x TSC
-# rate, as main.stat-cycles.
+# smp.migrate: the moving task's cycles vs its task-clock x the host's run
+# share of the vCPU threads (schedstat over the step) x TSC rate.
 SMP_MIGRATE = 0.10
 # smp.migrate, smp.migrate-opens: the fewest moves that count as migrating.
 # `busy migrate PID 100` moves the task every 100 ms of its 5 s run (67

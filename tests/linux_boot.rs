@@ -22,9 +22,12 @@
 //!   the terminal's settings restored after the VMM ends.
 //! - `a_linux_guest_restored_from_a_snapshot_runs_perf_and_counts_across_the_restore`
 //!   boots the guest to its shell, snapshots it in the middle of a
-//!   `perf stat` of fixed work, restores it 10 s later and checks the count
-//!   (both sides, not the stop), a `perf record` after the restore, and
-//!   that the restored VMM opened host events and delivered PMIs.
+//!   `perf record` of a `perf stat` of fixed work, restores it 20 s later
+//!   and checks the count (both sides, not the stop) and the recording
+//!   (PMIs on both sides, as many samples as the same work recorded after
+//!   the restore, none lost) against the same command run after the
+//!   restore, the host export's totals continuing, and that the restored
+//!   VMM opened host events and delivered PMIs.
 //! - `bzimage_boots_to_its_banner` boots the same kernel as a bzImage (the
 //!   VMM unpacks its gzip payload) until its banner and command line.
 //! - `initramfs_holds_init_busybox_perf_and_its_loader` checks the image.
@@ -603,12 +606,16 @@ fn a_linux_guest_restored_from_a_snapshot_runs_perf_and_counts_across_the_restor
     booted.send("echo READY-$((6*7))");
     booted.wait("READY-42", Duration::from_secs(120));
     let boot_took = boot_started.elapsed();
-    // A count of fixed work that the snapshot interrupts.
-    booted.send(
-        "perf stat -x, -e cycles -- sh -c 'echo WORK-START; /bin/busy work 300; echo WORK-END' 2>&1; echo SPAN-DONE",
-    );
+    // Fixed work, counted by perf stat and sampled by perf record, that
+    // the snapshot interrupts. The PMIs the booted VMM delivers from its
+    // start to the snapshot are the recording's first side.
+    booted.send(&format!(
+        "{SPAN_RECORD} -o /tmp/span.data -- {SPAN_STAT} 2>&1; echo SPAN-DONE"
+    ));
     booted.wait("WORK-START", Duration::from_secs(600));
-    std::thread::sleep(Duration::from_secs(1));
+    let at_start = vpmu_doc(&booted.sock);
+    std::thread::sleep(Duration::from_secs(2));
+    let at_snapshot = vpmu_doc(&booted.sock);
     let snap = dir.path().join("linux.snap");
     let body = serde_json::json!({ "path": snap, "resume": false }).to_string();
     let (status, answer) =
@@ -632,36 +639,40 @@ fn a_linux_guest_restored_from_a_snapshot_runs_perf_and_counts_across_the_restor
         dir.path(),
         "restored",
     );
-    let text = restored.wait("SPAN-DONE", Duration::from_secs(900));
-    let span = perf_csv_count(&text, "WORK-END", "cycles");
     restored.send("echo RESTORED-$((6*7))");
     restored.wait("RESTORED-42", Duration::from_secs(120));
     let answer_took = restore_started.elapsed();
+    let at_restore = vpmu_doc(&restored.sock);
+    let text = restored.wait("SPAN-DONE", Duration::from_secs(900));
+    let span = perf_csv_count(&text, "WORK-END", "cycles");
+    let at_span_end = vpmu_doc(&restored.sock);
     let opened = restored.stderr();
-    // The same command, counted wholly after the restore.
-    restored.send(
-        "perf stat -x, -e cycles -- sh -c 'echo REF-START; /bin/busy work 300; echo REF-END' 2>&1; echo REF-DONE",
-    );
+    // The same, recorded and counted wholly after the restore.
+    restored.send(&format!(
+        "{SPAN_RECORD} -o /tmp/ref.data -- {} 2>&1; echo REF-DONE",
+        SPAN_STAT.replace("WORK-", "REF-")
+    ));
     let text = restored.wait("REF-DONE", Duration::from_secs(900));
     let reference = perf_csv_count(&text, "\nREF-END", "cycles");
     restored.send(
-        "perf record -e cycles -c 5000000 -o /tmp/r.data -- /bin/busy work 100 2>&1; echo REC-DONE",
+        "for f in span ref; do echo STATS-$f; perf report -i /tmp/$f.data --stats 2>&1 \
+         | grep -E 'SAMPLE events|LOST'; done; echo STATS-DONE",
     );
-    let text = restored.wait("REC-DONE", Duration::from_secs(900));
-    let samples: u64 = text
-        .lines()
-        .filter(|l| l.contains("perf record: Captured and wrote"))
-        .find_map(|l| l.split('(').nth(1)?.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no perf record summary:\n{}", tail(&text, 20)));
-    let vpmu: serde_json::Value =
-        serde_json::from_str(&common::api(&restored.sock, "GET", "/vpmu").unwrap().1).unwrap();
+    let text = restored.wait("STATS-DONE", Duration::from_secs(900));
+    let stats = text.rsplit_once("STATS-span").map_or("", |(_, r)| r);
+    let (span_stats, ref_stats) = stats.split_once("STATS-ref").unwrap_or((stats, ""));
+    let (span_samples, ref_samples) = (sample_events(span_stats), sample_events(ref_stats));
     restored.send("reboot -f");
     let status = restored.child.wait().unwrap();
     let stderr = restored.stderr();
+    // The recording's two sides, as the host delivered them.
+    let before = pmis(&at_snapshot) - pmis(&at_start);
+    let after = pmis(&at_span_end) - pmis(&at_snapshot);
     eprintln!(
         "booted to a shell in {:.0} s; restored to the shell's answer in {:.1} s; \
          cycles of the work: {span} across the restore, {reference} after it; \
-         perf record: {samples} samples\n{stderr}",
+         perf record: {span_samples} samples across the restore ({before} PMIs before the \
+         snapshot, {after} after), {ref_samples} after it\n{stderr}",
         boot_took.as_secs_f64(),
         answer_took.as_secs_f64()
     );
@@ -675,20 +686,87 @@ fn a_linux_guest_restored_from_a_snapshot_runs_perf_and_counts_across_the_restor
         (0.5..=2.0).contains(&ratio),
         "{span} cycles across the restore vs {reference} without: {ratio:.2}"
     );
-    assert_eq!(vpmu["vm"]["vpmu"], true, "{vpmu}");
+    // The recording has samples from both sides, as many as the same work
+    // recorded after the restore, and lost none.
     assert!(
-        samples > 10,
-        "perf record after the restore: {samples} samples"
+        before > 0 && after > 0,
+        "PMIs {before} before, {after} after the snapshot"
     );
+    let recorded = text
+        .split_once("WORK-START")
+        .map_or(text.as_str(), |(_, r)| r);
+    assert!(
+        !stats.contains("LOST") && !recorded.contains(" lost "),
+        "perf lost events:\n{}",
+        tail(recorded, 30)
+    );
+    let samples_ratio = span_samples as f64 / ref_samples.max(1) as f64;
+    assert!(
+        ref_samples > 10 && (0.5..=2.0).contains(&samples_ratio),
+        "{span_samples} samples across the restore vs {ref_samples} after it"
+    );
+    // The host export's totals continued from the snapshot's: a restored
+    // VMM that started from zero would show less than the booted one did.
+    assert!(
+        totals(&at_restore) >= totals(&at_snapshot),
+        "totals {} at the restore < {} at the snapshot",
+        totals(&at_restore),
+        totals(&at_snapshot)
+    );
+    assert_eq!(at_span_end["vm"]["vpmu"], true, "{at_span_end}");
     // The restored VMM did the work: host events opened, PMIs delivered.
     assert!(
         common::vpmu_summary_text(&stderr, 0, " perf_event_open") > 0,
         "{stderr}"
     );
     assert!(
-        common::vpmu_summary_text(&stderr, 0, " PMIs") >= samples,
+        common::vpmu_summary_text(&stderr, 0, " PMIs") >= ref_samples,
         "{stderr}"
     );
+}
+
+/// perf record of the restore test: cycles every 25 M (about 100 per
+/// second of guest time, under the guest's sample-rate limit).
+const SPAN_RECORD: &str = "perf record -e cycles -c 25000000";
+/// perf stat of the restore test's fixed work (about 3 s of CPU natively).
+const SPAN_STAT: &str =
+    "perf stat -x, -e cycles -- sh -c 'echo WORK-START; /bin/busy work 300; echo WORK-END'";
+
+/// GET /vpmu of a running VMM.
+fn vpmu_doc(sock: &Path) -> serde_json::Value {
+    let (status, body) = common::api(sock, "GET", "/vpmu").expect("GET /vpmu");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("GET /vpmu is JSON")
+}
+
+/// PMIs the VMM delivered to all vCPUs (NMI and fixed-vector).
+fn pmis(doc: &serde_json::Value) -> u64 {
+    doc["vcpus"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| common::num(&v["pmi_delivery"]["nmi"]) + common::num(&v["pmi_delivery"]["fixed"]))
+        .sum()
+}
+
+/// The sum of every event's total the VMM exported.
+fn totals(doc: &serde_json::Value) -> u64 {
+    doc["totals"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| common::num(&t["count"]))
+        .sum()
+}
+
+/// The SAMPLE events count of `perf report --stats` output.
+fn sample_events(text: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            let rest = l.trim().strip_prefix("SAMPLE events:")?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no SAMPLE events line in:\n{text}"))
 }
 
 /// Bound on the interactive guest: boot to /init (2 to 6 minutes here),

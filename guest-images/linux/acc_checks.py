@@ -18,10 +18,12 @@ from acc_parsers import (AMD_CYCLES, INTEL_CYCLES, OS, USR, acpi_interpreter_on,
                          boot_log_defects, busy_line, counters, dso_shares, event_of, facts,
                          folded_stacks, guest_done, host_run_share, migrate_line, model_vendor, per_cpu_csv, perf_csv,
                          perf_event_opens, perf_row, perf_symbols, pmu_driver, pmu_shape,
-                         report_samples, run_ms, run_shares, sample_times, samples_by_cpu,
+                         report_samples, restored_in_ms, run_ms, run_shares, sample_times,
+                         samples_by_cpu, stats_counts, vpmu_totals,
                          section, select_of, stats_sum, steal_fraction, top_user_symbol,
                          total_for, vcpu_total)
 from acc_tolerances import (API_COUNT, MIGRATE_MIN_MOVES, MULTIPLEX_SPREAD, PROFILE_KERNEL_TOP,
+                            RESTORE_COUNT, RESTORE_SAMPLES,
                             PROFILE_USER_POINTS, RECORD_MODES_POINTS, RECORD_SAMPLES,
                             SMP_MIGRATE, SMP_PER_CPU, SMP_RECORD_ALL, SMP_STAT_ALL, STAT_CYCLES,
                             pct)
@@ -454,6 +456,56 @@ def judge_migrate(g, out, rc, tsc_khz, r):
           f"{cyc_row.get('count')}; every total row equals its vCPUs' sum: {sums_ok}")
 
 
+def export_total(snapshot):
+    """Every event's total the VMM exported in a GET /vpmu answer, summed."""
+    return sum(t["count"] for t in (snapshot or {}).get("totals", []))
+
+
+def judge_restore(g, out, rc, tsc_khz, r):
+    """The restore step: perf stat and perf record across a snapshot of the
+    VM and its restore in a new VMM (acc_runner.Guest.span_restore) against
+    the same work after it, and the restored vPMU (model, totals, time)."""
+    span = getattr(g, "span", {}) or {}
+    status, answer = span.get("snapshot") or (None, "no snapshot was taken")
+    if status != 200 or not span.get("at_restore"):
+        why = f"the snapshot mid-work failed: {status} {answer}" if status != 200 \
+            else "the restored VMM never answered GET /vpmu"
+        for name in ("main.restore-count", "main.restore-record", "main.restore-vpmu"):
+            r.add(name, False, why)
+        return
+    across = perf_row(perf_csv(section(out, "span:", "span-stats:")), "cycles")
+    after = perf_row(perf_csv(section(out, "reference:", "reference-stats:")), "cycles")
+    if across and after and across[0] and after[0]:
+        ratio = across[0] / after[0]
+        r.add("main.restore-count", rc == 0 and RESTORE_COUNT[0] <= ratio <= RESTORE_COUNT[1],
+              f"perf stat: {across[0]:.0f} cycles of the work across a snapshot and a restore "
+              f"{span.get('stopped_s', 0):.0f} s later vs {after[0]:.0f} after it: ratio "
+              f"{ratio:.2f} (within {RESTORE_COUNT[0]}-{RESTORE_COUNT[1]})")
+    else:
+        r.add("main.restore-count", False, f"perf stat gave no cycles: {out}")
+    # The recording's two sides, as the host delivered them (PMIs).
+    before = vpmu_totals(span["at_snapshot"])[0] - vpmu_totals(span["at_start"])[0]
+    later = vpmu_totals(g.snapshots.get("restore END"))[0] - vpmu_totals(span["at_restore"])[0]
+    (s_span, l_span) = stats_counts(section(out, "span-stats:", "reference:"))
+    (s_ref, l_ref) = stats_counts(section(out, "reference-stats:"))
+    ratio = (s_span or 0) / max(1, s_ref or 0)
+    r.add("main.restore-record",
+          before > 0 and later > 0 and (s_ref or 0) > 10 and l_span == 0 and l_ref == 0
+          and RESTORE_SAMPLES[0] <= ratio <= RESTORE_SAMPLES[1],
+          f"perf record across the restore: {s_span} samples, {l_span} lost (PMIs delivered: "
+          f"{before} before the snapshot, {later} after the restore); after it: {s_ref} "
+          f"samples, {l_ref} lost; ratio {ratio:.2f} (within {RESTORE_SAMPLES[0]}-"
+          f"{RESTORE_SAMPLES[1]})")
+    model = (span["at_snapshot"].get("vm") or {}).get("model")
+    restored = (span["at_restore"].get("vm") or {}).get("model")
+    t0, t1 = export_total(span["at_snapshot"]), export_total(span["at_restore"])
+    ms = restored_in_ms(g.vmm_stderr())
+    r.add("main.restore-vpmu", model is not None and model == restored and t1 >= t0
+          and ms is not None,
+          f"the restored VMM: the same model ({model == restored}), exported totals "
+          f"{t1} at the restore from {t0} at the snapshot, restored in {ms} ms")
+
+
 # ------------------------------------------------------------- tables --
 # One perf-checks step: its name (a step_* function of perf-checks, `-` for
 # `_`), the judge of its output (None: judged elsewhere) and the rows that
@@ -462,12 +514,18 @@ Check = namedtuple("Check", "step judge rows")
 # One guest kind: its extra `vmm run` flags, its steps in the order it runs
 # them, the step during which GET /vpmu is read over and over (live_step)
 # and the step during whose workload `vmm profile` runs (profile_step).
-Kind = namedtuple("Kind", "flags checks live_step profile_step", defaults=(None, None))
+# restore_step: the step whose work the VM is snapshotted in and continued
+# from in a new VMM (the steps after it run in that VMM).
+Kind = namedtuple("Kind", "flags checks live_step profile_step restore_step",
+                  defaults=(None, None, None))
 
 GUESTS = {
     # --vpmu auto: on, the kernel reading counters with RDMSR.
     "main": Kind([], [
         Check("detect", judge_detect, ["main.detect"]),
+        # Every step after this one runs in a VMM restored mid-step.
+        Check("restore", judge_restore, ["main.restore-count", "main.restore-record",
+                                         "main.restore-vpmu"]),
         Check("stat", judge_stat, ["main.stat-cycles"]),
         Check("unbacked", judge_unbacked, ["main.unbacked"]),
         Check("privilege", judge_privilege, ["main.privilege"]),
@@ -477,7 +535,7 @@ GUESTS = {
         Check("multiplex", judge_multiplex, ["main.multiplex"]),
         Check("api", judge_api, ["main.api-live", "main.api-count"]),
         Check("watchdog", judge_watchdog, ["main.watchdog"]),
-    ], live_step="api", profile_step="record"),
+    ], live_step="api", profile_step="record", restore_step="restore"),
     # No PMU driver: perf says cycles is not supported.
     "off": Kind(["--vpmu", "off"], [
         Check("nopmu", judge_nopmu, ["off.no-pmu"]),
@@ -530,11 +588,15 @@ def judge_guest(g, r):
 
 
 def judge_run(g, r):
-    """The run itself: /init ran, every step ended, the VMM ended by the reboot."""
+    """The run itself: the guest's steps ran to their end, the VMM ended by
+    the reboot, and (where it booted) its snapshot at the shell was taken."""
     done = guest_done(g.text())
-    r.add(f"{g.name}.run", g.rc == 0 and done is not None,
-          f"vmm exit {g.rc} after {g.elapsed:.0f} s; /init "
-          + (f"finished, perf-checks rc={done}" if done else "did not finish"))
+    error = getattr(g, "error", None)
+    how = {True: "booted; ", False: "restored; "}.get(getattr(g, "booted", None), "")
+    r.add(f"{g.name}.run", g.rc == 0 and done is not None and not error,
+          f"{how}vmm exit {g.rc} after {g.elapsed:.0f} s; "
+          + (f"perf-checks finished, rc={done}" if done else "perf-checks did not finish")
+          + (f"; {error}" if error else ""))
 
 
 def judge_boot_log(g, r):

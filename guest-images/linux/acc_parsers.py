@@ -43,10 +43,35 @@ def step_output(text, name):
 
 
 def guest_done(text):
-    """The rc /init printed for its command (VMM-GUEST-DONE rc=N), as text,
-    or None if it never finished."""
+    """The rc of the guest's checks, as text, or None if they never
+    finished: VMM-CHECKS-DONE rc=N after the steps typed at the shell, or,
+    where /init ran them itself (no shell), its VMM-GUEST-DONE rc=N."""
+    m = re.search(r"VMM-CHECKS-DONE rc=(\d+)", text)
+    if m:
+        return m.group(1)
+    if "init: vmm.exit=shell" in text:
+        return None
     m = re.search(r"VMM-GUEST-DONE rc=(\d+)", text)
     return m.group(1) if m else None
+
+
+def stats_counts(lines):
+    """(SAMPLE events, LOST events) of perf report --stats lines; LOST is 0
+    when perf lists none, SAMPLE None when it lists none."""
+    samples = lost = None
+    for line in lines:
+        m = re.match(r"\s*(SAMPLE|LOST) events:\s+(\d+)", line)
+        if m and m.group(1) == "SAMPLE":
+            samples = int(m.group(2))
+        elif m:
+            lost = (lost or 0) + int(m.group(2))
+    return samples, lost or 0
+
+
+def restored_in_ms(stderr):
+    """The ms of the last "vmm: restored from PATH in N ms" line, or None."""
+    found = re.findall(r"vmm: restored from .* in ([\d.]+) ms", stderr)
+    return float(found[-1]) if found else None
 
 
 def facts(lines):

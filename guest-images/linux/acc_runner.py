@@ -1,8 +1,12 @@
-"""Running the acceptance's guests: one `vmm run` each, its serial log
-followed as it grows, GET /vpmu read at perf-checks' step markers (and all
-through the step a guest reads live), and a host-side `vmm profile` during
-the step a guest profiles. What it gathers is judged by acc_checks.py.
-Standard library only.
+"""Running the acceptance's guests. Each guest boots once to its shell
+(`vmm.cmd=true vmm.exit=shell`) and is snapshotted there, or is restored
+from such a snapshot of an earlier run (--snapshots): then its perf-checks
+steps are typed at the shell. Its serial console (the VMM's stdin and
+stdout) is followed as it grows, GET /vpmu read at perf-checks' step
+markers (and all through the step a guest reads live), `vmm profile` run
+during the step a guest profiles, and in the restore step the VM is
+snapshotted mid-work and continued in a new VMM from that snapshot. What it
+gathers is judged by acc_checks.py. Standard library only.
 """
 
 import json
@@ -20,6 +24,15 @@ from acc_parsers import step_marker, step_output
 PROFILE_DELAY_S = 0.2
 PROFILE_SECONDS = 2.5
 PROFILE_HZ = 199
+# The restore step: after RESTORE-WORK-START the work runs this long, then
+# the VM is snapshotted, its VMM ended, and a new VMM restores it after this
+# long stopped (about 25 G cycles at 2.5 GHz that no count may include).
+SPAN_BEFORE_S = 2.0
+SPAN_STOPPED_S = 10.0
+# What the shell prints once it reads commands; the answer to READY_ASK.
+SHELL_UP = "init: vmm.exit=shell"
+READY_ASK = "echo READY-$((6*7))"
+READY = "READY-42"
 
 
 def api_get(sock_path, path, timeout=5.0):
@@ -43,43 +56,80 @@ def api_get(sock_path, path, timeout=5.0):
         return None
 
 
+def api_put(sock_path, path, body, timeout=600.0):
+    """PUT body (JSON) to path on the VMM's Unix socket: (status, text)."""
+    data = json.dumps(body).encode()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(sock_path)
+            s.sendall(f"PUT {path} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+                      .encode() + data)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        head, _, text = reply.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+        return status, text.decode(errors="replace")
+    except (OSError, ValueError, IndexError) as e:
+        return 0, str(e)
+
+
 class Guest:
-    """One `vmm run` of the guest, its serial log read as it grows.
+    """One guest of the acceptance: booted to its shell and snapshotted (or
+    restored from such a snapshot), its steps typed at the shell, its serial
+    console followed.
 
     name: the guest's kind (acc_checks.GUESTS); flags: its extra `vmm run`
     flags; steps: the perf-checks steps it runs; live_step: the step during
     which GET /vpmu is read over and over (self.during); profile_step: the
-    step during whose workload `vmm profile` runs (self.profile).
+    step during whose workload `vmm profile` runs (self.profile);
+    restore_step: the step whose work is snapshotted and continued in a new
+    VMM (self.span); snapshots: where the boot snapshot is kept
+    (`<name>.snap`, with the boot's serial log `<name>.boot.serial`): one
+    there from an earlier run is restored instead of booting.
     """
 
     def __init__(self, name, flags, steps, out, memory, workdir, timeout, extra_cmdline,
-                 env_vmm, live_step=None, profile_step=None):
+                 env_vmm, live_step=None, profile_step=None, restore_step=None, snapshots=None):
         self.name = name
         self.steps = list(steps)
         self.serial = os.path.join(workdir, f"{name}.serial")
+        self.parts = [self.serial]  # serial logs, in order: one per VMM
         self.stderr_path = os.path.join(workdir, f"{name}.vmm")
         self.socket = os.path.join(workdir, f"{name}.sock")
+        snapshots = snapshots or workdir
+        self.boot_snapshot = os.path.join(snapshots, f"{name}.snap")
+        self.boot_log = os.path.join(snapshots, f"{name}.boot.serial")
         with open(os.path.join(out, "cmdline")) as f:
             cmdline = f.read().strip()
-        cmdline += f' vmm.cmd="perf-checks {" ".join(steps)}"'
+        cmdline += " vmm.cmd=true vmm.exit=shell"
         if extra_cmdline:
             cmdline += " " + extra_cmdline
+        # What is typed at the shell: the steps, the done marker, the end.
+        self.command = (f"perf-checks {' '.join(steps)}; echo \"VMM-CHECKS-DONE rc=$?\"; "
+                        "reboot -f")
+        self.host_flags = ["--serial", "stdio", "--api-socket", self.socket,
+                           "--timeout", str(timeout)]
         self.argv = [env_vmm, "run",
                      "--kernel", os.path.join(out, "vmlinux"),
                      "--initrd", os.path.join(out, "initramfs.cpio"),
                      "--memory", str(memory),
-                     "--serial", f"file:{self.serial}",
-                     "--api-socket", self.socket,
-                     "--timeout", str(timeout),
+                     *self.host_flags,
                      "--cmdline", cmdline] + list(flags)
         self.timeout = timeout
         self.live_step = live_step
         self.profile_step = profile_step
+        self.restore_step = restore_step
         self.snapshots = {}  # "step BEGIN|END" -> GET /vpmu
         self.sched = {}      # "step BEGIN|END" -> vcpu_sched(): the host's truth
         self.bench = []      # (marker line, GET /vpmu, vCPU thread ms)
         self.init_after = None  # host seconds until /init printed its start
         self.during = {}     # step -> [GET /vpmu while it ran]
+        self.booted = None   # True: booted here; False: restored from an earlier snapshot
+        self.ready_after = None  # host seconds until the shell answered
+        self.span = {}       # the restore step: GET /vpmu around it, times, failures
         self.rc = None
         self.elapsed = None
         self.proc = None
@@ -88,6 +138,10 @@ class Guest:
         self.workdir = workdir
         self.profile = None  # (vmm profile's exit code, stderr, folded stacks)
         self.profile_thread = None
+        self.error = None    # why the run stopped short, if it did
+        self._seen = 0
+        self._running_step = None
+        self._span_due = False
 
     def thread_ms(self):
         """(user, system) CPU ms of the VMM's vCPU threads, from /proc."""
@@ -121,60 +175,146 @@ class Guest:
             return None
         return out or None
 
+    # ------------------------------------------------------------ VMMs --
+    def launch(self, argv, part):
+        """Starts one VMM with its console on `part` (appended to the parts)."""
+        if part != self.parts[-1]:
+            self.parts.append(part)
+        self._seen = 0
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                     stdout=open(part, "wb"),
+                                     stderr=open(self.stderr_path, "a"))
+
+    def restore_argv(self, snapshot):
+        return [self.vmm, "run", "--restore", snapshot, *self.host_flags]
+
+    def send(self, line):
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except (OSError, ValueError):
+            pass
+
     def start(self):
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=open(self.stderr_path, "w"))
-        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
-    def watch(self):
-        """Follow the serial log; read the API at step markers."""
-        seen = 0
-        running_step = None
+    def run(self):
+        """Boot or restore, the shell's answer, the command, then follow."""
+        self.booted = not os.path.exists(self.boot_snapshot)
+        if not self.booted:
+            self.parts = [self.boot_log, self.serial]
+            self.launch(self.restore_argv(self.boot_snapshot), self.serial)
+            self.send(READY_ASK)
+        else:
+            self.launch(self.argv, self.serial)
+            if self.follow(lambda line: line.startswith(SHELL_UP)):
+                self.send(READY_ASK)
+        if not self.follow(lambda line: line.startswith(READY)):
+            self.error = self.error or "the shell never answered"
+            return self.finish()
+        self.ready_after = time.monotonic() - self.started
+        if self.booted:
+            status, text = api_put(self.socket, "/vm/snapshot",
+                                   {"path": self.boot_snapshot, "resume": True})
+            if status == 200:
+                with open(self.serial, "rb") as src, open(self.boot_log, "wb") as dst:
+                    dst.write(src.read())
+            else:
+                self.error = f"the boot snapshot failed: {status} {text}"
+        self.send(self.command)
+        self.follow(lambda line: False)
+        self.finish()
+
+    def finish(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.rc = self.proc.returncode
+        self.elapsed = time.monotonic() - self.started
+
+    def follow(self, until):
+        """Follow the console, reading the API at step markers, until a line
+        satisfies `until` (True), the VMM ends or the time is up (False)."""
         deadline = self.started + self.timeout + 60
         while True:
             done = self.proc.poll() is not None
-            try:
-                with open(self.serial, "rb") as f:
-                    f.seek(seen)
-                    data = f.read()
-            except FileNotFoundError:
-                data = b""
-            # whole lines only
-            cut = data.rfind(b"\n") + 1
-            for line in data[:cut].decode("utf-8", "replace").splitlines():
-                if self.init_after is None and "VMM-GUEST-START" in line:
-                    self.init_after = time.monotonic() - self.started
-                if line.startswith("VMM-BENCH "):
-                    self.bench.append((line.strip(), api_get(self.socket, "/vpmu"),
-                                       self.thread_ms()))
-                marker = step_marker(line)
-                if marker:
-                    step, edge = marker
-                    self.snapshots[f"{step} {edge}"] = api_get(self.socket, "/vpmu")
-                    self.sched[f"{step} {edge}"] = self.vcpu_sched()
-                    running_step = step if edge == "BEGIN" else None
-                if (running_step is not None and running_step == self.profile_step
-                        and line.startswith("busy: start") and not self.profile_thread):
-                    self.profile_thread = threading.Thread(target=self.take_profile,
-                                                           daemon=True)
-                    self.profile_thread.start()
-            seen += cut
-            if running_step is not None and running_step == self.live_step:
+            for line in self.new_lines():
+                self.on_line(line)
+                if until(line):
+                    return True
+            if self._span_due:
+                self._span_due = False
+                self.span_restore()
+                continue
+            if self._running_step is not None and self._running_step == self.live_step:
                 snap = api_get(self.socket, "/vpmu")
                 if snap:
-                    self.during.setdefault(running_step, []).append(snap)
+                    self.during.setdefault(self._running_step, []).append(snap)
             if done:
-                break
+                return False
             if time.monotonic() > deadline:
-                self.proc.kill()
-                self.proc.wait()
-                break
+                self.error = f"no end within {self.timeout + 60} s"
+                return False
             time.sleep(0.3)
-        self.rc = self.proc.returncode
-        self.elapsed = time.monotonic() - self.started
+
+    def new_lines(self):
+        """The whole lines the current VMM's console printed since last asked."""
+        try:
+            with open(self.parts[-1], "rb") as f:
+                f.seek(self._seen)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        cut = data.rfind(b"\n") + 1
+        self._seen += cut
+        return data[:cut].decode("utf-8", "replace").splitlines()
+
+    def on_line(self, line):
+        if self.init_after is None and "VMM-GUEST-START" in line:
+            self.init_after = time.monotonic() - self.started
+        if line.startswith("VMM-BENCH "):
+            self.bench.append((line.strip(), api_get(self.socket, "/vpmu"), self.thread_ms()))
+        marker = step_marker(line)
+        if marker:
+            step, edge = marker
+            self.snapshots[f"{step} {edge}"] = api_get(self.socket, "/vpmu")
+            self.sched[f"{step} {edge}"] = self.vcpu_sched()
+            self._running_step = step if edge == "BEGIN" else None
+        running = self._running_step
+        if (running is not None and running == self.profile_step
+                and line.startswith("busy: start") and not self.profile_thread):
+            self.profile_thread = threading.Thread(target=self.take_profile, daemon=True)
+            self.profile_thread.start()
+        if running is not None and running == self.restore_step \
+                and line.strip() == "RESTORE-WORK-START" and not self.span:
+            self._span_due = True
+
+    def span_restore(self):
+        """The restore step: let the work run, snapshot the VM, end its VMM,
+        wait, and continue it from the snapshot in a new VMM."""
+        span = self.span
+        span["at_start"] = api_get(self.socket, "/vpmu")
+        time.sleep(SPAN_BEFORE_S)
+        span["at_snapshot"] = api_get(self.socket, "/vpmu")
+        path = os.path.join(self.workdir, f"{self.name}.span.snap")
+        status, text = api_put(self.socket, "/vm/snapshot", {"path": path, "resume": False})
+        span["snapshot"] = (status, text)
+        if status != 200:
+            return
+        self.proc.kill()
+        self.proc.wait()
+        time.sleep(SPAN_STOPPED_S)
+        span["stopped_s"] = SPAN_STOPPED_S
+        part = os.path.join(self.workdir, f"{self.name}.serial.restored")
+        self.launch(self.restore_argv(path), part)
+        for _ in range(100):
+            doc = api_get(self.socket, "/vpmu")
+            if doc:
+                span["at_restore"] = doc
+                break
+            time.sleep(0.1)
 
     def take_profile(self):
         """vmm profile of the profiled step, as folded stacks."""
@@ -197,11 +337,15 @@ class Guest:
             self.profile_thread.join()
 
     def text(self):
-        try:
-            with open(self.serial, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        """Everything the guest printed: each VMM's console in order."""
+        text = ""
+        for part in self.parts:
+            try:
+                with open(part, encoding="utf-8", errors="replace") as f:
+                    text += f.read()
+            except FileNotFoundError:
+                pass
+        return text
 
     def vmm_stderr(self):
         try:

@@ -22,6 +22,16 @@ RECORD_SAMPLES = 0.30
 # (by counted cycles) land differ around mode switches, and the sampling's
 # own NMI handler time is kernel mode.
 RECORD_MODES_POINTS = 15
+# main.restore-count: perf stat's cycles of fixed work across a snapshot
+# and a restore 10 s later vs the same work counted after the restore: a
+# count that lost the side before the snapshot reads about 0.5, one that
+# counted the 10 s stopped 4 or more. In between: the restored guest's
+# first touches of its memory (host page faults on the vCPU thread, which
+# the task clock counts) and the host's load (1.24 idle, 1.54 at load 5).
+RESTORE_COUNT = (0.75, 2.0)
+# main.restore-record: samples of that recording vs the same recording
+# after the restore (same work, same period).
+RESTORE_SAMPLES = (0.5, 2.0)
 # main.multiplex: each of 8 scaled cycles counts vs their mean. 8 events on
 # 6 counters rotate every 100 ms over 3 s: each runs ~22 of ~30 slices,
 # and perf scales by enabled/running.

@@ -13,6 +13,13 @@ out/cmdline) four times:
         no host event;
   smp   --vcpus 2: perf stat -a and -A, perf record -a, a migrating task.
 
+Each guest boots to its shell (vmm.cmd=true vmm.exit=shell), is
+snapshotted there (with --snapshots DIR, kept as DIR/KIND.snap; a snapshot
+an earlier run left there is restored instead of booting, which skips the
+minutes of a boot), and its perf-checks steps are typed at the shell.
+main's restore step is snapshotted in the middle of its work and continued
+in a new VMM, in which main's later steps run.
+
 main, off and deny run side by side; smp boots once off and deny have
 ended (fewer vCPUs then share the host's cores while its system-wide
 windows measure). Each guest runs /bin/perf-checks with its steps (the
@@ -62,6 +69,9 @@ def main():
                    help=f"which runs ({','.join(CHECKED)})")
     p.add_argument("--sequential", action="store_true", help="one guest at a time")
     p.add_argument("--keep", help="keep serial logs and VMM output in this directory")
+    p.add_argument("--snapshots", metavar="DIR",
+                   help="keep each guest's snapshot at its shell here (KIND.snap) and, where "
+                        "an earlier run left one, restore it instead of booting")
     p.add_argument("--json", help="also write the table as JSON to this file")
     p.add_argument("--bench", action="store_true",
                    help="run the benchmark guest instead of the checks")
@@ -89,9 +99,12 @@ def main():
 
     workdir = args.keep or tempfile.mkdtemp(prefix="vmm-accept-")
     os.makedirs(workdir, exist_ok=True)
+    if args.snapshots:
+        os.makedirs(args.snapshots, exist_ok=True)
     guests = [Guest(n, GUESTS[n].flags, steps(n), args.out, args.memory, workdir, args.timeout,
                     args.cmdline, args.vmm, live_step=GUESTS[n].live_step,
-                    profile_step=GUESTS[n].profile_step)
+                    profile_step=GUESTS[n].profile_step, restore_step=GUESTS[n].restore_step,
+                    snapshots=args.snapshots)
               for n in runs]
     t0 = time.monotonic()
     # The 2-vCPU guest boots once the short guests (off, deny) have ended:
@@ -103,7 +116,8 @@ def main():
         if g in later and not args.sequential:
             for s in short:
                 s.wait()
-        print(f"acceptance: booting '{g.name}' (perf-checks {' '.join(g.steps)})", flush=True)
+        how = "booting" if not os.path.exists(g.boot_snapshot) else "restoring"
+        print(f"acceptance: {how} '{g.name}' (perf-checks {' '.join(g.steps)})", flush=True)
         g.start()
         if args.sequential:
             g.wait()
@@ -129,6 +143,11 @@ def main():
         judge_guest(g, r)
     print(f"acceptance: {len(guests)} guest(s) in {time.monotonic() - t0:.0f} s; "
           f"logs in {workdir}")
+    for g in guests:
+        ready = f"{g.ready_after:.1f} s" if g.ready_after is not None else "never"
+        how = "booted" if g.booted else "restored"
+        print(f"acceptance: '{g.name}' {how}, its shell answered after {ready}"
+              + (f" (snapshot kept: {g.boot_snapshot})" if args.snapshots and g.booted else ""))
     r.print()
     if args.json:
         with open(args.json, "w") as f:

@@ -134,6 +134,21 @@ class MarkersAndFacts(unittest.TestCase):
     def test_guest_done(self):
         self.assertEqual(p.guest_done(serial([], rc=1)), "1")
         self.assertIsNone(p.guest_done("VMM-GUEST-START kernel=6.1\n"))
+        # Steps typed at the shell: /init's own done (of `true`) is not theirs.
+        shell = "VMM-GUEST-DONE rc=0\ninit: vmm.exit=shell: starting a shell\n" \
+                '~ # perf-checks x; echo "VMM-CHECKS-DONE rc=$?"; reboot -f\n'
+        self.assertIsNone(p.guest_done(shell))
+        self.assertEqual(p.guest_done(shell + "VMM-CHECKS-DONE rc=3\n"), "3")
+
+    def test_perf_report_stats_and_the_restore_time(self):
+        self.assertEqual(p.stats_counts(["          SAMPLE events:        302  (91.2%)"]),
+                         (302, 0))
+        self.assertEqual(p.stats_counts(["SAMPLE events: 5", "LOST events: 2", "LOST events: 1"]),
+                         (5, 3))
+        self.assertEqual(p.stats_counts(["nothing"]), (None, 0))
+        self.assertEqual(p.restored_in_ms("vmm: VM vm\nvmm: restored from /t/m.snap in 12.3 ms\n"
+                                          "vmm: restored from /t/m.span.snap in 9.5 ms\n"), 9.5)
+        self.assertIsNone(p.restored_in_ms("vmm: VM vm\n"))
 
     def test_facts_take_key_value_lines_and_the_last_wins(self):
         f = p.facts(["tsc_khz=2245780", "  period=22457800  ", "busy: mode=user cpu_ms=1",
@@ -680,6 +695,58 @@ class Judges(unittest.TestCase):
         self.assertEqual(results(judge(acc_checks.judge_record_all, out(660), tsc_khz=2e6,
                                        guest=g)), {"smp.record-all": "FAIL"})
 
+    def test_restore_rows(self):
+        def out(across, after, s_span=300, s_ref=310, lost=""):
+            return (["tsc_khz=2000000", "span:", "RESTORE-WORK-START",
+                     f"{across:.0f},,cycles,9000000000,100.00,,", "span-stats:",
+                     f"  SAMPLE events:  {s_span}"] + ([lost] if lost else [])
+                    + ["reference:", f"{after:.0f},,cycles,9000000000,100.00,,",
+                       "reference-stats:", f"  SAMPLE events:  {s_ref}"])
+        model = {"vendor": "amd", "version": 2, "gp_counters": 6}
+        span = {"snapshot": (200, "{}"), "stopped_s": 10.0,
+                "at_start": snapshot([vcpu(0, pmis=100)], totals=[(CYCLES_ID, {0: 5e11})],
+                                     model=model),
+                "at_snapshot": snapshot([vcpu(0, pmis=160)], totals=[(CYCLES_ID, {0: 6e11})],
+                                        model=model),
+                "at_restore": snapshot([vcpu(0, pmis=161)], totals=[(CYCLES_ID, {0: 6e11 + 5})],
+                                       model=model)}
+        end = {"restore END": snapshot([vcpu(0, pmis=700)], model=model)}
+        stderr = "vmm: restored from /w/main.span.snap in 11.8 ms\n"
+
+        def guest(**changes):
+            g = FakeGuest("main", snapshots=end, stderr=stderr)
+            g.span = dict(span, **changes)
+            return g
+        rows = ["main.restore-count", "main.restore-record", "main.restore-vpmu"]
+        r = judge(acc_checks.judge_restore, out(8e9, 7e9), guest=guest())
+        self.assertEqual(results(r), dict.fromkeys(rows, "PASS"), r.rows)
+        self.assertIn("restored in 11.8 ms", r.rows[2]["detail"])
+        # The 10 s stopped counted (about 4x), or the side before lost (0.5x).
+        for across in (4 * 7e9, 0.5 * 7e9):
+            r = judge(acc_checks.judge_restore, out(across, 7e9), guest=guest())
+            self.assertEqual(results(r)["main.restore-count"], "FAIL")
+        # Lost samples; no PMI before the snapshot; half the samples.
+        r = judge(acc_checks.judge_restore, out(8e9, 7e9, lost="  LOST events: 3"),
+                  guest=guest())
+        self.assertEqual(results(r)["main.restore-record"], "FAIL")
+        r = judge(acc_checks.judge_restore, out(8e9, 7e9), guest=guest(at_start=span["at_snapshot"]))
+        self.assertEqual(results(r)["main.restore-record"], "FAIL")
+        r = judge(acc_checks.judge_restore, out(8e9, 7e9, s_span=100), guest=guest())
+        self.assertEqual(results(r)["main.restore-record"], "FAIL")
+        # Totals that started again from zero; another model.
+        zero = snapshot([vcpu(0, pmis=161)], totals=[(CYCLES_ID, {0: 5})], model=model)
+        r = judge(acc_checks.judge_restore, out(8e9, 7e9), guest=guest(at_restore=zero))
+        self.assertEqual(results(r)["main.restore-vpmu"], "FAIL")
+        other = snapshot([vcpu(0, pmis=161)], totals=[(CYCLES_ID, {0: 7e11})],
+                         model=dict(model, gp_counters=4))
+        r = judge(acc_checks.judge_restore, out(8e9, 7e9), guest=guest(at_restore=other))
+        self.assertEqual(results(r)["main.restore-vpmu"], "FAIL")
+        # No snapshot: every row fails with the reason.
+        r = judge(acc_checks.judge_restore, out(8e9, 7e9),
+                  guest=guest(snapshot=(500, "disk full")))
+        self.assertEqual(results(r), dict.fromkeys(rows, "FAIL"))
+        self.assertIn("disk full", r.rows[0]["detail"])
+
     def test_smp_migrate_rows(self):
         def out(moves, cycles):
             return ["tsc_khz=2000000", "before=0 1000", "migrate: moves=%d cpus_seen=0 1 " % moves,
@@ -785,8 +852,15 @@ class Tables(unittest.TestCase):
         acc_checks.judge_run(FakeGuest("smp", text=serial([]), rc=1), r)
         self.assertEqual([(row["check"], row["result"]) for row in r.rows],
                          [("off.run", "PASS"), ("deny.run", "FAIL"), ("smp.run", "FAIL")])
-        self.assertEqual(r.rows[0]["detail"], "vmm exit 0 after 100 s; /init finished, "
-                                              "perf-checks rc=0")
+        self.assertEqual(r.rows[0]["detail"], "vmm exit 0 after 100 s; perf-checks finished, "
+                                              "rc=0")
+        # A boot whose snapshot at the shell failed fails its run row.
+        g = FakeGuest("off", text=serial([("nopmu", [], 0)]), rc=0)
+        g.booted, g.error = True, "the boot snapshot failed: 500 disk full"
+        acc_checks.judge_run(g, r)
+        self.assertEqual(r.rows[-1]["result"], "FAIL")
+        self.assertTrue(r.rows[-1]["detail"].startswith("booted; vmm exit 0"), r.rows[-1])
+        self.assertIn("disk full", r.rows[-1]["detail"])
 
     def test_boot_log_row_holds_linux_to_the_vmms_acpi_tables(self):
         # A real boot of the kernel before patch 0005 (2 vCPUs): the ACPI
@@ -957,13 +1031,16 @@ class RecordedRun(unittest.TestCase):
             acc_checks.judge_guest(guest, r)
         # Rows added since that run (its off guest ran no tracepoints step)
         # fail on it; every other row is as it was.
-        newer = [row for row in r.rows if row["check"].startswith("off.tracepoint-")]
+        newer = [row for row in r.rows if row["check"].startswith("off.tracepoint-")
+                 or row["check"].startswith("main.restore-")]
         # smp.migrate judges by the host's schedstat since; that run has none.
         migrate = next(row for row in r.rows if row["check"] == "smp.migrate")
         self.assertEqual(migrate["result"], "FAIL")
         self.assertIn("no host schedstat", migrate["detail"])
         self.assertEqual([(row["check"], row["result"]) for row in newer],
-                         [("off.tracepoint-list", "FAIL"), ("off.tracepoint-stat", "FAIL"),
+                         [("main.restore-count", "FAIL"), ("main.restore-record", "FAIL"),
+                          ("main.restore-vpmu", "FAIL"),
+                          ("off.tracepoint-list", "FAIL"), ("off.tracepoint-stat", "FAIL"),
                           ("off.tracepoint-record", "FAIL")])
         rows = [row for row in r.rows if row not in newer]
         self.assertEqual(len(rows), len(want))
@@ -975,6 +1052,10 @@ class RecordedRun(unittest.TestCase):
                     "smp.migrate-opens", "smp.vcpu-totals"}
         for got, row in zip(rows, want):
             if row["check"] == "smp.migrate":
+                continue
+            if row["check"].endswith(".run"):
+                # Worded since for steps typed at a shell; judged the same.
+                self.assertEqual(got["result"], row["result"], got)
                 continue
             if row["check"] in now_pass:
                 self.assertEqual((row["result"], got["result"]), ("FAIL", "PASS"), got)
@@ -1053,12 +1134,49 @@ class Runner(unittest.TestCase):
         self.assertEqual(g.argv[:2], ["/bin/vmm", "run"])
         self.assertEqual(g.argv[-2:], ["--vpmu-events", f"deny:{acc_checks.host_cycles():#x}"])
         cmdline = g.argv[g.argv.index("--cmdline") + 1]
-        self.assertEqual(cmdline, 'console=ttyS0 no_int3_selftest vmm.cmd="perf-checks deny" '
+        self.assertEqual(cmdline, "console=ttyS0 no_int3_selftest vmm.cmd=true vmm.exit=shell "
                                   "VMM_BENCH_ROUNDS=2")
+        self.assertIn("--serial", g.argv)
+        self.assertEqual(g.argv[g.argv.index("--serial") + 1], "stdio")
+        self.assertEqual(g.command, 'perf-checks deny; echo "VMM-CHECKS-DONE rc=$?"; reboot -f')
         g = self.guest("smp")
         self.assertEqual(g.argv[-2:], ["--vcpus", "2"])
-        self.assertIn('vmm.cmd="perf-checks cpus stat-all record-all migrate"',
-                      g.argv[g.argv.index("--cmdline") + 1])
+        self.assertTrue(g.command.startswith("perf-checks cpus stat-all record-all migrate;"))
+        # A restore takes the host-side flags only (the machine is the snapshot's).
+        self.assertEqual(g.restore_argv("/s/smp.snap")[:4], ["/bin/vmm", "run", "--restore",
+                                                             "/s/smp.snap"])
+        self.assertNotIn("--vcpus", g.restore_argv("/s/smp.snap"))
+
+    def test_a_guest_boots_to_its_shell_and_runs_its_steps_typed_there(self):
+        # A fake `vmm run`: a shell on the console that answers READY and
+        # runs "perf-checks STEP" by printing its markers. Its API socket
+        # does not exist, so the boot snapshot fails and says so.
+        fake = os.path.join(self.dir, "fake-vmm")
+        with open(fake, "w") as f:
+            f.write("""#!/usr/bin/env python3
+import sys
+print("VMM-GUEST-START kernel=6.1"); print("VMM-GUEST-DONE rc=0")
+print("init: vmm.exit=shell: starting a shell", flush=True)
+for line in sys.stdin:
+    print("~ # " + line.strip(), flush=True)
+    if line.startswith("echo READY"):
+        print("READY-42", flush=True)
+    elif line.startswith("perf-checks"):
+        step = line.split()[1].rstrip(";")
+        print(f"VMM-STEP {step} BEGIN"); print("x=1"); print(f"VMM-STEP {step} END rc=0")
+        print("VMM-CHECKS-DONE rc=0", flush=True)
+        sys.exit(0)
+""")
+        os.chmod(fake, 0o755)
+        g = Guest("deny", [], ["deny"], self.dir, 512, self.dir, 60, "", fake)
+        g.start()
+        g.wait()
+        self.assertEqual(g.rc, 0)
+        self.assertTrue(g.booted)
+        self.assertIsNotNone(g.ready_after)
+        self.assertEqual(g.step("deny"), (["x=1"], 0))
+        self.assertEqual(p.guest_done(g.text()), "0")
+        self.assertIn("the boot snapshot failed", g.error)
 
     def test_step_reads_the_serial_log_and_refuses_steps_the_guest_does_not_run(self):
         g = self.guest("off")

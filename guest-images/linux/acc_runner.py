@@ -200,9 +200,25 @@ class Guest:
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
+    def reusable(self):
+        """Whether the boot snapshot an earlier run left is of this machine
+        and image: the same `vmm run` arguments (kept beside it), and newer
+        than the kernel, initramfs and command line it booted (the guest's
+        memory holds the image it booted, perf-checks included)."""
+        try:
+            with open(self.boot_snapshot + ".argv") as f:
+                same = json.load(f) == self.argv[1:]
+            taken = os.path.getmtime(self.boot_snapshot)
+            inputs = [self.argv[self.argv.index(flag) + 1] for flag in ("--kernel", "--initrd")]
+            inputs.append(os.path.join(os.path.dirname(inputs[0]), "cmdline"))
+            return same and os.path.exists(self.boot_log) and \
+                all(os.path.getmtime(p) < taken for p in inputs)
+        except (OSError, ValueError):
+            return False
+
     def run(self):
         """Boot or restore, the shell's answer, the command, then follow."""
-        self.booted = not os.path.exists(self.boot_snapshot)
+        self.booted = not self.reusable()
         if not self.booted:
             self.parts = [self.boot_log, self.serial]
             self.launch(self.restore_argv(self.boot_snapshot), self.serial)
@@ -217,10 +233,13 @@ class Guest:
         self.ready_after = time.monotonic() - self.started
         if self.booted:
             status, text = api_put(self.socket, "/vm/snapshot",
-                                   {"path": self.boot_snapshot, "resume": True})
+                                   {"path": self.boot_snapshot, "resume": True,
+                                    "overwrite": True})
             if status == 200:
                 with open(self.serial, "rb") as src, open(self.boot_log, "wb") as dst:
                     dst.write(src.read())
+                with open(self.boot_snapshot + ".argv", "w") as f:
+                    json.dump(self.argv[1:], f)
             else:
                 self.error = f"the boot snapshot failed: {status} {text}"
         self.send(self.command)

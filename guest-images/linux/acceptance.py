@@ -116,7 +116,7 @@ def main():
         if g in later and not args.sequential:
             for s in short:
                 s.wait()
-        how = "booting" if not os.path.exists(g.boot_snapshot) else "restoring"
+        how = "restoring" if g.reusable() else "booting"
         print(f"acceptance: {how} '{g.name}' (perf-checks {' '.join(g.steps)})", flush=True)
         g.start()
         if args.sequential:

@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 import unittest
 
 import acc_checks
@@ -1177,6 +1178,27 @@ for line in sys.stdin:
         self.assertEqual(g.step("deny"), (["x=1"], 0))
         self.assertEqual(p.guest_done(g.text()), "0")
         self.assertIn("the boot snapshot failed", g.error)
+
+    def test_a_boot_snapshot_is_reused_only_for_the_same_machine_and_image(self):
+        for f in ("vmlinux", "initramfs.cpio"):
+            open(os.path.join(self.dir, f), "w").close()
+        snaps = os.path.join(self.dir, "snaps")
+        os.makedirs(snaps)
+        g = Guest("deny", ["--vpmu-events", "deny:0x76"], ["deny"], self.dir, 512, self.dir,
+                  60, "", "/bin/vmm", snapshots=snaps)
+        self.assertFalse(g.reusable(), "no snapshot yet")
+        for path in (g.boot_snapshot, g.boot_log):
+            open(path, "w").close()
+        with open(g.boot_snapshot + ".argv", "w") as f:
+            json.dump(g.argv[1:], f)
+        future = time.time() + 60
+        os.utime(g.boot_snapshot, (future, future))
+        self.assertTrue(g.reusable())
+        other = Guest("deny", ["--vpmu-events", "deny:0x3c"], ["deny"], self.dir, 512,
+                      self.dir, 60, "", "/bin/vmm", snapshots=snaps)
+        self.assertFalse(other.reusable(), "another machine's arguments")
+        os.utime(os.path.join(self.dir, "initramfs.cpio"), (future + 1, future + 1))
+        self.assertFalse(g.reusable(), "an image newer than the snapshot")
 
     def test_step_reads_the_serial_log_and_refuses_steps_the_guest_does_not_run(self):
         g = self.guest("off")

@@ -34,9 +34,9 @@ def reading(sock):
     at = time.time() - max(v["age_ms"] for v in doc["vcpus"]) / 1e3
     return sum(t["count"] for t in doc["totals"] if t["event"] == "cycles"), at
 
-def other_ticks(pids):
-    """CPU ticks of the VMMs' threads other than their vCPUs."""
-    n = 0
+def ticks(pids):
+    """CPU ticks of the VMMs' vCPU threads, and of their other threads."""
+    n = [0, 0]
     for pid in pids:
         for task in os.listdir(f"/proc/{pid}/task"):
             try:
@@ -44,9 +44,8 @@ def other_ticks(pids):
             except OSError:
                 continue
             comm = stat.split("(", 1)[1].rsplit(")", 1)[0]
-            if not comm.startswith("vcpu"):
-                f = stat.rsplit(")", 1)[1].split()
-                n += int(f[11]) + int(f[12])
+            f = stat.rsplit(")", 1)[1].split()
+            n[not comm.startswith("vcpu")] += int(f[11]) + int(f[12])
     return n
 
 def start_guests(d, n, tag):
@@ -72,16 +71,17 @@ def hwm(pid):
         if l.startswith("VmHWM"): return int(l.split()[1])
 
 def rates(socks, pids, secs, during=None):
-    """Mean cycles/s per guest, and non-vCPU CPU ms per VM per second."""
-    a = [reading(s) for s in socks]; t = time.time(); k0 = other_ticks(pids)
+    """Mean cycles/s per guest; vCPU and other CPU ms per VM per second."""
+    a = [reading(s) for s in socks]; t = time.time(); k0 = ticks(pids)
     end = t + secs
     while time.time() < end:
         if during: during()
         time.sleep(max(0, min(1, end - time.time())))
-    k = other_ticks(pids) - k0; dt = time.time() - t
+    k1 = ticks(pids); dt = time.time() - t
     b = [reading(s) for s in socks]
     per = [(y[0] - x[0]) / (y[1] - x[1]) for x, y in zip(a, b)]
-    return sum(per) / len(per), k / os.sysconf("SC_CLK_TCK") * 1e3 / len(pids) / dt
+    ms = lambda i: (k1[i] - k0[i]) / os.sysconf("SC_CLK_TCK") * 1e3 / len(pids) / dt
+    return sum(per) / len(per), ms(1), ms(0)
 
 def run(n):
     with tempfile.TemporaryDirectory() as scraped, tempfile.TemporaryDirectory() as control:
@@ -113,7 +113,8 @@ def run(n):
               f"exporter CPU {ticks / hz / 100 * 1e3:.1f} ms/scrape, peak RSS {hwm(exp.pid)/1024:.1f} MiB, "
               f"answer {len(body)/1024:.0f} KiB; guest cycles/s scraped {res['s'][0]/1e6:.1f} M, "
               f"unscraped {res['c'][0]/1e6:.1f} M ({(res['s'][0]/res['c'][0]-1)*100:+.1f}%); "
-              f"VMM non-vCPU CPU per VM scraped {res['s'][1]:.2f} ms/s, unscraped {res['c'][1]:.2f} ms/s; "
+              f"per VM and second, vCPU thread CPU scraped {res['s'][2]:.0f} ms, unscraped {res['c'][2]:.0f} ms, "
+              f"other threads' CPU scraped {res['s'][1]:.2f} ms, unscraped {res['c'][1]:.2f} ms; "
               f"load {load} at the window's start", flush=True)
         exp.kill(); exp.wait()
         for g in guests: g.kill(); g.wait()

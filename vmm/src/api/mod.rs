@@ -46,8 +46,10 @@ pub enum Refresh {
     Wait,
     /// `async`: answer at once from the views there are (each with its
     /// age), and ask stale vCPUs to republish for the next read. A reader
-    /// that reads on a schedule (`vmm exporter`) never waits for vCPU
-    /// threads to be scheduled.
+    /// that reads on a schedule (`vmm exporter`) does not wait for vCPU
+    /// threads to be scheduled, except for a view that shows a programming
+    /// the guest has since left (or no view yet): that one is waited for
+    /// as under `Wait`.
     Async,
 }
 
@@ -250,8 +252,12 @@ impl Api {
                 self.export.request_refresh(i);
                 self.control.kick(usize::from(i));
             }
-            while refresh == Refresh::Wait && !waiting.is_empty() && asked.elapsed() < REFRESH_WAIT
-            {
+            // Async: wait only for a view that shows a programming the
+            // guest has left (or none yet), which no age makes right.
+            if refresh == Refresh::Async {
+                waiting.retain(|&i| self.export.latest(i).is_none() || self.export.outdated(i));
+            }
+            while !waiting.is_empty() && asked.elapsed() < REFRESH_WAIT {
                 std::thread::sleep(Duration::from_millis(1));
                 waiting.retain(|&i| self.export.latest(i).is_none_or(|v| v.taken < asked));
             }
@@ -320,6 +326,12 @@ mod tests {
         assert!(export.take_refresh(0), "a refresh asked for the next read");
         let doc = api.doc(Refresh::Async);
         assert!(doc.vcpus[0].age_ms >= 1000, "its age is told");
+        // A view the guest has outdated (it reprogrammed since) is waited
+        // for, as by a waiting read.
+        export.mark_outdated(0);
+        let start = Instant::now();
+        api.fresh_views(Refresh::Async);
+        assert!(start.elapsed() >= REFRESH_WAIT);
     }
 
     #[test]

@@ -5,7 +5,12 @@ For each N: N guests in a scraped directory and N in an unscraped one (the
 side-by-side control), one `vmm exporter` on the first. Measures scrape
 latency (p50/p99 of back-to-back scrapes), the exporter's CPU time and
 peak RSS per scrape, and each group's guest cycle rate over the same
-window while the exporter is scraped once a second.
+window while the exporter is scraped once a second. Both groups are read
+the same way (GET /vpmu at the window's ends) and each guest's rate runs
+between the times its views were taken (the answer's time less `age_ms`),
+so an old view (a read that did not wait for a fresh one) biases neither
+group. Per group it also gives the VMMs' CPU time outside their vCPU
+threads (API threads, the main loop), per VM and second.
 Usage: scripts/bench-fleet.py [N ...]   (default 1 8 32; needs target/release/vmm)
 """
 import json, os, socket, subprocess, sys, tempfile, time, urllib.request
@@ -22,6 +27,26 @@ def api(sock):
 
 def cycles(sock):
     return sum(t["count"] for t in api(sock)["totals"] if t["event"] == "cycles")
+
+def reading(sock):
+    """The VM's cycles and when its (one) vCPU's view was taken."""
+    doc = api(sock)
+    at = time.time() - max(v["age_ms"] for v in doc["vcpus"]) / 1e3
+    return sum(t["count"] for t in doc["totals"] if t["event"] == "cycles"), at
+
+def ticks(pids):
+    """CPU ticks of the VMMs' vCPU threads, and of their other threads."""
+    n = [0, 0]
+    for pid in pids:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                stat = open(f"/proc/{pid}/task/{task}/stat").read()
+            except OSError:
+                continue
+            comm = stat.split("(", 1)[1].rsplit(")", 1)[0]
+            f = stat.rsplit(")", 1)[1].split()
+            n[not comm.startswith("vcpu")] += int(f[11]) + int(f[12])
+    return n
 
 def start_guests(d, n, tag):
     procs = []
@@ -45,18 +70,23 @@ def hwm(pid):
     for l in open(f"/proc/{pid}/status"):
         if l.startswith("VmHWM"): return int(l.split()[1])
 
-def rates(socks, secs, during=None):
-    a = [cycles(s) for s in socks]; t = time.time()
+def rates(socks, pids, secs, during=None):
+    """Mean cycles/s per guest; vCPU and other CPU ms per VM per second."""
+    a = [reading(s) for s in socks]; t = time.time(); k0 = ticks(pids)
     end = t + secs
     while time.time() < end:
         if during: during()
         time.sleep(max(0, min(1, end - time.time())))
-    b = [cycles(s) for s in socks]; dt = time.time() - t
-    return sum(y - x for x, y in zip(a, b)) / len(socks) / dt
+    k1 = ticks(pids); dt = time.time() - t
+    b = [reading(s) for s in socks]
+    per = [(y[0] - x[0]) / (y[1] - x[1]) for x, y in zip(a, b)]
+    ms = lambda i: (k1[i] - k0[i]) / os.sysconf("SC_CLK_TCK") * 1e3 / len(pids) / dt
+    return sum(per) / len(per), ms(1), ms(0)
 
 def run(n):
     with tempfile.TemporaryDirectory() as scraped, tempfile.TemporaryDirectory() as control:
-        guests = start_guests(scraped, n, "s") + start_guests(control, n, "c")
+        sg, cg = start_guests(scraped, n, "s"), start_guests(control, n, "c")
+        guests = sg + cg
         port = 19000 + n
         exp = subprocess.Popen([VMM, "exporter", "--sockets", scraped, "--listen", f"127.0.0.1:{port}",
                                 "--scrape-timeout", "2000", "--vm-timeout", "1000"], stderr=subprocess.DEVNULL)
@@ -74,13 +104,18 @@ def run(n):
         # Side by side over the same 20 s: the scraped group (once a second) and the control.
         import threading
         res = {}
-        th = threading.Thread(target=lambda: res.update(c=rates(cs, 20)))
-        th.start(); res["s"] = rates(ss, 20, during=scrape); th.join()
+        load = open("/proc/loadavg").read().split()[0]
+        sp, cp = [g.pid for g in sg], [g.pid for g in cg]
+        th = threading.Thread(target=lambda: res.update(c=rates(cs, cp, 20)))
+        th.start(); res["s"] = rates(ss, sp, 20, during=scrape); th.join()
         hz = os.sysconf("SC_CLK_TCK")
         print(f"N={n}: scrape p50 {lat[49]*1e3:.1f} ms p99 {lat[98]*1e3:.1f} ms; "
               f"exporter CPU {ticks / hz / 100 * 1e3:.1f} ms/scrape, peak RSS {hwm(exp.pid)/1024:.1f} MiB, "
-              f"answer {len(body)/1024:.0f} KiB; guest cycles/s scraped {res['s']/1e6:.1f} M, "
-              f"unscraped {res['c']/1e6:.1f} M ({(res['s']/res['c']-1)*100:+.1f}%)", flush=True)
+              f"answer {len(body)/1024:.0f} KiB; guest cycles/s scraped {res['s'][0]/1e6:.1f} M, "
+              f"unscraped {res['c'][0]/1e6:.1f} M ({(res['s'][0]/res['c'][0]-1)*100:+.1f}%); "
+              f"per VM and second, vCPU thread CPU scraped {res['s'][2]:.0f} ms, unscraped {res['c'][2]:.0f} ms, "
+              f"other threads' CPU scraped {res['s'][1]:.2f} ms, unscraped {res['c'][1]:.2f} ms; "
+              f"load {load} at the window's start", flush=True)
         exp.kill(); exp.wait()
         for g in guests: g.kill(); g.wait()
 

@@ -6,7 +6,8 @@
 //! escapes its control characters before a terminal sees it.
 
 use std::borrow::Cow;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -138,12 +139,7 @@ fn exchange(
 ) -> Result<Vec<u8>, ClientError> {
     check_socket(socket)?;
     let deadline = Instant::now() + timeout;
-    let not_vmm = |why: String| ClientError::NotVmm(socket.to_path_buf(), why);
     let mut stream = connect_by(socket, deadline)?;
-    let io = |e: std::io::Error| match e.kind() {
-        ErrorKind::TimedOut => ClientError::Timeout(socket.to_path_buf(), timeout),
-        _ => not_vmm(e.to_string()),
-    };
     // A server with no free connection answers 503 and closes at once,
     // maybe before our request is written or read: the write can fail and
     // the read end in a reset, after the answer. Keep what came.
@@ -160,7 +156,33 @@ fn exchange(
     let written = write_by(&mut stream, &request, deadline);
     let mut raw = Vec::new();
     let read = read_answer(&mut stream, &mut raw, max, deadline);
-    if let Some(busy) = busy_status(&raw) {
+    answer(
+        socket,
+        &format!("{method} {uri}"),
+        &raw,
+        written,
+        read,
+        timeout,
+    )
+}
+
+/// What an exchange with `socket` came to: `raw`, what was read of the
+/// answer, and how writing the request (`written`) and reading (`read`)
+/// ended. A busy server's 503 counts even if the write failed.
+fn answer(
+    socket: &Path,
+    request: &str,
+    raw: &[u8],
+    written: std::io::Result<()>,
+    read: std::io::Result<()>,
+    timeout: Duration,
+) -> Result<Vec<u8>, ClientError> {
+    let not_vmm = |why: String| ClientError::NotVmm(socket.to_path_buf(), why);
+    let io = |e: std::io::Error| match e.kind() {
+        ErrorKind::TimedOut => ClientError::Timeout(socket.to_path_buf(), timeout),
+        _ => not_vmm(e.to_string()),
+    };
+    if let Some(busy) = busy_status(raw) {
         return Err(ClientError::Busy(socket.to_path_buf(), busy));
     }
     written.map_err(io)?;
@@ -168,7 +190,7 @@ fn exchange(
     if raw.is_empty() {
         return Err(ClientError::Closed(socket.to_path_buf()));
     }
-    match response_body(&raw) {
+    match response_body(raw) {
         Ok(body) => Ok(body.to_vec()),
         Err(Answer::Status(status, status_line, body)) => {
             let message = serde_json::from_slice::<serde_json::Value>(body)
@@ -176,15 +198,167 @@ fn exchange(
                 .and_then(|v| v["error"].as_str().map(String::from));
             match message {
                 Some(message) => Err(ClientError::Refused {
-                    uri: format!("{method} {uri}"),
+                    uri: request.to_string(),
                     status,
                     message,
                 }),
-                None => Err(not_vmm(format!("{method} {uri} answered {status_line:?}"))),
+                None => Err(not_vmm(format!("{request} answered {status_line:?}"))),
             }
         }
         Err(Answer::Broken(why)) => Err(not_vmm(why)),
     }
+}
+
+/// One socket's exchange in [`get_all`].
+struct Pending<'a> {
+    socket: &'a Path,
+    stream: Option<UnixStream>,
+    /// Of the request, what is still to write.
+    unwritten: usize,
+    written: std::io::Result<()>,
+    raw: Vec<u8>,
+    deadline: Instant,
+    done: Option<(Result<Vec<u8>, ClientError>, Duration)>,
+}
+
+/// How long [`get_all`] waits before it tries again a connect that found
+/// the server's backlog full.
+const CONNECT_RETRY: Duration = Duration::from_millis(5);
+
+/// `GET uri` on every socket at once, on this thread: every connect and
+/// request goes out first, then one `poll` waits for whichever answers
+/// come, so a slow server delays only its own answer and a reader needs no
+/// thread per server (on a loaded host, each thread to wake is a wait for
+/// a CPU). Each exchange is bounded by `per_socket` and all by `end`, each
+/// answer by `max` bytes; per socket, what [`get_bounded`] would give, and
+/// how long it took.
+pub fn get_all(
+    sockets: &[PathBuf],
+    uri: &str,
+    per_socket: Duration,
+    end: Instant,
+    max: usize,
+) -> Vec<(Result<Vec<u8>, ClientError>, Duration)> {
+    let start = Instant::now();
+    let request = format!("GET {uri} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n");
+    let request = request.as_bytes();
+    let mut all: Vec<Pending> = sockets
+        .iter()
+        .map(|socket| Pending {
+            socket,
+            stream: None,
+            unwritten: request.len(),
+            written: Ok(()),
+            raw: Vec::new(),
+            deadline: (start + per_socket).min(end),
+            done: None,
+        })
+        .collect();
+    for p in &mut all {
+        if let Err(e) = check_socket(p.socket) {
+            p.done = Some((Err(e), start.elapsed()));
+        }
+    }
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let now = Instant::now();
+        let mut retry_connect = false;
+        for p in all.iter_mut().filter(|p| p.done.is_none()) {
+            if now >= p.deadline {
+                let timeout = p.deadline.saturating_duration_since(start);
+                let timed_out = std::io::Error::from(ErrorKind::TimedOut);
+                let result = answer(p.socket, uri, &p.raw, Ok(()), Err(timed_out), timeout);
+                p.done = Some((result, now - start));
+                continue;
+            }
+            if p.stream.is_some() {
+                continue;
+            }
+            match super::socket::connect_now(p.socket).and_then(|s| {
+                s.set_nonblocking(true)?;
+                Ok(s)
+            }) {
+                Ok(stream) => p.stream = Some(stream),
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => retry_connect = true,
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                    p.done = Some((Err(ClientError::Stale(p.socket.to_path_buf())), now - start));
+                }
+                Err(e) => {
+                    let error = ClientError::Connect(p.socket.to_path_buf(), e);
+                    p.done = Some((Err(error), now - start));
+                }
+            }
+        }
+        // Write what the sockets take, read what came.
+        for p in all.iter_mut().filter(|p| p.done.is_none()) {
+            let Some(stream) = &mut p.stream else {
+                continue;
+            };
+            while p.unwritten > 0 && p.written.is_ok() {
+                match stream.write(&request[request.len() - p.unwritten..]) {
+                    Ok(n) => p.unwritten -= n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    // A busy server may have answered and closed: read on.
+                    Err(e) => p.written = Err(e),
+                }
+            }
+            let read = loop {
+                match stream.read(&mut chunk) {
+                    Ok(0) => break Some(Ok(())),
+                    Ok(n) if p.raw.len() + n > max => {
+                        break Some(Err(std::io::Error::other(format!(
+                            "answer over {max} bytes"
+                        ))))
+                    }
+                    Ok(n) => p.raw.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break None,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => break Some(Err(e)),
+                }
+            };
+            if let Some(read) = read {
+                let written = std::mem::replace(&mut p.written, Ok(()));
+                let timeout = p.deadline.saturating_duration_since(start);
+                let result = answer(p.socket, uri, &p.raw, written, read, timeout);
+                p.done = Some((result, start.elapsed()));
+                p.stream = None;
+            }
+        }
+        let waiting: Vec<&Pending> = all.iter().filter(|p| p.done.is_none()).collect();
+        let Some(first) = waiting.iter().map(|p| p.deadline).min() else {
+            break;
+        };
+        let mut fds: Vec<libc::pollfd> = waiting
+            .iter()
+            .filter_map(|p| p.stream.as_ref())
+            .map(|s| libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN | libc::POLLOUT,
+                revents: 0,
+            })
+            .collect();
+        // Writing is done once the request is out: wait for reading only.
+        for (fd, p) in fds
+            .iter_mut()
+            .zip(waiting.iter().filter(|p| p.stream.is_some()))
+        {
+            if p.unwritten == 0 || p.written.is_err() {
+                fd.events = libc::POLLIN;
+            }
+        }
+        let mut wait = first.saturating_duration_since(Instant::now());
+        if retry_connect {
+            wait = wait.min(CONNECT_RETRY);
+        }
+        let ms = wait.as_millis().min(i32::MAX as u128) as i32 + 1;
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds, each an
+        // open descriptor of a stream in `all`, which outlives the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    }
+    all.into_iter()
+        .map(|p| p.done.expect("the loop ends when every exchange is done"))
+        .collect()
 }
 
 /// `text` from the other side, safe to print: every control character
@@ -221,12 +395,15 @@ pub fn get_patiently(socket: &Path, uri: &str, timeout: Duration) -> Result<Vec<
 /// The status line of a `503` answer (the server is ours but has no free
 /// connection), with its error message if it gave one.
 pub fn busy_status(raw: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(raw);
-    let status_line = text.lines().next()?;
+    // The status line alone first: most answers are not 503, and some are
+    // large.
+    let line_end = raw.iter().position(|&b| b == b'\n').unwrap_or(raw.len());
+    let status_line = String::from_utf8_lossy(&raw[..line_end]);
     let mut words = status_line.split_whitespace();
     if !words.next()?.starts_with("HTTP/1.") || words.next()? != "503" {
         return None;
     }
+    let text = String::from_utf8_lossy(raw);
     let message = text
         .split_once("\r\n\r\n")
         .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(body).ok())
@@ -312,6 +489,94 @@ mod tests {
         assert!(matches!(error, ClientError::Timeout(..)), "{error}");
         assert!(error.to_string().contains("timed out"), "{error}");
         assert!(server.join().unwrap(), "the client hung up mid-answer");
+    }
+
+    /// A server at `path` that answers one request with `body` after
+    /// `delay` (reading the request first), then closes.
+    fn late_server(path: &Path, delay: Duration, body: &'static str) {
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut head = [0u8; 256];
+            let _ = s.read(&mut head);
+            std::thread::sleep(delay);
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(answer.as_bytes());
+        });
+    }
+
+    #[test]
+    fn get_all_waits_for_every_server_at_once_each_by_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let delay = Duration::from_millis(400);
+        let mut sockets: Vec<PathBuf> = (0..3)
+            .map(|i| dir.path().join(format!("late{i}.sock")))
+            .collect();
+        for (i, path) in sockets.iter().enumerate() {
+            late_server(path, delay, ["a", "bb", "ccc"][i]);
+        }
+        // Accepts (the kernel queues the connection) but never answers.
+        let silent = dir.path().join("silent.sock");
+        let _silent = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+        sockets.push(silent);
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        sockets.push(stale);
+        sockets.push(dir.path().join("none.sock"));
+        let start = Instant::now();
+        let per_socket = Duration::from_millis(1000);
+        let answers = get_all(&sockets, "/vpmu", per_socket, start + per_socket * 5, 1024);
+        let took = start.elapsed();
+        // One after the other, the three late answers alone take 1.2 s.
+        assert!(took < Duration::from_millis(1100), "took {took:?}");
+        let bodies: Vec<_> = answers[..3]
+            .iter()
+            .map(|(a, _)| {
+                a.as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .ok()
+            })
+            .collect();
+        assert_eq!(
+            bodies,
+            [Some("a".into()), Some("bb".into()), Some("ccc".into())]
+        );
+        assert!(answers[..3]
+            .iter()
+            .all(|(_, t)| *t >= delay && *t < per_socket));
+        assert!(
+            matches!(answers[3].0, Err(ClientError::Timeout(..))),
+            "{:?}",
+            answers[3]
+        );
+        assert!(answers[3].1 >= per_socket);
+        assert!(
+            matches!(answers[4].0, Err(ClientError::Stale(_))),
+            "{:?}",
+            answers[4]
+        );
+        assert!(
+            matches!(answers[5].0, Err(ClientError::NoSocket(_))),
+            "{:?}",
+            answers[5]
+        );
+    }
+
+    #[test]
+    fn get_all_takes_no_answer_over_its_size_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.sock");
+        late_server(&path, Duration::ZERO, "x");
+        let end = Instant::now() + Duration::from_secs(2);
+        let answers = get_all(&[path], "/vpmu", Duration::from_secs(2), end, 10);
+        let error = answers[0].0.as_ref().unwrap_err();
+        assert!(
+            error.to_string().contains("answer over 10 bytes"),
+            "{error}"
+        );
     }
 
     #[test]

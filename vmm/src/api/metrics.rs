@@ -87,6 +87,13 @@ const UPTIME: Family = Family::gauge(
 const VPMU_ENABLED: Family =
     Family::gauge("vmm_vm_vpmu_enabled", "1 when the guest has a virtual PMU.");
 
+/// Per vCPU (label `vcpu`).
+const VIEW_AGE: Family = Family::gauge(
+    "vmm_vpmu_view_age_seconds",
+    "Age of the vCPU's view when its VMM answered: the vCPU's series are its counts as of \
+     that long before the answer.",
+);
+
 /// Per guest counter (labels `vcpu`, `counter`, `event`): the family and
 /// the counter's value in it.
 const COUNTER_FAMILIES: [(Family, CounterValue); 7] = [
@@ -263,12 +270,20 @@ const VM_EVENTS: Family = Family::counter(
     "Events the VM's counters counted per programming id, every vCPU and context merged.",
 );
 
-/// Escapes a label value.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Appends a label value to `text`, escaped.
+fn escape_into(text: &mut String, value: &str) {
+    if !value.contains(['\\', '"', '\n']) {
+        text.push_str(value);
+        return;
+    }
+    for c in value.chars() {
+        match c {
+            '\\' => text.push_str("\\\\"),
+            '"' => text.push_str("\\\""),
+            '\n' => text.push_str("\\n"),
+            c => text.push(c),
+        }
+    }
 }
 
 /// The exposition's content type (text format 0.0.4).
@@ -312,17 +327,26 @@ impl Exposition {
         let _ = writeln!(self.text, "# TYPE {name} {kind}");
     }
 
+    /// One sample line, written straight into the text (an exporter
+    /// writes thousands per scrape: no string per label or line).
     pub fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl Display) {
-        let vm = self.vm.as_ref().map(|vm| format!("vm=\"{}\"", escape(vm)));
-        let labels: Vec<String> = vm
+        let text = &mut self.text;
+        text.push_str(name);
+        let vm = self.vm.as_deref().map(|vm| ("vm", vm));
+        let all = vm
             .into_iter()
-            .chain(labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))))
-            .collect();
-        if labels.is_empty() {
-            let _ = writeln!(self.text, "{name} {value}");
-        } else {
-            let _ = writeln!(self.text, "{name}{{{}}} {value}", labels.join(","));
+            .chain(labels.iter().map(|(k, v)| (*k, v.as_str())));
+        for (i, (key, value)) in all.enumerate() {
+            text.push(if i == 0 { '{' } else { ',' });
+            text.push_str(key);
+            text.push_str("=\"");
+            escape_into(text, value);
+            text.push('"');
         }
+        if self.vm.is_some() || !labels.is_empty() {
+            text.push('}');
+        }
+        let _ = writeln!(text, " {value}");
     }
 
     /// Each VM's samples of one family, with its `vm` label.
@@ -345,6 +369,7 @@ pub fn render(doc: &VpmuDoc) -> String {
 /// Writes the families of every VM in `vms`, each family once.
 pub fn render_into(out: &mut Exposition, vms: &[Labelled]) {
     vm(out, vms);
+    view_ages(out, vms);
     counters(out, vms);
     statistics(out, vms);
     msr_accesses(out, vms);
@@ -360,6 +385,20 @@ fn vm(out: &mut Exposition, vms: &[Labelled]) {
     out.header(&VPMU_ENABLED);
     out.per_vm(vms, |out, doc| {
         out.sample(VPMU_ENABLED.name, &[], doc.vm.vpmu as u8)
+    });
+}
+
+/// How old each vCPU's view was; without a vCPU view, no family.
+fn view_ages(out: &mut Exposition, vms: &[Labelled]) {
+    if vms.iter().all(|vm| vm.doc.vcpus.is_empty()) {
+        return;
+    }
+    out.header(&VIEW_AGE);
+    out.per_vm(vms, |out, doc| {
+        for v in &doc.vcpus {
+            let age = Num::Real(v.age_ms as f64 / 1e3);
+            out.sample(VIEW_AGE.name, &[("vcpu", v.index.to_string())], age);
+        }
     });
 }
 
@@ -628,6 +667,7 @@ mod tests {
         let mut expected: Vec<(&str, &[&str])> = vec![
             ("vmm_vm_uptime_seconds", &[]),
             ("vmm_vm_vpmu_enabled", &[]),
+            ("vmm_vpmu_view_age_seconds", vcpu),
             ("vmm_vpmu_counter_value", counter),
             ("vmm_vpmu_counter_counted_total", counter),
             ("vmm_vpmu_counter_running", counter),

@@ -37,6 +37,45 @@ const REFRESH_WAIT: Duration = Duration::from_millis(50);
 /// Views younger than this are served as they are (no kick), unless the
 /// guest changed its vPMU since.
 const FRESH_ENOUGH: Duration = Duration::from_millis(10);
+/// How a read treats stale views (`GET /vpmu?refresh=...`, also
+/// `GET /metrics`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refresh {
+    /// `wait` (the default): ask stale vCPUs to republish and wait for
+    /// them, at most [`REFRESH_WAIT`].
+    Wait,
+    /// `async`: answer at once from the views there are (each with its
+    /// age), and ask stale vCPUs to republish for the next read. A reader
+    /// that reads on a schedule (`vmm exporter`) does not wait for vCPU
+    /// threads to be scheduled, except for a view that shows a programming
+    /// the guest has since left (or no view yet): that one is waited for
+    /// as under `Wait`.
+    Async,
+}
+
+impl Refresh {
+    /// The `refresh` key of a query (other keys are ignored, as before
+    /// the key existed); a value other than `wait` or `async` is an error.
+    pub fn from_query(query: &str) -> Result<Self, String> {
+        let mut refresh = Refresh::Wait;
+        for pair in query.split('&') {
+            let Some(value) = pair.strip_prefix("refresh=") else {
+                continue;
+            };
+            refresh = match value {
+                "wait" => Refresh::Wait,
+                "async" => Refresh::Async,
+                _ => {
+                    return Err(format!(
+                        "refresh={value}: use refresh=wait or refresh=async"
+                    ))
+                }
+            };
+        }
+        Ok(refresh)
+    }
+}
+
 /// How long a pause waits for every vCPU to leave the CPU.
 const PAUSE_WAIT: Duration = Duration::from_secs(2);
 
@@ -103,10 +142,17 @@ impl Api {
             .unwrap_or((request.path.as_str(), ""));
         let method = request.method.as_str();
         match (method, path) {
-            ("GET", "/vpmu") => self.vpmu(),
-            ("GET", "/metrics") => {
-                Response::text(200, metrics::CONTENT_TYPE, metrics::render(&self.doc()))
-            }
+            ("GET", "/vpmu" | "/metrics") => match Refresh::from_query(query) {
+                Ok(refresh) if path == "/vpmu" => {
+                    Response::document(200, &self.doc(refresh), "the vPMU export")
+                }
+                Ok(refresh) => Response::text(
+                    200,
+                    metrics::CONTENT_TYPE,
+                    metrics::render(&self.doc(refresh)),
+                ),
+                Err(e) => Response::error(400, &e),
+            },
             ("GET", "/profile") => self.profile(query, &|| peer.is_some_and(client_gone)),
             ("PUT", "/vm/pause") => self.pause(),
             ("PUT", "/vm/resume") => self.resume(),
@@ -117,13 +163,10 @@ impl Api {
         }
     }
 
-    fn vpmu(&self) -> Response {
-        Response::document(200, &self.doc(), "the vPMU export")
-    }
-
-    /// The export, from fresh views.
-    fn doc(&self) -> VpmuDoc {
-        let views = self.fresh_views();
+    /// The export, from fresh views (or, under [`Refresh::Async`], the
+    /// latest ones, each with its age).
+    fn doc(&self, refresh: Refresh) -> VpmuDoc {
+        let views = self.fresh_views(refresh);
         let paused = self.control.pause_requested();
         VpmuDoc::new(&self.name, &self.export, &views, paused)
     }
@@ -192,8 +235,9 @@ impl Api {
     }
 
     /// The latest view of every vCPU, asking stale ones to republish (a
-    /// kick costs the vCPU one exit; it never waits for us).
-    fn fresh_views(&self) -> Vec<Arc<VcpuView>> {
+    /// kick costs the vCPU one exit; it never waits for us) and, under
+    /// [`Refresh::Wait`], waiting for them at most [`REFRESH_WAIT`].
+    fn fresh_views(&self, refresh: Refresh) -> Vec<Arc<VcpuView>> {
         let asked = Instant::now();
         let n = self.export.vcpus() as u8;
         let stale = |i: u8| {
@@ -207,6 +251,11 @@ impl Api {
             for &i in &waiting {
                 self.export.request_refresh(i);
                 self.control.kick(usize::from(i));
+            }
+            // Async: wait only for a view that shows a programming the
+            // guest has left (or none yet), which no age makes right.
+            if refresh == Refresh::Async {
+                waiting.retain(|&i| self.export.latest(i).is_none() || self.export.outdated(i));
             }
             while !waiting.is_empty() && asked.elapsed() < REFRESH_WAIT {
                 std::thread::sleep(Duration::from_millis(1));
@@ -234,6 +283,73 @@ pub fn client_gone(peer: &UnixStream) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pmu::export::fixtures;
+
+    #[test]
+    fn refresh_is_read_from_the_query_wait_unless_asked() {
+        assert_eq!(Refresh::from_query(""), Ok(Refresh::Wait));
+        assert_eq!(Refresh::from_query("x=1&y"), Ok(Refresh::Wait));
+        assert_eq!(Refresh::from_query("refresh=wait"), Ok(Refresh::Wait));
+        assert_eq!(Refresh::from_query("refresh=async"), Ok(Refresh::Async));
+        assert_eq!(Refresh::from_query("x=1&refresh=async"), Ok(Refresh::Async));
+        assert!(Refresh::from_query("refresh=").is_err());
+        assert!(Refresh::from_query("refresh=later").is_err());
+    }
+
+    /// An API over one vCPU whose only view is `age` old (no vCPU thread
+    /// runs to republish it).
+    fn api_with_a_view_aged(age: Duration) -> (Api, Arc<Export>) {
+        let plan = fixtures::plan(Some(fixtures::snapshot(vec![]).model));
+        let export = Arc::new(Export::new(Arc::new(plan), 1));
+        let mut view = fixtures::view(0, vec![], &[]);
+        view.taken = Instant::now() - age;
+        export.publish(view);
+        let control = Arc::new(VmControl::new(1).unwrap());
+        let api = Api::new(
+            "vm".parse().unwrap(),
+            export.clone(),
+            control,
+            Arc::new(Hub::new(1)),
+        );
+        (api, export)
+    }
+
+    #[test]
+    fn an_async_read_answers_at_once_with_the_old_view_and_asks_for_a_new_one() {
+        let (api, export) = api_with_a_view_aged(Duration::from_secs(1));
+        let start = Instant::now();
+        let views = api.fresh_views(Refresh::Async);
+        let took = start.elapsed();
+        assert!(took < REFRESH_WAIT, "waited {took:?}");
+        assert_eq!(views.len(), 1);
+        assert!(start.duration_since(views[0].taken) >= Duration::from_secs(1));
+        assert!(export.take_refresh(0), "a refresh asked for the next read");
+        let doc = api.doc(Refresh::Async);
+        assert!(doc.vcpus[0].age_ms >= 1000, "its age is told");
+        // A view the guest has outdated (it reprogrammed since) is waited
+        // for, as by a waiting read.
+        export.mark_outdated(0);
+        let start = Instant::now();
+        api.fresh_views(Refresh::Async);
+        assert!(start.elapsed() >= REFRESH_WAIT);
+    }
+
+    #[test]
+    fn a_waiting_read_waits_for_a_stale_view_at_most_its_bound() {
+        let (api, export) = api_with_a_view_aged(Duration::from_secs(1));
+        let start = Instant::now();
+        let views = api.fresh_views(Refresh::Wait);
+        let took = start.elapsed();
+        assert!(took >= REFRESH_WAIT, "answered after {took:?}");
+        assert_eq!(views.len(), 1);
+        assert!(export.take_refresh(0));
+        // A fresh view is served at once, and asks for nothing.
+        let (api, export) = api_with_a_view_aged(Duration::ZERO);
+        let start = Instant::now();
+        api.fresh_views(Refresh::Wait);
+        assert!(start.elapsed() < REFRESH_WAIT);
+        assert!(!export.take_refresh(0));
+    }
 
     #[test]
     fn a_client_is_gone_when_it_closes_not_when_it_only_stops_writing() {

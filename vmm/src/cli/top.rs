@@ -37,6 +37,9 @@ pub enum SortKey {
 /// A VM's counts at one read.
 #[derive(Clone, Copy)]
 struct Counts {
+    /// When its views were taken: the read less their mean age (the fleet
+    /// reads without waiting for fresh views, so they may be as old as the
+    /// last read).
     at: Instant,
     cycles: u64,
     pmis: u64,
@@ -44,10 +47,12 @@ struct Counts {
 }
 
 impl Counts {
-    fn of(doc: &VpmuDoc, at: Instant) -> Self {
+    fn of(doc: &VpmuDoc, read: Instant) -> Self {
         let stats = doc.vcpus.iter().map(|v| &v.vpmu.stats);
+        let ages: u64 = doc.vcpus.iter().map(|v| v.age_ms).sum();
+        let age = Duration::from_millis(ages / (doc.vcpus.len().max(1) as u64));
         Counts {
-            at,
+            at: read.checked_sub(age).unwrap_or(read),
             cycles: doc
                 .totals
                 .iter()
@@ -104,7 +109,7 @@ fn lines(vms: &[Scraped], last: &mut HashMap<PathBuf, Counts>, now: Instant) -> 
         let before = last.insert(vm.socket.clone(), counts);
         let rate = |pick: fn(&Counts) -> u64| {
             let b = before?;
-            let secs = now.duration_since(b.at).as_secs_f64();
+            let secs = counts.at.saturating_duration_since(b.at).as_secs_f64();
             (secs > 0.0).then(|| pick(&counts).saturating_sub(pick(&b)) as f64 / secs)
         };
         let vcpus = doc.vcpus.len();
@@ -316,6 +321,38 @@ impl Top {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pmu::export::{fixtures, Export};
+    use std::sync::Arc;
+
+    /// A VM whose one vCPU counted `cycles`, read with a view `age_ms` old.
+    fn scraped(cycles: u64, age_ms: u64) -> Scraped {
+        let mut counter = fixtures::counter(0, 0x43_0076, cycles, true);
+        counter.event_name = Some("cycles".into());
+        let view = Arc::new(fixtures::view(0, vec![counter], &[]));
+        let plan = fixtures::plan(Some(fixtures::snapshot(vec![]).model));
+        let export = Export::new(Arc::new(plan), 1);
+        let mut doc = VpmuDoc::new(&"vm".parse().unwrap(), &export, &[view], false);
+        doc.vcpus[0].age_ms = age_ms;
+        Scraped {
+            socket: PathBuf::from("/vm.sock"),
+            name: "vm".into(),
+            state: Ok(doc),
+            took: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn rates_run_between_the_times_the_views_were_taken_not_read() {
+        let mut last = HashMap::new();
+        let t0 = Instant::now();
+        let first = lines(&[scraped(1_000_000, 0)], &mut last, t0);
+        assert_eq!(first[0].cycles, None, "no rate from one read");
+        // Read 1.5 s later, a view 0.5 s old: 1 s of counting.
+        let t1 = t0 + Duration::from_millis(1500);
+        let second = lines(&[scraped(2_000_000, 500)], &mut last, t1);
+        let rate = second[0].cycles.unwrap();
+        assert!((rate - 1e6).abs() < 1e3, "{rate}");
+    }
 
     fn line(name: &str, cycles: Option<f64>) -> Line {
         Line {

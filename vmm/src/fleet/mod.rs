@@ -13,7 +13,6 @@ pub mod exporter;
 use std::collections::HashMap;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -32,7 +31,10 @@ pub const MAX_VMS: usize = 256;
 /// Largest `GET /vpmu` answer taken from one VM.
 const MAX_DOCUMENT: usize = 8 << 20;
 /// VMs read at once.
-const WORKERS: usize = 16;
+/// What each VM is asked: its views as they are, each with its age, and a
+/// refresh for the next read (`api::Refresh::Async`): a scrape never waits
+/// for a VM's vCPU threads to get a CPU.
+const PATH: &str = "/vpmu?refresh=async";
 
 /// The sockets found in a directory.
 #[derive(Debug, Default)]
@@ -123,9 +125,8 @@ impl Down {
         }
     }
 
-    fn of(error: &ClientError, deadline: Instant) -> Self {
+    fn of(error: &ClientError) -> Self {
         match error {
-            _ if Instant::now() >= deadline => Down::Timeout,
             ClientError::Timeout(..) => Down::Timeout,
             ClientError::Stale(_) => Down::Stale,
             ClientError::Busy(..) => Down::Busy,
@@ -220,53 +221,31 @@ impl Fleet {
     }
 }
 
-/// Reads every socket's `GET /vpmu` on up to [`WORKERS`] threads, each by
-/// `per_vm` and all by `end`.
+/// Reads every socket's `GET /vpmu` at once on this thread
+/// ([`client::get_all`]), each by `per_vm` and all by `end`.
 fn read_all(sockets: &[PathBuf], per_vm: Duration, end: Instant) -> Vec<Scraped> {
-    let next = AtomicUsize::new(0);
-    let results: Vec<Mutex<Option<Scraped>>> = sockets.iter().map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..WORKERS.min(sockets.len()) {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(socket) = sockets.get(i) else { break };
-                *results[i].lock().recover() = Some(read_one(socket, per_vm, end));
-            });
-        }
-    });
-    results
+    if Instant::now() >= end {
+        let not_tried = |socket: &PathBuf| Scraped {
+            socket: socket.clone(),
+            name: String::new(),
+            state: Err(Down::NotTried),
+            took: Duration::ZERO,
+        };
+        return sockets.iter().map(not_tried).collect();
+    }
+    client::get_all(sockets, PATH, per_vm, end, MAX_DOCUMENT)
         .into_iter()
         .zip(sockets)
-        .map(|(r, socket)| {
-            r.into_inner().recover().unwrap_or_else(|| Scraped {
-                socket: socket.clone(),
-                name: String::new(),
-                state: Err(Down::NotTried),
-                took: Duration::ZERO,
-            })
+        .map(|((answer, took), socket)| Scraped {
+            socket: socket.clone(),
+            name: String::new(),
+            state: match answer {
+                Ok(body) => serde_json::from_slice::<VpmuDoc>(&body).map_err(|_| Down::NotVmm),
+                Err(e) => Err(Down::of(&e)),
+            },
+            took,
         })
         .collect()
-}
-
-/// One VM's `GET /vpmu`, by its deadline.
-fn read_one(socket: &Path, per_vm: Duration, end: Instant) -> Scraped {
-    let start = Instant::now();
-    let deadline = (start + per_vm).min(end);
-    let state = if start >= end {
-        Err(Down::NotTried)
-    } else {
-        let timeout = deadline.saturating_duration_since(start);
-        match client::get_bounded(socket, "/vpmu", timeout, MAX_DOCUMENT) {
-            Ok(body) => serde_json::from_slice::<VpmuDoc>(&body).map_err(|_| Down::NotVmm),
-            Err(e) => Err(Down::of(&e, deadline)),
-        }
-    };
-    Scraped {
-        socket: socket.to_path_buf(),
-        name: String::new(),
-        state,
-        took: start.elapsed(),
-    }
 }
 
 #[cfg(test)]

@@ -415,11 +415,12 @@ def judge_migrate(g, out, rc, tsc_khz, r):
     cyc, clk = perf_row(rows, "cycles"), perf_row(rows, "task-clock")
     moves, seen = migrate_line("\n".join(out))
     # The task's run time: its task clock less the host's steal, measured
-    # by the host over the step (the vCPU threads' run and wait time in
-    # schedstat): a guest's /proc/stat steal over both CPUs, one of them
-    # idle most of the time, halves the moving task's steal.
+    # by the host while the task ran (the vCPU threads' run and wait time in
+    # schedstat, read as busy started and ended): a guest's /proc/stat steal
+    # over both CPUs, one of them idle most of the time, halves the moving
+    # task's steal, and the whole step's window holds perf's start-up too.
     sched = getattr(g, "sched", {})
-    share = host_run_share(sched.get("migrate BEGIN"), sched.get("migrate END"))
+    share = host_run_share(sched.get("migrate busy-start"), sched.get("migrate busy-end"))
     if cyc and clk and cyc[0] and clk[0] and tsc_khz and share is not None:
         task_ms = clk[0] * share
         ratio = cyc[0] / (task_ms * tsc_khz)
@@ -429,8 +430,8 @@ def judge_migrate(g, out, rc, tsc_khz, r):
               f"over {clk[0]:.0f} ms task-clock x {share:.3f} host run share of the vCPU "
               f"threads ({task_ms:.0f} ms run time), ratio {ratio:.3f} (within {pct(SMP_MIGRATE)})")
     else:
-        r.add("smp.migrate", False, f"no cycles/task-clock count or no host schedstat at the "
-              f"migrate markers ({share}): {out}")
+        r.add("smp.migrate", False, f"no cycles/task-clock count or no host schedstat as the "
+              f"migrating task started and ended ({share}): {out}")
     b, e = g.snapshots.get("migrate BEGIN"), g.snapshots.get("migrate END")
     pid = (guest_cycles(g) | USR | OS)
     if b and e:

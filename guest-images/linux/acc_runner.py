@@ -302,6 +302,12 @@ class Guest:
             self.sched[f"{step} {edge}"] = self.vcpu_sched()
             self._running_step = step if edge == "BEGIN" else None
         running = self._running_step
+        # The host's truth over the workload itself (busy prints a line as
+        # it starts and one as it ends), not the whole step with perf's
+        # start-up: what the host took from the vCPUs then.
+        if running is not None and line.startswith("busy: "):
+            edge = "busy-start" if line.startswith("busy: start") else "busy-end"
+            self.sched.setdefault(f"{running} {edge}", self.vcpu_sched())
         if (running is not None and running == self.profile_step
                 and line.startswith("busy: start") and not self.profile_thread):
             self.profile_thread = threading.Thread(target=self.take_profile, daemon=True)

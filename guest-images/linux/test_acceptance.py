@@ -761,8 +761,8 @@ class Judges(unittest.TestCase):
                                          totals=[(CYCLES_ID, {0: 5e9, 1: 4e9})])}
         # The host let the vCPU threads run 90% of their runnable time (one
         # busy, one mostly idle; the guest's /proc/stat says 10% too here).
-        sched = {"migrate BEGIN": {"11": [0, 0], "12": [0, 0]},
-                 "migrate END": {"11": [4e9, 0.5e9], "12": [0.5e9, 0]}}
+        sched = {"migrate busy-start": {"11": [0, 0], "12": [0, 0]},
+                 "migrate busy-end": {"11": [4e9, 0.5e9], "12": [0.5e9, 0]}}
         g = FakeGuest("smp", snapshots=snaps, sched=sched)
         # 5000 ms x 0.9 run share at 2 GHz: 9e9 cycles.
         r = judge(acc_checks.judge_migrate, out(67, 9e9), tsc_khz=2e6, guest=g)
@@ -776,8 +776,8 @@ class Judges(unittest.TestCase):
         self.assertEqual(results(r)["smp.migrate"], "FAIL")
         # The guest's own steal figures are not the measure: with the host
         # keeping the threads waiting half their time, 9e9 is 1.8 x.
-        waited = {"migrate BEGIN": sched["migrate BEGIN"],
-                  "migrate END": {"11": [2.5e9, 2.5e9], "12": [0, 0]}}
+        waited = {"migrate busy-start": sched["migrate busy-start"],
+                  "migrate busy-end": {"11": [2.5e9, 2.5e9], "12": [0, 0]}}
         r = judge(acc_checks.judge_migrate, out(67, 9e9), tsc_khz=2e6,
                   guest=FakeGuest("smp", snapshots=snaps, sched=waited))
         self.assertEqual(results(r)["smp.migrate"], "FAIL")
@@ -1164,7 +1164,8 @@ for line in sys.stdin:
         print("READY-42", flush=True)
     elif line.startswith("perf-checks"):
         step = line.split()[1].rstrip(";")
-        print(f"VMM-STEP {step} BEGIN"); print("x=1"); print(f"VMM-STEP {step} END rc=0")
+        print(f"VMM-STEP {step} BEGIN"); print("busy: start mode=user")
+        print("busy: mode=user cpu_ms=1"); print(f"VMM-STEP {step} END rc=0")
         print("VMM-CHECKS-DONE rc=0", flush=True)
         sys.exit(0)
 """)
@@ -1175,7 +1176,12 @@ for line in sys.stdin:
         self.assertEqual(g.rc, 0)
         self.assertTrue(g.booted)
         self.assertIsNotNone(g.ready_after)
-        self.assertEqual(g.step("deny"), (["x=1"], 0))
+        self.assertEqual(g.step("deny"), (["busy: start mode=user", "busy: mode=user cpu_ms=1"],
+                                          0))
+        # The host's schedstat is read at the markers and as busy starts and
+        # ends (None here: the fake has no vCPU threads).
+        self.assertEqual(sorted(g.sched), ["deny BEGIN", "deny END", "deny busy-end",
+                                           "deny busy-start"])
         self.assertEqual(p.guest_done(g.text()), "0")
         self.assertIn("the boot snapshot failed", g.error)
 

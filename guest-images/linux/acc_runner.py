@@ -112,12 +112,12 @@ class Guest:
                         "reboot -f")
         self.host_flags = ["--serial", "stdio", "--api-socket", self.socket,
                            "--timeout", str(timeout)]
-        self.argv = [env_vmm, "run",
-                     "--kernel", os.path.join(out, "vmlinux"),
-                     "--initrd", os.path.join(out, "initramfs.cpio"),
-                     "--memory", str(memory),
-                     *self.host_flags,
-                     "--cmdline", cmdline] + list(flags)
+        # The machine: what a boot snapshot keeps (and is reused for).
+        self.machine = ["--kernel", os.path.join(out, "vmlinux"),
+                        "--initrd", os.path.join(out, "initramfs.cpio"),
+                        "--memory", str(memory),
+                        "--cmdline", cmdline] + list(flags)
+        self.argv = [env_vmm, "run", *self.host_flags, *self.machine]
         self.timeout = timeout
         self.live_step = live_step
         self.profile_step = profile_step
@@ -202,12 +202,12 @@ class Guest:
 
     def reusable(self):
         """Whether the boot snapshot an earlier run left is of this machine
-        and image: the same `vmm run` arguments (kept beside it), and newer
-        than the kernel, initramfs and command line it booted (the guest's
-        memory holds the image it booted, perf-checks included)."""
+        and image: the same machine flags (kept beside it), and newer than
+        the kernel, initramfs and command line it booted (the guest's memory
+        holds the image it booted, perf-checks included)."""
         try:
             with open(self.boot_snapshot + ".argv") as f:
-                same = json.load(f) == self.argv[1:]
+                same = json.load(f) == self.machine
             taken = os.path.getmtime(self.boot_snapshot)
             inputs = [self.argv[self.argv.index(flag) + 1] for flag in ("--kernel", "--initrd")]
             inputs.append(os.path.join(os.path.dirname(inputs[0]), "cmdline"))
@@ -239,7 +239,7 @@ class Guest:
                 with open(self.serial, "rb") as src, open(self.boot_log, "wb") as dst:
                     dst.write(src.read())
                 with open(self.boot_snapshot + ".argv", "w") as f:
-                    json.dump(self.argv[1:], f)
+                    json.dump(self.machine, f)
             else:
                 self.error = f"the boot snapshot failed: {status} {text}"
         self.send(self.command)

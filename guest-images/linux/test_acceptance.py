@@ -1196,10 +1196,17 @@ for line in sys.stdin:
         for path in (g.boot_snapshot, g.boot_log):
             open(path, "w").close()
         with open(g.boot_snapshot + ".argv", "w") as f:
-            json.dump(g.argv[1:], f)
+            json.dump(g.machine, f)
         future = time.time() + 60
         os.utime(g.boot_snapshot, (future, future))
         self.assertTrue(g.reusable())
+        # Another run's work directory (socket, console) is the same machine.
+        elsewhere = os.path.join(self.dir, "run2")
+        os.makedirs(elsewhere)
+        again = Guest("deny", ["--vpmu-events", "deny:0x76"], ["deny"], self.dir, 512,
+                      elsewhere, 60, "", "/bin/vmm", snapshots=snaps)
+        self.assertNotEqual(again.argv, g.argv)
+        self.assertTrue(again.reusable())
         other = Guest("deny", ["--vpmu-events", "deny:0x3c"], ["deny"], self.dir, 512,
                       self.dir, 60, "", "/bin/vmm", snapshots=snaps)
         self.assertFalse(other.reusable(), "another machine's arguments")

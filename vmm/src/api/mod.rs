@@ -42,7 +42,7 @@ const FRESH_ENOUGH: Duration = Duration::from_millis(10);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refresh {
     /// `wait` (the default): ask stale vCPUs to republish and wait for
-    /// them, at most [`REFRESH_WAIT`].
+    /// them, at most `REFRESH_WAIT` (50 ms).
     Wait,
     /// `async`: answer at once from the views there are (each with its
     /// age), and ask stale vCPUs to republish for the next read. A reader

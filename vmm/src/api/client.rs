@@ -63,21 +63,45 @@ fn check_socket(socket: &Path) -> Result<(), ClientError> {
     }
 }
 
-/// Connects by `deadline`, retrying while the server's backlog is full (a
-/// stopped or swamped server): a connect never blocks.
+/// How long a connect that found the server's backlog full waits before it
+/// tries again.
+const CONNECT_RETRY: Duration = Duration::from_millis(5);
+
+/// One connect that never blocks: the stream, `None` while the server's
+/// backlog is full (a stopped or swamped server: try again), or why not.
+fn connect_once(socket: &Path) -> Result<Option<UnixStream>, ClientError> {
+    match super::socket::connect_now(socket) {
+        Ok(stream) => Ok(Some(stream)),
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(None),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+            Err(ClientError::Stale(socket.to_path_buf()))
+        }
+        Err(e) => Err(ClientError::Connect(socket.to_path_buf(), e)),
+    }
+}
+
+/// Connects by `deadline`, retrying while the server's backlog is full.
 fn connect_by(socket: &Path, deadline: Instant) -> Result<UnixStream, ClientError> {
     loop {
-        match super::socket::connect_now(socket) {
-            Ok(stream) => return Ok(stream),
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5))
+        match connect_once(socket)? {
+            Some(stream) => return Ok(stream),
+            None if Instant::now() < deadline => std::thread::sleep(CONNECT_RETRY),
+            None => {
+                let full = std::io::Error::from_raw_os_error(libc::EAGAIN);
+                return Err(ClientError::Connect(socket.to_path_buf(), full));
             }
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                return Err(ClientError::Stale(socket.to_path_buf()))
-            }
-            Err(e) => return Err(ClientError::Connect(socket.to_path_buf(), e)),
         }
     }
+}
+
+/// Appends `data` to the answer in `raw`; an answer over `max` bytes is an
+/// error.
+fn append_bounded(raw: &mut Vec<u8>, data: &[u8], max: usize) -> std::io::Result<()> {
+    if raw.len() + data.len() > max {
+        return Err(std::io::Error::other(format!("answer over {max} bytes")));
+    }
+    raw.extend_from_slice(data);
+    Ok(())
 }
 
 /// Reads the answer to its end into `raw` by `deadline`; an answer over
@@ -92,10 +116,7 @@ fn read_answer(
     loop {
         match read_by(stream, &mut chunk, deadline)? {
             0 => return Ok(()),
-            n if raw.len() + n > max => {
-                return Err(std::io::Error::other(format!("answer over {max} bytes")))
-            }
-            n => raw.extend_from_slice(&chunk[..n]),
+            n => append_bounded(raw, &chunk[..n], max)?,
         }
     }
 }
@@ -127,6 +148,22 @@ pub fn put(
     exchange(socket, "PUT", uri, Some(body), timeout, MAX_RESPONSE)
 }
 
+/// The bytes of one request (`body`: a JSON document) on a connection that
+/// closes after the answer.
+fn request(method: &str, uri: &str, body: Option<&[u8]>) -> Vec<u8> {
+    let mut head = format!("{method} {uri} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n");
+    if let Some(body) = body {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    let mut request = head.into_bytes();
+    request.extend_from_slice(body.unwrap_or_default());
+    request
+}
+
 /// One request (`body`: a JSON document) and its answer, the whole exchange
 /// bounded by `timeout`; the body of a `200` answer of at most `max` bytes.
 fn exchange(
@@ -143,16 +180,7 @@ fn exchange(
     // A server with no free connection answers 503 and closes at once,
     // maybe before our request is written or read: the write can fail and
     // the read end in a reset, after the answer. Keep what came.
-    let mut request = format!("{method} {uri} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n");
-    if let Some(body) = body {
-        request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    request.push_str("\r\n");
-    let mut request = request.into_bytes();
-    request.extend_from_slice(body.unwrap_or_default());
+    let request = request(method, uri, body);
     let written = write_by(&mut stream, &request, deadline);
     let mut raw = Vec::new();
     let read = read_answer(&mut stream, &mut raw, max, deadline);
@@ -221,10 +249,6 @@ struct Pending<'a> {
     done: Option<(Result<Vec<u8>, ClientError>, Duration)>,
 }
 
-/// How long [`get_all`] waits before it tries again a connect that found
-/// the server's backlog full.
-const CONNECT_RETRY: Duration = Duration::from_millis(5);
-
 /// `GET uri` on every socket at once, on this thread: every connect and
 /// request goes out first, then one `poll` waits for whichever answers
 /// come, so a slow server delays only its own answer and a reader needs no
@@ -240,8 +264,7 @@ pub fn get_all(
     max: usize,
 ) -> Vec<(Result<Vec<u8>, ClientError>, Duration)> {
     let start = Instant::now();
-    let request = format!("GET {uri} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n");
-    let request = request.as_bytes();
+    let request = &request("GET", uri, None)[..];
     let mut all: Vec<Pending> = sockets
         .iter()
         .map(|socket| Pending {
@@ -274,19 +297,17 @@ pub fn get_all(
             if p.stream.is_some() {
                 continue;
             }
-            match super::socket::connect_now(p.socket).and_then(|s| {
-                s.set_nonblocking(true)?;
-                Ok(s)
-            }) {
-                Ok(stream) => p.stream = Some(stream),
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => retry_connect = true,
-                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                    p.done = Some((Err(ClientError::Stale(p.socket.to_path_buf())), now - start));
-                }
-                Err(e) => {
-                    let error = ClientError::Connect(p.socket.to_path_buf(), e);
-                    p.done = Some((Err(error), now - start));
-                }
+            let connected = connect_once(p.socket).and_then(|stream| match stream {
+                Some(s) => s
+                    .set_nonblocking(true)
+                    .map(|()| Some(s))
+                    .map_err(|e| ClientError::Connect(p.socket.to_path_buf(), e)),
+                None => Ok(None),
+            });
+            match connected {
+                Ok(Some(stream)) => p.stream = Some(stream),
+                Ok(None) => retry_connect = true,
+                Err(error) => p.done = Some((Err(error), now - start)),
             }
         }
         // Write what the sockets take, read what came.
@@ -306,12 +327,11 @@ pub fn get_all(
             let read = loop {
                 match stream.read(&mut chunk) {
                     Ok(0) => break Some(Ok(())),
-                    Ok(n) if p.raw.len() + n > max => {
-                        break Some(Err(std::io::Error::other(format!(
-                            "answer over {max} bytes"
-                        ))))
+                    Ok(n) => {
+                        if let Err(e) = append_bounded(&mut p.raw, &chunk[..n], max) {
+                            break Some(Err(e));
+                        }
                     }
-                    Ok(n) => p.raw.extend_from_slice(&chunk[..n]),
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break None,
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(e) => break Some(Err(e)),
@@ -329,24 +349,18 @@ pub fn get_all(
         let Some(first) = waiting.iter().map(|p| p.deadline).min() else {
             break;
         };
+        // Writing is done once the request is out: then wait for reading only.
         let mut fds: Vec<libc::pollfd> = waiting
             .iter()
-            .filter_map(|p| p.stream.as_ref())
-            .map(|s| libc::pollfd {
-                fd: s.as_raw_fd(),
-                events: libc::POLLIN | libc::POLLOUT,
-                revents: 0,
+            .filter_map(|p| {
+                let writing = p.unwritten > 0 && p.written.is_ok();
+                p.stream.as_ref().map(|s| libc::pollfd {
+                    fd: s.as_raw_fd(),
+                    events: libc::POLLIN | if writing { libc::POLLOUT } else { 0 },
+                    revents: 0,
+                })
             })
             .collect();
-        // Writing is done once the request is out: wait for reading only.
-        for (fd, p) in fds
-            .iter_mut()
-            .zip(waiting.iter().filter(|p| p.stream.is_some()))
-        {
-            if p.unwritten == 0 || p.written.is_err() {
-                fd.events = libc::POLLIN;
-            }
-        }
         let mut wait = first.saturating_duration_since(Instant::now());
         if retry_connect {
             wait = wait.min(CONNECT_RETRY);

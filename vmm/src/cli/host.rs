@@ -2,7 +2,6 @@
 //! make on it, for a person (a table) or a script (`--json`, read by
 //! `scripts/pmu-host-check`). Looks only; starts no guest.
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 use vpmu::{HostCpuid, Vendor};
@@ -89,13 +88,10 @@ pub fn report() -> HostReport {
         .ok()
         .map(|s| s.trim().to_string());
     let kvm = Kvm::new().map_err(|e| format!("/dev/kvm: {e}"));
-    let vendor = match &kvm {
-        Ok(kvm) => kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .ok()
-            .and_then(|c| cpuid::vendor(c.as_slice())),
-        Err(_) => host_vendor_from_cpuid(),
-    };
+    // Leaf 0 as this CPU answers it: KVM reports the same (the host's), and
+    // it is there without KVM too.
+    let leaf0 = core::arch::x86_64::__cpuid(0);
+    let vendor = cpuid::vendor_of_leaf0(leaf0.ebx, leaf0.edx, leaf0.ecx);
     let host = kvm.as_ref().ok().map(|kvm| HostPmu::detect(kvm, vendor));
     let hardware_events = match &host {
         Some(h) => Offer::of(&h.hardware_events),
@@ -125,12 +121,6 @@ pub fn report() -> HostReport {
         hardware_events,
         plans,
     }
-}
-
-/// The host's vendor without KVM (leaf 0's name).
-fn host_vendor_from_cpuid() -> Option<Vendor> {
-    let r = core::arch::x86_64::__cpuid(0);
-    cpuid::vendor_of_leaf0(r.ebx, r.edx, r.ecx)
 }
 
 fn guest_plan(host: &HostPmu, guest: Vendor) -> GuestPlan {

@@ -14,14 +14,13 @@ Standard library only.
 import re
 from collections import namedtuple
 
-from acc_parsers import (AMD_CYCLES, INTEL_CYCLES, OS, USR, acpi_interpreter_on,
-                         boot_log_defects, busy_line, counters, dso_shares, event_of, facts,
-                         folded_stacks, guest_done, host_run_share, migrate_line, model_vendor, per_cpu_csv, perf_csv,
-                         perf_event_opens, perf_row, perf_symbols, pmu_driver, pmu_shape,
-                         report_samples, restored_in_ms, run_ms, run_shares, sample_times,
-                         samples_by_cpu, stats_counts, vpmu_totals,
-                         section, select_of, stats_sum, steal_fraction, top_user_symbol,
-                         total_for, vcpu_total)
+from acc_parsers import (AMD_CYCLES, INTEL_CYCLES, OS, USR, acpi_interpreter_on, boot_log_defects,
+                         busy_line, counters, dso_shares, event_of, export_total, facts,
+                         folded_stacks, guest_done, host_run_share, migrate_line, model_vendor,
+                         per_cpu_csv, perf_csv, perf_event_opens, perf_row, perf_symbols,
+                         pmu_driver, pmu_shape, report_samples, restored_in_ms, run_ms, run_shares,
+                         sample_times, samples_by_cpu, section, select_of, stats_counts, stats_sum,
+                         steal_fraction, top_user_symbol, total_for, vcpu_total, vpmu_totals)
 from acc_tolerances import (API_COUNT, MIGRATE_MIN_MOVES, MULTIPLEX_SPREAD, PROFILE_KERNEL_TOP,
                             RESTORE_COUNT, RESTORE_SAMPLES,
                             PROFILE_USER_POINTS, RECORD_MODES_POINTS, RECORD_SAMPLES,
@@ -455,11 +454,6 @@ def judge_migrate(g, out, rc, tsc_khz, r):
           and min(per_vcpu.values()) > 0,
           f"GET /vpmu: vCPU views {views}; cycles ({pid:#x}) by vCPU {per_vcpu}, VM total "
           f"{cyc_row.get('count')}; every total row equals its vCPUs' sum: {sums_ok}")
-
-
-def export_total(snapshot):
-    """Every event's total the VMM exported in a GET /vpmu answer, summed."""
-    return sum(t["count"] for t in (snapshot or {}).get("totals", []))
 
 
 def judge_restore(g, out, rc, tsc_khz, r):

@@ -372,6 +372,11 @@ def stats_sum(snapshot, key):
     return sum(v["vpmu"]["stats"][key] for v in (snapshot or {}).get("vcpus", []))
 
 
+def export_total(snapshot):
+    """Every event's total the VMM exported in a GET /vpmu answer, summed."""
+    return sum(t["count"] for t in (snapshot or {}).get("totals", []))
+
+
 def vpmu_totals(snapshot):
     """Sums over the vCPUs of (PMIs, PMU MSR exits, overflow signals)."""
     pmis = msrs = signals = 0

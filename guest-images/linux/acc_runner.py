@@ -35,43 +35,39 @@ READY_ASK = "echo READY-$((6*7))"
 READY = "READY-42"
 
 
+def api_request(sock_path, method, path, body=None, timeout=5.0):
+    """One request on the VMM's Unix socket (`body`: a JSON document):
+    (status, answer body bytes); raises OSError or ValueError."""
+    data = b"" if body is None else json.dumps(body).encode()
+    head = f"{method} {path} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(sock_path)
+        s.sendall((head + "\r\n").encode() + data)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    status_line, _, answer = reply.partition(b"\r\n\r\n")
+    status = int(status_line.split(b" ", 2)[1]) if status_line.startswith(b"HTTP/1.1 ") else 0
+    return status, answer
+
+
 def api_get(sock_path, path, timeout=5.0):
     """GET path on the VMM's Unix socket; the decoded JSON, or None."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(sock_path)
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
-            return None
-        return json.loads(body)
-    except (OSError, ValueError):
+        status, answer = api_request(sock_path, "GET", path, timeout=timeout)
+        return json.loads(answer) if status == 200 else None
+    except (OSError, ValueError, IndexError):
         return None
 
 
 def api_put(sock_path, path, body, timeout=600.0):
     """PUT body (JSON) to path on the VMM's Unix socket: (status, text)."""
-    data = json.dumps(body).encode()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(sock_path)
-            s.sendall(f"PUT {path} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n"
-                      f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-                      .encode() + data)
-            reply = b""
-            while chunk := s.recv(65536):
-                reply += chunk
-        head, _, text = reply.partition(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
-        return status, text.decode(errors="replace")
+        status, answer = api_request(sock_path, "PUT", path, body, timeout)
+        return status, answer.decode(errors="replace")
     except (OSError, ValueError, IndexError) as e:
         return 0, str(e)
 
@@ -112,9 +108,10 @@ class Guest:
                         "reboot -f")
         self.host_flags = ["--serial", "stdio", "--api-socket", self.socket,
                            "--timeout", str(timeout)]
-        # The machine: what a boot snapshot keeps (and is reused for).
-        self.machine = ["--kernel", os.path.join(out, "vmlinux"),
-                        "--initrd", os.path.join(out, "initramfs.cpio"),
+        # The image a boot snapshot holds in its memory, and the machine it
+        # keeps (what it is reused for).
+        self.image = [os.path.join(out, f) for f in ("vmlinux", "initramfs.cpio", "cmdline")]
+        self.machine = ["--kernel", self.image[0], "--initrd", self.image[1],
                         "--memory", str(memory),
                         "--cmdline", cmdline] + list(flags)
         self.argv = [env_vmm, "run", *self.host_flags, *self.machine]
@@ -143,15 +140,21 @@ class Guest:
         self._running_step = None
         self._span_due = False
 
+    def vcpu_threads(self):
+        """(thread id, its /proc directory) of each of the VMM's vCPU
+        threads; raises OSError if the VMM is gone."""
+        tasks = f"/proc/{self.proc.pid}/task"
+        for tid in os.listdir(tasks):
+            base = f"{tasks}/{tid}"
+            if open(f"{base}/comm").read().startswith("vcpu"):
+                yield tid, base
+
     def thread_ms(self):
         """(user, system) CPU ms of the VMM's vCPU threads, from /proc."""
         user = system = 0
         tick = os.sysconf("SC_CLK_TCK")
         try:
-            for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
-                base = f"/proc/{self.proc.pid}/task/{tid}"
-                if not open(f"{base}/comm").read().startswith("vcpu"):
-                    continue
+            for _, base in self.vcpu_threads():
                 fields = open(f"{base}/stat").read().rsplit(")", 1)[1].split()
                 user += int(fields[11]) * 1000 // tick
                 system += int(fields[12]) * 1000 // tick
@@ -165,10 +168,7 @@ class Guest:
         ran and how long the host kept it waiting (its steal), or None."""
         out = {}
         try:
-            for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
-                base = f"/proc/{self.proc.pid}/task/{tid}"
-                if not open(f"{base}/comm").read().startswith("vcpu"):
-                    continue
+            for tid, base in self.vcpu_threads():
                 run, wait = open(f"{base}/schedstat").read().split()[:2]
                 out[tid] = [int(run), int(wait)]
         except (OSError, ValueError):
@@ -209,10 +209,8 @@ class Guest:
             with open(self.boot_snapshot + ".argv") as f:
                 same = json.load(f) == self.machine
             taken = os.path.getmtime(self.boot_snapshot)
-            inputs = [self.argv[self.argv.index(flag) + 1] for flag in ("--kernel", "--initrd")]
-            inputs.append(os.path.join(os.path.dirname(inputs[0]), "cmdline"))
             return same and os.path.exists(self.boot_log) and \
-                all(os.path.getmtime(p) < taken for p in inputs)
+                all(os.path.getmtime(p) < taken for p in self.image)
         except (OSError, ValueError):
             return False
 

@@ -33,7 +33,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-DONE = re.compile(r"^VMM-RUN-DONE rc=(\d+)$")
+BEGIN = re.compile(r"^VMM-RUN-42-BEGIN$")
+DONE = re.compile(r"^VMM-RUN-42-DONE rc=(\d+)$")
 
 
 class Guest:
@@ -73,6 +74,7 @@ class Guest:
             time.sleep(0.1)
         with self.lock:
             tail = "\n".join(self.lines[-20:])
+        self.proc.kill()
         sys.exit(f"snapshot.py: no line matching {pattern!r} within {timeout} s:\n{tail}")
 
     def end(self, timeout=120):
@@ -127,13 +129,14 @@ def run(args):
     guest.send("echo RESTORED-$((6*7))")
     ready = guest.wait_for(r"^RESTORED-42$", 300)
     restored = time.monotonic() - start
-    guest.send(f"{args.command}; echo VMM-RUN-DONE rc=$?")
-    # The shell echoes the command line first; its output follows.
-    echoed = guest.wait_for(re.escape("VMM-RUN-DONE rc=$?"), 60, ready + 1)
-    done = guest.wait_for(DONE.pattern, args.timeout, echoed + 1)
+    # The markers' 42 is the shell's arithmetic: the echo of the command
+    # line (which the console wraps at its width) never matches them.
+    guest.send(f"echo VMM-RUN-$((6*7))-BEGIN; {args.command}; echo VMM-RUN-$((6*7))-DONE rc=$?")
+    begun = guest.wait_for(BEGIN.pattern, 60, ready + 1)
+    done = guest.wait_for(DONE.pattern, args.timeout, begun + 1)
     took = time.monotonic() - start - restored
     with guest.lock:
-        output = guest.lines[echoed + 1:done]
+        output = guest.lines[begun + 1:done]
         rc = int(DONE.match(guest.lines[done]).group(1))
     for line in output:
         print(line)

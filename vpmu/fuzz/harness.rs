@@ -362,7 +362,7 @@ impl Checker {
             };
             self.generations[i] = c.generation;
             assert_eq!(c.programming_id.0 & !PROGRAMMING_BITS, 0);
-            let host = matches!(c.backing, Backing::HardwareRaw | Backing::SoftwareClock);
+            let host = c.backing == Backing::HardwareRaw || c.backing.is_clock();
             if host
                 && !pmu
                     .policy()
@@ -400,11 +400,12 @@ impl Checker {
             attempts <= allowed,
             "{attempts} opens for {allowed}: {stats:?}"
         );
-        let clock_running = s
-            .counters
-            .iter()
-            .any(|c| c.running && c.backing == Backing::SoftwareClock);
-        assert_eq!(pmu.exit_hooks_needed(), clock_running);
+        let running =
+            |b: fn(&Backing) -> bool| s.counters.iter().any(|c| c.running && b(&c.backing));
+        assert_eq!(pmu.exit_hooks_needed(), running(Backing::is_clock));
+        if running(|b| matches!(b, Backing::SoftwareClockEstimate { .. })) {
+            assert!(pmu.samples_guest_mode(), "a mode estimate runs unsampled");
+        }
         let policy = pmu.policy();
         for event in &pmu.backend().events {
             if let vpmu::EventSource::HardwareRaw { config } = event.spec.source {
@@ -471,10 +472,12 @@ pub fn msr(data: &[u8]) {
         1 => Limits {
             min_hardware_period: 1,
             min_clock_period_ns: 1,
+            ..Limits::default()
         },
         _ => Limits {
             min_hardware_period: 100,
             min_clock_period_ns: 1000,
+            ..Limits::default()
         },
     };
     let retry = match setup >> 6 {
@@ -570,6 +573,14 @@ fn step(
         }
         8 => drop(pmu.backend_mut().advance(false, input.u32() as u64)),
         9 => {
+            // As the VMM does after a signal: the guest's mode first.
+            if pmu.samples_guest_mode() {
+                let mode = match input.bool() {
+                    true => vpmu::GuestMode::User,
+                    false => vpmu::GuestMode::Kernel,
+                };
+                pmu.observe_guest_mode(mode);
+            }
             for _ in 0..=input.u8() % 4 {
                 pmu.handle_host_overflow();
             }

@@ -29,7 +29,10 @@
 //!   returns, whatever the reason: [`Vpmu::on_guest_exit`]. They have work
 //!   only while [`Vpmu::exit_hooks_needed`]; calling them always is fine.
 //! - When `KVM_RUN` was interrupted (`EINTR`) by the overflow signal, or
-//!   any time: [`Vpmu::handle_host_overflow`].
+//!   any time: [`Vpmu::handle_host_overflow`]. Before it, if the guest ran
+//!   until the signal and [`Vpmu::samples_guest_mode`]: the guest's
+//!   privilege level then to [`Vpmu::observe_guest_mode`] (user-only and
+//!   kernel-only counts on the task clock are estimated from them).
 //! - After an MSR exit and after [`Vpmu::handle_host_overflow`]:
 //!   [`Vpmu::take_pending_pmi`]; when true, deliver a PMI through the
 //!   guest's LVTPC (the VMM owns the APIC side).
@@ -71,7 +74,7 @@ pub use model::{
     VendorFeatures,
 };
 pub use policy::{EventPolicy, PolicyError, Preset};
-pub use snapshot::{Backing, BackingNotice, CounterKind, CounterSnapshot, VpmuSnapshot};
+pub use snapshot::{Backing, BackingNotice, CounterKind, CounterSnapshot, GuestMode, VpmuSnapshot};
 pub use stats::{MsrAccessCounts, VpmuStats};
 pub use totals::{EventTotal, EventTotals, ProgrammingId, Retired};
 pub use vpmu::{

@@ -20,6 +20,17 @@ pub enum CounterKind {
     Fixed,
 }
 
+/// A guest privilege level as the vPMU's event selects name them: user
+/// (`USR`, CPL 3) or kernel (`OS`, CPL 0-2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestMode {
+    /// CPL 3.
+    User,
+    /// CPL 0, 1 or 2.
+    Kernel,
+}
+
 /// How a counter's counts are produced on the host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -31,6 +42,15 @@ pub enum Backing {
     /// Host task-clock of the vCPU thread, guest time only, converted to
     /// guest TSC cycles. It cannot tell guest user from kernel time.
     SoftwareClock,
+    /// An estimate for a user-only or kernel-only count where the host has
+    /// no hardware events: the guest time (as [`Backing::SoftwareClock`])
+    /// that the guest's privilege level, sampled at the vCPU's clock
+    /// signals, attributes to `mode`. Its error is a sampling error: see
+    /// [`crate::VpmuStats::mode_samples`].
+    SoftwareClockEstimate {
+        /// The guest mode it counts.
+        mode: GuestMode,
+    },
     /// Nothing counts; `reason` says why.
     Unbacked {
         /// Why.
@@ -38,6 +58,17 @@ pub enum Backing {
     },
     /// The event policy denies this event; it was never opened.
     Denied,
+}
+
+impl Backing {
+    /// Counted from the vCPU thread's task clock (exactly, or as an
+    /// estimate of one guest mode).
+    pub fn is_clock(&self) -> bool {
+        matches!(
+            self,
+            Self::SoftwareClock | Self::SoftwareClockEstimate { .. }
+        )
+    }
 }
 
 /// One counter.

@@ -133,4 +133,11 @@ pub struct VpmuStats {
     /// Ended contexts dropped because the VMM did not take them in time
     /// (more than [`crate::MAX_RETIRED`] ids waiting).
     pub retired_dropped: u64,
+    /// Guest privilege levels sampled for user-only or kernel-only counts
+    /// on the task clock ([`crate::Backing::SoftwareClockEstimate`]).
+    #[serde(default)]
+    pub mode_samples: u64,
+    /// Of those, the samples that found the guest in user mode.
+    #[serde(default)]
+    pub mode_samples_user: u64,
 }

@@ -10,7 +10,7 @@ use vpmu::backend::fake::FakeBackend;
 use vpmu::backend::EventSource;
 use vpmu::evtsel::{EN, INT, OS, USR};
 use vpmu::msr::*;
-use vpmu::{Backend, BackendError, Backing, ContextError, CounterKind, Limits, Vpmu};
+use vpmu::{Backend, BackendError, Backing, ContextError, CounterKind, GuestMode, Limits, Vpmu};
 
 #[test]
 fn enable_toggles_writes_pmis_and_hooks_never_reopen() {
@@ -60,31 +60,76 @@ fn generations_move_only_with_the_programming() {
 }
 
 #[test]
-fn a_privilege_filter_the_task_clock_cannot_honour_is_unbacked_not_miscounted() {
+fn a_privilege_filter_on_the_task_clock_counts_the_time_sampled_modes_attribute() {
     let mut pmu = vpmu(amd_v2(6), false);
+    pmu.wrmsr(ctl(2), CYCLES).unwrap();
+    assert!(!pmu.samples_guest_mode(), "plain cycles need no samples");
+    run_guest(&mut pmu, 1_000_000);
+    pmu.observe_guest_mode(GuestMode::User); // nobody's: ignored
+    assert_eq!(pmu.stats().mode_samples, 0);
+
     pmu.wrmsr(ctl(0), 0x76 | USR | EN).unwrap(); // cycles:u
     pmu.wrmsr(ctl(1), 0x76 | OS | EN).unwrap(); // cycles:k
-    pmu.wrmsr(ctl(2), CYCLES).unwrap();
-    run_guest(&mut pmu, 1_000_000);
-    assert_eq!(
-        pmu.rdmsr(ctr(0)),
-        Ok(0),
-        "cycles:u would count kernel time too"
-    );
-    assert_eq!(
-        pmu.rdmsr(ctr(1)),
-        Ok(0),
-        "cycles:k would count user time too"
-    );
-    assert_eq!(pmu.rdmsr(ctr(2)), Ok(3_000_000), "plain cycles still count");
+    assert!(pmu.samples_guest_mode());
+    // Each mode counter's clock event signals at least every sample period.
+    let periods: Vec<u64> = pmu
+        .backend()
+        .open_events()
+        .filter_map(|e| e.period)
+        .collect();
+    assert_eq!(periods.len(), 3, "{periods:?}");
+    assert_eq!(periods.iter().filter(|&&p| p <= 1_000_000).count(), 2);
+
+    run_guest(&mut pmu, 1_000_000); // 1 ms, then a sample in user mode
+    pmu.observe_guest_mode(GuestMode::User);
+    run_guest(&mut pmu, 2_000_000);
+    pmu.on_guest_entry();
+    pmu.observe_guest_mode(GuestMode::User); // inside the guest: ignored
+    pmu.on_guest_exit();
+    pmu.observe_guest_mode(GuestMode::Kernel); // 2 ms in kernel mode
+    run_guest(&mut pmu, 500_000); // not sampled yet: nobody's for now
+    assert_eq!(pmu.rdmsr(ctr(0)), Ok(3_000_000), "cycles:u: 1 ms");
+    assert_eq!(pmu.rdmsr(ctr(1)), Ok(6_000_000), "cycles:k: 2 ms");
+    assert_eq!(pmu.rdmsr(ctr(2)), Ok(13_500_000), "cycles: all 4.5 ms");
+    pmu.observe_guest_mode(GuestMode::User);
+    assert_eq!(pmu.rdmsr(ctr(0)), Ok(4_500_000));
+
     let snapshot = pmu.snapshot();
-    for c in &snapshot.counters[..2] {
-        let Backing::Unbacked { reason } = &c.backing else {
-            panic!("{c:?}")
-        };
-        assert!(reason.contains("user from kernel"), "{reason}");
+    let modes = [GuestMode::User, GuestMode::Kernel];
+    for (c, mode) in snapshot.counters.iter().zip(modes) {
+        assert_eq!(c.backing, Backing::SoftwareClockEstimate { mode });
     }
     assert_eq!(snapshot.counters[2].backing, Backing::SoftwareClock);
+    let stats = pmu.stats();
+    assert_eq!((stats.mode_samples, stats.mode_samples_user), (3, 2));
+}
+
+#[test]
+fn a_user_only_count_on_the_task_clock_overflows_into_a_pmi_at_a_sample() {
+    let mut pmu = vpmu(amd_v2(6), false);
+    pmu.wrmsr(ctr(0), M48 - 2_999_999).unwrap(); // 1 ms of user time left
+    pmu.wrmsr(ctl(0), 0x76 | USR | EN | INT).unwrap();
+    run_guest(&mut pmu, 5_000_000);
+    pmu.observe_guest_mode(GuestMode::Kernel);
+    pmu.handle_host_overflow();
+    assert!(!pmu.take_pending_pmi(), "kernel time is not user time");
+    run_guest(&mut pmu, 1_000_000);
+    pmu.observe_guest_mode(GuestMode::User);
+    pmu.handle_host_overflow();
+    assert!(pmu.take_pending_pmi());
+    assert_eq!(pmu.rdmsr(ctr(0)), Ok(0), "wrapped exactly at 1 ms");
+    assert_eq!(pmu.rdmsr(AMD_GLOBAL_STATUS), Ok(1));
+}
+
+#[test]
+fn sampling_starts_afresh_when_a_mode_counter_starts() {
+    let mut pmu = vpmu(amd_v2(6), false);
+    pmu.wrmsr(ctl(2), CYCLES).unwrap();
+    run_guest(&mut pmu, 7_000_000); // before any mode counter: nobody's
+    pmu.wrmsr(ctl(0), 0x76 | USR | EN).unwrap();
+    run_guest(&mut pmu, 1_000_000);
+    pmu.observe_guest_mode(GuestMode::User);
+    assert_eq!(pmu.rdmsr(ctr(0)), Ok(3_000_000));
 }
 
 #[test]
@@ -241,6 +286,7 @@ fn tiny_periods_are_throttled_to_the_host_minimum() {
     let limits = Limits {
         min_hardware_period: 5_000,
         min_clock_period_ns: 20_000,
+        ..Limits::default()
     };
     let mut pmu = vpmu(amd_v2(6), true).with_limits(limits);
     pmu.wrmsr(ctr(0), M48).unwrap(); // overflow after one event
@@ -273,6 +319,7 @@ fn the_minimum_period_is_shared_by_the_running_counters_of_a_vcpu() {
     let limits = Limits {
         min_hardware_period: 5_000,
         min_clock_period_ns: 20_000,
+        ..Limits::default()
     };
     let mut pmu = vpmu(amd_v2(6), true).with_limits(limits);
     for i in 0..6 {

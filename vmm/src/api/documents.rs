@@ -198,6 +198,7 @@ pub fn backing_label(b: &Backing) -> &'static str {
         Backing::Idle => "idle",
         Backing::HardwareRaw => "hardware_raw",
         Backing::SoftwareClock => "software_clock",
+        Backing::SoftwareClockEstimate { .. } => "software_clock_estimate",
         Backing::Unbacked { .. } => "unbacked",
         Backing::Denied => "denied",
     }

@@ -157,7 +157,7 @@ const BACKING: Family = Family::gauge(
 
 /// Per vCPU (label `vcpu`), counters: the series, the statistic its help
 /// names and its value, in the order of the statistics' names.
-const STATISTICS: [(&str, &str, Count<VpmuStats>); 27] = [
+const STATISTICS: [(&str, &str, Count<VpmuStats>); 29] = [
     ("vmm_vpmu_backend_errors_total", "backend_errors", |s| {
         s.backend_errors
     }),
@@ -182,6 +182,14 @@ const STATISTICS: [(&str, &str, Count<VpmuStats>); 27] = [
     ),
     ("vmm_vpmu_closes_total", "closes", |s| s.closes),
     ("vmm_vpmu_faults_total", "faults", |s| s.faults),
+    ("vmm_vpmu_mode_samples_total", "mode_samples", |s| {
+        s.mode_samples
+    }),
+    (
+        "vmm_vpmu_mode_samples_user_total",
+        "mode_samples_user",
+        |s| s.mode_samples_user,
+    ),
     ("vmm_vpmu_notices_dropped_total", "notices_dropped", |s| {
         s.notices_dropped
     }),
@@ -689,6 +697,8 @@ mod tests {
             "clock_reads_saved",
             "closes",
             "faults",
+            "mode_samples",
+            "mode_samples_user",
             "notices_dropped",
             "open_failures",
             "open_retries",

@@ -288,6 +288,15 @@ pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), RegsError> {
     vcpu.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))
 }
 
+/// Whether the vCPU runs user code: at CPL 3 (its code segment selector's
+/// privilege level) and at a lower-half address. A host that keeps CPL 3
+/// across `SYSCALL` (ENVIRONMENT.md) can be stopped at CPL 3 on the
+/// kernel's entry point: that is the system call, kernel work, never a
+/// user instruction.
+pub fn in_user_mode(sregs: &kvm_sregs, rip: u64) -> bool {
+    sregs.cs.selector & 3 == 3 && rip >> 63 == 0
+}
+
 /// Reads a 32-bit register of a `kvm_lapic_state` page.
 pub fn lapic_reg(regs: &[std::os::raw::c_char], offset: usize) -> u32 {
     let bytes: [u8; 4] = std::array::from_fn(|i| regs[offset + i] as u8);
@@ -325,5 +334,19 @@ mod tests {
         let mut regs = [0 as std::os::raw::c_char; 1024];
         set_lapic_reg(&mut regs, 0x350, 0xdead_beef);
         assert_eq!(lapic_reg(&regs, 0x350), 0xdead_beef);
+    }
+
+    #[test]
+    fn user_mode_is_cpl_3_at_a_user_address() {
+        let mut sregs = kvm_sregs::default();
+        sregs.cs.selector = 0x33;
+        assert!(in_user_mode(&sregs, 0x40_1000));
+        assert!(
+            !in_user_mode(&sregs, 0xffff_ffff_8120_0040),
+            "SYSCALL kept at CPL 3"
+        );
+        sregs.cs.selector = 0x10;
+        assert!(!in_user_mode(&sregs, 0x40_1000));
+        assert!(!in_user_mode(&sregs, 0xffff_ffff_8100_0000));
     }
 }

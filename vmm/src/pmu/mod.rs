@@ -285,8 +285,9 @@ pub fn plan(
 /// What the vPMU does without host hardware events.
 fn no_hardware_note(why: &str) -> String {
     format!(
-        "host perf cannot count the guest's events ({why}): core cycles are backed by task-clock, \
-         other events are unbacked and read as not counting"
+        "host perf cannot count the guest's events ({why}): core cycles are backed by task-clock \
+         (a user-only or kernel-only count is an estimate from the guest's privilege level sampled \
+         at least every millisecond), other events are unbacked and read as not counting"
     )
 }
 

@@ -7,7 +7,8 @@ use kvm_bindings::{kvm_msi, Msrs};
 use kvm_ioctls::{VcpuFd, VmFd};
 use vpmu::backend::perf::PerfBackend;
 use vpmu::{
-    Backend, EventTotals, Fault, GuestClock, OverflowNotify, Vpmu, VpmuContext, VpmuSnapshot,
+    Backend, EventTotals, Fault, GuestClock, GuestMode, OverflowNotify, Vpmu, VpmuContext,
+    VpmuSnapshot,
 };
 
 use std::time::Instant;
@@ -15,7 +16,7 @@ use std::time::Instant;
 use super::seams::{self, ExitDelay, HostBackend};
 use super::{PmuPlan, Rdpmc};
 use crate::arch::layout::APIC_DEFAULT_BASE;
-use crate::arch::regs::lapic_reg;
+use crate::arch::regs::{in_user_mode, lapic_reg};
 use crate::pmu::export::{Export, VcpuView};
 use crate::pmu::{host_tsc, DeliveredPmi, PmiDelivery};
 
@@ -109,6 +110,9 @@ pub struct VcpuPmu {
     msr_exit: bool,
     /// The counter MSRs for `mirror`, allocated once.
     mirror_msrs: Option<Msrs>,
+    /// The last `KVM_RUN` was interrupted by a signal: where the guest was
+    /// then is a sample of its privilege level.
+    interrupted_exit: bool,
 }
 
 impl VcpuPmu {
@@ -151,6 +155,7 @@ impl VcpuPmu {
             written_unpublished: false,
             msr_exit: false,
             mirror_msrs: None,
+            interrupted_exit: false,
         })
     }
 
@@ -196,7 +201,11 @@ impl VcpuPmu {
     /// LVTPC drops it).
     pub fn before_entry(&mut self, kicked: bool, vcpu: &VcpuFd, vm: &VmFd) -> Option<DeliveredPmi> {
         let pmu_msr = std::mem::take(&mut self.msr_exit);
+        let interrupted = std::mem::take(&mut self.interrupted_exit);
         if kicked {
+            if interrupted && self.vpmu.samples_guest_mode() {
+                self.sample_guest_mode(vcpu);
+            }
             self.vpmu.handle_host_overflow();
         }
         let pmi = self.vpmu.take_pending_pmi();
@@ -242,10 +251,23 @@ impl VcpuPmu {
             .unwrap_or(0)
     }
 
-    /// Right after `KVM_RUN` returns.
-    pub fn after_exit(&mut self) {
+    /// Right after `KVM_RUN` returns; `interrupted`: by a signal.
+    pub fn after_exit(&mut self, interrupted: bool) {
         if self.vpmu.exit_hooks_needed() {
             self.vpmu.on_guest_exit();
+        }
+        self.interrupted_exit = interrupted;
+    }
+
+    /// The guest's privilege level where a signal interrupted it, for the
+    /// vPMU's user-only and kernel-only counts on the task clock.
+    fn sample_guest_mode(&mut self, vcpu: &VcpuFd) {
+        if let (Ok(regs), Ok(sregs)) = (vcpu.get_regs(), vcpu.get_sregs()) {
+            let mode = match in_user_mode(&sregs, regs.rip) {
+                true => GuestMode::User,
+                false => GuestMode::Kernel,
+            };
+            self.vpmu.observe_guest_mode(mode);
         }
     }
 

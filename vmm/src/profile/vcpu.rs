@@ -13,6 +13,7 @@ use vpmu::backend::{Backend, BackendError, EventSpec, OverflowNotify};
 
 use super::walk::{self, End, Paging, ADDR_MASK};
 use super::{Hex, Hub, Params, StackKey, VcpuPart, VcpuSummary, MAX_STACKS, MAX_VCPU_FRAMES};
+use crate::arch::regs::in_user_mode;
 use crate::vcpu::GuestSampler;
 
 /// The system-call entry point MSR.
@@ -248,7 +249,7 @@ fn sample(fd: &VcpuFd, memory: &GuestMemoryMmap) -> (StackKey, u64) {
         };
         return (key, 0);
     };
-    if sregs.cs.selector & 3 == 3 {
+    if in_user_mode(&sregs, regs.rip) {
         return (
             StackKey::User {
                 cr3: sregs.cr3 & ADDR_MASK,

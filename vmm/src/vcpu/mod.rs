@@ -312,11 +312,12 @@ impl Vcpu {
             observer.entering(&self.fd);
         }
         let result = self.fd.run();
+        let signalled = matches!(&result, Err(e) if interrupted(e));
         if let Some(observer) = &mut self.observer {
-            observer.exited(matches!(&result, Err(e) if interrupted(e)));
+            observer.exited(signalled);
         }
         if let Some(pmu) = &mut self.pmu {
-            pmu.after_exit();
+            pmu.after_exit(signalled);
         }
         self.exits.count(&result);
         let mut parts = ExitParts {

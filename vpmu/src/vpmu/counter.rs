@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::time::Instant;
 
-use crate::snapshot::{Backing, CounterKind};
+use crate::snapshot::{Backing, CounterKind, GuestMode};
 
 /// How a counter is backed right now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -13,8 +13,11 @@ pub(super) enum BackingState<H> {
     /// A hardware event.
     Hardware(H),
     /// A task-clock event (only for overflow notification; counts come
-    /// from the guest-time reference).
-    Clock(H),
+    /// from the guest-time reference). With a mode, the counter counts
+    /// only guest user or only guest kernel time: the guest time that
+    /// sampled privilege levels attribute to that mode (an estimate; see
+    /// `Vpmu::observe_guest_mode`).
+    Clock(H, Option<GuestMode>),
     /// Nothing counts: the host cannot count this event (no hardware
     /// events and not a clock event). Permanent for this programming.
     Unbacked(Cow<'static, str>),
@@ -27,9 +30,14 @@ pub(super) enum BackingState<H> {
 }
 
 impl<H: Copy> BackingState<H> {
+    /// A clock event backs it (with or without a mode).
+    pub(super) fn is_clock(&self) -> bool {
+        matches!(self, Self::Clock(..))
+    }
+
     pub(super) fn handle(&self) -> Option<H> {
         match self {
-            Self::Hardware(h) | Self::Clock(h) => Some(*h),
+            Self::Hardware(h) | Self::Clock(h, _) => Some(*h),
             _ => None,
         }
     }
@@ -38,7 +46,8 @@ impl<H: Copy> BackingState<H> {
         match self {
             Self::Idle => Backing::Idle,
             Self::Hardware(_) => Backing::HardwareRaw,
-            Self::Clock(_) => Backing::SoftwareClock,
+            Self::Clock(_, None) => Backing::SoftwareClock,
+            Self::Clock(_, Some(mode)) => Backing::SoftwareClockEstimate { mode: *mode },
             Self::Unbacked(reason) | Self::Refused(reason) => Backing::Unbacked {
                 reason: reason.clone(),
             },

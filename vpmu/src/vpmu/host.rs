@@ -8,7 +8,7 @@ use super::counter::{Armed, BackingState, Failure, HostPeriod};
 use super::{ReferenceValue, Vpmu, HARDWARE_RECHECK, MAX_ESTIMATES, MAX_NOTICES};
 use crate::backend::{Backend, BackendError, EventSpec};
 use crate::evtsel::{self, INT, OS, RAW_CONFIG_BITS, USR};
-use crate::snapshot::BackingNotice;
+use crate::snapshot::{BackingNotice, GuestMode};
 use crate::value;
 use crate::vendor;
 
@@ -112,7 +112,7 @@ impl<B: Backend> Vpmu<B> {
                 (BackingState::Hardware(_), Some(armed)) => {
                     counter.host_count.wrapping_sub(armed.at) >= armed.period
                 }
-                (BackingState::Clock(_), Some(armed)) => {
+                (BackingState::Clock(_, None), Some(armed)) => {
                     // How late the clock event fired after its period, from
                     // how far the counter got: past its overflow by the
                     // signal (wrapped once), or still short of it (early:
@@ -135,7 +135,8 @@ impl<B: Backend> Vpmu<B> {
                     }
                     true
                 }
-                (BackingState::Clock(_), None) => true,
+                // A count of one mode is no measure of lateness.
+                (BackingState::Clock(..), _) => true,
                 _ => false,
             };
             // Off the PMI's path: the VMM injects the PMI first, the
@@ -205,12 +206,15 @@ impl<B: Backend> Vpmu<B> {
             self.open_backing(i);
         }
         let backing = &self.counters[i].backing;
-        let (handle, clock) = (backing.handle(), matches!(backing, BackingState::Clock(_)));
+        let (handle, clock) = (backing.handle(), backing.is_clock());
         if clock {
             if let Err(error) = self.ensure_reference() {
                 return self.fail(i, error);
             }
-            self.counters[i].clock_ns = self.guest_ns();
+            self.counters[i].clock_ns = match self.counters[i].backing {
+                BackingState::Clock(_, Some(mode)) => self.start_mode_sampling(mode),
+                _ => self.guest_ns(),
+            };
         }
         if let Some(handle) = handle {
             if !self.counters[i].host_enabled {
@@ -227,6 +231,17 @@ impl<B: Backend> Vpmu<B> {
             // entry/exit hooks must run from the next entry on.
             self.clock_running |= clock;
         }
+    }
+
+    /// A counter of guest `mode` time starts: sampling starts if it was
+    /// off (the guest time before is nobody's to attribute). Returns the
+    /// mode's guest time so far.
+    fn start_mode_sampling(&mut self, mode: GuestMode) -> u64 {
+        if !self.mode_sampling {
+            self.guest_time.attributed_ns = self.guest_time.accumulated_ns;
+            self.mode_sampling = true;
+        }
+        self.guest_time.in_mode(mode)
     }
 
     /// Whether counter `i`'s host event was refused and may be tried again.
@@ -248,7 +263,7 @@ impl<B: Backend> Vpmu<B> {
         }
         self.sync(i);
         self.counters[i].running = false;
-        if !matches!(self.counters[i].backing, BackingState::Clock(_)) {
+        if !self.counters[i].backing.is_clock() {
             self.stop_host(i);
         }
     }
@@ -371,17 +386,12 @@ impl<B: Backend> Vpmu<B> {
             self.counters[i].backing = BackingState::Unbacked(Cow::Owned(reason));
             return;
         }
-        if select & USR == 0 || select & OS == 0 {
-            // Counting both would be a silent wrong number.
-            self.counters[i].backing = BackingState::Unbacked(Cow::Borrowed(
-                "a user-only or kernel-only count needs hardware events: the host \
-                 task-clock cannot tell guest user from kernel time",
-            ));
-            return;
-        }
+        // The task clock cannot tell guest user from kernel time: a count
+        // of one mode is estimated from sampled privilege levels.
+        let mode = counted_mode(select);
         let period = self.period(i, false);
         match self.open(&EventSpec::clock(Some(period.period))) {
-            Ok(handle) => self.opened(i, BackingState::Clock(handle), period),
+            Ok(handle) => self.opened(i, BackingState::Clock(handle, mode), period),
             Err(error) => self.refused(i, format!("host task-clock: {error}")),
         }
     }
@@ -444,7 +454,12 @@ impl<B: Backend> Vpmu<B> {
                 // Never more than half the distance: a lead that is too
                 // large costs an early signal, not a late PMI.
                 let lead = self.clock_lead.lead_ns().min(ns / 2);
-                (ns - lead, self.limits.min_clock_period_ns, ns)
+                let mut period = ns - lead;
+                if counted_mode(counter.select).is_some() {
+                    // Its signals are the samples of the guest's mode.
+                    period = period.min(self.limits.mode_sample_ns);
+                }
+                (period, self.limits.min_clock_period_ns, ns)
             }
         };
         // The minimum is per vCPU: the counters that can signal its thread
@@ -522,8 +537,11 @@ impl<B: Backend> Vpmu<B> {
                 }
                 Err(error) => return self.fail(i, error),
             },
-            BackingState::Clock(_) => {
-                let now = self.guest_ns();
+            BackingState::Clock(_, mode) => {
+                let now = match mode {
+                    None => self.guest_ns(),
+                    Some(mode) => self.guest_time.in_mode(mode),
+                };
                 let counter = &mut self.counters[i];
                 let ns = now.saturating_sub(counter.clock_ns);
                 counter.clock_ns = now;
@@ -561,7 +579,7 @@ impl<B: Backend> Vpmu<B> {
     /// get them from every sync).
     pub(super) fn refresh_clock_times(&mut self) {
         for i in 0..self.counters.len() {
-            let BackingState::Clock(handle) = self.counters[i].backing else {
+            let BackingState::Clock(handle, _) = self.counters[i].backing else {
                 continue;
             };
             match self.backend.read(handle) {
@@ -573,5 +591,14 @@ impl<B: Backend> Vpmu<B> {
                 Err(error) => self.fail(i, error),
             }
         }
+    }
+}
+
+/// The one guest mode an event select counts, if it counts only one.
+fn counted_mode(select: u64) -> Option<GuestMode> {
+    match (select & USR != 0, select & OS != 0) {
+        (true, false) => Some(GuestMode::User),
+        (false, true) => Some(GuestMode::Kernel),
+        _ => None,
     }
 }

@@ -369,7 +369,7 @@ def vcpu_total(snapshot, pid, vcpu):
 
 def stats_sum(snapshot, key):
     """A vPMU statistic summed over the vCPUs of a GET /vpmu answer."""
-    return sum(v["vpmu"]["stats"][key] for v in (snapshot or {}).get("vcpus", []))
+    return sum(v["vpmu"]["stats"].get(key, 0) for v in (snapshot or {}).get("vcpus", []))
 
 
 def export_total(snapshot):

@@ -88,7 +88,8 @@ class Guest:
     """
 
     def __init__(self, name, flags, steps, out, memory, workdir, timeout, extra_cmdline,
-                 env_vmm, live_step=None, profile_step=None, restore_step=None, snapshots=None):
+                 env_vmm, live_step=None, profile_step=None, restore_step=None, snapshots=None,
+                 env=None):
         self.name = name
         self.steps = list(steps)
         self.serial = os.path.join(workdir, f"{name}.serial")
@@ -103,9 +104,11 @@ class Guest:
         cmdline += " vmm.cmd=true vmm.exit=shell"
         if extra_cmdline:
             cmdline += " " + extra_cmdline
-        # What is typed at the shell: the steps, the done marker, the end.
-        self.command = (f"perf-checks {' '.join(steps)}; echo \"VMM-CHECKS-DONE rc=$?\"; "
-                        "reboot -f")
+        # What is typed at the shell: the steps (with `env`'s variables),
+        # the done marker, the end.
+        assigns = "".join(f"{k}={v} " for k, v in (env or {}).items())
+        self.command = (f"{assigns}perf-checks {' '.join(steps)}; "
+                        "echo \"VMM-CHECKS-DONE rc=$?\"; reboot -f")
         self.host_flags = ["--serial", "stdio", "--api-socket", self.socket,
                            "--timeout", str(timeout)]
         # The image a boot snapshot holds in its memory, and the machine it

@@ -13,6 +13,16 @@ far, while a wrong backing, period or filter misses by 2x or more.
 # main.stat-cycles: cycles vs (task-clock less the steal share) x TSC rate.
 # The steal share comes from /proc/stat in 10 ms ticks over a 2 s run.
 STAT_CYCLES = 0.10
+# main.privilege: cycles:u's share of cycles:u + cycles:k vs busy's user
+# share (points), and cycles:u + cycles:k vs cycles. Without hardware
+# events both are estimates from the guest's privilege level sampled at
+# least every 1 ms (about 1 000 samples here: a 1.6-point standard error).
+# The guest's own accounting is exact at its context-tracking hooks, but
+# charges the entry and exit code around them (emulated and slow here) to
+# user mode: 3-7 points above the host's own split of the vCPU threads'
+# time over busy's run, measured.
+PRIVILEGE_SHARE_POINTS = 10
+PRIVILEGE_SUM = 0.10
 # main.record-samples: samples vs run time x TSC / period. Each sample's NMI
 # handler is 1-2 ms of emulated kernel code inside a 10 ms period, which
 # Linux's sample rate limit and throttling act on.

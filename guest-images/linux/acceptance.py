@@ -52,6 +52,7 @@ import time
 
 from acc_bench import bench_report
 from acc_checks import CHECKED, GUESTS, Report, judge_boot_log, judge_guest, judge_run, steps
+from acc_perftest import judge_perf_test, print_table
 from acc_runner import Guest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,6 +76,10 @@ def main():
     p.add_argument("--json", help="also write the table as JSON to this file")
     p.add_argument("--bench", action="store_true",
                    help="run the benchmark guest instead of the checks")
+    p.add_argument("--perf-tests", metavar="TESTS",
+                   help="Linux's perf tests the main and off guests run: 'all' (all but test "
+                        "10, about N min here) or numbers (default: the PMU, sampling and "
+                        "tracepoint tests, perf-checks' PERF_TESTS_PMU)")
     p.add_argument("--cmdline", default="",
                    help="more kernel parameters (e.g. VMM_BENCH_ROUNDS=2, passed to "
                         "/init's environment)")
@@ -104,7 +109,8 @@ def main():
     guests = [Guest(n, GUESTS[n].flags, steps(n), args.out, args.memory, workdir, args.timeout,
                     args.cmdline, args.vmm, live_step=GUESTS[n].live_step,
                     profile_step=GUESTS[n].profile_step, restore_step=GUESTS[n].restore_step,
-                    snapshots=args.snapshots)
+                    snapshots=args.snapshots,
+                    env={"VMM_PERF_TESTS": f"'{args.perf_tests}'"} if args.perf_tests else None)
               for n in runs]
     t0 = time.monotonic()
     # The 2-vCPU guest boots once the short guests (off, deny) have ended:
@@ -141,6 +147,10 @@ def main():
         judge_run(g, r)
         judge_boot_log(g, r)
         judge_guest(g, r)
+    by_name = {g.name: g for g in guests}
+    perf_tests = None
+    if "main" in by_name or "off" in by_name:
+        perf_tests = judge_perf_test(by_name.get("main"), by_name.get("off"), r)
     print(f"acceptance: {len(guests)} guest(s) in {time.monotonic() - t0:.0f} s; "
           f"logs in {workdir}")
     for g in guests:
@@ -148,10 +158,12 @@ def main():
         how = "booted" if g.booted else "restored"
         print(f"acceptance: '{g.name}' {how}, its shell answered after {ready}"
               + (f" (snapshot kept: {g.boot_snapshot})" if args.snapshots and g.booted else ""))
+    if perf_tests:
+        print_table(perf_tests)
     r.print()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": r.rows, "workdir": workdir}, f, indent=1)
+            json.dump({"rows": r.rows, "workdir": workdir, "perf_test": perf_tests}, f, indent=1)
     if not any("VMM-GUEST-START" in g.text() for g in guests):
         tail = "\n".join(guests[0].text().splitlines()[-10:])
         print(f"acceptance: CANNOT RUN HERE: Linux did not reach /init; last serial lines:\n{tail}")

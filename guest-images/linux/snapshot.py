@@ -33,6 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 BEGIN = re.compile(r"^VMM-RUN-42-BEGIN$")
 DONE = re.compile(r"^VMM-RUN-42-DONE rc=(\d+)$")
 
@@ -53,8 +54,11 @@ class Guest:
 
     def _read(self):
         for raw in iter(self.proc.stdout.readline, b""):
+            # Without the terminal's escape sequences (colours, the shell's
+            # cursor query), which can start a line before a marker.
+            line = ESCAPE.sub("", raw.decode(errors="replace").rstrip("\r\n"))
             with self.lock:
-                self.lines.append(raw.decode(errors="replace").rstrip("\r\n"))
+                self.lines.append(line)
 
     def send(self, line):
         self.proc.stdin.write(line.encode() + b"\n")

@@ -24,6 +24,7 @@ import time
 import unittest
 
 import acc_checks
+import acc_perftest
 import acc_parsers as p
 import acc_tolerances as tol
 from acc_checks import GUESTS, Report
@@ -497,9 +498,9 @@ class Judges(unittest.TestCase):
                 counter(0, 0x530076), counter(1, 0x5300C0, kind="unbacked",
                                               reason="no host event counts instructions")])]),
             "privilege END": snapshot([vcpu(0, [
-                counter(0, 0x510076, kind="unbacked", reason="cannot tell user from kernel"),
-                counter(1, 0x520076, kind="unbacked", reason="cannot tell user from kernel"),
-                counter(2, 0x530076)])])})
+                counter(0, 0x510076, kind="software_clock_estimate"),
+                counter(1, 0x520076, kind="software_clock_estimate"),
+                counter(2, 0x530076)], mode_samples=1000)])})
         r = judge(acc_checks.judge_unbacked, ["1000,,cycles,1,100.00,,",
                                                "0,,instructions,1,100.00,,"], guest=g)
         self.assertEqual(results(r)["main.unbacked"], "PASS", r.rows)
@@ -512,12 +513,28 @@ class Judges(unittest.TestCase):
         r = judge(acc_checks.judge_unbacked, ["1000,,cycles,1,100.00,,",
                                                "0,,instructions,1,100.00,,"], guest=g2)
         self.assertEqual(results(r)["main.unbacked"], "FAIL")
-        out = ["0,,cycles:u,1,100.00,,", "0,,cycles:k,1,100.00,,", "5000,,cycles,1,100.00,,"]
-        self.assertEqual(results(judge(acc_checks.judge_privilege, out, guest=g))["main.privilege"],
-                         "PASS")
-        out[0] = "2500,,cycles:u,1,100.00,,"
-        self.assertEqual(results(judge(acc_checks.judge_privilege, out, guest=g))["main.privilege"],
-                         "FAIL")
+        busy = "busy: mode=mixed cpu_ms=1000 user_ms=150 sys_ms=850 loops=9 wall_ms=1000"
+
+        def privilege(u, k, both, guest=g):
+            out = [busy, f"{u},,cycles:u,1,100.00,,", f"{k},,cycles:k,1,100.00,,",
+                   f"{both},,cycles,1,100.00,,"]
+            r = judge(acc_checks.judge_privilege, out, guest=guest)
+            return results(r)["main.privilege"], r.rows[0]["detail"]
+        # 10% user against busy's 15%; u + k = cycles.
+        verdict, detail = privilege(500, 4500, 5000)
+        self.assertEqual(verdict, "PASS", detail)
+        self.assertIn("user share 10.0% vs busy's 15.0%", detail)
+        self.assertIn("2 of 2 filtered counters backed (2 estimates, 1000 mode samples)", detail)
+        self.assertEqual(privilege(2000, 3000, 5000)[0], "FAIL", "40% user is no 15%")
+        self.assertEqual(privilege(0, 5000, 5000)[0], "FAIL", "nothing in user mode")
+        self.assertEqual(privilege(500, 3500, 5000)[0], "FAIL", "u + k short of cycles by 20%")
+        # Unbacked filtered counters (the old answer) or estimates nobody sampled.
+        for kind, samples in (("unbacked", 1000), ("software_clock_estimate", 0)):
+            snap = snapshot([vcpu(0, [counter(0, 0x510076, kind=kind),
+                                      counter(1, 0x520076, kind=kind), counter(2, 0x530076)],
+                                  mode_samples=samples)])
+            self.assertEqual(privilege(500, 4500, 5000, FakeGuest(
+                "main", snapshots={"privilege END": snap}))[0], "FAIL", kind)
 
     def test_detect_against_the_model(self):
         lines = ["[ 0.53] Performance Events: Fam17h+ core perfctr, AMD PMU driver.",
@@ -843,7 +860,8 @@ class Tables(unittest.TestCase):
                                              for s in acc_checks.steps(kind)]))
             r = Report()
             acc_checks.judge_guest(g, r)
-            self.assertEqual(sorted(set(g.asked)), sorted(acc_checks.steps(kind)))
+            judged = [c.step for c in GUESTS[kind].checks if c.judge]
+            self.assertEqual(sorted(set(g.asked)), sorted(judged))
             self.assertEqual([row["check"] for row in r.rows], acc_checks.rows(kind))
 
     def test_run_row(self):
@@ -936,11 +954,104 @@ def perf_checks_documented():
     return re.findall(r"^#   ([a-z-]+)\s", head, re.M)
 
 
+PERF_TEST_ON = """\
+ 24: Number of exit events of a simple workload :
+--- start ---
+test child forked, pid 57
+[  241.876732] INFO: NMI handler (perf_event_nmi_handler) took too long to run: 3.019 msecs
+test child finished with 0
+---- end ----
+Number of exit events of a simple workload: Ok
+  4.2: User space counter reading of instructions:
+--- start ---
+test child forked, pid 71
+failed to open evsel: No such file or directory
+test child finished with -2
+---- end ----
+mmap interface tests subtest 2: Skip (permissions)
+ 35: Track with sched_switch                    :
+--- start ---
+mmap size 528384B
+108 events recorded
+test child finished with 0
+---- end ----
+Track with sched_switch: Ok
+ 19: 'import perf' in python                    :
+--- start ---
+sh: /usr/bin/python3: not found
+test child finished with -1
+---- end ----
+'import perf' in python: FAILED!
+ 28: Use a dummy software event to keep tracking:
+--- start ---
+test child finished with 0
+---- end ----
+Use a dummy software event to keep tracking: Ok
+"""
+
+
+class PerfTest(unittest.TestCase):
+    def guests(self, on_text, off_text, opens=3, pmis=100):
+        def step(text):
+            return f"VMM-STEP perf-test BEGIN\n{text}VMM-STEP perf-test END rc=0\n"
+        main = FakeGuest("main", text=step(on_text), snapshots={
+            "perf-test BEGIN": snapshot([vcpu(0, opens=10, pmis=5)]),
+            "perf-test END": snapshot([vcpu(0, opens=10 + opens, pmis=5 + pmis)])})
+        return main, FakeGuest("off", text=step(off_text))
+
+    def test_parse_reads_results_subtests_and_reasons(self):
+        tests = acc_perftest.parse(PERF_TEST_ON.splitlines())
+        self.assertEqual({t: v["result"] for t, v in tests.items()},
+                         {"24": "Ok", "4.2": "Skip", "35": "Ok", "19": "FAILED!", "28": "Ok"})
+        self.assertEqual(tests["4.2"]["why"], "permissions")
+        self.assertEqual(tests["4.2"]["name"], "User space counter reading of instructions")
+        self.assertEqual(tests["35"]["text"], ["108 events recorded", "test child finished with 0"])
+        self.assertEqual(acc_perftest.explain(tests["19"])[0], "image")
+        self.assertEqual(acc_perftest.explain(tests["4.2"])[0], "host")
+
+    def test_rows_pass_on_a_run_like_this_hosts(self):
+        off = PERF_TEST_ON.replace("Track with sched_switch: Ok", "Track with sched_switch: Ok") \
+            .replace("simple workload: Ok", "simple workload: Skip") \
+            .replace("keep tracking: Ok", "keep tracking: Skip")
+        r = Report()
+        rows = acc_perftest.judge_perf_test(*self.guests(PERF_TEST_ON, off), r)
+        self.assertEqual(results(r), {"perf-test.ran": "PASS", "perf-test.off-passes-on": "PASS",
+                                      "perf-test.explained": "PASS", "perf-test.pmu": "PASS"},
+                         r.rows)
+        self.assertEqual(acc_perftest.summary(rows), "5 tests; passed/skipped/failed with the "
+                         "vPMU on 3/1/1, off 1/3/1")
+        self.assertIn("2 do not pass with the vPMU on: 1 for a host limit, 1 for an image gap",
+                      r.rows[2]["detail"])
+        self.assertIn("3 host events opened, 100 PMIs", r.rows[3]["detail"])
+
+    def test_a_loss_an_unknown_failure_and_no_vpmu_work_fail(self):
+        on = PERF_TEST_ON.replace("108 events recorded\ntest child finished with 0",
+                                  "Missing cycles events\ntest child finished with -1") \
+            .replace("Track with sched_switch: Ok", "Track with sched_switch: FAILED!")
+        r = Report()
+        acc_perftest.judge_perf_test(*self.guests(on, PERF_TEST_ON, pmis=0), r)
+        self.assertEqual(results(r), {"perf-test.ran": "PASS", "perf-test.off-passes-on": "FAIL",
+                                      "perf-test.explained": "FAIL", "perf-test.pmu": "FAIL"})
+        self.assertIn("35 Track with sched_switch (FAILED!: Missing cycles events)",
+                      r.rows[2]["detail"])
+        # Passing tests with nothing counted prove nothing.
+        r = Report()
+        acc_perftest.judge_perf_test(*self.guests(PERF_TEST_ON, PERF_TEST_ON, opens=0), r)
+        self.assertEqual(results(r)["perf-test.pmu"], "FAIL")
+
+    def test_rows_not_run_without_both_guests(self):
+        r = Report()
+        acc_perftest.judge_perf_test(self.guests(PERF_TEST_ON, "")[0], None, r)
+        self.assertEqual(set(results(r).values()), {"NOT RUN"})
+        self.assertEqual(len(r.rows), 4)
+
+
 class StepsSharedWithPerfChecks(unittest.TestCase):
     def test_every_step_a_guest_runs_is_a_perf_checks_step_and_back(self):
         ours = [s for kind in GUESTS for s in acc_checks.steps(kind)]
-        self.assertEqual(len(ours), len(set(ours)), "a step in two guests' tables")
-        self.assertEqual(sorted(perf_checks_steps()), sorted(ours))
+        # Only perf-test runs in two guests: its judge compares them.
+        self.assertEqual(sorted({s for s in ours if ours.count(s) > 1}), ["perf-test"])
+        self.assertEqual(sorted(perf_checks_steps()), sorted(set(ours)))
 
     def test_perf_checks_documents_every_step(self):
         self.assertEqual(perf_checks_documented(), perf_checks_steps())
@@ -1030,26 +1141,30 @@ class RecordedRun(unittest.TestCase):
                               rc=g["rc"], elapsed=g["elapsed"], stderr=g["vmm_stderr"])
             acc_checks.judge_run(guest, r)
             acc_checks.judge_guest(guest, r)
-        # Rows added since that run (its off guest ran no tracepoints step)
-        # fail on it; every other row is as it was.
+        # Rows added or changed since that run (its off guest ran no
+        # tracepoints step) fail on it; every other row is as it was.
         newer = [row for row in r.rows if row["check"].startswith("off.tracepoint-")
-                 or row["check"].startswith("main.restore-")]
+                 or row["check"].startswith("main.restore-") or row["check"] == "main.privilege"]
         # smp.migrate judges by the host's schedstat since; that run has none.
         migrate = next(row for row in r.rows if row["check"] == "smp.migrate")
         self.assertEqual(migrate["result"], "FAIL")
         self.assertIn("no host schedstat", migrate["detail"])
         self.assertEqual([(row["check"], row["result"]) for row in newer],
-                         [("main.restore-count", "FAIL"), ("main.restore-record", "FAIL"),
+                         [("main.privilege", "FAIL"),
+                          ("main.restore-count", "FAIL"), ("main.restore-record", "FAIL"),
                           ("main.restore-vpmu", "FAIL"),
                           ("off.tracepoint-list", "FAIL"), ("off.tracepoint-stat", "FAIL"),
                           ("off.tracepoint-record", "FAIL")])
         rows = [row for row in r.rows if row not in newer]
+        want = [row for row in want if row["check"] != "main.privilege"]
         self.assertEqual(len(rows), len(want))
         # Judged for the guest's own vendor since (cycles is Intel's 0x3c,
         # on fixed counter 1 or a general-purpose one; an event the model
         # marks unavailable is "<not supported>"), these rows of that Intel
         # run pass; its deny guest denied AMD's 0x76, so it still fails.
-        now_pass = {"main.unbacked", "main.privilege", "main.api-count", "main.watchdog",
+        # (main.privilege: it now wants cycles:u and cycles:k estimated where
+        # that run's host left them at 0.)
+        now_pass = {"main.unbacked", "main.api-count", "main.watchdog",
                     "smp.migrate-opens", "smp.vcpu-totals"}
         for got, row in zip(rows, want):
             if row["check"] == "smp.migrate":

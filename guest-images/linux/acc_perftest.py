@@ -25,7 +25,8 @@ NOISE = re.compile(r"^(--- start ---|---- end ----|test child forked.*|Using CPU
 
 # Tests that need nothing but cycles (user-only included), sampling and
 # tracking events: they must pass with the vPMU on.
-MUST_PASS = ("Use a dummy software event to keep tracking", "Track with sched_switch")
+MUST_PASS = ("Number of exit events of a simple workload",
+             "Use a dummy software event to keep tracking", "Track with sched_switch")
 
 # Why a test does not pass here, by its -v output: (pattern, class, reason).
 # class "host": a limit of these development hosts (ENVIRONMENT.md, or the

@@ -287,7 +287,7 @@ fn no_hardware_note(why: &str) -> String {
     format!(
         "host perf cannot count the guest's events ({why}): core cycles are backed by task-clock \
          (a user-only or kernel-only count is an estimate from the guest's privilege level sampled \
-         at least every millisecond), other events are unbacked and read as not counting"
+         every millisecond), other events are unbacked and read as not counting"
     )
 }
 

@@ -449,17 +449,25 @@ impl<B: Backend> Vpmu<B> {
         let distance = value::distance_to_overflow(counter.value, counter.mask);
         let (period, min, distance_ns) = match hardware {
             true => (distance, self.limits.min_hardware_period, 0),
+            false if counted_mode(counter.select).is_some() => {
+                // A count of one guest mode moves only at samples of the
+                // guest's mode, which its clock event's signals are: a
+                // steady period whatever the distance. A shorter one would
+                // only signal more while the guest is in the other mode
+                // (a sampling guest's period of 1 cycle would have the
+                // minimum period's storm go on through all its kernel
+                // time); its overflow is seen at the first sample in its
+                // mode past it.
+                let ns = self.clock.cycles_to_ns(distance);
+                let period = self.limits.mode_sample_ns;
+                (period, period.min(self.limits.min_clock_period_ns), ns)
+            }
             false => {
                 let ns = self.clock.cycles_to_ns(distance);
                 // Never more than half the distance: a lead that is too
                 // large costs an early signal, not a late PMI.
                 let lead = self.clock_lead.lead_ns().min(ns / 2);
-                let mut period = ns - lead;
-                if counted_mode(counter.select).is_some() {
-                    // Its signals are the samples of the guest's mode.
-                    period = period.min(self.limits.mode_sample_ns);
-                }
-                (period, self.limits.min_clock_period_ns, ns)
+                (ns - lead, self.limits.min_clock_period_ns, ns)
             }
         };
         // The minimum is per vCPU: the counters that can signal its thread

@@ -65,16 +65,17 @@ pub struct Limits {
     pub min_hardware_period: u64,
     /// Smallest period of a clock event, in ns.
     pub min_clock_period_ns: u64,
-    /// Longest period of a clock event that backs a user-only or
-    /// kernel-only count, in ns: the guest's privilege level is sampled at
-    /// its signals (see [`Vpmu::observe_guest_mode`]).
+    /// Period of a clock event that backs a user-only or kernel-only
+    /// count, in ns: the guest's privilege level is sampled at its signals
+    /// (see [`Vpmu::observe_guest_mode`]), and such a counter overflows at
+    /// the first sample in its mode past its overflow.
     pub mode_sample_ns: u64,
 }
 
 impl Default for Limits {
     /// 100 000 events (about 30 us at 3 GHz) and 50 us: at most about
     /// 20 000-30 000 overflow signals per second and vCPU. Privilege levels
-    /// sampled at least every 1 ms of guest time: 1 000 samples a second
+    /// sampled every 1 ms of guest time: 1 000 samples a second
     /// (each costs an exit and a register read), a share's standard error
     /// under 1.6 points over a second of running.
     fn default() -> Self {
@@ -376,7 +377,7 @@ impl<B: Backend> Vpmu<B> {
     /// the guest (`KVM_RUN` returned `EINTR`), the VMM reads the guest's
     /// privilege level and passes it to [`Vpmu::observe_guest_mode`]
     /// before [`Vpmu::handle_host_overflow`]. Such counters' clock events
-    /// fire at least every [`Limits::mode_sample_ns`] of guest time, so
+    /// fire every [`Limits::mode_sample_ns`] of guest time, so
     /// the samples are spread evenly over the guest's time.
     pub fn samples_guest_mode(&self) -> bool {
         self.mode_sampling

@@ -1020,8 +1020,8 @@ class PerfTest(unittest.TestCase):
                          r.rows)
         self.assertEqual(acc_perftest.summary(rows), "5 tests; passed/skipped/failed with the "
                          "vPMU on 3/1/1, off 1/3/1")
-        self.assertIn("2 do not pass with the vPMU on: 1 for a host limit, 1 for an image gap",
-                      r.rows[2]["detail"])
+        self.assertIn("2 do not pass with the vPMU on: 1 for a host limit, 1 for an image gap, "
+                      "0 skipped on hardware PMUs too", r.rows[2]["detail"])
         self.assertIn("3 host events opened, 100 PMIs", r.rows[3]["detail"])
 
     def test_a_loss_an_unknown_failure_and_no_vpmu_work_fail(self):

@@ -78,7 +78,7 @@ def main():
                    help="run the benchmark guest instead of the checks")
     p.add_argument("--perf-tests", metavar="TESTS",
                    help="Linux's perf tests the main and off guests run: 'all' (all but test "
-                        "10, about N min here) or numbers (default: the PMU, sampling and "
+                        "10, about 9 min per guest here) or numbers (default: the PMU, sampling and "
                         "tracepoint tests, perf-checks' PERF_TESTS_PMU)")
     p.add_argument("--cmdline", default="",
                    help="more kernel parameters (e.g. VMM_BENCH_ROUNDS=2, passed to "

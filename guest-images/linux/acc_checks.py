@@ -150,8 +150,7 @@ def judge_privilege(g, out, rc, tsc_khz, r):
     # disabled it, so only the other shows at the step's end.
     shown = 1 if guest_vendor(g) == "intel" else 2
     share = 100 * u / (u + k) if u + k else None
-    guest = 100 * busy["user_ms"] / (busy["user_ms"] + busy["sys_ms"]) \
-        if busy and busy["user_ms"] + busy["sys_ms"] else None
+    guest = 100 * busy["user_ms"] / run_ms(busy) if busy and run_ms(busy) else None
     ok = (rc == 0 and u > 0 and k > 0 and both > 0 and share is not None and guest is not None
           and abs(share - guest) <= PRIVILEGE_SHARE_POINTS
           and abs((u + k) / both - 1) <= PRIVILEGE_SUM

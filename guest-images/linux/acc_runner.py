@@ -35,6 +35,26 @@ READY_ASK = "echo READY-$((6*7))"
 READY = "READY-42"
 
 
+def vcpu_threads(pid):
+    """(thread id, its /proc directory) of each vCPU thread of VMM `pid`;
+    raises OSError if the VMM is gone."""
+    tasks = f"/proc/{pid}/task"
+    for tid in os.listdir(tasks):
+        base = f"{tasks}/{tid}"
+        with open(f"{base}/comm") as f:
+            if f.read().startswith("vcpu"):
+                yield tid, base
+
+
+def vcpu_stats(pid):
+    """Each vCPU thread's /proc stat fields after its command name (so
+    utime is [11], stime [12], guest_time [40]); raises OSError if the VMM
+    is gone."""
+    for _, base in vcpu_threads(pid):
+        with open(f"{base}/stat") as f:
+            yield f.read().rsplit(")", 1)[1].split()
+
+
 def api_request(sock_path, method, path, body=None, timeout=5.0):
     """One request on the VMM's Unix socket (`body`: a JSON document):
     (status, answer body bytes); raises OSError or ValueError."""
@@ -143,22 +163,12 @@ class Guest:
         self._running_step = None
         self._span_due = False
 
-    def vcpu_threads(self):
-        """(thread id, its /proc directory) of each of the VMM's vCPU
-        threads; raises OSError if the VMM is gone."""
-        tasks = f"/proc/{self.proc.pid}/task"
-        for tid in os.listdir(tasks):
-            base = f"{tasks}/{tid}"
-            if open(f"{base}/comm").read().startswith("vcpu"):
-                yield tid, base
-
     def thread_ms(self):
         """(user, system) CPU ms of the VMM's vCPU threads, from /proc."""
         user = system = 0
         tick = os.sysconf("SC_CLK_TCK")
         try:
-            for _, base in self.vcpu_threads():
-                fields = open(f"{base}/stat").read().rsplit(")", 1)[1].split()
+            for fields in vcpu_stats(self.proc.pid):
                 user += int(fields[11]) * 1000 // tick
                 system += int(fields[12]) * 1000 // tick
         except (OSError, ValueError, IndexError):
@@ -171,7 +181,7 @@ class Guest:
         ran and how long the host kept it waiting (its steal), or None."""
         out = {}
         try:
-            for tid, base in self.vcpu_threads():
+            for tid, base in vcpu_threads(self.proc.pid):
                 run, wait = open(f"{base}/schedstat").read().split()[:2]
                 out[tid] = [int(run), int(wait)]
         except (OSError, ValueError):

@@ -17,27 +17,19 @@ holds both modes and that column means nothing.
 """
 
 import argparse
-import os
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import snapshot  # noqa: E402  (the restore-and-type helper beside this file)
-
-BUSY = re.compile(r"busy: mode=\S+ cpu_ms=\d+ user_ms=(\d+) sys_ms=(\d+)")
-
+# The restore-and-type helper, the acceptance's parsers and /proc readers.
+import snapshot  # noqa: E402
+from acc_parsers import busy_line, perf_csv, perf_row  # noqa: E402
+from acc_runner import vcpu_stats  # noqa: E402
 
 def vcpu_ticks(pid):
     """(utime, stime, guest_time) ticks summed over the VMM's vCPU threads."""
     total = [0, 0, 0]
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        base = f"/proc/{pid}/task/{tid}"
-        with open(f"{base}/comm") as f:
-            if not f.read().startswith("vcpu"):
-                continue
-        with open(f"{base}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+    for fields in vcpu_stats(pid):
         for i, field in enumerate((11, 12, 40)):
             total[i] += int(fields[field])
     return total
@@ -58,13 +50,10 @@ def measure(vmm, snap, mode, ms):
         lines = guest.lines[end:done]
     guest.send("reboot -f")
     guest.end()
-    counts = {}
-    for line in lines:
-        parts = line.split(",")
-        if len(parts) > 2 and parts[0].isdigit():
-            counts[parts[2]] = int(parts[0])
-    user, system = map(int, BUSY.search(lines[0]).groups())
-    u, k, both = (counts.get(e, 0) for e in ("cycles:u", "cycles:k", "cycles"))
+    rows = perf_csv(lines)
+    busy = busy_line(lines)
+    user, system = busy["user_ms"], busy["sys_ms"]
+    u, k, both = ((perf_row(rows, e) or (0,))[0] or 0 for e in ("cycles:u", "cycles:k", "cycles"))
     utime, stime, guest_time = (b - a for a, b in zip(before, after))
     return {
         "estimate": 100 * u / (u + k) if u + k else None,

@@ -532,12 +532,9 @@ impl<B: Backend> Vpmu<B> {
     /// Recomputes whether the entry/exit hooks have work and whether the
     /// guest's mode is sampled.
     fn refresh_hooks(&mut self) {
-        let running_clock = |c: &&Counter<B::Handle>| c.running && c.backing.is_clock();
-        self.clock_running = self.counters.iter().any(|c| running_clock(&c));
-        self.mode_sampling = self
-            .counters
-            .iter()
-            .filter(running_clock)
-            .any(|c| matches!(c.backing, counter::BackingState::Clock(_, Some(_))));
+        let mut running = self.counters.iter().filter(|c| c.running);
+        self.clock_running = running.clone().any(|c| c.backing.is_clock());
+        self.mode_sampling =
+            running.any(|c| matches!(c.backing, counter::BackingState::Clock(_, Some(_))));
     }
 }

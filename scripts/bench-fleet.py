@@ -11,9 +11,18 @@ between the times its views were taken (the answer's time less `age_ms`),
 so an old view (a read that did not wait for a fresh one) biases neither
 group. Per group it also gives the VMMs' CPU time outside their vCPU
 threads (API threads, the main loop), per VM and second.
-Usage: scripts/bench-fleet.py [N ...]   (default 1 8 32; needs target/release/vmm)
+
+Where each process runs matters on a host whose cores the guests
+oversubscribe: Linux shares CPU fairly between task groups first (cgroups,
+or sessions where autogroup is on), then between the tasks in a group. By
+default the guests run in a session of their own, the exporter in another
+and this script (the scraper) in its own, as a service manager would run
+VMs, the exporter and Prometheus as separate services; `--one-group` runs
+them all in this script's session, where a woken exporter or scraper
+competes with every busy vCPU thread.
+Usage: scripts/bench-fleet.py [--one-group] [N ...]   (default 1 8 32; needs target/release/vmm)
 """
-import json, os, socket, subprocess, sys, tempfile, time, urllib.request
+import json, os, signal, socket, subprocess, sys, tempfile, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VMM = os.path.join(ROOT, "target/release/vmm")
@@ -29,9 +38,16 @@ def cycles(sock):
     return sum(t["count"] for t in api(sock)["totals"] if t["event"] == "cycles")
 
 def reading(sock):
-    """The VM's cycles and when its (one) vCPU's view was taken."""
-    doc = api(sock)
-    at = time.time() - max(v["age_ms"] for v in doc["vcpus"]) / 1e3
+    """The VM's cycles and when its (one) vCPU's view was taken: a fresh
+    view (under 100 ms old). A read kicks a stale vCPU but answers with the
+    old view if the vCPU thread got no CPU within 50 ms; two such reads of
+    one view would make a rate of nothing over no time."""
+    for _ in range(200):
+        doc = api(sock)
+        age = max(v["age_ms"] for v in doc["vcpus"])
+        if age < 100:
+            break
+    at = time.time() - age / 1e3
     return sum(t["count"] for t in doc["totals"] if t["event"] == "cycles"), at
 
 def ticks(pids):
@@ -48,19 +64,39 @@ def ticks(pids):
             n[not comm.startswith("vcpu")] += int(f[11]) + int(f[12])
     return n
 
-def start_guests(d, n, tag):
-    procs = []
-    for i in range(n):
-        procs.append(subprocess.Popen([VMM, "--vpmu", "on", "--serial", "none", "--timeout", "600",
-            "--cmdline", "probe.tests=cycles probe.cycles_ms=590000",
-            "--api-socket", f"{d}/{tag}{i}.sock"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    for i in range(n):
-        for _ in range(400):
-            try:
-                if cycles(f"{d}/{tag}{i}.sock") > 0: break
-            except Exception: pass
-            time.sleep(0.05)
-    return procs
+# Starts the guests given as JSON argv lists, in the session it runs in,
+# prints their pids, and ends them when it is sent SIGTERM.
+LAUNCHER = """
+import json, signal, subprocess, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+guests = [subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+          for a in json.loads(sys.argv[1])]
+print(" ".join(str(g.pid) for g in guests), flush=True)
+signal.sigwait([signal.SIGTERM])
+for g in guests: g.kill()
+for g in guests: g.wait()
+"""
+
+def start_guests(groups, own_session):
+    """Starts the guests of every (dir, n, tag) group through one launcher,
+    in a session of its own if `own_session`; their pids per group."""
+    argv = [[VMM, "--vpmu", "on", "--serial", "none", "--timeout", "600",
+             "--cmdline", "probe.tests=cycles probe.cycles_ms=590000",
+             "--api-socket", f"{d}/{tag}{i}.sock"] for d, n, tag in groups for i in range(n)]
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, json.dumps(argv)],
+                                stdout=subprocess.PIPE, start_new_session=own_session)
+    pids = [int(p) for p in launcher.stdout.readline().split()]
+    for d, n, tag in groups:
+        for i in range(n):
+            for _ in range(400):
+                try:
+                    if cycles(f"{d}/{tag}{i}.sock") > 0: break
+                except Exception: pass
+                time.sleep(0.05)
+    per_group, at = [], 0
+    for _, n, _ in groups:
+        per_group.append(pids[at:at + n]); at += n
+    return launcher, per_group
 
 def cpu_ticks(pid):
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -83,13 +119,13 @@ def rates(socks, pids, secs, during=None):
     ms = lambda i: (k1[i] - k0[i]) / os.sysconf("SC_CLK_TCK") * 1e3 / len(pids) / dt
     return sum(per) / len(per), ms(1), ms(0)
 
-def run(n):
+def run(n, own_sessions):
     with tempfile.TemporaryDirectory() as scraped, tempfile.TemporaryDirectory() as control:
-        sg, cg = start_guests(scraped, n, "s"), start_guests(control, n, "c")
-        guests = sg + cg
+        launcher, (sp, cp) = start_guests([(scraped, n, "s"), (control, n, "c")], own_sessions)
         port = 19000 + n
         exp = subprocess.Popen([VMM, "exporter", "--sockets", scraped, "--listen", f"127.0.0.1:{port}",
-                                "--scrape-timeout", "2000", "--vm-timeout", "1000"], stderr=subprocess.DEVNULL)
+                                "--scrape-timeout", "2000", "--vm-timeout", "1000"],
+                               stderr=subprocess.DEVNULL, start_new_session=own_sessions)
         time.sleep(0.5)
         url = f"http://127.0.0.1:{port}/metrics"
         scrape = lambda: urllib.request.urlopen(url, timeout=10).read()
@@ -105,11 +141,11 @@ def run(n):
         import threading
         res = {}
         load = open("/proc/loadavg").read().split()[0]
-        sp, cp = [g.pid for g in sg], [g.pid for g in cg]
         th = threading.Thread(target=lambda: res.update(c=rates(cs, cp, 20)))
         th.start(); res["s"] = rates(ss, sp, 20, during=scrape); th.join()
         hz = os.sysconf("SC_CLK_TCK")
-        print(f"N={n}: scrape p50 {lat[49]*1e3:.1f} ms p99 {lat[98]*1e3:.1f} ms; "
+        layout = "own sessions" if own_sessions else "one group"
+        print(f"N={n} ({layout}): scrape p50 {lat[49]*1e3:.1f} ms p99 {lat[98]*1e3:.1f} ms; "
               f"exporter CPU {ticks / hz / 100 * 1e3:.1f} ms/scrape, peak RSS {hwm(exp.pid)/1024:.1f} MiB, "
               f"answer {len(body)/1024:.0f} KiB; guest cycles/s scraped {res['s'][0]/1e6:.1f} M, "
               f"unscraped {res['c'][0]/1e6:.1f} M ({(res['s'][0]/res['c'][0]-1)*100:+.1f}%); "
@@ -117,7 +153,9 @@ def run(n):
               f"other threads' CPU scraped {res['s'][1]:.2f} ms, unscraped {res['c'][1]:.2f} ms; "
               f"load {load} at the window's start", flush=True)
         exp.kill(); exp.wait()
-        for g in guests: g.kill(); g.wait()
+        launcher.send_signal(signal.SIGTERM); launcher.wait()
 
-for n in [int(a) for a in sys.argv[1:]] or [1, 8, 32]:
-    run(n)
+args = sys.argv[1:]
+one_group = "--one-group" in args
+for n in [int(a) for a in args if a != "--one-group"] or [1, 8, 32]:
+    run(n, not one_group)

@@ -1,11 +1,13 @@
-//! The client side of the API, for `vmm stat` and `vmm profile`: a few
-//! lines of HTTP/1.1 over a `UnixStream`, one `GET` with
-//! `Connection: close` per call, the answer read to its end, the whole
-//! exchange by one deadline (a server that trickles its answer cannot hold
+//! The client side of the API, for `vmm stat`, `vmm profile` and the
+//! fleet's readers: a few lines of HTTP/1.1 over a `UnixStream`, one `GET`
+//! with `Connection: close` per call (or, for [`get_all`], on connections
+//! kept open from one call to the next), the answer read to its end, the
+//! whole exchange by one deadline (a server that trickles its answer cannot hold
 //! a client longer). What the server says is its own text: [`printable`]
 //! escapes its control characters before a terminal sees it.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
@@ -148,10 +150,21 @@ pub fn put(
     exchange(socket, "PUT", uri, Some(body), timeout, MAX_RESPONSE)
 }
 
-/// The bytes of one request (`body`: a JSON document) on a connection that
-/// closes after the answer.
-fn request(method: &str, uri: &str, body: Option<&[u8]>) -> Vec<u8> {
-    let mut head = format!("{method} {uri} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n");
+/// How a request leaves its connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum After {
+    /// Closed after the answer.
+    Close,
+    /// Open for the next request (HTTP/1.1's default).
+    KeepAlive,
+}
+
+/// The bytes of one request (`body`: a JSON document).
+fn request(method: &str, uri: &str, body: Option<&[u8]>, after: After) -> Vec<u8> {
+    let mut head = format!("{method} {uri} HTTP/1.1\r\nHost: vmm\r\n");
+    if after == After::Close {
+        head.push_str("Connection: close\r\n");
+    }
     if let Some(body) = body {
         head.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -180,7 +193,7 @@ fn exchange(
     // A server with no free connection answers 503 and closes at once,
     // maybe before our request is written or read: the write can fail and
     // the read end in a reset, after the answer. Keep what came.
-    let request = request(method, uri, body);
+    let request = request(method, uri, body, After::Close);
     let written = write_by(&mut stream, &request, deadline);
     let mut raw = Vec::new();
     let read = read_answer(&mut stream, &mut raw, max, deadline);
@@ -237,10 +250,60 @@ fn answer(
     }
 }
 
+/// Connections to API sockets kept open from one [`get_all`] to the next,
+/// by socket path: a reader that comes back (a scraper) saves each server a
+/// connect, an accept and a thread start per read, each a wait for a CPU on
+/// a loaded host. A connection the server closed meanwhile (idle too long,
+/// its slot given to another client, the VMM gone) is found out and replaced
+/// by a fresh one within the same read.
+#[derive(Debug, Default)]
+pub struct KeptConnections {
+    streams: HashMap<PathBuf, UnixStream>,
+}
+
+impl KeptConnections {
+    /// Connections kept.
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+
+    /// Keeps only the connections to sockets `present` says are there.
+    pub fn retain(&mut self, present: impl Fn(&Path) -> bool) {
+        self.streams.retain(|path, _| present(path));
+    }
+
+    /// Adds `other`'s connections (one of a concurrent reader's).
+    pub fn merge(&mut self, other: KeptConnections) {
+        self.streams.extend(other.streams);
+    }
+
+    /// The connection kept for `socket`, if the server has neither closed
+    /// it nor sent anything on it since.
+    fn take_open(&mut self, socket: &Path) -> Option<UnixStream> {
+        let stream = self.streams.remove(socket)?;
+        let mut pfd = libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd of an open descriptor, its count, no wait.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+        (ready == 0).then_some(stream)
+    }
+}
+
 /// One socket's exchange in [`get_all`].
 struct Pending<'a> {
     socket: &'a Path,
     stream: Option<UnixStream>,
+    /// The stream was kept from an earlier read: if it ends before any
+    /// answer, the server had closed it, and a fresh connection is tried.
+    reused: bool,
     /// Of the request, what is still to write.
     unwritten: usize,
     written: std::io::Result<()>,
@@ -253,31 +316,37 @@ struct Pending<'a> {
 /// request goes out first, then one `poll` waits for whichever answers
 /// come, so a slow server delays only its own answer and a reader needs no
 /// thread per server (on a loaded host, each thread to wake is a wait for
-/// a CPU). Each exchange is bounded by `per_socket` and all by `end`, each
-/// answer by `max` bytes; per socket, what [`get_bounded`] would give, and
-/// how long it took.
+/// a CPU). Connections in `kept` are used first and those whose answer
+/// leaves them open are kept there for the next call. Each exchange is
+/// bounded by `per_socket` and all by `end`, each answer by `max` bytes;
+/// per socket, what [`get_bounded`] would give, and how long it took.
 pub fn get_all(
     sockets: &[PathBuf],
     uri: &str,
     per_socket: Duration,
     end: Instant,
     max: usize,
+    kept: &mut KeptConnections,
 ) -> Vec<(Result<Vec<u8>, ClientError>, Duration)> {
     let start = Instant::now();
-    let request = &request("GET", uri, None)[..];
+    let request = &request("GET", uri, None, After::KeepAlive)[..];
     let mut all: Vec<Pending> = sockets
         .iter()
-        .map(|socket| Pending {
-            socket,
-            stream: None,
-            unwritten: request.len(),
-            written: Ok(()),
-            raw: Vec::new(),
-            deadline: (start + per_socket).min(end),
-            done: None,
+        .map(|socket| {
+            let stream = kept.take_open(socket);
+            Pending {
+                socket,
+                reused: stream.is_some(),
+                stream,
+                unwritten: request.len(),
+                written: Ok(()),
+                raw: Vec::new(),
+                deadline: (start + per_socket).min(end),
+                done: None,
+            }
         })
         .collect();
-    for p in &mut all {
+    for p in all.iter_mut().filter(|p| p.stream.is_none()) {
         if let Err(e) = check_socket(p.socket) {
             p.done = Some((Err(e), start.elapsed()));
         }
@@ -331,19 +400,37 @@ pub fn get_all(
                         if let Err(e) = append_bounded(&mut p.raw, &chunk[..n], max) {
                             break Some(Err(e));
                         }
+                        // A kept-alive answer ends at its length, not at EOF.
+                        if answer_length(&p.raw).is_some() {
+                            break Some(Ok(()));
+                        }
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break None,
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(e) => break Some(Err(e)),
                 }
             };
-            if let Some(read) = read {
-                let written = std::mem::replace(&mut p.written, Ok(()));
-                let timeout = p.deadline.saturating_duration_since(start);
-                let result = answer(p.socket, uri, &p.raw, written, read, timeout);
-                p.done = Some((result, start.elapsed()));
-                p.stream = None;
+            let Some(read) = read else {
+                continue;
+            };
+            let stream = p.stream.take();
+            if std::mem::take(&mut p.reused) && p.raw.is_empty() {
+                // The server closed the kept connection: connect afresh.
+                p.unwritten = request.len();
+                p.written = Ok(());
+                continue;
             }
+            let written = std::mem::replace(&mut p.written, Ok(()));
+            let whole = written.is_ok() && read.is_ok();
+            if let (Some(stream), Some((len, true)), true) = (stream, answer_length(&p.raw), whole)
+            {
+                if len == p.raw.len() {
+                    kept.streams.insert(p.socket.to_path_buf(), stream);
+                }
+            }
+            let timeout = p.deadline.saturating_duration_since(start);
+            let result = answer(p.socket, uri, &p.raw, written, read, timeout);
+            p.done = Some((result, start.elapsed()));
         }
         let waiting: Vec<&Pending> = all.iter().filter(|p| p.done.is_none()).collect();
         let Some(first) = waiting.iter().map(|p| p.deadline).min() else {
@@ -362,7 +449,7 @@ pub fn get_all(
             })
             .collect();
         let mut wait = first.saturating_duration_since(Instant::now());
-        if retry_connect {
+        if retry_connect || waiting.iter().any(|p| p.stream.is_none()) {
             wait = wait.min(CONNECT_RETRY);
         }
         let ms = wait.as_millis().min(i32::MAX as u128) as i32 + 1;
@@ -437,36 +524,74 @@ pub enum Answer<'a> {
     Broken(String),
 }
 
-/// The body of a `200` HTTP/1.1 answer read to its end.
-pub fn response_body(raw: &[u8]) -> Result<&[u8], Answer<'_>> {
+/// An answer's head, as far as a client needs it.
+struct Head<'a> {
+    /// Where the body starts.
+    body_at: usize,
+    status_line: &'a str,
+    status: Option<u16>,
+    content_length: Option<usize>,
+    /// The server keeps the connection open after this answer.
+    keep_alive: bool,
+}
+
+/// The head of the HTTP/1.x answer at the start of `raw`, once it is whole.
+fn head(raw: &[u8]) -> Result<Head<'_>, Answer<'_>> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .ok_or(Answer::Broken("no HTTP answer".into()))?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let mut lines = head.lines();
+    let text = std::str::from_utf8(&raw[..split])
+        .map_err(|_| Answer::Broken("an answer head that is not text".into()))?;
+    let mut lines = text.lines();
     let status_line = lines.next().unwrap_or_default();
     let mut words = status_line.split_whitespace();
-    if !words.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
+    let version = words.next().unwrap_or_default();
+    if !version.starts_with("HTTP/1.") {
         return Err(Answer::Broken("no HTTP answer".into()));
     }
-    let status = words.next().and_then(|s| s.parse::<u16>().ok());
-    let length = lines.find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse::<usize>().ok())?
-    });
-    let body = &raw[split + 4..];
-    let body = match length {
+    let mut head = Head {
+        body_at: split + 4,
+        status_line,
+        status: words.next().and_then(|s| s.parse::<u16>().ok()),
+        content_length: None,
+        keep_alive: version == "HTTP/1.1",
+    };
+    for (name, value) in lines.filter_map(|l| l.split_once(':')) {
+        let (name, value) = (name.trim(), value.trim());
+        if name.eq_ignore_ascii_case("content-length") {
+            head.content_length = value.parse().ok();
+        } else if name.eq_ignore_ascii_case("connection") {
+            head.keep_alive = value.eq_ignore_ascii_case("keep-alive");
+        }
+    }
+    Ok(head)
+}
+
+/// Once `raw` holds a whole answer of stated length: that length, and
+/// whether the server keeps the connection open after it.
+fn answer_length(raw: &[u8]) -> Option<(usize, bool)> {
+    let head = head(raw).ok()?;
+    let len = head.body_at + head.content_length?;
+    (raw.len() >= len).then_some((len, head.keep_alive))
+}
+
+/// The body of a `200` HTTP/1.1 answer read to its end.
+pub fn response_body(raw: &[u8]) -> Result<&[u8], Answer<'_>> {
+    let head = head(raw)?;
+    let body = &raw[head.body_at..];
+    let body = match head.content_length {
         Some(n) if n > body.len() => return Err(Answer::Broken("the answer was cut short".into())),
         Some(n) => &body[..n],
         None => body,
     };
-    match status {
+    match head.status {
         Some(200) => Ok(body),
-        Some(code) => Err(Answer::Status(code, status_line.to_string(), body)),
-        None => Err(Answer::Broken(format!("bad status line {status_line:?}"))),
+        Some(code) => Err(Answer::Status(code, head.status_line.to_string(), body)),
+        None => Err(Answer::Broken(format!(
+            "bad status line {:?}",
+            head.status_line
+        ))),
     }
 }
 
@@ -542,7 +667,14 @@ mod tests {
         sockets.push(dir.path().join("none.sock"));
         let start = Instant::now();
         let per_socket = Duration::from_millis(1000);
-        let answers = get_all(&sockets, "/vpmu", per_socket, start + per_socket * 5, 1024);
+        let answers = get_all(
+            &sockets,
+            "/vpmu",
+            per_socket,
+            start + per_socket * 5,
+            1024,
+            &mut KeptConnections::default(),
+        );
         let took = start.elapsed();
         // One after the other, the three late answers alone take 1.2 s.
         assert!(took < Duration::from_millis(1100), "took {took:?}");
@@ -579,13 +711,123 @@ mod tests {
         );
     }
 
+    /// How [`numbering_server`] treats a connection after its first answer.
+    #[derive(Clone, Copy)]
+    enum Then {
+        /// Answers every request, keeping the connection open.
+        KeepOpen,
+        /// Closes it at once (as a server whose idle limit passed).
+        Close,
+        /// Reads the next request, then closes without an answer (closed
+        /// while the client wrote).
+        DropNext,
+    }
+
+    /// A server at `path` that answers requests with the connection's
+    /// number and the request's on it, each answer saying keep-alive.
+    fn numbering_server(path: &Path, then: Then) {
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            for (connection, stream) in listener.incoming().enumerate() {
+                let mut s = stream.unwrap();
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    for request in 1.. {
+                        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut buf) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => got.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        got.clear();
+                        if request > 1 && matches!(then, Then::DropNext) {
+                            return;
+                        }
+                        let body = format!("{connection}.{request}");
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(answer.as_bytes()).is_err() || matches!(then, Then::Close) {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    /// One `get_all` of `sockets` with `kept`: each answer's body.
+    fn read_kept(sockets: &[PathBuf], kept: &mut KeptConnections) -> Vec<String> {
+        let per_socket = Duration::from_secs(5);
+        let answers = get_all(
+            sockets,
+            "/vpmu",
+            per_socket,
+            Instant::now() + per_socket,
+            1024,
+            kept,
+        );
+        answers
+            .iter()
+            .map(|(a, _)| String::from_utf8_lossy(a.as_ref().unwrap()).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn get_all_keeps_connections_open_and_replaces_those_the_server_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sockets = ["open", "closing", "dropping"].map(|n| dir.path().join(n));
+        numbering_server(&sockets[0], Then::KeepOpen);
+        numbering_server(&sockets[1], Then::Close);
+        numbering_server(&sockets[2], Then::DropNext);
+        let mut kept = KeptConnections::default();
+        assert_eq!(read_kept(&sockets, &mut kept), ["0.1", "0.1", "0.1"]);
+        assert_eq!(kept.len(), 3, "every answer said keep-alive");
+        // Let the closing server's close arrive: found out before the
+        // request. The dropping server closes only once the request is
+        // written: found out by the end before any answer. Either way a
+        // fresh connection answers within the same read.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(read_kept(&sockets, &mut kept), ["0.2", "1.1", "1.1"]);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(read_kept(&sockets, &mut kept), ["0.3", "2.1", "2.1"]);
+        kept.retain(|p| p == sockets[0]);
+        assert_eq!(kept.len(), 1);
+    }
+
+    #[test]
+    fn an_answer_that_closes_its_connection_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("closing.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let _ = s.read(&mut [0u8; 256]);
+            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx";
+            let _ = s.write_all(answer);
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let mut kept = KeptConnections::default();
+        assert_eq!(read_kept(&[path], &mut kept), ["x"]);
+        assert!(kept.is_empty());
+    }
+
     #[test]
     fn get_all_takes_no_answer_over_its_size_bound() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("big.sock");
         late_server(&path, Duration::ZERO, "x");
         let end = Instant::now() + Duration::from_secs(2);
-        let answers = get_all(&[path], "/vpmu", Duration::from_secs(2), end, 10);
+        let answers = get_all(
+            &[path],
+            "/vpmu",
+            Duration::from_secs(2),
+            end,
+            10,
+            &mut KeptConnections::default(),
+        );
         let error = answers[0].0.as_ref().unwrap_err();
         assert!(
             error.to_string().contains("answer over 10 bytes"),

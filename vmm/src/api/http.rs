@@ -7,7 +7,8 @@
 //! nobody else. Time is bounded per request, not per read: a request (head
 //! and body) must arrive within [`REQUEST_DEADLINE`] of the server starting
 //! to wait for it, and an answer must be taken within as long, however the
-//! client trickles its bytes. When all [`MAX_CONNECTIONS`] slots are taken,
+//! client trickles its bytes; between requests a kept-alive connection may
+//! stay idle for [`KEEP_ALIVE_IDLE`]. When all [`MAX_CONNECTIONS`] slots are taken,
 //! a new client takes the slot of the one that has waited longest for its
 //! request, if that has waited [`EVICT_AFTER`] or more (a slow or idle
 //! client). Newcomers that find no slot wait in a first-come line (at most
@@ -38,6 +39,12 @@ pub const MAX_BODY: usize = 4 * 1024;
 pub const MAX_CONNECTIONS: usize = 64;
 /// Time for a whole request to arrive, and for an answer to be taken.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a kept-alive connection may stay idle between requests before
+/// the server closes it (a scraper's connection kept from one scrape to the
+/// next: Prometheus scrapes every 15 s by default). Its next request, once
+/// its first byte came, has [`REQUEST_DEADLINE`]; an idle connection can
+/// lose its slot as any client waiting for its request does.
+pub const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(60);
 /// A client that has waited this long without a complete request loses its
 /// slot to a new client when every slot is taken.
 pub const EVICT_AFTER: Duration = Duration::from_millis(500);
@@ -448,12 +455,18 @@ fn serve_connection(mut stream: UnixStream, handler: &Handler) {
 /// Serves one connection in slot `id` of `slots` (if any) until it closes.
 fn serve_in_slot<S: Stream>(stream: &mut S, handler: &Handler<S>, slot: Option<(&Slots<S>, u64)>) {
     let mut buf = Vec::new();
+    let mut answered = false;
     loop {
         let waiting_since = Instant::now();
         if let Some((slots, id)) = slot {
             slots.set_waiting(id, Some(waiting_since));
         }
-        let deadline = waiting_since + REQUEST_DEADLINE;
+        // After an answer the client may wait before its next request.
+        if answered && buf.is_empty() && !poll_readable(stream.as_raw_fd(), idle_ms()) {
+            return;
+        }
+        answered = true;
+        let deadline = Instant::now() + REQUEST_DEADLINE;
         match read_request(stream, &mut buf, deadline) {
             ReadOutcome::Request(request, close) => {
                 if let Some((slots, id)) = slot {
@@ -505,7 +518,12 @@ impl Server {
         let stop_flag = stop.clone();
         let accept_thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || accept_loop(listener, handler, stop_flag, slots))?;
+            .spawn(move || {
+                // A hint its connection threads inherit; refused, the
+                // server works as before.
+                let _ = super::slice::ask(super::slice::API_SLICE);
+                accept_loop(listener, handler, stop_flag, slots)
+            })?;
         Ok(Self {
             stop,
             accept_thread: Some(accept_thread),
@@ -555,6 +573,11 @@ fn seat_the_line<S: Stream>(
             refuse(stream, "too many connections");
         }
     }
+}
+
+/// [`KEEP_ALIVE_IDLE`] in `poll`'s milliseconds.
+fn idle_ms() -> i32 {
+    KEEP_ALIVE_IDLE.as_millis().min(i32::MAX as u128) as i32
 }
 
 /// Waits for `fd` to be readable for at most `ms` milliseconds.
@@ -687,6 +710,29 @@ mod tests {
         let out = exchange(b"GET /a HTTP/1.1\r\n\r\nPUT /b HTTP/1.1\r\nConnection: close\r\n\r\n");
         assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
         assert!(out.contains("GET /a") && out.contains("PUT /b"), "{out}");
+    }
+
+    #[test]
+    fn a_kept_alive_connection_may_idle_past_the_request_deadline_between_requests() {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let handler =
+            |r: &Request, _: &UnixStream| Response::text(200, "text/plain", r.path.clone());
+        let t = std::thread::spawn(move || serve_connection(server, &handler));
+        let mut answer = [0u8; 4096];
+        client.write_all(b"GET /first HTTP/1.1\r\n\r\n").unwrap();
+        let n = client.read(&mut answer).unwrap();
+        assert!(String::from_utf8_lossy(&answer[..n]).ends_with("/first"));
+        std::thread::sleep(REQUEST_DEADLINE + Duration::from_millis(300));
+        client
+            .write_all(b"GET /second HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        client.read_to_string(&mut out).unwrap();
+        assert!(
+            out.starts_with("HTTP/1.1 200") && out.ends_with("/second"),
+            "{out}"
+        );
+        t.join().unwrap();
     }
 
     #[test]

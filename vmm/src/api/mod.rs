@@ -17,6 +17,7 @@ pub mod documents;
 pub mod http;
 pub mod metrics;
 mod name;
+mod slice;
 pub mod socket;
 
 use std::os::fd::AsRawFd;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use devices::sync::Recover;
 
-use crate::api::client::{self, ClientError};
+use crate::api::client::{self, ClientError, KeptConnections};
 use crate::api::documents::VpmuDoc;
 use crate::api::VmName;
 
@@ -161,6 +161,8 @@ pub struct Fleet {
     pub bound: Duration,
     /// The name each socket last answered with (sockets still present).
     names: Mutex<HashMap<PathBuf, String>>,
+    /// Connections to the VMMs kept open for the next scrape.
+    kept: Mutex<KeptConnections>,
 }
 
 /// One scrape: the VMs in socket order, and the sockets skipped.
@@ -177,6 +179,7 @@ impl Fleet {
             per_vm,
             bound,
             names: Mutex::new(HashMap::new()),
+            kept: Mutex::new(KeptConnections::default()),
         }
     }
 
@@ -188,7 +191,11 @@ impl Fleet {
             discover(&self.dir, |p| names.contains_key(p))?
         };
         let end = start + self.bound;
-        let mut vms = read_all(&found.sockets, self.per_vm, end);
+        // Taken for this scrape: one running beside it connects afresh.
+        let mut kept = std::mem::take(&mut *self.kept.lock().recover());
+        kept.retain(|p| found.sockets.iter().any(|s| s == p));
+        let mut vms = read_all(&found.sockets, self.per_vm, end, &mut kept);
+        self.kept.lock().recover().merge(kept);
         self.name(&mut vms);
         Ok(Scrape {
             vms,
@@ -222,8 +229,14 @@ impl Fleet {
 }
 
 /// Reads every socket's `GET /vpmu` at once on this thread
-/// ([`client::get_all`]), each by `per_vm` and all by `end`.
-fn read_all(sockets: &[PathBuf], per_vm: Duration, end: Instant) -> Vec<Scraped> {
+/// ([`client::get_all`], over the connections `kept` from the last scrape),
+/// each by `per_vm` and all by `end`.
+fn read_all(
+    sockets: &[PathBuf],
+    per_vm: Duration,
+    end: Instant,
+    kept: &mut KeptConnections,
+) -> Vec<Scraped> {
     if Instant::now() >= end {
         let not_tried = |socket: &PathBuf| Scraped {
             socket: socket.clone(),
@@ -233,7 +246,7 @@ fn read_all(sockets: &[PathBuf], per_vm: Duration, end: Instant) -> Vec<Scraped>
         };
         return sockets.iter().map(not_tried).collect();
     }
-    client::get_all(sockets, PATH, per_vm, end, MAX_DOCUMENT)
+    client::get_all(sockets, PATH, per_vm, end, MAX_DOCUMENT, kept)
         .into_iter()
         .zip(sockets)
         .map(|((answer, took), socket)| Scraped {

@@ -147,6 +147,9 @@ fn http(addr: &str, raw: &[u8]) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let _ = s.write_all(raw);
+    // Read to the end: the request is all there is (the server keeps a
+    // connection open after its answer otherwise).
+    let _ = s.shutdown(std::net::Shutdown::Write);
     let mut answer = Vec::new();
     let _ = s.read_to_end(&mut answer);
     let text = String::from_utf8_lossy(&answer).into_owned();

@@ -20,12 +20,12 @@ and this script (the scraper) in its own, as a service manager would run
 VMs, the exporter and Prometheus as separate services; `--one-group` runs
 them all in this script's session, where a woken exporter or scraper
 competes with every busy vCPU thread.
-Usage: scripts/bench-fleet.py [--one-group] [N ...]   (default 1 8 32; needs target/release/vmm)
+Usage: scripts/bench-fleet.py [--one-group] [N ...]   (default 1 8 32; the vmm of $VMM, else target/release/vmm)
 """
 import json, os, signal, socket, subprocess, sys, tempfile, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VMM = os.path.join(ROOT, "target/release/vmm")
+VMM = os.environ.get("VMM", os.path.join(ROOT, "target/release/vmm"))
 
 def api(sock):
     s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sock)

@@ -20,7 +20,9 @@ and this script (the scraper) in its own, as a service manager would run
 VMs, the exporter and Prometheus as separate services; `--one-group` runs
 them all in this script's session, where a woken exporter or scraper
 competes with every busy vCPU thread.
-Usage: scripts/bench-fleet.py [--one-group] [N ...]   (default 1 8 32; the vmm of $VMM, else target/release/vmm)
+`--no-control` starts only the N scraped guests and measures latency
+alone (the control group doubles the busy vCPU threads).
+Usage: scripts/bench-fleet.py [--one-group] [--no-control] [N ...]   (default 1 8 32; the vmm of $VMM, else target/release/vmm)
 """
 import json, os, signal, socket, subprocess, sys, tempfile, time, urllib.request
 
@@ -119,9 +121,11 @@ def rates(socks, pids, secs, during=None):
     ms = lambda i: (k1[i] - k0[i]) / os.sysconf("SC_CLK_TCK") * 1e3 / len(pids) / dt
     return sum(per) / len(per), ms(1), ms(0)
 
-def run(n, own_sessions):
+def run(n, own_sessions, control_group):
     with tempfile.TemporaryDirectory() as scraped, tempfile.TemporaryDirectory() as control:
-        launcher, (sp, cp) = start_guests([(scraped, n, "s"), (control, n, "c")], own_sessions)
+        groups = [(scraped, n, "s")] + ([(control, n, "c")] if control_group else [])
+        launcher, pids = start_guests(groups, own_sessions)
+        sp, cp = pids[0], pids[1] if control_group else []
         port = 19000 + n
         exp = subprocess.Popen([VMM, "exporter", "--sockets", scraped, "--listen", f"127.0.0.1:{port}",
                                 "--scrape-timeout", "2000", "--vm-timeout", "1000"],
@@ -135,6 +139,15 @@ def run(n, own_sessions):
             t = time.perf_counter(); body = scrape(); lat.append(time.perf_counter() - t)
         ticks = cpu_ticks(exp.pid) - ticks0
         lat.sort()
+        layout = "own sessions" if own_sessions else "one group"
+        head = (f"N={n} ({layout}): scrape p50 {lat[49]*1e3:.1f} ms p99 {lat[98]*1e3:.1f} ms; "
+                f"exporter CPU {ticks / os.sysconf('SC_CLK_TCK') / 100 * 1e3:.1f} ms/scrape, "
+                f"peak RSS {hwm(exp.pid)/1024:.1f} MiB, answer {len(body)/1024:.0f} KiB")
+        if not control_group:
+            print(f"{head}; no control guests", flush=True)
+            exp.kill(); exp.wait()
+            launcher.send_signal(signal.SIGTERM); launcher.wait()
+            return
         ss = [f"{scraped}/s{i}.sock" for i in range(n)]
         cs = [f"{control}/c{i}.sock" for i in range(n)]
         # Side by side over the same 20 s: the scraped group (once a second) and the control.
@@ -143,11 +156,7 @@ def run(n, own_sessions):
         load = open("/proc/loadavg").read().split()[0]
         th = threading.Thread(target=lambda: res.update(c=rates(cs, cp, 20)))
         th.start(); res["s"] = rates(ss, sp, 20, during=scrape); th.join()
-        hz = os.sysconf("SC_CLK_TCK")
-        layout = "own sessions" if own_sessions else "one group"
-        print(f"N={n} ({layout}): scrape p50 {lat[49]*1e3:.1f} ms p99 {lat[98]*1e3:.1f} ms; "
-              f"exporter CPU {ticks / hz / 100 * 1e3:.1f} ms/scrape, peak RSS {hwm(exp.pid)/1024:.1f} MiB, "
-              f"answer {len(body)/1024:.0f} KiB; guest cycles/s scraped {res['s'][0]/1e6:.1f} M, "
+        print(f"{head}; guest cycles/s scraped {res['s'][0]/1e6:.1f} M, "
               f"unscraped {res['c'][0]/1e6:.1f} M ({(res['s'][0]/res['c'][0]-1)*100:+.1f}%); "
               f"per VM and second, vCPU thread CPU scraped {res['s'][2]:.0f} ms, unscraped {res['c'][2]:.0f} ms, "
               f"other threads' CPU scraped {res['s'][1]:.2f} ms, unscraped {res['c'][1]:.2f} ms; "
@@ -156,6 +165,6 @@ def run(n, own_sessions):
         launcher.send_signal(signal.SIGTERM); launcher.wait()
 
 args = sys.argv[1:]
-one_group = "--one-group" in args
-for n in [int(a) for a in args if a != "--one-group"] or [1, 8, 32]:
-    run(n, not one_group)
+flags = {"--one-group", "--no-control"}
+for n in [int(a) for a in args if a not in flags] or [1, 8, 32]:
+    run(n, "--one-group" not in args, "--no-control" not in args)

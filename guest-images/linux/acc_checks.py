@@ -16,7 +16,7 @@ from collections import namedtuple
 
 from acc_parsers import (AMD_CYCLES, INTEL_CYCLES, OS, USR, acpi_interpreter_on, boot_log_defects,
                          busy_line, counters, dso_shares, event_of, export_total, facts,
-                         folded_stacks, guest_done, host_run_ms, migrate_line, model_vendor,
+                         folded_stacks, guest_done, host_run_share, migrate_line, model_vendor,
                          per_cpu_csv, perf_csv, perf_event_opens, perf_row, perf_symbols,
                          pmu_driver, pmu_shape, report_samples, restored_in_ms, run_ms, run_shares,
                          sample_times, samples_by_cpu, section, select_of, stats_counts, stats_sum,
@@ -24,7 +24,7 @@ from acc_parsers import (AMD_CYCLES, INTEL_CYCLES, OS, USR, acpi_interpreter_on,
 from acc_tolerances import (API_COUNT, MIGRATE_MIN_MOVES, MULTIPLEX_SPREAD, PRIVILEGE_SHARE_POINTS,
                             PRIVILEGE_SUM, PROFILE_KERNEL_TOP, RESTORE_COUNT, RESTORE_SAMPLES,
                             PROFILE_USER_POINTS, RECORD_MODES_POINTS, RECORD_SAMPLES,
-                            SMP_MIGRATE_RUN, SMP_PER_CPU, SMP_RECORD_ALL, SMP_STAT_ALL, STAT_CYCLES,
+                            SMP_MIGRATE, SMP_PER_CPU, SMP_RECORD_ALL, SMP_STAT_ALL, STAT_CYCLES,
                             pct)
 
 
@@ -429,23 +429,24 @@ def judge_migrate(g, out, rc, tsc_khz, r):
     rows = perf_csv(out)
     cyc, clk = perf_row(rows, "cycles"), perf_row(rows, "task-clock")
     moves, seen = migrate_line("\n".join(out))
-    # The host's truth: what it let both vCPU threads run while the task ran
-    # (schedstat read as busy started and ended). The task's task clock
-    # holds the host's steal too; the threads' run share was a poor measure
-    # of it (acc_tolerances.SMP_MIGRATE_RUN).
+    # The task's run time: its task clock less the host's steal, measured
+    # by the host while the task ran (the vCPU threads' run and wait time in
+    # schedstat, read as busy started and ended): a guest's /proc/stat steal
+    # over both CPUs, one of them idle most of the time, halves the moving
+    # task's steal, and the whole step's window holds perf's start-up too.
     sched = getattr(g, "sched", {})
-    run_ms = host_run_ms(sched.get("migrate busy-start"), sched.get("migrate busy-end"))
-    if cyc and clk and cyc[0] and clk[0] and tsc_khz and run_ms:
-        ratio = cyc[0] / (run_ms * tsc_khz)
-        low, high = SMP_MIGRATE_RUN
+    share = host_run_share(sched.get("migrate busy-start"), sched.get("migrate busy-end"))
+    if cyc and clk and cyc[0] and clk[0] and tsc_khz and share is not None:
+        task_ms = clk[0] * share
+        ratio = cyc[0] / (task_ms * tsc_khz)
         r.add("smp.migrate", rc == 0 and moves >= MIGRATE_MIN_MOVES and seen == {"0", "1"}
-              and low <= ratio <= high,
+              and abs(ratio - 1) <= SMP_MIGRATE,
               f"{moves} taskset moves, ran on CPUs {sorted(seen)}: perf {cyc[0]:.0f} cycles "
-              f"({clk[0]:.0f} ms task-clock) over the {run_ms:.0f} ms the host ran the vCPU "
-              f"threads meanwhile: ratio {ratio:.3f} (within {low}-{high})")
+              f"over {clk[0]:.0f} ms task-clock x {share:.3f} host run share of the vCPU "
+              f"threads ({task_ms:.0f} ms run time), ratio {ratio:.3f} (within {pct(SMP_MIGRATE)})")
     else:
         r.add("smp.migrate", False, f"no cycles/task-clock count or no host schedstat as the "
-              f"migrating task started and ended ({run_ms}): {out}")
+              f"migrating task started and ended ({share}): {out}")
     b, e = g.snapshots.get("migrate BEGIN"), g.snapshots.get("migrate END")
     pid = (guest_cycles(g) | USR | OS)
     if b and e:

@@ -236,14 +236,16 @@ def run_shares(lines):
     return {c: (e[c][0] - b[c][0]) / max(1, e[c][1] - b[c][1]) for c in b if c in e}
 
 
-def host_run_ms(begin, end):
-    """What the host let the vCPU threads run, in ms, between two
-    acc_runner.Guest.vcpu_sched() readings (the sum of their run ns), or
-    None without both readings or with no run time."""
+def host_run_share(begin, end):
+    """The share of the vCPU threads' runnable time that the host let them
+    run between two acc_runner.Guest.vcpu_sched() readings: sum of run ns
+    over sum of run and wait ns (1 - the host's steal while they had work),
+    or None without both readings or with no runnable time."""
     if not begin or not end:
         return None
     run = sum(end[t][0] - begin[t][0] for t in end if t in begin)
-    return run / 1e6 if run > 0 else None
+    wait = sum(end[t][1] - begin[t][1] for t in end if t in begin)
+    return run / (run + wait) if run + wait > 0 else None
 
 
 def steal_fraction(f):

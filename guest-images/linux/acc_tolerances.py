@@ -73,17 +73,9 @@ SMP_PER_CPU = 0.15
 # share x TSC / period; the same NMI handler costs as main.record-samples,
 # on two CPUs at once.
 SMP_RECORD_ALL = 0.30
-# smp.migrate: the moving task's cycles vs the run time the host gave both
-# vCPU threads while it ran (schedstat at busy's start and end lines) x TSC
-# rate. At most all of it (+5%: the host reads schedstat when it sees the
-# lines, a little after the task started or before it ended); at least 80%:
-# the threads also ran the migrator (`busy migrate`, a sched_setaffinity
-# every 100 ms), the kernel's migration work and the idle CPU's wake-ups,
-# all emulated kernel code here. The earlier measure, task-clock x the
-# threads' run share, read 1.11-1.19 under load: an idle vCPU thread's
-# waits to be woken count as the host's steal but are not in the task's
-# task-clock.
-SMP_MIGRATE_RUN = (0.80, 1.05)
+# smp.migrate: the moving task's cycles vs its task-clock x the host's run
+# share of the vCPU threads (schedstat over the step) x TSC rate.
+SMP_MIGRATE = 0.10
 # smp.migrate, smp.migrate-opens: the fewest moves that count as migrating.
 # `busy migrate PID 100` moves the task every 100 ms of its 5 s run (67
 # moves in README.md's run); a stalled migrator makes 0-2.

@@ -439,11 +439,12 @@ def judge_migrate(g, out, rc, tsc_khz, r):
     if cyc and clk and cyc[0] and clk[0] and tsc_khz and share is not None:
         task_ms = clk[0] * share
         ratio = cyc[0] / (task_ms * tsc_khz)
+        low, high = SMP_MIGRATE
         r.add("smp.migrate", rc == 0 and moves >= MIGRATE_MIN_MOVES and seen == {"0", "1"}
-              and abs(ratio - 1) <= SMP_MIGRATE,
+              and low <= ratio <= high,
               f"{moves} taskset moves, ran on CPUs {sorted(seen)}: perf {cyc[0]:.0f} cycles "
               f"over {clk[0]:.0f} ms task-clock x {share:.3f} host run share of the vCPU "
-              f"threads ({task_ms:.0f} ms run time), ratio {ratio:.3f} (within {pct(SMP_MIGRATE)})")
+              f"threads ({task_ms:.0f} ms run time), ratio {ratio:.3f} (within {low}-{high})")
     else:
         r.add("smp.migrate", False, f"no cycles/task-clock count or no host schedstat as the "
               f"migrating task started and ended ({share}): {out}")

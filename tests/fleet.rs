@@ -147,11 +147,32 @@ fn http(addr: &str, raw: &[u8]) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let _ = s.write_all(raw);
-    // Read to the end: the request is all there is (the server keeps a
-    // connection open after its answer otherwise).
-    let _ = s.shutdown(std::net::Shutdown::Write);
+    // One answer, to its Content-Length (a server may keep the connection
+    // open after it), else to the connection's end.
     let mut answer = Vec::new();
-    let _ = s.read_to_end(&mut answer);
+    let mut chunk = [0u8; 65536];
+    loop {
+        let whole = answer
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .and_then(|head| {
+                let length = String::from_utf8_lossy(&answer[..head])
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse::<usize>().ok())?
+                    })?;
+                Some(answer.len() >= head + 4 + length)
+            });
+        if whole == Some(true) {
+            break;
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+        }
+    }
     let text = String::from_utf8_lossy(&answer).into_owned();
     let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text

@@ -192,6 +192,8 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 #[test]
 fn names_are_checked_shown_in_the_log_and_in_get_vpmu() {
     require_kvm!();
+    // Its guests would load the cores under the Prometheus test's window.
+    let _serial = common::timing_lock();
     let bad = common::run(&["run", "--name", "no spaces"]);
     common::assert_bad_input(&bad, "--name");
     let long = "x".repeat(65);
@@ -382,6 +384,8 @@ fn vm_up(text: &str, vm: &str) -> Option<f64> {
 #[test]
 fn stopped_killed_and_stale_vms_are_down_within_the_bound_and_new_ones_picked_up() {
     require_kvm!();
+    // Its guests would load the cores under the Prometheus test's window.
+    let _serial = common::timing_lock();
     let dir = tempfile::tempdir().unwrap();
     let a = Guest::start(dir.path(), "a.sock", None);
     let b = Guest::start(dir.path(), "b.sock", None);
@@ -451,6 +455,8 @@ fn stopped_killed_and_stale_vms_are_down_within_the_bound_and_new_ones_picked_up
 #[test]
 fn hostile_clients_and_a_cluttered_directory_never_stop_the_exporter() {
     require_kvm!();
+    // Its guests would load the cores under the Prometheus test's window.
+    let _serial = common::timing_lock();
     let dir = tempfile::tempdir().unwrap();
     let guest = Guest::start(dir.path(), "vm.sock", Some("real"));
     // Thousands of other files and sockets of other programs: one that
@@ -549,6 +555,8 @@ fn exporter_flags_are_checked() {
 #[test]
 fn top_shows_every_vm_live_under_tmux_and_q_quits_with_0() {
     require_kvm!();
+    // Its guests would load the cores under the Prometheus test's window.
+    let _serial = common::timing_lock();
     if common::ensure_tool("tmux").is_none() {
         return;
     }

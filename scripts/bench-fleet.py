@@ -130,39 +130,39 @@ def run(n, own_sessions, control_group):
         exp = subprocess.Popen([VMM, "exporter", "--sockets", scraped, "--listen", f"127.0.0.1:{port}",
                                 "--scrape-timeout", "2000", "--vm-timeout", "1000"],
                                stderr=subprocess.DEVNULL, start_new_session=own_sessions)
-        time.sleep(0.5)
-        url = f"http://127.0.0.1:{port}/metrics"
-        scrape = lambda: urllib.request.urlopen(url, timeout=10).read()
-        scrape()
-        ticks0 = cpu_ticks(exp.pid); lat = []
-        for _ in range(100):
-            t = time.perf_counter(); body = scrape(); lat.append(time.perf_counter() - t)
-        ticks = cpu_ticks(exp.pid) - ticks0
-        lat.sort()
-        layout = "own sessions" if own_sessions else "one group"
-        head = (f"N={n} ({layout}): scrape p50 {lat[49]*1e3:.1f} ms p99 {lat[98]*1e3:.1f} ms; "
-                f"exporter CPU {ticks / os.sysconf('SC_CLK_TCK') / 100 * 1e3:.1f} ms/scrape, "
-                f"peak RSS {hwm(exp.pid)/1024:.1f} MiB, answer {len(body)/1024:.0f} KiB")
-        if not control_group:
-            print(f"{head}; no control guests", flush=True)
+        try:
+            time.sleep(0.5)
+            url = f"http://127.0.0.1:{port}/metrics"
+            scrape = lambda: urllib.request.urlopen(url, timeout=10).read()
+            scrape()
+            ticks0 = cpu_ticks(exp.pid); lat = []
+            for _ in range(100):
+                t = time.perf_counter(); body = scrape(); lat.append(time.perf_counter() - t)
+            ticks = cpu_ticks(exp.pid) - ticks0
+            lat.sort()
+            layout = "own sessions" if own_sessions else "one group"
+            head = (f"N={n} ({layout}): scrape p50 {lat[49]*1e3:.1f} ms p99 {lat[98]*1e3:.1f} ms; "
+                    f"exporter CPU {ticks / os.sysconf('SC_CLK_TCK') / 100 * 1e3:.1f} ms/scrape, "
+                    f"peak RSS {hwm(exp.pid)/1024:.1f} MiB, answer {len(body)/1024:.0f} KiB")
+            if not control_group:
+                print(f"{head}; no control guests", flush=True)
+                return
+            ss = [f"{scraped}/s{i}.sock" for i in range(n)]
+            cs = [f"{control}/c{i}.sock" for i in range(n)]
+            # Side by side over the same 20 s: the scraped group (once a second) and the control.
+            import threading
+            res = {}
+            load = open("/proc/loadavg").read().split()[0]
+            th = threading.Thread(target=lambda: res.update(c=rates(cs, cp, 20)))
+            th.start(); res["s"] = rates(ss, sp, 20, during=scrape); th.join()
+            print(f"{head}; guest cycles/s scraped {res['s'][0]/1e6:.1f} M, "
+                  f"unscraped {res['c'][0]/1e6:.1f} M ({(res['s'][0]/res['c'][0]-1)*100:+.1f}%); "
+                  f"per VM and second, vCPU thread CPU scraped {res['s'][2]:.0f} ms, unscraped {res['c'][2]:.0f} ms, "
+                  f"other threads' CPU scraped {res['s'][1]:.2f} ms, unscraped {res['c'][1]:.2f} ms; "
+                  f"load {load} at the window's start", flush=True)
+        finally:
             exp.kill(); exp.wait()
             launcher.send_signal(signal.SIGTERM); launcher.wait()
-            return
-        ss = [f"{scraped}/s{i}.sock" for i in range(n)]
-        cs = [f"{control}/c{i}.sock" for i in range(n)]
-        # Side by side over the same 20 s: the scraped group (once a second) and the control.
-        import threading
-        res = {}
-        load = open("/proc/loadavg").read().split()[0]
-        th = threading.Thread(target=lambda: res.update(c=rates(cs, cp, 20)))
-        th.start(); res["s"] = rates(ss, sp, 20, during=scrape); th.join()
-        print(f"{head}; guest cycles/s scraped {res['s'][0]/1e6:.1f} M, "
-              f"unscraped {res['c'][0]/1e6:.1f} M ({(res['s'][0]/res['c'][0]-1)*100:+.1f}%); "
-              f"per VM and second, vCPU thread CPU scraped {res['s'][2]:.0f} ms, unscraped {res['c'][2]:.0f} ms, "
-              f"other threads' CPU scraped {res['s'][1]:.2f} ms, unscraped {res['c'][1]:.2f} ms; "
-              f"load {load} at the window's start", flush=True)
-        exp.kill(); exp.wait()
-        launcher.send_signal(signal.SIGTERM); launcher.wait()
 
 args = sys.argv[1:]
 flags = {"--one-group", "--no-control"}

@@ -15,7 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::http::{read_by, write_by};
+use super::http::{poll_readable, read_by, write_by};
 
 /// Largest answer accepted.
 const MAX_RESPONSE: usize = 64 << 20;
@@ -286,14 +286,8 @@ impl KeptConnections {
     /// it nor sent anything on it since.
     fn take_open(&mut self, socket: &Path) -> Option<UnixStream> {
         let stream = self.streams.remove(socket)?;
-        let mut pfd = libc::pollfd {
-            fd: stream.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd of an open descriptor, its count, no wait.
-        let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
-        (ready == 0).then_some(stream)
+        // Readable: an end of file, or bytes nobody asked for.
+        (!poll_readable(stream.as_raw_fd(), 0)).then_some(stream)
     }
 }
 
@@ -354,7 +348,6 @@ pub fn get_all(
     let mut chunk = vec![0u8; 64 << 10];
     loop {
         let now = Instant::now();
-        let mut retry_connect = false;
         for p in all.iter_mut().filter(|p| p.done.is_none()) {
             if now >= p.deadline {
                 let timeout = p.deadline.saturating_duration_since(start);
@@ -375,7 +368,8 @@ pub fn get_all(
             });
             match connected {
                 Ok(Some(stream)) => p.stream = Some(stream),
-                Ok(None) => retry_connect = true,
+                // The backlog is full: tried again after a short wait.
+                Ok(None) => {}
                 Err(error) => p.done = Some((Err(error), now - start)),
             }
         }
@@ -449,7 +443,8 @@ pub fn get_all(
             })
             .collect();
         let mut wait = first.saturating_duration_since(Instant::now());
-        if retry_connect || waiting.iter().any(|p| p.stream.is_none()) {
+        // A full backlog, or a kept connection found closed: connect soon.
+        if waiting.iter().any(|p| p.stream.is_none()) {
             wait = wait.min(CONNECT_RETRY);
         }
         let ms = wait.as_millis().min(i32::MAX as u128) as i32 + 1;

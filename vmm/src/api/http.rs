@@ -581,7 +581,7 @@ fn idle_ms() -> i32 {
 }
 
 /// Waits for `fd` to be readable for at most `ms` milliseconds.
-fn poll_readable(fd: i32, ms: i32) -> bool {
+pub(crate) fn poll_readable(fd: i32, ms: i32) -> bool {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLIN,
